@@ -1,0 +1,1 @@
+"""The conversation: one call's turn taking, understanding, decisions and answers; the `bot` CLI."""

@@ -1,0 +1,1 @@
+"""`bot` subcommand groups, one module each."""

@@ -1,0 +1,73 @@
+"""Every Prometheus metric the bot exports, defined once.
+
+Dashboards (ops/grafana) and alert rules (ops/prometheus) reference these names; a test
+checks each query against a live /metrics. Units are in the names; latencies are histograms.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Voice-to-voice and engine latencies sit between ~10 ms and a few seconds.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+ACTIVE_CALLS = Gauge("voicebot_active_calls", "Calls in progress on this worker", ["transport"])
+CALLS_TOTAL = Counter("voicebot_calls_total", "Calls ended, by transport and outcome", ["transport", "outcome"])
+CALLS_STARTED = Counter("voicebot_calls_started_total", "Calls answered, by transport", ["transport"])
+TURN_LATENCY = Histogram(
+    "voicebot_turn_latency_seconds",
+    "End of caller speech (turn detected) to first bot audio frame sent",
+    ["transport"],
+    buckets=_LATENCY_BUCKETS,
+)
+END_OF_TURN_WAIT = Histogram(
+    "voicebot_end_of_turn_wait_seconds",
+    "Silence waited after the caller stopped speaking before the turn was declared complete",
+    buckets=_LATENCY_BUCKETS,
+)
+GREETING_LATENCY = Histogram(
+    "voicebot_greeting_latency_seconds",
+    "Stream start to first greeting audio frame sent",
+    ["transport"],
+    buckets=_LATENCY_BUCKETS,
+)
+ENGINE_INFERENCE = Histogram(
+    "voicebot_engine_inference_seconds",
+    "Engine model run time per request",
+    ["op", "backend"],
+    buckets=_LATENCY_BUCKETS,
+)
+ENGINE_QUEUE = Histogram(
+    "voicebot_engine_queue_seconds",
+    "Time a request waited in the engine batching queue",
+    ["op"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+ENGINE_BATCH_SIZE = Histogram(
+    "voicebot_engine_batch_size",
+    "Requests per engine batch",
+    ["op"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+INTENT_CONFIDENCE = Histogram(
+    "voicebot_intent_confidence",
+    "Calibrated confidence of the top intent per caller turn",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0),
+)
+POLICY_DECISIONS = Counter("voicebot_policy_decisions_total", "Policy decisions", ["action", "reason"])
+ESCALATIONS = Counter("voicebot_escalations_total", "Transfers to humans, by reason", ["reason"])
+TRANSFERS = Counter("voicebot_transfers_total", "Transfers carried out by a bridge", ["transport", "queue", "result"])
+ERRORS = Counter("voicebot_errors_total", "Errors by component and kind", ["component", "kind"])
+BARGE_INS = Counter("voicebot_barge_ins_total", "Caller speech that interrupted the bot", ["transport"])
+AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["transport", "direction"])
+LATE_FRAMES = Counter("voicebot_late_frames_total", "Outbound frames sent later than their pacing deadline", ["transport"])
+FILLERS = Counter("voicebot_fillers_total", "Fillers or apologies played to avoid dead air", ["kind"])
+REDIS_UP = Gauge("voicebot_redis_up", "1 when the last Redis operation succeeded")
+REDIS_LATENCY = Histogram(
+    "voicebot_redis_op_seconds", "Redis call-state operation latency", ["op"],
+    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+)
+POLICY_VERSION = Gauge("voicebot_policy_version", "Policy version this worker serves new calls with")
+WORKER_INFO = Gauge("voicebot_worker_info", "Static worker info", ["worker", "version"])
+SIP_MESSAGES = Counter("voicebot_sip_messages_total", "SIP messages received", ["method", "result"])
+RTP_PACKETS = Counter("voicebot_rtp_packets_total", "RTP packets", ["direction", "result"])

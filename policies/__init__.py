@@ -1,0 +1,1 @@
+"""The decision layer: policy documents, decide(), clarification/escalation, tuning, the policy store."""

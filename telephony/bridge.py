@@ -1,0 +1,84 @@
+"""The transport-neutral face of a live call, shared by the Twilio, SIP and WebRTC bridges.
+
+Inbound: 20 ms frames of 8 kHz int16 PCM (160 samples), DTMF digits, marks (audio the caller has
+actually heard), and the end of the call. Outbound: audio, clear (barge-in), transfer, hangup.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Union
+
+import numpy as np
+
+FRAME_SAMPLES = 160  # 20 ms at 8 kHz
+FRAME_BYTES = FRAME_SAMPLES * 2
+
+
+@dataclass(frozen=True)
+class AudioIn:
+    pcm: np.ndarray  # int16, FRAME_SAMPLES long
+    t: float  # monotonic arrival time
+
+
+@dataclass(frozen=True)
+class DtmfIn:
+    digit: str
+    t: float
+
+
+@dataclass(frozen=True)
+class MarkIn:
+    """The caller's side has played out everything sent before the mark named `name`."""
+
+    name: str
+    t: float
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    reason: str  # hangup | stream_stopped | disconnected | rtp_timeout | error:<kind>
+    t: float
+
+
+InboundEvent = Union[AudioIn, DtmfIn, MarkIn, CallEnded]
+
+
+@dataclass
+class CallInfo:
+    call_id: str
+    transport: str  # twilio | sip | webrtc
+    caller: str = ""  # raw number; mask before logging
+    called: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class CallBridge(abc.ABC):
+    """One live call on one transport."""
+
+    info: CallInfo
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[InboundEvent]:
+        """Inbound events until (and including) CallEnded."""
+
+    @abc.abstractmethod
+    async def send_audio(self, pcm: np.ndarray) -> None:
+        """Queue 8 kHz int16 audio for the caller; the bridge paces it in 20 ms frames."""
+
+    @abc.abstractmethod
+    async def mark(self, name: str) -> None:
+        """Ask to be told (MarkIn) when the caller has heard everything queued so far."""
+
+    @abc.abstractmethod
+    async def clear(self) -> None:
+        """Barge-in: drop queued bot audio now."""
+
+    @abc.abstractmethod
+    async def transfer(self, target: str, context: dict[str, Any]) -> bool:
+        """Hand the caller to a human target (queue name / SIP URI / number). True on success."""
+
+    @abc.abstractmethod
+    async def hangup(self, reason: str = "completed") -> None:
+        """End the call from the bot's side."""
