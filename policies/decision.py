@@ -20,6 +20,7 @@ class Decision:
     intent: str | None = None  # the intent acted on/confirmed, when any
     slots: dict[str, Any] = field(default_factory=dict)
     style: str = "neutral"  # voice style (calm for frustrated callers)
+    options: tuple[str, ...] = ()  # clarify: the two intents offered, in order; dtmf_menu: the digits offered
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

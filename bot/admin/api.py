@@ -1,0 +1,334 @@
+"""Admin API (under /admin/api) and the web console (at /admin).
+
+Roles: viewer reads everything; editor also writes drafts, validates, simulates and places
+softphone calls; publisher also publishes and rolls back. Every route is in the OpenAPI schema
+(/docs) with the bearer scheme. Errors are JSON: 401/403 auth, 404 unknown version/draft/call,
+409 publish conflict, 413 oversized upload, 415 not a WAV, 422 invalid policy (line-located).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from bot.admin import live, simulate
+from bot.admin.auth import Principal, principal, require
+from bot.admin.context import MAX_UPLOAD_BYTES, get_call_store, get_engine, get_redis, get_store, log
+from ops import metrics
+from policies.store import Actor, NotFound, PolicyInvalid, PolicyStore, PublishConflict, side_by_side, unified_diff
+
+STATIC = Path(__file__).with_name("static")
+API = "/api"  # the app mounts this router under /admin
+
+router = APIRouter()
+
+
+# ---- models ----
+class DraftIn(BaseModel):
+    yaml: str = Field(description="Policy YAML text")
+    comment: str = ""
+    base_version: int | None = Field(None, description="Version the draft started from (default: current)")
+
+
+class DraftUpdate(BaseModel):
+    yaml: str
+    comment: str | None = None
+
+
+class YamlIn(BaseModel):
+    yaml: str
+
+
+class PublishIn(BaseModel):
+    draft_id: str | None = Field(None, description="Publish this draft (it is removed once published)")
+    yaml: str | None = Field(None, description="...or publish this YAML text directly")
+    expected_version: int = Field(description="The current version the publisher saw; 409 if it changed")
+    comment: str = ""
+
+
+class RollbackIn(BaseModel):
+    version: int
+    expected_version: int
+    comment: str = ""
+
+
+class OfferIn(BaseModel):
+    sdp: str
+    type: str = "offer"
+    draft_id: str | None = None
+    yaml: str | None = None
+    version: int | None = None
+
+
+# ---- helpers ----
+def _actor(p: Principal) -> Actor:
+    return Actor(p.name, p.role, p.ip)
+
+
+def _err(status: int, kind: str, message: str, **extra: Any) -> HTTPException:
+    metrics.ERRORS.labels("admin", kind).inc()
+    return HTTPException(status, {"message": message, **extra})
+
+
+def _invalid(exc: PolicyInvalid) -> HTTPException:
+    return _err(422, "invalid_policy", "the policy does not validate", errors=[i.to_dict() for i in exc.issues])
+
+
+def _conflict(exc: PublishConflict) -> HTTPException:
+    return _err(409, "publish_conflict", str(exc), expected=exc.expected, current=exc.current)
+
+
+def _limit_body(request: Request) -> None:
+    n = request.headers.get("content-length")
+    if n is not None and n.isdigit() and int(n) > MAX_UPLOAD_BYTES:
+        raise _err(413, "upload_too_large", f"request body is larger than {MAX_UPLOAD_BYTES} bytes (BOT_ADMIN_MAX_UPLOAD_BYTES)")
+
+
+async def _policy_text(store: PolicyStore, draft_id: str | None, yaml_text: str | None, version: int | None) -> tuple[str, str]:
+    """(yaml, label) for a simulation or softphone call: explicit YAML, a draft, a version, or current."""
+    try:
+        if yaml_text:
+            return yaml_text, "unsaved draft"
+        if draft_id:
+            return (await store.get_draft(draft_id))["yaml"], f"draft:{draft_id}"
+        v = version or await store.current_version()
+        return (await store.get_version(v)).yaml, f"v{v}"
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+
+
+# ---- console ----
+@router.get("", include_in_schema=False)
+async def console() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/", include_in_schema=False)
+async def console_slash() -> FileResponse:
+    return await console()
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static(name: str) -> FileResponse:
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC.resolve() or not path.is_file():
+        raise HTTPException(404, "no such file")
+    types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
+    return FileResponse(path, media_type=types.get(path.suffix, "application/octet-stream"))
+
+
+# ---- who am I ----
+@router.get(f"{API}/me", tags=["admin"], summary="The caller's name and role")
+async def me(p: Principal = Depends(principal)) -> dict[str, str]:
+    return {"name": p.name, "role": p.role}
+
+
+# ---- versions ----
+@router.get(f"{API}/policies", tags=["policies"], summary="List policy versions (newest first) and the current one")
+async def list_policies(request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    store = get_store(request)
+    return {
+        "current": await store.current_version(),
+        "versions": [v.to_dict() for v in await store.list_versions()],
+        "history": await store.history(50),
+    }
+
+
+@router.get(f"{API}/policies/diff", tags=["policies"], summary="Diff two versions (or a version and a draft)")
+async def diff(
+    request: Request,
+    a: str = Query(description="version number, or draft:<id>"),
+    b: str = Query(description="version number, or draft:<id>"),
+    _: Principal = Depends(require("viewer")),
+) -> dict[str, Any]:
+    store = get_store(request)
+
+    async def text(ref: str) -> str:
+        try:
+            if ref.startswith("draft:"):
+                return (await store.get_draft(ref[6:]))["yaml"]
+            return (await store.get_version(int(ref))).yaml
+        except ValueError as exc:
+            raise _err(422, "bad_request", f"not a version or draft reference: {ref!r}") from exc
+        except NotFound as exc:
+            raise _err(404, "not_found", str(exc.args[0])) from exc
+
+    ta, tb = await text(a), await text(b)
+    return {"a": a, "b": b, "unified": unified_diff(ta, tb, a, b), "rows": side_by_side(ta, tb)}
+
+
+@router.get(f"{API}/policies/{{version}}", tags=["policies"], summary="Read one version with its YAML")
+async def get_policy(version: int, request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    try:
+        info = await get_store(request).get_version(version)
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+    return info.to_dict(with_yaml=True)
+
+
+# ---- drafts ----
+@router.get(f"{API}/drafts", tags=["drafts"], summary="List drafts")
+async def list_drafts(request: Request, _: Principal = Depends(require("viewer"))) -> list[dict[str, Any]]:
+    return await get_store(request).list_drafts()
+
+
+@router.post(f"{API}/drafts", tags=["drafts"], status_code=201, summary="Create a draft", dependencies=[Depends(_limit_body)])
+async def create_draft(body: DraftIn, request: Request, p: Principal = Depends(require("editor"))) -> dict[str, Any]:
+    return await get_store(request).create_draft(body.yaml, _actor(p), body.comment, body.base_version)
+
+
+@router.get(f"{API}/drafts/{{draft_id}}", tags=["drafts"], summary="Read a draft")
+async def get_draft(draft_id: str, request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    try:
+        return await get_store(request).get_draft(draft_id)
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+
+
+@router.put(f"{API}/drafts/{{draft_id}}", tags=["drafts"], summary="Update a draft", dependencies=[Depends(_limit_body)])
+async def update_draft(draft_id: str, body: DraftUpdate, request: Request, p: Principal = Depends(require("editor"))) -> dict[str, Any]:
+    try:
+        return await get_store(request).update_draft(draft_id, body.yaml, _actor(p), body.comment)
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+
+
+@router.delete(f"{API}/drafts/{{draft_id}}", tags=["drafts"], status_code=204, summary="Delete a draft")
+async def delete_draft(draft_id: str, request: Request, p: Principal = Depends(require("editor"))) -> None:
+    try:
+        await get_store(request).delete_draft(draft_id, _actor(p))
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+
+
+# ---- validate / publish / rollback ----
+@router.post(f"{API}/validate", tags=["policies"], summary="Validate YAML: line-located errors", dependencies=[Depends(_limit_body)])
+async def validate(body: YamlIn, request: Request, _: Principal = Depends(require("editor"))) -> dict[str, Any]:
+    try:
+        await get_store(request).check(body.yaml)
+    except PolicyInvalid as exc:  # an answer, not an error: the console validates as the admin types
+        return {"valid": False, "errors": [i.to_dict() for i in exc.issues]}
+    return {"valid": True, "errors": []}
+
+
+@router.post(f"{API}/publish", tags=["policies"], summary="Publish a draft or YAML as the next version", dependencies=[Depends(_limit_body)])
+async def publish(body: PublishIn, request: Request, p: Principal = Depends(require("publisher"))) -> dict[str, Any]:
+    store = get_store(request)
+    try:
+        if body.draft_id:
+            v = await store.publish_draft(body.draft_id, body.expected_version, _actor(p), body.comment)
+        elif body.yaml:
+            v = await store.publish(body.yaml, body.expected_version, _actor(p), body.comment)
+        else:
+            raise _err(422, "bad_request", "give draft_id or yaml")
+    except PolicyInvalid as exc:
+        raise _invalid(exc) from exc
+    except PublishConflict as exc:
+        raise _conflict(exc) from exc
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+    return {"version": v, "current": v}
+
+
+@router.post(f"{API}/rollback", tags=["policies"], summary="Make an earlier version current again")
+async def rollback(body: RollbackIn, request: Request, p: Principal = Depends(require("publisher"))) -> dict[str, Any]:
+    store = get_store(request)
+    try:
+        v = await store.rollback(body.version, body.expected_version, _actor(p), body.comment)
+    except PolicyInvalid as exc:
+        raise _err(422, "rollback_invalid", f"version {body.version} no longer validates against the current schema",
+                   errors=[i.to_dict() for i in exc.issues]) from exc
+    except PublishConflict as exc:
+        raise _conflict(exc) from exc
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+    return {"version": v, "current": v}
+
+
+@router.get(f"{API}/audit", tags=["policies"], summary="Audit log: who did what, when, from where")
+async def audit(request: Request, count: int = Query(100, ge=1, le=1000), _: Principal = Depends(require("viewer"))) -> list[dict[str, Any]]:
+    return await get_store(request).audit_log(count)
+
+
+# ---- try it ----
+@router.post(f"{API}/simulate", tags=["try-it"], summary="Run an utterance (text spoken by the bot's voice, or a WAV) through engine + decide")
+async def simulate_turn(
+    request: Request,
+    text: str | None = Form(None, description="Utterance; synthesized with the bot's own voice, then understood"),
+    audio: UploadFile | None = File(None, description="A WAV file (any rate, mono or stereo)"),
+    yaml: str | None = Form(None, description="Policy YAML to decide with (an unsaved draft)"),
+    draft_id: str | None = Form(None),
+    version: int | None = Form(None),
+    p: Principal = Depends(require("editor")),
+) -> dict[str, Any]:
+    _limit_body(request)
+    store = get_store(request)
+    policy_yaml, label = await _policy_text(store, draft_id, yaml, version)
+    try:
+        policy = await store.check(policy_yaml)
+    except PolicyInvalid as exc:
+        raise _invalid(exc) from exc
+    if audio is not None and audio.filename:
+        data = await audio.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise _err(413, "upload_too_large", f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
+        try:
+            pcm = await asyncio.get_running_loop().run_in_executor(None, simulate.wav_to_pcm8k, data)
+        except simulate.NotWav as exc:
+            raise _err(415, "not_wav", str(exc)) from exc
+        source = "audio"
+    elif text and text.strip():
+        pcm, source = None, "text"
+    else:
+        raise _err(422, "bad_request", "give an utterance text or a WAV file")
+    engine = await get_engine(request)
+    try:
+        result = await simulate.run(engine, policy, pcm=pcm, text=text if source == "text" else None)
+    except simulate.EngineProblem as exc:
+        raise _err(exc.status, exc.kind, str(exc)) from exc
+    result["policy"] = label
+    result["input"] = source
+    log.info("admin_simulate", actor=p.name, policy=label, input=source)
+    return result
+
+
+# ---- live view ----
+@router.get(f"{API}/calls", tags=["live"], summary="Calls in progress on every worker (from Redis)")
+async def calls(request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    return {"calls": await live.live_calls(get_call_store(request))}
+
+
+@router.get(f"{API}/calls/{{call_id}}", tags=["live"], summary="A call's record and event stream")
+async def call_detail(call_id: str, request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    got = await get_call_store(request).get_call(call_id)
+    if got is None:
+        raise _err(404, "not_found", f"call {call_id} not found")
+    return got
+
+
+@router.get(f"{API}/stats/today", tags=["live"], summary="Today's (UTC) automation, clarification and escalation rates")
+async def stats_today(request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
+    return await live.today_stats(get_redis(request))
+
+
+# ---- softphone ----
+@router.post(f"{API}/softphone/offer", tags=["softphone"], summary="WebRTC offer -> answer; the call runs the normal conversation")
+async def softphone_offer(body: OfferIn, request: Request, p: Principal = Depends(require("editor"))) -> JSONResponse:
+    from bot.admin import softphone
+
+    store = get_store(request)
+    policy_yaml, label = await _policy_text(store, body.draft_id, body.yaml, body.version)
+    try:
+        policy = await store.check(policy_yaml)
+    except PolicyInvalid as exc:
+        raise _invalid(exc) from exc
+    try:
+        answer = await softphone.start_call(request.app, body.sdp, body.type, policy, label, p)
+    except softphone.SoftphoneError as exc:
+        raise _err(exc.status, exc.kind, str(exc)) from exc
+    return JSONResponse(answer)

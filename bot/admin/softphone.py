@@ -1,0 +1,63 @@
+"""Softphone signalling: a browser's WebRTC offer becomes a telephony.webrtc bridge that runs the
+same conversation as Twilio and SIP calls, under the policy the admin picked (draft or version)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+
+from bot.admin.auth import Principal
+from ops import metrics
+from ops.logs import get_logger
+from telephony.webrtc import SignallingError, WebRTCCallBridge
+
+log = get_logger("bot.admin.softphone")
+
+
+class SoftphoneError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def _call_runner(app: FastAPI) -> Any:
+    calls = getattr(app.state, "calls", None)
+    run = getattr(calls, "run_call", None)
+    if run is None:
+        raise SoftphoneError(503, "softphone_unavailable", "this process runs no conversations (start it with `bot serve`)")
+    return run
+
+
+async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: str, who: Principal) -> dict[str, Any]:
+    run = _call_runner(app)
+    bridge = WebRTCCallBridge(caller=f"softphone:{who.name}", params={"policy": label, "admin": who.name})
+    try:
+        answer = await bridge.accept(sdp, sdp_type)
+    except SignallingError as exc:
+        raise SoftphoneError(400, "bad_offer", str(exc)) from exc
+
+    async def _run() -> None:
+        try:
+            # The conversation starts once media flows, so the greeting is neither lost nor timed
+            # from before ICE/DTLS finished. A peer that never connects is ended by the bridge.
+            try:
+                await asyncio.wait_for(bridge.connected.wait(), bridge.connect_timeout_s + 1)
+            except asyncio.TimeoutError:
+                return
+            await run(bridge, policy_override=(label, policy))
+        except Exception as exc:  # noqa: BLE001 - one broken call never takes the worker down
+            metrics.ERRORS.labels("softphone", "call_failed").inc()
+            log.error("softphone_call_failed", call_id=bridge.info.call_id, error=repr(exc))
+        finally:
+            await bridge.close()
+
+    tasks: set[asyncio.Task[None]] = getattr(app.state, "softphone_tasks", None) or set()
+    app.state.softphone_tasks = tasks
+    t = asyncio.get_running_loop().create_task(_run())
+    tasks.add(t)
+    t.add_done_callback(tasks.discard)
+    log.info("softphone_call", call_id=bridge.info.call_id, admin=who.name, policy=label)
+    return {"sdp": answer.sdp, "type": answer.type, "call_id": bridge.info.call_id}

@@ -1,0 +1,59 @@
+"""`bot call WAV... [--url URL] [--record out.wav] [--token T]`: a simulated caller over the Twilio
+Media Streams protocol (or SIP with --sip, provided by telephony/sip). Prints one JSON object."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("call", help="place a simulated call: play WAV turns, record the bot")
+    p.add_argument("wavs", nargs="*", help="caller turns (WAV, any rate; 8 kHz mono is native)")
+    p.add_argument("--url", default=None, help="bot base URL (default http://127.0.0.1:$BOT_HTTP_PORT)")
+    p.add_argument("--record", default=None, help="write what the bot said to this WAV")
+    p.add_argument("--signature", "--token", dest="token", default=None,
+                   help="sign requests with this Twilio auth token (default: TWILIO_AUTH_TOKEN)")
+    p.add_argument("--redis-url", default=None, help="read the bot's decisions from this Redis (default REDIS_URL)")
+    p.add_argument("--reply-timeout", type=float, default=12.0)
+    p.add_argument("--sip", default=None, metavar="SIP_URI", help="call over SIP instead (telephony/sip)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.sip:
+        # hook for the SIP engineer: telephony.sip.uac.run_sip_call(args) -> exit code
+        try:
+            from telephony.sip.uac import cli_main as run_sip_call
+        except ImportError:
+            print("error: SIP caller not available (telephony.sip.uac)", file=sys.stderr)
+            return 2
+        return int(run_sip_call(args) or 0)
+    from bot.simulator import run_call, turn_decisions
+
+    url = args.url or f"http://127.0.0.1:{os.environ.get('BOT_HTTP_PORT', '8080')}"
+    token = args.token if args.token is not None else os.environ.get("TWILIO_AUTH_TOKEN", "")
+    for w in args.wavs:
+        if not os.path.exists(w):
+            print(f"error: no such file {w}", file=sys.stderr)
+            return 2
+    try:
+        res = asyncio.run(run_call(url, args.wavs, auth_token=token, record=args.record,
+                                   redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+                                   reply_timeout_s=args.reply_timeout))
+    except Exception as exc:  # noqa: BLE001
+        print(f"error: call failed: {exc!r}", file=sys.stderr)
+        return 1
+    out = res.summary()
+    decisions = {d["n"]: d for d in turn_decisions(res.record)}
+    for t in out["turns"]:
+        t["bot"] = decisions.get(t["n"])
+        eot = (t["bot"] or {}).get("eot_wait_ms")
+        t["v2v_minus_eot_ms"] = None if t["v2v_ms"] is None or eot is None else round(t["v2v_ms"] - eot, 1)
+    if res.record:
+        out["outcome"] = res.record["record"].get("outcome")
+    print(json.dumps(out, indent=2))
+    return 0

@@ -1,0 +1,222 @@
+"""`bot engine ...`: the understanding model's pipeline (synth -> train -> calibrate -> export -> eval).
+
+Training-only imports (torch, TTS) happen inside the handlers so `bot` starts fast without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+
+
+def load_catalog(policy: str | None):
+    """Parse a policy YAML's intents.*.examples / intents.*.slots / slots.*.type into the engine's Catalog."""
+    from engine.catalog import Catalog
+
+    doc = yaml.safe_load(Path(policy or DEFAULT_POLICY).read_text())
+    return Catalog.from_dict(doc)
+
+
+def _catalog_meta(cat) -> tuple[dict, dict]:
+    return {k: list(v) for k, v in cat.intent_slots.items()}, dict(cat.slots)
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from engine.training.synth import generate
+
+    cat = load_catalog(a.policy)
+    counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot}
+    print(json.dumps(generate(cat, a.out, counts, workers=a.workers, seed=a.seed)))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from engine.training.cache import cache_split
+    from engine.training.train import train
+
+    cat = load_catalog(a.policy)
+    for split in ("train", "val"):
+        cache_split(Path(a.data) / split, Path(a.cache) / split, workers=a.workers)
+    res = train(a.cache, a.run, cat.intent_names, epochs=a.epochs, threads=a.threads, max_minutes=a.max_minutes, seed=a.seed)
+    print(json.dumps({"best_val_intent_accuracy": res["best_val_intent_accuracy"]}))
+    return 0
+
+
+def _load_top(run: str):
+    import torch
+
+    from engine.training.cache import FROZEN_LAYERS
+    from engine.training.model import TopModel
+    from engine.training.whisper import pretrained_encoder
+
+    ck = torch.load(Path(run) / "best.pt", weights_only=False)
+    enc = pretrained_encoder()
+    top = TopModel(enc, len(ck["intents"]), FROZEN_LAYERS)
+    top.load_state_dict(ck["model"])
+    return enc, top.eval(), ck["intents"]
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from engine.training.calibrate import ece, fit_temperature
+    from engine.training.train import CachedSplit, predict_split
+
+    _, top, intents = _load_top(a.run)
+    p = predict_split(top, CachedSplit(Path(a.cache) / "val", intents))
+    m = p["intent"] >= 0
+    logits, labels = p["logits"][m], p["intent"][m]
+    t = fit_temperature(logits, labels)
+
+    def conf_ece(temp: float) -> float:
+        z = logits / temp
+        pr = np.exp(z - z.max(1, keepdims=True)); pr /= pr.sum(1, keepdims=True)
+        return ece(pr.max(1), pr.argmax(1) == labels)
+
+    out = {"temperature": t, "val_ece_before": conf_ece(1.0), "val_ece_after": conf_ece(t), "n": int(m.sum())}
+    (Path(a.run) / "calibration.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from engine.training.export import onnx_outputs, torch_outputs, write_model_dir
+    from engine.training.model import FullModel
+
+    cat = load_catalog(a.policy)
+    enc, top, intents = _load_top(a.run)
+    cal = Path(a.run) / "calibration.json"
+    temp = json.loads(cal.read_text())["temperature"] if cal.exists() else 1.0
+    full = FullModel(enc, top, temp).eval()
+    intent_slots, slot_types = _catalog_meta(cat)
+    out = write_model_dir(full, a.out, intents, intent_slots, slot_types, quantized=not a.fp32,
+                          extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, top layer fine-tuned",
+                                 "calibration": json.loads(cal.read_text()) if cal.exists() else None})
+    # parity of the shipped graph vs PyTorch on real clips
+    from engine.features import features_batch, prepare_pcm
+    from engine.training.evaluate import load_wav, read_eval_dir
+
+    rows = read_eval_dir(Path(a.data) / "val")[:8]
+    mel, _ = features_batch([prepare_pcm(load_wav(Path(a.data) / "val" / r["audio"])) for r in rows[:1]])
+    pt, ox = torch_outputs(full, mel), onnx_outputs(out / "model.onnx", mel)
+    par = {"max_abs_intent_prob_diff": float(np.abs(pt[0] - ox[0]).max()),
+           "same_top_intent": bool((pt[0].argmax(-1) == ox[0].argmax(-1)).all())}
+    print(json.dumps({"model_dir": str(out), "size_mb": round((out / "model.onnx").stat().st_size / 1e6, 2), "parity": par}))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from engine.training.evaluate import evaluate
+
+    try:
+        res = evaluate(a.dir, a.model, report_dir=a.report_dir or Path(a.dir) / "report", limit=a.limit,
+                       progress=not a.json)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
+    return 0
+
+
+def cmd_eot(a: argparse.Namespace) -> int:
+    from engine.training.eot import compare
+
+    print(json.dumps(compare(a.dir, a.model, limit=a.limit)))
+    return 0
+
+
+def cmd_asterisk(a: argparse.Namespace) -> int:
+    from engine.training.asterisk import make_asterisk_eval
+
+    cat = load_catalog(a.policy)
+    print(json.dumps(make_asterisk_eval(a.out, cat, n=a.n, seed=a.seed)))
+    return 0
+
+
+def cmd_build_trt(a: argparse.Namespace) -> int:
+    from engine.training.trt import build_engine
+
+    return build_engine(a.onnx, a.out, fp16=not a.fp32)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("engine", help="speech engine: data, training, evaluation, export")
+    sub = p.add_subparsers(dest="engine_command", required=True)
+
+    s = sub.add_parser("synth", help="synthesize train/val/test sets from the policy's intent catalog")
+    s.add_argument("--policy", default=None)
+    s.add_argument("--out", default="data/synth")
+    s.add_argument("--train", type=int, default=12000)
+    s.add_argument("--val", type=int, default=1200)
+    s.add_argument("--test", type=int, default=1500)
+    s.add_argument("--test-eot", dest="test_eot", type=int, default=800)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("train", help="cache frozen encoder layers, fine-tune top layer + heads (resumable)")
+    t.add_argument("--policy", default=None)
+    t.add_argument("--data", default="data/synth")
+    t.add_argument("--cache", default="data/cache")
+    t.add_argument("--run", default="data/run")
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--max-minutes", dest="max_minutes", type=float, default=30.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="fit the intent temperature on the validation split")
+    c.add_argument("--cache", default="data/cache")
+    c.add_argument("--run", default="data/run")
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("export", help="export to ONNX (int8 weights), write the model dir, check parity")
+    e.add_argument("--policy", default=None)
+    e.add_argument("--run", default="data/run")
+    e.add_argument("--data", default="data/synth")
+    e.add_argument("--out", default="engine/models/understand-v1")
+    e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate the model on DIR (WAVs + manifest.jsonl)")
+    v.add_argument("dir")
+    v.add_argument("--model", default=None, help="model dir (default: packaged)")
+    v.add_argument("--json", action="store_true", help="print one JSON object only")
+    v.add_argument("--report-dir", dest="report_dir", default=None, help="markdown + PNG report (default DIR/report)")
+    v.add_argument("--limit", type=int, default=None)
+    v.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser("eval-eot", help="end-of-turn: this model vs pipecat smart-turn v3.2 on DIR")
+    o.add_argument("dir")
+    o.add_argument("--model", default=None)
+    o.add_argument("--limit", type=int, default=None)
+    o.set_defaults(func=cmd_eot)
+
+    m = sub.add_parser("make-asterisk-eval", help="build a real-speech eval set from asterisk-core-sounds-en-wav")
+    m.add_argument("out")
+    m.add_argument("--policy", default=None)
+    m.add_argument("-n", type=int, default=200)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_asterisk)
+
+    b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
+    b.add_argument("--onnx", default="engine/models/understand-v1/model.onnx")
+    b.add_argument("--out", default="build/understand-v1.plan")
+    b.add_argument("--fp32", action="store_true")
+    b.set_defaults(func=cmd_build_trt)
+
+    try:
+        import engine.bench as bench  # written by the runtime engineer
+    except ImportError:
+        bench = None
+    if bench is not None and hasattr(bench, "register"):
+        bench.register(sub)

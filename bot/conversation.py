@@ -1,0 +1,546 @@
+"""One call's conversation, transport-neutral: it consumes a telephony.bridge.CallBridge, so
+Twilio, SIP and WebRTC calls all run exactly this code.
+
+Flow: greeting (pre-rendered, sent at once) -> caller audio -> batched VAD -> TurnDetector ->
+end-of-turn head -> engine.understand -> policy -> voice (streamed, paced by the bridge, marked
+every ~200 ms so we know what the caller actually heard). Barge-in clears the bridge; long
+processing gets a filler; any engine failure gets an apology and a transfer, never silence.
+Every step lands in the call's Redis event stream (bot/state.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from bot.conversation_audio import CallerAudio, level_dbfs, render
+from bot.conversation_policy import CallPolicy
+from bot.state import CallStore
+from bot.turns import TurnDetector, TurnEvent, TurnParams
+from bot.turns_vad import BatchedVad
+from engine.types import Understanding
+from ops import metrics
+from ops.logs import get_logger, mask_digits
+from policies.decision import Decision
+from telephony.bridge import AudioIn, CallBridge, CallEnded, DtmfIn, MarkIn
+
+MARK_EVERY_SAMPLES = 1600  # a mark per 200 ms of bot audio: heard_ms resolution
+ECHO_TAIL_S = 0.25  # the line keeps echoing the bot this long after its audio ends
+FILLER_TEXT = "One moment."
+APOLOGY_TEXT = "I'm sorry, I'm having trouble right now. Let me transfer you to someone who can help."
+TRANSFER_FAILED_TEXT = "I'm sorry, I couldn't transfer you. Please call back later. Goodbye."
+
+
+@dataclass
+class ConversationConfig:
+    no_input_s: float | None = None  # None: the policy's no_input.timeout_s
+    filler_after_s: float = 1.0
+    silence_budget_s: float = 1.6  # caller-side silence (end-of-turn wait + processing) before a filler
+    engine_timeout_s: float = 5.0
+    dtmf_inter_digit_s: float = 2.0
+    fallback_queue: str = "support"
+    transfer_wait_s: float = 5.0  # after a transfer, wait this long for the transport to end the call
+    max_call_s: float = 1800.0
+
+
+@dataclass
+class Services:
+    """Process-wide pieces shared by every call on this worker."""
+
+    engine: Any  # engine.interface.SpeechEngine (+ optional speak_stream)
+    store: CallStore
+    vad: BatchedVad
+    new_policy: Callable[[Any], CallPolicy]  # CallInfo -> this call's policy session
+    prompt_audio: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    config: ConversationConfig = field(default_factory=ConversationConfig)
+    turn_params: TurnParams = field(default_factory=TurnParams)
+    notify_escalation: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    engine_backend: str = "onnx"
+
+
+@dataclass
+class _Utterance:
+    uid: int
+    kind: str
+    text: str
+    sent: int = 0  # samples handed to the bridge
+    heard: int = 0  # samples the caller has heard (from marks)
+    done_sending: bool = False
+    heard_all: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupted: bool = False
+    first_audio_t: float | None = None
+
+
+class Conversation:
+    def __init__(self, bridge: CallBridge, services: Services) -> None:
+        self.bridge = bridge
+        self.s = services
+        self.cfg = services.config
+        self.info = bridge.info
+        self.call_id = self.info.call_id
+        self.transport = self.info.transport
+        self.log = get_logger("bot.conversation", call_id=self.call_id)
+        self.policy = services.new_policy(self.info)
+        self.detector = TurnDetector(services.turn_params)
+        self.audio = CallerAudio()
+        self._q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._utt_seq = 0
+        self._utts: dict[int, _Utterance] = {}
+        self._speaking: _Utterance | None = None  # utterance whose audio may still be playing
+        self._play_task: asyncio.Task[None] | None = None
+        self._turn_task: asyncio.Task[None] | None = None
+        self._eot_task: asyncio.Task[None] | None = None
+        self._no_input: asyncio.TimerHandle | None = None
+        self._dtmf_timer: asyncio.TimerHandle | None = None
+        self._echo_timer: asyncio.TimerHandle | None = None
+        self._digits = ""
+        self._turn_n = 0
+        self._turn_start_sample: int | None = None
+        self.outcome: str | None = None
+        self._ending = False
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> str:
+        s = self.s
+        started_t = float(getattr(self.bridge, "started_t", self._t0))
+        metrics.CALLS_STARTED.labels(self.transport).inc()
+        metrics.ACTIVE_CALLS.labels(self.transport).inc()
+        s.store.start_call(self.call_id, self.transport, self.info.caller, self.info.called,
+                           str(self.policy.version), extra={k: v for k, v in self.info.params.items()
+                                                            if k in ("stream_sid", "account_sid")})
+        s.store.subscribe(self.call_id, lambda ok: self._q.put_nowait(("state", ok)))
+        set_sink = getattr(self.bridge, "set_error_sink", None)
+        if set_sink is not None:
+            set_sink(self._protocol_error)
+        self.log.info("call_started", transport=self.transport, caller=mask_digits(self.info.caller),
+                      policy_version=self.policy.version)
+        vad_stream = s.vad.open(self._on_vad)
+        reader = asyncio.get_running_loop().create_task(self._read(vad_stream))
+        try:
+            greeting = self.policy.greeting()
+            self._say(greeting.prompt, greeting.style, "greeting", started_t=started_t)
+            await asyncio.wait_for(self._main(), timeout=self.cfg.max_call_s)
+        except asyncio.TimeoutError:
+            self._set_outcome("max_duration")
+            await self.bridge.hangup("max_duration")
+        except Exception as exc:  # noqa: BLE001 - one call's bug must not reach the worker
+            metrics.ERRORS.labels("conversation", "exception").inc()
+            self.log.exception("conversation_failed", error=str(exc))
+            self._set_outcome("error:exception")
+            try:
+                await self.bridge.hangup("error")
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            vad_stream.close()
+            for t in (self._play_task, self._turn_task, self._eot_task):
+                if t is not None and not t.done():
+                    t.cancel()
+            for h in (self._no_input, self._dtmf_timer, self._echo_timer):
+                if h is not None:
+                    h.cancel()
+            reader.cancel()
+            outcome = self.outcome or "unknown"
+            s.store.end_call(self.call_id, outcome, duration_s=round(time.monotonic() - self._t0, 3),
+                             turns=self._turn_n)
+            metrics.ACTIVE_CALLS.labels(self.transport).dec()
+            metrics.CALLS_TOTAL.labels(self.transport, outcome).inc()
+            self.log.info("call_ended", outcome=outcome, turns=self._turn_n)
+        return self.outcome or "unknown"
+
+    def _set_outcome(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+
+    async def _main(self) -> None:
+        while True:
+            kind, val = await self._q.get()
+            if kind == "ended":
+                reason: str = val
+                self._set_outcome({"stream_stopped": "caller_hangup", "hangup": "caller_hangup"}.get(reason, reason))
+                return
+            if kind == "stop":
+                return
+            if self._ending:
+                continue
+            if kind == "turn_event":
+                self._on_turn_event(val)
+            elif kind == "dtmf_done":
+                self._start_processing(self._decide_dtmf, val)
+            elif kind == "no_input":
+                if self._turn_task is None or self._turn_task.done():
+                    self.s.store.event(self.call_id, "no_input")
+                    self._start_processing(self._decide_simple, self.policy.on_no_input)
+            elif kind == "state" and not val:
+                self.log.warning("state_degraded")
+                self.s.store.event(self.call_id, "state_degraded")
+                self._start_processing(self._decide_simple, lambda: self.policy.on_failure("state_unavailable"))
+
+    # ------------------------------------------------------------------ inbound
+    async def _read(self, vad_stream: Any) -> None:
+        try:
+            async for ev in self.bridge.events():
+                if isinstance(ev, AudioIn):
+                    self.audio.append(ev.pcm)
+                    vad_stream.push(ev.pcm, self.audio.pos / 8000.0)
+                elif isinstance(ev, MarkIn):
+                    self._on_mark(ev.name)
+                elif isinstance(ev, DtmfIn):
+                    self._on_dtmf(ev.digit)
+                elif isinstance(ev, CallEnded):
+                    self._q.put_nowait(("ended", ev.reason))
+                    return
+        except Exception as exc:  # noqa: BLE001
+            metrics.ERRORS.labels("conversation", "reader").inc()
+            self.log.exception("reader_failed", error=str(exc))
+            self._q.put_nowait(("ended", "error:reader"))
+
+    def _protocol_error(self, kind: str, detail: str) -> None:
+        self.s.store.event(self.call_id, "error", component=self.transport, kind=kind, detail=detail[:200])
+
+    def _on_vad(self, prob: float, level_db: float, t: float) -> None:
+        ev = self.detector.update(prob, level_db, t)
+        if ev is not None:
+            self._q.put_nowait(("turn_event", ev))
+
+    def _on_mark(self, name: str) -> None:
+        try:
+            uid_s, pos_s = name.split(":", 1)
+            u = self._utts.get(int(uid_s))
+            end = pos_s.startswith("end")
+            pos = int(pos_s[4:] if end else pos_s)
+        except ValueError:
+            metrics.ERRORS.labels("conversation", "bad_mark").inc()
+            return
+        if u is None or u.interrupted:
+            return  # marks Twilio returns for audio a `clear` dropped were never heard
+        u.heard = max(u.heard, pos)
+        if end:
+            u.heard_all.set()
+            self._utterance_heard(u)
+
+    def _on_dtmf(self, digit: str) -> None:
+        self.s.store.event(self.call_id, "dtmf", digit=digit)
+        loop = asyncio.get_running_loop()
+        if self._speaking is not None:
+            loop.create_task(self._interrupt("dtmf"))
+        self._cancel_no_input()
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+        if digit == "#":
+            digits, self._digits = self._digits, ""
+            self._q.put_nowait(("dtmf_done", digits + "#"))
+            return
+        self._digits += digit
+        self._dtmf_timer = loop.call_later(self.cfg.dtmf_inter_digit_s, self._dtmf_timeout)
+
+    def _dtmf_timeout(self) -> None:
+        digits, self._digits = self._digits, ""
+        if digits:
+            self._q.put_nowait(("dtmf_done", digits))
+
+    # ------------------------------------------------------------------ turn taking
+    def _on_turn_event(self, ev: TurnEvent) -> None:
+        if ev.kind in ("speech_started", "barge_in"):
+            self._cancel_no_input()
+            if self._turn_task is not None and not self._turn_task.done() and self._speaking is None:
+                # caller went on talking while we were still thinking: treat it as one longer turn
+                self._turn_task.cancel()
+                self.s.store.event(self.call_id, "turn_resumed")
+            else:
+                self._turn_start_sample = int(ev.speech_start_t * 8000)
+            if self._turn_start_sample is None:
+                self._turn_start_sample = int(ev.speech_start_t * 8000)
+            if ev.kind == "barge_in":
+                asyncio.get_running_loop().create_task(self._interrupt("speech", ev))
+            elif self._play_task is not None and not self._play_task.done() and self._speaking is None:
+                # a reply still rendering when the caller starts talking would talk over them
+                self._play_task.cancel()
+                self.s.store.event(self.call_id, "prompt_cancelled", why="caller_speaking")
+        elif ev.kind == "check_eot":
+            self._eot_task = asyncio.get_running_loop().create_task(self._check_eot(ev))
+        elif ev.kind == "turn_end":
+            self._end_turn(ev, eot_prob=self.detector.eot_prob)
+        elif ev.kind == "speech_discarded":
+            self.s.store.event(self.call_id, "speech_discarded", ms=round((ev.speech_end_t - ev.speech_start_t) * 1000))
+            self._turn_start_sample = None
+            if self._speaking is None:
+                self._arm_no_input()
+
+    async def _check_eot(self, ev: TurnEvent) -> None:
+        start = self._turn_start_sample or 0
+        pcm = self.audio.segment(max(0, start - 1600), self.audio.pos)
+        try:
+            p = float(await asyncio.wait_for(self.s.engine.end_of_turn(pcm), timeout=0.5))
+        except Exception as exc:  # noqa: BLE001 - fall back to the max-silence rule
+            metrics.ERRORS.labels("engine", "end_of_turn").inc()
+            self.log.warning("eot_failed", error=type(exc).__name__)
+            return
+        if self.detector.set_eot(p):
+            silence_ms = (self.audio.pos / 8000.0 - self.detector.last_speech_t) * 1000
+            done = TurnEvent("turn_end", time.monotonic(), self.detector.speech_start_t, self.detector.last_speech_t,
+                             silence_ms)
+            self.detector.reset()
+            self._end_turn(done, eot_prob=p)
+
+    def _end_turn(self, ev: TurnEvent, eot_prob: float | None) -> None:
+        start = self._turn_start_sample if self._turn_start_sample is not None else int(ev.speech_start_t * 8000)
+        end = int(ev.speech_end_t * 8000) + 800  # keep 100 ms after the last speech window
+        pcm = self.audio.segment(max(0, start - 1600), end)  # 200 ms pre-roll
+        self._turn_start_sample = None
+        metrics.END_OF_TURN_WAIT.observe(max(0.0, ev.silence_ms / 1000))
+        meta = {"eot_wait_ms": round(ev.silence_ms), "eot_prob": None if eot_prob is None else round(eot_prob, 3),
+                "speech_ms": round((ev.speech_end_t - ev.speech_start_t) * 1000), "t_end": time.monotonic()}
+        self._start_processing(self._process_turn, pcm, meta)
+
+    def _start_processing(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        if self._turn_task is not None and not self._turn_task.done():
+            self._turn_task.cancel()
+        self._cancel_no_input()
+        self._turn_task = asyncio.get_running_loop().create_task(self._guard(fn(*args)))
+
+    async def _guard(self, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            metrics.ERRORS.labels("conversation", "turn").inc()
+            self.log.exception("turn_failed", error=str(exc))
+            await self._execute(self.policy.on_failure("internal_error"), None, {})
+
+    async def _process_turn(self, pcm: np.ndarray, meta: dict[str, Any]) -> None:
+        self._turn_n += 1
+        n = self._turn_n
+        t_end = meta["t_end"]
+        # the caller has already waited eot_wait in silence: the filler comes early enough that the
+        # line is never silent for more than ~1.6 s of the 2 s budget
+        waited = meta.get("eot_wait_ms", 0) / 1000
+        filler = asyncio.get_running_loop().call_later(
+            min(self.cfg.filler_after_s, max(0.2, self.cfg.silence_budget_s - waited)), self._filler)
+        try:
+            t0 = time.perf_counter()
+            try:
+                u: Understanding = await asyncio.wait_for(self.s.engine.understand(pcm), self.cfg.engine_timeout_s)
+            except asyncio.TimeoutError:
+                metrics.ERRORS.labels("engine", "timeout").inc()
+                self.log.warning("engine_timeout", turn=n)
+                d = self.policy.on_failure("engine_timeout")
+                self.s.store.event(self.call_id, "turn", n=n, error="engine_timeout", decision=d.to_dict(), **_ms(meta))
+                await self._execute(d, t_end, meta)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                metrics.ERRORS.labels("engine", "understand").inc()
+                self.log.warning("engine_failed", turn=n, error=type(exc).__name__)
+                d = self.policy.on_failure("engine_error")
+                self.s.store.event(self.call_id, "turn", n=n, error="engine_error", decision=d.to_dict(), **_ms(meta))
+                await self._execute(d, t_end, meta)
+                return
+            understand_ms = (time.perf_counter() - t0) * 1000
+            if u.intent is not None or u.error is None:
+                metrics.INTENT_CONFIDENCE.observe(u.confidence)
+            t1 = time.perf_counter()
+            d = self.policy.on_turn(u)
+            decide_ms = (time.perf_counter() - t1) * 1000
+            self.s.store.event(
+                self.call_id, "turn", n=n, intent=u.intent, confidence=round(u.confidence, 4),
+                alternatives=u.to_dict()["alternatives"], slots=u.slots, transcript=u.transcript,
+                caller_state=u.caller_state, understanding_error=u.error, decision=d.to_dict(),
+                understand_ms=round(understand_ms, 1), decide_ms=round(decide_ms, 2), **_ms(meta),
+            )
+            self.log.info("turn", n=n, intent=u.intent, confidence=round(u.confidence, 3), action=d.action,
+                          reason=d.reason, understand_ms=round(understand_ms, 1))
+        finally:
+            filler.cancel()
+        await self._execute(d, t_end, meta)
+
+    async def _decide_simple(self, fn: Callable[[], Decision]) -> None:
+        await self._execute(fn(), None, {})
+
+    async def _decide_dtmf(self, digits: str) -> None:
+        d = self.policy.on_dtmf(digits)
+        self.s.store.event(self.call_id, "dtmf_turn", digits_len=len(digits), decision=d.to_dict())
+        await self._execute(d, None, {})
+
+    def _filler(self) -> None:
+        if self._speaking is None:
+            metrics.FILLERS.labels("filler").inc()
+            self._say(FILLER_TEXT, "neutral", "filler")
+
+    # ------------------------------------------------------------------ acting on decisions
+    async def _execute(self, d: Decision, t_end: float | None, meta: dict[str, Any]) -> None:
+        metrics.POLICY_DECISIONS.labels(d.action, d.reason or "none").inc()
+        if d.action == "transfer":
+            await self._transfer(d, t_end)
+            return
+        if d.action == "hangup":
+            self._ending = True
+            u = self._say(d.prompt, d.style, "hangup", t_end=t_end) if d.prompt else None
+            if u is not None:
+                await self._wait_heard(u)
+            self._set_outcome("completed")
+            await self.bridge.hangup("completed")
+            self._q.put_nowait(("stop", None))
+            return
+        if d.prompt:
+            self._say(d.prompt, d.style, d.action, t_end=t_end)
+        else:
+            self._arm_no_input()
+
+    async def _transfer(self, d: Decision, t_end: float | None) -> None:
+        self._ending = True
+        target = self.policy.transfer_target(d) or self.cfg.fallback_queue
+        context = self.policy.handoff_context(d)
+        context.update(call_id=self.call_id, transport=self.transport, target=target)
+        metrics.ESCALATIONS.labels(d.reason or "unspecified").inc()
+        if d.prompt:
+            u = self._say(d.prompt, d.style, "transfer", t_end=t_end)
+            await self._wait_heard(u)
+        ok = False
+        try:
+            ok = await asyncio.wait_for(self.bridge.transfer(target, context), timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            metrics.ERRORS.labels(self.transport, "transfer").inc()
+            self.log.warning("transfer_error", error=type(exc).__name__)
+        self.s.store.update(self.call_id, handoff=context, transfer_target=target)
+        self.s.store.event(self.call_id, "transfer", target=target, ok=ok, reason=d.reason, context=context)
+        self.log.info("transfer", target=target, ok=ok, reason=d.reason)
+        if self.s.notify_escalation is not None:
+            asyncio.get_running_loop().create_task(self.s.notify_escalation(context))
+        if ok:
+            self._set_outcome("transferred")
+            # the transport ends the stream once the call has moved; don't hold it open forever
+            await asyncio.sleep(self.cfg.transfer_wait_s)
+            await self.bridge.hangup("transferred")
+        else:
+            self._set_outcome("transfer_failed")
+            u = self._say(TRANSFER_FAILED_TEXT, "calm", "transfer_failed")
+            await self._wait_heard(u)
+            await self.bridge.hangup("transfer_failed")
+        self._q.put_nowait(("stop", None))
+
+    async def _wait_heard(self, u: _Utterance) -> None:
+        """Until the caller heard the utterance (bounded by its length + slack)."""
+        while not u.done_sending:
+            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(u.heard_all.wait(), timeout=u.sent / 8000 + 2.0)
+        except asyncio.TimeoutError:
+            pass
+
+    # ------------------------------------------------------------------ speaking
+    def _say(self, text: str, style: str, kind: str, t_end: float | None = None,
+             started_t: float | None = None) -> _Utterance:
+        self._utt_seq += 1
+        u = _Utterance(self._utt_seq, kind, text)
+        self._utts[u.uid] = u
+        prev = self._play_task
+        self._play_task = asyncio.get_running_loop().create_task(self._play(u, style, prev, t_end, started_t))
+        return u
+
+    async def _play(self, u: _Utterance, style: str, prev: asyncio.Task[None] | None,
+                    t_end: float | None, started_t: float | None) -> None:
+        if prev is not None and not prev.done():
+            try:
+                await prev  # utterances play in order (filler, then the answer)
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._cancel_no_input()
+        try:
+            async for chunk in render(self.s.engine, self.s.prompt_audio, u.text, style):
+                if u.first_audio_t is None:
+                    self._speaking = u
+                    self.detector.bot_level_db = level_dbfs(chunk)
+                    if self._echo_timer is not None:
+                        self._echo_timer.cancel()
+                    await self.bridge.send_audio(chunk[:MARK_EVERY_SAMPLES])
+                    now = time.monotonic()
+                    u.first_audio_t = now
+                    if t_end is not None:
+                        metrics.TURN_LATENCY.labels(self.transport).observe(now - t_end)
+                        self.s.store.event(self.call_id, "first_audio", utt=u.uid, kind=u.kind, turn=self._turn_n,
+                                           latency_ms=round((now - t_end) * 1000, 1))
+                    if started_t is not None:
+                        metrics.GREETING_LATENCY.labels(self.transport).observe(now - started_t)
+                        self.s.store.event(self.call_id, "greeting_started", latency_ms=round((now - started_t) * 1000, 1))
+                    await self._send_marked(u, chunk[MARK_EVERY_SAMPLES:], len(chunk[:MARK_EVERY_SAMPLES]))
+                else:
+                    await self._send_marked(u, chunk, 0)
+            await self.bridge.mark(f"{u.uid}:end{u.sent * 1000 // 8000}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a voice failure: apologise with the cached prompt
+            metrics.ERRORS.labels("engine", "speak").inc()
+            self.log.warning("speak_failed", error=type(exc).__name__, kind=u.kind)
+            if (APOLOGY_TEXT, "calm") in self.s.prompt_audio and u.kind != "apology":
+                await self.bridge.send_audio(self.s.prompt_audio[(APOLOGY_TEXT, "calm")])
+        finally:
+            u.done_sending = True
+
+    async def _send_marked(self, u: _Utterance, pcm: np.ndarray, already_sent: int) -> None:
+        """Hand audio to the bridge in 200 ms pieces, each followed by a mark (what was heard)."""
+        if already_sent:
+            u.sent += already_sent
+            await self.bridge.mark(f"{u.uid}:{u.sent * 1000 // 8000}")
+        for i in range(0, len(pcm), MARK_EVERY_SAMPLES):
+            piece = pcm[i : i + MARK_EVERY_SAMPLES]
+            await self.bridge.send_audio(piece)
+            u.sent += len(piece)
+            await self.bridge.mark(f"{u.uid}:{u.sent * 1000 // 8000}")
+
+    def _utterance_heard(self, u: _Utterance) -> None:
+        self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
+                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=False)
+        if self._speaking is u:
+            self._speaking = None
+            self._echo_timer = asyncio.get_running_loop().call_later(ECHO_TAIL_S, self._echo_done)
+            if not self._ending and (self._turn_task is None or self._turn_task.done()):
+                self._arm_no_input()
+
+    def _echo_done(self) -> None:
+        if self._speaking is None:
+            self.detector.bot_level_db = None
+
+    async def _interrupt(self, why: str, ev: TurnEvent | None = None) -> None:
+        u = self._speaking
+        if u is None or self._ending:
+            return
+        t_detect = time.monotonic()
+        u.interrupted = True
+        self._speaking = None
+        self.detector.bot_level_db = None
+        if self._play_task is not None and not self._play_task.done():
+            self._play_task.cancel()
+        await self.bridge.clear()
+        metrics.BARGE_INS.labels(self.transport).inc()
+        onset_ms = None
+        if ev is not None:
+            onset_ms = round((ev.t - ev.speech_start_t) * 1000)
+        self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
+                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=True, by=why,
+                           detect_after_onset_ms=onset_ms,
+                           clear_ms=round((time.monotonic() - t_detect) * 1000, 1))
+        self.log.info("barge_in", utt=u.uid, heard_ms=u.heard, by=why)
+
+    # ------------------------------------------------------------------ timers
+    def _arm_no_input(self) -> None:
+        self._cancel_no_input()
+        secs = self.cfg.no_input_s if self.cfg.no_input_s is not None else self.policy.no_input_s
+        if secs > 0 and not self._ending:
+            self._no_input = asyncio.get_running_loop().call_later(secs, lambda: self._q.put_nowait(("no_input", None)))
+
+    def _cancel_no_input(self) -> None:
+        if self._no_input is not None:
+            self._no_input.cancel()
+            self._no_input = None
+
+
+def _ms(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "t_end"}

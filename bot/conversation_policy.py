@@ -1,0 +1,82 @@
+"""One call's view of the policy: the Policy object it started with (a publish never changes a
+live call), the policy layer's immutable CallState, and policies.decide.step() for every caller
+input (speech, silence, keys) and system failure (engine, Redis). Pure decisions; this class only
+keeps the state between them and what the human agent needs on a transfer."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+from engine.types import Understanding
+from policies import decide as pd
+from policies.decision import Decision
+
+
+def load_local_policy(path: str = "") -> Any:
+    from policies.schema import load_policy
+
+    return load_policy(path or None)
+
+
+class CallPolicy:
+    def __init__(self, policy: Any, version: str, info: Any = None) -> None:
+        self.policy = policy
+        self.version = version
+        self.state = pd.CallState()
+        self.transcript: list[str] = []
+        self.last_u: Understanding | None = None
+        self.last_decision: Decision | None = None
+
+    @property
+    def no_input_s(self) -> float:
+        return float(self.policy.no_input.timeout_s)
+
+    def _step(self, inp: Any) -> Decision:
+        state = dataclasses.replace(self.state, now=dt.datetime.now(dt.timezone.utc))
+        d, self.state = pd.step(self.policy, state, inp)
+        self.last_decision = d
+        return d
+
+    def greeting(self) -> Decision:
+        return self._step(pd.CallStart())
+
+    def on_turn(self, u: Understanding) -> Decision:
+        self.last_u = u
+        if u.transcript:
+            self.transcript.append(u.transcript)
+        return self._step(u)
+
+    def on_no_input(self) -> Decision:
+        return self._step(pd.NoInput())
+
+    def on_dtmf(self, digits: str) -> Decision:
+        return self._step(pd.DtmfDigit(digits))
+
+    def on_failure(self, reason: str) -> Decision:
+        """Engine error/timeout or internal error -> EngineFailure; Redis down -> RedisFailure:
+        the policy answers with its apology and system_error queue."""
+        inp = pd.RedisFailure(reason) if reason.startswith("state") else pd.EngineFailure(reason)
+        return self._step(inp)
+
+    def transfer_target(self, d: Decision) -> str:
+        """The policy names a queue; the bridge needs the queue's target (queue name, number, SIP URI)."""
+        q = self.policy.queues.get(d.target or "")
+        return str(getattr(q, "target", None) or d.target or "")
+
+    def handoff_context(self, d: Decision) -> dict[str, Any]:
+        """What the human agent receives: intent, slots, transcript, tries, reason."""
+        u = self.last_u
+        return {
+            "intent": d.intent or (u.intent if u else None),
+            "confidence": round(u.confidence, 4) if u else None,
+            "slots": {**dict(self.state.collected), **dict(d.slots)} or (dict(u.slots) if u else {}),
+            "transcript": list(self.transcript),
+            "tries": self.state.turn,
+            "failures": self.state.failures,
+            "reason": d.reason,
+            "queue": d.target,
+            "caller_state": dict(u.caller_state) if u else {},
+            "policy_version": self.version,
+        }

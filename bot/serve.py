@@ -1,0 +1,155 @@
+"""`bot serve`: run the bot as one or more worker processes.
+
+One worker = one asyncio process (uvicorn + FastAPI). With --workers N the supervisor starts N
+worker processes that all bind the same port with SO_REUSEPORT (the kernel spreads connections),
+share one Redis, and write Prometheus metrics in multiprocess mode (PROMETHEUS_MULTIPROC_DIR) so
+any worker's /metrics shows the sum. Without REDIS_URL the supervisor starts an embedded
+redis-server (AOF under BOT_DATA_DIR) and hands its URL to the workers.
+
+Shutdown (SIGTERM/SIGINT): each worker stops listening, refuses new calls, lets live calls run for
+up to BOT_SHUTDOWN_GRACE_S, ends the rest, flushes call state, then exits. A second signal forces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from bot.config import Settings, load_settings
+from bot.redis_embedded import EmbeddedRedis
+from ops.logs import configure_logging, get_logger
+
+log = get_logger("bot.serve")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class DrainingServer(uvicorn.Server):
+    """First signal: drain calls (bounded), then the normal uvicorn shutdown. Second: force."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
+        super().__init__(config)
+        self.grace_s = grace_s
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()  # stop accepting; live WebSockets carry on
+        app = self.config.loaded_app
+        calls = None
+        while app is not None and calls is None:
+            st = getattr(app, "state", None)
+            calls = getattr(st, "calls", None) if st is not None else None
+            app = getattr(app, "app", None)  # unwrap middleware to reach FastAPI
+        if calls is not None:
+            await calls.drain(self.grace_s)
+        self.should_exit = True
+
+
+def run_worker(settings: Settings, sock: socket.socket | None = None) -> int:
+    configure_logging()
+    from bot.app import create_app
+
+    app = create_app(settings)
+    # no permessage-deflate: 20 ms mu-law frames do not compress, and zlib per frame cost measurable CPU
+    config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, ws_max_size=1 << 20,
+                            ws_per_message_deflate=False,
+                            timeout_graceful_shutdown=10, proxy_headers=True, forwarded_allow_ips="*")
+    server = DrainingServer(config, settings.shutdown_grace_s)
+    sock = sock or bind_socket(settings.http_host, settings.http_port)
+    server.run(sockets=[sock])
+    return 0
+
+
+def serve(workers: int | None = None) -> int:
+    configure_logging()
+    settings = load_settings()
+    workers = workers or settings.workers
+    embedded: EmbeddedRedis | None = None
+    if not settings.redis_url:
+        embedded = EmbeddedRedis(settings.data_dir, int(os.environ.get("BOT_EMBEDDED_REDIS_PORT", 0)))
+        os.environ["REDIS_URL"] = embedded.start()
+    try:
+        if workers <= 1:
+            return run_worker(load_settings())
+        return _supervise(workers, settings)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _supervise(workers: int, settings: Settings) -> int:
+    mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not mp:
+        mp = str(Path(settings.data_dir) / f"prometheus-{os.getpid()}")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp
+    shutil.rmtree(mp, ignore_errors=True)
+    Path(mp).mkdir(parents=True, exist_ok=True)
+    node = os.uname().nodename
+    # workers re-import the project: make that work from any cwd, installed or not
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    procs: list[subprocess.Popen[bytes]] = []
+    for i in range(workers):
+        env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env))
+    log.info("supervisor_started", workers=workers, port=settings.http_port, multiproc_dir=mp)
+
+    stopping = False
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = 0
+    while True:
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            break
+        if not stopping:
+            for i, p in enumerate(procs):
+                if p.poll() is not None:  # a crashed worker is replaced; its calls are lost, not others'
+                    log.error("worker_died", index=i, rc=p.returncode)
+                    env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}"}
+                    procs[i] = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env)
+        time.sleep(0.2)
+    for p in procs:
+        rc = rc or (p.returncode or 0)
+    shutil.rmtree(mp, ignore_errors=True)
+    return rc

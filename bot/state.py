@@ -1,0 +1,246 @@
+"""Call state in Redis: one record (hash) and one append-only event stream per call, plus a
+live-calls index shared by all workers. Key schema: docs/state.md.
+
+Writes never sit on the voice path: they go into an in-process queue that one writer task
+pipelines to Redis. When Redis is unreachable the queue buffers (bounded), `voicebot_redis_up`
+drops to 0, errors are counted, listeners (the live conversations) are told, and everything is
+flushed in order once Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from typing import Any, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ops import metrics
+from ops.logs import get_logger, mask_digits
+
+log = get_logger("bot.state")
+
+LIVE = "calls:live"  # zset call_id -> last heartbeat (unix s)
+LIVE_INFO = "calls:live:info"  # hash call_id -> json {worker, transport, started_at, caller_masked}
+RECENT = "calls:recent"  # zset call_id -> start time (unix s), trimmed
+WORKERS = "workers"  # zset worker id -> last heartbeat
+RECENT_MAX = 10000
+HEARTBEAT_S = 5.0
+LIVE_STALE_S = 30.0
+
+
+def call_key(call_id: str) -> str:
+    return f"call:{call_id}"
+
+
+def events_key(call_id: str) -> str:
+    return f"call:{call_id}:events"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """REDIS_URL -> client. Uses the ops engineer's bot.redis_client (sentinel/cluster) when present."""
+    try:
+        from bot.redis_client import connect as ops_connect  # type: ignore[import-not-found]
+    except ImportError:
+        ops_connect = None
+    if ops_connect is not None:
+        return ops_connect(url)
+    return aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _decode(d: dict[Any, Any]) -> dict[str, str]:
+    """Works whether or not the client was built with decode_responses."""
+    return {_s(k): _s(v) for k, v in d.items()}
+
+
+Op = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+class CallStore:
+    def __init__(self, client: aioredis.Redis, worker: str, ttl_s: int, max_buffer: int = 100_000) -> None:
+        self.r = client
+        self.worker = worker
+        self.ttl_s = ttl_s
+        self._q: deque[Op] = deque()
+        self._max = max_buffer
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._hb_task: asyncio.Task[None] | None = None
+        self._active: set[str] = set()
+        self.healthy = True
+        self._listeners: dict[str, Callable[[bool], None]] = {}
+        self._closing = False
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._writer())
+        self._hb_task = loop.create_task(self._heartbeat())
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Flush what is buffered (bounded wait), then stop."""
+        self._closing = True
+        await self._flush_wait(timeout_s)
+        for t in (self._hb_task, self._task):
+            if t is not None:
+                t.cancel()
+        try:
+            await self.r.zrem(WORKERS, self.worker)
+        except (RedisError, OSError):
+            pass
+        if self._q:
+            log.warning("state_unflushed", ops=len(self._q))
+            metrics.ERRORS.labels("state", "unflushed_on_shutdown").inc(len(self._q))
+        try:
+            await self.r.aclose()
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def _flush_wait(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        await self._flush_wait(timeout_s)
+        return not self._q
+
+    def subscribe(self, call_id: str, fn: Callable[[bool], None]) -> None:
+        """fn(healthy) on every Redis up/down transition while the call lives."""
+        self._listeners[call_id] = fn
+
+    # ---- writes (never block the caller) ----
+    def _push(self, op: str, *args: Any, **kw: Any) -> None:
+        if len(self._q) >= self._max:
+            self._q.popleft()
+            metrics.ERRORS.labels("state", "buffer_overflow").inc()
+        self._q.append((op, args, kw))
+        self._idle.clear()
+        self._wake.set()
+
+    def start_call(self, call_id: str, transport: str, caller: str, called: str, policy_version: str,
+                   extra: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        rec = {
+            "call_id": call_id, "transport": transport, "caller": caller, "caller_masked": mask_digits(caller),
+            "called": called, "started_at": f"{now:.3f}", "status": "active", "outcome": "",
+            "policy_version": policy_version, "worker": self.worker,
+        }
+        for k, v in (extra or {}).items():
+            rec[k] = v if isinstance(v, str) else json.dumps(v)
+        self._active.add(call_id)
+        self._push("hset", call_key(call_id), mapping=rec)
+        self._push("expire", call_key(call_id), self.ttl_s)
+        self._push("zadd", LIVE, {call_id: now})
+        self._push("hset", LIVE_INFO, call_id, json.dumps(
+            {"worker": self.worker, "transport": transport, "started_at": now, "caller_masked": mask_digits(caller)}))
+        self._push("zadd", RECENT, {call_id: now})
+        self._push("zremrangebyrank", RECENT, 0, -RECENT_MAX - 1)
+        self.event(call_id, "call_started", transport=transport, worker=self.worker, policy_version=policy_version)
+
+    def update(self, call_id: str, **fields: Any) -> None:
+        self._push("hset", call_key(call_id), mapping={k: v if isinstance(v, str) else json.dumps(v)
+                                                        for k, v in fields.items()})
+
+    def event(self, call_id: str, etype: str, **data: Any) -> None:
+        fields = {"type": etype, "t": f"{time.time():.3f}", "data": json.dumps(data, default=str)}
+        self._push("xadd", events_key(call_id), fields)
+
+    def end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
+        now = time.time()
+        self.event(call_id, "call_ended", outcome=outcome, **fields)
+        rec = {"status": "ended", "outcome": outcome, "ended_at": f"{now:.3f}"}
+        rec.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+        self._push("hset", call_key(call_id), mapping=rec)
+        self._push("expire", call_key(call_id), self.ttl_s)
+        self._push("expire", events_key(call_id), self.ttl_s)
+        self._push("zrem", LIVE, call_id)
+        self._push("hdel", LIVE_INFO, call_id)
+        self._active.discard(call_id)
+        self._listeners.pop(call_id, None)
+
+    # ---- reads ----
+    async def get_call(self, call_id: str) -> dict[str, Any] | None:
+        rec = _decode(await self.r.hgetall(call_key(call_id)))
+        raw = await self.r.xrange(events_key(call_id))
+        if not rec and not raw:
+            return None
+        events = []
+        for eid, f in raw:
+            eid, f = _s(eid), _decode(f)
+            try:
+                data = json.loads(f.get("data", "{}"))
+            except ValueError:
+                data = {"raw": f.get("data")}
+            events.append({"id": eid, "type": f.get("type"), "t": float(f.get("t", 0)), **data})
+        return {"record": rec, "events": events}
+
+    async def live_calls(self) -> list[dict[str, Any]]:
+        cutoff = time.time() - LIVE_STALE_S
+        ids = [_s(i) for i in await self.r.zrangebyscore(LIVE, cutoff, "+inf")]
+        if not ids:
+            return []
+        infos = [_s(i) if i is not None else None for i in await self.r.hmget(LIVE_INFO, ids)]
+        return [{"call_id": cid, **(json.loads(i) if i else {})} for cid, i in zip(ids, infos)]
+
+    # ---- background ----
+    def _set_health(self, ok: bool) -> None:
+        if ok == self.healthy:
+            return
+        self.healthy = ok
+        metrics.REDIS_UP.set(1 if ok else 0)
+        log.warning("redis_state", healthy=ok, buffered=len(self._q))
+        for fn in list(self._listeners.values()):
+            try:
+                fn(ok)
+            except Exception:  # noqa: BLE001
+                log.exception("state_listener_failed")
+
+    async def _writer(self) -> None:
+        backoff = 0.2
+        metrics.REDIS_UP.set(1)
+        while True:
+            if not self._q:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self._q)[:500]
+            t0 = time.perf_counter()
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                for op, args, kw in batch:
+                    getattr(pipe, op)(*args, **kw)
+                await pipe.execute()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                metrics.ERRORS.labels("state", "redis_unavailable").inc()
+                if self.healthy:
+                    log.warning("redis_write_failed", error=type(exc).__name__, buffered=len(self._q))
+                self._set_health(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            metrics.REDIS_LATENCY.labels("pipeline").observe(time.perf_counter() - t0)
+            for _ in batch:
+                self._q.popleft()
+            backoff = 0.2
+            self._set_health(True)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.time()
+            if self._active:
+                self._push("zadd", LIVE, {cid: now for cid in self._active})
+            self._push("zadd", WORKERS, {self.worker: now})
+            self._push("zremrangebyscore", LIVE, "-inf", now - 4 * LIVE_STALE_S)

@@ -1,0 +1,223 @@
+"""Cross-call batching: one asyncio worker per (backend, op) turns concurrent requests into batches.
+
+Requests queue in arrival order. The worker takes the oldest request's length bucket and up to
+`max_batch` requests of that bucket, runs the synchronous batch function in its own thread (the event
+loop never blocks), and resolves each caller's future. While a batch runs, new requests pile up and
+form the next batch, so under load batches grow by themselves. The small wait budget (`wait_ms`) is
+only spent when traffic is busy (another request arrived recently); a lone request on an idle worker
+runs at once, so batching never makes a quiet call slower than unbatched inference.
+
+The queue is bounded: when it is full `submit` raises EngineOverloaded at once (back-pressure the
+conversation turns into an apology + transfer) instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from ops.logs import get_logger
+from ops.metrics import ENGINE_BATCH_SIZE, ENGINE_INFERENCE, ENGINE_QUEUE, ERRORS
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = get_logger("engine.batching")
+
+
+class EngineError(RuntimeError):
+    """Any engine failure the conversation should catch (apologise, then transfer)."""
+
+
+class EngineOverloaded(EngineError):
+    """The engine queue is full: back-pressure, try later or transfer."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch: int = field(default_factory=lambda: int(os.environ.get("BOT_ENGINE_MAX_BATCH", "32")))
+    wait_ms: float = field(default_factory=lambda: float(os.environ.get("BOT_ENGINE_BATCH_WAIT_MS", "5")))
+    max_queue: int = field(default_factory=lambda: int(os.environ.get("BOT_ENGINE_MAX_QUEUE", "256")))
+    # A request arriving within this window of the previous one means "busy": worth waiting wait_ms.
+    busy_window_ms: float = 50.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1 or self.wait_ms < 0:
+            raise ValueError(f"invalid batch config {self}")
+
+
+@dataclass
+class _Request(Generic[T]):
+    item: T
+    bucket: int
+    future: asyncio.Future
+    enqueued: float
+
+
+class BatchScheduler(Generic[T, R]):
+    """`await submit(item)` -> the result of `fn([.., item, ..])` for that item.
+
+    fn: synchronous, thread-safe, returns one result per input in order. bucket: item -> length bucket
+    (only same-bucket items share a batch, so padding stays small)."""
+
+    def __init__(self, op: str, fn: Callable[[list[T]], Sequence[R]], *, backend: str = "onnx",
+                 bucket: Callable[[T], int] | None = None, config: BatchConfig | None = None) -> None:
+        self.op = op
+        self.fn = fn
+        self.backend = backend
+        self.bucket = bucket or (lambda _item: 0)
+        self.config = config or BatchConfig()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{op}")
+        self._pending: deque[_Request[T]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._last_arrival = 0.0
+        self._busy_arrival = False
+        self._closed = False
+        self.batches = 0  # counters for tests and the benchmark
+        self.items = 0
+        # Wait the batching itself added per request: time queued while the worker was idle (gathering),
+        # as opposed to waiting for a busy worker (capacity). Recent requests only.
+        self.added_wait: deque[float] = deque(maxlen=10000)
+        self._free_at = 0.0
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first use, or a new event loop (tests): start fresh on this one
+            for req in self._pending:
+                if not req.future.done() and not req.future.get_loop().is_closed():
+                    req.future.set_exception(EngineError("engine worker restarted"))
+            self._pending.clear()
+            self._loop, self._wakeup = loop, asyncio.Event()
+            self._worker = None
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._run(), name=f"engine-batcher-{self.op}")
+
+    async def submit(self, item: T) -> R:
+        if self._closed:
+            raise EngineError(f"engine {self.op} scheduler is closed")
+        self._ensure_worker()
+        if len(self._pending) >= self.config.max_queue:
+            ERRORS.labels(component="engine", kind="queue_full").inc()
+            log.warning("engine queue full", op=self.op, queued=len(self._pending))
+            raise EngineOverloaded(f"engine {self.op} queue full ({self.config.max_queue} waiting)")
+        now = time.perf_counter()
+        self._busy_arrival = (now - self._last_arrival) * 1000 < self.config.busy_window_ms
+        self._last_arrival = now
+        fut: asyncio.Future = self._loop.create_future()  # type: ignore[union-attr]
+        self._pending.append(_Request(item, int(self.bucket(item)), fut, now))
+        self._wakeup.set()  # type: ignore[union-attr]
+        return await fut
+
+    async def _gather(self) -> None:
+        """Spend the wait budget (only when busy) for more same-bucket requests to arrive."""
+        if len(self._pending) >= self.config.max_batch or self.config.wait_ms <= 0:
+            return
+        if len(self._pending) == 1 and not self._busy_arrival:
+            return  # lone request on an idle worker: run now
+        deadline = self._pending[0].enqueued + self.config.wait_ms / 1000
+        while len(self._pending) < self.config.max_batch:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wakeup.clear()  # type: ignore[union-attr]
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)  # type: ignore[union-attr]
+            except asyncio.TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Request[T]]:
+        bucket = self._pending[0].bucket
+        batch: list[_Request[T]] = []
+        keep: deque[_Request[T]] = deque()
+        while self._pending:
+            req = self._pending.popleft()
+            if req.future.done():  # the caller gave up (hung up, timed out): don't compute it
+                continue
+            if req.bucket == bucket and len(batch) < self.config.max_batch:
+                batch.append(req)
+            else:
+                keep.append(req)
+        self._pending = keep
+        return batch
+
+    async def _run(self) -> None:
+        while not self._closed:
+            if not self._pending:
+                self._wakeup.clear()  # type: ignore[union-attr]
+                await self._wakeup.wait()  # type: ignore[union-attr]
+                continue
+            await self._gather()
+            if not self._pending:
+                continue
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[_Request[T]]) -> None:
+        start = time.perf_counter()
+        for req in batch:
+            ENGINE_QUEUE.labels(op=self.op).observe(start - req.enqueued)
+            self.added_wait.append(max(0.0, start - max(req.enqueued, self._free_at)))
+        ENGINE_BATCH_SIZE.labels(op=self.op).observe(len(batch))
+        items = [req.item for req in batch]
+        try:
+            results = await self._loop.run_in_executor(self._executor, self.fn, items)  # type: ignore[union-attr]
+            if len(results) != len(batch):
+                raise EngineError(f"{self.op} returned {len(results)} results for {len(batch)} inputs")
+        except Exception as exc:  # noqa: BLE001 - every failure is delivered to the waiting calls
+            if len(batch) > 1:  # isolate: one bad input must not fail the other calls in its batch
+                for req in batch:
+                    await self._execute([req])
+                return
+            self._free_at = time.perf_counter()
+            ERRORS.labels(component="engine", kind=f"{self.op}_failed").inc()
+            log.error("engine batch failed", op=self.op, backend=self.backend, size=len(batch), error=repr(exc))
+            err = exc if isinstance(exc, EngineError) else EngineError(f"{self.op} failed: {exc!r}")
+            if err is not exc:
+                err.__cause__ = exc
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(err)
+            return
+        self._free_at = time.perf_counter()
+        elapsed = self._free_at - start
+        self.batches += 1
+        self.items += len(batch)
+        for req, res in zip(batch, results):
+            ENGINE_INFERENCE.labels(op=self.op, backend=self.backend).observe(elapsed)
+            if not req.future.done():
+                req.future.set_result(res)
+
+    async def close(self) -> None:
+        """Stop the worker and fail whatever still waits (the process is shutting down)."""
+        self._closed = True
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, RuntimeError):
+                pass
+        for req in self._pending:
+            if not req.future.done():
+                req.future.set_exception(EngineError("engine closed"))
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def run_sync(self, items: list[T]) -> Sequence[R]:
+        """Unbatched reference path (benchmarks, parity tests): the same fn on the caller's thread."""
+        return self.fn(items)
+
+
+def stats(scheduler: BatchScheduler[Any, Any]) -> dict[str, float]:
+    return {"batches": scheduler.batches, "items": scheduler.items,
+            "mean_batch": scheduler.items / scheduler.batches if scheduler.batches else 0.0}

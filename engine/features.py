@@ -1,0 +1,119 @@
+"""Numpy-only audio front end shared by training and run time: 8 kHz PCM -> Whisper log-mel.
+
+The encoder is Whisper-tiny's (via pipecat's smart-turn v3): 80 log-mels of 16 kHz audio, 100
+frames/s, 2x conv downsampling -> 50 encoder frames/s. Inputs are left-padded with silence to a
+whole-second bucket (like smart-turn, speech ends at the last frame) so a 2 s utterance costs a
+quarter of the 8 s window.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SR_IN = 8000
+SR_MODEL = 16000
+MAX_SECONDS = 8
+N_MELS = 80
+_N_FFT = 400
+_HOP = 160
+
+
+def _mel_filters() -> np.ndarray:
+    # Slaney mel filterbank, as in Whisper / pipecat's vendored extractor.
+    def hz_to_mel(f: np.ndarray) -> np.ndarray:
+        f = np.atleast_1d(np.asarray(f, dtype=np.float64))
+        m = 3.0 * f / 200.0
+        r = f >= 1000.0
+        m[r] = 15.0 + np.log(f[r] / 1000.0) * (27.0 / np.log(6.4))
+        return m
+
+    def mel_to_hz(m: np.ndarray) -> np.ndarray:
+        m = np.atleast_1d(np.asarray(m, dtype=np.float64))
+        f = 200.0 * m / 3.0
+        r = m >= 15.0
+        f[r] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (m[r] - 15.0))
+        return f
+
+    mel = np.linspace(hz_to_mel(np.array([0.0]))[0], hz_to_mel(np.array([SR_MODEL / 2]))[0], N_MELS + 2)
+    fpts = mel_to_hz(mel)
+    fft_freqs = np.linspace(0, SR_MODEL // 2, _N_FFT // 2 + 1)
+    diff = np.diff(fpts)
+    slopes = fpts[None, :] - fft_freqs[:, None]
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    w = np.maximum(0.0, np.minimum(down, up))
+    w *= (2.0 / (fpts[2 : N_MELS + 2] - fpts[:N_MELS]))[None, :]
+    return w.T.astype(np.float32)  # (80, 201)
+
+
+_MEL = _mel_filters()
+_WINDOW = np.hanning(_N_FFT + 1)[:-1].astype(np.float32)
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Band-limited resampling by FFT (ideal low-pass); fine for utterance-length clips."""
+    if sr_in == sr_out:
+        return x.astype(np.float32)
+    n_out = int(round(len(x) * sr_out / sr_in))
+    if len(x) == 0 or n_out == 0:
+        return np.zeros(n_out, np.float32)
+    spec = np.fft.rfft(x.astype(np.float64))
+    n_bins = n_out // 2 + 1
+    out_spec = np.zeros(n_bins, np.complex128)
+    k = min(n_bins, len(spec))
+    out_spec[:k] = spec[:k]
+    return (np.fft.irfft(out_spec, n_out) * (n_out / len(x))).astype(np.float32)
+
+
+def bucket_seconds(n_samples_8k: int) -> int:
+    """Whole seconds (1..8) that hold this many 8 kHz samples."""
+    return int(min(MAX_SECONDS, max(1, int(np.ceil(n_samples_8k / SR_IN - 1e-9)))))
+
+
+def prepare_pcm(pcm: np.ndarray) -> np.ndarray:
+    """int16 (or float in [-1, 1]) 8 kHz mono -> float32 in [-1, 1], last 8 s. Raises ValueError on bad input."""
+    a = np.asarray(pcm)
+    if a.ndim == 2 and 1 in a.shape:
+        a = a.reshape(-1)
+    if a.ndim != 1:
+        raise ValueError(f"expected mono 1-D PCM, got shape {a.shape}")
+    if a.dtype == np.int16:
+        x = a.astype(np.float32) / 32768.0
+    elif np.issubdtype(a.dtype, np.floating):
+        x = a.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("PCM contains NaN or infinite samples")
+        x = np.clip(x, -1.0, 1.0)
+    else:
+        raise ValueError(f"expected int16 PCM (or float32 in [-1, 1]), got dtype {a.dtype}")
+    return x[-SR_IN * MAX_SECONDS :]
+
+
+def log_mel(x8k: np.ndarray, seconds: int) -> np.ndarray:
+    """float 8 kHz audio (<= seconds long) -> (80, 100*seconds) Whisper-normalised log-mel.
+
+    Upsamples to 16 kHz, normalises the waveform to zero mean and unit variance (as smart-turn's
+    extractor does, but over the real audio only), left-pads with zeros to `seconds` and applies
+    Whisper's log compression.
+    """
+    n = seconds * SR_IN
+    x = x8k[-n:]
+    # normalise over the real audio only, so an utterance gets the same features in any bucket
+    y = resample(x, SR_IN, SR_MODEL) if len(x) else np.zeros(0, np.float32)
+    y = (y - y.mean()) / np.sqrt(y.var() + 1e-7) if len(y) else y
+    y = np.pad(y, (2 * n - len(y), 0))
+    pad = _N_FFT // 2
+    y = np.pad(y, (pad, pad), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(y, _N_FFT)[::_HOP]
+    spec = np.fft.rfft(frames * _WINDOW, axis=-1)
+    power = (spec.real**2 + spec.imag**2).astype(np.float32).T  # (201, frames)
+    mel = np.maximum(1e-10, _MEL @ power)
+    logm = np.log10(mel)[:, : seconds * 100]
+    logm = np.maximum(logm, logm.max() - 8.0)
+    return ((logm + 4.0) / 4.0).astype(np.float32)
+
+
+def features_batch(xs: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Prepared float clips -> (B, 80, 100*S) for the longest clip's bucket S, plus S."""
+    s = max(bucket_seconds(len(x)) for x in xs)
+    return np.stack([log_mel(x, s) for x in xs]), s

@@ -1,0 +1,274 @@
+"""engine.runtime.Engine: the async facade the conversation uses (engine.interface.SpeechEngine).
+
+Every model call goes through a BatchScheduler (one worker thread per op), so the event loop never
+blocks and concurrent calls share batches. Failures surface as EngineError subclasses, which the
+conversation catches (apologise, transfer). BOT_ENGINE_FAULT=understand|end_of_turn|speak|all makes the
+matching calls raise EngineFault (chaos tests); it is read on every call so it can be flipped live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Protocol
+
+import numpy as np
+
+from engine.batching import BatchConfig, BatchScheduler, EngineError, EngineOverloaded
+from engine.types import SAMPLE_RATE, SpeechStyle, Understanding
+from engine.voice import Voice, VoiceError, clean_text, load_renderer, split_chunks
+from ops.logs import get_logger
+from ops.metrics import ERRORS
+
+log = get_logger("engine.runtime")
+
+__all__ = ["Engine", "EngineError", "EngineOverloaded", "EngineFault", "EngineUnavailable", "EngineInputError"]
+
+MAX_SECONDS = 60.0  # longer input is refused here; the model itself only looks at the last 8 s
+
+
+class EngineFault(EngineError):
+    """Raised on purpose by the BOT_ENGINE_FAULT hook."""
+
+
+class EngineUnavailable(EngineError):
+    """No understanding model is installed/loadable (speak still works)."""
+
+
+class EngineInputError(EngineError, ValueError):
+    """The audio or text handed to the engine is unusable (wrong type, dtype, shape, empty, too long)."""
+
+
+class BatchModel(Protocol):
+    def understand_batch(self, pcms: list[np.ndarray]) -> list[Understanding]: ...
+
+    def end_of_turn_batch(self, pcms: list[np.ndarray]) -> list[float]: ...
+
+
+def length_bucket(pcm: np.ndarray) -> int:
+    """Whole seconds, rounded up, capped at 8 (the model reads at most the last 8 s)."""
+    return min(8, max(1, math.ceil(len(pcm) / SAMPLE_RATE)))
+
+
+def check_pcm(pcm: Any) -> np.ndarray:
+    """8 kHz mono int16, 1-D (or N x 1), non-empty, at most MAX_SECONDS: else EngineInputError."""
+    if not isinstance(pcm, np.ndarray):
+        raise EngineInputError(f"audio must be a numpy int16 array, got {type(pcm).__name__}")
+    if pcm.ndim == 2 and 1 in pcm.shape:
+        pcm = pcm.reshape(-1)
+    if pcm.ndim != 1:
+        raise EngineInputError(f"audio must be mono 1-D, got shape {pcm.shape}")
+    if pcm.dtype != np.int16:
+        raise EngineInputError(f"audio must be int16 PCM, got dtype {pcm.dtype}")
+    if pcm.size == 0:
+        raise EngineInputError("audio is empty")
+    if pcm.size > MAX_SECONDS * SAMPLE_RATE:
+        raise EngineInputError(f"audio too long ({pcm.size / SAMPLE_RATE:.1f} s > {MAX_SECONDS:.0f} s)")
+    return pcm
+
+
+def _load_understanding(model_dir: str | None, backend: str, threads: int) -> BatchModel:
+    try:
+        from engine.understanding import UnderstandingModel  # lands with the trained model
+    except ImportError as exc:
+        raise EngineUnavailable(f"engine.understanding is not installed: {exc}") from exc
+    params = inspect.signature(UnderstandingModel.load).parameters
+    kwargs: dict[str, Any] = {}
+    if "threads" in params:
+        kwargs["threads"] = threads
+    if "backend" in params:
+        kwargs["backend"] = backend
+    try:
+        model = UnderstandingModel.load(model_dir, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EngineUnavailable(f"understanding model failed to load: {exc}") from exc
+    from engine.backends import attach_backend  # swaps the model's sessions when a GPU backend is chosen
+
+    return attach_backend(model, backend, threads)
+
+
+class Engine:
+    """Async speech engine. Build with Engine.load(); share one per process across all calls."""
+
+    def __init__(self, model: BatchModel | None, voice: Voice, *, backend: str = "onnx",
+                 config: BatchConfig | None = None, unavailable_reason: str = "") -> None:
+        self.model = model
+        self.voice = voice
+        self.backend = backend
+        self.config = config or BatchConfig()
+        self.fault: str | None = None  # overrides BOT_ENGINE_FAULT when set (tests)
+        self._unavailable = unavailable_reason
+        self.load_seconds = 0.0
+        self._understand = BatchScheduler("understand", self._understand_batch, backend=backend,
+                                          bucket=length_bucket, config=self.config)
+        self._eot = BatchScheduler("end_of_turn", self._eot_batch, backend=backend, bucket=length_bucket,
+                                   config=self.config)
+        # VITS output lengths are not exposed per batch item, so speech renders one item at a time (its
+        # own worker, so a long sentence never delays understanding).
+        speak_cfg = BatchConfig(max_batch=1, wait_ms=0, max_queue=self.config.max_queue)
+        self._speak = BatchScheduler("speak", self._speak_batch, backend=f"{voice.name}-cpu", config=speak_cfg)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: str | None = None, backend: str | None = None, threads: int | None = None, *,
+             model: BatchModel | None = None, voice: Voice | str | None = None, config: BatchConfig | None = None,
+             cache_dir: Path | str | None = "") -> "Engine":
+        """Load the understanding model and the voice (in parallel: the load budget is 2 s).
+
+        model: an already-built batch model (benchmarks/tests); default engine.understanding.
+        voice: a Voice, or "piper" | "espeak" (env BOT_VOICE, default piper with espeak fallback).
+        cache_dir: on-disk prompt cache; "" = $BOT_DATA_DIR/voice-cache unless BOT_VOICE_DISK_CACHE=0;
+        None = memory only."""
+        t0 = time.perf_counter()
+        backend = (backend or os.environ.get("BOT_ENGINE_BACKEND", "onnx")).lower()
+        threads = int(threads or os.environ.get("BOT_ENGINE_THREADS", "1"))
+        if cache_dir == "":
+            disk = os.environ.get("BOT_VOICE_DISK_CACHE", "1") not in ("0", "false", "no")
+            cache_dir = Path(os.environ.get("BOT_DATA_DIR", "./var")) / "voice-cache" if disk else None
+        holder: dict[str, Any] = {}
+
+        def _voice() -> None:
+            try:
+                if isinstance(voice, Voice):
+                    holder["voice"] = voice
+                else:
+                    renderer = load_renderer(voice or os.environ.get("BOT_VOICE", "piper"),
+                                             int(os.environ.get("BOT_VOICE_THREADS", "1")))
+                    holder["voice"] = Voice(renderer, int(os.environ.get("BOT_VOICE_CACHE_SIZE", "256")),
+                                            Path(cache_dir) if cache_dir else None)
+            except Exception as exc:  # noqa: BLE001 - reported below on the caller's thread
+                holder["voice_error"] = exc
+
+        voice_thread = threading.Thread(target=_voice, name="engine-voice-load", daemon=True)
+        voice_thread.start()
+        reason = ""
+        backend_name = backend
+        if model is None:
+            try:
+                model = _load_understanding(model_dir, backend, threads)
+                backend_name = getattr(model, "backend_name", "onnx")
+            except EngineUnavailable as exc:
+                reason = str(exc)
+                ERRORS.labels(component="engine", kind="model_unavailable").inc()
+                log.warning("understanding model unavailable; understand() will raise", reason=reason)
+        voice_thread.join()
+        if "voice_error" in holder:
+            raise EngineError(f"voice failed to load: {holder['voice_error']!r}") from holder["voice_error"]
+        engine = cls(model, holder["voice"], backend=backend_name, config=config, unavailable_reason=reason)
+        engine.load_seconds = time.perf_counter() - t0
+        log.info("engine loaded", backend=backend_name, threads=threads, voice=engine.voice.name,
+                 seconds=round(engine.load_seconds, 3), understanding=model is not None)
+        return engine
+
+    # ---- sync batch functions (worker threads) ------------------------------------------------
+    def _require_model(self) -> BatchModel:
+        if self.model is None:
+            raise EngineUnavailable(self._unavailable or "no understanding model loaded")
+        return self.model
+
+    def _understand_batch(self, pcms: list[np.ndarray]) -> list[Understanding]:
+        return list(self._require_model().understand_batch(pcms))
+
+    def _eot_batch(self, pcms: list[np.ndarray]) -> list[float]:
+        return [float(p) for p in self._require_model().end_of_turn_batch(pcms)]
+
+    def _speak_batch(self, items: list[tuple[str, SpeechStyle, bool]]) -> list[np.ndarray]:
+        return [self.voice.render(t, s) if whole else self.voice.render_chunk(t, s) for t, s, whole in items]
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _check_fault(self, op: str) -> None:
+        fault = (self.fault or os.environ.get("BOT_ENGINE_FAULT", "none")).lower()
+        if fault == op or fault == "all":
+            ERRORS.labels(component="engine", kind="fault_injected").inc()
+            raise EngineFault(f"injected {op} fault (BOT_ENGINE_FAULT={fault})")
+
+    @staticmethod
+    def _bad_input(op: str, exc: Exception) -> EngineInputError:
+        ERRORS.labels(component="engine", kind="bad_input").inc()
+        log.warning("bad engine input", op=op, error=str(exc))
+        return exc if isinstance(exc, EngineInputError) else EngineInputError(str(exc))
+
+    def _pcm(self, op: str, pcm: Any) -> np.ndarray:
+        try:
+            return check_pcm(pcm)
+        except EngineInputError as exc:
+            raise self._bad_input(op, exc) from None
+
+    def _text(self, text: Any) -> str:
+        try:
+            return clean_text(text)
+        except VoiceError as exc:
+            raise self._bad_input("speak", exc) from None
+
+    # ---- the SpeechEngine contract -----------------------------------------------------------
+    @property
+    def has_understanding(self) -> bool:
+        return self.model is not None
+
+    async def understand(self, pcm: np.ndarray) -> Understanding:
+        self._check_fault("understand")
+        pcm = self._pcm("understand", pcm)
+        self._require_model()
+        return await self._understand.submit(pcm)
+
+    async def end_of_turn(self, pcm: np.ndarray) -> float:
+        self._check_fault("end_of_turn")
+        pcm = self._pcm("end_of_turn", pcm)
+        self._require_model()
+        return await self._eot.submit(pcm)
+
+    async def speak(self, text: str, style: SpeechStyle | None = None) -> np.ndarray:
+        self._check_fault("speak")
+        text, style = self._text(text), style or SpeechStyle()
+        hit = self.voice.cached(text, style, memory_only=True)
+        if hit is not None:  # memory hit: no queueing at all (disk hits are read in the worker)
+            return hit
+        return await self._speak.submit((text, style, True))
+
+    async def speak_stream(self, text: str, style: SpeechStyle | None = None) -> AsyncIterator[np.ndarray]:
+        """Yield 8 kHz int16 chunks as soon as each clause is rendered (first clause is kept short);
+        the next clause renders while the caller plays this one. Cached prompts come as one chunk."""
+        self._check_fault("speak")
+        text, style = self._text(text), style or SpeechStyle()
+        hit = self.voice.cached(text, style, memory_only=True)
+        if hit is not None:
+            yield hit
+            return
+        chunks = split_chunks(text)
+        if len(chunks) == 1:
+            yield await self.speak(text, style)
+            return
+        tasks = [asyncio.ensure_future(self._speak.submit((c, style, False))) for c in chunks[:2]]
+        parts: list[np.ndarray] = []
+        try:
+            for i in range(len(chunks)):
+                if i + 2 < len(chunks):  # keep one clause rendering ahead of playback
+                    tasks.append(asyncio.ensure_future(self._speak.submit((chunks[i + 2], style, False))))
+                part = await tasks[i]
+                parts.append(part)
+                yield part
+        finally:
+            for t in tasks:
+                t.cancel()
+        self.voice.remember(text, style, np.concatenate(parts))
+
+    async def prerender(self, texts: list[str], style: SpeechStyle | None = None) -> None:
+        """Render and cache prompts ahead of time; bad prompts are logged and skipped, not fatal."""
+        for text in texts:
+            try:
+                await self.speak(text, style)
+            except EngineError as exc:
+                log.warning("prerender skipped a prompt", error=str(exc))
+
+    async def close(self) -> None:
+        for sched in (self._understand, self._eot, self._speak):
+            await sched.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {op: {"batches": s.batches, "items": s.items, "queued": s.queued}
+                for op, s in (("understand", self._understand), ("end_of_turn", self._eot), ("speak", self._speak))}

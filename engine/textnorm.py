@@ -1,0 +1,182 @@
+"""Text normalisation and slot values <-> words, shared by training (labels) and runtime (decoding).
+
+Slots are read from a dedicated slot-token CTC head whose vocabulary is number words, currency
+words and day words (see SLOT_TOKENS); this module turns those token sequences into typed values.
+"""
+
+from __future__ import annotations
+
+import re
+
+UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today", "tomorrow"]
+
+# Vocabulary of the slot-token CTC head (index 0 is the CTC blank).
+SLOT_TOKENS = ["<blank>", *UNITS, "oh", *TEENS, *TENS, "hundred", "thousand", "dollars", "cents", *DAYS]
+_SLOT_INDEX = {t: i for i, t in enumerate(SLOT_TOKENS)}
+_ALIASES = {"dollar": "dollars", "bucks": "dollars", "cent": "cents", "o": "oh"}
+
+# Character vocabulary of the transcript CTC head (index 0 is the blank).
+CHARS = ["<blank>", " ", "'", *"abcdefghijklmnopqrstuvwxyz"]
+_CHAR_INDEX = {c: i for i, c in enumerate(CHARS)}
+
+_VALUE = {w: i for i, w in enumerate(UNITS)} | {"oh": 0} | {w: 10 + i for i, w in enumerate(TEENS)} | {
+    w: 20 + 10 * i for i, w in enumerate(TENS)
+}
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case words of a-z and apostrophes, single spaces: the transcript alphabet."""
+    text = text.lower().replace("-", " ")
+    text = re.sub(r"[^a-z' ]+", " ", text)
+    return " ".join(w.strip("'") for w in text.split() if w.strip("'"))
+
+
+def words(text: str) -> list[str]:
+    return normalize_text(text).split()
+
+
+def text_to_char_ids(text: str) -> list[int]:
+    return [_CHAR_INDEX[c] for c in normalize_text(text)]
+
+
+def text_to_slot_ids(text: str) -> list[int]:
+    """The slot-token CTC target: the number/currency/day words of `text`, in order."""
+    out = []
+    for w in words(text):
+        w = _ALIASES.get(w, w)
+        if w in _SLOT_INDEX:
+            out.append(_SLOT_INDEX[w])
+    return out
+
+
+def ctc_greedy(ids: "list[int]") -> list[int]:
+    """Collapse repeats and drop blanks (index 0)."""
+    out, prev = [], -1
+    for i in ids:
+        if i != prev and i != 0:
+            out.append(int(i))
+        prev = i
+    return out
+
+
+def chars_to_text(ids: list[int]) -> str:
+    return " ".join("".join(CHARS[i] for i in ids if 0 < i < len(CHARS)).split())
+
+
+# ---- numbers -> words (training data) ----
+
+def int_to_words(n: int) -> str:
+    if n < 0 or n >= 1_000_000:
+        raise ValueError(f"number out of range: {n}")
+    if n < 10:
+        return UNITS[n]
+    if n < 20:
+        return TEENS[n - 10]
+    if n < 100:
+        return TENS[n // 10 - 2] + ("" if n % 10 == 0 else " " + UNITS[n % 10])
+    if n < 1000:
+        rest = n % 100
+        head = UNITS[n // 100] + " hundred"
+        return head if rest == 0 else f"{head} and {int_to_words(rest)}"
+    rest = n % 1000
+    head = int_to_words(n // 1000) + " thousand"
+    return head if rest == 0 else f"{head} {int_to_words(rest)}"
+
+
+def amount_to_words(amount: float, style: int = 0) -> str:
+    dollars = int(amount)
+    cents = int(round((amount - dollars) * 100))
+    s = f"{int_to_words(dollars)} {'dollar' if dollars == 1 else 'dollars'}"
+    if cents:
+        s += f" and {int_to_words(cents)} {'cent' if cents == 1 else 'cents'}"
+    return s
+
+
+def digits_to_words(digits: str, oh: bool = False) -> str:
+    return " ".join("oh" if (d == "0" and oh) else UNITS[int(d)] for d in digits)
+
+
+# ---- slot tokens -> values (runtime and labels) ----
+
+def _parse_number(tokens: list[str]) -> int | None:
+    """Spoken cardinal ("one hundred and twenty five") -> int; None when it is not one number."""
+    total, current, last = 0, 0, ""
+    for t in tokens:
+        if t in ("hundred",):
+            if current >= 100:
+                return None
+            current = (current or 1) * 100
+        elif t == "thousand":
+            if total:
+                return None
+            total, current = (current or 1) * 1000, 0
+        elif t in _VALUE:
+            v = _VALUE[t]
+            lo = current % 100
+            # "forty five" is one number; "five five" or "forty twenty" is not.
+            if lo and not (lo % 10 == 0 and lo >= 20 and v < 10):
+                return None
+            current += v
+        else:
+            return None
+        last = t
+    if not tokens:
+        return None
+    return total + current
+
+
+def _is_num(t: str) -> bool:
+    return t in _VALUE or t in ("hundred", "thousand")
+
+
+def parse_slots(token_ids: list[int]) -> dict[str, object]:
+    """Decoded slot tokens -> {"amount": float, "day": str, "digits": str} (keys by slot *type*)."""
+    toks = [SLOT_TOKENS[i] for i in token_ids if 0 < i < len(SLOT_TOKENS)]
+    out: dict[str, object] = {}
+    days = [t for t in toks if t in DAYS]
+    if days:
+        out["day"] = days[-1]
+    # digit strings: runs of >= 4 single digits said one by one
+    run: list[str] = []
+    best = ""
+    for t in toks + ["|"]:
+        if t in UNITS or t == "oh":
+            run.append("0" if t == "oh" else str(UNITS.index(t)))
+        else:
+            if len(run) >= 4 and len(run) > len(best):
+                best = "".join(run)
+            run = []
+    if best:
+        out["digits"] = best
+    # money: the number right before "dollars", plus an optional "<n> cents"
+    if "dollars" in toks:
+        i = toks.index("dollars")
+        j = i
+        while j > 0 and _is_num(toks[j - 1]):
+            j -= 1
+        value = None
+        for start in range(j, i):  # longest valid suffix
+            value = _parse_number(toks[start:i])
+            if value is not None:
+                break
+        if value is not None:
+            amount = float(value)
+            if "cents" in toks[i + 1 :]:
+                k = toks.index("cents", i + 1)
+                c = _parse_number([t for t in toks[i + 1 : k] if _is_num(t)])
+                if c is not None and c < 100:
+                    amount += c / 100
+            out["money"] = round(amount, 2)
+    elif "cents" not in toks and not best:
+        nums = [t for t in toks if _is_num(t)]
+        value = _parse_number(nums) if nums else None
+        if value is not None and not (len(nums) == 1 and nums[0] in UNITS[:2]):
+            out["money_bare"] = float(value)  # a bare number; counts as money only where the intent expects it
+    return out
+
+
+def slots_from_text(text: str) -> dict[str, object]:
+    return parse_slots(text_to_slot_ids(text))

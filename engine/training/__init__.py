@@ -1,0 +1,1 @@
+"""Training-time code (PyTorch, TTS, data synthesis). Never imported at run time."""

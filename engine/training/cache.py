@@ -1,0 +1,65 @@
+"""Cache the frozen lower encoder layers' output per utterance (the practical way to fine-tune the
+top layer on 2 CPU cores): DIR/<split>/b<S>.npy holds (N, 50*S, 384) fp16 for bucket S seconds."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from engine.features import bucket_seconds, log_mel, prepare_pcm
+
+FROZEN_LAYERS = 3  # conv stem + layers 0..2 frozen; layer 3, the final norm and the heads train
+
+
+def _encode_chunk(args: tuple[list[str], int]) -> np.ndarray:
+    import torch
+
+    torch.set_num_threads(1)
+    from engine.training.whisper import pretrained_encoder
+
+    global _ENC
+    if "_ENC" not in globals():
+        _ENC = pretrained_encoder().eval()
+    paths, seconds = args
+    mel = np.stack([log_mel(prepare_pcm(sf.read(p, dtype="int16")[0]), seconds) for p in paths])
+    with torch.no_grad():
+        h = _ENC(torch.from_numpy(mel), upto=FROZEN_LAYERS, final_norm=False)
+    return h.numpy().astype(np.float16)
+
+
+def read_manifest(d: str | Path) -> list[dict]:
+    with open(Path(d) / "manifest.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def cache_split(src: str | Path, dst: str | Path, workers: int = 2, batch: int = 32) -> None:
+    src, dst = Path(src), Path(dst)
+    rows = read_manifest(src)
+    if (dst / "index.json").exists():
+        return  # cached already
+    dst.mkdir(parents=True, exist_ok=True)
+    by_bucket: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        n = sf.info(str(src / r["audio"])).frames
+        by_bucket.setdefault(bucket_seconds(n), []).append(i)
+    jobs = []
+    for s, idx in sorted(by_bucket.items()):
+        for k in range(0, len(idx), batch):
+            jobs.append((s, idx[k : k + batch]))
+    outs: dict[int, list[np.ndarray]] = {s: [] for s in by_bucket}
+    with mp.get_context("fork").Pool(workers) as pool:
+        it = pool.imap(_encode_chunk, [([str(src / rows[i]["audio"]) for i in idx], s) for s, idx in jobs])
+        for (s, _), h in tqdm(zip(jobs, it), total=len(jobs), desc=f"encode {src.name}", unit="batch"):
+            outs[s].append(h)
+    index = {}
+    for s, idx in by_bucket.items():
+        np.save(dst / f"b{s}.npy", np.concatenate(outs[s]))
+        index[str(s)] = idx
+    with open(dst / "index.json", "w") as f:
+        json.dump({"buckets": index, "rows": rows}, f)

@@ -1,0 +1,50 @@
+"""Temperature scaling on validation logits (minimise NLL) and expected calibration error."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
+    z = logits / t
+    z = z - z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Grid search then golden-section refinement over T in [0.05, 20] (1-D, convex enough)."""
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 60))
+    best = min(grid, key=lambda t: _nll(logits, labels, t))
+    lo, hi = best / 1.2, best * 1.2
+    g = (np.sqrt(5) - 1) / 2
+    for _ in range(40):
+        a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+        if _nll(logits, labels, a) < _nll(logits, labels, b):
+            hi = b
+        else:
+            lo = a
+    return float((lo + hi) / 2)
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error with equal-width confidence bins."""
+    confidence, correct = np.asarray(confidence, float), np.asarray(correct, float)
+    if len(confidence) == 0:
+        return 0.0
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (confidence > lo) & (confidence <= hi)
+        if m.any():
+            total += m.mean() * abs(confidence[m].mean() - correct[m].mean())
+    return float(total)
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[tuple[float, float, int]]:
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (confidence > lo) & (confidence <= hi)
+        out.append((float(confidence[m].mean()) if m.any() else (lo + hi) / 2, float(correct[m].mean()) if m.any() else 0.0, int(m.sum())))
+    return out

@@ -1,0 +1,298 @@
+"""Synthesize the training / validation / test sets from the catalog (cached, seeded, parallel).
+
+Splits hold out whole voices AND whole phrasings: a template (intent phrasing) and a voice each
+belong to exactly one of train / val / test, so test numbers measure unseen voices saying unseen
+phrasings. Output: DIR/<split>/manifest.jsonl + 8 kHz WAVs in the evaluation-manifest format
+(extra keys: voice, template, frustration, eot, truncated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from engine.catalog import Catalog
+from engine.textnorm import amount_to_words, digits_to_words, normalize_text, slots_from_text
+from engine.training import templates as T
+from engine.training.channel import telephone
+from engine.training.tts import Prosody, Voice, all_voices, synthesize
+
+SPLITS = ("train", "val", "test", "test_eot")  # test_eot: held-out voices/phrasings, half truncated
+TRUNC_FRAC = {"train": 0.2, "val": 0.2, "test": 0.0, "test_eot": 0.5}
+VAL_VARIANTS = {"f2", "m5", "Steph"}
+TEST_VARIANTS = {"f4", "m6", "klatt3", "Annie", "Denis"}
+VAL_LANGS = {"en-gb-x-gbcwmd"}
+TEST_LANGS = {"en-029"}
+FLITE_SPLIT = {"kal": "train", "kal16": "train", "awb": "train", "rms": "val", "slt": "test"}
+NULL_INTENT = "<null>"
+
+
+def _h(s: str) -> int:
+    return int(hashlib.sha1(s.encode()).hexdigest()[:8], 16)
+
+
+def split_of_voice(v: Voice) -> str:
+    if v.engine == "festival":
+        return "test"
+    if v.engine == "flite":
+        return FLITE_SPLIT.get(v.name, "train")
+    lang, var = v.name.split("+")
+    if var in TEST_VARIANTS or lang in TEST_LANGS:
+        return "test"
+    if var in VAL_VARIANTS or lang in VAL_LANGS:
+        return "val"
+    return "train"
+
+
+def voices_by_split() -> dict[str, list[Voice]]:
+    out: dict[str, list[Voice]] = {s: [] for s in SPLITS}
+    for v in all_voices():
+        out[split_of_voice(v)].append(v)
+    out["test_eot"] = out["test"]
+    return out
+
+
+def _split_list(items: list[str], key: str) -> dict[str, list[str]]:
+    """Deterministic per-group split: ~20% test, ~12% val, the rest train (each non-empty when n >= 3)."""
+    items = sorted(set(items), key=lambda t: _h(key + "|" + t))
+    n = len(items)
+    n_test = max(1, round(0.2 * n)) if n >= 3 else 0
+    n_val = max(1, round(0.12 * n)) if n >= 3 else 0
+    return {"test": items[:n_test], "val": items[n_test : n_test + n_val], "train": items[n_test + n_val :]}
+
+
+def template_splits(catalog: Catalog) -> dict[str, dict[str, list[str]]]:
+    """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for intent in catalog.intent_names:
+        bank = list(T.PHRASES.get(intent, [])) + T.composed(intent) + list(catalog.intents.get(intent, []))
+        seen: dict[str, str] = {}
+        for t in bank:
+            seen.setdefault(normalize_text(t.replace("{", " ").replace("}", " ")), t)
+        out[intent] = _split_list(list(seen.values()), intent)
+    groups: dict[str, dict[str, list[str]]] = {}
+    for ph in ("{acct}", "{amount}", "{day}"):
+        groups[ph] = _split_list([t for t in T.SLOT_ONLY if ph in t], ph)
+    out[NULL_INTENT] = {s: sum((g[s] for g in groups.values()), []) for s in ("train", "val", "test")}
+    for d in out.values():
+        d["test_eot"] = d["test"]
+    return out
+
+
+@dataclass
+class Item:
+    id: str
+    split: str
+    text: str
+    intent: str | None
+    slots: dict
+    template: str
+    voice: str
+    prosody: tuple[float, float, float]
+    frustration: int
+    truncated: str | None  # None | "text" (prefix said) | "cut" (audio cut mid-speech)
+    level: tuple[float, float]
+    seed: int
+    extra: dict = field(default_factory=dict)
+
+
+def _fill(template: str, intent: str | None, catalog: Catalog, rng: np.random.Generator) -> tuple[str, dict]:
+    slots: dict = {}
+    text = template
+    if "{amount}" in text:
+        r = rng.random()
+        amount = float(rng.integers(1, 100)) if r < 0.45 else float(rng.integers(100, 1000)) if r < 0.8 else \
+            float(rng.integers(1000, 5000)) if r < 0.9 else round(float(rng.integers(1, 500)) + int(rng.integers(1, 100)) / 100, 2)
+        text = text.replace("{amount}", amount_to_words(amount))
+        name = catalog.slot_of_type("money")
+        if name:
+            slots[name] = amount
+    if "{day}" in text:
+        day = str(rng.choice(T.DAY_WORDS))
+        text = text.replace("{day}", day)
+        name = catalog.slot_of_type("day")
+        if name:
+            slots[name] = day
+    if "{acct}" in text:
+        digits = "".join(str(d) for d in rng.integers(0, 10, int(rng.integers(4, 9))))
+        text = text.replace("{acct}", digits_to_words(digits, oh=bool(rng.random() < 0.3)))
+        name = catalog.slot_of_type("digits")
+        if name:
+            slots[name] = digits
+    if not slots and intent is not None:
+        # a literal catalog example ("pay one hundred and twenty dollars"): label what it says
+        allowed = {catalog.slots[n]: n for n in catalog.intent_slots.get(intent, [])}
+        for typ, val in slots_from_text(text).items():
+            if typ in allowed:
+                slots[allowed[typ]] = val
+    return text, slots
+
+
+SHORT_INTENTS = {"affirm", "deny", "repeat", "goodbye"}
+
+
+def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0) -> list[Item]:
+    """Decide every item (text, labels, voice, prosody) up front, deterministically."""
+    tsplits = template_splits(catalog)
+    vsplits = voices_by_split()
+    intents = catalog.intent_names + [NULL_INTENT]
+    weights = np.array([1.6 if i == NULL_INTENT else 1.0 for i in intents])
+    weights /= weights.sum()
+    items: list[Item] = []
+    for split in SPLITS:
+        rng = np.random.default_rng(_h(f"{seed}|{split}"))
+        voices = vsplits[split]
+        engines = sorted({v.engine for v in voices})
+        ew = np.array([{"espeak": 0.6, "flite": 0.33, "festival": 0.07}[e] for e in engines])
+        ew /= ew.sum()
+        n_total = counts.get(split, 0)
+        for k in range(n_total):
+            intent_key = str(rng.choice(intents, p=weights))
+            intent = None if intent_key == NULL_INTENT else intent_key
+            template = str(rng.choice(tsplits[intent_key][split]))
+            text, slots = _fill(template, intent, catalog, rng)
+            frustrated = 0
+            if intent is not None and intent not in SHORT_INTENTS:
+                if rng.random() < 0.6:
+                    text = str(rng.choice(T.PREFIXES)) + text
+                if rng.random() < 0.4:
+                    text = text + str(rng.choice(T.SUFFIXES))
+                if rng.random() < 0.1:
+                    frustrated = 1
+                    text = (str(rng.choice(T.FRUSTRATED_PREFIXES)) + text) if rng.random() < 0.6 else (text + str(rng.choice(T.FRUSTRATED_SUFFIXES)))
+            elif rng.random() < 0.2:
+                text = str(rng.choice(["um ", "uh ", "oh ", "well "])) + text
+            eng = str(rng.choice(engines, p=ew))
+            cand = [v for v in voices if v.engine == eng]
+            voice = cand[int(rng.integers(len(cand)))]
+            r = rng.random()
+            level = (-26.0, -1.0)
+            if r < 0.2:  # agitated: fast, high, loud
+                prosody = (rng.uniform(1.3, 1.7), rng.uniform(1.4, 1.9), rng.uniform(1.5, 2.0))
+                level = (-8.0, -0.5)
+                frustrated = 1
+            elif r < 0.4:  # calm
+                prosody = (rng.uniform(0.75, 0.9), rng.uniform(0.6, 0.9), 1.0)
+                level = (-28.0, -10.0)
+            else:
+                prosody = (rng.uniform(0.85, 1.25), rng.uniform(0.75, 1.3), 1.0)
+            trunc = None
+            if rng.random() < TRUNC_FRAC[split]:
+                trunc = "text" if (len(text.split()) >= 3 and rng.random() < 0.5) else "cut"
+                if trunc == "text":
+                    w = text.split()
+                    text = " ".join(w[: int(rng.integers(1, len(w) - 1))])
+            items.append(Item(
+                id=f"{split}_{k:06d}", split=split, text=normalize_text(text), intent=intent, slots=slots,
+                template=template, voice=voice.id, prosody=tuple(float(p) for p in prosody), frustration=frustrated,
+                truncated=trunc, level=level, seed=_h(f"{seed}|{split}|{k}")))
+    return items
+
+
+_BABBLE: list[np.ndarray] = []
+
+
+def make_babble(n: int = 10, seed: int = 1) -> list[np.ndarray]:
+    """Several train voices talking at once (out-of-domain sentences) as background babble."""
+    rng = np.random.default_rng(seed)
+    train_voices = [v for v in voices_by_split()["train"] if v.engine == "espeak"]
+    sentences = [s for s in T.PHRASES["out_of_scope"]] + ["the meeting is at three", "did you see the news this morning",
+                                                          "we should get lunch later", "my sister is visiting next week"]
+    out = []
+    for _ in range(n):
+        mix = np.zeros(8000 * 6, np.float32)
+        for _ in range(5):
+            v = train_voices[int(rng.integers(len(train_voices)))]
+            s = " ".join(rng.choice(sentences, 3))
+            x = synthesize(v, s)[: len(mix)]
+            off = int(rng.integers(0, max(1, len(mix) - len(x))))
+            mix[off : off + len(x)] += x * rng.uniform(0.5, 1.0)
+        out.append(mix)
+    return out
+
+
+def _init_worker(babble: list[np.ndarray]) -> None:
+    global _BABBLE
+    _BABBLE = babble
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _speech_bounds(x: np.ndarray) -> tuple[int, int]:
+    frame = 160
+    n = len(x) // frame
+    if n == 0:
+        return 0, len(x)
+    e = np.array([np.mean(x[i * frame : (i + 1) * frame] ** 2) for i in range(n)]) + 1e-12
+    on = np.where(10 * np.log10(e / e.max()) > -35)[0]
+    if len(on) == 0:
+        return 0, len(x)
+    return int(on[0] * frame), int((on[-1] + 1) * frame)
+
+
+def render(item: Item, out_dir: str) -> dict | None:
+    """Synthesize one item, pass it through the channel, write its WAV; returns its manifest row."""
+    path = Path(out_dir) / item.split / f"{item.id}.wav"
+    rng = np.random.default_rng(item.seed)
+    engine, name = item.voice.split(":", 1)
+    try:
+        speech = synthesize(Voice(engine, name), item.text or "um", Prosody(*item.prosody))
+    except Exception as exc:  # a TTS engine failing on one text must not stop the run
+        return {"id": item.id, "error": str(exc)[:200]}
+    if item.truncated == "cut":
+        a, b = _speech_bounds(speech)
+        cut = int(a + (b - a) * rng.uniform(0.25, 0.8))
+        speech = speech[: max(cut, a + 800)]
+    pcm = telephone(speech, rng, babble=_BABBLE, level_db_range=item.level)
+    if not path.exists():
+        sf.write(str(path), pcm, 8000, subtype="PCM_16")
+    row = {
+        "audio": f"{item.id}.wav",
+        "intent": None if item.truncated else item.intent,
+        "slots": {} if item.truncated else item.slots,
+        "text": item.text,
+        "voice": item.voice,
+        "template": item.template,
+        "frustration": item.frustration,
+        "eot": 0 if item.truncated else 1,
+        "truncated": item.truncated,
+        "label_intent": item.intent,
+    }
+    return row
+
+
+def _render_star(args: tuple[Item, str]) -> dict | None:
+    return render(*args)
+
+
+def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0) -> dict[str, int]:
+    """Plan + render all splits (skipping WAVs already on disk); writes DIR/<split>/manifest.jsonl."""
+    items = plan(catalog, counts, seed=seed)
+    for s in SPLITS:
+        (Path(out_dir) / s).mkdir(parents=True, exist_ok=True)
+    babble = make_babble()
+    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    errors = 0
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(babble,)) as pool:
+        for row in tqdm(pool.imap(_render_star, [(it, out_dir) for it in items], chunksize=16),
+                        total=len(items), desc="synth", unit="utt"):
+            if row is None or "error" in row:
+                errors += 1
+                continue
+            rows[row["audio"].rsplit("_", 1)[0]].append(row)
+    for s in SPLITS:
+        with open(Path(out_dir) / s / "manifest.jsonl", "w") as f:
+            for r in rows[s]:
+                f.write(json.dumps(r) + "\n")
+    with open(Path(out_dir) / "synth_config.json", "w") as f:
+        json.dump({"counts": counts, "seed": seed, "trunc_frac": TRUNC_FRAC, "errors": errors,
+                   "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
+    return {s: len(rows[s]) for s in SPLITS}

@@ -1,0 +1,170 @@
+"""Phrasing bank that expands the catalog's examples into many ways callers say each intent.
+
+Placeholders: {amount} (money words), {day} (weekday/today/tomorrow), {acct} (digits one by one).
+Held-out splits are made over whole templates (see synth.split_of_template), so every phrasing
+below lands in exactly one of train/val/test.
+"""
+
+from __future__ import annotations
+
+PHRASES: dict[str, list[str]] = {
+    "check_balance": [
+        "what is my balance", "how much do I owe", "what's my account balance", "what do I owe you",
+        "can you tell me my balance", "I want to check my balance", "how much is my bill this month",
+        "what's the amount due on my account", "check my balance please", "what's my current balance",
+        "how much money do I owe on this account", "I'd like to know my balance", "balance please",
+        "what is the total on my bill", "how much is due", "tell me how much I owe",
+        "can I get my account balance", "what's the balance on my account", "how much do I have to pay this month",
+        "I need to know what I owe", "what's outstanding on my account", "account balance",
+    ],
+    "pay_bill": [
+        "I want to pay my bill", "I'd like to make a payment", "pay my bill", "can I pay my bill now",
+        "I want to pay {amount}", "I'd like to pay {amount} on my account", "make a payment of {amount}",
+        "I need to pay my bill", "can I make a payment over the phone", "pay {amount}",
+        "I want to make a payment of {amount}", "let me pay my balance", "I'd like to pay {amount} today",
+        "put {amount} towards my bill", "I'm calling to pay my bill", "can I pay {amount} now",
+        "I want to pay off my balance", "take a payment of {amount}", "I would like to pay what I owe",
+        "how do I pay my bill", "I'll pay {amount}", "pay the full amount please", "I want to pay with my card",
+    ],
+    "report_outage": [
+        "my internet is down", "there's a power outage at my house", "I have no service", "my connection keeps dropping",
+        "the internet isn't working", "my power went out", "I've got no dial tone", "my phone line is dead",
+        "nothing is working at my place", "is there an outage in my area", "my wifi stopped working",
+        "the service has been down all morning", "I lost my internet connection", "we have no electricity",
+        "my cable and internet are both out", "I want to report an outage", "the line is not working",
+        "my service is out", "the internet keeps cutting out", "I can't get online", "there's no signal",
+    ],
+    "reset_password": [
+        "I need to reset my password", "I forgot my password", "I can't log into my account", "reset my password",
+        "I'm locked out of my account", "my password doesn't work", "help me change my password",
+        "I can't sign in", "I need a new password", "the website won't let me log in", "I forgot my login",
+        "how do I reset my password", "my account is locked", "I want to change my password",
+        "I can't remember my password", "my login isn't working", "password reset please", "I can't access my online account",
+    ],
+    "schedule_technician": [
+        "I need a technician to come out", "can someone come fix it on {day}", "schedule a repair visit for {day}",
+        "I'd like to book a technician", "send someone out {day}", "can a technician come {day}",
+        "I need someone to come to my house", "book a repair appointment", "I want a technician on {day}",
+        "can you send a repair person", "schedule a service visit", "I need an appointment for {day}",
+        "when can a technician come out", "I'd like someone to come look at it {day}", "set up a technician visit",
+        "can somebody come and fix my equipment", "I need a repair appointment on {day}", "book me a technician for {day}",
+        "I want to schedule an installation", "have someone come out on {day}",
+    ],
+    "update_address": [
+        "I moved and need to update my address", "change my billing address", "I want to update my address",
+        "I have a new address", "I need to change my address", "update my mailing address",
+        "my address has changed", "I'm moving next month", "can you change the service address",
+        "I want to move my service to a new address", "please update my address on file", "I moved",
+        "I need to update my contact details", "I'd like to change where my bill goes", "new address please",
+        "I'm relocating and need to transfer my service", "change of address", "the address on my account is wrong",
+    ],
+    "billing_dispute": [
+        "there's a wrong charge on my bill", "I was overcharged", "I want to dispute a charge",
+        "my bill is too high", "I don't recognize this charge", "why is my bill so expensive",
+        "you charged me twice", "there's a mistake on my bill", "I was charged {amount} for nothing",
+        "I want a refund", "this charge is wrong", "I need to question a charge on my statement",
+        "I was billed for something I didn't order", "my bill went up for no reason", "I was charged {amount} extra",
+        "there's an error on my invoice", "I think I've been billed incorrectly", "I want to contest a fee",
+        "why was I charged a late fee",
+    ],
+    "cancel_service": [
+        "I want to cancel my service", "close my account", "I'd like to cancel", "cancel my subscription",
+        "I want to end my contract", "I'm switching providers", "please disconnect my service",
+        "I don't want this service anymore", "terminate my account", "I want to stop my service",
+        "how do I cancel", "cancel everything", "I want to close my account today", "shut off my service",
+        "I'm leaving and want to cancel", "I'd like to discontinue my plan", "end my service please",
+    ],
+    "speak_to_agent": [
+        "let me talk to a person", "agent", "representative please", "I want to speak to someone",
+        "can I talk to a human", "give me an operator", "transfer me to an agent", "I need a real person",
+        "put me through to customer service", "operator", "I want to talk to a representative",
+        "get me a human please", "connect me to someone", "speak to an agent", "human please",
+        "I'd rather talk to a live person", "is there someone I can talk to", "customer service representative",
+        "I don't want to talk to a machine",
+    ],
+    "affirm": [
+        "yes", "yeah that's right", "correct", "sure", "yep", "yes please", "that's correct", "absolutely",
+        "right", "yes it is", "uh huh", "exactly", "that's right", "yeah", "okay yes", "definitely", "yes that's it",
+        "of course", "you got it", "sounds good",
+    ],
+    "deny": [
+        "no", "nope", "that's not right", "no thanks", "no it's not", "that's wrong", "not really", "negative",
+        "no that's incorrect", "nah", "no way", "I don't think so", "that's not it", "no not that",
+        "incorrect", "no that's not what I said", "definitely not",
+    ],
+    "repeat": [
+        "can you repeat that", "say that again", "what did you say", "pardon", "sorry I didn't catch that",
+        "could you say that one more time", "repeat please", "come again", "I didn't hear you",
+        "one more time please", "what was that", "can you go over that again", "excuse me", "say it again",
+        "I missed that", "could you repeat the last part",
+    ],
+    "goodbye": [
+        "goodbye", "that's all thanks bye", "bye", "no that's everything", "thanks bye", "that's it for today",
+        "have a nice day bye", "I'm done thank you", "bye bye", "that's all I needed", "see you", "talk to you later",
+        "okay thanks goodbye", "nothing else thanks", "that will be all", "thank you goodbye",
+    ],
+    "out_of_scope": [
+        "what's the weather like today", "can you order me a pizza", "who won the game last night",
+        "what time is it in london", "tell me a joke", "how do I bake bread", "what's the capital of france",
+        "can you book me a flight", "play some music", "I want to buy a car", "what movies are playing",
+        "how tall is mount everest", "do you like dogs", "where is the nearest restaurant",
+        "can you help me with my homework", "what's the score of the match", "recommend a good book",
+        "how do I get to the airport", "is it going to rain", "what's your favorite color",
+    ],
+}
+
+# Answers that only carry a slot value (intent null).
+SLOT_ONLY: list[str] = [
+    "{acct}", "my account number is {acct}", "it's {acct}", "account number {acct}", "the number is {acct}",
+    "um {acct}", "{acct} that's my account", "sure it's {acct}",
+    "{amount}", "about {amount}", "{amount} please", "make it {amount}", "it's {amount}",
+    "{day}", "{day} works", "how about {day}", "{day} would be good", "maybe {day}", "{day} please",
+]
+
+PREFIXES = ["", "", "", "", "um ", "uh ", "hi ", "hello ", "yeah ", "so ", "okay ", "hi there ", "well ", "uh yeah "]
+SUFFIXES = ["", "", "", "", " please", " thanks", " thank you", " right now", " if you can"]
+FRUSTRATED_PREFIXES = [
+    "this is ridiculous ", "I've called three times already ", "this is the third time I'm calling ",
+    "I'm really fed up ", "seriously ", "come on ", "I'm so frustrated ", "this is unacceptable ",
+]
+FRUSTRATED_SUFFIXES = [
+    " this is ridiculous", " I'm sick of this", " this is unacceptable", " what is going on", " unbelievable",
+]
+DAY_WORDS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "today", "tomorrow"]
+
+# Compositional phrasings: carrier x core. Every combination is its own template (and so lands in
+# exactly one split), which gives each intent many phrasings whose content words recur across splits.
+WANT = ["I want to", "I need to", "I'd like to", "can I", "could you help me", "I'm calling to", "help me",
+        "I was hoping to", "can you", "please"]
+COMPOSE: dict[str, tuple[list[str], list[str]]] = {
+    "check_balance": (WANT + ["how do I"], ["check my balance", "know my balance", "find out what I owe", "get my account balance",
+                                            "hear my balance", "see how much I owe", "check what's due on my account"]),
+    "pay_bill": (WANT, ["pay my bill", "make a payment", "pay {amount}", "pay my balance", "pay {amount} on my bill",
+                        "make a payment of {amount}", "pay the bill", "settle my bill"]),
+    "report_outage": (["I want to report that", "I'm calling because", "hi", "help", "it looks like", "I think", "um", "so",
+                       "I just noticed", "right now"],
+                      ["my internet is down", "the power is out", "my service is not working", "my phone line is dead",
+                       "there's an outage", "my connection keeps dropping", "the wifi stopped working"]),
+    "reset_password": (WANT, ["reset my password", "change my password", "get a new password", "unlock my account",
+                              "recover my password", "fix my login"]),
+    "schedule_technician": (WANT, ["schedule a technician", "book a repair visit", "get a technician out {day}",
+                                   "have someone come fix it", "book a technician for {day}", "set up a repair appointment",
+                                   "schedule a service visit on {day}"]),
+    "update_address": (WANT, ["update my address", "change my address", "change my billing address", "update my mailing address",
+                              "give you my new address", "move my service to a new address"]),
+    "billing_dispute": (WANT + ["I'm calling to complain because"], ["dispute a charge", "question a charge on my bill",
+                        "report a wrong charge", "get a refund for an overcharge", "fix a mistake on my bill",
+                        "contest a fee on my statement"]),
+    "cancel_service": (WANT, ["cancel my service", "close my account", "cancel my subscription", "end my contract",
+                              "disconnect my service", "stop my service"]),
+    "out_of_scope": (["can you tell me", "I want to know", "do you know", "tell me", "what about"],
+                     ["the weather tomorrow", "a good joke", "today's news", "the time in tokyo", "the football score",
+                      "a recipe for pasta", "the best pizza place", "how to fix my car"]),
+    "speak_to_agent": (WANT, ["speak to an agent", "talk to a person", "talk to a representative", "speak to a human",
+                              "get an operator", "speak to someone real"]),
+}
+
+
+def composed(intent: str) -> list[str]:
+    carriers, cores = COMPOSE.get(intent, ([], []))
+    return [f"{c} {k}" for c in carriers for k in cores]

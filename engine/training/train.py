@@ -1,0 +1,162 @@
+"""Fine-tune the encoder's top layer + joint heads on cached lower-layer output (resumable).
+
+Loss = 1.0 intent CE + 0.5 slot-token CTC + 0.3 transcript CTC + 0.3 frustration BCE + 0.5 end-of-turn BCE.
+Intent is the product, so it has the largest weight; the slot CTC reads the values the policy acts on
+(amount, account digits, day) so it comes next; the transcript CTC is auxiliary (logs + regularising
+the frame features); caller state and end of turn are binary and learn quickly, so they get less.
+Truncated clips train only the end-of-turn and caller-state heads (their intent/transcript are partial).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.textnorm import text_to_char_ids, text_to_slot_ids
+from engine.training.cache import FROZEN_LAYERS
+from engine.training.model import TopModel, ctc_loss
+from engine.training.whisper import pretrained_encoder
+
+NULL = "<null>"
+LOSS_WEIGHTS = {"intent": 1.0, "slot": 0.5, "char": 0.3, "frustration": 0.3, "eot": 0.5}
+
+
+class CachedSplit:
+    """Bucketed cached features + labels for one split."""
+
+    def __init__(self, d: str | Path, intents: list[str]) -> None:
+        d = Path(d)
+        meta = json.load(open(d / "index.json"))
+        self.rows = meta["rows"]
+        self.buckets = {int(s): (np.load(d / f"b{s}.npy", mmap_mode="r"), idx) for s, idx in meta["buckets"].items()}
+        cls = {n: i for i, n in enumerate(intents)}
+        self.intent = []
+        for r in self.rows:
+            if r.get("truncated"):
+                self.intent.append(-100)
+            else:
+                self.intent.append(cls.get(r["intent"] if r["intent"] is not None else NULL, -100))
+        self.slot = [text_to_slot_ids(r["text"]) for r in self.rows]
+        self.char = [text_to_char_ids(r["text"]) for r in self.rows]
+        self.full = [not r.get("truncated") for r in self.rows]
+        self.frust = [float(r.get("frustration", 0)) for r in self.rows]
+        self.eot = [float(r.get("eot", 1)) for r in self.rows]
+
+    def batches(self, bs: int, rng: np.random.Generator | None) -> list[tuple[int, np.ndarray]]:
+        out = []
+        for s, (_, idx) in self.buckets.items():
+            order = rng.permutation(len(idx)) if rng is not None else np.arange(len(idx))
+            out += [(s, order[k : k + bs]) for k in range(0, len(idx), bs)]
+        if rng is not None:
+            rng.shuffle(out)
+        return out
+
+    def get(self, s: int, pos: np.ndarray) -> tuple[torch.Tensor, dict]:
+        arr, idx = self.buckets[s]
+        pos = np.sort(pos)
+        x = torch.from_numpy(np.asarray(arr[pos], dtype=np.float32))
+        rows = [idx[p] for p in pos]
+        y = {
+            "intent": torch.tensor([self.intent[r] for r in rows]),
+            "slot": [self.slot[r] for r in rows],
+            "char": [self.char[r] for r in rows],
+            "full": torch.tensor([self.full[r] for r in rows]),
+            "frustration": torch.tensor([self.frust[r] for r in rows]),
+            "eot": torch.tensor([self.eot[r] for r in rows]),
+            "rows": rows,
+        }
+        return x, y
+
+
+def losses(out: dict, y: dict) -> dict[str, torch.Tensor]:
+    li = F.cross_entropy(out["intent"], y["intent"], ignore_index=-100) if (y["intent"] >= 0).any() else out["intent"].sum() * 0
+    return {
+        "intent": li,
+        "slot": ctc_loss(out["slot"], y["slot"], y["full"]),
+        "char": ctc_loss(out["char"], y["char"], y["full"]),
+        "frustration": F.binary_cross_entropy_with_logits(out["frustration"], y["frustration"]),
+        "eot": F.binary_cross_entropy_with_logits(out["eot"], y["eot"]),
+    }
+
+
+@torch.no_grad()
+def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str, np.ndarray]:
+    model.eval()
+    n = len(data.rows)
+    logits = np.zeros((n, model.heads.intent[-1].out_features), np.float32)
+    eot = np.zeros(n, np.float32)
+    for s, pos in data.batches(bs, None):
+        x, y = data.get(s, pos)
+        out = model(x)
+        logits[y["rows"]] = out["intent"].numpy()
+        eot[y["rows"]] = torch.sigmoid(out["eot"]).numpy()
+    return {"logits": logits, "intent": np.array(data.intent), "eot": eot, "eot_label": np.array(data.eot)}
+
+
+def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs: int = 32, lr: float = 1e-3,
+          lr_encoder: float = 1e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0) -> dict:
+    """Train (resuming from out_dir/last.pt if present); keeps the best-on-validation weights in best.pt."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    intents = list(intents) + [NULL]
+    tr = CachedSplit(Path(cache_dir) / "train", intents)
+    va = CachedSplit(Path(cache_dir) / "val", intents)
+    model = TopModel(pretrained_encoder(), len(intents), FROZEN_LAYERS)
+    params = [{"params": list(model.layers.parameters()) + list(model.layer_norm.parameters()), "lr": lr_encoder},
+              {"params": model.heads.parameters(), "lr": lr}]
+    opt = torch.optim.AdamW(params, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = len(tr.batches(bs, None))
+    total = epochs * steps_per_epoch
+    warm = max(1, min(200, total // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    start_epoch, best, history = 0, -1.0, []
+    if (out / "last.pt").exists():
+        ck = torch.load(out / "last.pt", weights_only=False)
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
+        start_epoch, best, history = ck["epoch"], ck["best"], ck["history"]
+        rng = np.random.default_rng(seed + start_epoch)
+    t0 = time.time()
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        agg: dict[str, float] = {}
+        bar = tqdm(tr.batches(bs, rng), desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
+        for s, pos in bar:
+            x, y = tr.get(s, pos)
+            ls = losses(model(x), y)
+            loss = sum(LOSS_WEIGHTS[k] * v for k, v in ls.items())
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            for k, v in ls.items():
+                agg[k] = 0.98 * agg.get(k, v.item()) + 0.02 * v.item()
+            bar.set_postfix({k: f"{v:.2f}" for k, v in agg.items()})
+        p = predict_split(model, va)
+        m = p["intent"] >= 0
+        acc = float((p["logits"][m].argmax(1) == p["intent"][m]).mean())
+        eot_acc = float(((p["eot"] > 0.5) == (p["eot_label"] > 0.5)).mean())
+        history.append({"epoch": epoch + 1, "val_intent_accuracy": acc, "val_eot_accuracy": eot_acc, "train_losses": agg,
+                        "minutes": (time.time() - t0) / 60})
+        print(json.dumps(history[-1]), flush=True)
+        if acc > best:
+            best = acc
+            torch.save({"model": model.state_dict(), "intents": intents, "epoch": epoch + 1}, out / "best.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "best": best, "history": history}, out / "last.pt")
+        if (time.time() - t0) / 60 > max_minutes:
+            print(f"time budget of {max_minutes} min reached; stopping after epoch {epoch + 1}", flush=True)
+            break
+    json.dump({"history": history, "intents": intents, "loss_weights": LOSS_WEIGHTS}, open(out / "train_log.json", "w"), indent=1)
+    return {"best_val_intent_accuracy": best, "history": history}

@@ -1,0 +1,151 @@
+"""Run-time understanding: 8 kHz caller audio -> Understanding, with ONNX Runtime only (no PyTorch).
+
+One forward pass of the fine-tuned Whisper-tiny encoder with joint heads gives the calibrated intent
+distribution, slot tokens (amount / digits / day), a CTC transcript, frustration and end of turn.
+Audio longer than 8 s is cut to its LAST 8 s (the end of a turn carries the request and the
+end-of-turn cue). Synchronous and thread-safe (ORT sessions may be shared across threads); the async
+batching facade lives in engine/runtime.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.features import SR_IN, bucket_seconds, log_mel, prepare_pcm
+from engine.textnorm import chars_to_text, ctc_greedy, parse_slots
+from engine.types import Understanding
+from ops.logs import get_logger
+from ops.metrics import ERRORS
+
+DEFAULT_MODEL = "understand-v1"
+MIN_SECONDS = 0.2
+SILENCE_DBFS = -55.0
+TOP_K = 3
+NULL = "<null>"
+log = get_logger("engine.understanding")
+
+
+def default_model_dir() -> Path:
+    return Path(__file__).parent / "models" / DEFAULT_MODEL
+
+
+class UnderstandingModel:
+    def __init__(self, model_dir: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = model_dir
+        self.config = json.loads((model_dir / "config.json").read_text())
+        self.intents: list[str] = self.config["intents"]
+        self.intent_slots: dict[str, list[str]] = self.config.get("intent_slots", {})
+        self.slot_types: dict[str, str] = self.config.get("slot_types", {})
+        self._name_of_type = {t: n for n, t in self.slot_types.items()}
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, int(threads))
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def load(cls, model_dir: str | None = None, threads: int = 1) -> "UnderstandingModel":
+        d = Path(model_dir) if model_dir else default_model_dir()
+        if not (d / "model.onnx").exists() or not (d / "config.json").exists():
+            raise FileNotFoundError(f"no understanding model in {d} (expected model.onnx and config.json)")
+        return cls(d, threads)
+
+    # ---- input checks ----
+
+    def _check(self, pcm: object) -> tuple[np.ndarray | None, str | None]:
+        try:
+            x = prepare_pcm(pcm)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            return None, f"bad_input: {exc}"
+        if len(x) < MIN_SECONDS * SR_IN:
+            return None, f"too_short: {len(x) / SR_IN:.2f} s of audio (need >= {MIN_SECONDS} s)"
+        rms = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
+        if 20 * np.log10(rms + 1e-12) < SILENCE_DBFS:
+            return None, "silence: no speech energy in the audio"
+        return x, None
+
+    def _error(self, reason: str) -> Understanding:
+        kind = reason.split(":", 1)[0]
+        ERRORS.labels(component="engine", kind=kind).inc()
+        log.warning("understand_bad_input", reason=reason)
+        return Understanding(intent="out_of_scope", confidence=0.0, alternatives=[("out_of_scope", 0.0)],
+                             error=reason, end_of_turn=0.0)
+
+    # ---- inference ----
+
+    def _run(self, xs: list[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+        """Group by length bucket so each clip's features do not depend on what it is batched with."""
+        t0 = time.perf_counter()
+        groups: dict[int, list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(bucket_seconds(len(x)), []).append(i)
+        feats = {s: np.stack([log_mel(xs[i], s) for i in idx]) for s, idx in groups.items()}
+        t1 = time.perf_counter()
+        results: list[list[np.ndarray] | None] = [None] * len(xs)
+        for s, idx in groups.items():
+            outs = self.session.run(self._outputs, {"mel": feats[s]})
+            for j, i in enumerate(idx):
+                results[i] = [o[j] for o in outs]
+        t2 = time.perf_counter()
+        return results, (t1 - t0) * 1000, (t2 - t1) * 1000  # type: ignore[return-value]
+
+    def _slots(self, intent: str | None, slot_ids: np.ndarray) -> dict[str, object]:
+        found = parse_slots(ctc_greedy(slot_ids.tolist()))
+        allowed_types = {self.slot_types[n] for n in self.intent_slots.get(intent or "", []) if n in self.slot_types}
+        if intent is None:
+            allowed_types = set(self.slot_types.values())
+        allowed_types.add("digits")  # an account number may come with any request
+        out: dict[str, object] = {}
+        if "money_bare" in found and "money" not in found and intent is not None and "money" in allowed_types:
+            found["money"] = found["money_bare"]
+        for typ, val in found.items():
+            name = self._name_of_type.get(typ)
+            if name and typ in allowed_types:
+                out[name] = int(val) if typ == "money" and float(val).is_integer() else val
+        return out
+
+    def understand_batch(self, pcms: list[np.ndarray]) -> list[Understanding]:
+        if not isinstance(pcms, (list, tuple)):
+            raise ValueError("understand_batch expects a list of int16 8 kHz PCM arrays")
+        t_start = time.perf_counter()
+        checked = [self._check(p) for p in pcms]
+        good = [i for i, (x, err) in enumerate(checked) if err is None]
+        out: list[Understanding | None] = [None] * len(pcms)
+        for i, (_, err) in enumerate(checked):
+            if err is not None:
+                out[i] = self._error(err)
+        if good:
+            results, t_feat, t_model = self._run([checked[i][0] for i in good])  # type: ignore[misc]
+            total = (time.perf_counter() - t_start) * 1000
+            for i, r in zip(good, results):
+                probs, frust, eot, slot_ids, char_ids = r
+                order = np.argsort(-probs)[:TOP_K]
+                names = [None if self.intents[k] == NULL else self.intents[k] for k in order]
+                intent = names[0]
+                out[i] = Understanding(
+                    intent=intent,
+                    confidence=float(probs[order[0]]),
+                    alternatives=[(n, float(probs[k])) for n, k in zip(names, order)],
+                    slots=self._slots(intent, slot_ids),
+                    transcript=chars_to_text(ctc_greedy(char_ids.tolist())),
+                    caller_state={"frustration": round(float(frust), 4)},
+                    end_of_turn=float(eot),
+                    timings={"features": round(t_feat, 2), "model": round(t_model, 2), "total": round(total, 2),
+                             "batch": float(len(good))},
+                )
+        return out  # type: ignore[return-value]
+
+    def understand(self, pcm: np.ndarray) -> Understanding:
+        return self.understand_batch([pcm])[0]
+
+    def end_of_turn_batch(self, pcms: list[np.ndarray]) -> list[float]:
+        """Probability each clip is a finished turn; 0.0 for clips that cannot be scored (too short, silence)."""
+        return [u.end_of_turn if u.error is None else 0.0 for u in self.understand_batch(pcms)]

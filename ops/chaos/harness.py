@@ -1,0 +1,369 @@
+"""Chaos harness: faults injected while simulated callers talk to real `bot serve` workers.
+
+Scenarios (each verified and reported):
+  redis-restart  Redis stopped and started again (AOF keeps its data) mid-call.
+  redis-stall    redis-server frozen for 5 s (SIGSTOP/SIGCONT): every Redis call hangs.
+  worker-kill    one of two workers SIGKILLed while it holds calls.
+  engine-fault   the engine throws on every understand() (BOT_ENGINE_FAULT=understand).
+Checks: no call event lost (per call: call_started, one `turn` per answered caller turn, call_ended,
+and no duplicates), callers never left in silence (every turn gets bot audio; engine failures
+get an apology + transfer), calls on the surviving worker unaffected, the killed worker's calls
+closed with a clear outcome (ops/chaos/reaper.py when no worker did it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ops.chaos.reaper import OUTCOME as REAPED, reap_orphans
+from ops.load.harness import synth_wavs
+from ops.load.procstat import children
+from ops.load.spawn import BotProcess, RedisProc
+from ops.logs import get_logger
+
+log = get_logger("ops.chaos")
+SCENARIOS = ("redis-restart", "redis-stall", "worker-kill", "engine-fault")
+
+
+@dataclass
+class CallTrace:
+    call_id: str
+    t_start: float
+    turns: list[tuple[float, float | None, int]] = field(default_factory=list)  # (t_end, v2v_ms, bot_audio_ms)
+    ended_by: str = ""
+    error: str = ""
+    t_end: float = 0.0
+
+    @property
+    def answered(self) -> int:
+        return sum(1 for _, v, _a in self.turns if v is not None)
+
+
+class Line:
+    """One simulated Twilio caller placing calls back to back and speaking turns until stopped."""
+
+    def __init__(self, url: str, pcms: list[np.ndarray], idx: int, max_turns: int = 6) -> None:
+        self.url, self.pcms, self.idx, self.max_turns = url, pcms, idx, max_turns
+        self.calls: list[CallTrace] = []
+        self.stop = asyncio.Event()
+        self.current: Any = None
+
+    async def run(self) -> None:
+        from bot.simulator import TwilioCaller
+
+        while not self.stop.is_set():
+            c = TwilioCaller(self.url)
+            tr = CallTrace(c.call_sid, time.monotonic())
+            self.calls.append(tr)
+            try:
+                await c.connect()
+                self.current = c
+                await c.wait_bot_quiet(quiet_s=0.5, timeout_s=10)
+                n = 0
+                while not c.ended and not self.stop.is_set() and n < self.max_turns:
+                    res = await c.say(self.pcms[(self.idx + n) % len(self.pcms)], wait_reply_s=10)
+                    tr.turns.append((time.monotonic(), res.v2v_ms, res.bot_audio_ms))
+                    n += 1
+                    await asyncio.sleep(0.3)
+                if not c.ended:
+                    await c.hangup()
+                    tr.ended_by = "caller"
+                else:
+                    tr.ended_by = c.result.ended_by or "bot"
+                    await c.close()
+            except Exception as exc:  # noqa: BLE001 - a failed call is a finding
+                tr.error = type(exc).__name__
+                await c.close()
+                await asyncio.sleep(0.5)
+            finally:
+                tr.t_end = time.monotonic()
+                self.current = None
+
+
+@dataclass
+class Finding:
+    scenario: str
+    ok: bool
+    checks: dict[str, Any]
+
+
+async def _wait(pred: Any, timeout_s: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(step)
+    return False
+
+
+async def verify_events(r: Any, traces: list[CallTrace]) -> dict[str, Any]:
+    """Per call: expected events (written by the bot for what the caller did) vs found in Redis."""
+    from bot.state import call_key, events_key
+
+    expected = found = 0
+    missing: list[str] = []
+    dups = 0
+    not_ended: list[str] = []
+    for tr in traces:
+        if tr.error and not tr.turns:
+            continue  # never connected: no call on the bot
+        rec = await r.hgetall(call_key(tr.call_id))
+        evs = await r.xrange(events_key(tr.call_id))
+        types = Counter(f.get("type") for _, f in evs)
+        sig = Counter((f.get("type"), f.get("t"), f.get("data")) for _, f in evs)
+        dups += sum(n - 1 for n in sig.values() if n > 1)
+        want = {"call_started": 1, "call_ended": 1, "turn": tr.answered}
+        for k, n in want.items():
+            expected += n
+            got = min(types.get(k, 0), n)
+            found += got
+            if got < n:
+                missing.append(f"{tr.call_id}:{k} {types.get(k, 0)}/{n}")
+        if rec.get("status") != "ended":
+            not_ended.append(tr.call_id)
+    return {"events_expected": expected, "events_found": found, "missing": missing[:10], "duplicates": dups,
+            "calls_not_ended": not_ended}
+
+
+class Chaos:
+    def __init__(self, work: Path, lines: int = 2, reap_stale_s: float = 12.0) -> None:
+        self.work = work
+        self.n_lines = lines
+        self.reap_stale_s = reap_stale_s
+        self.redis: RedisProc | None = None
+        self.bot: BotProcess | None = None
+        self.pcms: list[np.ndarray] = []
+
+    # ---- setup ----
+    def start(self, workers: int = 2) -> None:
+        from bot.simulator import load_wav_8k
+
+        self.pcms = [load_wav_8k(w) for w in synth_wavs(self.work / "wavs")[:4]]
+        self.redis = RedisProc(self.work / "redis").start()
+        self.bot = BotProcess(self.work / "bot", redis_url=self.redis.url, workers=workers,
+                              env={"BOT_NO_INPUT_S": "30"}).start()
+
+    def stop(self) -> None:
+        if self.bot is not None:
+            self.bot.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    def _client(self) -> Any:
+        from bot.redis_client import connect
+
+        assert self.redis is not None
+        return connect(self.redis.url)
+
+    async def _with_lines(self, url: str, fault: Any, settle_s: float = 6.0) -> list[Line]:
+        """Callers talk; once each has an answered turn, inject `fault`; keep talking `settle_s`."""
+        lines = [Line(url, self.pcms, i) for i in range(self.n_lines)]
+        tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
+        await asyncio.sleep(0.5)
+        await _wait(lambda: all(any(c.answered for c in ln.calls) for ln in lines), 40)
+        self.t_fault = time.monotonic()
+        await fault()
+        await asyncio.sleep(settle_s)
+        for ln in lines:
+            ln.stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 40)
+        await asyncio.sleep(1.0)
+        return lines
+
+    def _silent_turns(self, lines: list[Line]) -> int:
+        return sum(1 for ln in lines for c in ln.calls for _, v, a in c.turns if v is None or a <= 0)
+
+    async def _flushed(self, r: Any, traces: list[CallTrace], timeout_s: float = 20.0) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            res = await verify_events(r, traces)
+            if not res["missing"] and not res["calls_not_ended"]:
+                break
+            await asyncio.sleep(0.5)
+        return res
+
+    # ---- scenarios ----
+    async def redis_fault(self, kind: str) -> Finding:
+        assert self.redis is not None and self.bot is not None
+        redis = self.redis
+        loop = asyncio.get_running_loop()
+
+        async def restart() -> None:
+            await loop.run_in_executor(None, redis.restart, 1.5)
+
+        async def stall() -> None:
+            os.kill(redis.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(5.0)
+            finally:
+                os.kill(redis.pid, signal.SIGCONT)
+
+        lines = await self._with_lines(self.bot.url, restart if kind == "redis-restart" else stall)
+        traces = [c for ln in lines for c in ln.calls]
+        r = self._client()
+        try:
+            ev = await self._flushed(r, traces)
+        finally:
+            await r.aclose()
+        checks = {**ev, "calls": len(traces), "turns": sum(len(c.turns) for c in traces),
+                  "silent_turns": self._silent_turns(lines), "call_errors": [c.error for c in traces if c.error]}
+        ok = (ev["events_found"] == ev["events_expected"] and not ev["duplicates"] and not ev["calls_not_ended"]
+              and checks["silent_turns"] == 0 and not checks["call_errors"])
+        return Finding(kind, ok, checks)
+
+    def _worker_pids(self) -> dict[str, int]:
+        assert self.bot is not None and self.bot.proc is not None
+        out = {}
+        for pid in children(self.bot.proc.pid):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"--worker-child" not in cmd:
+                continue
+            for kv in env:
+                if kv.startswith(b"BOT_WORKER_ID="):
+                    out[kv.split(b"=", 1)[1].decode()] = pid
+        return out
+
+    async def worker_kill(self) -> Finding:
+        assert self.bot is not None
+        r = self._client()
+        victim: dict[str, Any] = {}
+        live_at_kill: dict[str, str] = {}  # call id -> worker, calls in progress when the worker died
+
+        async def kill() -> None:
+            # a call in progress on each line: find their workers, kill the one holding calls
+            for ln in lines_ref:
+                if ln.current is not None:
+                    w = await r.hget(f"call:{ln.current.call_sid}", "worker")
+                    if w:
+                        live_at_kill[ln.current.call_sid] = w
+            pids = self._worker_pids()
+            busy = Counter(live_at_kill.values())
+            target = next((w for w, _ in busy.most_common() if w in pids), None) or next(iter(pids))
+            victim.update(worker=target, pid=pids[target])
+            os.kill(pids[target], signal.SIGKILL)
+            log.warning("chaos_worker_killed", worker=target, pid=pids[target])
+
+        lines_ref: list[Line] = []
+        lines = [Line(self.bot.url, self.pcms, i) for i in range(max(self.n_lines, 4))]
+        lines_ref.extend(lines)
+        tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
+        await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None for ln in lines), 40)
+        await kill()
+        await asyncio.sleep(6.0)
+        for ln in lines:
+            ln.stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 40)
+        traces = {c.call_id: c for ln in lines for c in ln.calls}
+        killed = [cid for cid, w in live_at_kill.items() if w == victim["worker"]]
+        survivors = [cid for cid, w in live_at_kill.items() if w != victim["worker"]]
+        # survivors: every turn after the kill answered, ended normally (not by an error)
+        t_kill = time.monotonic() - 6.0
+        surv_ok = all(traces[c].answered == len(traces[c].turns) and not traces[c].error and
+                      any(t >= t_kill for t, _, _ in traces[c].turns) or traces[c].ended_by == "bot"
+                      for c in survivors)
+        # the killed worker's calls: the caller side saw the line drop
+        dropped = all(traces[c].ended_by in ("bot", "caller") or traces[c].error for c in killed)
+        # nobody closed them on the bot side (no reaper in the workers yet): reap once their heartbeat is stale
+        await asyncio.sleep(max(0.0, self.reap_stale_s - 6.0) + 1.0)
+        try:
+            before = {c: (await r.hget(f"call:{c}", "status")) for c in killed}
+            reaped = await reap_orphans(r, stale_s=self.reap_stale_s, reaper="bot-chaos")
+            outcomes = {c: await r.hget(f"call:{c}", "outcome") for c in killed}
+            others = await verify_events(r, [traces[c] for c in traces if c not in killed and traces[c].turns])
+        finally:
+            await r.aclose()
+        restarted = await _wait(lambda: victim["worker"] in self._worker_pids(), 60)
+        checks = {"killed_worker": victim["worker"], "calls_on_killed": len(killed), "calls_on_survivor": len(survivors),
+                  "survivor_calls_unaffected": surv_ok, "killed_calls_dropped_at_caller": dropped,
+                  "killed_calls_status_before_reap": before, "reaped": len(reaped),
+                  "killed_calls_outcome": outcomes, "worker_restarted": restarted,
+                  "other_calls_events": {k: others[k] for k in ("events_expected", "events_found", "duplicates")}}
+        ok = (bool(killed) and surv_ok and dropped and all(o == REAPED or (o and o != "") for o in outcomes.values())
+              and restarted and others["events_found"] == others["events_expected"])
+        return Finding("worker-kill", ok, checks)
+
+    async def engine_fault(self) -> Finding:
+        assert self.redis is not None
+        bot = BotProcess(self.work / "bot-fault", redis_url=self.redis.url.rsplit("/", 1)[0] + "/1", workers=1,
+                         env={"BOT_ENGINE_FAULT": "understand", "BOT_NO_INPUT_S": "30"})
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, bot.start)
+        try:
+            lines = [Line(bot.url, self.pcms, i, max_turns=2) for i in range(self.n_lines)]
+            tasks = [loop.create_task(ln.run()) for ln in lines]
+            await _wait(lambda: all(ln.calls and ln.calls[0].t_end for ln in lines), 40)
+            for ln in lines:
+                ln.stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            first = [ln.calls[0] for ln in lines]
+            from bot.redis_client import connect
+
+            r = connect(bot.env["REDIS_URL"])
+            try:
+                await asyncio.sleep(1.0)
+                recs = [await r.hgetall(f"call:{c.call_id}") for c in first]
+                evs = [[f for _, f in await r.xrange(f"call:{c.call_id}:events")] for c in first]
+            finally:
+                await r.aclose()
+        finally:
+            await loop.run_in_executor(None, bot.stop)
+        heard = [c.turns[0][2] if c.turns else 0 for c in first]
+        outcomes = [rec.get("outcome") for rec in recs]
+        transfers = [any(e.get("type") == "transfer" or (e.get("type") == "turn" and '"transfer"' in e.get("data", ""))
+                         for e in ev) for ev in evs]
+        checks = {"calls": len(first), "bot_audio_ms_after_turn": heard, "outcomes": outcomes,
+                  "transfer_attempted": transfers, "ended_by": [c.ended_by for c in first]}
+        ok = all(h >= 1000 for h in heard) and all(o and o.startswith("transfer") for o in outcomes) and all(transfers)
+        return Finding("engine-fault", ok, checks)
+
+
+async def run_chaos(work: Path, scenarios: tuple[str, ...] = SCENARIOS, lines: int = 2) -> list[Finding]:
+    chaos = Chaos(work, lines)
+    loop = asyncio.get_running_loop()
+    findings: list[Finding] = []
+    await loop.run_in_executor(None, chaos.start)
+    try:
+        for s in scenarios:
+            t0 = time.monotonic()
+            try:
+                if s in ("redis-restart", "redis-stall"):
+                    f = await chaos.redis_fault(s)
+                elif s == "worker-kill":
+                    f = await chaos.worker_kill()
+                elif s == "engine-fault":
+                    f = await chaos.engine_fault()
+                else:
+                    raise ValueError(f"unknown scenario {s!r} (one of {', '.join(SCENARIOS)})")
+            except Exception as exc:  # noqa: BLE001 - report the scenario as failed, run the others
+                log.exception("chaos_scenario_failed", scenario=s)
+                f = Finding(s, False, {"exception": repr(exc)})
+            f.checks["seconds"] = round(time.monotonic() - t0, 1)
+            findings.append(f)
+            log.info("chaos_scenario_done", scenario=s, ok=f.ok)
+    finally:
+        await loop.run_in_executor(None, chaos.stop)
+    return findings
+
+
+def format_findings(findings: list[Finding]) -> str:
+    out = []
+    for f in findings:
+        out.append(f"[{'PASS' if f.ok else 'FAIL'}] {f.scenario}")
+        for k, v in f.checks.items():
+            out.append(f"    {k}: {json.dumps(v, default=str)}")
+    return "\n".join(out)

@@ -1,0 +1,168 @@
+"""Generates ops/grafana/dashboards/*.json (run: python -m ops.grafana.build_dashboards).
+
+Dashboards are code so that panels stay consistent and every query is reviewable in one place;
+tests/ops checks each query's metric names against a live /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DS = {"type": "prometheus", "uid": "prometheus"}
+OUT = Path(__file__).resolve().parent / "dashboards"
+
+
+def _q(expr: str, legend: str = "", ref: str = "A", fmt: str = "time_series") -> dict[str, Any]:
+    return {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": ref, "format": fmt}
+
+
+def _quantiles(metric: str, by: str = "", window: str = "5m") -> list[dict[str, Any]]:
+    grp = f"le{', ' + by if by else ''}"
+    lg = "{{" + by + "}} " if by else ""
+    return [_q(f"histogram_quantile({q}, sum by ({grp}) (rate({metric}_bucket[{window}])))", f"{lg}p{int(q * 100)}",
+               chr(65 + i)) for i, q in enumerate((0.5, 0.95, 0.99))]
+
+
+class Board:
+    def __init__(self, uid: str, title: str) -> None:
+        self.uid, self.title = uid, title
+        self.panels: list[dict[str, Any]] = []
+        self.y = 0
+        self.x = 0
+        self._id = 0
+
+    def row(self, title: str) -> None:
+        self._newline()
+        self._id += 1
+        self.panels.append({"type": "row", "title": title, "id": self._id, "collapsed": False,
+                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y}, "panels": []})
+        self.y += 1
+
+    def _newline(self) -> None:
+        if self.x:
+            self.x, self.y = 0, self.y + 8
+
+    def panel(self, title: str, targets: list[dict[str, Any]], kind: str = "timeseries", unit: str = "short",
+              w: int = 8, h: int = 8, desc: str = "", **extra: Any) -> None:
+        if self.x + w > 24:
+            self._newline()
+        self._id += 1
+        p: dict[str, Any] = {"id": self._id, "type": kind, "title": title, "description": desc, "datasource": DS,
+                             "gridPos": {"h": h, "w": w, "x": self.x, "y": self.y}, "targets": targets,
+                             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []}, "options": {}}
+        p.update(extra)
+        self.panels.append(p)
+        self.x += w
+        if self.x >= 24:
+            self._newline()
+
+    def json(self) -> dict[str, Any]:
+        return {"uid": self.uid, "title": self.title, "tags": ["voicebot"], "timezone": "utc", "schemaVersion": 39,
+                "version": 1, "editable": False, "refresh": "10s", "time": {"from": "now-3h", "to": "now"},
+                "templating": {"list": []}, "annotations": {"list": []}, "panels": self.panels}
+
+
+def voicebot() -> Board:
+    b = Board("voicebot-overview", "Voicebot")
+    b.row("Calls")
+    b.panel("Calls now", [_q("sum by (transport) (voicebot_active_calls)", "{{transport}}")], "stat", w=6,
+            desc="Calls in progress, by transport (Twilio, SIP, WebRTC)")
+    b.panel("Calls started / min", [_q("sum by (transport) (rate(voicebot_calls_started_total[5m])) * 60",
+                                       "{{transport}}")], w=9, unit="cpm")
+    b.panel("Calls ended / min by outcome", [_q("sum by (transport, outcome) (rate(voicebot_calls_total[5m])) * 60",
+                                                "{{transport}} {{outcome}}")], w=9, unit="cpm")
+    b.panel("Automation rate (1h)", [_q(
+        'sum(increase(voicebot_calls_total{outcome="completed"}[1h])) / clamp_min(sum(increase(voicebot_calls_total[1h])), 1)',
+        "automated")], "stat", w=6, unit="percentunit", desc="Calls the bot completed without a human")
+    b.panel("Escalation rate (1h)", [_q(
+        "sum(increase(voicebot_escalations_total[1h])) / clamp_min(sum(increase(voicebot_calls_started_total[1h])), 1)",
+        "escalated")], "stat", w=6, unit="percentunit", desc="Transfers to humans per answered call")
+    b.panel("Clarification rate (1h)", [_q(
+        'sum(increase(voicebot_policy_decisions_total{action=~"clarify|confirm|reprompt"}[1h])) / '
+        "clamp_min(sum(increase(voicebot_policy_decisions_total[1h])), 1)", "clarify")], "stat", w=6,
+        unit="percentunit", desc="Decisions that ask the caller again")
+    b.panel("Greeting latency p95", [_q(
+        "histogram_quantile(0.95, sum by (le, transport) (rate(voicebot_greeting_latency_seconds_bucket[5m])))",
+        "{{transport}}")], "stat", w=6, unit="s")
+
+    b.row("Latency")
+    b.panel("Voice-to-voice latency (turn end -> first bot audio)", _quantiles("voicebot_turn_latency_seconds"), w=12,
+            unit="s", desc="Budget: p95 <= 800 ms (alert VoiceToVoiceLatencyHigh)")
+    b.panel("Voice-to-voice p95 by transport", [_q(
+        "histogram_quantile(0.95, sum by (le, transport) (rate(voicebot_turn_latency_seconds_bucket[5m])))",
+        "{{transport}}")], w=6, unit="s")
+    b.panel("End-of-turn wait", _quantiles("voicebot_end_of_turn_wait_seconds"), w=6, unit="s",
+            desc="Silence waited before a turn is declared complete (part of voice-to-voice)")
+
+    b.row("Engine")
+    b.panel("Engine inference p50/p95 by op", [
+        _q("histogram_quantile(0.5, sum by (le, op, backend) (rate(voicebot_engine_inference_seconds_bucket[5m])))",
+           "{{op}} {{backend}} p50", "A"),
+        _q("histogram_quantile(0.95, sum by (le, op, backend) (rate(voicebot_engine_inference_seconds_bucket[5m])))",
+           "{{op}} {{backend}} p95", "B")], w=8, unit="s")
+    b.panel("Engine queue wait p95", [_q(
+        "histogram_quantile(0.95, sum by (le, op) (rate(voicebot_engine_queue_seconds_bucket[5m])))", "{{op}}")],
+        w=8, unit="s", desc="Alert EngineSaturated above 100 ms")
+    b.panel("Engine batch size (mean)", [_q(
+        "sum by (op) (rate(voicebot_engine_batch_size_sum[5m])) / clamp_min(sum by (op) (rate(voicebot_engine_batch_size_count[5m])), 1e-9)",
+        "{{op}}")], w=8)
+    b.panel("Engine batch size distribution", [_q(
+        "sum by (le) (increase(voicebot_engine_batch_size_bucket[$__rate_interval]))", "{{le}}", fmt="heatmap")],
+        "heatmap", w=12)
+    b.panel("Intent confidence distribution", [_q(
+        "sum by (le) (increase(voicebot_intent_confidence_bucket[$__rate_interval]))", "{{le}}", fmt="heatmap")],
+        "heatmap", w=12, desc="Calibrated top-intent confidence per caller turn; a shift left means the bot understands less")
+
+    b.row("Decisions and transfers")
+    b.panel("Decisions / min by action and reason", [_q(
+        "sum by (action, reason) (rate(voicebot_policy_decisions_total[5m])) * 60", "{{action}} {{reason}}")],
+        w=8, unit="cpm")
+    b.panel("Escalations / min by reason", [_q(
+        "sum by (reason) (rate(voicebot_escalations_total[5m])) * 60", "{{reason}}")], w=8, unit="cpm")
+    b.panel("Transfers / min by queue", [_q(
+        "sum by (queue, transport, result) (rate(voicebot_transfers_total[5m])) * 60",
+        "{{queue}} {{transport}} {{result}}")], w=8, unit="cpm")
+    b.panel("Fillers and apologies / min", [_q("sum by (kind) (rate(voicebot_fillers_total[5m])) * 60", "{{kind}}")],
+            w=8, unit="cpm")
+    b.panel("Barge-ins / min", [_q("sum by (transport) (rate(voicebot_barge_ins_total[5m])) * 60", "{{transport}}")],
+            w=8, unit="cpm")
+    b.panel("Policy version per worker", [_q("voicebot_policy_version", "{{instance}}")], "stat", w=8)
+
+    b.row("Errors and media")
+    b.panel("Errors / min by component", [_q(
+        "sum by (component, kind) (rate(voicebot_errors_total[5m])) * 60", "{{component}} {{kind}}")], w=12,
+        unit="cpm", desc="Alert ErrorRateHigh: > 0.2 errors per call")
+    b.panel("Late outbound frames / s", [_q(
+        "sum by (transport) (rate(voicebot_late_frames_total[5m]))", "{{transport}} late"),
+        _q("sum by (transport, direction) (rate(voicebot_audio_frames_total[5m]))", "{{transport}} {{direction}}", "B")],
+        w=12, unit="pps")
+    b.panel("SIP messages / s", [_q("sum by (method, result) (rate(voicebot_sip_messages_total[5m]))",
+                                    "{{method}} {{result}}")], w=12, unit="reqps")
+    b.panel("RTP packets / s", [_q("sum by (direction, result) (rate(voicebot_rtp_packets_total[5m]))",
+                                   "{{direction}} {{result}}")], w=12, unit="pps")
+
+    b.row("Redis and workers")
+    b.panel("Redis up (per worker)", [_q("min by (instance) (voicebot_redis_up)", "{{instance}}")], "stat", w=6,
+            desc="0: the worker buffers call events in memory (alert RedisDown)")
+    b.panel("Redis op latency p99", [_q(
+        "histogram_quantile(0.99, sum by (le, op) (rate(voicebot_redis_op_seconds_bucket[5m])))", "{{op}}")],
+        w=9, unit="s")
+    b.panel("Workers up", [_q('up{job="voicebot"}', "{{instance}}"),
+                           _q("count by (instance) (voicebot_worker_info)", "{{instance}} workers", "B")], w=9)
+    b.panel("CPU per worker (cores)", [_q('rate(process_cpu_seconds_total{job="voicebot"}[1m])', "{{instance}} {{pid}}")],
+            w=12, unit="short", desc="1.0 = one full core")
+    b.panel("Resident memory per worker", [_q('process_resident_memory_bytes{job="voicebot"}', "{{instance}} {{pid}}")],
+            w=12, unit="bytes")
+    return b
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for board in (voicebot(),):
+        (OUT / f"{board.uid}.json").write_text(json.dumps(board.json(), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+"""decide(): what the bot does next, as a pure function of (policy, call state, caller input).
+
+One turn of the conversation:
+
+    decision, state = step(policy, state, understanding_or_event)
+
+`decide()` returns the Decision; `next_state()` derives the new CallState from the old state, the
+input and the Decision alone (every field the next turn needs travels in the Decision), so the two
+can also be called separately. Neither reads clocks, files or the network: `state.now` carries the
+time for business hours. Every Decision carries a reason code from `Reason`.
+
+Why no dialog can loop: every turn that does not end in an outcome (answer, transfer, hang-up)
+counts as a stall, and `escalation.max_failures.max_stalled_turns` stalls in a row transfer the
+caller; failed turns (no-match, "no" to a confirmation, silence, a wrong key) escalate even sooner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Union, get_args
+
+from engine.types import Understanding
+from policies.decision import Decision
+from policies.schema import Policy
+
+Reason = Literal[
+    "greeting",  # call start: the greeting
+    "accepted",  # confident intent, acted on
+    "confirm_requested",  # confidence in the confirm band: yes/no question
+    "confirmed",  # caller said yes to the confirmation: acted on
+    "denied",  # caller said no to the confirmation (a failed turn)
+    "ambiguous",  # top two intents too close: asked which one
+    "clarified",  # caller picked one of the two: acted on
+    "low_confidence",  # not understood (a failed turn)
+    "out_of_scope",  # a request this line does not handle (a failed turn)
+    "no_context",  # yes/no/slot value with nothing pending (a failed turn)
+    "no_input",  # silence timeout (a failed turn)
+    "repeat",  # caller asked to hear that again
+    "slot_missing",  # asked for a slot the intent needs
+    "slot_filled",  # the last missing slot arrived: acted on
+    "agent_requested",  # explicit request for a human
+    "sensitive_intent",  # an intent that always goes to a specialist queue
+    "frustration",  # caller-state frustration above the threshold
+    "max_failures",  # too many failed or stalled turns in a row
+    "dtmf_menu",  # keypad menu offered after repeated failures (a failed turn)
+    "dtmf_selection",  # a menu key chose an intent: acted on
+    "dtmf_invalid",  # a key that is no menu option (a failed turn)
+    "engine_error",  # the speech engine failed: apology, transfer
+    "redis_error",  # call state could not be stored: apology, transfer
+    "out_of_hours",  # the queue is closed: message, callback offer or another queue
+    "callback",  # caller accepted a callback: goodbye
+    "goodbye",  # the caller is done (or declined a callback)
+]
+REASONS: tuple[str, ...] = get_args(Reason)
+
+# Turns that count toward escalation.max_failures.count.
+FAILURE_REASONS = frozenset({"denied", "low_confidence", "out_of_scope", "no_context", "no_input", "dtmf_menu",
+                             "dtmf_invalid"})
+FINAL_ACTIONS = frozenset({"answer", "transfer", "hangup"})  # an outcome: resets the stall counter
+ENDING_ACTIONS = frozenset({"transfer", "hangup"})
+
+
+# -- inputs beyond an Understanding ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallStart:
+    """The call was answered: say the greeting."""
+
+
+@dataclass(frozen=True)
+class NoInput:
+    """The caller said nothing for policy.no_input.timeout_s after the bot's last prompt."""
+
+
+@dataclass(frozen=True)
+class DtmfDigit:
+    """Keypad input from Twilio or SIP (RFC 4733): one key, or a run of keys ended by '#'."""
+
+    digits: str
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RedisFailure:
+    detail: str = ""
+
+
+Event = Union[CallStart, NoInput, DtmfDigit, EngineFailure, RedisFailure]
+Input = Union[Understanding, Event]
+
+
+# -- call state -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Something asked and awaiting an answer. intent None + queue set: a callback offer."""
+
+    intent: str | None
+    slots: Mapping[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class CallState:
+    """Everything decide() knows about a call. Immutable: next_state() returns a new one.
+    The conversation sets `now` (dataclasses.replace / .at()) before each decision."""
+
+    now: dt.datetime = field(default_factory=_utcnow)
+    turn: int = 0  # caller inputs so far (utterances, silences, keys)
+    failures: int = 0  # consecutive failed turns
+    stalls: int = 0  # consecutive turns without an outcome
+    no_inputs: int = 0  # consecutive silences
+    pending_confirm: Pending | None = None
+    pending_clarify: tuple[str, str] | None = None
+    pending_collect: Pending | None = None
+    collected: Mapping[str, Any] = field(default_factory=dict)  # slot values acted on this call
+    dtmf_digits: str = ""  # every key pressed this call
+    menu_active: bool = False  # the keypad menu was offered and no outcome since
+    last: Decision | None = None
+    engine_error: bool = False
+    redis_error: bool = False
+    ended: bool = False
+
+    def at(self, now: dt.datetime) -> "CallState":
+        return dataclasses.replace(self, now=now)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["now"] = self.now.isoformat()
+        return d
+
+
+# -- prompts ------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _say(value: Any) -> str:
+    """A slot value as the voice should read it."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+    s = str(value)
+    return s.capitalize() if s.lower() in _DAYS else s
+
+
+def render(template: str, values: Mapping[str, Any]) -> str:
+    """Fill {placeholders}; a missing value is dropped rather than read out as '{amount}'."""
+    text = _PLACEHOLDER.sub(lambda m: _say(values[m[1]]) if m[1] in values else "", template)
+    return re.sub(r"\s{2,}", " ", text).strip()
+
+
+def _join(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
+# -- the decision ------------------------------------------------------------------------------------
+
+
+def decide(policy: Policy, state: CallState, inp: Input) -> Decision:
+    """The bot's next move. Pure: same (policy, state, input) -> same Decision."""
+    if state.ended:
+        return Decision("hangup", "", reason="goodbye")
+    if isinstance(inp, CallStart):
+        return Decision("answer", policy.prompts[policy.greeting], reason="greeting")
+    if isinstance(inp, EngineFailure) or state.engine_error:
+        return _system_error(policy, state, "engine_error")
+    if isinstance(inp, RedisFailure) or state.redis_error:
+        return _system_error(policy, state, "redis_error")
+    if isinstance(inp, NoInput):
+        d = _no_input(policy, state)
+    elif isinstance(inp, DtmfDigit):
+        d = _dtmf(policy, state, inp.digits)
+    elif isinstance(inp, Understanding):
+        d = _understood(policy, state, inp)
+    else:  # a caller passing something else is a programming error, not caller input
+        raise TypeError(f"decide() got {type(inp).__name__}")
+    # Loop guard: too many turns in a row without an outcome -> a human takes over.
+    outcome = d.action in FINAL_ACTIONS and d.reason != "repeat"
+    if not outcome and state.stalls + 1 >= policy.escalation.max_failures.max_stalled_turns:
+        return _escalate_failures(policy, state)
+    return d
+
+
+def decide_event(policy: Policy, state: CallState, event: Event) -> Decision:
+    """The entry point for non-speech events (call start, silence, keys, engine/Redis failure)."""
+    return decide(policy, state, event)
+
+
+def step(policy: Policy, state: CallState, inp: Input) -> tuple[Decision, CallState]:
+    """decide() and next_state() together: what the conversation calls once per caller input."""
+    d = decide(policy, state, inp)
+    return d, next_state(state, inp, d)
+
+
+def is_failure(state: CallState, d: Decision) -> bool:
+    """A failed turn: no-match, "no" to a confirmation, silence, a wrong key, a slot question unanswered."""
+    if d.reason in FAILURE_REASONS:
+        return True
+    p = state.pending_collect
+    return d.action == "collect" and p is not None and p.intent == d.intent and len(d.slots) <= len(p.slots)
+
+
+def is_success(state: CallState, d: Decision) -> bool:
+    """An outcome, or a slot question answered: ends a run of failures."""
+    if d.action in FINAL_ACTIONS and d.reason != "repeat":
+        return True
+    p = state.pending_collect
+    return d.action == "collect" and p is not None and p.intent == d.intent and len(d.slots) > len(p.slots)
+
+
+def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
+    """The state after `d` answered `inp`. Pure; pending questions come from the Decision's fields."""
+    caller_turn = isinstance(inp, (Understanding, NoInput, DtmfDigit))
+    final = d.action in FINAL_ACTIONS and d.reason != "repeat"
+    success = is_success(state, d)
+    return dataclasses.replace(
+        state,
+        turn=state.turn + int(caller_turn),
+        failures=0 if success else state.failures + int(is_failure(state, d)),
+        stalls=0 if final or not caller_turn else state.stalls + 1,
+        no_inputs=state.no_inputs + 1 if isinstance(inp, NoInput) else 0,
+        pending_confirm=Pending(d.intent, dict(d.slots), d.target) if d.action == "confirm" else None,
+        pending_clarify=(d.options[0], d.options[1]) if d.action == "clarify" and len(d.options) == 2 else None,
+        pending_collect=Pending(d.intent, dict(d.slots)) if d.action == "collect" else None,
+        collected={**state.collected, **d.slots} if final and d.slots else state.collected,
+        dtmf_digits=state.dtmf_digits + inp.digits if isinstance(inp, DtmfDigit) else state.dtmf_digits,
+        menu_active=d.action == "dtmf_menu" or (state.menu_active and not final),
+        last=d,
+        engine_error=state.engine_error or isinstance(inp, EngineFailure),
+        redis_error=state.redis_error or isinstance(inp, RedisFailure),
+        ended=d.action in ENDING_ACTIONS,
+    )
+
+
+# -- routing to queues --------------------------------------------------------------------------------
+
+
+def _route(policy: Policy, state: CallState, queue: str, reason: str, prompt_key: str | None = None, *,
+           intent: str | None = None, slots: Mapping[str, Any] | None = None, style: str = "neutral",
+           system_error: bool = False) -> Decision:
+    """Transfer to `queue`, honouring business hours: a closed queue gives its out-of-hours
+    message, a callback offer, or the next queue in its chain (validated to end). The callback
+    question is asked once and never at the stall limit: then the caller hears the goodbye."""
+    slots = dict(slots or {})
+    seen: list[str] = []
+    q = queue
+    while q not in seen:
+        seen.append(q)
+        spec = policy.queues[q]
+        if spec.hours is None or spec.hours.is_open(state.now):
+            key = prompt_key or spec.prompt or "transfer"
+            return Decision("transfer", render(policy.prompts[key], slots), target=q,
+                            reason=reason if q == queue else "out_of_hours", intent=intent, slots=slots, style=style)
+        ooh = spec.out_of_hours
+        assert ooh is not None  # schema: a queue with hours has out_of_hours
+        if ooh.action == "queue" and ooh.queue:
+            q = ooh.queue
+            continue
+        if system_error:  # no callback question when the engine or Redis is down: say sorry, end
+            return Decision("hangup", policy.prompts.get("apology_closed", policy.prompts["apology"]), target=q,
+                            reason=reason, intent=intent, style="calm")
+        text = policy.prompts[ooh.prompt or "goodbye"]
+        if ooh.action == "callback":  # a yes/no question; intent None + target marks it as a callback
+            asked = state.pending_confirm is not None and state.pending_confirm.intent is None
+            if asked or state.stalls + 1 >= policy.escalation.max_failures.max_stalled_turns:
+                return Decision("hangup", policy.prompts.get("callback_declined", policy.prompts["goodbye"]),
+                                target=q, reason="out_of_hours", style=style)
+            return Decision("confirm", text, target=q, reason="out_of_hours", style=style)
+        return Decision("hangup", text, target=q, reason="out_of_hours", intent=intent, style=style)
+    raise AssertionError("out-of-hours cycle passed validation")  # schema rejects cycles
+
+
+def _system_error(policy: Policy, state: CallState, reason: str) -> Decision:
+    rule = policy.escalation.system_error
+    return _route(policy, state, rule.queue, reason, rule.prompt or "apology", style="calm", system_error=True)
+
+
+def _escalate_failures(policy: Policy, state: CallState) -> Decision:
+    rule = policy.escalation.max_failures
+    return _route(policy, state, rule.queue, "max_failures", rule.prompt, style="calm")
+
+
+# -- failures --------------------------------------------------------------------------------------
+
+
+def _fail(policy: Policy, state: CallState, reason: str, prompt_key: str) -> Decision:
+    """A failed turn: escalate after max_failures, offer the keypad menu after dtmf.after_failures,
+    otherwise reprompt."""
+    n = state.failures + 1
+    if n >= policy.escalation.max_failures.count:
+        return _escalate_failures(policy, state)
+    text = policy.prompts[prompt_key]
+    if policy.dtmf.enabled and n >= policy.dtmf.after_failures:
+        return Decision("dtmf_menu", _join(text, policy.prompts[policy.dtmf.prompt]), reason="dtmf_menu",
+                        options=tuple(policy.dtmf.options))
+    return Decision("reprompt", text, reason=reason)
+
+
+def _reask(policy: Policy, state: CallState, reason: str, prefix_key: str) -> Decision | None:
+    """Ask the pending question again (confirm, clarify, slot) after a turn that did not answer it.
+    Counts as a failed turn, so it escalates like any other; None when nothing is pending."""
+    last = state.last
+    if last is None or last.action not in ("confirm", "clarify", "collect"):
+        return None
+    if state.failures + 1 >= policy.escalation.max_failures.count:
+        return _escalate_failures(policy, state)
+    prompt = _join(policy.prompts.get(prefix_key, ""), last.prompt)
+    return dataclasses.replace(last, prompt=prompt, reason="slot_missing" if last.action == "collect" else reason)
+
+
+# -- no input and keys ------------------------------------------------------------------------------
+
+
+def _no_input(policy: Policy, state: CallState) -> Decision:
+    rule = policy.no_input
+    if state.no_inputs + 1 >= rule.max:
+        if rule.then == "transfer" and rule.queue:
+            return _route(policy, state, rule.queue, "no_input")
+        return Decision("hangup", policy.prompts[rule.final_prompt], reason="no_input")
+    again = _reask(policy, state, "no_input", "still_there")
+    if again is not None:
+        return dataclasses.replace(again, reason="no_input") if again.action != "transfer" else again
+    return _fail(policy, state, "no_input", rule.prompt)
+
+
+def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
+    keys = digits.rstrip("#")
+    p = state.pending_collect
+    if p is not None and p.intent is not None and keys.isdigit():
+        # A digits slot being collected takes the keys as its value (account number on the keypad).
+        missing = _missing_slots(policy, p.intent, p.slots)
+        if missing and policy.slots.get(missing[0]) and policy.slots[missing[0]].type == "digits":
+            return _collect(policy, state, p.intent, {**p.slots, missing[0]: keys}, "slot_filled")
+    target = policy.dtmf.options.get(keys[:1]) if len(keys) == 1 else None
+    if target is not None:
+        return _act(policy, state, target, {}, "dtmf_selection")
+    sorry = policy.prompts.get("dtmf_invalid", policy.prompts["reprompt"])
+    if not policy.dtmf.enabled:
+        return _fail(policy, state, "dtmf_invalid", "reprompt")
+    if state.failures + 1 >= policy.escalation.max_failures.count:
+        return _escalate_failures(policy, state)
+    return Decision("dtmf_menu", _join(sorry, policy.prompts[policy.dtmf.prompt]), reason="dtmf_invalid",
+                    options=tuple(policy.dtmf.options))
+
+
+# -- understood speech --------------------------------------------------------------------------------
+
+
+def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
+    esc = policy.escalation
+    top, conf = u.intent, u.confidence
+    if top == esc.agent_request.intent and conf >= policy.accept_for(top):
+        return _route(policy, state, esc.agent_request.queue, "agent_requested", esc.agent_request.prompt,
+                      intent=top)
+    if u.caller_state.get("frustration", 0.0) >= esc.frustration.threshold:
+        return _route(policy, state, esc.frustration.queue, "frustration", esc.frustration.prompt, style="calm")
+    if u.error is not None:
+        return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence",
+                                                                              "reprompt")
+    affirm, deny = policy.intent_of_type("affirm"), policy.intent_of_type("deny")
+    ctx = policy.thresholds.context_accept
+    probs = {name: p for name, p in u.alternatives}
+    probs.setdefault(top, conf)
+
+    if (pc := state.pending_confirm) is not None:
+        if top == affirm and conf >= ctx:
+            if pc.intent is None:  # a callback offer accepted
+                return Decision("hangup", policy.prompts.get("callback_done", policy.prompts["goodbye"]),
+                                target=pc.queue, reason="callback")
+            return _act(policy, state, pc.intent, pc.slots, "confirmed")
+        if top == deny and conf >= ctx:
+            if pc.intent is None:
+                return Decision("hangup", policy.prompts.get("callback_declined", policy.prompts["goodbye"]),
+                                reason="goodbye")
+            return _fail(policy, state, "denied", "denied")
+        if pc.intent is not None and top == pc.intent and conf >= policy.confirm_for(top):
+            # "Yes, I want to pay my bill": restating the intent answers the question.
+            return _act(policy, state, pc.intent, {**pc.slots, **u.slots}, "confirmed")
+    if (pair := state.pending_clarify) is not None:
+        pick = max(pair, key=lambda n: probs.get(n, 0.0))
+        if probs.get(pick, 0.0) >= ctx:
+            return _act(policy, state, pick, u.slots, "clarified")
+        if top == deny and conf >= ctx:  # "neither"
+            return _fail(policy, state, "denied", "denied")
+    if (pcol := state.pending_collect) is not None and pcol.intent is not None:
+        missing = _missing_slots(policy, pcol.intent, pcol.slots)
+        new = {k: v for k, v in u.slots.items() if k in missing}
+        elsewhere = top not in (None, pcol.intent) and conf >= policy.accept_for(top) and top not in (affirm, deny)
+        if new and not elsewhere:
+            return _collect(policy, state, pcol.intent, {**pcol.slots, **new}, "slot_filled")
+        if not elsewhere and top != policy.intent_of_type("repeat"):  # repeat: handled below, keeps the question
+            again = _reask(policy, state, "slot_missing", "slot_retry")
+            if again is not None:
+                return again
+
+    if top is None:  # only slot values, with no question asking for them
+        if u.slots and conf >= ctx:
+            return _fail(policy, state, "no_context", "no_context")
+        return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence",
+                                                                              "reprompt")
+    # Two task intents almost equally likely: ask which one rather than guess.
+    tasks = [(n, p) for n, p in sorted(probs.items(), key=lambda kv: -kv[1])
+             if n is not None and n in policy.intents and policy.intents[n].action.type in
+             ("answer", "collect", "transfer", "hangup")]
+    t = policy.thresholds
+    if (len(tasks) >= 2 and tasks[0][0] == top and tasks[0][1] < policy.accept_for(top)
+            and tasks[0][1] - tasks[1][1] < t.ambiguity_margin and tasks[1][1] >= t.ambiguity_floor):
+        a, b = tasks[0][0], tasks[1][0]
+        return Decision("clarify", render(policy.prompts["clarify"], {"a": policy.label(a), "b": policy.label(b)}),
+                        reason="ambiguous", options=(a, b))
+    if conf >= policy.accept_for(top):
+        return _act(policy, state, top, u.slots, "accepted")
+    if conf >= policy.confirm_for(top) and top in policy.intents:
+        kind = policy.intents[top].action.type
+        if kind in ("affirm", "deny"):
+            return _fail(policy, state, "no_context", "no_context")
+        if kind in ("repeat", "out_of_scope"):  # no point asking "you'd like to hear that again?"
+            return _act(policy, state, top, u.slots, "accepted")
+        return _confirm(policy, top, _intent_slots(policy, top, u.slots))
+    return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence", "reprompt")
+
+
+def _confirm(policy: Policy, intent: str, slots: Mapping[str, Any]) -> Decision:
+    spec = policy.intents[intent]
+    template = policy.prompts[spec.confirm_prompt or "confirm"]
+    text = render(template, {**slots, "intent": policy.label(intent)})
+    return Decision("confirm", text, reason="confirm_requested", intent=intent, slots=dict(slots))
+
+
+def _intent_slots(policy: Policy, intent: str, slots: Mapping[str, Any]) -> dict[str, Any]:
+    allowed = policy.intents[intent].slots if intent in policy.intents else []
+    return {k: v for k, v in slots.items() if k in allowed}
+
+
+def _missing_slots(policy: Policy, intent: str, have: Mapping[str, Any]) -> list[str]:
+    return [s for s in policy.intents[intent].action.collect if s not in have]
+
+
+def _act(policy: Policy, state: CallState, intent: str, slots: Mapping[str, Any], reason: str) -> Decision:
+    """Carry out an intent's action (the caller's meaning is settled)."""
+    if intent not in policy.intents:  # an engine label the policy does not know: treat as not understood
+        return _fail(policy, state, "out_of_scope", "out_of_scope")
+    spec = policy.intents[intent]
+    action = spec.action
+    slots = _intent_slots(policy, intent, slots)
+    esc = policy.escalation
+    if intent == esc.agent_request.intent:
+        return _route(policy, state, esc.agent_request.queue, "agent_requested", esc.agent_request.prompt,
+                      intent=intent)
+    if (rule := policy.sensitive_rule(intent)) is not None:
+        return _route(policy, state, rule.queue, "sensitive_intent", rule.prompt, intent=intent, slots=slots)
+    if action.type == "transfer" and action.queue:
+        return _route(policy, state, action.queue, reason, action.prompt, intent=intent, slots=slots)
+    if action.type == "answer":
+        return Decision("answer", render(policy.prompts[action.prompt or ""], slots), reason=reason, intent=intent,
+                        slots=slots)
+    if action.type == "hangup":
+        return Decision("hangup", render(policy.prompts[action.prompt or "goodbye"], slots), reason="goodbye",
+                        intent=intent, slots=slots)
+    if action.type == "collect":
+        return _collect(policy, state, intent, slots, reason)
+    if action.type == "repeat":
+        if state.last is None or state.last.action in ENDING_ACTIONS:
+            return _fail(policy, state, "no_context", "no_context")
+        return dataclasses.replace(state.last, reason="repeat")
+    if action.type == "out_of_scope":
+        return _fail(policy, state, "out_of_scope", "out_of_scope")
+    return _fail(policy, state, "no_context", "no_context")  # affirm/deny with nothing to confirm
+
+
+def _collect(policy: Policy, state: CallState, intent: str, slots: Mapping[str, Any], reason: str) -> Decision:
+    action = policy.intents[intent].action
+    missing = _missing_slots(policy, intent, slots)
+    if missing:
+        return Decision("collect", policy.prompts[action.ask[missing[0]]], reason="slot_missing", intent=intent,
+                        slots=dict(slots))
+    return Decision("answer", render(policy.prompts[action.prompt or ""], slots), reason=reason, intent=intent,
+                    slots=dict(slots))

@@ -1,0 +1,173 @@
+"""Engine outputs on an evaluation set, for tuning and simulation: run the understanding model once
+over EVAL_DIR (manifest.jsonl + 8 kHz WAVs), cache the Understandings as JSON lines, reuse them.
+
+Outputs file format (also what `bot policy tune --outputs` reads), one JSON object per line:
+    {"audio": "x.wav", "gold": "pay_bill" | null, "gold_slots": {...}, "understanding": {Understanding.to_dict()}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from engine.types import SAMPLE_RATE, Understanding
+from ops.logs import get_logger
+
+log = get_logger("policies.replay")
+CACHE_DIR_ENV = "BOT_TUNE_CACHE_DIR"  # where engine outputs are cached (default ./var/tune-cache)
+
+
+class ReplayError(ValueError):
+    """Bad evaluation input: a missing manifest, an unreadable WAV, a malformed outputs line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    audio: str
+    gold: str | None
+    understanding: Understanding
+    gold_slots: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"audio": self.audio, "gold": self.gold, "gold_slots": self.gold_slots,
+                "understanding": self.understanding.to_dict()}
+
+
+def understanding_from_dict(d: dict[str, Any]) -> Understanding:
+    """Inverse of Understanding.to_dict(); unknown keys are ignored so newer engines stay readable."""
+    if not isinstance(d, dict) or "confidence" not in d:
+        raise ReplayError(f"not an understanding: {str(d)[:120]}")
+    return Understanding(
+        intent=d.get("intent"),
+        confidence=float(d["confidence"]),
+        alternatives=[(a[0], float(a[1])) for a in d.get("alternatives") or []],
+        slots=dict(d.get("slots") or {}),
+        transcript=str(d.get("transcript") or ""),
+        caller_state={k: float(v) for k, v in (d.get("caller_state") or {}).items()},
+        end_of_turn=float(d.get("end_of_turn", 1.0)),
+        timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
+        error=d.get("error"),
+    )
+
+
+def read_outputs(path: str | Path) -> list[Record]:
+    out: list[Record] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReplayError(f"cannot read outputs {path}: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out.append(Record(str(d.get("audio", f"line{n}")), d.get("gold"), understanding_from_dict(d["understanding"]),
+                              dict(d.get("gold_slots") or {})))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ReplayError(f"{path}:{n}: bad outputs line: {exc}") from None
+    return out
+
+
+def write_outputs(path: str | Path, records: Iterable[Record]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    os.replace(tmp, p)  # a crash mid-write never leaves a truncated cache
+
+
+def read_manifest(eval_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(eval_dir) / "manifest.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReplayError(f"cannot read {path}: {exc}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "audio" not in row:
+                raise ValueError("needs an 'audio' field")
+        except ValueError as exc:
+            raise ReplayError(f"{path}:{n}: {exc}") from None
+        rows.append(row)
+    return rows
+
+
+def read_wav(path: str | Path) -> np.ndarray:
+    """An 8 kHz mono 16-bit WAV as int16 PCM."""
+    import soundfile as sf
+
+    try:
+        data, rate = sf.read(str(path), dtype="int16", always_2d=False)
+    except (OSError, RuntimeError, sf.LibsndfileError) as exc:
+        raise ReplayError(f"cannot read WAV {path}: {exc}") from None
+    if rate != SAMPLE_RATE:
+        raise ReplayError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE}")
+    if data.ndim != 1:
+        raise ReplayError(f"{path}: {data.shape[1]} channels, expected mono")
+    return data
+
+
+def load_model(model_dir: str | None = None) -> Any:
+    """The engine's UnderstandingModel (anything with understand_batch)."""
+    try:
+        from engine.understanding import UnderstandingModel
+    except ImportError as exc:
+        raise ReplayError(f"the engine's understanding model is not available: {exc}") from None
+    try:
+        return UnderstandingModel.load(model_dir) if model_dir else UnderstandingModel.load()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ReplayError(f"understanding model failed to load: {exc}") from None
+
+
+def _model_fingerprint(model_dir: str | None) -> str:
+    """Changes whenever the model files change, so a retrained model never reuses stale outputs."""
+    root = Path(model_dir or os.environ.get("BOT_ENGINE_MODEL_DIR") or Path(__file__).parents[1] / "engine" / "models")
+    parts = []
+    if root.exists():
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def cache_path(eval_dir: str | Path, model_dir: str | None = None) -> Path:
+    manifest = (Path(eval_dir) / "manifest.jsonl").read_bytes()
+    key = hashlib.sha1(str(Path(eval_dir).resolve()).encode() + manifest).hexdigest()[:12]
+    base = Path(os.environ.get(CACHE_DIR_ENV, "./var/tune-cache"))
+    return base / f"{Path(eval_dir).name}-{key}-{_model_fingerprint(model_dir)}.jsonl"
+
+
+def run_engine(eval_dir: str | Path, model: Any = None, model_dir: str | None = None, batch: int = 32,
+               limit: int | None = None, cache: str | Path | None = None) -> tuple[list[Record], Path | None]:
+    """Engine outputs for every manifest row, from the cache when fresh; returns (records, cache path)."""
+    rows = read_manifest(eval_dir)[:limit] if limit else read_manifest(eval_dir)
+    cpath = Path(cache) if cache else (cache_path(eval_dir, model_dir) if not limit else None)
+    if cpath is not None and cpath.exists():
+        cached = read_outputs(cpath)
+        if len(cached) == len(rows):
+            log.info("tune_cache_hit", path=str(cpath), n=len(cached))
+            return cached, cpath
+    model = model or load_model(model_dir)
+    records: list[Record] = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        pcms = [read_wav(Path(eval_dir) / r["audio"]) for r in chunk]
+        outs = model.understand_batch(pcms)
+        records += [Record(r["audio"], r.get("intent"), u, dict(r.get("slots") or {})) for r, u in zip(chunk, outs)]
+    if cpath is not None:
+        write_outputs(cpath, records)
+        log.info("tune_cache_written", path=str(cpath), n=len(records))
+    return records, cpath

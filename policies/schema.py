@@ -1,0 +1,482 @@
+"""The policy document: a pydantic schema, cross-reference checks, and errors that point at YAML lines.
+
+`load_policy(path)` / `parse_policy(text)` return a frozen `Policy` or raise `PolicyError`, whose
+`.errors` is a list of {line, column, field, message} an admin console can show next to the text.
+A load never touches a policy already in use: every load builds new objects.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ops.logs import get_logger
+from ops.metrics import ERRORS
+
+log = get_logger("policies.schema")
+
+DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
+
+# Prompt keys decide() relies on; a policy missing any of them is rejected.
+REQUIRED_PROMPTS = (
+    "greeting",  # call start
+    "filler",  # "One moment." while something slow happens
+    "apology",  # engine/Redis failure, said before the transfer
+    "reprompt",  # low confidence: "Sorry, I didn't catch that..."
+    "confirm",  # "You'd like to {intent}, is that right?"
+    "clarify",  # "Is this about {a} or {b}?"
+    "denied",  # after a "no" to a confirmation
+    "no_context",  # "yes"/"no" with nothing to confirm
+    "out_of_scope",  # a request this line does not handle
+    "no_input",  # silence reprompt
+    "transfer",  # default transfer announcement
+    "goodbye",
+)
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+ActionType = Literal["answer", "collect", "transfer", "hangup", "affirm", "deny", "repeat", "out_of_scope"]
+_SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+_PLACEHOLDER = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Prob = Field(ge=0.0, le=1.0)
+
+
+class IntentAction(_Model):
+    """answer: say `prompt`, keep listening. collect: ask for each slot in `collect` (prompts in `ask`),
+    then say `prompt`. transfer: hand to `queue`. hangup: say `prompt`, end the call.
+    affirm/deny/repeat/out_of_scope: the dialog's own intents (yes, no, say that again, not handled)."""
+
+    type: ActionType
+    prompt: str | None = None
+    queue: str | None = None
+    collect: list[str] = Field(default_factory=list)
+    ask: dict[str, str] = Field(default_factory=dict)
+
+
+class ThresholdOverride(_Model):
+    accept: float | None = Field(default=None, ge=0.0, le=1.0)
+    confirm: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class Intent(_Model):
+    description: str
+    examples: list[str] = Field(default_factory=list)  # owned by the engine (training data)
+    slots: list[str] = Field(default_factory=list)  # owned by the engine (slots it may carry)
+    label: str | None = None  # short phrase for confirm/clarify prompts ("pay your bill")
+    confirm_prompt: str | None = None  # prompt key overriding `confirm` (e.g. to mention {amount})
+    action: IntentAction
+
+
+class SlotDef(_Model):
+    type: Literal["money", "day", "digits"]
+    description: str = ""
+
+
+class Thresholds(_Model):
+    accept: float = Field(default=0.85, ge=0.0, le=1.0)  # act without asking at or above this
+    confirm: float = Field(default=0.5, ge=0.0, le=1.0)  # confirm band: [confirm, accept)
+    ambiguity_margin: float = Field(default=0.1, ge=0.0, le=1.0)  # top two within this -> ask which
+    ambiguity_floor: float = Field(default=0.2, ge=0.0, le=1.0)  # runner-up must reach this to be a candidate
+    context_accept: float = Field(default=0.5, ge=0.0, le=1.0)  # yes/no, clarify answer, slot-only answers
+    overrides: dict[str, ThresholdOverride] = Field(default_factory=dict)
+
+
+class Rule(_Model):
+    queue: str
+    prompt: str | None = None  # announcement before the transfer (default prompt `transfer`)
+
+
+class AgentRule(Rule):
+    intent: str
+
+
+class SensitiveRule(Rule):
+    intent: str
+
+
+class FailureRule(Rule):
+    count: int = Field(default=3, ge=1, le=20)  # consecutive failed turns -> transfer
+    max_stalled_turns: int = Field(default=6, ge=1, le=50)  # turns without any outcome -> transfer
+
+
+class FrustrationRule(Rule):
+    threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+
+
+class Escalation(_Model):
+    agent_request: AgentRule
+    max_failures: FailureRule
+    sensitive: list[SensitiveRule] = Field(default_factory=list)
+    frustration: FrustrationRule
+    system_error: Rule  # engine or Redis failure: apology, then this queue
+
+
+class NoInput(_Model):
+    timeout_s: float = Field(default=6.0, gt=0.0, le=120.0)  # silence before a no-input event
+    max: int = Field(default=2, ge=1, le=10)  # consecutive no-inputs before `then`
+    then: Literal["transfer", "hangup"] = "hangup"
+    queue: str | None = None  # for then: transfer
+    prompt: str = "no_input"
+    final_prompt: str = "goodbye"  # for then: hangup
+
+
+class Dtmf(_Model):
+    enabled: bool = True
+    after_failures: int = Field(default=2, ge=1, le=20)  # offer the keypad menu after this many failures
+    prompt: str = "dtmf_menu"
+    options: dict[str, str] = Field(default_factory=dict)  # digit -> intent
+
+    @field_validator("options")
+    @classmethod
+    def _digits(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if k not in "0123456789*#" or len(k) != 1]
+        if bad:
+            raise ValueError(f"menu keys must be single keypad digits, got {bad}")
+        return v
+
+
+class Hours(_Model):
+    timezone: str = "UTC"
+    weekly: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], list[str]] = Field(default_factory=dict)
+    holidays: list[dt.date] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {v!r}") from exc
+        return v
+
+    @field_validator("weekly")
+    @classmethod
+    def _spans(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for day, spans in v.items():
+            for s in spans:
+                m = _SPAN.match(s)
+                if not m or (int(m[3]), int(m[4])) <= (int(m[1]), int(m[2])) or (m[3] == "24" and m[4] != "00"):
+                    raise ValueError(f"{day}: {s!r} is not an opening span like '08:00-17:30'")
+        return v
+
+    def is_open(self, now: dt.datetime) -> bool:
+        """Open at `now` (an aware datetime; naive ones are taken as UTC)."""
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=dt.timezone.utc)
+        local = now.astimezone(ZoneInfo(self.timezone))
+        if local.date() in self.holidays:
+            return False
+        minute = local.hour * 60 + local.minute
+        for s in self.weekly.get(WEEKDAYS[local.weekday()], []):
+            m = _SPAN.match(s)
+            assert m is not None  # validated above
+            if int(m[1]) * 60 + int(m[2]) <= minute < int(m[3]) * 60 + int(m[4]):
+                return True
+        return False
+
+
+class OutOfHours(_Model):
+    """message: say `prompt` and end the call. callback: offer a callback (yes/no). queue: try `queue`."""
+
+    action: Literal["message", "callback", "queue"]
+    prompt: str | None = None
+    queue: str | None = None
+
+
+class Queue(_Model):
+    target: str  # what the bridge dials: a Twilio queue/number, a SIP URI
+    description: str = ""
+    prompt: str | None = None  # transfer announcement for this queue
+    hours: Hours | None = None  # None: always open
+    out_of_hours: OutOfHours | None = None
+
+
+class Policy(_Model):
+    name: str
+    description: str = ""
+    greeting: str = "greeting"  # prompt key
+    slots: dict[str, SlotDef] = Field(default_factory=dict)
+    intents: dict[str, Intent]
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    escalation: Escalation
+    no_input: NoInput = Field(default_factory=NoInput)
+    dtmf: Dtmf = Field(default_factory=Dtmf)
+    queues: dict[str, Queue]
+    prompts: dict[str, str]
+
+    # -- lookups decide() uses ---------------------------------------------------------------
+    def accept_for(self, intent: str | None) -> float:
+        o = self.thresholds.overrides.get(intent or "")
+        return o.accept if o and o.accept is not None else self.thresholds.accept
+
+    def confirm_for(self, intent: str | None) -> float:
+        o = self.thresholds.overrides.get(intent or "")
+        return o.confirm if o and o.confirm is not None else self.thresholds.confirm
+
+    def intent_of_type(self, kind: str) -> str | None:
+        return next((n for n, i in self.intents.items() if i.action.type == kind), None)
+
+    def label(self, intent: str) -> str:
+        i = self.intents.get(intent)
+        return (i.label or i.description) if i else intent.replace("_", " ")
+
+    def sensitive_rule(self, intent: str | None) -> SensitiveRule | None:
+        return next((r for r in self.escalation.sensitive if r.intent == intent), None)
+
+    def catalog_dict(self) -> dict[str, Any]:
+        """Plain data for engine.catalog.Catalog.from_dict: intents' examples/slots and slot types."""
+        return {
+            "intents": {n: {"examples": list(i.examples), "slots": list(i.slots)} for n, i in self.intents.items()},
+            "slots": {n: {"type": s.type} for n, s in self.slots.items()},
+        }
+
+    def static_prompts(self) -> list[str]:
+        """Every prompt the voice can pre-render at load: texts without placeholders, the greeting,
+        the filler and the apology, plus the confirm question for every intent without slot values."""
+        out: list[str] = []
+        for key in (self.greeting, "filler", "apology"):
+            out.append(self.prompts[key])
+        out += [t for t in self.prompts.values() if not _PLACEHOLDER.search(t)]
+        confirm = self.prompts["confirm"]
+        if set(_PLACEHOLDER.findall(confirm)) <= {"intent"}:
+            out += [confirm.replace("{intent}", self.label(n)) for n, i in self.intents.items()
+                    if i.action.type in ("answer", "collect", "transfer", "hangup") and not i.confirm_prompt]
+        return list(dict.fromkeys(out))  # unique, order kept
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyIssue:
+    line: int | None  # 1-based; None when the text could not be parsed far enough
+    column: int | None
+    field: str  # dotted path, e.g. "intents.pay_bill.action.queue"
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"line {self.line}, col {self.column}" if self.line else "?"
+        return f"{where}: {self.field or '<document>'}: {self.message}"
+
+
+class PolicyError(ValueError):
+    """An invalid policy. `.errors` lists every problem found, each pointing at a YAML line."""
+
+    def __init__(self, errors: list[PolicyIssue], source: str = "<policy>") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(f"  {e}" for e in errors))
+        # Every rejected policy is logged and counted, whoever loaded it (CLI, store, bot start).
+        ERRORS.labels(component="policy", kind="invalid_policy").inc()
+        log.warning("policy_rejected", source=source, errors=[str(e) for e in errors[:20]], count=len(errors))
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.errors]
+
+
+Path_ = tuple[str | int, ...]
+
+
+def _locate(root: yaml.Node | None, path: Path_) -> tuple[int | None, int | None]:
+    """Walk the composed YAML node tree along `path`; the deepest node reached gives the line.
+    A mapping key points at the key itself (where the field is written)."""
+    node, mark = root, root.start_mark if root is not None else None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if hit is None:
+                break
+            mark, node = hit[0].start_mark, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            break
+    if mark is None:
+        return None, None
+    return mark.line + 1, mark.column + 1
+
+
+def _issue(root: yaml.Node | None, path: Path_, message: str) -> PolicyIssue:
+    line, col = _locate(root, path)
+    return PolicyIssue(line, col, ".".join(str(p) for p in path), message)
+
+
+def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
+    """Cross-references pydantic cannot see: unknown intents/queues/prompts/slots, bands, cycles."""
+    errs: list[tuple[Path_, str]] = []
+    t = p.thresholds
+
+    def need_prompt(key: str | None, path: Path_) -> None:
+        if key is not None and key not in p.prompts:
+            errs.append((path, f"missing prompt {key!r} (not defined under prompts)"))
+
+    def need_queue(name: str | None, path: Path_) -> None:
+        if name is None:
+            errs.append((path, "a queue is required here"))
+        elif name not in p.queues:
+            errs.append((path, f"unreachable queue {name!r} (not defined under queues)"))
+
+    def need_intent(name: str, path: Path_) -> None:
+        if name not in p.intents:
+            errs.append((path, f"unknown intent {name!r}"))
+
+    for key in REQUIRED_PROMPTS:
+        if key not in p.prompts and key != "greeting":
+            errs.append((("prompts",), f"missing prompt {key!r} (required)"))
+    need_prompt(p.greeting, ("greeting",))
+    if t.confirm > t.accept:
+        errs.append((("thresholds", "confirm"), f"confirm band floor {t.confirm} is above accept {t.accept}"))
+    for name, o in t.overrides.items():
+        need_intent(name, ("thresholds", "overrides", name))
+        acc = o.accept if o.accept is not None else t.accept
+        con = o.confirm if o.confirm is not None else t.confirm
+        if con > acc:
+            errs.append((("thresholds", "overrides", name, "confirm"), f"confirm band floor {con} is above accept {acc}"))
+    for kind in ("affirm", "deny"):
+        if p.intent_of_type(kind) is None:
+            errs.append((("intents",), f"no intent with action type {kind!r} (needed to confirm)"))
+    for name, intent in p.intents.items():
+        base: Path_ = ("intents", name)
+        for s in intent.slots:
+            if s not in p.slots:
+                errs.append((base + ("slots",), f"unknown slot {s!r} (not defined under slots)"))
+        a = intent.action
+        ap = base + ("action",)
+        if a.type in ("answer", "hangup", "collect") and a.prompt is None:
+            errs.append((ap, f"action {a.type!r} needs a prompt"))
+        need_prompt(a.prompt, ap + ("prompt",))
+        need_prompt(intent.confirm_prompt, base + ("confirm_prompt",))
+        if a.type == "transfer":
+            need_queue(a.queue, ap + ("queue",))
+        elif a.queue is not None:
+            errs.append((ap + ("queue",), f"action {a.type!r} takes no queue"))
+        if a.type == "collect":
+            if not a.collect:
+                errs.append((ap, "action 'collect' needs a `collect` list of slots"))
+            for s in a.collect:
+                if s not in intent.slots:
+                    errs.append((ap + ("collect",), f"slot {s!r} is not one of this intent's slots {intent.slots}"))
+                if s not in a.ask:
+                    errs.append((ap + ("ask",), f"no prompt to ask for slot {s!r}"))
+        for s, key in a.ask.items():
+            need_prompt(key, ap + ("ask", s))
+        if a.prompt in p.prompts:
+            unknown = set(_PLACEHOLDER.findall(p.prompts[a.prompt])) - set(intent.slots)
+            if unknown:
+                errs.append((ap + ("prompt",), f"prompt {a.prompt!r} uses {sorted(unknown)}, not slots of {name!r}"))
+    e = p.escalation
+    for rule, path in ((e.agent_request, ("escalation", "agent_request")), (e.max_failures, ("escalation", "max_failures")),
+                       (e.frustration, ("escalation", "frustration")), (e.system_error, ("escalation", "system_error"))):
+        need_queue(rule.queue, path + ("queue",))
+        need_prompt(rule.prompt, path + ("prompt",))
+    need_intent(e.agent_request.intent, ("escalation", "agent_request", "intent"))
+    for i, r in enumerate(e.sensitive):
+        need_intent(r.intent, ("escalation", "sensitive", i, "intent"))
+        need_queue(r.queue, ("escalation", "sensitive", i, "queue"))
+        need_prompt(r.prompt, ("escalation", "sensitive", i, "prompt"))
+    n = p.no_input
+    need_prompt(n.prompt, ("no_input", "prompt"))
+    need_prompt(n.final_prompt, ("no_input", "final_prompt"))
+    if n.then == "transfer":
+        need_queue(n.queue, ("no_input", "queue"))
+    if p.dtmf.enabled:
+        need_prompt(p.dtmf.prompt, ("dtmf", "prompt"))
+        if not p.dtmf.options:
+            errs.append((("dtmf", "options"), "an enabled keypad menu needs options"))
+    for digit, name in p.dtmf.options.items():
+        need_intent(name, ("dtmf", "options", digit))
+    for qname, q in p.queues.items():
+        qp: Path_ = ("queues", qname)
+        need_prompt(q.prompt, qp + ("prompt",))
+        if q.hours is not None and q.out_of_hours is None:
+            errs.append((qp + ("hours",), "a queue with hours needs `out_of_hours` (what callers get when it is closed)"))
+        if q.out_of_hours is not None:
+            o = q.out_of_hours
+            need_prompt(o.prompt, qp + ("out_of_hours", "prompt"))
+            if o.action in ("message", "callback") and o.prompt is None:
+                errs.append((qp + ("out_of_hours",), f"out_of_hours {o.action!r} needs a prompt"))
+            if o.action == "queue":
+                need_queue(o.queue, qp + ("out_of_hours", "queue"))
+        # Follow the out-of-hours chain: a cycle of closed queues would never reach anyone.
+        seen, cur = [qname], q
+        while cur.out_of_hours is not None and cur.out_of_hours.action == "queue" and cur.out_of_hours.queue in p.queues:
+            nxt = cur.out_of_hours.queue
+            if nxt in seen:
+                errs.append((qp + ("out_of_hours", "queue"), f"out-of-hours chain loops: {' -> '.join(seen + [nxt])}"))
+                break
+            seen.append(nxt)
+            cur = p.queues[nxt]
+    return errs
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    """Validate policy YAML text into a new frozen Policy, or raise PolicyError with line numbers."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        msg = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
+        raise PolicyError([PolicyIssue(mark.line + 1 if mark else None, mark.column + 1 if mark else None, "",
+                                       f"invalid YAML: {msg}")], source) from None
+    if not isinstance(doc, dict):
+        raise PolicyError([PolicyIssue(1, 1, "", "a policy must be a YAML mapping")], source)
+    try:
+        policy = Policy.model_validate(doc)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            msg = err["msg"]
+            if err["type"] == "missing":
+                msg = f"field {loc[-1]!r} is required"
+            elif err["type"] == "extra_forbidden":
+                msg = f"unknown field {loc[-1]!r}"
+            issues.append(_issue(root, loc, msg))
+        raise PolicyError(issues, source) from None
+    errs = _semantic_errors(policy)
+    if errs:
+        raise PolicyError([_issue(root, path, msg) for path, msg in errs], source)
+    return policy
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Load and validate a policy file (default: policies/default.yaml)."""
+    p = Path(path) if path else DEFAULT_POLICY_PATH
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([PolicyIssue(None, None, "", f"cannot read policy: {exc}")], str(p)) from None
+    return parse_policy(text, source=str(p))
+
+
+def validate_text(text: str) -> list[PolicyIssue]:
+    """Every problem in a policy text (empty list: valid). For editors and the admin console."""
+    try:
+        parse_policy(text)
+    except PolicyError as exc:
+        return exc.errors
+    return []
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the policy document (for editors; committed as policies/policy.schema.json)."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Voicebot policy"
+    return schema

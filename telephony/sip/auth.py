@@ -1,0 +1,137 @@
+"""Admission control for trunks: source-IP allowlist, digest auth, INVITE rate limit, scanner filter.
+
+Digest (RFC 2617 / RFC 8760): nonces are stateless — an HMAC over a timestamp with a per-process
+secret — so no per-source state grows when someone floods us with unauthenticated INVITEs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "sipscan", "iwar", "sundayddr",
+                  "vaxsipuseragent", "pplsip", "smap", "sipbomber", "voipbuster", "sipsak-scan")
+
+
+def is_scanner(user_agent: str, from_hdr: str) -> bool:
+    ua = (user_agent + " " + from_hdr).lower()
+    return any(s in ua for s in SCANNER_AGENTS)
+
+
+class Allowlist:
+    def __init__(self, cidrs: str) -> None:
+        self.nets = [ipaddress.ip_network(c.strip(), strict=False) for c in cidrs.split(",") if c.strip()]
+
+    def allows(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr.version == n.version and addr in n for n in self.nets)
+
+
+class TokenBucket:
+    """Per-source INVITE rate limit; idle buckets are pruned so the table stays bounded."""
+
+    def __init__(self, rate: float, burst: float, max_sources: int = 10000) -> None:
+        self.rate, self.burst, self.max_sources = rate, burst, max_sources
+        self._b: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens, last = self._b.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self._b[key] = (tokens - 1.0 if ok else tokens, now)
+        if len(self._b) > self.max_sources:
+            full = [k for k, (t, l) in self._b.items() if t + (now - l) * self.rate >= self.burst]
+            for k in full[: len(self._b) // 2]:
+                del self._b[k]
+        return ok
+
+
+_PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*("((?:[^"\\]|\\.)*)"|[^\s,]+)')
+
+
+def parse_digest(header: str) -> dict[str, str]:
+    scheme, _, rest = header.strip().partition(" ")
+    if scheme.lower() != "digest":
+        return {}
+    return {m.group(1).lower(): (m.group(3) if m.group(3) is not None else m.group(2)) for m in _PARAM.finditer(rest)}
+
+
+def _h(algorithm: str, data: str) -> str:
+    fn = hashlib.sha256 if algorithm.upper().startswith("SHA-256") else hashlib.md5
+    return fn(data.encode()).hexdigest()
+
+
+def digest_response(algorithm: str, user: str, realm: str, password: str, method: str, uri: str, nonce: str,
+                    qop: str = "", nc: str = "", cnonce: str = "") -> str:
+    ha1 = _h(algorithm, f"{user}:{realm}:{password}")
+    ha2 = _h(algorithm, f"{method}:{uri}")
+    if qop:
+        return _h(algorithm, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+    return _h(algorithm, f"{ha1}:{nonce}:{ha2}")
+
+
+@dataclass
+class DigestAuth:
+    user: str
+    password: str
+    realm: str = "voicebot"
+    nonce_ttl_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        self._secret = secrets.token_bytes(16)
+
+    def _sign(self, ts: str) -> str:
+        return hmac.new(self._secret, ts.encode(), hashlib.sha256).hexdigest()[:24]
+
+    def challenge(self, stale: bool = False) -> str:
+        ts = f"{time.time():.0f}"
+        nonce = f"{ts}.{self._sign(ts)}"
+        return (f'Digest realm="{self.realm}", nonce="{nonce}", algorithm=MD5, qop="auth"'
+                + (", stale=true" if stale else ""))
+
+    def verify(self, header: str, method: str) -> str:
+        """'ok', 'stale' (good credentials, expired nonce: re-challenge) or 'bad'/'missing'."""
+        p = parse_digest(header)
+        if not p:
+            return "missing"
+        nonce = p.get("nonce", "")
+        ts, _, sig = nonce.partition(".")
+        if not hmac.compare_digest(sig, self._sign(ts)) or not ts.isdigit():
+            return "bad"
+        if p.get("username") != self.user or p.get("realm") != self.realm:
+            return "bad"
+        algorithm = p.get("algorithm", "MD5")
+        if algorithm.upper() not in ("MD5", "SHA-256"):
+            return "bad"
+        expected = digest_response(algorithm, self.user, self.realm, self.password, method, p.get("uri", ""),
+                                   nonce, p.get("qop", ""), p.get("nc", ""), p.get("cnonce", ""))
+        if not hmac.compare_digest(expected, p.get("response", "")):
+            return "bad"
+        if time.time() - int(ts) > self.nonce_ttl_s:
+            return "stale"
+        return "ok"
+
+
+def authorization_header(challenge: str, user: str, password: str, method: str, uri: str) -> str:
+    """Client side (our UAC): answer a WWW-Authenticate challenge."""
+    p = parse_digest(challenge)
+    algorithm = p.get("algorithm", "MD5")
+    qop = "auth" if "auth" in p.get("qop", "").split(",") else ""
+    cnonce, nc = secrets.token_hex(8), "00000001"
+    resp = digest_response(algorithm, user, p["realm"], password, method, uri, p["nonce"], qop, nc, cnonce)
+    h = (f'Digest username="{user}", realm="{p["realm"]}", nonce="{p["nonce"]}", uri="{uri}", '
+         f'response="{resp}", algorithm={algorithm}')
+    if qop:
+        h += f', qop={qop}, nc={nc}, cnonce="{cnonce}"'
+    return h

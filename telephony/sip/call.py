@@ -1,0 +1,184 @@
+"""A SIP call as a telephony.bridge.CallBridge: dialog state (RFC 3261 section 12) + its RTP session.
+
+The server owns transports and transactions; a SipCall owns what belongs to one dialog: tags,
+CSeq counters, remote target and route set, the media session, the inbound event queue, and the
+outbound requests it starts (BYE, REFER).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import numpy as np
+
+from ops.logs import get_logger
+from ops.metrics import ERRORS, TRANSFERS
+from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent
+from telephony.sip.media import RtpSession
+from telephony.sip.message import SipMessage, addr_uri
+
+if TYPE_CHECKING:
+    from telephony.sip.server import Peer, SipServer
+
+
+TRANSFER_BYE_DELAY_S = 0.5
+MAX_QUEUED_EVENTS = 1500  # 30 s of 20 ms frames
+
+
+class SipCall(CallBridge):
+    def __init__(self, server: SipServer, invite: SipMessage, peer: Peer, local_tag: str, local_ip: str) -> None:
+        self.server = server
+        self.invite = invite
+        self.peer = peer
+        self.local_tag = local_tag
+        self.local_ip = local_ip
+        self.call_id = invite.call_id
+        self.remote_tag = invite.from_tag
+        self.local_uri = f"{invite.get('To')};tag={local_tag}"  # our From in requests we send
+        self.remote_uri = invite.get("From")
+        contact = invite.get("Contact")
+        self.remote_target = addr_uri(contact) if contact else addr_uri(invite.get("From"))
+        self.route_set = invite.get_all("Record-Route")
+        self.remote_cseq = invite.cseq[0]
+        self.local_cseq = 1
+        self.state = "early"  # early -> confirmed -> terminated
+        self.end_reason = ""
+        self.log = get_logger("telephony.sip.call", call_id=self.call_id)
+        self._events: asyncio.Queue[InboundEvent] = asyncio.Queue()
+        self.media = RtpSession(self.call_id, self._emit, self._on_rtp_timeout,
+                                jitter_target=server.settings.jitter_target_frames,
+                                rtp_timeout_s=server.settings.rtp_timeout_s)
+        self.info = CallInfo(call_id=self.call_id, transport="sip", caller=_user(self.remote_uri),
+                             called=_user(invite.get("To")),
+                             params={"source_ip": peer.addr[0], "user_agent": invite.get("User-Agent")[:80]})
+        self._refer: asyncio.Future[int] | None = None
+        self.acked = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.started_at = time.monotonic()
+        self.sdp_session: Any = None
+        self.handler_task: asyncio.Task[None] | None = None
+        self.dtmf_info_digits = 0
+        self.awaiting_answer = False  # we offered (late offer / offerless re-INVITE); the ACK answers
+
+    # CallBridge ----------------------------------------------------------------------------------
+    async def events(self) -> AsyncIterator[InboundEvent]:  # type: ignore[override]
+        while True:
+            ev = await self._events.get()
+            yield ev
+            if isinstance(ev, CallEnded):
+                return
+
+    async def send_audio(self, pcm: np.ndarray) -> None:
+        if self.state != "terminated":
+            self.media.queue_audio(pcm)
+
+    async def mark(self, name: str) -> None:
+        self.media.queue_mark(name)
+
+    async def clear(self) -> None:
+        self.media.clear()
+
+    async def hangup(self, reason: str = "completed") -> None:
+        if self.state == "terminated":
+            return
+        self._finish(reason)
+        await self.server.send_in_dialog(self, "BYE")
+
+    async def transfer(self, target: str, context: dict[str, Any]) -> bool:
+        """REFER the caller to the queue's URI (RFC 3515); on failure try BOT_SIP_TRANSFER_FALLBACK."""
+        settings = self.server.settings
+        uri = resolve_target(target, settings.queue_uris, settings.transfer_fallback)
+        tried: list[str] = []
+        for candidate in [uri, settings.transfer_fallback]:
+            if not candidate or candidate in tried or self.state == "terminated":
+                continue
+            tried.append(candidate)
+            ok = await self._refer_once(candidate, target)
+            TRANSFERS.labels("sip", target, "success" if ok else "failed").inc()
+            if ok:
+                # Leave the call a moment *after* reporting success, so the conversation records the
+                # transfer before it sees CallEnded (RFC 3515: the transferor BYEs after NOTIFY 200).
+                asyncio.get_running_loop().call_later(TRANSFER_BYE_DELAY_S, self._bye_after_transfer)
+                return True
+        return False
+
+    def _bye_after_transfer(self) -> None:
+        if self.state != "terminated":
+            self.server._spawn(self.hangup("transferred"))
+
+    async def _refer_once(self, uri: str, queue: str) -> bool:
+        loop = asyncio.get_running_loop()
+        self._refer = loop.create_future()
+        referred_by = f"<sip:bot@{self.local_ip}:{self.server.port}>"
+        resp = await self.server.send_in_dialog(
+            self, "REFER", [("Refer-To", f"<{uri}>"), ("Referred-By", referred_by)])
+        if resp is None or not 200 <= resp.status < 300:
+            self.log.warning("refer_rejected", status=resp.status if resp else None, queue=queue)
+            ERRORS.labels("sip", "refer_rejected").inc()
+            return False
+        try:
+            status = await asyncio.wait_for(asyncio.shield(self._refer), self.server.settings.transfer_timeout_s)
+        except asyncio.TimeoutError:
+            ERRORS.labels("sip", "refer_timeout").inc()
+            return False
+        finally:
+            self._refer = None
+        self.log.info("refer_result", status=status, queue=queue)
+        return 200 <= status < 300
+
+    def on_notify(self, msg: SipMessage) -> None:
+        """NOTIFY for our REFER: the body is a sipfrag status line (RFC 3515 2.4.5)."""
+        line = msg.body.decode("utf-8", errors="replace").strip().splitlines()[:1]
+        parts = line[0].split() if line else []
+        code = int(parts[1]) if len(parts) >= 2 and parts[0] == "SIP/2.0" and parts[1].isdigit() else 0
+        terminated = msg.get("Subscription-State").lower().startswith("terminated")
+        if self._refer is not None and not self._refer.done():
+            if code >= 200:
+                self._refer.set_result(code)
+            elif terminated:
+                self._refer.set_result(code or 487)
+
+    # Lifecycle ------------------------------------------------------------------------------------
+    def _emit(self, ev: InboundEvent) -> None:
+        """Queue an inbound event; a consumer that stopped reading loses audio, never memory or DTMF."""
+        if isinstance(ev, AudioIn) and self._events.qsize() >= MAX_QUEUED_EVENTS:
+            ERRORS.labels("sip", "event_overflow").inc()
+            return
+        self._events.put_nowait(ev)
+
+    def _on_rtp_timeout(self) -> None:
+        self.log.warning("rtp_timeout", timeout_s=self.media.rtp_timeout_s)
+        ERRORS.labels("rtp", "timeout").inc()
+        asyncio.get_running_loop().create_task(self.hangup("rtp_timeout"))
+
+    def _finish(self, reason: str) -> None:
+        """Terminate locally (idempotent): stop media, end the event stream, leave the server tables."""
+        if self.state == "terminated":
+            return
+        self.state = "terminated"
+        self.end_reason = reason
+        self.server.clock.discard(self.media)
+        self.media.close()
+        self._events.put_nowait(CallEnded(reason, time.monotonic()))
+        self.ended.set()
+        if self._refer is not None and not self._refer.done():
+            self._refer.set_result(487)
+        self.server.forget(self)
+        self.log.info("call_ended", reason=reason, duration_s=round(time.monotonic() - self.started_at, 2),
+                      rx=self.media.stats["rx"], tx=self.media.stats["tx"], rx_bad=self.media.stats["rx_bad"])
+
+
+def _user(value: str) -> str:
+    uri = addr_uri(value)
+    user = uri.split(":", 1)[-1].split("@")[0] if "@" in uri else ""
+    return user
+
+
+def resolve_target(target: str, queues: dict[str, str], fallback: str) -> str:
+    """Queue name -> configured URI; sip:/sips:/tel: URIs pass through; unknown names -> fallback."""
+    if target.lower().startswith(("sip:", "sips:", "tel:")):
+        return target
+    return queues.get(target, fallback)
+

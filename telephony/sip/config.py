@@ -1,0 +1,49 @@
+"""SIP bridge settings from environment variables (telephony/ may not import bot.config)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def parse_queue_uris(spec: str) -> dict[str, str]:
+    """'billing=sip:billing@10.0.0.5,retention=sip:ret@pbx' -> {name: uri}."""
+    out: dict[str, str] = {}
+    for part in spec.split(","):
+        name, sep, uri = part.strip().partition("=")
+        if sep and name.strip() and uri.strip():
+            out[name.strip()] = uri.strip()
+    return out
+
+
+def _default_allow() -> str:
+    # With digest credentials configured, auth protects the port: admit any source by default.
+    if os.environ.get("BOT_SIP_PASSWORD"):
+        return "0.0.0.0/0,::/0"
+    return "127.0.0.0/8,::1/128"
+
+
+@dataclass(frozen=True)
+class SipSettings:
+    public_ip: str = field(default_factory=lambda: _env("BOT_SIP_PUBLIC_IP", ""))  # SDP/Contact address
+    rtp_port_min: int = field(default_factory=lambda: int(_env("BOT_RTP_PORT_MIN", "20000")))
+    rtp_port_max: int = field(default_factory=lambda: int(_env("BOT_RTP_PORT_MAX", "30000")))
+    rtp_timeout_s: float = field(default_factory=lambda: float(_env("BOT_RTP_TIMEOUT_S", "30")))
+    jitter_target_frames: int = field(default_factory=lambda: int(_env("BOT_SIP_JITTER_FRAMES", "3")))
+    allow: str = field(default_factory=lambda: _env("BOT_SIP_ALLOW", _default_allow()))
+    user: str = field(default_factory=lambda: _env("BOT_SIP_USER", ""))
+    password: str = field(default_factory=lambda: _env("BOT_SIP_PASSWORD", ""))
+    realm: str = field(default_factory=lambda: _env("BOT_SIP_REALM", "voicebot"))
+    invite_rate: float = field(default_factory=lambda: float(_env("BOT_SIP_INVITE_RATE", "20")))
+    invite_burst: float = field(default_factory=lambda: float(_env("BOT_SIP_INVITE_BURST", "100")))
+    max_calls: int = field(default_factory=lambda: int(_env("BOT_SIP_MAX_CALLS", "200")))
+    queue_uris: dict[str, str] = field(default_factory=lambda: parse_queue_uris(_env("BOT_SIP_QUEUE_URIS", "")))
+    transfer_fallback: str = field(default_factory=lambda: _env("BOT_SIP_TRANSFER_FALLBACK", ""))
+    transfer_timeout_s: float = field(default_factory=lambda: float(_env("BOT_SIP_TRANSFER_TIMEOUT_S", "8")))
+    ring_s: float = field(default_factory=lambda: float(_env("BOT_SIP_RING_S", "0")))  # 180 -> 200 delay
+    scanner_reply: str = field(default_factory=lambda: _env("BOT_SIP_SCANNER_REPLY", "drop"))  # drop | 403
+    user_agent: str = "voicebot-sip/0.1"

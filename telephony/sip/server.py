@@ -1,0 +1,693 @@
+"""The SIP UAS: UDP + TCP transports, transactions, admission control, and call setup/teardown.
+
+Transactions are kept as small as RFC 3261 allows for a UAS that never forwards:
+- server side: the last response per (branch, method) is cached for 32 s and re-sent when the
+  request is retransmitted (timers J/H behaviour); a 2xx to INVITE is retransmitted T1..T2 until
+  the ACK arrives (13.3.1.4), and the call is torn down if none comes within 64*T1;
+- client side (BYE, REFER): retransmitted over UDP T1..T2 until a final response or 64*T1.
+Responses go back to the packet's source address (RFC 3581 symmetric response routing), which is
+what makes NATed trunks work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ops.logs import get_logger
+from ops.metrics import ERRORS, SIP_MESSAGES
+from telephony.sip.auth import Allowlist, DigestAuth, TokenBucket, is_scanner
+from telephony.sip.call import SipCall
+from telephony.sip.config import SipSettings
+from telephony.sip.clock import MediaClock
+from telephony.sip.dtmf import DtmfError, parse_info_body
+from telephony.sip.message import (
+    SipMessage, SipParseError, addr_uri, find_message_end, header_params, make_response, new_branch, new_tag,
+    parse_message, parse_uri, parse_via,
+)
+from telephony.sip.sdp import SdpError, SdpSession, negotiate, parse_sdp
+from telephony.bridge import DtmfIn
+
+T1, T2 = 0.5, 4.0
+TX_LINGER_S = 32.0
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY"
+KNOWN_NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "MESSAGE", "PUBLISH", "UPDATE", "PRACK"}
+
+_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "REFER", "NOTIFY"} | KNOWN_NOT_ALLOWED
+
+OnCall = Callable[[SipCall], Awaitable[None]]
+
+
+MAX_SERVER_TX = 20000
+
+
+def tx_key(msg: SipMessage) -> tuple[str, ...]:
+    """Server transaction id (17.2.3): RFC 3261 branch + sent-by + method; older (RFC 2543) clients
+    without a magic-cookie branch are matched on Call-ID, From tag, CSeq and the top Via."""
+    branch = msg.branch
+    if branch.startswith("z9hG4bK"):
+        return (branch, msg.top_via.split(";", 1)[0], msg.method)
+    return (msg.call_id, msg.from_tag, str(msg.cseq[0]), msg.top_via, msg.method)
+
+
+def _m(method: str) -> str:
+    """Metric label for a method: peers choose method names, so unknown ones share one series."""
+    return method if method in _METHODS else "other"
+log = get_logger("telephony.sip.server")
+
+
+@dataclass
+class Peer:
+    proto: str  # UDP | TCP
+    addr: tuple[str, int]
+    conn: "_TcpConn | None" = None
+
+
+@dataclass
+class _TxEntry:
+    data: bytes
+    peer: Peer
+    expires: float
+
+
+@dataclass
+class _ClientTx:
+    future: asyncio.Future[SipMessage]
+    provisional: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _TcpConn:
+    writer: asyncio.StreamWriter
+    addr: tuple[str, int]
+    closed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.writer.write(data)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, server: SipServer) -> None:
+        self.server = server
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.server.on_data(data, Peer("UDP", (addr[0], addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        ERRORS.labels("sip", "udp_error").inc()
+
+
+def local_ip_for(peer_ip: str) -> str:
+    """The address of our interface that routes to `peer_ip` (no packet is sent)."""
+    fam = socket.AF_INET6 if ":" in peer_ip else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((peer_ip, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class SipServer:
+    def __init__(self, host: str, port: int, on_call: OnCall, settings: SipSettings | None = None,
+                 udp: bool = True, tcp: bool = True) -> None:
+        self.host, self.port, self.on_call = host, port, on_call
+        self.settings = settings or SipSettings()
+        self.udp_enabled, self.tcp_enabled = udp, tcp
+        self.clock = MediaClock()
+        self.allow = Allowlist(self.settings.allow)
+        self.auth = (DigestAuth(self.settings.user, self.settings.password, self.settings.realm)
+                     if self.settings.password else None)
+        self.bucket = TokenBucket(self.settings.invite_rate, self.settings.invite_burst)
+        self.calls: dict[tuple[str, str], SipCall] = {}
+        self._pending: dict[str, SipCall] = {}  # INVITE branch -> call not yet answered (for CANCEL)
+        self._srv_tx: dict[tuple[str, ...], _TxEntry] = {}
+        self._cli_tx: dict[str, _ClientTx] = {}
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.base_events.Server | None = None
+        self._tcp_conns: dict[tuple[str, int], _TcpConn] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._accepting = False
+        self._janitor: asyncio.Task[None] | None = None
+        self._bad_logged: dict[str, float] = {}
+
+    # Lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        want = self.port
+        for _ in range(20 if want == 0 else 1):  # port 0 (tests): find a number free for UDP *and* TCP
+            self.port = want
+            try:
+                await self._bind(loop)
+                break
+            except OSError:
+                if want != 0:
+                    raise
+                if self._udp is not None:
+                    self._udp.close()
+                    self._udp = None
+        else:
+            raise OSError("no port free for both UDP and TCP")
+        self._accepting = True
+        self._janitor = loop.create_task(self._expire_loop())
+        log.info("sip_listening", host=self.host, port=self.port, udp=self.udp_enabled, tcp=self.tcp_enabled,
+                 auth=bool(self.auth), allow=self.settings.allow)
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.udp_enabled:
+            self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.host, self.port))
+            if self.port == 0:
+                self.port = self._udp.get_extra_info("sockname")[1]
+            sock = self._udp.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        if self.tcp_enabled:
+            self._tcp = await asyncio.start_server(self._on_tcp, self.host, self.port)
+            if self.port == 0:
+                self.port = self._tcp.sockets[0].getsockname()[1]
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new calls (503), let calls finish for up to `grace_s`, then BYE the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        byes = [asyncio.ensure_future(c.hangup("disconnected")) for c in list(self.calls.values())]
+        if byes:  # wait briefly for the BYEs' answers; a vanished peer must not stall shutdown
+            _, pending = await asyncio.wait(byes, timeout=2.0)
+            for t in pending:
+                t.cancel()
+        for call in list(self._pending.values()):
+            call._finish("disconnected")
+        for t in list(self._tasks):
+            t.cancel()
+        if self._janitor:
+            self._janitor.cancel()
+        await self.clock.stop()
+        if self._udp:
+            self._udp.close()
+        if self._tcp:
+            self._tcp.close()
+            for conn in list(self._tcp_conns.values()):
+                conn.writer.close()
+            await self._tcp.wait_closed()
+        log.info("sip_stopped")
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug in one call, not the server
+            ERRORS.labels("sip", "task_failed").inc()
+            log.error("sip_task_failed", error=repr(task.exception()))
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = time.monotonic()
+            for k in [k for k, e in self._srv_tx.items() if e.expires < now]:
+                del self._srv_tx[k]
+
+    # TCP --------------------------------------------------------------------------------------------
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        addr = writer.get_extra_info("peername")[:2]
+        conn = _TcpConn(writer, (addr[0], addr[1]))
+        self._tcp_conns[conn.addr] = conn
+        await self._read_stream(reader, conn)
+
+    async def _read_stream(self, reader: asyncio.StreamReader, conn: _TcpConn) -> None:
+        buf = bytearray()
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while True:
+                    while buf[:2] == b"\r\n":  # CRLF keep-alives (RFC 5626 ping)
+                        del buf[:2]
+                    try:
+                        found = find_message_end(buf)
+                    except SipParseError as exc:
+                        self._bad(exc.kind, Peer("TCP", conn.addr, conn), None)
+                        return  # framing is lost: the only safe thing is to drop the connection
+                    if found is None:
+                        break
+                    _, total = found
+                    data = bytes(buf[:total])
+                    del buf[:total]
+                    self.on_data(data, Peer("TCP", conn.addr, conn), stream=True)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            conn.closed = True
+            self._tcp_conns.pop(conn.addr, None)
+            conn.writer.close()
+
+    async def _tcp_connect(self, addr: tuple[str, int]) -> _TcpConn:
+        conn = self._tcp_conns.get(addr)
+        if conn and not conn.closed:
+            return conn
+        reader, writer = await asyncio.open_connection(addr[0], addr[1])
+        conn = _TcpConn(writer, addr)
+        self._tcp_conns[addr] = conn
+        self._spawn(self._read_stream(reader, conn))
+        return conn
+
+    # Sending ----------------------------------------------------------------------------------------
+    def _send(self, data: bytes, peer: Peer) -> None:
+        if peer.proto == "TCP":
+            if peer.conn is not None and not peer.conn.closed:
+                peer.conn.send(data)
+            else:
+                self._spawn(self._send_tcp_new(data, peer.addr))
+        elif self._udp is not None:
+            self._udp.sendto(data, peer.addr)
+
+    async def _send_tcp_new(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            (await self._tcp_connect(addr)).send(data)
+        except OSError:
+            ERRORS.labels("sip", "tcp_connect").inc()
+
+    def respond(self, req: SipMessage, peer: Peer, status: int, to_tag: str = "", reason: str = "",
+                extra: list[tuple[str, str]] | None = None, body: bytes = b"") -> SipMessage:
+        resp = make_response(req, status, reason, to_tag, extra or [], body)
+        resp.add("Server", self.settings.user_agent)
+        vias = [(i, v) for i, (k, v) in enumerate(resp.headers) if k == "Via"]
+        if vias and "rport" in header_params(vias[0][1]):  # RFC 3581: tell the client where we saw it
+            i, v = vias[0]
+            v = v.replace(";rport", f";rport={peer.addr[1]};received={peer.addr[0]}", 1) if ";rport=" not in v else v
+            resp.headers[i] = ("Via", v)
+        data = resp.encode()
+        if req.method != "ACK":
+            if not (req.method == "OPTIONS" and not req.to_tag):  # stateless keep-alives: nothing to replay
+                if len(self._srv_tx) >= MAX_SERVER_TX:  # bounded under floods: forget the oldest
+                    self._srv_tx.pop(next(iter(self._srv_tx)))
+                self._srv_tx[tx_key(req)] = _TxEntry(data, peer, time.monotonic() + TX_LINGER_S)
+        if peer.proto == "TCP" and (peer.conn is None or peer.conn.closed):
+            peer = self._via_peer(req, peer)
+        self._send(data, peer)
+        SIP_MESSAGES.labels(_m(req.method), f"sent_{status}").inc()
+        return resp
+
+    @staticmethod
+    def _via_peer(req: SipMessage, peer: Peer) -> Peer:
+        """The client's connection is gone: open a new one to the Via sent-by (RFC 3261 18.2.2)."""
+        try:
+            _, _host, port, params = parse_via(req.top_via)
+        except SipParseError:
+            return peer
+        return Peer("TCP", (params.get("received") or peer.addr[0], port or 5060))
+
+    def _via(self, call: SipCall, branch: str) -> str:
+        return f"SIP/2.0/{call.peer.proto} {call.local_ip}:{self.port};branch={branch};rport"
+
+    def contact(self, local_ip: str, proto: str) -> str:
+        tp = ";transport=tcp" if proto == "TCP" else ""
+        return f"<sip:bot@{local_ip}:{self.port}{tp}>"
+
+    async def send_in_dialog(self, call: SipCall, method: str, extra: list[tuple[str, str]] | None = None,
+                             body: bytes = b"", content_type: str = "") -> SipMessage | None:
+        """Send a request inside the call's dialog and wait for its final response (None on timeout)."""
+        call.local_cseq += 1
+        branch = new_branch()
+        req = SipMessage(method=method, uri=call.remote_target)
+        req.add("Via", self._via(call, branch))
+        req.add("Max-Forwards", "70")
+        req.add("From", call.local_uri)
+        req.add("To", call.remote_uri)
+        req.add("Call-ID", call.call_id)
+        req.add("CSeq", f"{call.local_cseq} {method}")
+        for r in call.route_set:
+            req.add("Route", r)
+        req.add("Contact", self.contact(call.local_ip, call.peer.proto))
+        req.add("User-Agent", self.settings.user_agent)
+        for k, v in extra or []:
+            req.add(k, v)
+        if content_type:
+            req.add("Content-Type", content_type)
+        req.body = body
+        dest = self._dest_for(call)
+        return await self._client_tx(req, dest, branch)
+
+    def _dest_for(self, call: SipCall) -> Peer:
+        """Loose route -> first Route; else the remote target; same connection when TCP is still up."""
+        if call.peer.proto == "TCP" and call.peer.conn is not None and not call.peer.conn.closed:
+            return call.peer
+        uri_s = addr_uri(call.route_set[0]) if call.route_set else call.remote_target
+        try:
+            uri = parse_uri(uri_s)
+            host, port = uri.host, uri.port or 5060
+        except SipParseError:
+            host, port = call.peer.addr
+        return Peer(call.peer.proto, (host, port))
+
+    async def _client_tx(self, req: SipMessage, dest: Peer, branch: str) -> SipMessage | None:
+        loop = asyncio.get_running_loop()
+        tx = _ClientTx(loop.create_future())
+        self._cli_tx[branch] = tx
+        data = req.encode()
+        SIP_MESSAGES.labels(req.method, "sent_request").inc()
+        self._send(data, dest)
+        deadline = time.monotonic() + 64 * T1
+        interval = T1
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    ERRORS.labels("sip", f"{req.method.lower()}_timeout").inc()
+                    return None
+                try:
+                    return await asyncio.wait_for(asyncio.shield(tx.future), min(interval, remaining))
+                except asyncio.TimeoutError:
+                    if dest.proto == "UDP":
+                        self._send(data, dest)
+                    interval = T2 if tx.provisional else min(interval * 2, T2)
+        finally:
+            self._cli_tx.pop(branch, None)
+
+    # Receiving --------------------------------------------------------------------------------------
+    def on_data(self, data: bytes, peer: Peer, stream: bool = False) -> None:
+        if not data.strip(b"\r\n"):
+            return  # keep-alive
+        try:
+            msg = parse_message(data, stream=stream)
+        except SipParseError as exc:
+            self._bad(exc.kind, peer, data)
+            return
+        try:
+            if msg.is_request:
+                self._on_request(msg, peer)
+            else:
+                self._on_response(msg)
+        except Exception as exc:  # a bug on one message must not take the listener down
+            ERRORS.labels("sip", "handler_exception").inc()
+            log.error("sip_handler_exception", error=repr(exc), method=msg.method or msg.status)
+
+    def _bad(self, kind: str, peer: Peer, data: bytes | None) -> None:
+        """Count and log; answer 400 when the request is intact enough to route a response (8.2)."""
+        ERRORS.labels("sip", kind).inc()
+        SIP_MESSAGES.labels("invalid", "bad_request").inc()
+        now = time.monotonic()
+        if now - self._bad_logged.get(kind, -10.0) >= 1.0:  # a flood must not become a log flood
+            self._bad_logged[kind] = now
+            log.warning("sip_bad_message", kind=kind, source=peer.addr[0], size=len(data) if data else None)
+        if not data or data.startswith(b"SIP/"):
+            return
+        head = data.split(b"\r\n\r\n", 1)[0][:16384].decode("utf-8", errors="replace")
+        lines = head.split("\r\n")
+        req = SipMessage(method=(lines[0].split(" ", 1)[0] or "X")[:20], uri="sip:x")
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep and name.strip():
+                try:
+                    req.add(name.strip(), value.strip())
+                except Exception:
+                    continue
+        try:
+            parse_via(req.top_via)
+        except SipParseError:
+            return
+        if not all(req.get(h) for h in ("From", "To", "Call-ID", "CSeq")) or req.method == "ACK":
+            return
+        if not self.allow.allows(peer.addr[0]) or is_scanner(req.get("User-Agent"), req.get("From")):
+            return
+        resp = make_response(req, 400, f"Bad Request ({kind})")
+        resp.add("Server", self.settings.user_agent)
+        self._send(resp.encode(), peer)
+        SIP_MESSAGES.labels("invalid", "sent_400").inc()
+
+    def _on_response(self, msg: SipMessage) -> None:
+        SIP_MESSAGES.labels(_m(msg.cseq[1]), f"response_{msg.status // 100}xx").inc()
+        tx = self._cli_tx.get(msg.branch)
+        if tx is None:
+            return  # stray or retransmitted response
+        if msg.status < 200:
+            tx.provisional = True
+        elif not tx.future.done():
+            tx.future.set_result(msg)
+
+    def _on_request(self, msg: SipMessage, peer: Peer) -> None:
+        method = msg.method
+        if is_scanner(msg.get("User-Agent"), msg.get("From")):
+            SIP_MESSAGES.labels(_m(method), "scanner").inc()
+            ERRORS.labels("sip", "scanner").inc()
+            if self.settings.scanner_reply == "403" and method != "ACK":
+                self.respond(msg, peer, 403)
+            return
+        if not self.allow.allows(peer.addr[0]):
+            SIP_MESSAGES.labels(_m(method), "forbidden_source").inc()
+            ERRORS.labels("sip", "forbidden_source").inc()
+            return  # silence: don't confirm to a prober that something listens here
+        SIP_MESSAGES.labels(_m(method), "received").inc()
+        cached = self._srv_tx.get(tx_key(msg))
+        if cached is not None and method != "ACK":
+            self._send(cached.data, peer)  # retransmitted request: repeat our last answer
+            return
+        if method == "ACK":
+            self._on_ack(msg)
+        elif method == "CANCEL":
+            self._on_cancel(msg, peer)
+        elif method == "OPTIONS" and not msg.to_tag:
+            self.respond(msg, peer, 200, to_tag=new_tag(), extra=self._caps())
+        elif method == "INVITE" and not msg.to_tag:
+            self._spawn(self._on_invite(msg, peer))
+        elif method in ("INVITE", "BYE", "INFO", "NOTIFY", "OPTIONS", "REFER"):
+            self._in_dialog(msg, peer)
+        elif method in KNOWN_NOT_ALLOWED:
+            self.respond(msg, peer, 405, extra=[("Allow", ALLOW)])
+        else:
+            self.respond(msg, peer, 501, extra=[("Allow", ALLOW)])
+
+    def _caps(self) -> list[tuple[str, str]]:
+        return [("Allow", ALLOW), ("Accept", "application/sdp, application/dtmf-relay, application/dtmf")]
+
+    # INVITE -----------------------------------------------------------------------------------------
+    async def _on_invite(self, msg: SipMessage, peer: Peer) -> None:
+        if not self._accepting:
+            self.respond(msg, peer, 503, extra=[("Retry-After", "5")])
+            return
+        if not self.bucket.allow(peer.addr[0]):
+            ERRORS.labels("sip", "rate_limited").inc()
+            self.respond(msg, peer, 503, reason="Rate Limited", extra=[("Retry-After", "2")])
+            return
+        if self.auth is not None:
+            verdict = self.auth.verify(msg.get("Authorization"), "INVITE")
+            if verdict != "ok":
+                if verdict == "bad":
+                    ERRORS.labels("sip", "auth_failed").inc()
+                self.respond(msg, peer, 401, to_tag=new_tag(),
+                             extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
+                return
+        if msg.get("Require"):
+            self.respond(msg, peer, 420, extra=[("Unsupported", msg.get("Require"))])
+            return
+        if len(self.calls) + len(self._pending) >= self.settings.max_calls:
+            ERRORS.labels("sip", "busy").inc()
+            self.respond(msg, peer, 486)
+            return
+        ctype = msg.get("Content-Type").split(";")[0].strip().lower()
+        late = not msg.body  # late offer (RFC 3261 13.2.1): we offer in the 200, the answer comes in the ACK
+        if not late and ctype != "application/sdp":
+            ERRORS.labels("sip", "unsupported_media_type").inc()
+            self.respond(msg, peer, 415, extra=[("Accept", "application/sdp")])
+            return
+        offer, neg, idx = None, None, 0
+        if not late:
+            try:
+                offer = parse_sdp(msg.body)
+                neg, idx = negotiate(offer)
+            except SdpError as exc:
+                ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
+                self.respond(msg, peer, 488, extra=[("Warning", f'304 voicebot "{exc.kind}"')])
+                return
+        local_ip = self.settings.public_ip or (self.host if self.host not in ("0.0.0.0", "::", "") else
+                                              local_ip_for(peer.addr[0]))
+        tag = new_tag()
+        call = SipCall(self, msg, peer, tag, local_ip)
+        self.respond(msg, peer, 100)
+        self._pending[msg.branch] = call
+        try:
+            await call.media.open(self.host if self.host not in ("", "::") else "0.0.0.0",
+                                  self.settings.rtp_port_min, self.settings.rtp_port_max)
+        except OSError:
+            ERRORS.labels("sip", "no_rtp_port").inc()
+            self._pending.pop(msg.branch, None)
+            self.respond(msg, peer, 503, to_tag=tag, extra=[("Retry-After", "5")])
+            return
+        if call.state != "terminated":
+            self.respond(msg, peer, 180, to_tag=tag, extra=[("Contact", self.contact(local_ip, peer.proto))])
+            if self.settings.ring_s > 0:
+                await asyncio.sleep(self.settings.ring_s)
+        if self._pending.pop(msg.branch, None) is None or call.state == "terminated":
+            call.media.close()
+            return  # CANCELled while ringing
+        call.sdp_session = SdpSession(local_ip)
+        if neg is not None and offer is not None:
+            call.media.apply(neg)
+            body = call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+        else:
+            body = call.sdp_session.offer(call.media.local_port)
+            call.awaiting_answer = True
+        self.calls[(call.call_id, tag)] = call
+        call.state = "confirmed"
+        ok = self.respond(msg, peer, 200, to_tag=tag, body=body,
+                          extra=[("Contact", self.contact(local_ip, peer.proto)), ("Allow", ALLOW),
+                                 ("Content-Type", "application/sdp")])
+        self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+        if neg is not None:
+            self._media_up(call)
+
+    def _media_up(self, call: SipCall) -> None:
+        """Negotiation complete: start the call's media on the clock and hand the call to on_call."""
+        neg = call.media.neg
+        assert neg is not None
+        self.clock.add(call.media)
+        call.log.info("call_answered", codec=neg.codec, dtmf_pt=neg.dtmf_pt, proto=call.peer.proto,
+                      remote=f"{neg.remote_ip}:{neg.remote_port}")
+        if call.handler_task is None:
+            call.handler_task = self._spawn(self._run_handler(call))
+
+    async def _retransmit_2xx(self, call: SipCall, data: bytes, peer: Peer, branch: str) -> None:
+        interval, waited = T1, 0.0
+        while waited < 64 * T1:
+            try:
+                await asyncio.wait_for(call.acked.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                waited += interval
+                if call.state == "terminated":
+                    return
+                if peer.proto == "UDP":
+                    self._send(data, peer)
+                    SIP_MESSAGES.labels("INVITE", "retransmit_200").inc()
+                interval = min(interval * 2, T2)
+        ERRORS.labels("sip", "no_ack").inc()
+        await call.hangup("error:no_ack")
+
+    async def _run_handler(self, call: SipCall) -> None:
+        try:
+            await self.on_call(call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            ERRORS.labels("sip", "handler_failed").inc()
+            call.log.error("on_call_failed", error=repr(exc))
+        if call.state != "terminated":
+            await call.hangup("completed")
+
+    def _on_ack(self, msg: SipMessage) -> None:
+        call = self.calls.get((msg.call_id, msg.to_tag))
+        if call is None:
+            return
+        call.acked.set()
+        if call.awaiting_answer:  # late offer: the ACK carries the answer
+            call.awaiting_answer = False
+            try:
+                neg, _ = negotiate(parse_sdp(msg.body))
+            except SdpError as exc:
+                ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
+                self._spawn(call.hangup("error:bad_answer"))  # 13.3.1.4: unacceptable answer -> BYE
+                return
+            first = call.media.neg is None
+            call.media.apply(neg)
+            if first:
+                self._media_up(call)
+        # ACK for a non-2xx final response: absorbed (the transaction cache already answered).
+
+    def _on_cancel(self, msg: SipMessage, peer: Peer) -> None:
+        call = self._pending.pop(msg.branch, None)
+        if call is None:
+            answered = any(c.invite.branch == msg.branch for c in self.calls.values())
+            self.respond(msg, peer, 200 if answered else 481)
+            return
+        self.respond(msg, peer, 200)
+        self.respond(call.invite, peer, 487, to_tag=call.local_tag)
+        call._finish("cancelled")
+
+    def forget(self, call: SipCall) -> None:
+        self.calls.pop((call.call_id, call.local_tag), None)
+
+    # In-dialog requests -----------------------------------------------------------------------------
+    def _in_dialog(self, msg: SipMessage, peer: Peer) -> None:
+        call = self.calls.get((msg.call_id, msg.to_tag))
+        if call is None:
+            SIP_MESSAGES.labels(_m(msg.method), "no_dialog").inc()
+            self.respond(msg, peer, 481)
+            return
+        cseq = msg.cseq[0]
+        if cseq <= call.remote_cseq and msg.method != "ACK":
+            ERRORS.labels("sip", "cseq_out_of_order").inc()
+            self.respond(msg, peer, 500, reason="CSeq Out of Order")
+            return
+        call.remote_cseq = cseq
+        if msg.method == "BYE":
+            self.respond(msg, peer, 200)
+            call._finish("hangup")
+        elif msg.method == "INVITE":
+            self._reinvite(call, msg, peer)
+        elif msg.method == "INFO":
+            self._info(call, msg, peer)
+        elif msg.method == "NOTIFY":
+            self.respond(msg, peer, 200)
+            call.on_notify(msg)
+        elif msg.method == "OPTIONS":
+            self.respond(msg, peer, 200, extra=self._caps())
+        else:  # REFER from the trunk: we are the one who transfers, not the transferee
+            self.respond(msg, peer, 405, extra=[("Allow", ALLOW)])
+
+    def _reinvite(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
+        """Hold/resume/codec change: a new offer on the existing dialog (RFC 3264 section 8)."""
+        if not msg.body:  # offerless re-INVITE: offer again in the 200, answer in the ACK
+            call.acked.clear()
+            call.awaiting_answer = True
+            ok = self.respond(msg, peer, 200, to_tag=call.local_tag,
+                              body=call.sdp_session.offer(call.media.local_port),
+                              extra=[("Contact", self.contact(call.local_ip, peer.proto)),
+                                     ("Content-Type", "application/sdp")])
+            self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+            return
+        try:
+            offer = parse_sdp(msg.body)
+            neg, idx = negotiate(offer)
+        except SdpError as exc:
+            ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
+            # The old session stays in force (RFC 3264 8.1: a rejected offer changes nothing).
+            self.respond(msg, peer, 488, extra=[("Warning", f'304 voicebot "{exc.kind}"')])
+            return
+        contact = msg.get("Contact")
+        if contact:
+            call.remote_target = addr_uri(contact)
+        call.media.apply(neg)
+        answer = call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+        call.acked.clear()
+        ok = self.respond(msg, peer, 200, to_tag=call.local_tag, body=answer,
+                          extra=[("Contact", self.contact(call.local_ip, peer.proto)),
+                                 ("Content-Type", "application/sdp")])
+        self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+        call.log.info("reinvite", direction=neg.direction, codec=neg.codec)
+
+    def _info(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
+        if not msg.body:
+            self.respond(msg, peer, 200)  # INFO keep-alive
+            return
+        try:
+            digit = parse_info_body(msg.get("Content-Type"), msg.body)
+        except DtmfError as exc:
+            ERRORS.labels("sip", exc.kind).inc()
+            self.respond(msg, peer, 415, extra=[("Accept", "application/dtmf-relay, application/dtmf")])
+            return
+        self.respond(msg, peer, 200)
+        call.dtmf_info_digits += 1
+        call._events.put_nowait(DtmfIn(digit, time.monotonic()))

@@ -1,0 +1,522 @@
+"""A small SIP UAC (caller simulator) for `bot call --sip`, tests and the benchmark.
+
+It dials over UDP, offers PCMU/PCMA + telephone-event, plays WAV turns in real time through the same
+RtpSession/MediaClock the server uses (so N simulated callers share one clock), records what the bot
+says, can send RFC 4733 / SIP INFO DTMF, put the bot on hold (re-INVITE a=sendonly), cancel before
+answer, and follows a REFER from the bot like a phone would: 202, dial the target, NOTIFY the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ops.logs import get_logger
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallEnded, MarkIn
+from telephony.g711 import alaw_decode, ulaw_decode
+from telephony.sip.auth import authorization_header
+from telephony.sip.clock import MediaClock
+from telephony.sip.dtmf import build_event
+from telephony.sip.media import RtpSession
+from telephony.sip.message import (
+    SipMessage, SipParseError, addr_uri, make_response, new_branch, new_call_id, new_tag, parse_message,
+)
+from telephony.sip.rtp import build_rtp
+from telephony.sip.sdp import SdpError, SdpSession, negotiate, negotiate_answer, parse_sdp
+from telephony.sip.server import T1, T2, local_ip_for
+
+log = get_logger("telephony.sip.uac")
+VOICE_RMS = 300.0  # int16 RMS above which a received frame counts as speech
+_clocks: dict[int, MediaClock] = {}
+
+
+def shared_clock() -> MediaClock:
+    """One media clock per event loop, shared by every simulated caller in it."""
+    loop = asyncio.get_running_loop()
+    clock = _clocks.get(id(loop))
+    if clock is None:
+        clock = _clocks[id(loop)] = MediaClock()
+    return clock
+
+
+def read_wav_8k(path: str | Path) -> np.ndarray:
+    """8 kHz mono 16-bit WAV -> int16 samples (other rates are resampled linearly)."""
+    with wave.open(str(path), "rb") as w:
+        rate, ch, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
+        raw = w.readframes(w.getnframes())
+    if width != 2:
+        raise ValueError(f"{path}: need 16-bit PCM, got {8 * width}-bit")
+    pcm = np.frombuffer(raw, dtype=np.int16).reshape(-1, ch).mean(axis=1)
+    if rate != 8000:
+        n = int(len(pcm) * 8000 / rate)
+        pcm = np.interp(np.linspace(0, len(pcm) - 1, n), np.arange(len(pcm)), pcm)
+    return pcm.astype(np.int16)
+
+
+def write_wav_8k(path: str | Path, pcm: np.ndarray) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(np.asarray(pcm, dtype=np.int16).tobytes())
+
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, ua: "SipCaller") -> None:
+        self.ua = ua
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.ua.on_data(data, (addr[0], addr[1]))
+
+
+@dataclass
+class TurnTiming:
+    start: float
+    end: float = 0.0
+    first_voice_after_start: float | None = None
+    first_voice_after_end: float | None = None
+
+
+@dataclass
+class CallerStats:
+    rx_times: list[float] = field(default_factory=list)
+    rx_seq_gaps: int = 0
+    rx_packets: int = 0
+    last_seq: int | None = None
+    voiced_rx: list[float] = field(default_factory=list)  # arrival time of each voiced packet
+
+
+class SipCaller:
+    """One simulated caller: SIP signaling on its own UDP port, media on the shared clock."""
+
+    def __init__(self, host: str, port: int, user: str = "caller", to_user: str = "bot",
+                 auth: tuple[str, str] | None = None, codecs: tuple[str, ...] = ("PCMU", "PCMA")) -> None:
+        self.host, self.port = host, port
+        self.local_ip = local_ip_for(host)
+        self.user, self.to_user, self.auth, self.codecs = user, to_user, auth, codecs
+        self.call_id = new_call_id(self.local_ip)
+        self.from_tag = new_tag()
+        self.to_tag = ""
+        self.cseq = random.randint(1, 1000)
+        self.remote_target = f"sip:{to_user}@{host}:{port}"
+        self.remote_addr = (host, port)
+        self.sdp = SdpSession(self.local_ip)
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.media = RtpSession(self.call_id, self.events.put_nowait, lambda: None, jitter_target=2,
+                                rtp_timeout_s=1e9, transport_label="uac", rx_tap=self._on_rtp_tap)
+        self.stats = CallerStats()
+        self._tx: dict[str, asyncio.Future[SipMessage]] = {}
+        self._provisional: dict[str, list[int]] = {}
+        self._udp: asyncio.DatagramTransport | None = None
+        self.sip_port = 0
+        self.ended = asyncio.Event()
+        self.hangup_by = ""
+        self.refer_to: str | None = None
+        self.notify_status: int | None = None
+        self.transfer_call: SipCaller | None = None  # the leg to the Refer-To target, once answered
+        self.transfer_status: int | None = None
+        self.refer_dial_timeout_s = 6.0
+        self.answered = asyncio.Event()
+        self.final_status = 0
+        self._ok_response: SipMessage | None = None
+        self._invite: SipMessage | None = None
+        self._ack_body = b""
+        self.recording: list[np.ndarray] = []
+        self.marks: dict[str, asyncio.Event] = {}
+        self.mark_times: dict[str, float] = {}  # when the audio queued before each mark had been sent
+        self.last_voice_rx = 0.0
+        self._consumer: asyncio.Task[None] | None = None
+        self.clock = shared_clock()
+
+    # Transport ---------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), local_addr=(self.local_ip, 0))
+        self.sip_port = self._udp.get_extra_info("sockname")[1]
+        await self.media.open(self.local_ip, 30000, 40000)
+        self._consumer = loop.create_task(self._consume())
+
+    def close(self) -> None:
+        self.clock.discard(self.media)
+        self.media.close()
+        if self._udp:
+            self._udp.close()
+        if self._consumer:
+            self._consumer.cancel()
+
+    def _send(self, msg: SipMessage, addr: tuple[str, int] | None = None) -> None:
+        if self._udp is not None:
+            self._udp.sendto(msg.encode(), addr or self.remote_addr)
+
+    def on_data(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            msg = parse_message(data)
+        except SipParseError:
+            return
+        if msg.is_request:
+            self._on_request(msg, addr)
+            return
+        fut = self._tx.get(msg.branch)
+        if msg.status < 200:
+            self._provisional.setdefault(msg.branch, []).append(msg.status)
+        elif fut is not None and not fut.done():
+            fut.set_result(msg)
+        elif msg.cseq[1] == "INVITE" and msg.status < 300 and self._ok_response is not None:
+            self._send_ack(msg)  # our ACK was lost: the server retransmits its 200
+
+    # Requests ----------------------------------------------------------------------------------------
+    def _request(self, method: str, body: bytes = b"", extra: list[tuple[str, str]] | None = None,
+                 cseq: int | None = None, branch: str | None = None) -> SipMessage:
+        if cseq is None:
+            self.cseq += 1
+        req = SipMessage(method=method, uri=self.remote_target)
+        req.add("Via", f"SIP/2.0/UDP {self.local_ip}:{self.sip_port};branch={branch or new_branch()};rport")
+        req.add("Max-Forwards", "70")
+        req.add("From", f"<sip:{self.user}@{self.local_ip}>;tag={self.from_tag}")
+        to = f"<sip:{self.to_user}@{self.host}:{self.port}>" + (f";tag={self.to_tag}" if self.to_tag else "")
+        req.add("To", to)
+        req.add("Call-ID", self.call_id)
+        req.add("CSeq", f"{cseq if cseq is not None else self.cseq} {method}")
+        req.add("Contact", f"<sip:{self.user}@{self.local_ip}:{self.sip_port}>")
+        req.add("User-Agent", "voicebot-uac/0.1")
+        for k, v in extra or []:
+            req.add(k, v)
+        req.body = body
+        return req
+
+    async def _transact(self, req: SipMessage, timeout: float = 32.0) -> SipMessage | None:
+        fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
+        self._tx[req.branch] = fut
+        self._send(req)
+        interval, deadline = T1, time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), min(interval, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    provisional = bool(self._provisional.get(req.branch))
+                    if not (req.method == "INVITE" and provisional):
+                        self._send(req)
+                    interval = T2 if provisional else min(interval * 2, T2)
+            return None
+        finally:
+            self._tx.pop(req.branch, None)
+
+    async def invite(self, timeout: float = 32.0, cancel_after_s: float | None = None,
+                     late_offer: bool = False) -> int:
+        """Dial; returns the final status (200 when answered). Handles one 401 challenge.
+        late_offer: send no SDP; the 200 carries the bot's offer and our ACK the answer."""
+        body = b"" if late_offer else self.sdp.offer(self.media.local_port, self.codecs)
+        sdp_hdr = [] if late_offer else [("Content-Type", "application/sdp")]
+        req = self._request("INVITE", body, sdp_hdr)
+        self._invite = req
+        task = asyncio.get_running_loop().create_task(self._transact(req, timeout))
+        if cancel_after_s is not None:
+            await asyncio.sleep(cancel_after_s)
+            cancel = self._request("CANCEL", cseq=req.cseq[0], branch=req.branch)
+            cancel.remove("Contact")
+            await self._transact(cancel, 10)
+        resp = await task
+        if resp is not None and resp.status in (401, 407) and self.auth:
+            self._send_ack(resp, req)
+            challenge = resp.get("WWW-Authenticate") or resp.get("Proxy-Authenticate")
+            hdr = authorization_header(challenge, self.auth[0], self.auth[1], "INVITE", req.uri)
+            req = self._request("INVITE", body, sdp_hdr + [("Authorization", hdr)])
+            self._invite = req
+            resp = await self._transact(req, timeout)
+        if resp is None:
+            self.final_status = 408
+            return 408
+        self.final_status = resp.status
+        if resp.status >= 300:
+            self._send_ack(resp, req)
+            return resp.status
+        self.to_tag = resp.to_tag
+        contact = resp.get("Contact")
+        if contact:
+            self.remote_target = addr_uri(contact)
+        self._ok_response = resp
+        try:
+            offer = parse_sdp(resp.body)
+            neg, idx = negotiate(offer, self.codecs)
+        except SdpError as exc:
+            log.error("bad_answer", kind=exc.kind)
+            self._send_ack(resp)
+            await self.bye()
+            return 488
+        self.media.apply(neg)
+        if late_offer:
+            self._ack_body = self.sdp.answer(offer, neg, idx, self.media.local_port)
+        self._send_ack(resp)
+        self.clock.add(self.media)
+        self.answered.set()
+        return resp.status
+
+    def _send_ack(self, resp: SipMessage, invite: SipMessage | None = None) -> None:
+        if resp.status >= 300 and invite is not None:
+            # ACK for a non-2xx response: same branch, part of the INVITE transaction (17.1.1.3).
+            ack = self._request("ACK", cseq=invite.cseq[0], branch=invite.branch)
+            ack.set("To", resp.get("To"))
+        else:
+            ack = self._request("ACK", cseq=resp.cseq[0])
+            if self._ack_body:
+                ack.body = self._ack_body
+                ack.add("Content-Type", "application/sdp")
+        self._send(ack)
+
+    async def bye(self) -> int:
+        if self.ended.is_set():
+            return 0
+        self.hangup_by = self.hangup_by or "caller"
+        resp = await self._transact(self._request("BYE"), 10)
+        self._end()
+        return resp.status if resp else 408
+
+    async def reinvite(self, direction: str = "sendrecv", codecs: tuple[str, ...] | None = None) -> int:
+        """Hold (sendonly) / resume (sendrecv) / codec change (codecs=...)."""
+        offer = self.sdp.offer(self.media.local_port, codecs or self.codecs, direction=direction)
+        req = self._request("INVITE", offer, [("Content-Type", "application/sdp")])
+        resp = await self._transact(req, 10)
+        if resp is None:
+            return 408
+        if resp.status < 300:
+            self.media.apply(negotiate_answer(parse_sdp(resp.body)))
+            self._send_ack(resp)
+        else:
+            self._send_ack(resp, req)
+        return resp.status
+
+    async def info_dtmf(self, digit: str) -> int:
+        req = self._request("INFO", f"Signal={digit}\r\nDuration=160\r\n".encode(),
+                            [("Content-Type", "application/dtmf-relay")])
+        resp = await self._transact(req, 10)
+        return resp.status if resp else 408
+
+    async def rfc4733_dtmf(self, digits: str, duration_ms: int = 100) -> None:
+        """Send telephone-events in the RTP stream's sequence/ssrc space (3 redundant end packets)."""
+        m = self.media
+        if m.neg is None or m.neg.dtmf_pt is None or m.remote is None or m._rtp is None:
+            raise RuntimeError("telephone-event was not negotiated")
+        for d in digits:
+            ts = m._ts
+            steps = max(1, duration_ms // 20)
+            for i in range(steps + 3):
+                end = i >= steps
+                dur = min(i + 1, steps) * FRAME_SAMPLES
+                pkt = build_rtp(m.neg.dtmf_pt, m._seq, ts, m.ssrc, build_event(d, end, dur), marker=i == 0)
+                m._seq = (m._seq + 1) & 0xFFFF
+                m._rtp.sendto(pkt, m.remote)
+                await asyncio.sleep(0.02)
+            m._ts = (m._ts + steps * FRAME_SAMPLES) & 0xFFFFFFFF
+            await asyncio.sleep(0.06)
+
+    def _on_request(self, msg: SipMessage, addr: tuple[str, int]) -> None:
+        if msg.method == "BYE":
+            self._send(make_response(msg, 200), addr)
+            self.hangup_by = self.hangup_by or "bot"
+            self._end()
+        elif msg.method == "REFER":
+            self.refer_to = addr_uri(msg.get("Refer-To"))
+            self._send(make_response(msg, 202), addr)
+            asyncio.get_running_loop().create_task(self._notify_refer())
+        elif msg.method == "ACK":
+            return
+        else:
+            self._send(make_response(msg, 200), addr)
+
+    async def _notify_refer(self) -> None:
+        """Transferee side of RFC 3515: dial the Refer-To target ourselves, report progress and the
+        final status to the bot in NOTIFY sipfrag bodies; the new call is kept in `transfer_call`."""
+        await self._notify("SIP/2.0 100 Trying", "active;expires=60")
+        status = 400
+        try:
+            host, port, user = parse_target(self.refer_to or "")
+            leg = SipCaller(host, port, user=self.user, to_user=user, codecs=self.codecs)
+            await leg.open()
+            status = await leg.invite(timeout=self.refer_dial_timeout_s)
+            if status == 200:
+                self.transfer_call = leg
+            else:
+                leg.close()
+        except (OSError, ValueError):
+            status = 503
+        self.transfer_status = status
+        reason = "OK" if status == 200 else "Failed"
+        await self._notify(f"SIP/2.0 {status} {reason}", "terminated;reason=noresource")
+
+    async def _notify(self, frag: str, state: str) -> None:
+        req = self._request("NOTIFY", frag.encode() + b"\r\n", [
+            ("Event", "refer"), ("Subscription-State", state), ("Content-Type", "message/sipfrag;version=2.0")])
+        resp = await self._transact(req, 10)
+        self.notify_status = resp.status if resp else 408
+
+    def _end(self) -> None:
+        if not self.ended.is_set():
+            self.ended.set()
+            self.clock.discard(self.media)
+
+    # Media -------------------------------------------------------------------------------------------
+    def _on_rtp_tap(self, data: bytes, now: float) -> None:
+        """Packet-level timing for the benchmark (before our own jitter buffer adds delay)."""
+        if len(data) < 12 or data[0] >> 6 != 2:
+            return
+        seq = int.from_bytes(data[2:4], "big")
+        st = self.stats
+        if st.last_seq is not None:
+            gap = (seq - st.last_seq) & 0xFFFF
+            if 1 < gap < 1000:
+                st.rx_seq_gaps += gap - 1
+        st.last_seq = seq
+        st.rx_packets += 1
+        st.rx_times.append(now)
+        pt = data[1] & 0x7F
+        if pt in (0, 8):
+            pcm = (ulaw_decode if pt == 0 else alaw_decode)(data[12:])
+            if pcm.size and float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2))) > VOICE_RMS:
+                st.voiced_rx.append(now)
+
+    async def _consume(self) -> None:
+        while True:
+            ev = await self.events.get()
+            if isinstance(ev, AudioIn):
+                if self.answered.is_set() and not self.ended.is_set():
+                    self.recording.append(ev.pcm)
+                    if float(np.sqrt(np.mean(ev.pcm.astype(np.float32) ** 2))) > VOICE_RMS:
+                        self.last_voice_rx = ev.t
+            elif isinstance(ev, MarkIn):
+                self.mark_times[ev.name] = ev.t
+                self.marks.setdefault(ev.name, asyncio.Event()).set()
+            elif isinstance(ev, CallEnded):
+                return
+
+    async def play(self, pcm: np.ndarray, name: str) -> tuple[float, float]:
+        """Queue audio and wait until it has been sent; returns (start, end) monotonic times."""
+        ev = self.marks.setdefault(name, asyncio.Event())
+        start = time.monotonic()
+        self.media.queue_audio(pcm)
+        self.media.queue_mark(name)
+        ended = asyncio.ensure_future(self.ended.wait())
+        marked = asyncio.ensure_future(ev.wait())
+        await asyncio.wait({ended, marked}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        marked.cancel()
+        return start, time.monotonic()
+
+    async def wait_bot_quiet(self, quiet_s: float, max_s: float, min_s: float = 0.0) -> None:
+        """Listen until the bot has said something and then been quiet for `quiet_s` (or max_s)."""
+        t0 = time.monotonic()
+        while not self.ended.is_set() and time.monotonic() - t0 < max_s:
+            now = time.monotonic()
+            if now - t0 >= min_s and self.last_voice_rx > t0 and now - self.last_voice_rx >= quiet_s:
+                return
+            await asyncio.sleep(0.05)
+
+    def recorded(self) -> np.ndarray:
+        return np.concatenate(self.recording) if self.recording else np.zeros(0, dtype=np.int16)
+
+
+async def run_sip_call(host: str, port: int, wavs: list[str | Path] | list[np.ndarray], record_path: str | Path | None,
+                       *, greeting_wait_s: float = 8.0, quiet_s: float = 1.2, turn_wait_s: float = 15.0,
+                       dtmf: str = "", hangup: bool = True, auth: tuple[str, str] | None = None,
+                       codecs: tuple[str, ...] = ("PCMU", "PCMA"), to_user: str = "bot") -> dict[str, Any]:
+    """Place one SIP call: wait for the greeting, play each WAV turn in real time (waiting for the bot to
+    answer between turns), optionally send DTMF, hang up, and save what the bot said to `record_path`."""
+    caller = SipCaller(host, port, auth=auth, codecs=codecs, to_user=to_user)
+    await caller.open()
+    turns: list[TurnTiming] = []
+    t_start = time.monotonic()
+    try:
+        status = await caller.invite()
+        if status != 200:
+            return {"call_id": caller.call_id, "status": status, "answered": False}
+        t_answer = time.monotonic()
+        await caller.wait_bot_quiet(quiet_s, greeting_wait_s)
+        greeting_s = (caller.stats.voiced_rx[0] - t_answer) if caller.stats.voiced_rx else None
+        for i, w in enumerate(wavs):
+            if caller.ended.is_set():
+                break
+            pcm = w if isinstance(w, np.ndarray) else read_wav_8k(w)
+            start, end = await caller.play(pcm, f"turn{i}")
+            tt = TurnTiming(start, end)
+            await caller.wait_bot_quiet(quiet_s, turn_wait_s)
+            tt.first_voice_after_start = next((t for t in caller.stats.voiced_rx if t >= start), None)
+            tt.first_voice_after_end = next((t for t in caller.stats.voiced_rx if t >= end), None)
+            turns.append(tt)
+        if dtmf and not caller.ended.is_set():
+            await caller.rfc4733_dtmf(dtmf)
+            await caller.wait_bot_quiet(quiet_s, turn_wait_s)
+        if hangup and not caller.ended.is_set():
+            await caller.bye()
+        else:
+            await asyncio.wait_for(caller.ended.wait(), timeout=turn_wait_s)
+        if caller.transfer_call is not None:  # we were transferred: say hello to the agent, then leave
+            await asyncio.sleep(1.0)
+            await caller.transfer_call.bye()
+    finally:
+        if caller.transfer_call is not None:
+            caller.transfer_call.close()
+        caller.close()
+    rec = caller.recorded()
+    if record_path is not None:
+        write_wav_8k(record_path, rec)
+    return {
+        "call_id": caller.call_id, "status": 200, "answered": True, "hangup_by": caller.hangup_by,
+        "duration_s": round(time.monotonic() - t_start, 3),
+        "greeting_latency_s": None if greeting_s is None else round(greeting_s, 3),
+        "turn_latency_s": [None if t.first_voice_after_end is None else round(t.first_voice_after_end - t.end, 3)
+                           for t in turns],
+        "rx_packets": caller.stats.rx_packets, "rx_lost": caller.stats.rx_seq_gaps, "tx_packets": caller.media.stats["tx"],
+        "bot_speech_s": round(len(caller.stats.voiced_rx) * 0.02, 2), "refer_to": caller.refer_to,
+        "transfer_status": caller.transfer_status,
+        "recorded_s": round(rec.size / 8000, 2), "record_path": str(record_path) if record_path else None,
+    }
+
+
+def parse_target(target: str) -> tuple[str, int, str]:
+    """'sip:bot@127.0.0.1:5060' | '127.0.0.1:5060' | '127.0.0.1' -> (host, port, user)."""
+    t = target.strip()
+    if t.lower().startswith(("sip:", "sips:")):
+        t = t.split(":", 1)[1]
+    user, _, hostport = t.rpartition("@")
+    hostport = hostport.split(";", 1)[0]
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = hostport.partition(":")
+    return host, int(port or 5060), user or "bot"
+
+
+def cli_main(args: Any) -> int:
+    """`bot call --sip URI WAV... [--record out.wav]`: prints the call summary as JSON."""
+    import json
+    import os
+    import sys
+
+    from ops.logs import configure_logging
+
+    configure_logging()  # JSON logs on stderr: stdout carries only the summary
+    host, port, user = parse_target(args.sip)
+    for w in args.wavs:
+        if not os.path.exists(w):
+            print(f"error: no such file {w}", file=sys.stderr)
+            return 2
+    auth = None
+    if os.environ.get("BOT_SIP_PASSWORD"):
+        auth = (os.environ.get("BOT_SIP_USER", ""), os.environ["BOT_SIP_PASSWORD"])
+    try:
+        summary = asyncio.run(run_sip_call(host, port, list(args.wavs), getattr(args, "record", None),
+                                           turn_wait_s=float(getattr(args, "reply_timeout", 12.0)), auth=auth,
+                                           to_user=user))
+    except (OSError, ValueError) as exc:
+        print(f"error: SIP call failed: {exc!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0 if summary.get("answered") else 1

@@ -1,0 +1,306 @@
+"""WebRTC bridge (aiortc): one browser peer connection as a telephony.bridge.CallBridge.
+
+The browser sends Opus at 48 kHz; aiortc decodes it to PCM, which is downmixed, low-pass filtered
+and decimated 6:1 to the bot's 8 kHz and cut into 20 ms frames. Bot audio goes the other way: 8 kHz frames are
+upsampled to 48 kHz and handed to aiortc's Opus encoder by an outbound track that paces itself
+at one 20 ms frame per 20 ms (silence when the bot is quiet, so the RTP clock never stalls).
+Marks fire when the frame before them has been sent to the browser. No DTMF, no transfer (a
+browser is not on the phone network): transfer() returns False and the conversation falls back.
+Imports nothing from bot/, policies/ or engine/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import secrets
+import time
+from collections import deque
+from typing import Any, AsyncIterator
+
+import numpy as np
+import soxr
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+from ops import metrics
+from ops.logs import get_logger
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent, MarkIn
+
+WEB_RATE = 48000
+BOT_RATE = 8000
+WEB_FRAME = WEB_RATE // 50  # 960 samples = 20 ms at 48 kHz
+
+
+def _lowpass(cutoff_hz: float, rate: int, taps: int = 121) -> np.ndarray:
+    n = np.arange(taps) - (taps - 1) / 2
+    h = np.sinc(2 * cutoff_hz / rate * n) * np.hamming(taps)
+    return h / h.sum()
+
+
+class _Up6:
+    """8 kHz -> 48 kHz, one 20 ms frame in, one out. A streaming resampler (soxr) emits audio in
+    bursts of ~150 ms, which a fixed-rate RTP track cannot carry; a zero-stuffing FIR keeps 1:6 exact."""
+
+    def __init__(self) -> None:
+        self.h = _lowpass(3800, WEB_RATE) * 6
+        self.tail = np.zeros(len(self.h) - 1)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        z = np.zeros(len(x) * 6)
+        z[::6] = x
+        buf = np.concatenate([self.tail, z])
+        self.tail = buf[len(z):]
+        return np.clip(np.convolve(buf, self.h, mode="valid"), -32768, 32767).astype(np.int16)
+
+
+class _Down6:
+    """48 kHz -> 8 kHz: anti-alias FIR, then every 6th sample with the phase carried across frames."""
+
+    def __init__(self) -> None:
+        self.h = _lowpass(3600, WEB_RATE)
+        self.tail = np.zeros(len(self.h) - 1)
+        self.pos = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        buf = np.concatenate([self.tail, x.astype(np.float64)])
+        self.tail = buf[len(x):]
+        y = np.convolve(buf, self.h, mode="valid")[self.pos::6]
+        self.pos = (self.pos - len(x)) % 6
+        return np.clip(y, -32768, 32767).astype(np.int16)
+
+
+class _Passthrough:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+class _Soxr:
+    """Other rates (rare): soxr's stream resampler; its bursts only add inbound latency."""
+
+    def __init__(self, rate: int) -> None:
+        self.rs = soxr.ResampleStream(rate, BOT_RATE, 1, dtype="int16")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.rs.resample_chunk(x)
+
+
+def _downsampler(rate: int) -> "_Down6 | _Passthrough | _Soxr":
+    return _Down6() if rate == WEB_RATE else _Passthrough() if rate == BOT_RATE else _Soxr(rate)
+
+
+class SignallingError(ValueError):
+    """The browser's offer could not be used (malformed SDP, no audio)."""
+
+
+class _BotTrack(MediaStreamTrack):
+    """Outbound audio: what the bot says, 20 ms at a time, paced to real time."""
+
+    kind = "audio"
+
+    def __init__(self, bridge: "WebRTCCallBridge") -> None:
+        super().__init__()
+        self._bridge = bridge
+        self._up = _Up6()
+        self._start: float | None = None
+        self._pts = 0
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            self._pts += WEB_FRAME
+            wait = self._start + self._pts / WEB_RATE - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.02:
+                metrics.LATE_FRAMES.labels("webrtc").inc()
+        pcm48 = self._up(self._bridge._next_out_frame())
+        frame = AudioFrame.from_ndarray(pcm48.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = WEB_RATE
+        frame.pts = self._pts
+        frame.time_base = fractions.Fraction(1, WEB_RATE)
+        return frame
+
+
+class WebRTCCallBridge(CallBridge):
+    def __init__(self, caller: str = "browser", params: dict[str, Any] | None = None,
+                 connect_timeout_s: float = 20.0) -> None:
+        self.info = CallInfo(
+            call_id=f"webrtc-{secrets.token_hex(8)}", transport="webrtc", caller=caller, called="softphone",
+            params=dict(params or {}),
+        )
+        self.pc = RTCPeerConnection()
+        self._inbox: asyncio.Queue[InboundEvent] = asyncio.Queue()
+        self._out: deque[np.ndarray | str] = deque()  # 160-sample frames and mark names, in order
+        self._silence = np.zeros(FRAME_SAMPLES, np.int16)
+        self._ended = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connect_timeout_s = connect_timeout_s
+        self.started_t = time.monotonic()  # reset when media starts flowing (greeting latency)
+        self.connected = asyncio.Event()
+        self.log = get_logger("telephony.webrtc", call_id=self.info.call_id)
+        self._track = _BotTrack(self)
+
+        @self.pc.on("track")
+        def _on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self._spawn(self._read(track))
+
+        @self.pc.on("connectionstatechange")
+        async def _on_state() -> None:
+            state = self.pc.connectionState
+            self.log.info("webrtc_state", state=state)
+            if state == "connected":
+                self.started_t = time.monotonic()
+                self.connected.set()
+            elif state in ("failed", "closed"):
+                self.end("disconnected")
+
+    # ---- signalling ----
+    async def accept(self, sdp: str, sdp_type: str = "offer") -> RTCSessionDescription:
+        """Apply the browser's offer and return our answer (ICE candidates included: no trickle)."""
+        if sdp_type != "offer":
+            raise SignallingError(f"expected an SDP offer, got {sdp_type!r}")
+        if "m=audio" not in sdp:
+            raise SignallingError("the offer has no audio m-line")
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            self.pc.addTrack(self._track)
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as exc:  # noqa: BLE001 - aiortc raises assorted errors on bad SDP
+            metrics.ERRORS.labels("webrtc", "bad_offer").inc()
+            self.log.warning("webrtc_bad_offer", error=repr(exc))
+            await self.pc.close()
+            self._ended = True
+            raise SignallingError(f"could not use the SDP offer: {exc}") from exc
+        self._spawn(self._watchdog())
+        return self.pc.localDescription
+
+    async def _watchdog(self) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), self.connect_timeout_s)
+        except asyncio.TimeoutError:
+            metrics.ERRORS.labels("webrtc", "connect_timeout").inc()
+            self.log.warning("webrtc_connect_timeout")
+            self.end("error:connect_timeout")
+            await self.pc.close()
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ---- inbound ----
+    async def _read(self, track: MediaStreamTrack) -> None:
+        down: Any = None
+        rate = 0
+        pending = np.zeros(0, np.int16)
+        n_frames = 0
+        while not self._ended:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                break
+            pcm = frame.to_ndarray()
+            channels = len(frame.layout.channels)
+            if frame.format.is_planar:
+                pcm = pcm.astype(np.int32).mean(axis=0)
+            else:
+                pcm = pcm.reshape(-1, channels).astype(np.int32).mean(axis=1)
+            pcm = pcm.astype(np.int16)
+            if frame.sample_rate != rate:
+                rate = frame.sample_rate
+                down = _downsampler(rate)
+            pending = np.concatenate([pending, down(pcm)])
+            t = time.monotonic()
+            k = len(pending) // FRAME_SAMPLES
+            for i in range(k):
+                self._inbox.put_nowait(AudioIn(pending[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES].copy(), t))
+            pending = pending[k * FRAME_SAMPLES:]
+            n_frames += k
+            if n_frames >= 50:
+                metrics.AUDIO_FRAMES.labels("webrtc", "in").inc(n_frames)
+                n_frames = 0
+        if n_frames:
+            metrics.AUDIO_FRAMES.labels("webrtc", "in").inc(n_frames)
+        self.end("hangup")
+
+    # ---- outbound (pulled by _BotTrack) ----
+    def _next_out_frame(self) -> np.ndarray:
+        frame: np.ndarray | None = None
+        while self._out and frame is None:
+            item = self._out.popleft()
+            if isinstance(item, str):
+                self._inbox.put_nowait(MarkIn(item, time.monotonic()))
+            else:
+                frame = item
+        # marks right behind the last frame of an utterance are due as soon as it is out
+        while self._out and isinstance(self._out[0], str):
+            self._inbox.put_nowait(MarkIn(self._out.popleft(), time.monotonic()))  # type: ignore[arg-type]
+        if frame is None:
+            return self._silence
+        metrics.AUDIO_FRAMES.labels("webrtc", "out").inc()
+        return frame
+
+    # ---- CallBridge ----
+    def end(self, reason: str) -> None:
+        if not self._ended:
+            self._ended = True
+            self._out.clear()
+            self._inbox.put_nowait(CallEnded(reason, time.monotonic()))
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    async def events(self) -> AsyncIterator[InboundEvent]:  # type: ignore[override]
+        while True:
+            ev = await self._inbox.get()
+            yield ev
+            if isinstance(ev, CallEnded):
+                return
+
+    async def send_audio(self, pcm: np.ndarray) -> None:
+        if self._ended or len(pcm) == 0:
+            return
+        pcm = np.asarray(pcm, dtype=np.int16)
+        pad = (-len(pcm)) % FRAME_SAMPLES
+        if pad:
+            pcm = np.concatenate([pcm, np.zeros(pad, np.int16)])
+        self._out.extend(pcm.reshape(-1, FRAME_SAMPLES))
+
+    async def mark(self, name: str) -> None:
+        if self._ended:
+            return
+        if not self._out:
+            self._inbox.put_nowait(MarkIn(name, time.monotonic()))
+        else:
+            self._out.append(name)
+
+    async def clear(self) -> None:
+        # Like Twilio's `clear`: queued audio is dropped and pending marks come back at once.
+        marks = [m for m in self._out if isinstance(m, str)]
+        self._out.clear()
+        now = time.monotonic()
+        for m in marks:
+            self._inbox.put_nowait(MarkIn(m, now))
+
+    async def transfer(self, target: str, context: dict[str, Any]) -> bool:
+        metrics.TRANSFERS.labels("webrtc", target, "unsupported").inc()
+        self.log.info("transfer_unsupported", target=target)
+        return False
+
+    async def hangup(self, reason: str = "completed") -> None:
+        self.end(f"bot:{reason}")
+        await self.close()
+
+    async def close(self) -> None:
+        self._track.stop()
+        try:
+            await self.pc.close()
+        except Exception:  # noqa: BLE001 - already closed
+            pass

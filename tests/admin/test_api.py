@@ -1,0 +1,236 @@
+"""Admin API over a real redis-server: auth and roles, versions, drafts, validation, publish
+conflicts, rollback, uploads, live calls and today's rates."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+import soundfile as sf
+
+from bot.admin.auth import TokenConfigError, TokenRegistry, parse_tokens_file
+from bot.state import CallStore
+from ops import metrics
+from tests.admin.conftest import TOKENS, auth
+
+
+def errors_total(kind: str) -> float:
+    return metrics.ERRORS.labels("admin", kind)._value.get()
+
+
+def accept_line(text: str) -> int:
+    return next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith("  accept: "))
+
+
+# ---- auth ------------------------------------------------------------------------------------------
+async def test_no_token_401_wrong_token_401(client: httpx.AsyncClient) -> None:
+    r = await client.get("/admin/api/policies")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    before = metrics.ERRORS.labels("admin", "bad_token")._value.get()
+    r = await client.get("/admin/api/policies", headers={"Authorization": "Bearer nope-nope-nope"})
+    assert r.status_code == 401
+    assert metrics.ERRORS.labels("admin", "bad_token")._value.get() == before + 1
+    r = await client.get("/admin/api/policies", headers={"Authorization": f"Basic {TOKENS['publisher']}"})
+    assert r.status_code == 401
+
+
+async def test_roles(client: httpx.AsyncClient, default_yaml: str) -> None:
+    me = (await client.get("/admin/api/me", headers=auth("editor"))).json()
+    assert me == {"name": "editor-user", "role": "editor"}
+    assert (await client.get("/admin/api/policies", headers=auth("viewer"))).status_code == 200
+    # viewer cannot write drafts; editor can; only publisher publishes / rolls back
+    body = {"yaml": default_yaml, "comment": "x"}
+    assert (await client.post("/admin/api/drafts", json=body, headers=auth("viewer"))).status_code == 403
+    r = await client.post("/admin/api/drafts", json=body, headers=auth("editor"))
+    assert r.status_code == 201
+    pub = {"draft_id": r.json()["id"], "expected_version": 1}
+    r = await client.post("/admin/api/publish", json=pub, headers=auth("editor"))
+    assert r.status_code == 403 and "publisher" in r.json()["detail"]
+    r = await client.post("/admin/api/rollback", json={"version": 1, "expected_version": 1}, headers=auth("viewer"))
+    assert r.status_code == 403
+    assert (await client.post("/admin/api/publish", json=pub, headers=auth("publisher"))).status_code == 200
+
+
+def test_token_sources(tmp_path: Path) -> None:
+    reg = TokenRegistry.from_env(admin_token="single-admin-token", tokens_file="")
+    tok = reg.lookup("single-admin-token")
+    assert tok is not None and (tok.role, tok.name) == ("publisher", "admin")
+    assert reg.lookup("single-admin-tokeN") is None and reg.lookup("") is None
+    js = tmp_path / "t.json"
+    js.write_text(json.dumps([{"role": "viewer", "name": "v", "token": "viewer-secret-1"}]))
+    reg = TokenRegistry.from_env(admin_token="", tokens_file=str(js))
+    assert reg.lookup("viewer-secret-1").role == "viewer"  # type: ignore[union-attr]
+    with pytest.raises(TokenConfigError, match="line 2"):
+        parse_tokens_file("viewer:a:aaaaaaaaaa\nsuperuser:b:bbbbbbbbbb\n")
+    with pytest.raises(TokenConfigError, match="role:name:token"):
+        parse_tokens_file("just-a-token\n")
+    with pytest.raises(TokenConfigError, match="shorter than 8"):
+        parse_tokens_file("editor:e:short\n")
+
+
+# ---- versions, drafts, validation -------------------------------------------------------------------
+async def test_versions_read_and_diff(client: httpx.AsyncClient, default_yaml: str) -> None:
+    r = await client.post("/admin/api/publish", headers=auth("publisher"),
+                          json={"yaml": default_yaml.replace("accept: 0.85", "accept: 0.9", 1), "expected_version": 1,
+                                "comment": "stricter"})
+    assert r.json() == {"version": 2, "current": 2}
+    lst = (await client.get("/admin/api/policies", headers=auth("viewer"))).json()
+    assert lst["current"] == 2 and [v["version"] for v in lst["versions"]] == [2, 1]
+    assert lst["versions"][0]["author"] == "publisher-user" and lst["versions"][0]["comment"] == "stricter"
+    v2 = (await client.get("/admin/api/policies/2", headers=auth("viewer"))).json()
+    assert "accept: 0.9" in v2["yaml"]
+    assert (await client.get("/admin/api/policies/7", headers=auth("viewer"))).status_code == 404
+    d = (await client.get("/admin/api/policies/diff?a=1&b=2", headers=auth("viewer"))).json()
+    assert "+  accept: 0.9" in d["unified"]
+    changed = [row for row in d["rows"] if row["op"] != "equal"]
+    assert [(c["a_line"], c["b_line"]) for c in changed] == [(accept_line(default_yaml),) * 2]
+
+
+async def test_validate_line_located(client: httpx.AsyncClient, default_yaml: str) -> None:
+    bad = default_yaml.replace("accept: 0.85", "accept: 1.5", 1)
+    r = (await client.post("/admin/api/validate", json={"yaml": bad}, headers=auth("editor"))).json()
+    assert r["valid"] is False
+    assert r["errors"][0]["line"] == accept_line(default_yaml) and "thresholds.accept" in r["errors"][0]["path"]
+    r = (await client.post("/admin/api/validate", json={"yaml": "name: x\n  bad: [\n"}, headers=auth("editor"))).json()
+    assert r["valid"] is False and r["errors"][0]["line"] == 2 and "invalid YAML" in r["errors"][0]["message"]
+    r = (await client.post("/admin/api/validate", json={"yaml": default_yaml}, headers=auth("editor"))).json()
+    assert r == {"valid": True, "errors": []}
+
+
+async def test_draft_crud(client: httpx.AsyncClient, default_yaml: str) -> None:
+    d = (await client.post("/admin/api/drafts", json={"yaml": default_yaml}, headers=auth("editor"))).json()
+    r = await client.put(f"/admin/api/drafts/{d['id']}", json={"yaml": default_yaml + "\n# note\n"}, headers=auth("editor"))
+    assert r.status_code == 200 and r.json()["rev"] == 2
+    lst = (await client.get("/admin/api/drafts", headers=auth("viewer"))).json()
+    assert [x["id"] for x in lst] == [d["id"]] and "yaml" not in lst[0]
+    diff = (await client.get(f"/admin/api/policies/diff?a=1&b=draft:{d['id']}", headers=auth("viewer"))).json()
+    assert "+# note" in diff["unified"]
+    assert (await client.delete(f"/admin/api/drafts/{d['id']}", headers=auth("editor"))).status_code == 204
+    assert (await client.get(f"/admin/api/drafts/{d['id']}", headers=auth("viewer"))).status_code == 404
+
+
+# ---- publish / rollback -----------------------------------------------------------------------------
+async def test_publish_invalid_is_422_with_lines(client: httpx.AsyncClient, default_yaml: str) -> None:
+    bad = default_yaml.replace("accept: 0.85", "accept: 2", 1)
+    r = await client.post("/admin/api/publish", json={"yaml": bad, "expected_version": 1}, headers=auth("publisher"))
+    assert r.status_code == 422
+    assert r.json()["detail"]["errors"][0]["line"] == accept_line(default_yaml)
+    assert (await client.get("/admin/api/policies", headers=auth("viewer"))).json()["current"] == 1
+
+
+async def test_publish_race_two_admins_409(client: httpx.AsyncClient, default_yaml: str) -> None:
+    before = errors_total("publish_conflict")
+    bodies = [{"yaml": default_yaml.replace("accept: 0.85", f"accept: {v}", 1), "expected_version": 1} for v in ("0.9", "0.8")]
+    rs = await asyncio.gather(*(client.post("/admin/api/publish", json=b, headers=auth("publisher")) for b in bodies))
+    assert sorted(r.status_code for r in rs) == [200, 409]
+    lost = next(r for r in rs if r.status_code == 409).json()["detail"]
+    assert lost["expected"] == 1 and lost["current"] == 2
+    assert errors_total("publish_conflict") == before + 1
+    lst = (await client.get("/admin/api/policies", headers=auth("viewer"))).json()
+    assert [v["version"] for v in lst["versions"]] == [2, 1]
+
+
+async def test_rollback(client: httpx.AsyncClient, default_yaml: str, redis: aioredis.Redis) -> None:
+    await client.post("/admin/api/publish", json={"yaml": default_yaml.replace("accept: 0.85", "accept: 0.9", 1),
+                                                  "expected_version": 1}, headers=auth("publisher"))
+    r = await client.post("/admin/api/rollback", json={"version": 1, "expected_version": 1}, headers=auth("publisher"))
+    assert r.status_code == 409
+    r = await client.post("/admin/api/rollback", json={"version": 1, "expected_version": 2, "comment": "undo"},
+                          headers=auth("publisher"))
+    assert r.status_code == 200 and r.json()["current"] == 1
+    assert (await client.post("/admin/api/rollback", json={"version": 42, "expected_version": 1},
+                              headers=auth("publisher"))).status_code == 404
+    # a version stored under an older schema no longer validates: 422, live policy unchanged
+    await redis.hset("{policy}:version:3", mapping={"yaml": default_yaml.replace("name: default", "nom: default"),
+                                                    "author": "legacy", "comment": "", "created_at": 1, "source": "x"})
+    await redis.set("{policy}:seq", 3)
+    r = await client.post("/admin/api/rollback", json={"version": 3, "expected_version": 1}, headers=auth("publisher"))
+    assert r.status_code == 422 and r.json()["detail"]["errors"]
+    assert (await client.get("/admin/api/policies", headers=auth("viewer"))).json()["current"] == 1
+    audit = (await client.get("/admin/api/audit", headers=auth("viewer"))).json()
+    rb = next(a for a in audit if a["action"] == "rollback")
+    assert rb["actor"] == "publisher-user" and rb["ip"] == "203.0.113.7" and rb["detail"] == "undo"
+
+
+# ---- uploads ----------------------------------------------------------------------------------------
+def wav_bytes(seconds: float = 0.5, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(buf, (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+async def test_upload_not_wav_415(client: httpx.AsyncClient) -> None:
+    files = {"audio": ("notes.wav", b"ID3\x03\x00\x00 this is an mp3, honest" * 10, "audio/wav")}
+    r = await client.post("/admin/api/simulate", files=files, headers=auth("editor"))
+    assert r.status_code == 415 and "not a WAV" in r.json()["detail"]["message"]
+    for cut in (30, 60):  # a broken header; a header with 8 samples behind it
+        r = await client.post("/admin/api/simulate", files={"audio": ("t.wav", wav_bytes()[:cut], "audio/wav")},
+                              headers=auth("editor"))
+        assert r.status_code == 415, r.text
+
+
+async def test_upload_too_large_413(client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.admin import api, context
+
+    monkeypatch.setattr(api, "MAX_UPLOAD_BYTES", 20_000)
+    monkeypatch.setattr(context, "MAX_UPLOAD_BYTES", 20_000)
+    big = wav_bytes(seconds=2.0)  # 64 kB
+    r = await client.post("/admin/api/simulate", files={"audio": ("big.wav", big, "audio/wav")}, headers=auth("editor"))
+    assert r.status_code == 413
+    r = await client.post("/admin/api/drafts", json={"yaml": "x" * 30_000}, headers=auth("editor"))
+    assert r.status_code == 413
+
+
+async def test_simulate_needs_input_and_valid_policy(client: httpx.AsyncClient) -> None:
+    r = await client.post("/admin/api/simulate", data={"text": "  "}, headers=auth("editor"))
+    assert r.status_code == 422
+    r = await client.post("/admin/api/simulate", data={"text": "hello", "yaml": "name: [x"}, headers=auth("editor"))
+    assert r.status_code == 422 and r.json()["detail"]["errors"][0]["line"] == 1
+    r = await client.post("/admin/api/simulate", data={"text": "hello"}, headers=auth("viewer"))
+    assert r.status_code == 403
+
+
+# ---- live view --------------------------------------------------------------------------------------
+async def test_live_calls_and_today_rates(client: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    cs = CallStore(redis, "worker-a", ttl_s=600)
+    await cs.start()
+    turn = lambda action: {"decision": {"action": action, "reason": "r"}}  # noqa: E731
+    cs.start_call("CA-live", "twilio", "+14155550123", "+1800", "2")
+    cs.event("CA-live", "turn", **turn("confirm"))
+    cs.start_call("CA-done", "sip", "+14155550100", "+1800", "1")
+    cs.event("CA-done", "turn", **turn("answer"))
+    cs.end_call("CA-done", "completed")
+    cs.start_call("CA-xfer", "webrtc", "softphone:x", "softphone", "1")
+    cs.event("CA-xfer", "turn", **turn("transfer"))
+    cs.event("CA-xfer", "transfer", target="general", ok=True)
+    cs.end_call("CA-xfer", "transferred")
+    assert await cs.flush()
+    try:
+        calls = (await client.get("/admin/api/calls", headers=auth("viewer"))).json()["calls"]
+        assert [c["call_id"] for c in calls] == ["CA-live"]
+        assert calls[0]["policy_version"] == "2" and calls[0]["caller"].endswith("23") and "4155550123" not in calls[0]["caller"]
+        ev = (await client.get("/admin/api/calls/CA-live", headers=auth("viewer"))).json()
+        assert [e["type"] for e in ev["events"]] == ["call_started", "turn"]
+        assert (await client.get("/admin/api/calls/nope", headers=auth("viewer"))).status_code == 404
+        s = (await client.get("/admin/api/stats/today", headers=auth("viewer"))).json()
+        assert (s["calls"], s["ended"], s["in_progress"], s["turns"]) == (3, 2, 1, 3)
+        assert s["automation_rate"] == 0.5 and s["escalation_rate"] == 0.5
+        assert s["clarification_rate"] == round(1 / 3, 4)
+    finally:
+        await cs.close()
+
+
+async def test_softphone_offer_needs_editor_and_a_conversation_runner(client: httpx.AsyncClient) -> None:
+    offer = {"sdp": "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "type": "offer"}
+    assert (await client.post("/admin/api/softphone/offer", json=offer, headers=auth("viewer"))).status_code == 403
+    r = await client.post("/admin/api/softphone/offer", json=offer, headers=auth("editor"))
+    assert r.status_code == 503 and "bot serve" in r.json()["detail"]["message"]  # this app runs no calls
+    r = await client.post("/admin/api/softphone/offer", json={**offer, "draft_id": "nope"}, headers=auth("editor"))
+    assert r.status_code == 404

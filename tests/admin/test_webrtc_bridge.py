@@ -1,0 +1,147 @@
+"""telephony/webrtc.py against a real aiortc peer (Opus over DTLS-SRTP on loopback): 48 kHz in ->
+8 kHz 20 ms frames; 8 kHz bot audio out -> 48 kHz at the peer, paced; marks, clear, hangup, bad SDP."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+
+import numpy as np
+import pytest
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallEnded, MarkIn
+from telephony.webrtc import SignallingError, WebRTCCallBridge
+
+
+class Tone(MediaStreamTrack):
+    """A browser-like microphone: 48 kHz stereo s16, 20 ms frames, real-time paced."""
+
+    kind = "audio"
+
+    def __init__(self, hz: float) -> None:
+        super().__init__()
+        self.hz = hz
+        self.n = 0
+        self.t0: float | None = None
+
+    async def recv(self) -> AudioFrame:
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        wait = self.t0 + self.n / 48000 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        t = (self.n + np.arange(960)) / 48000
+        mono = (8000 * np.sin(2 * np.pi * self.hz * t)).astype(np.int16)
+        frame = AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame.sample_rate = 48000
+        frame.pts = self.n
+        frame.time_base = fractions.Fraction(1, 48000)
+        self.n += 960
+        return frame
+
+
+def dominant_hz(x: np.ndarray, rate: int) -> float:
+    spec = np.abs(np.fft.rfft(x.astype(np.float32) * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[int(np.argmax(spec))])
+
+
+async def test_audio_both_ways_with_resampling_and_marks() -> None:
+    peer = RTCPeerConnection()
+    peer.addTrack(Tone(1000.0))
+    received: list[np.ndarray] = []
+    got_track = asyncio.Event()
+
+    @peer.on("track")
+    def _on_track(track: MediaStreamTrack) -> None:
+        async def read() -> None:
+            while True:
+                try:
+                    f = await track.recv()
+                except MediaStreamError:
+                    return
+                arr = f.to_ndarray().reshape(-1, len(f.layout.channels))[:, 0]
+                assert f.sample_rate == 48000
+                received.append(arr.copy())
+        asyncio.get_running_loop().create_task(read())
+        got_track.set()
+
+    await peer.setLocalDescription(await peer.createOffer())
+    bridge = WebRTCCallBridge(caller="test")
+    answer = await bridge.accept(peer.localDescription.sdp, "offer")
+    await peer.setRemoteDescription(RTCSessionDescription(answer.sdp, answer.type))
+    await asyncio.wait_for(bridge.connected.wait(), 15)
+    assert bridge.info.transport == "webrtc" and bridge.info.call_id.startswith("webrtc-")
+
+    # inbound: the peer's 1 kHz tone arrives as 8 kHz, 160-sample frames
+    frames: list[np.ndarray] = []
+    events = bridge.events()
+    async def collect_inbound(n: int) -> None:
+        async for ev in events:
+            if isinstance(ev, AudioIn):
+                assert ev.pcm.dtype == np.int16 and len(ev.pcm) == FRAME_SAMPLES
+                frames.append(ev.pcm)
+                if len(frames) >= n:
+                    return
+    await asyncio.wait_for(collect_inbound(100), 20)
+    pcm8 = np.concatenate(frames[-50:])
+    assert abs(dominant_hz(pcm8, 8000) - 1000) < 30
+
+    # outbound: 1 s of 440 Hz at 8 kHz plays at the peer at 48 kHz, then the mark comes back
+    await asyncio.wait_for(got_track.wait(), 10)
+    received.clear()
+    t = np.arange(8000) / 8000
+    t_send = time.monotonic()
+    await bridge.send_audio((10000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16))
+    await bridge.mark("end-of-tone")
+    mark_t = None
+    async def wait_mark() -> None:
+        nonlocal mark_t
+        async for ev in events:
+            if isinstance(ev, MarkIn) and ev.name == "end-of-tone":
+                mark_t = time.monotonic()
+                return
+    await asyncio.wait_for(wait_mark(), 10)
+    assert mark_t is not None and mark_t - t_send >= 0.9  # paced in real time, not dumped at once
+    await asyncio.sleep(1.5)  # the peer's jitter buffer holds a little
+    out = np.concatenate(received)
+    loud = np.abs(out) > 1000
+    print("received", len(out), "loud", int(loud.sum()))
+    assert loud.sum() > 0.8 * 48000 * 0.9
+    start = int(np.argmax(np.abs(out) > 1000))
+    assert abs(dominant_hz(out[start:start + 24000], 48000) - 440) < 15
+
+    # clear drops queued audio and returns its pending marks at once
+    await bridge.send_audio(np.zeros(8000 * 5, np.int16))
+    await bridge.mark("never-played")
+    t_clear = time.monotonic()
+    await bridge.clear()
+    async def wait_cleared() -> float:
+        async for ev in events:
+            if isinstance(ev, MarkIn) and ev.name == "never-played":
+                return time.monotonic()
+        return 0.0
+    assert (await asyncio.wait_for(wait_cleared(), 5)) - t_clear < 0.5
+    assert not await bridge.transfer("general", {})
+
+    # the bot hangs up: CallEnded is the last event
+    await bridge.hangup("completed")
+    async def last() -> CallEnded:
+        async for ev in events:
+            if isinstance(ev, CallEnded):
+                return ev
+        raise AssertionError("no CallEnded")
+    assert (await asyncio.wait_for(last(), 5)).reason == "bot:completed"
+    await peer.close()
+
+
+async def test_bad_offers_are_clear_errors() -> None:
+    with pytest.raises(SignallingError, match="no audio"):
+        await WebRTCCallBridge().accept("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n", "offer")
+    with pytest.raises(SignallingError, match="expected an SDP offer"):
+        await WebRTCCallBridge().accept("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "answer")
+    with pytest.raises(SignallingError, match="could not use"):
+        await WebRTCCallBridge().accept("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nthis is not sdp\r\n", "offer")

@@ -1,0 +1,150 @@
+"""The cross-call batching scheduler, with a deterministic CPU batch function (numpy work per item)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.batching import BatchConfig, BatchScheduler, EngineError, EngineOverloaded
+from ops.metrics import ENGINE_BATCH_SIZE, ERRORS
+
+
+class Spectral:
+    """Per item: the strongest FFT bin of a signal (real numpy work), or ValueError for NaN input.
+    Records each batch it was called with, and can hold batches back to build up a queue."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, items: list[np.ndarray]) -> list[int]:
+        self.gate.wait(10)
+        self.batches.append([len(x) for x in items])
+        if any(np.isnan(x).any() for x in items):
+            raise ValueError("NaN in input")
+        return [int(np.argmax(np.abs(np.fft.rfft(x)))) for x in items]
+
+
+def sig(freq: int, n: int = 800) -> np.ndarray:
+    return np.sin(2 * np.pi * freq * np.arange(n) / n)
+
+
+def hist_count(op: str) -> float:
+    return sum(s.value for m in ENGINE_BATCH_SIZE.collect() for s in m.samples
+               if s.name.endswith("_count") and s.labels.get("op") == op)
+
+
+async def test_concurrent_requests_batch_and_resolve_each_caller() -> None:
+    fn = Spectral()
+    sched = BatchScheduler("t_batch", fn, config=BatchConfig(max_batch=8, wait_ms=20, max_queue=100))
+    try:
+        fn.gate.clear()  # the first request occupies the worker; the rest queue up behind it
+        first = asyncio.ensure_future(sched.submit(sig(3)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(sched.submit(sig(f))) for f in range(4, 24)]
+        await asyncio.sleep(0.05)
+        fn.gate.set()
+        results = await asyncio.gather(first, *rest)
+    finally:
+        await sched.close()
+    assert results == list(range(3, 24))  # each caller got its own answer, equal to the unbatched one
+    assert results == [fn([sig(f)])[0] for f in range(3, 24)]
+    assert max(len(b) for b in fn.batches) == 8  # batched, never beyond max_batch
+    assert sched.items == 21 and sched.batches < 21
+    assert hist_count("t_batch") == sched.batches
+
+
+async def test_only_same_length_bucket_shares_a_batch() -> None:
+    fn = Spectral()
+    sched = BatchScheduler("t_bucket", fn, bucket=lambda x: len(x) // 1000, config=BatchConfig(max_batch=32, wait_ms=20))
+    try:
+        fn.gate.clear()
+        blocker = asyncio.ensure_future(sched.submit(sig(1)))
+        await asyncio.sleep(0.05)
+        futs = [asyncio.ensure_future(sched.submit(sig(5, n))) for n in (800, 2500, 900, 2600, 700)]
+        await asyncio.sleep(0.05)
+        fn.gate.set()
+        assert await asyncio.gather(blocker, *futs) == [1, 5, 5, 5, 5, 5]
+    finally:
+        await sched.close()
+    for batch in fn.batches:
+        assert len({n // 1000 for n in batch}) == 1
+    assert sorted(map(sorted, fn.batches[1:])) == [[700, 800, 900], [2500, 2600]]
+
+
+async def test_lone_request_skips_the_wait_budget() -> None:
+    fn = Spectral()
+    sched = BatchScheduler("t_lone", fn, config=BatchConfig(max_batch=8, wait_ms=300))
+    try:
+        await sched.submit(sig(2))  # warm the worker thread
+        await asyncio.sleep(0.2)  # idle: the next request is not part of a burst
+        t0 = time.perf_counter()
+        assert await sched.submit(sig(7)) == 7
+        assert time.perf_counter() - t0 < 0.25  # did not sit out the 300 ms budget
+    finally:
+        await sched.close()
+
+
+async def test_back_pressure_raises_and_counts() -> None:
+    fn = Spectral()
+    sched = BatchScheduler("t_full", fn, config=BatchConfig(max_batch=2, wait_ms=0, max_queue=3))
+    before = ERRORS.labels(component="engine", kind="queue_full")._value.get()
+    try:
+        fn.gate.clear()
+        running = asyncio.ensure_future(sched.submit(sig(1)))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(sched.submit(sig(f))) for f in (2, 3, 4)]
+        await asyncio.sleep(0)
+        with pytest.raises(EngineOverloaded, match="queue full"):
+            await sched.submit(sig(5))
+        fn.gate.set()
+        assert await asyncio.gather(running, *queued) == [1, 2, 3, 4]  # the admitted ones still finish
+    finally:
+        await sched.close()
+    assert ERRORS.labels(component="engine", kind="queue_full")._value.get() == before + 1
+
+
+async def test_a_bad_item_fails_alone_not_its_batch_mates() -> None:
+    fn = Spectral()
+    sched = BatchScheduler("t_iso", fn, config=BatchConfig(max_batch=8, wait_ms=20))
+    bad = np.full(800, np.nan)
+    try:
+        fn.gate.clear()
+        blocker = asyncio.ensure_future(sched.submit(sig(1)))
+        await asyncio.sleep(0.05)
+        futs = [asyncio.ensure_future(sched.submit(x)) for x in (sig(2), bad, sig(9))]
+        await asyncio.sleep(0.05)
+        fn.gate.set()
+        results = await asyncio.gather(blocker, *futs, return_exceptions=True)
+    finally:
+        await sched.close()
+    assert results[0] == 1 and results[1] == 2 and results[3] == 9
+    assert isinstance(results[2], EngineError) and isinstance(results[2].__cause__, ValueError)
+
+
+async def test_cancelled_caller_is_skipped_and_closed_scheduler_refuses() -> None:
+    fn = Spectral()
+    sched = BatchScheduler("t_cancel", fn, config=BatchConfig(max_batch=8, wait_ms=0))
+    fn.gate.clear()
+    blocker = asyncio.ensure_future(sched.submit(sig(1)))
+    await asyncio.sleep(0.05)
+    gone = asyncio.ensure_future(sched.submit(sig(2)))
+    stays = asyncio.ensure_future(sched.submit(sig(3)))
+    await asyncio.sleep(0)
+    gone.cancel()  # the caller hung up
+    fn.gate.set()
+    assert await blocker == 1 and await stays == 3
+    assert fn.batches == [[800], [800]]  # sig(2) was never computed
+    await sched.close()
+    with pytest.raises(EngineError, match="closed"):
+        await sched.submit(sig(4))
+
+
+def test_invalid_config_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        BatchConfig(max_batch=0)

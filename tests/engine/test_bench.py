@@ -1,0 +1,37 @@
+"""`bot engine bench` runs end to end (tiny sizes) and reports every figure the issue asks for."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from engine import bench
+
+
+def test_bench_cli_json(tmp_path: Path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="cmd"))
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["bench", "--json", "--out", str(out), "--seconds", "1", "--batch-sizes", "1,2",
+                              "--reps", "1", "--callers", "6", "--turns", "1", "--speak-n", "2", "--turn-every", "0.5"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr().out
+    print(repr(captured[:300]), file=__import__("sys").stderr)
+    printed = json.loads(captured)
+    assert printed == json.loads(out.read_text())
+    rows = printed["backends"]["onnx"]["understand"]
+    assert [(r["seconds"], r["batch"]) for r in rows] == [(1.0, 1), (1.0, 2)]
+    assert all(r["utterances_per_s"] > 0 and r["latency_ms"]["p95"] >= r["latency_ms"]["p50"] > 0 for r in rows)
+    assert printed["batching_gain"] > 0
+    assert printed["batching"]["batched"]["mean_batch"] >= 1
+    assert printed["p95_added_wait_ms"] >= 0 and printed["realtime_callers"]["batched"] >= 0
+    assert printed["speak"]["voice"] == "piper" and printed["speak"]["first_audio_ms"]["p50"] > 0
+
+
+def test_bot_cli_exposes_bench() -> None:
+    from bot.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["engine", "bench", "--json", "--no-speak"])
+    assert args.func is bench.cmd_bench

@@ -1,0 +1,34 @@
+"""The export code path (PyTorch -> ONNX with dynamic batch/time) on a tiny randomly initialised model."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from engine.training.export import export_onnx, onnx_outputs, quantize, torch_outputs  # noqa: E402
+from engine.training.model import FullModel, TopModel  # noqa: E402
+from engine.training.whisper import WhisperEncoder  # noqa: E402
+
+
+def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
+    torch.manual_seed(0)
+    enc = WhisperEncoder()
+    with torch.no_grad():
+        enc.embed_positions.normal_(0, 0.02)
+    model = FullModel(enc, TopModel(enc, n_intents=5, frozen_layers=3), temperature=1.7).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    rng = np.random.default_rng(0)
+    for batch, seconds in ((1, 1), (3, 4), (2, 8)):  # shapes differ from the export example
+        mel = rng.standard_normal((batch, 80, 100 * seconds)).astype(np.float32) * 0.5
+        pt, ox = torch_outputs(model, mel), onnx_outputs(path, mel)
+        assert ox[0].shape == (batch, 5)
+        np.testing.assert_allclose(ox[0], pt[0], atol=1e-4)  # calibrated intent probabilities
+        np.testing.assert_allclose(ox[1], pt[1], atol=1e-4)  # frustration
+        np.testing.assert_allclose(ox[2], pt[2], atol=1e-4)  # end of turn
+        assert ox[3].shape == (batch, 50 * seconds)
+    q = tmp_path / "q.onnx"
+    quantize(path, q)
+    assert q.stat().st_size < path.stat().st_size / 2
+    mel = rng.standard_normal((2, 80, 300)).astype(np.float32) * 0.5
+    assert np.abs(onnx_outputs(q, mel)[0] - torch_outputs(model, mel)[0]).max() < 0.1

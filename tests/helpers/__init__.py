@@ -1,0 +1,1 @@
+"""Shared test helpers: a `bot serve` subprocess, a local Twilio REST fake, caller audio."""

@@ -1,0 +1,65 @@
+"""A local HTTP server that speaks Twilio's REST wire format for call updates (transfer):
+POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json with form `Twiml`, basic auth
+SID:token. It checks the auth, records each request and answers like Twilio (JSON call resource).
+The only fake the house rules allow: Twilio REST itself."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+_PATH = re.compile(r"^/2010-04-01/Accounts/(AC\w+)/Calls/(CA\w+)\.json$")
+
+
+class FakeTwilioApi:
+    def __init__(self, account_sid: str, auth_token: str, fail: bool = False) -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.fail = fail
+        self.requests: list[dict[str, Any]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_a: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                form = {k: v[0] for k, v in parse_qs(body).items()}
+                m = _PATH.match(self.path)
+                auth = self.headers.get("authorization", "")
+                expected = "Basic " + base64.b64encode(f"{api.account_sid}:{api.auth_token}".encode()).decode()
+                api.requests.append({"path": self.path, "form": form, "auth_ok": auth == expected})
+                if auth != expected:
+                    return self._send(401, {"code": 20003, "message": "Authenticate", "status": 401})
+                if not m:
+                    return self._send(404, {"code": 20404, "message": "not found", "status": 404})
+                if api.fail:
+                    return self._send(500, {"code": 20500, "message": "Internal Server Error", "status": 500})
+                self._send(200, {"sid": m.group(2), "account_sid": m.group(1), "status": "in-progress",
+                                 "api_version": "2010-04-01", "uri": self.path})
+
+            def _send(self, code: int, obj: dict[str, Any]) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeTwilioApi":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_a: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

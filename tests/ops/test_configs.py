@@ -1,0 +1,173 @@
+"""The operations configs validate: Prometheus config and rules (promtool), alert unit tests,
+Alertmanager routing, Grafana provisioning and dashboards, docker-compose and Dockerfile, Kamailio."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ops import metrics
+from tests.ops.queries import ROOT, alert_rules, dashboard_exprs, family, metric_names, rule_exprs
+
+PROM = ROOT / "ops" / "prometheus"
+promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (apt prometheus) not installed")
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@promtool
+def test_promtool_check_config_and_rules() -> None:
+    r = _run("promtool", "check", "config", str(PROM / "prometheus.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run("promtool", "check", "rules", str(PROM / "alerts.yml"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+
+
+@promtool
+def test_promtool_alert_unit_tests() -> None:
+    r = _run("promtool", "test", "rules", "alerts_test.yml", cwd=PROM)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # every alert has at least one firing case in the unit tests
+    tested = set(re.findall(r"alertname:\s*(\w+)", (PROM / "alerts_test.yml").read_text()))
+    alerts = {r["alert"] for r in alert_rules() if "alert" in r}
+    assert alerts <= tested, alerts - tested
+
+
+def test_every_alert_has_runbook_and_severity() -> None:
+    alerts = [r for r in alert_rules() if "alert" in r]
+    names = {r["alert"] for r in alerts}
+    for needed in ("VoiceToVoiceLatencyHigh", "EscalationRateSpike", "ClarificationRateSpike", "ErrorRateHigh",
+                   "NoCallsInBusinessHours", "EngineSaturated", "RedisDown", "RedisFailingOver", "WorkerDown"):
+        assert needed in names
+    for r in alerts:
+        url = r["annotations"]["runbook_url"]
+        assert (ROOT / url).is_file(), f"{r['alert']}: runbook {url} missing"
+        assert r["labels"]["severity"] in ("page", "ticket")
+        assert r["annotations"]["summary"]
+
+
+def test_queries_use_only_defined_metrics() -> None:
+    defined = {m._name for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "_type")}
+    # prometheus-client stores counters without _total
+    defined |= {n + "_total" for n in defined}
+    allowed = defined | {"process_cpu_seconds_total", "process_resident_memory_bytes", "up"}
+    exprs = dashboard_exprs() + rule_exprs()
+    assert len(exprs) > 30
+    for where, expr in exprs:
+        names = metric_names(expr)
+        assert names, f"{where}: no metric in {expr}"
+        for n in names:
+            assert family(n) in allowed or n in allowed, f"{where}: {n} is not defined in ops/metrics.py"
+
+
+def test_alertmanager_routes_to_receivers() -> None:
+    doc = yaml.safe_load((ROOT / "ops" / "alertmanager" / "alertmanager.yml").read_text())
+    receivers = {r["name"] for r in doc["receivers"]}
+    assert doc["route"]["receiver"] in receivers
+    for sub in doc["route"].get("routes", []):
+        assert sub["receiver"] in receivers
+    if shutil.which("amtool"):
+        r = _run("amtool", "check-config", "ops/alertmanager/alertmanager.yml")
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_grafana_provisioning_and_dashboards() -> None:
+    ds = yaml.safe_load((ROOT / "ops/grafana/provisioning/datasources/prometheus.yml").read_text())
+    uid = ds["datasources"][0]["uid"]
+    assert ds["datasources"][0]["url"] == "http://prometheus:9090"
+    prov = yaml.safe_load((ROOT / "ops/grafana/provisioning/dashboards/voicebot.yml").read_text())
+    assert prov["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    boards = list((ROOT / "ops/grafana/dashboards").glob("*.json"))
+    assert boards
+    text = " ".join(e for _, e in dashboard_exprs())
+    for needed in ("voicebot_active_calls", "voicebot_calls_total", "voicebot_turn_latency_seconds_bucket",
+                   "voicebot_engine_inference_seconds_bucket", "voicebot_engine_batch_size", "voicebot_intent_confidence_bucket",
+                   "voicebot_policy_decisions_total", "voicebot_transfers_total", "voicebot_errors_total",
+                   "voicebot_redis_up", "process_cpu_seconds_total", "process_resident_memory_bytes"):
+        assert needed in text, needed
+    for b in boards:
+        d = json.loads(b.read_text())
+        ids = [p["id"] for p in d["panels"]]
+        assert len(ids) == len(set(ids))
+        for p in d["panels"]:
+            if p["type"] != "row":
+                assert p["datasource"]["uid"] == uid and p["targets"]
+    # the committed JSON is what the generator makes (nobody hand-edited it out of sync)
+    r = _run(sys.executable, "-c", "import json,ops.grafana.build_dashboards as b;"
+             "print(json.dumps(b.voicebot().json(), indent=2))")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == json.loads((ROOT / "ops/grafana/dashboards/voicebot-overview.json").read_text())
+
+
+def test_compose_file() -> None:
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    svc = doc["services"]
+    assert {"bot", "redis", "prometheus", "alertmanager", "grafana"} <= set(svc)
+    bot = svc["bot"]
+    assert bot["build"] == "." and "serve" in bot["command"]
+    assert any(p.startswith("${BOT_HTTP_PUBLISH:-8080}:8080") for p in bot["ports"])
+    assert any(p.endswith("5060/udp") for p in bot["ports"])
+    assert "/healthz" in " ".join(bot["healthcheck"]["test"])
+    assert bot["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert bot["environment"]["REDIS_URL"].endswith("redis://redis:6379/0}")
+    redis_cmd = " ".join(svc["redis"]["command"])
+    assert "--appendonly yes" in redis_cmd and "--appendfsync everysec" in redis_cmd
+    assert any(v.startswith("redis-data:/data") for v in svc["redis"]["volumes"])
+    assert "redis-cli" in " ".join(svc["redis"]["healthcheck"]["test"])
+    prom_vols = " ".join(svc["prometheus"]["volumes"])
+    assert "./ops/prometheus:/etc/prometheus" in prom_vols
+    assert "./ops/alertmanager:/etc/alertmanager" in " ".join(svc["alertmanager"]["volumes"])
+    gvols = " ".join(svc["grafana"]["volumes"])
+    assert "./ops/grafana/provisioning:/etc/grafana/provisioning" in gvols and "./ops/grafana/dashboards" in gvols
+    for name, s in svc.items():
+        for v in s.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith("./"):
+                assert (ROOT / src).exists(), f"{name}: {src} missing"
+            else:
+                assert src in doc["volumes"], f"{name}: named volume {src} not declared"
+        if name != "kamailio":
+            assert "healthcheck" in s, name
+    # the scrape config finds the bot service the compose file defines, on its HTTP port
+    prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "voicebot")
+    assert job["dns_sd_configs"][0]["names"] == ["bot"] and job["dns_sd_configs"][0]["port"] == 8080
+    assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+
+
+def test_dockerfile() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert lines[0].startswith("FROM python:3.11-slim")
+    assert "espeak-ng" in text and "redis-tools" in text
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    hc = next(ln for ln in lines if ln.startswith("HEALTHCHECK"))
+    assert "/healthz" in text[text.index(hc):]
+    assert 'CMD ["serve"]' in text and 'ENTRYPOINT ["bot"]' in text
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignore and ".git" in ignore
+
+
+@pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio not installed")
+def test_kamailio_config_checks(tmp_path: Path) -> None:
+    kdir = ROOT / "ops" / "kamailio"
+    lst = tmp_path / "dispatcher.list"
+    lst.write_text("1 sip:127.0.0.1:5071 0 0 weight=50\n1 sip:127.0.0.1:5072 0 0 weight=50\n")
+    for extra in ([], ["-A", f'DISPATCHER_LIST="{lst}"', "-A", "LISTEN_IP=127.0.0.1", "-A", "LISTEN_PORT=5070"]):
+        r = _run("kamailio", "-c", "-f", str(kdir / "kamailio.cfg"), *extra)
+        assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    for ln in (kdir / "dispatcher.list").read_text().splitlines():
+        if ln.strip() and not ln.startswith("#"):
+            setid, uri, *_ = ln.split()
+            assert setid == "1" and uri.startswith("sip:")

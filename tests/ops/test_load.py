@@ -1,0 +1,70 @@
+"""`bot load` at small N: a real `bot serve` (embedded Redis, SIP on) takes Twilio and SIP callers
+speaking real (espeak-ng) WAVs; the harness reports latency, frames, CPU/RSS and writes CSV + PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.load.harness import LoadConfig, LoadRun, format_summary, trailing_silence_s
+from tests.helpers.server import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_bot_load_small_n_twilio_and_sip(tmp_path: Path) -> None:
+    out = tmp_path / "load"
+    r = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "bot.cli", "load", "--spawn", "--calls", "2",
+                        "--sip-fraction", "0.5", "--ramp-s", "1", "--duration-s", "12", "--out", str(out), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith('{"calls_target"')]
+    assert lines, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(lines[-1])
+    assert s["calls_placed"] >= 2 and s["peak_concurrent"] == 2
+    assert s["calls_failed"] == 0, s
+    assert s["turns"] >= 2 and s["turns_no_reply"] == 0
+    assert 0 < s["v2v_ms"]["p50"] <= s["v2v_ms"]["p95"] <= s["v2v_ms"]["p99"] < 10_000
+    assert s["frames"] > 100 and s["late_frames"] >= 0
+    assert s["server_ms"]["eot_wait_ms"]["p50"] > 0  # the bot's own breakdown came from Redis
+    (w,) = s["workers"].values()
+    assert w["rss_mb_max"] > 50 and w["cpu_max"] > 0
+    with open(out / "turns.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["transport"] for row in rows} == {"twilio", "sip"}
+    assert (out / "load.png").stat().st_size > 10_000 and (out / "samples.csv").stat().st_size > 0
+    assert r.returncode in (0, 1)  # 1: p95 over budget on this machine, which is a result, not a failure
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--calls", "0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--calls" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--wav", str(tmp_path / "nope.wav")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such WAV" in r.stdout
+
+
+async def test_unreachable_bot_counts_failed_calls(tmp_path: Path) -> None:
+    """A dead target gives failed calls in the report, not a crash."""
+    from ops.load.spawn import free_port
+
+    import numpy as np
+    import soundfile as sf
+
+    wav = tmp_path / "t.wav"
+    sf.write(str(wav), (np.sin(np.arange(8000) / 8) * 3000).astype(np.int16), 8000)
+    cfg = LoadConfig(url=f"http://127.0.0.1:{free_port()}", calls=2, ramp_s=0, duration_s=1.0, wavs=[str(wav)],
+                     out_dir=str(tmp_path / "o"))
+    run = LoadRun(cfg)
+    s = await run.run()
+    assert s["calls_failed"] == s["calls_placed"] >= 2 and not s["held"]
+    assert "ConnectError" in s["errors"]
+    assert "NOT HELD" in format_summary(s)
+    run.write(s)
+    assert (tmp_path / "o" / "load.png").exists()
+    assert trailing_silence_s(np.concatenate([np.full(800, 5000, np.int16), np.zeros(400, np.int16)])) == 0.05

@@ -1,0 +1,153 @@
+"""`bot policy ...` contract tests: validate, schema, prompts, simulate, tune (precomputed outputs,
+and one real engine run on a few WAVs when the trained model is present)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.types import Understanding
+from policies.replay import Record, read_outputs, write_outputs
+from policies.schema import load_policy
+from policies.tune import tune
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bot.cli", "policy", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def U(intent: str | None, conf: float, **kw) -> Understanding:
+    return Understanding(intent, conf, [(intent, conf)], **kw)
+
+
+def small_eval() -> list[Record]:
+    """22 decided turns + 1 slot-only turn, with outcomes worked out by hand in the tests below."""
+    recs = [Record(f"p{i}.wav", "pay_bill", U("pay_bill", 0.97, slots={"amount": 10.0})) for i in range(10)]
+    recs += [Record(f"c{i}.wav", "check_balance", U("check_balance", 0.75)) for i in range(5)]
+    recs += [Record(f"r{i}.wav", "report_outage", U("update_address", 0.88)) for i in range(2)]  # confidently wrong
+    recs += [Record(f"o{i}.wav", "out_of_scope", U("out_of_scope", 0.9)) for i in range(3)]
+    recs += [Record(f"a{i}.wav", "affirm", U("affirm", 0.9)) for i in range(2)]
+    recs += [Record("digits.wav", None, U(None, 0.9, slots={"account_number": "1234"}))]
+    return recs
+
+
+def test_tune_math_on_a_hand_checked_set() -> None:
+    result = tune(load_policy(), small_eval())
+    rows = {(r["accept"], r["confirm"]): r for r in result["table"]}
+    r = rows[(0.9, 0.5)]
+    assert r["n"] == 22
+    assert r["automation_rate"] == pytest.approx(15 / 22)
+    assert r["wrong_action_rate"] == 0 and r["accepted_accuracy"] == 1.0
+    assert r["clarification_rate"] == pytest.approx(7 / 22) and r["escalation_rate"] == 0
+    assert r["acceptance_rate"] == pytest.approx(10 / 17)
+    r = rows[(0.7, 0.5)]
+    assert r["wrong_action_rate"] == pytest.approx(2 / 22) and r["accepted_accuracy"] == pytest.approx(20 / 22)
+    assert r["acceptance_rate"] == 1.0
+    r = rows[(0.99, 0.8)]  # everything in the band or below it: asks or reprompts
+    assert r["escalation_rate"] == pytest.approx(5 / 22)  # check_balance at 0.75 < 0.8
+    rec = result["recommendation"]
+    assert (rec["accept"], rec["confirm"]) == (0.97, 0.7)  # cheapest (7/22), strictest among the ties
+    assert rec["expected_cost"] == pytest.approx(7 / 22)
+    cur = result["current"]  # default.yaml: accept 0.85 -> the confidently wrong turns are acted on
+    assert cur["accepted_accuracy"] == pytest.approx(15 / 17) and cur["acceptance_rate"] == pytest.approx(12 / 17)
+
+
+def test_tune_cli_json_contract(tmp_path: Path) -> None:
+    out = tmp_path / "outputs.jsonl"
+    write_outputs(out, small_eval())
+    assert len(read_outputs(out)) == 23
+    p = bot("tune", "--outputs", str(out), "--json", "--cost-wrong", "20", "--cost-clarify", "1", "--cost-escalate", "3")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # ONE JSON object on stdout
+    assert {"table", "recommendation", "current", "costs", "n"} <= doc.keys()
+    assert doc["costs"] == {"wrong": 20.0, "clarify": 1.0, "escalate": 3.0}
+    assert {"accepted_accuracy", "acceptance_rate"} <= doc["current"].keys()
+    for row in doc["table"]:
+        assert {"accept", "confirm", "automation_rate", "wrong_action_rate", "clarification_rate", "escalation_rate",
+                "expected_cost"} <= row.keys()
+        assert row["confirm"] <= row["accept"]
+    human = bot("tune", "--outputs", str(out))
+    assert human.returncode == 0 and "recommended: accept=" in human.stdout and "automated" in human.stdout
+
+
+def test_tune_cli_bad_input(tmp_path: Path) -> None:
+    p = bot("tune", str(tmp_path / "nowhere"), "--json")
+    assert p.returncode == 2 and "manifest.jsonl" in p.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"gold": "pay_bill", "understanding": {"intent": "pay_bill"}}\n')
+    p = bot("tune", "--outputs", str(bad))
+    assert p.returncode == 2 and "bad.jsonl:1" in p.stderr
+    assert bot("tune").returncode == 2
+
+
+def test_validate_and_schema_cli(tmp_path: Path) -> None:
+    ok = bot("validate", "policies/default.yaml")
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "policies/default.yaml").read_text().replace("  confirm: 0.5 ", "  confirm: 0.95 "))
+    p = bot("validate", str(bad))
+    assert p.returncode == 1 and f"{bad}:" in p.stdout and "thresholds.confirm" in p.stdout
+    p = bot("validate", str(bad), "--json")
+    doc = json.loads(p.stdout)
+    assert doc["ok"] is False and doc["errors"][0]["field"] == "thresholds.confirm" and doc["errors"][0]["line"] > 1
+    schema = bot("schema")
+    assert schema.returncode == 0
+    assert json.loads(schema.stdout) == json.loads((ROOT / "policies/policy.schema.json").read_text())
+    prompts = bot("prompts")
+    assert prompts.returncode == 0 and "One moment." in prompts.stdout.splitlines()
+
+
+def test_simulate_cli_example_and_errors(tmp_path: Path) -> None:
+    p = bot("simulate", "policies/examples/demo_dialogues.yaml")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("[ok]") == 6 and "hangup/callback" in p.stdout
+    js = json.loads(bot("simulate", "policies/examples/demo_dialogues.yaml", "--json").stdout)
+    assert [s["action"] for s in js[0]["steps"]] == ["answer", "collect", "answer", "hangup"]
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("turns:\n  - understanding: {intent: pay_bill, confidence: 0.99, slots: {amount: 5}}\nexpect: [transfer]\n")
+    p = bot("simulate", str(wrong))
+    assert p.returncode == 1 and "MISMATCH" in p.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("turns:\n  - event: thunder\n")
+    p = bot("simulate", str(broken))
+    assert p.returncode == 2 and "unknown event 'thunder'" in p.stderr
+
+
+def _model_available() -> bool:
+    try:
+        from engine.understanding import default_model_dir
+    except ImportError:
+        return False
+    return (default_model_dir() / "model.onnx").exists()
+
+
+HELD_OUT = ROOT / "data" / "synth" / "test"
+
+
+@pytest.mark.skipif(not _model_available() or not (HELD_OUT / "manifest.jsonl").exists(),
+                    reason="trained engine model or held-out set not present")
+def test_tune_runs_the_real_engine_on_a_few_wavs(tmp_path: Path) -> None:
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    rows = [json.loads(line) for line in (HELD_OUT / "manifest.jsonl").read_text().splitlines()[:6]]
+    for r in rows:
+        shutil.copy(HELD_OUT / r["audio"], eval_dir / r["audio"])
+    (eval_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {"BOT_TUNE_CACHE_DIR": str(tmp_path / "cache")}
+    first = bot("tune", str(eval_dir), "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert doc["source"] == "engine" and doc["n"] == sum(r["intent"] is not None for r in rows)
+    cache = Path(doc["cache"])
+    assert cache.exists() and len(read_outputs(cache)) == len(rows)
+    again = bot("tune", str(eval_dir), "--json", env=env)  # served from the cache
+    assert json.loads(again.stdout)["table"] == doc["table"]

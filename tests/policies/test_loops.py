@@ -1,0 +1,75 @@
+"""No dialog loops: whatever the caller (or the engine) does, the call reaches an answer, a transfer
+or a hang-up within K inputs, and a caller who keeps failing is always transferred or let go."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.types import Understanding
+from policies.decide import CallStart, CallState, DtmfDigit, NoInput, step
+from policies.schema import load_policy
+
+POLICY = load_policy()
+K = POLICY.escalation.max_failures.max_stalled_turns  # the bound the loop guard promises
+INTENTS = [*POLICY.intents, "not_in_catalog", None]
+TIMES = [dt.datetime(2026, 11, 23, h, 0, tzinfo=dt.timezone.utc) for h in (3, 13, 15, 22)]
+
+
+@st.composite
+def understandings(draw: st.DrawFn) -> Understanding:
+    top = draw(st.sampled_from(INTENTS))
+    conf = draw(st.floats(0.0, 1.0))
+    second = draw(st.sampled_from(INTENTS))
+    p2 = draw(st.floats(0.0, 1.0 - conf))
+    slots = draw(st.sampled_from([{}, {"amount": 40.0}, {"day": "friday"}, {"account_number": "1234"}]))
+    frustration = draw(st.sampled_from([0.0, 0.3, 0.95]))
+    error = draw(st.sampled_from([None, None, None, "too_short"]))
+    return Understanding(top, conf, [(top, conf), (second, p2)], slots=slots,
+                         caller_state={"frustration": frustration}, error=error)
+
+
+inputs = st.one_of(understandings(), st.just(NoInput()), st.sampled_from([DtmfDigit(d) for d in "0123456789*#"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(seq=st.lists(inputs, min_size=1, max_size=60), now=st.sampled_from(TIMES))
+def test_any_sequence_reaches_an_outcome_within_k_inputs(seq: list, now: dt.datetime) -> None:
+    d, state = step(POLICY, CallState(now=now), CallStart())
+    since_outcome = 0
+    for inp in seq:
+        d, state = step(POLICY, state, inp)
+        assert d.prompt, f"silence after {inp!r}"
+        if d.action in ("answer", "transfer", "hangup") and d.reason != "repeat":
+            since_outcome = 0
+        else:
+            since_outcome += 1
+            assert since_outcome < K, f"{K} inputs without an outcome: {state}"
+        if state.ended:
+            break
+
+
+@settings(max_examples=200, deadline=None)
+@given(seq=st.lists(st.one_of(
+    st.builds(lambda c: Understanding("deny", c), st.floats(0.5, 1.0)),
+    st.builds(lambda i, c: Understanding(i, c, [(i, c)]), st.sampled_from(["pay_bill", "report_outage", "check_balance"]),
+              st.floats(0.5, 0.84)),
+    st.builds(lambda c: Understanding(None, c), st.floats(0.0, 0.49)),
+    st.just(NoInput()),
+    st.sampled_from([DtmfDigit("9"), DtmfDigit("*")]),
+), min_size=40, max_size=40), now=st.sampled_from(TIMES))
+def test_a_caller_who_never_gets_through_is_escalated(seq: list, now: dt.datetime) -> None:
+    """Only "no", mid-confidence intents, mumbles, silence and wrong keys: the call must end, at most K
+    inputs after its last outcome (restating an intent under confirmation answers it: an outcome)."""
+    _, state = step(POLICY, CallState(now=now), CallStart())
+    since_outcome = 0
+    for inp in seq:
+        d, state = step(POLICY, state, inp)
+        since_outcome = 0 if d.action == "answer" and d.reason != "repeat" else since_outcome + 1
+        if state.ended:
+            assert d.action in ("transfer", "hangup") and d.prompt
+            break
+    assert since_outcome <= K, f"{since_outcome} inputs since the last outcome: {state}"
+    assert state.ended or since_outcome < K

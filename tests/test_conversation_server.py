@@ -1,0 +1,133 @@
+"""Conversation behaviour that needs time or failures, against a real `bot serve` subprocess on its
+own redis-server: no-input reprompt then goodbye, filler while the engine is slow, apology +
+transfer when the engine fails (never silence), and a Redis outage mid-call (escalate, then the
+buffered events land once Redis is back)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.helpers.audio import synth
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, wait_outcome
+from tests.helpers.fake_twilio import FakeTwilioApi
+from tests.helpers.server import BotServer, free_port
+
+pytestmark = pytest.mark.slow
+
+
+class PrivateRedis:
+    def __init__(self, d: Path) -> None:
+        self.port = free_port()
+        self.dir = d
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(self.port),
+                                      "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "", "--appendonly",
+                                      "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                redis.Redis(port=self.port).ping()
+                return
+            except redis.ConnectionError:
+                import time
+
+                time.sleep(0.05)
+        raise RuntimeError("redis did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeTwilioApi]:
+    with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp_path_factory.mktemp("redis-b"))
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def bot(private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory,
+        fake_api: FakeTwilioApi) -> Iterator[BotServer]:
+    tmp = tmp_path_factory.mktemp("bot-b")
+    env = {
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": fake_api.url,
+        "BOT_POLICY": str(open_policy(tmp / "policy.yaml")), "BOT_NO_INPUT_S": "1.5",
+        "BOT_ENGINE_FACTORY": "tests.helpers.slow_engine:make", "BOT_TEST_ENGINE_DELAY_S": "1.5",
+        "BOT_ENGINE_FAULT": "understand", "BOT_TRANSFER_WAIT_S": "1",
+        "BOT_DATA_DIR": str(tmp_path_factory.getbasetemp() / "shared-data"),
+    }
+    with BotServer(private_redis.url, tmp, env) as server:
+        yield server
+
+
+async def test_no_input_reprompts_then_says_goodbye(bot: BotServer) -> None:
+    caller = await place_call(bot.url)
+    assert await caller.wait_ended(25)  # silence after the greeting, twice
+    await caller.close()
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    assert got["record"]["outcome"] == "completed"
+    kinds = [e["kind"] for e in got["events"] if e["type"] == "prompt_heard"]
+    assert kinds == ["greeting", "reprompt", "hangup"], kinds
+    assert len([e for e in got["events"] if e["type"] == "no_input"]) == 2
+
+
+async def test_slow_then_failing_engine_gets_filler_then_apology_and_transfer(bot: BotServer,
+                                                                             fake_api: FakeTwilioApi) -> None:
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+    turn = await caller.say(synth("I want to pay my bill"), wait_reply_s=10, quiet_s=0.3)
+    assert await caller.wait_ended(20)
+    await caller.close()
+    # the caller never sat in more than 2 s of silence after speaking: the filler came first
+    assert turn.v2v_ms is not None and turn.v2v_ms <= 2000, turn
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    heard = [e["kind"] for e in got["events"] if e["type"] == "prompt_heard"]
+    assert heard[:2] == ["greeting", "filler"] and "transfer" in heard, heard
+    turns = [e for e in got["events"] if e["type"] == "turn"]
+    assert turns[0]["error"] == "engine_error" and turns[0]["decision"]["action"] == "transfer"
+    assert turns[0]["decision"]["reason"] == "engine_error"
+    assert got["record"]["outcome"] == "transferred"
+    assert any(caller.call_sid in r["path"] for r in fake_api.requests)
+
+
+async def test_redis_outage_mid_call_escalates_and_flushes_later(bot: BotServer, private_redis: PrivateRedis) -> None:
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+    private_redis.stop()
+    try:
+        # the next write fails -> the policy is told (RedisFailure) -> apology + transfer
+        assert await caller.wait_ended(30)
+        await caller.close()
+    finally:
+        private_redis.start()  # empty again (no persistence): only buffered events will be there
+    got = await wait_outcome(bot.redis_url, caller.call_sid, timeout_s=20)
+    types = [e["type"] for e in got["events"]]
+    assert "state_degraded" in types and "transfer" in types, types
+    assert got["record"]["outcome"] == "transferred"
+    t = [e for e in got["events"] if e["type"] == "transfer"][0]
+    assert t["reason"] == "redis_error"
+    logs = bot.logs()
+    assert "redis_write_failed" in logs and "state_degraded" in logs
+    assert call_record(bot.redis_url, caller.call_sid)["record"]["status"] == "ended"

@@ -1,0 +1,113 @@
+"""Turn taking on real audio through the real (batched) Silero VAD: end of turn, and what may and
+may not interrupt the bot (its own echo at -20 dB, a cough, a 200 ms noise burst: no; the caller
+talking over it: yes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from bot.conversation_audio import level_dbfs
+from bot.turns import TurnDetector, TurnEvent, TurnParams
+from bot.turns_vad import BatchedVad
+from tests.helpers.audio import attenuate, cough, noise_burst, silence, synth
+
+PARAMS = TurnParams(threshold=0.5, start_ms=96, barge_ms=288, echo_margin_db=12, min_speech_ms=200,
+                    min_silence_ms=250, max_silence_ms=1000, eot_threshold=0.5, max_turn_s=15)
+
+
+@pytest.fixture(scope="module")
+def bot_voice() -> np.ndarray:
+    return synth("Thanks for calling. How can I help you today? You can pay a bill or report an outage.",
+                 voice="en-gb", level_dbfs=-18)
+
+
+async def _run(pcm: np.ndarray, bot_level: float | None) -> list[TurnEvent]:
+    vad = BatchedVad()
+    await vad.start()
+    det = TurnDetector(PARAMS)
+    det.bot_level_db = bot_level
+    events: list[TurnEvent] = []
+    done = asyncio.Event()
+    n_windows = (len(pcm) // 160) * 160 // 256
+    seen = 0
+
+    def on_prob(p: float, db: float, t: float) -> None:
+        nonlocal seen
+        ev = det.update(p, db, t)
+        if ev is not None:
+            events.append(ev)
+        seen += 1
+        if seen >= n_windows:
+            done.set()
+
+    stream = vad.open(on_prob)
+    pos = 0
+    for i in range(0, len(pcm) - 159, 160):
+        pos += 160
+        stream.push(pcm[i : i + 160], pos / 8000)
+        if i % 3200 == 0:
+            await asyncio.sleep(0)  # let the batch loop run, as on a live call
+    await asyncio.wait_for(done.wait(), 30)
+    stream.close()
+    await vad.stop()
+    return events
+
+
+async def test_caller_turn_ends_after_silence() -> None:
+    speech = synth("I want to pay my bill please")
+    pcm = np.concatenate([silence(500), speech, silence(1300)])
+    events = await _run(pcm, None)
+    kinds = [e.kind for e in events]
+    assert kinds == ["speech_started", "check_eot", "turn_end"], kinds
+    end = events[-1]
+    assert 0.3 <= end.speech_start_t <= 0.8  # speech begins at 0.5 s
+    assert abs(end.speech_end_t - (0.5 + len(speech) / 8000)) < 0.35
+    assert end.silence_ms >= PARAMS.max_silence_ms
+
+
+async def test_eot_head_high_probability_ends_turn_early() -> None:
+    det = TurnDetector(PARAMS)
+    t = 0.0
+    for _ in range(20):  # 640 ms of speech
+        t += 0.032
+        det.update(0.9, -20, t)
+    ev = None
+    for _ in range(8):
+        t += 0.032
+        ev = det.update(0.02, -60, t) or ev
+    assert ev is not None and ev.kind == "check_eot"
+    assert det.set_eot(0.2) is False  # caller only paused: keep waiting
+    assert det.set_eot(0.9) is True  # finished: respond now
+
+
+async def test_echo_of_bot_voice_does_not_barge_in(bot_voice: np.ndarray) -> None:
+    echo = attenuate(bot_voice, -20)
+    events = await _run(echo, level_dbfs(bot_voice))
+    assert [e.kind for e in events if e.kind == "barge_in"] == []
+
+
+@pytest.mark.parametrize("sound", ["cough", "noise_200ms"])
+async def test_cough_or_noise_burst_does_not_barge_in(bot_voice: np.ndarray, sound: str) -> None:
+    echo = attenuate(bot_voice, -20)
+    burst = cough() if sound == "cough" else noise_burst(200)
+    mix = echo.astype(np.int32)
+    at = 8000  # 1 s into the bot's sentence
+    mix[at : at + len(burst)] += burst
+    events = await _run(np.clip(mix, -32768, 32767).astype(np.int16), level_dbfs(bot_voice))
+    assert [e.kind for e in events if e.kind == "barge_in"] == []
+
+
+async def test_caller_talking_over_bot_barges_in_fast(bot_voice: np.ndarray) -> None:
+    caller = synth("no wait I need to talk to an agent", level_dbfs=-18)
+    mix = attenuate(bot_voice, -20).astype(np.int32)
+    at = 8000
+    mix[at : at + len(caller)] += caller[: len(mix) - at]
+    events = await _run(np.clip(mix, -32768, 32767).astype(np.int16), level_dbfs(bot_voice))
+    barge = [e for e in events if e.kind == "barge_in"]
+    assert len(barge) == 1
+    # sustained-speech rule: detected after ~288 ms of speech, never before; VAD onset lag on top
+    delay_ms = (barge[0].t - at / 8000) * 1000
+    assert 250 <= delay_ms <= 700, delay_ms

@@ -1,0 +1,97 @@
+"""`bot serve` process behaviour: graceful shutdown (stop accepting, let calls finish within the
+grace, end the rest, flush, exit 0), several workers on one port (SO_REUSEPORT) with multiprocess
+metrics, and the embedded redis-server used when REDIS_URL is not set."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers.bot import open_policy, place_call, wait_outcome
+from tests.helpers.server import BotServer, free_port, isolated_redis_url
+
+pytestmark = pytest.mark.slow
+
+
+async def test_graceful_shutdown_drains_calls(redis_url: str, tmp_path: Path,
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    env = {"BOT_SHUTDOWN_GRACE_S": "4", "BOT_NO_INPUT_S": "60", "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
+           "BOT_DATA_DIR": str(tmp_path_factory.getbasetemp() / "shared-data"), "TWILIO_AUTH_TOKEN": ""}
+    server = BotServer(isolated_redis_url(redis_url), tmp_path, env).start()
+    try:
+        a = await place_call(server.url, token="")
+        b = await place_call(server.url, token="")
+        await a.wait_bot_quiet(quiet_s=0.3, timeout_s=10)
+        assert server.proc is not None
+        t_sig = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient() as client:  # no new calls: the listener is closed
+            with pytest.raises(httpx.HTTPError):
+                await client.post(f"{server.url}/twilio/voice", data={"CallSid": "CAlate"}, timeout=2)
+        assert not a.ended and not b.ended  # live calls carry on
+        await b.hangup()  # B finishes on its own during the grace
+        assert await a.wait_ended(15)  # A outlives the grace: the bot ends it
+        ended_after = time.monotonic() - t_sig
+        await a.close()
+        rc = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 30)
+        assert rc == 0, server.logs()[-3000:]
+        assert 3.5 <= ended_after <= 12, ended_after
+        ra = await wait_outcome(server.redis_url, a.call_sid, 5)
+        rb = await wait_outcome(server.redis_url, b.call_sid, 5)
+        assert ra["record"]["outcome"] == "shutdown" and rb["record"]["outcome"] == "caller_hangup"
+    finally:
+        server.stop()
+
+
+async def test_workers_share_port_with_embedded_redis(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    import redis
+
+    rport = free_port()
+    data = tmp_path / "data"
+    env = {"BOT_EMBEDDED_REDIS_PORT": str(rport), "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
+           "TWILIO_AUTH_TOKEN": "", "BOT_DATA_DIR": str(data)}
+    server = BotServer("", tmp_path, env, workers=2, flush_db=False)
+    server.env.pop("REDIS_URL")
+    # the voice cache from other tests makes start-up quick; the embedded Redis lives in `data`
+    shared = tmp_path_factory.getbasetemp() / "shared-data" / "voice-cache"
+    if shared.exists():
+        import shutil
+
+        shutil.copytree(shared, data / "voice-cache")
+    server.start(timeout_s=150)
+    try:
+        workers: set[str] = set()
+        for _ in range(60):
+            async with httpx.AsyncClient() as client:  # a new connection each time
+                workers.add((await client.get(f"{server.url}/healthz")).json()["worker"])
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2, workers
+        # both workers must be ready before one /metrics can show both
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline:
+            text = server.metrics()
+            if all(f'worker="{w}"' in text for w in workers):
+                break
+            await asyncio.sleep(0.5)
+        assert all(f'worker="{w}"' in text for w in workers)  # multiprocess metrics: one view
+        c = await place_call(server.url, token="")
+        assert await c.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+        await c.hangup()
+        url = f"redis://127.0.0.1:{rport}/0"
+        got = await wait_outcome(url, c.call_sid)
+        assert got["record"]["outcome"] == "caller_hangup" and got["record"]["worker"] in workers
+        assert redis.Redis.from_url(url).config_get("appendonly")["appendonly"] == "yes"
+    finally:
+        rc = server.stop()
+    assert rc == 0, server.logs()[-3000:]
+    assert list((data / "redis").glob("appendonly*"))  # persisted under BOT_DATA_DIR
+    with pytest.raises(redis.ConnectionError):  # and stopped with the bot
+        redis.Redis(port=rport, socket_connect_timeout=0.5).ping()

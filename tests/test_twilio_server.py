@@ -1,0 +1,246 @@
+"""A real `bot serve` subprocess with a real Redis, driven over the Twilio Media Streams protocol by
+the simulator: greeting latency, signatures, barge-in and echo, DTMF transfer over Twilio REST
+(local wire-format fake), metrics, and every kind of bad input (each ends only its own call)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from bot.simulator import TwilioCaller
+from tests.helpers.audio import synth
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, wait_outcome
+from tests.helpers.fake_twilio import FakeTwilioApi
+from tests.helpers.server import BotServer, isolated_redis_url, metric_value
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeTwilioApi]:
+    with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake_api: FakeTwilioApi) -> Iterator[BotServer]:
+    tmp = tmp_path_factory.mktemp("bot")
+    data = tmp_path_factory.getbasetemp() / "shared-data"  # voice cache shared by every test server
+    env = {
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": fake_api.url,
+        "BOT_POLICY": str(open_policy(tmp / "policy.yaml")), "BOT_NO_INPUT_S": "60",
+        "BOT_ESCALATION_WEBHOOK": f"{fake_api.url}/escalations", "BOT_TRANSFER_WAIT_S": "1",
+        "BOT_DATA_DIR": str(data),
+    }
+    server = BotServer(isolated_redis_url(redis_url), tmp, env)
+    server.env["BOT_DATA_DIR"] = str(data)
+    with server:
+        yield server
+
+
+async def test_greeting_within_300ms_and_call_recorded(bot: BotServer) -> None:
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.5, timeout_s=15)
+    await caller.hangup()
+    assert caller.result.greeting_ms is not None and caller.result.greeting_ms <= 300, caller.result.greeting_ms
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    rec, events = got["record"], got["events"]
+    assert rec["outcome"] == "caller_hangup" and rec["transport"] == "twilio" and rec["caller"] == "+15550100123"
+    greet = [e for e in events if e["type"] == "prompt_heard" and e["kind"] == "greeting"]
+    assert greet and not greet[0]["interrupted"] and greet[0]["heard_ms"] == greet[0]["duration_ms"] > 1000
+    # the caller heard (played) about as much audio as the greeting lasted
+    assert abs(len(caller.result.bot_audio) / 8 - greet[0]["duration_ms"]) < 100
+    assert "+15550100123" not in bot.logs()  # raw numbers never reach the logs
+    m = bot.metrics()
+    assert metric_value(m, "voicebot_calls_total", {"transport": "twilio", "outcome": "caller_hangup"}) >= 1
+    assert metric_value(m, "voicebot_greeting_latency_seconds_count", {"transport": "twilio"}) >= 1
+
+
+async def test_forged_signatures_get_403_and_no_call(bot: BotServer) -> None:
+    form = {"CallSid": "CAforged", "From": "+15550001111", "To": "+15550002222"}
+    async with httpx.AsyncClient() as client:
+        forged = await client.post(f"{bot.url}/twilio/voice", data=form, headers={"X-Twilio-Signature": "bm9wZQ=="})
+        unsigned = await client.post(f"{bot.url}/twilio/voice", data=form)
+    assert forged.status_code == 403 and unsigned.status_code == 403
+    ws_url = bot.url.replace("http", "ws") + "/twilio/stream"
+    for headers in ({"X-Twilio-Signature": "bm9wZQ=="}, {}):
+        with pytest.raises(websockets.InvalidStatus) as exc:
+            async with websockets.connect(ws_url, additional_headers=headers):
+                pass
+        assert exc.value.response.status_code == 403
+    # a signature for another URL (e.g. replayed from the webhook) does not open the stream either
+    caller = TwilioCaller(bot.url, AUTH_TOKEN, account_sid=ACCOUNT_SID, call_sid="CAreplayed")
+    with pytest.raises(websockets.InvalidStatus):
+        await caller.connect(sign_url=f"{bot.url}/twilio/voice")
+    assert call_record(bot.redis_url, "CAforged")["record"] == {}
+    assert call_record(bot.redis_url, "CAreplayed")["record"] == {}
+    assert metric_value(bot.metrics(), "voicebot_errors_total", {"component": "twilio", "kind": "bad_signature"}) >= 5
+
+
+def _media(sid: str, payload: str) -> str:
+    return json.dumps({"event": "media", "streamSid": sid, "media": {"payload": payload}})
+
+
+BAD_INPUTS = {
+    "malformed_json": lambda sid: "{this is not json",
+    "bad_base64": lambda sid: _media(sid, "***not base64***"),
+    "oversized_frame": lambda sid: _media(sid, base64.b64encode(b"\xff" * 4000).decode()),
+}
+
+
+async def test_bad_inputs_end_only_their_own_call(bot: BotServer) -> None:
+    witness = await place_call(bot.url)  # a healthy call that must not notice anything
+    await asyncio.sleep(0.3)
+    sids = {}
+    for kind, make in BAD_INPUTS.items():
+        c = await place_call(bot.url)
+        await asyncio.sleep(0.2)
+        await c.send_raw(make(c.stream_sid))
+        assert await c.wait_ended(10), kind  # the bot closes the broken call
+        await c.close()
+        sids[kind] = c.call_sid
+    # unknown events are logged, counted and recorded, but harmless (Twilio adds event types)
+    c = await place_call(bot.url)
+    await c.send_raw(json.dumps({"event": "futureEvent", "streamSid": c.stream_sid}))
+    await asyncio.sleep(0.3)
+    assert not c.ended
+    await c.hangup()
+    unknown_sid = c.call_sid
+    # a WebSocket that vanishes mid-call (no close handshake, no stop)
+    v = await place_call(bot.url)
+    await asyncio.sleep(0.5)
+    await v.vanish()
+    # media before start: no call exists yet; refused after MAX_EARLY_MEDIA frames, no record made
+    ws = await websockets.connect(bot.url.replace("http", "ws") + "/twilio/stream",
+                                  additional_headers={"X-Twilio-Signature": witness.sign(
+                                      bot.url.replace("http://", "wss://") + "/twilio/stream", {})})
+    for _ in range(60):
+        try:
+            await ws.send(_media("MZearly", base64.b64encode(b"\xff" * 160).decode()))
+        except websockets.ConnectionClosed:
+            break
+    with pytest.raises(websockets.ConnectionClosed):
+        for _ in range(50):
+            await ws.send(_media("MZearly", base64.b64encode(b"\xff" * 160).decode()))
+            await asyncio.sleep(0.01)
+
+    for kind, sid in sids.items():
+        got = await wait_outcome(bot.redis_url, sid)
+        assert got["record"]["outcome"] == f"error:{kind}", (kind, got["record"])
+        assert any(e["type"] == "error" and e["kind"] == kind for e in got["events"]), kind
+    got = await wait_outcome(bot.redis_url, unknown_sid)
+    assert got["record"]["outcome"] == "caller_hangup"
+    assert any(e["type"] == "error" and e["kind"] == "unknown_event" for e in got["events"])
+    assert (await wait_outcome(bot.redis_url, v.call_sid))["record"]["outcome"] == "disconnected"
+
+    assert not witness.ended
+    assert await witness.wait_bot_quiet(quiet_s=0.3, timeout_s=10)
+    await witness.hangup()
+    w = await wait_outcome(bot.redis_url, witness.call_sid)
+    assert w["record"]["outcome"] == "caller_hangup"
+    assert not [e for e in w["events"] if e["type"] == "error"]
+    m = bot.metrics()
+    for kind in [*BAD_INPUTS, "unknown_event", "disconnected", "media_before_start"]:
+        assert metric_value(m, "voicebot_errors_total", {"component": "twilio", "kind": kind}) >= 1, kind
+    logs = bot.logs()
+    for sid in [*sids.values(), unknown_sid, v.call_sid]:
+        assert f'"call_id": "{sid}"' in logs  # every error logged with its call id
+
+
+async def test_echo_of_the_bot_does_not_interrupt_it(bot: BotServer) -> None:
+    caller = await place_call(bot.url, echo_db=-20.0)
+    assert await caller.wait_bot_quiet(quiet_s=0.6, timeout_s=15)
+    await caller.hangup()
+    assert caller.result.clears == 0
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    greet = [e for e in got["events"] if e["type"] == "prompt_heard" and e["kind"] == "greeting"]
+    assert greet and greet[0]["interrupted"] is False
+
+
+async def test_caller_talking_over_the_bot_stops_it(bot: BotServer) -> None:
+    speech = synth("wait wait I want to talk to a person about my account", level_dbfs=-16)
+    caller = await place_call(bot.url, echo_db=-20.0)
+    while caller.play.played_samples < 4000:  # 0.5 s into the greeting
+        await asyncio.sleep(0.01)
+    onset = time.monotonic()
+    say = asyncio.get_running_loop().create_task(caller.say(speech, wait_reply_s=3, quiet_s=0.3))
+    while caller.result.clears == 0 and time.monotonic() - onset < 5:
+        await asyncio.sleep(0.005)
+    stopped_after_ms = (time.monotonic() - onset) * 1000
+    await say
+    await caller.hangup()
+    assert caller.result.clears >= 1
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    greet = [e for e in got["events"] if e["type"] == "prompt_heard" and e["kind"] == "greeting"]
+    assert greet and greet[0]["interrupted"] is True and greet[0]["by"] == "speech"
+    assert 0 < greet[0]["heard_ms"] < greet[0]["duration_ms"]
+    # barge-in needs ~288 ms of sustained speech; from that decision to `clear` leaving the bot
+    # must stay well under the 150 ms budget, and the caller hears nothing after `clear`
+    assert greet[0]["clear_ms"] <= 150, greet[0]
+    assert stopped_after_ms <= 288 + 150 + 400, stopped_after_ms  # + VAD onset lag + CI slack
+    print(f"barge-in: audio stopped {stopped_after_ms:.0f} ms after speech onset; "
+          f"detect {greet[0]['detect_after_onset_ms']} ms, clear {greet[0]['clear_ms']} ms")
+
+
+async def test_dtmf_agent_key_transfers_over_twilio_rest(bot: BotServer, fake_api: FakeTwilioApi) -> None:
+    caller = await place_call(bot.url)
+    await asyncio.sleep(0.4)
+    await caller.send_dtmf("0")  # the policy's keypad option 0: speak_to_agent
+    await caller.send_dtmf("#")
+    assert await caller.wait_ended(20)
+    await caller.close()
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    assert got["record"]["outcome"] == "transferred"
+    transfer = [e for e in got["events"] if e["type"] == "transfer"]
+    assert transfer and transfer[0]["ok"] and transfer[0]["target"] == "general"
+    ctx = transfer[0]["context"]
+    assert ctx["intent"] == "speak_to_agent" and ctx["reason"] == "agent_requested" and "transcript" in ctx
+    assert json.loads(got["record"]["handoff"])["call_id"] == caller.call_sid
+    reqs = [r for r in fake_api.requests if caller.call_sid in r["path"]]
+    assert len(reqs) == 1 and reqs[0]["auth_ok"]
+    assert reqs[0]["path"] == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{caller.call_sid}.json"
+    assert "<Enqueue>general</Enqueue>" in reqs[0]["form"]["Twiml"]
+    hooks = [r for r in fake_api.requests if r["path"] == "/escalations"]
+    assert hooks  # the human side was told too (BOT_ESCALATION_WEBHOOK)
+    # the caller heard the transfer announcement before the call moved
+    said = [e for e in got["events"] if e["type"] == "prompt_heard" and e["kind"] == "transfer"]
+    assert said and not said[0]["interrupted"]
+    assert any(e["type"] == "dtmf" and e["digit"] == "0" for e in got["events"])
+    m = bot.metrics()
+    assert metric_value(m, "voicebot_transfers_total", {"transport": "twilio", "result": "ok"}) >= 1
+    assert metric_value(m, "voicebot_escalations_total", {"reason": "agent_requested"}) >= 1
+
+
+async def test_bot_call_cli_and_calls_show(bot: BotServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers.audio import silence, write_wav
+
+    wav = write_wav(tmp_path / "quiet.wav", silence(600))
+    rec = tmp_path / "bot.wav"
+    env = {**bot.env, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "REDIS_URL": bot.redis_url}
+    out = subprocess.run([sys.executable, "-m", "bot.cli", "call", "--url", bot.url, str(wav), "--record", str(rec),
+                          "--reply-timeout", "2"], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["greeting_ms"] is not None and summary["bot_audio_ms"] > 1000 and rec.stat().st_size > 16000
+    show = subprocess.run([sys.executable, "-m", "bot.cli", "calls", "show", summary["call_sid"], "--json"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert show.returncode == 0, show.stderr
+    got = json.loads(show.stdout)
+    assert got["record"]["call_id"] == summary["call_sid"]
+    assert got["record"]["caller"].endswith("23") and "0100123" not in got["record"]["caller"]
+    assert [e["type"] for e in got["events"]][:2] == ["call_started", "greeting_started"]
+    missing = subprocess.run([sys.executable, "-m", "bot.cli", "calls", "show", "CAnope", "--json"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 1 and "no call" in missing.stderr
