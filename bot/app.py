@@ -43,6 +43,7 @@ def _conv_config(settings: Settings) -> ConversationConfig:
         filler_after_s=float(os.environ.get("BOT_FILLER_AFTER_S", 1.0)),
         silence_budget_s=float(os.environ.get("BOT_SILENCE_BUDGET_S", 1.6)),
         engine_timeout_s=float(os.environ.get("BOT_ENGINE_TIMEOUT_S", 5.0)),
+        eot_timeout_s=float(os.environ.get("BOT_EOT_TIMEOUT_S", 0.5)),
         fallback_queue=os.environ.get("BOT_FALLBACK_QUEUE", "general"),
         transfer_wait_s=float(os.environ.get("BOT_TRANSFER_WAIT_S", 5.0)),
         max_call_s=float(os.environ.get("BOT_MAX_CALL_S", 1800)),

@@ -41,6 +41,7 @@ class ConversationConfig:
     filler_after_s: float = 1.0
     silence_budget_s: float = 1.6  # caller-side silence (end-of-turn wait + processing) before a filler
     engine_timeout_s: float = 5.0
+    eot_timeout_s: float = 0.5  # a slower end-of-turn answer is ignored: the max-silence rule decides
     dtmf_inter_digit_s: float = 2.0
     fallback_queue: str = "support"
     transfer_wait_s: float = 5.0  # after a transfer, wait this long for the transport to end the call
@@ -276,7 +277,7 @@ class Conversation:
         start = self._turn_start_sample or 0
         pcm = self.audio.segment(max(0, start - 1600), self.audio.pos)
         try:
-            p = float(await asyncio.wait_for(self.s.engine.end_of_turn(pcm), timeout=0.5))
+            p = float(await asyncio.wait_for(self.s.engine.end_of_turn(pcm), timeout=self.cfg.eot_timeout_s))
         except Exception as exc:  # noqa: BLE001 - fall back to the max-silence rule
             metrics.ERRORS.labels("engine", "end_of_turn").inc()
             self.log.warning("eot_failed", error=type(exc).__name__)

@@ -14,6 +14,7 @@ conversation turns into an apology + transfer) instead of letting latency grow w
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections import deque
@@ -26,7 +27,11 @@ from ops.metrics import ENGINE_BATCH_SIZE, ENGINE_INFERENCE, ENGINE_QUEUE, ERROR
 
 T = TypeVar("T")
 R = TypeVar("R")
-log = get_logger("engine.batching")
+
+
+def log() -> Any:
+    """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
+    return get_logger("engine.batching")
 
 
 class EngineError(RuntimeError):
@@ -44,9 +49,15 @@ class BatchConfig:
     max_queue: int = field(default_factory=lambda: int(os.environ.get("BOT_ENGINE_MAX_QUEUE", "256")))
     # A request arriving within this window of the previous one means "busy": worth waiting wait_ms.
     busy_window_ms: float = 50.0
+    # Adaptive cap: batch sizes (powers of two up to max_batch) are used only while their measured cost
+    # per item-second beats smaller ones. On a CPU, where a batch is no cheaper per item, this settles
+    # near 1; on a GPU it grows to max_batch. BOT_ENGINE_ADAPTIVE_BATCH=0 always allows max_batch.
+    # Worker threads per op pulling batches from the same queue (CPU: one per core helps, GPU: 1).
+    workers: int = field(default_factory=lambda: int(os.environ.get("BOT_ENGINE_WORKERS", "1")))
+    adaptive: bool = field(default_factory=lambda: os.environ.get("BOT_ENGINE_ADAPTIVE_BATCH", "1") not in ("0", "false", "no"))
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 1 or self.wait_ms < 0:
+        if self.max_batch < 1 or self.max_queue < 1 or self.wait_ms < 0 or self.workers < 1:
             raise ValueError(f"invalid batch config {self}")
 
 
@@ -71,11 +82,11 @@ class BatchScheduler(Generic[T, R]):
         self.backend = backend
         self.bucket = bucket or (lambda _item: 0)
         self.config = config or BatchConfig()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{op}")
+        self._executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix=f"engine-{op}")
         self._pending: deque[_Request[T]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
         self._last_arrival = 0.0
         self._busy_arrival = False
         self._closed = False
@@ -85,6 +96,37 @@ class BatchScheduler(Generic[T, R]):
         # as opposed to waiting for a busy worker (capacity). Recent requests only.
         self.added_wait: deque[float] = deque(maxlen=10000)
         self._free_at = 0.0
+        self._cost: dict[int, float] = {}  # size class -> EMA of seconds per item-second of audio
+        self._best = 1  # adaptive: start at unbatched (lone-call latency first), grow when it pays
+        self._rounds = 0
+
+    @property
+    def cap(self) -> int:
+        """The batch size the cost model currently prefers (max_batch when not adaptive)."""
+        return self._best if self.config.adaptive else self.config.max_batch
+
+    def _next_cap(self) -> int:
+        """Cap for the next batch: the preferred size, probing one class up (every 8th batch) and one
+        down (every 8th, offset) so the costs stay fresh and a faster regime is found again."""
+        if not self.config.adaptive:
+            return self.config.max_batch
+        self._rounds += 1
+        if self._rounds % 8 == 0:
+            return min(self.config.max_batch, self._best * 2)
+        if self._rounds % 8 == 4:
+            return max(1, self._best // 2)
+        return self._best
+
+    def _learn(self, size: int, elapsed: float, work: float) -> None:
+        """EMA of the cost per item-second for this size class; prefer the cheapest class, small ones
+        on near-ties (a bigger batch must be clearly cheaper per item to be worth the waiting)."""
+        if not self.config.adaptive:
+            return
+        cls = 1 << (size.bit_length() - 1)  # 1, 2, 4, 8, ...
+        per = elapsed / max(work, 1e-9)
+        self._cost[cls] = per if cls not in self._cost else 0.7 * self._cost[cls] + 0.3 * per
+        self._best = min(self.config.max_batch,
+                         min(self._cost, key=lambda c: self._cost[c] * (1 + 0.05 * math.log2(c))))
 
     @property
     def queued(self) -> int:
@@ -98,9 +140,10 @@ class BatchScheduler(Generic[T, R]):
                     req.future.set_exception(EngineError("engine worker restarted"))
             self._pending.clear()
             self._loop, self._wakeup = loop, asyncio.Event()
-            self._worker = None
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._run(), name=f"engine-batcher-{self.op}")
+            self._workers = []
+        self._workers = [w for w in self._workers if not w.done()]
+        while len(self._workers) < self.config.workers:
+            self._workers.append(loop.create_task(self._run(), name=f"engine-batcher-{self.op}"))
 
     async def submit(self, item: T) -> R:
         if self._closed:
@@ -108,7 +151,7 @@ class BatchScheduler(Generic[T, R]):
         self._ensure_worker()
         if len(self._pending) >= self.config.max_queue:
             ERRORS.labels(component="engine", kind="queue_full").inc()
-            log.warning("engine queue full", op=self.op, queued=len(self._pending))
+            log().warning("engine queue full", op=self.op, queued=len(self._pending))
             raise EngineOverloaded(f"engine {self.op} queue full ({self.config.max_queue} waiting)")
         now = time.perf_counter()
         self._busy_arrival = (now - self._last_arrival) * 1000 < self.config.busy_window_ms
@@ -118,14 +161,14 @@ class BatchScheduler(Generic[T, R]):
         self._wakeup.set()  # type: ignore[union-attr]
         return await fut
 
-    async def _gather(self) -> None:
+    async def _gather(self, cap: int) -> None:
         """Spend the wait budget (only when busy) for more same-bucket requests to arrive."""
-        if len(self._pending) >= self.config.max_batch or self.config.wait_ms <= 0:
+        if len(self._pending) >= cap or self.config.wait_ms <= 0:
             return
         if len(self._pending) == 1 and not self._busy_arrival:
             return  # lone request on an idle worker: run now
         deadline = self._pending[0].enqueued + self.config.wait_ms / 1000
-        while len(self._pending) < self.config.max_batch:
+        while len(self._pending) < cap:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
@@ -135,7 +178,7 @@ class BatchScheduler(Generic[T, R]):
             except asyncio.TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Request[T]]:
+    def _take_batch(self, cap: int) -> list[_Request[T]]:
         bucket = self._pending[0].bucket
         batch: list[_Request[T]] = []
         keep: deque[_Request[T]] = deque()
@@ -143,7 +186,7 @@ class BatchScheduler(Generic[T, R]):
             req = self._pending.popleft()
             if req.future.done():  # the caller gave up (hung up, timed out): don't compute it
                 continue
-            if req.bucket == bucket and len(batch) < self.config.max_batch:
+            if req.bucket == bucket and len(batch) < cap:
                 batch.append(req)
             else:
                 keep.append(req)
@@ -156,10 +199,11 @@ class BatchScheduler(Generic[T, R]):
                 self._wakeup.clear()  # type: ignore[union-attr]
                 await self._wakeup.wait()  # type: ignore[union-attr]
                 continue
-            await self._gather()
+            cap = self._next_cap()
+            await self._gather(cap)
             if not self._pending:
                 continue
-            batch = self._take_batch()
+            batch = self._take_batch(cap)
             if batch:
                 await self._execute(batch)
 
@@ -181,7 +225,7 @@ class BatchScheduler(Generic[T, R]):
                 return
             self._free_at = time.perf_counter()
             ERRORS.labels(component="engine", kind=f"{self.op}_failed").inc()
-            log.error("engine batch failed", op=self.op, backend=self.backend, size=len(batch), error=repr(exc))
+            log().error("engine batch failed", op=self.op, backend=self.backend, size=len(batch), error=repr(exc))
             err = exc if isinstance(exc, EngineError) else EngineError(f"{self.op} failed: {exc!r}")
             if err is not exc:
                 err.__cause__ = exc
@@ -191,6 +235,7 @@ class BatchScheduler(Generic[T, R]):
             return
         self._free_at = time.perf_counter()
         elapsed = self._free_at - start
+        self._learn(len(batch), elapsed, sum(max(1, r.bucket) for r in batch))
         self.batches += 1
         self.items += len(batch)
         for req, res in zip(batch, results):
@@ -201,12 +246,13 @@ class BatchScheduler(Generic[T, R]):
     async def close(self) -> None:
         """Stop the worker and fail whatever still waits (the process is shutting down)."""
         self._closed = True
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
-            try:
-                await self._worker
-            except (asyncio.CancelledError, RuntimeError):
-                pass
+        for worker in self._workers:
+            if not worker.done():
+                worker.cancel()
+                try:
+                    await worker
+                except (asyncio.CancelledError, RuntimeError):
+                    pass
         for req in self._pending:
             if not req.future.done():
                 req.future.set_exception(EngineError("engine closed"))

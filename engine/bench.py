@@ -70,11 +70,12 @@ def load_model(threads: int = 1, backend: str = "onnx") -> tuple[Any, str]:
         return SmartTurnReference(threads), f"smart-turn v3.2 reference (understanding model unavailable: {exc})"
 
 
-def speech_clips(seconds: list[float], n: int, seed: int = 0) -> list[np.ndarray]:
-    """Speech-like audio (the Piper voice when it loads, else espeak) cut/padded to each length."""
+def speech_clips(seconds: list[float], n: int, seed: int = 0, voice_kind: str = "piper") -> list[np.ndarray]:
+    """Speech cut/padded to each length: the Piper voice (sampled, differs run to run) or espeak
+    (deterministic, for tests)."""
     from engine.voice import Voice, load_renderer
 
-    voice = Voice(load_renderer("piper"), cache_dir=None)
+    voice = Voice(load_renderer(voice_kind), cache_dir=None)
     base = np.concatenate([voice.render(t) for t in (
         "I would like to pay my bill of forty dollars, please.",
         "My internet has been down since this morning and nobody called me back.",
@@ -138,8 +139,12 @@ async def bench_batching(model: Any, callers: int, turns: int, seconds: list[flo
     clips = speech_clips(seconds, 64, seed=1)
     voice = Voice(EspeakVoice(), cache_dir=None)  # speak is not measured here
     result: dict[str, Any] = {}
-    for mode, max_batch in (("unbatched", 1), ("batched", int(os.environ.get("BOT_ENGINE_MAX_BATCH", "32")))):
-        cfg = BatchConfig(max_batch=max_batch, max_queue=max(256, callers * 2))
+    max_batch = int(os.environ.get("BOT_ENGINE_MAX_BATCH", "32"))
+    modes = [("unbatched", BatchConfig(max_batch=1, workers=1, adaptive=False, max_queue=max(256, callers * 2))),
+             ("batched", BatchConfig(max_batch=max_batch, workers=1, adaptive=False, max_queue=max(256, callers * 2))),
+             ("batched_adaptive", BatchConfig(max_batch=max_batch, workers=1, adaptive=True, max_queue=max(256, callers * 2))),
+             ("adaptive_2_workers", BatchConfig(max_batch=max_batch, workers=2, adaptive=True, max_queue=max(256, callers * 2)))]
+    for mode, cfg in modes:
         engine = Engine(model, voice, config=cfg, backend=getattr(model, "backend_name", "onnx"))
         try:
             await _callers(engine, clips, min(callers, 4), 1)  # warm-up
@@ -149,7 +154,10 @@ async def bench_batching(model: Any, callers: int, turns: int, seconds: list[flo
             await engine.close()
         result[mode] = {"utterances_per_s": round(callers * turns / elapsed, 2), "latency_ms": _ms(lat),
                         "mean_batch": round(st["items"] / max(1, st["batches"]), 2)}
-    result["batching_gain"] = round(result["batched"]["utterances_per_s"] / result["unbatched"]["utterances_per_s"], 2)
+    base = result["unbatched"]["utterances_per_s"]
+    result["batching_gain"] = round(result["batched"]["utterances_per_s"] / base, 2)  # fixed max batch
+    result["adaptive_gain"] = round(result["batched_adaptive"]["utterances_per_s"] / base, 2)
+    result["adaptive_2_workers_gain"] = round(result["adaptive_2_workers"]["utterances_per_s"] / base, 2)
     return result
 
 
@@ -254,11 +262,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             report["batching"] = batching
             report["batching_gain"] = batching["batching_gain"]
             mean_len = sum(seconds) / len(seconds)
-            ups = batching["batched"]["utterances_per_s"]
             # a caller produces one turn (~mean_len s of speech) every turn_every s
-            report["realtime_callers"] = {"assumed_turn_every_s": args.turn_every, "mean_turn_s": mean_len,
-                                          "batched": int(ups * args.turn_every),
-                                          "unbatched": int(batching["unbatched"]["utterances_per_s"] * args.turn_every)}
+            report["realtime_callers"] = {"assumed_turn_every_s": args.turn_every, "mean_turn_s": mean_len, **{
+                mode: int(batching[mode]["utterances_per_s"] * args.turn_every)
+                for mode in ("unbatched", "batched", "batched_adaptive", "adaptive_2_workers")}}
             report["added_wait"] = asyncio.run(bench_added_wait(model, args.callers, seconds, args.turn_every))
             report["p95_added_wait_ms"] = report["added_wait"]["added_wait_ms"]["p95"]
     if not args.no_speak:
@@ -275,10 +282,11 @@ def _print_human(r: dict[str, Any]) -> None:
                   f"p95 {row['latency_ms']['p95']:8.1f} ms  {row['utterances_per_s']:8.1f} utt/s")
     if "batching" in r:
         b = r["batching"]
-        for mode in ("unbatched", "batched"):
+        for mode in ("unbatched", "batched", "batched_adaptive", "adaptive_2_workers"):
             print(f"{mode:>10}: {b[mode]['utterances_per_s']} utt/s, latency p50/p95 {b[mode]['latency_ms']}, "
                   f"mean batch {b[mode]['mean_batch']}")
         w = r["added_wait"]
+        print(f"adaptive gain: {b['adaptive_gain']}x   adaptive + 2 workers gain: {b['adaptive_2_workers_gain']}x")
         print(f"batching_gain: {r['batching_gain']}x   p95 added wait: {r['p95_added_wait_ms']} ms   "
               f"(load {w['callers']} callers, a turn every {w['turn_every_s']} s: queue wait {w['queue_wait_ms']}, "
               f"latency {w['latency_ms']}, mean batch {w['mean_batch']})")

@@ -47,6 +47,16 @@ def _mel_filters() -> np.ndarray:
 
 
 _MEL = _mel_filters()
+# The filterbank is sparse (~2 bins per FFT bin); a gather + segment sum avoids BLAS, whose thread
+# pool behaves badly on a busy 2-core box (a dense 80x201 matmul measured 40+ ms there).
+_MEL_ROWS, _MEL_COLS = np.nonzero(_MEL)  # row-major: grouped by mel filter
+_MEL_VALS = _MEL[_MEL_ROWS, _MEL_COLS].astype(np.float32)
+_MEL_STARTS = np.searchsorted(_MEL_ROWS, np.arange(N_MELS))
+
+
+def _apply_mel(power: np.ndarray) -> np.ndarray:
+    """(frames, 201) power -> (frames, 80) mel energies."""
+    return np.add.reduceat(power[:, _MEL_COLS] * _MEL_VALS, _MEL_STARTS, axis=1)
 _WINDOW = np.hanning(_N_FFT + 1)[:-1].astype(np.float32)
 
 
@@ -63,6 +73,17 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     k = min(n_bins, len(spec))
     out_spec[:k] = spec[:k]
     return (np.fft.irfft(out_spec, n_out) * (n_out / len(x))).astype(np.float32)
+
+
+_K = np.arange(-23, 24)
+_UP_FIR = (np.sinc(_K / 2.0) * np.hanning(len(_K) + 2)[1:-1]).astype(np.float32)  # half-band, passes x[n] through
+
+
+def upsample2(x: np.ndarray) -> np.ndarray:
+    """8 -> 16 kHz with a 47-tap half-band interpolator: ~1 ms for 4 s, vs ~8 ms for an FFT resample."""
+    u = np.zeros(2 * len(x), np.float32)
+    u[::2] = x
+    return np.convolve(u, _UP_FIR, mode="same").astype(np.float32)
 
 
 def bucket_seconds(n_samples_8k: int) -> int:
@@ -99,16 +120,16 @@ def log_mel(x8k: np.ndarray, seconds: int) -> np.ndarray:
     n = seconds * SR_IN
     x = x8k[-n:]
     # normalise over the real audio only, so an utterance gets the same features in any bucket
-    y = resample(x, SR_IN, SR_MODEL) if len(x) else np.zeros(0, np.float32)
+    y = upsample2(x) if len(x) else np.zeros(0, np.float32)
     y = (y - y.mean()) / np.sqrt(y.var() + 1e-7) if len(y) else y
     y = np.pad(y, (2 * n - len(y), 0))
     pad = _N_FFT // 2
     y = np.pad(y, (pad, pad), mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(y, _N_FFT)[::_HOP]
-    spec = np.fft.rfft(frames * _WINDOW, axis=-1)
-    power = (spec.real**2 + spec.imag**2).astype(np.float32).T  # (201, frames)
-    mel = np.maximum(1e-10, _MEL @ power)
-    logm = np.log10(mel)[:, : seconds * 100]
+    frames = np.lib.stride_tricks.sliding_window_view(y.astype(np.float32), _N_FFT)[::_HOP]
+    spec = np.fft.rfft(frames * _WINDOW, axis=-1)  # float32 in -> complex64 (numpy >= 2)
+    power = np.ascontiguousarray(spec.real**2 + spec.imag**2, dtype=np.float32)  # (frames, 201)
+    mel = np.maximum(1e-10, _apply_mel(power))  # (frames, 80)
+    logm = np.log10(mel).T[:, : seconds * 100]
     logm = np.maximum(logm, logm.max() - 8.0)
     return ((logm + 4.0) / 4.0).astype(np.float32)
 

@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 
@@ -25,7 +26,11 @@ from engine.voice import Voice, VoiceError, clean_text, load_renderer, split_chu
 from ops.logs import get_logger
 from ops.metrics import ERRORS
 
-log = get_logger("engine.runtime")
+
+
+def log() -> Any:
+    """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
+    return get_logger("engine.runtime")
 
 __all__ = ["Engine", "EngineError", "EngineOverloaded", "EngineFault", "EngineUnavailable", "EngineInputError"]
 
@@ -95,10 +100,15 @@ def _load_understanding(model_dir: str | None, backend: str, threads: int) -> Ba
 class Engine:
     """Async speech engine. Build with Engine.load(); share one per process across all calls."""
 
-    def __init__(self, model: BatchModel | None, voice: Voice, *, backend: str = "onnx",
+    def __init__(self, model: BatchModel | None, voice: Voice | Future, *, backend: str = "onnx",
                  config: BatchConfig | None = None, unavailable_reason: str = "") -> None:
+        """voice: a Voice, or a Future of one still loading (speak waits for it; understand does not)."""
         self.model = model
-        self.voice = voice
+        if isinstance(voice, Voice):
+            self._voice: Future = Future()
+            self._voice.set_result(voice)
+        else:
+            self._voice = voice
         self.backend = backend
         self.config = config or BatchConfig()
         self.fault: str | None = None  # overrides BOT_ENGINE_FAULT when set (tests)
@@ -110,15 +120,18 @@ class Engine:
                                    config=self.config)
         # VITS output lengths are not exposed per batch item, so speech renders one item at a time (its
         # own worker, so a long sentence never delays understanding).
-        speak_cfg = BatchConfig(max_batch=1, wait_ms=0, max_queue=self.config.max_queue)
-        self._speak = BatchScheduler("speak", self._speak_batch, backend=f"{voice.name}-cpu", config=speak_cfg)
+        speak_cfg = BatchConfig(max_batch=1, wait_ms=0, max_queue=self.config.max_queue,
+                                workers=max(1, int(os.environ.get("BOT_VOICE_WORKERS", "1"))))
+        self._speak = BatchScheduler("speak", self._speak_batch, backend="voice-cpu", config=speak_cfg)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | None = None, backend: str | None = None, threads: int | None = None, *,
              model: BatchModel | None = None, voice: Voice | str | None = None, config: BatchConfig | None = None,
              cache_dir: Path | str | None = "") -> "Engine":
-        """Load the understanding model and the voice (in parallel: the load budget is 2 s).
+        """Load the understanding model; the voice (≈1.3 s, a 63 MB VITS graph) keeps loading on a
+        background thread and speak() waits for it, so the engine is usable for understanding at once.
+        `await engine.wait_ready()` (or `engine.ready`) before taking calls to have both.
 
         model: an already-built batch model (benchmarks/tests); default engine.understanding.
         voice: a Voice, or "piper" | "espeak" (env BOT_VOICE, default piper with espeak fallback).
@@ -130,22 +143,25 @@ class Engine:
         if cache_dir == "":
             disk = os.environ.get("BOT_VOICE_DISK_CACHE", "1") not in ("0", "false", "no")
             cache_dir = Path(os.environ.get("BOT_DATA_DIR", "./var")) / "voice-cache" if disk else None
-        holder: dict[str, Any] = {}
+        voice_future: Future = Future()
 
         def _voice() -> None:
+            t_voice = time.perf_counter()
             try:
-                if isinstance(voice, Voice):
-                    holder["voice"] = voice
-                else:
-                    renderer = load_renderer(voice or os.environ.get("BOT_VOICE", "piper"),
-                                             int(os.environ.get("BOT_VOICE_THREADS", "1")))
-                    holder["voice"] = Voice(renderer, int(os.environ.get("BOT_VOICE_CACHE_SIZE", "256")),
-                                            Path(cache_dir) if cache_dir else None)
-            except Exception as exc:  # noqa: BLE001 - reported below on the caller's thread
-                holder["voice_error"] = exc
+                renderer = load_renderer(str(voice or os.environ.get("BOT_VOICE", "piper")),
+                                         int(os.environ.get("BOT_VOICE_THREADS", "1")))
+                voice_future.set_result(Voice(renderer, int(os.environ.get("BOT_VOICE_CACHE_SIZE", "256")),
+                                              Path(cache_dir) if cache_dir else None))
+                log().info("voice loaded", voice=renderer.name, seconds=round(time.perf_counter() - t_voice, 3))
+            except Exception as exc:  # noqa: BLE001 - delivered to speak() callers as EngineError
+                ERRORS.labels(component="voice", kind="load_failed").inc()
+                log().error("voice failed to load", error=repr(exc))
+                voice_future.set_exception(EngineError(f"voice failed to load: {exc!r}"))
 
-        voice_thread = threading.Thread(target=_voice, name="engine-voice-load", daemon=True)
-        voice_thread.start()
+        if isinstance(voice, Voice):
+            voice_future.set_result(voice)
+        else:
+            threading.Thread(target=_voice, name="engine-voice-load", daemon=True).start()
         reason = ""
         backend_name = backend
         if model is None:
@@ -155,14 +171,11 @@ class Engine:
             except EngineUnavailable as exc:
                 reason = str(exc)
                 ERRORS.labels(component="engine", kind="model_unavailable").inc()
-                log.warning("understanding model unavailable; understand() will raise", reason=reason)
-        voice_thread.join()
-        if "voice_error" in holder:
-            raise EngineError(f"voice failed to load: {holder['voice_error']!r}") from holder["voice_error"]
-        engine = cls(model, holder["voice"], backend=backend_name, config=config, unavailable_reason=reason)
+                log().warning("understanding model unavailable; understand() will raise", reason=reason)
+        engine = cls(model, voice_future, backend=backend_name, config=config, unavailable_reason=reason)
         engine.load_seconds = time.perf_counter() - t0
-        log.info("engine loaded", backend=backend_name, threads=threads, voice=engine.voice.name,
-                 seconds=round(engine.load_seconds, 3), understanding=model is not None)
+        log().info("engine loaded", backend=backend_name, threads=threads, seconds=round(engine.load_seconds, 3),
+                   understanding=model is not None, voice_ready=voice_future.done())
         return engine
 
     # ---- sync batch functions (worker threads) ------------------------------------------------
@@ -190,7 +203,7 @@ class Engine:
     @staticmethod
     def _bad_input(op: str, exc: Exception) -> EngineInputError:
         ERRORS.labels(component="engine", kind="bad_input").inc()
-        log.warning("bad engine input", op=op, error=str(exc))
+        log().warning("bad engine input", op=op, error=str(exc))
         return exc if isinstance(exc, EngineInputError) else EngineInputError(str(exc))
 
     def _pcm(self, op: str, pcm: Any) -> np.ndarray:
@@ -206,6 +219,19 @@ class Engine:
             raise self._bad_input("speak", exc) from None
 
     # ---- the SpeechEngine contract -----------------------------------------------------------
+    @property
+    def voice(self) -> Voice:
+        """The voice; blocks until it has loaded (worker threads, tests). Async code: wait_ready()."""
+        return self._voice.result()
+
+    @property
+    def ready(self) -> bool:
+        return self._voice.done() and self._voice.exception() is None
+
+    async def wait_ready(self) -> None:
+        """Wait for the background voice load (raises EngineError if it failed)."""
+        await asyncio.wrap_future(self._voice)
+
     @property
     def has_understanding(self) -> bool:
         return self.model is not None
@@ -225,7 +251,7 @@ class Engine:
     async def speak(self, text: str, style: SpeechStyle | None = None) -> np.ndarray:
         self._check_fault("speak")
         text, style = self._text(text), style or SpeechStyle()
-        hit = self.voice.cached(text, style, memory_only=True)
+        hit = self.voice.cached(text, style, memory_only=True) if self.ready else None
         if hit is not None:  # memory hit: no queueing at all (disk hits are read in the worker)
             return hit
         return await self._speak.submit((text, style, True))
@@ -235,7 +261,7 @@ class Engine:
         the next clause renders while the caller plays this one. Cached prompts come as one chunk."""
         self._check_fault("speak")
         text, style = self._text(text), style or SpeechStyle()
-        hit = self.voice.cached(text, style, memory_only=True)
+        hit = self.voice.cached(text, style, memory_only=True) if self.ready else None
         if hit is not None:
             yield hit
             return
@@ -263,7 +289,7 @@ class Engine:
             try:
                 await self.speak(text, style)
             except EngineError as exc:
-                log.warning("prerender skipped a prompt", error=str(exc))
+                log().warning("prerender skipped a prompt", error=str(exc))
 
     async def close(self) -> None:
         for sched in (self._understand, self._eot, self._speak):

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import soxr
@@ -31,11 +31,15 @@ from engine.types import SAMPLE_RATE, SpeechStyle
 from ops.logs import get_logger
 from ops.metrics import ERRORS
 
-log = get_logger("engine.voice")
+
+
+def log() -> Any:
+    """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
+    return get_logger("engine.voice")
 
 MAX_TEXT_CHARS = int(os.environ.get("BOT_VOICE_MAX_CHARS", "1000"))
 FIRST_CHUNK_MAX_WORDS = 4  # ~1 s of speech: renders in <~100 ms on one idle CPU thread
-_CLAUSE_RE = re.compile(r"[^,.;:!?\n]+(?:[,.;:!?]+|\n|$)")
+_CLAUSE_RE = re.compile(r"(?<=[,.;:!?])\s+")  # punctuation then a space: "$42.50" and "1,000" stay whole
 _BREAK_WORDS = {"and", "but", "or", "so", "because", "to", "for", "with", "if", "when", "that", "which", "on", "at"}
 _LANG_SWITCH = re.compile(r"\([a-z]{2,3}(?:-[a-z]+)?\)")
 _ESPEAK = shutil.which("espeak-ng") or "espeak-ng"
@@ -60,7 +64,7 @@ def clean_text(text: object) -> str:
 def split_chunks(text: str) -> list[str]:
     """Clauses at punctuation; the first one is cut short (at a function word when possible) so the
     first audio is ready fast while later chunks keep natural prosody."""
-    chunks = [c.strip() for c in _CLAUSE_RE.findall(clean_text(text)) if re.search(r"\w", c)]
+    chunks = [c.strip() for c in _CLAUSE_RE.split(clean_text(text)) if re.search(r"\w", c)]
     if not chunks:
         return [clean_text(text)]
     words = chunks[0].split()
@@ -182,7 +186,7 @@ def load_renderer(kind: str = "piper", threads: int = 1) -> Renderer:
         return PiperVoice.default(threads)
     except Exception as exc:  # noqa: BLE001 - any load failure means: use the fallback voice
         ERRORS.labels(component="voice", kind="piper_load_failed").inc()
-        log.warning("piper voice unavailable, falling back to espeak-ng", error=repr(exc))
+        log().warning("piper voice unavailable, falling back to espeak-ng", error=repr(exc))
         return EspeakVoice()
 
 
@@ -242,7 +246,7 @@ class Voice:
                 os.replace(tmp, self.cache_dir / f"{key}.npy")  # atomic: readers never see half a file
             except OSError as exc:
                 ERRORS.labels(component="voice", kind="cache_write_failed").inc()
-                log.warning("voice cache write failed", error=repr(exc))
+                log().warning("voice cache write failed", error=repr(exc))
 
     def remember(self, text: str, style: SpeechStyle, pcm: np.ndarray) -> None:
         """Cache a rendering assembled elsewhere (speak_stream's clauses) in memory only."""
@@ -265,5 +269,5 @@ class Voice:
         parts = [self.renderer.render(chunk, style) for chunk in split_chunks(text)]
         pcm = np.concatenate(parts) if len(parts) > 1 else parts[0]
         self._remember(self.key(text, style), pcm, persist=True)
-        log.debug("rendered", voice=self.name, chars=len(text), ms=round((time.perf_counter() - t0) * 1000, 1))
+        log().debug("rendered", voice=self.name, chars=len(text), ms=round((time.perf_counter() - t0) * 1000, 1))
         return pcm

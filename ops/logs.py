@@ -52,6 +52,16 @@ def redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> di
 _configured = False
 
 
+class _CurrentStderr:
+    """sys.stderr looked up at each write: CLIs and pytest swap (and close) stderr after configuration."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str | None = None) -> None:
     """Idempotent: JSON lines on stderr, level from BOT_LOG_LEVEL (default INFO)."""
     global _configured
@@ -69,7 +79,7 @@ def configure_logging(level: str | None = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     _configured = True

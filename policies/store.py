@@ -22,6 +22,7 @@ import difflib
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -38,6 +39,9 @@ AUDIT_MAXLEN = 10_000
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
 
 Prerender = Callable[[list[str]], Awaitable[None]]
+
+# Policy parsing gets its own thread so a switch never queues behind other executor work.
+_PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-parse")
 
 log = get_logger("policies.store")
 
@@ -263,7 +267,7 @@ class PolicyStore:
 
     async def check(self, yaml_text: str) -> Any:
         """Validate off the event loop (parsing a policy costs ~25 ms of CPU)."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.validate, yaml_text)
+        return await asyncio.get_running_loop().run_in_executor(_PARSER, self.validate, yaml_text)
 
     # ---- seeding ----
     async def ensure_seeded(self, yaml_text: str | None = None, path: str | Path | None = None) -> int:
@@ -536,7 +540,7 @@ class PolicyWatcher:
                 return False
             text = _s(text)
             try:
-                policy = await asyncio.get_running_loop().run_in_executor(None, self.validate, text)
+                policy = await asyncio.get_running_loop().run_in_executor(_PARSER, self.validate, text)
             except PolicyInvalid as exc:
                 # A version this worker cannot load (e.g. an older schema) must not take it down.
                 self._bad.add(v)

@@ -60,16 +60,17 @@ def _context(policy: Policy, gold: str | None) -> CallState:
     return state
 
 
-def outcome(policy: Policy, d: Decision, u: Understanding) -> tuple[str, str | None]:
-    """(category, intent acted on) for one decided turn."""
+def outcome(policy: Policy, d: Decision, u: Understanding, gold: str | None) -> tuple[str, str | None]:
+    """(category, intent acted on) for one decided turn. Turning a request down as out of scope,
+    or repeating the last prompt, does nothing the caller did not ask for: when the gold label says
+    otherwise that is a failed turn (escalation), not a wrong action."""
     if d.reason == "confirmed":
         return "accepted", policy.intent_of_type("affirm")
     if d.reason == "denied":
         return "accepted", policy.intent_of_type("deny")
-    if d.reason == "out_of_scope":  # the engine's "not handled" (or an unknown label) was acted on
-        return "accepted", u.intent
-    if d.reason == "repeat":
-        return "accepted", policy.intent_of_type("repeat")
+    if d.reason in ("out_of_scope", "repeat"):
+        said = u.intent if d.reason == "out_of_scope" else policy.intent_of_type("repeat")
+        return ("accepted", said) if said == gold else ("escalation", None)
     if d.action in ("confirm", "clarify"):
         return "clarification", None
     if d.action in TASK_ACTIONS and d.intent is not None:
@@ -86,7 +87,7 @@ def evaluate(policy: Policy, records: Iterable[Record], costs: Costs = Costs(),
             continue  # slot-only answers carry no intent to decide
         u = r.understanding if keep_caller_state else dataclasses.replace(r.understanding, caller_state={})
         d = decide(policy, _context(policy, r.gold), u)
-        cat, acted = outcome(policy, d, u)
+        cat, acted = outcome(policy, d, u, r.gold)
         n += 1
         scoped = r.gold in policy.intents and policy.intents[r.gold].action.type in TASK_ACTIONS
         in_scope += scoped

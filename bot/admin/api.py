@@ -103,9 +103,14 @@ async def _policy_text(store: PolicyStore, draft_id: str | None, yaml_text: str 
 
 
 # ---- console ----
+# Everything the console loads comes from this server; no framing (clickjacking), no plugins.
+_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+
 @router.get("", include_in_schema=False)
 async def console() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
+    return FileResponse(STATIC / "index.html", media_type="text/html",
+                        headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP})
 
 
 @router.get("/", include_in_schema=False)

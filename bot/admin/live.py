@@ -9,6 +9,7 @@ Rates for calls started today (UTC):
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -84,6 +85,15 @@ def _summarize(record: dict[str, str], events: list[tuple[str, dict[str, str]]])
     return {"ended": _s(record.get("status")) == "ended", "transferred": transferred, "turns": turns, "clarifications": clar}
 
 
+def _summarize_all(ids: list[str], res: list[Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for i, cid in enumerate(ids):
+        rec = {_s(k): _s(v) for k, v in (res[2 * i] or {}).items()}
+        if rec:
+            out[cid] = _summarize(rec, res[2 * i + 1] or [])
+    return out
+
+
 def day_start(now: float | None = None) -> float:
     d = dt.datetime.fromtimestamp(now or time.time(), dt.timezone.utc)
     return d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
@@ -100,14 +110,11 @@ async def today_stats(r: aioredis.Redis, now: float | None = None) -> dict[str, 
             pipe.hgetall(call_key(cid))
             pipe.xrange(events_key(cid))
         res = await pipe.execute()
-        for i, cid in enumerate(todo):
-            rec = {_s(k): _s(v) for k, v in (res[2 * i] or {}).items()}
-            if not rec:
-                continue
-            s = _summarize(rec, res[2 * i + 1] or [])
+        # Parsing thousands of events is CPU work: off the event loop.
+        fresh = await asyncio.get_running_loop().run_in_executor(None, _summarize_all, todo, res)
+        for cid, s in fresh.items():
             if s["ended"]:
                 _summary_cache[cid] = s
-            fresh[cid] = s
     summaries = [fresh.get(cid) or _summary_cache[cid] for cid in ids if cid in fresh or cid in _summary_cache]
     ended = [s for s in summaries if s["ended"]]
     escalated = sum(1 for s in ended if s["transferred"])

@@ -141,6 +141,37 @@ def cmd_asterisk(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency(a: argparse.Namespace) -> int:
+    """Load time and understand() latency on one ORT thread for a clip of --seconds (real speech-like audio)."""
+    import time
+
+    import numpy as np
+
+    from engine.understanding import UnderstandingModel
+
+    t = time.perf_counter()
+    m = UnderstandingModel.load(a.model, threads=a.threads)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    n = int(a.seconds * 8000)
+    tt = np.arange(n) / 8000
+    pcm = (3000 * np.sin(2 * np.pi * 180 * tt) * (np.sin(2 * np.pi * 4 * tt) > 0) + rng.standard_normal(n) * 300).astype(np.int16)
+    for _ in range(5):
+        m.understand(pcm)
+    lat, feat, model = [], [], []
+    for _ in range(a.n):
+        t = time.perf_counter()
+        u = m.understand(pcm)
+        lat.append((time.perf_counter() - t) * 1000)
+        feat.append(u.timings["features"]); model.append(u.timings["model"])
+    pct = lambda v, q: round(float(np.percentile(v, q)), 2)  # noqa: E731
+    print(json.dumps({"load_s": round(load_s, 3), "seconds": a.seconds, "threads": a.threads, "n": a.n,
+                      "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
+                      "features_ms": {"p50": pct(feat, 50), "p95": pct(feat, 95)},
+                      "model_ms": {"p50": pct(model, 50), "p95": pct(model, 95)}}))
+    return 0
+
+
 def cmd_build_trt(a: argparse.Namespace) -> int:
     from engine.training.trt import build_engine
 
@@ -207,6 +238,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("-n", type=int, default=200)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_asterisk)
+
+    lt = sub.add_parser("latency", help="model load time and understand() p50/p95 for one clip length")
+    lt.add_argument("--model", default=None)
+    lt.add_argument("--seconds", type=float, default=4.0)
+    lt.add_argument("--threads", type=int, default=1)
+    lt.add_argument("-n", type=int, default=100)
+    lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
     b.add_argument("--onnx", default="engine/models/understand-v1/model.onnx")

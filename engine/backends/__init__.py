@@ -22,7 +22,11 @@ import numpy as np
 from ops.logs import get_logger
 from ops.metrics import ERRORS
 
-log = get_logger("engine.backends")
+
+
+def log() -> Any:
+    """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
+    return get_logger("engine.backends")
 
 BACKENDS = ("onnx", "torch", "tensorrt", "auto")
 _ALIASES = {"cpu": "onnx", "ort": "onnx", "onnxruntime": "onnx", "cuda": "torch", "pytorch": "torch", "trt": "tensorrt"}
@@ -54,7 +58,7 @@ def _fallback(wanted: str, why: str) -> Backend:
     from engine.backends.onnx_cpu import OrtCpuBackend
 
     ERRORS.labels(component="engine", kind="backend_fallback").inc()
-    log.warning("engine backend unavailable, falling back to ONNX Runtime CPU", wanted=wanted, reason=why)
+    log().warning("engine backend unavailable, falling back to ONNX Runtime CPU", wanted=wanted, reason=why)
     return OrtCpuBackend()
 
 
@@ -123,14 +127,14 @@ def attach_backend(model: Any, name: str | None, threads: int = 1) -> Any:
         swapped = swap_sessions(model, lambda path: backend.session(path, threads))
     except Exception as exc:  # noqa: BLE001 - a failing GPU build must not take the bot down
         ERRORS.labels(component="engine", kind="backend_fallback").inc()
-        log.warning("backend session failed; serving with ONNX Runtime CPU", backend=backend.name, error=repr(exc))
+        log().warning("backend session failed; serving with ONNX Runtime CPU", backend=backend.name, error=repr(exc))
         swapped = 0
     if swapped == 0:
-        log.warning("no model sessions moved to backend; serving with ONNX Runtime CPU", backend=backend.name)
+        log().warning("no model sessions moved to backend; serving with ONNX Runtime CPU", backend=backend.name)
         _set_name(model, "onnx")
     else:
         _set_name(model, backend.name)
-        log.info("engine backend attached", backend=backend.name, sessions=swapped)
+        log().info("engine backend attached", backend=backend.name, sessions=swapped)
     return model
 
 

@@ -21,7 +21,11 @@ from ops.logs import get_logger
 import tensorrt as trt  # noqa: E402  (ImportError here = backend unavailable, by design)
 import torch  # noqa: E402  (CUDA buffers and streams)
 
-log = get_logger("engine.backends.tensorrt")
+
+
+def log() -> Any:
+    """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
+    return get_logger("engine.backends.tensorrt")
 
 # Profiles: (min, opt, max) of batch and of the time axis (input frames). Whisper log-mel: 100 frames/s,
 # whole-second buckets up to 8 s. Override with BOT_TRT_PROFILES="1,8,32:100,400,800;..." if needed.
@@ -96,9 +100,9 @@ class TensorRTSession:
         path = cache_dir / f"{Path(onnx_path).stem}-{key}.plan"
         if path.exists():
             blob = path.read_bytes()
-            log.info("TensorRT engine from cache", path=str(path))
+            log().info("TensorRT engine from cache", path=str(path))
         else:
-            log.info("building TensorRT engine (minutes, once per model/GPU/TensorRT version)", onnx=onnx_path)
+            log().info("building TensorRT engine (minutes, once per model/GPU/TensorRT version)", onnx=onnx_path)
             blob = build_engine(onnx_path)
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -21,7 +21,11 @@ from onnx import numpy_helper
 
 from ops.logs import get_logger
 
-log = get_logger("engine.backends.torch")
+
+
+def log() -> Any:
+    """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
+    return get_logger("engine.backends.torch")
 Tensor = torch.Tensor
 _MAX_GRAPHS = 32  # (batch, length) buckets kept captured
 
@@ -80,6 +84,26 @@ def _dequantize(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     s = _axis_shape(x[1], v, axis).to(v.device, dtype)
     z = _axis_shape(zp, v, axis).to(v.device, dtype)
     return [(v - z) * s]
+
+
+def _dynamic_quantize(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
+    # ONNX DynamicQuantizeLinear: uint8, per-tensor scale from the range (which always includes 0).
+    v = x[0].float()
+    lo, hi = torch.clamp(v.min(), max=0.0), torch.clamp(v.max(), min=0.0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(v / scale) + zp, 0, 255)
+    return [q, scale, zp]  # kept as float tensors: exact small integers
+
+
+def _matmul_integer(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
+    # Integer products summed over up to a few thousand terms: exact in float64 (CPU); on GPU float32
+    # (relative error ~1e-7, far below the int8 quantisation step).
+    acc = torch.float64 if x[0].device.type == "cpu" else torch.float32
+    A = x[0].to(acc) - (x[2].to(x[0].device, acc) if len(x) > 2 and x[2] is not None else 0)
+    B = x[1].to(x[0].device, acc) - (x[3].to(x[0].device, acc) if len(x) > 3 and x[3] is not None else 0)
+    return [torch.matmul(A, B)]  # int32 in ONNX; a following Cast/Mul turns it to float anyway
 
 
 def _layernorm(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
@@ -225,6 +249,12 @@ def _split(x: list[Tensor], a: dict[str, Any], n_out: int) -> list[Tensor]:
     return list(torch.split(x[0], list(sizes), dim=axis))
 
 
+def _einsum_args(x: list[Tensor]) -> list[Tensor]:
+    dev = next((t.device for t in x if t.device.type != "cpu"), x[0].device)
+    dt = next((t.dtype for t in x if t.is_floating_point()), x[0].dtype)
+    return [t.to(dev, dt) for t in x]
+
+
 OPS: dict[str, Callable[..., list[Tensor]]] = {
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul),
     "Div": _binary(lambda p, q: torch.div(p, q, rounding_mode="trunc") if not p.is_floating_point() else p / q),
@@ -245,6 +275,9 @@ OPS: dict[str, Callable[..., list[Tensor]]] = {
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda t, dim, keepdim: torch.amax(t, dim=dim, keepdim=keepdim)),
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,
+    "DynamicQuantizeLinear": _dynamic_quantize, "MatMulInteger": _matmul_integer,
+    "Einsum": lambda x, a: [torch.einsum(a["equation"].decode() if isinstance(a["equation"], bytes) else a["equation"],
+                                         *_einsum_args(x))],
     "Range": lambda x, a: [torch.arange(x[0].item(), x[1].item(), x[2].item(), dtype=x[0].dtype)],
     "Flatten": lambda x, a: [x[0].reshape(int(np.prod(x[0].shape[:a.get("axis", 1)])), -1)],
     "ArgMax": lambda x, a: [torch.argmax(x[0], dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1)))],
@@ -348,18 +381,23 @@ class TorchSession:
         self._graphs[key] = (g, static, outs)
         while len(self._graphs) > _MAX_GRAPHS:
             self._graphs.popitem(last=False)
-        log.info("captured CUDA graph", shapes=str(key), graphs=len(self._graphs))
+        log().info("captured CUDA graph", shapes=str(key), graphs=len(self._graphs))
         return self._graphs[key]
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         tensors = self._tensors(feeds)
         with self._lock:
+            outs = None
             if self.use_graphs:
-                g, static, outs = self._captured(tensors)
-                for k, v in tensors.items():
-                    static[k].copy_(v)
-                g.replay()
-            else:
+                try:
+                    g, static, outs = self._captured(tensors)
+                    for k, v in tensors.items():
+                        static[k].copy_(v)
+                    g.replay()
+                except RuntimeError as exc:  # e.g. a data-dependent shape: not capturable, run eagerly
+                    log().warning("CUDA graph capture failed; running eagerly", error=repr(exc))
+                    self.use_graphs, self._graphs, outs = False, OrderedDict(), None
+            if outs is None:
                 outs = self.graph.forward(tensors)
             res = {n: (o.float() if o.is_floating_point() else o).cpu().numpy()
                    for n, o in zip(self.graph.output_names, outs)}

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from engine.features import bucket_seconds, log_mel, prepare_pcm
 
-FROZEN_LAYERS = 3  # conv stem + layers 0..2 frozen; layer 3, the final norm and the heads train
+FROZEN_LAYERS = 2  # conv stem + layers 0..1 frozen; layers 2-3, the final norm and the heads train
 
 
 def _encode_chunk(args: tuple[list[str], int]) -> np.ndarray:

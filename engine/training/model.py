@@ -88,7 +88,8 @@ def ctc_loss(logits: torch.Tensor, targets: list[list[int]], mask: torch.Tensor)
     flat = torch.tensor([t for i in idx for t in targets[i]], dtype=torch.long)
     tl = torch.tensor([len(targets[i]) for i in idx], dtype=torch.long)
     il = torch.full((len(idx),), lp.shape[0], dtype=torch.long)
-    # per-frame normalisation (x20 frames = 0.4 s): clips without any slot word have empty targets,
-    # and 'mean' (per target token) would let their all-blank loss swamp the other tasks early on
+    # per target token (like reduction='mean'); clips with no slot word have empty targets, whose
+    # all-blank loss grows with length, so those are normalised per 0.2 s of frames instead
     per = F.ctc_loss(lp, flat, il, tl, blank=0, zero_infinity=True, reduction="none")
-    return (per / lp.shape[0] * 20.0).mean()
+    norm = torch.where(tl > 0, tl.float(), torch.full_like(tl, lp.shape[0], dtype=torch.float) / 10.0)
+    return (per / norm).mean()

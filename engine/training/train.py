@@ -101,7 +101,7 @@ def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str,
 
 
 def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs: int = 32, lr: float = 1e-3,
-          lr_encoder: float = 1e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0) -> dict:
+          lr_encoder: float = 2e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0) -> dict:
     """Train (resuming from out_dir/last.pt if present); keeps the best-on-validation weights in best.pt."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -143,6 +143,8 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
             for k, v in ls.items():
                 agg[k] = 0.98 * agg.get(k, v.item()) + 0.02 * v.item()
             bar.set_postfix({k: f"{v:.2f}" for k, v in agg.items()})
+            if (time.time() - t0) / 60 > max_minutes:
+                break  # time budget: validate and checkpoint what we have
         p = predict_split(model, va)
         m = p["intent"] >= 0
         acc = float((p["logits"][m].argmax(1) == p["intent"][m]).mean())

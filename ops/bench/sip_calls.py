@@ -84,7 +84,7 @@ def _packet_stats(caller: Any) -> dict:
 
 async def _one_call(host: str, port: int, hold_s: float, results: list[dict], start_delay: float,
                     turn: np.ndarray | None) -> None:
-    from telephony.sip.uac import SipCaller
+    from telephony.sip.uac import SipCaller, trailing_silence_s
 
     await asyncio.sleep(start_delay)
     caller = SipCaller(host, port)
@@ -99,6 +99,7 @@ async def _one_call(host: str, port: int, hold_s: float, results: list[dict], st
             # Real bot: wait out the greeting, say the turn, time end of speech -> first bot audio.
             await caller.wait_bot_quiet(0.8, 15)
             _, end = await caller.play(turn, "turn")
+            end -= trailing_silence_s(turn)  # from the end of the caller's speech
             await caller.wait_bot_quiet(0.8, 15)
             first = next((t for t in caller.stats.voiced_rx if t >= end), None)
             if first is not None:

@@ -105,6 +105,9 @@ async def run_level(n: int, url: str, token: str, pcm: np.ndarray, redis_url: st
     # stagger call starts over the ramp (real traffic does not arrive in one instant)
     res = await asyncio.gather(*[one_call(url, token, pcm, redis_url, ramp_s * i / max(1, n), 0.0) for i in range(n)])
     cpu = cpu_seconds(server_pids) - cpu0 if server_pids else None
+    for r in res:  # what the caller waited beyond the end-of-turn silence the bot chose to wait
+        if r.get("v2v_ms") is not None and r.get("eot_wait_ms") is not None:
+            r["v2v_minus_eot"] = r["v2v_ms"] - r["eot_wait_ms"]
     call_s = sum(r.get("call_s", 0) for r in res)
 
     def col(k: str) -> list[float]:
@@ -116,6 +119,7 @@ async def run_level(n: int, url: str, token: str, pcm: np.ndarray, redis_url: st
         "v2v_at_caller_ms": {"p50": pct(col("v2v_ms"), 50), "p95": pct(col("v2v_ms"), 95)},
         "eot_wait_ms": {"p50": pct(col("eot_wait_ms"), 50), "p95": pct(col("eot_wait_ms"), 95)},
         "v2v_server_ms": {"p50": pct(col("server_ms"), 50), "p95": pct(col("server_ms"), 95)},
+        "v2v_caller_minus_eot_ms": {"p50": pct(col("v2v_minus_eot"), 50), "p95": pct(col("v2v_minus_eot"), 95)},
         "understand_ms": {"p50": pct(col("understand_ms"), 50), "p95": pct(col("understand_ms"), 95)},
         "actions": sorted({str(r.get("action")) for r in res}),
         "errors": [r["error"] for r in res if "error" in r][:3],
@@ -161,6 +165,7 @@ def main() -> int:
     ap.add_argument("--spawn", action="store_true", help="start `bot serve` (needs --redis-url or a redis-server)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--server-pid", type=int, nargs="*", default=[])
+    ap.add_argument("--policy", default="", help="BOT_POLICY for --spawn (e.g. one with always-open queues)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -180,7 +185,7 @@ def main() -> int:
 
         port = free_port()
         args.url = f"http://127.0.0.1:{port}"
-        proc = spawn(args.workers, port, args.redis_url, {})
+        proc = spawn(args.workers, port, args.redis_url, {"BOT_POLICY": args.policy} if args.policy else {})
         pids = [proc.pid]
     results = []
     try:
@@ -192,6 +197,7 @@ def main() -> int:
                       f"v2v(server) p50/p95={r['v2v_server_ms']['p50']}/{r['v2v_server_ms']['p95']} ms  "
                       f"v2v(caller) p50/p95={r['v2v_at_caller_ms']['p50']}/{r['v2v_at_caller_ms']['p95']} ms  "
                       f"eot wait p50/p95={r['eot_wait_ms']['p50']}/{r['eot_wait_ms']['p95']} ms  "
+                      f"v2v(caller)-eot p50/p95={r['v2v_caller_minus_eot_ms']['p50']}/{r['v2v_caller_minus_eot_ms']['p95']} ms  "
                       f"cpu/call-s={r.get('server_cpu_ms_per_call_s')} ms", flush=True)
     finally:
         if proc is not None:

@@ -111,11 +111,14 @@ def percentile(xs: list[float], q: float) -> float | None:
     return None if not xs else round(float(np.percentile(np.asarray(xs, dtype=float), q)), 1)
 
 
-def scrape_counter(text: str, name: str) -> float:
+def scrape_counter(text: str, name: str, has: str = "", lacks: str = "") -> float:
+    """Sum of a metric's samples, optionally only those whose labels contain `has` / lack `lacks`."""
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             head, _, val = line.rpartition(" ")
+            if (has and has not in head) or (lacks and lacks in head):
+                continue
             if head.split("{")[0] == name:
                 try:
                     total += float(val)
@@ -307,6 +310,8 @@ class LoadRun:
         v2v = [r.v2v_ms for r in self.turns if r.v2v_ms is not None]
         late = scrape_counter(after, "voicebot_late_frames_total") - scrape_counter(before, "voicebot_late_frames_total")
         sent = scrape_counter(after, "voicebot_audio_frames_total") - scrape_counter(before, "voicebot_audio_frames_total")
+        rtp_bad = (scrape_counter(after, "voicebot_rtp_packets_total", 'direction="in"', 'result="ok"')
+                   - scrape_counter(before, "voicebot_rtp_packets_total", 'direction="in"', 'result="ok"'))
         workers: dict[str, dict[str, float]] = {}
         for pid in self.pids:
             cpu = [s[f"cpu_{pid}"] for s in self.samples if f"cpu_{pid}" in s]
@@ -325,6 +330,7 @@ class LoadRun:
             "budget_basis": cfg.budget_basis,
             "greeting_ms_p95": percentile([c.greeting_ms for c in self.calls if c.greeting_ms is not None], 95),
             "late_frames": int(late), "frames": int(sent), "rtp_lost_at_caller": sum(c.rx_lost for c in self.calls),
+            "rtp_bad_at_bot": int(rtp_bad),
             "errors": sorted({c.error for c in failed if c.error}), "workers": workers,
             "server_ms": {k: {"p50": percentile(xs, 50), "p95": percentile(xs, 95)}
                           for k in ("eot_wait_ms", "understand_ms", "server_latency_ms")
@@ -388,7 +394,7 @@ def format_summary(s: dict[str, Any]) -> str:
              f"processing ms (v2v - end-of-turn wait): p50 {s['processing_ms']['p50']}  p95 {s['processing_ms']['p95']}  "
              f"p99 {s['processing_ms']['p99']}   [held judged on {s['budget_basis']}]",
              f"greeting p95 ms: {s['greeting_ms_p95']}   late frames: {s['late_frames']} of {s['frames']}   "
-             f"RTP lost at caller: {s['rtp_lost_at_caller']}",
+             f"RTP lost at caller: {s['rtp_lost_at_caller']}   RTP late/lost/invalid at bot: {s.get('rtp_bad_at_bot', 0)}",
              f"errors: {', '.join(s['errors']) or 'none'}"]
     for k, v2 in s.get("server_ms", {}).items():
         lines.append(f"server {k}: p50 {v2['p50']}  p95 {v2['p95']}")

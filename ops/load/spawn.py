@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+# pre-rendered prompts are shared by every spawned bot: rendering them costs minutes of CPU
+SHARED_VOICE_CACHE = Path(os.environ.get("BOT_OPS_VOICE_CACHE", str(ROOT / "var" / "ops-voice-cache")))
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -95,9 +97,14 @@ class BotProcess:
         self.workers = workers
         self.log_path = log_dir / f"bot-{self.port}.log"
         log_dir.mkdir(parents=True, exist_ok=True)
+        data = log_dir / "data"  # per process: an embedded redis-server keeps its AOF here
+        data.mkdir(parents=True, exist_ok=True)
+        SHARED_VOICE_CACHE.mkdir(parents=True, exist_ok=True)
+        if not (data / "voice-cache").exists():
+            (data / "voice-cache").symlink_to(SHARED_VOICE_CACHE, target_is_directory=True)
         self.env = {**os.environ, "BOT_HTTP_PORT": str(self.port), "BOT_HTTP_HOST": "127.0.0.1",
                     "BOT_SIP_ENABLED": "1" if sip else "0", "BOT_SIP_PORT": str(self.sip_port or 5060),
-                    "BOT_DATA_DIR": os.environ.get("BOT_DATA_DIR", str(log_dir / "data")),
+                    "BOT_DATA_DIR": str(data),
                     "BOT_SHUTDOWN_GRACE_S": "5", "PYTHONUNBUFFERED": "1", **(env or {})}
         if redis_url:
             self.env["REDIS_URL"] = redis_url
@@ -109,7 +116,7 @@ class BotProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
-    def start(self, timeout_s: float = 120.0) -> "BotProcess":
+    def start(self, timeout_s: float = 300.0) -> "BotProcess":
         self._log = open(self.log_path, "ab")
         args = [sys.executable, "-m", "bot.cli", "serve"] + (["--workers", str(self.workers)] if self.workers > 1 else [])
         if self.nice:

@@ -60,6 +60,18 @@ def read_wav_8k(path: str | Path) -> np.ndarray:
     return pcm.astype(np.int16)
 
 
+def trailing_silence_s(pcm: np.ndarray, threshold: float = VOICE_RMS) -> float:
+    """Seconds of quiet (20 ms frames under `threshold` RMS) at the end of a turn, so latency can be
+    measured from the end of the caller's *speech*, not the end of the file."""
+    n = pcm.size // FRAME_SAMPLES
+    if n == 0:
+        return 0.0
+    frames = pcm[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES).astype(np.float32)
+    voiced = np.flatnonzero(np.sqrt(np.mean(frames**2, axis=1)) > threshold)
+    tail = pcm.size - n * FRAME_SAMPLES
+    return ((n - 1 - voiced[-1]) * FRAME_SAMPLES + tail) / 8000 if voiced.size else 0.0
+
+
 def write_wav_8k(path: str | Path, pcm: np.ndarray) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -444,6 +456,7 @@ async def run_sip_call(host: str, port: int, wavs: list[str | Path] | list[np.nd
                 break
             pcm = w if isinstance(w, np.ndarray) else read_wav_8k(w)
             start, end = await caller.play(pcm, f"turn{i}")
+            end -= trailing_silence_s(pcm)  # end of speech, not of the file
             tt = TurnTiming(start, end)
             await caller.wait_bot_quiet(quiet_s, turn_wait_s)
             tt.first_voice_after_start = next((t for t in caller.stats.voiced_rx if t >= start), None)

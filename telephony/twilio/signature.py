@@ -23,7 +23,8 @@ class SignatureChecker:
         """The URL Twilio used: BOT_PUBLIC_URL's host when set (behind a proxy / tunnel)."""
         if self._public is not None:
             host = self._public.netloc
-            scheme = {"http": "http", "https": "https"}.get(self._public.scheme, scheme) if scheme.startswith("http") else scheme
+            if not scheme.startswith("ws"):  # webhooks: the public scheme (https behind TLS termination)
+                scheme = self._public.scheme or scheme
         return urlunsplit((scheme, host, path, query, ""))
 
     def valid_webhook(self, url: str, form: Mapping[str, str], signature: str | None) -> bool:

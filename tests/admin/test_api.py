@@ -234,3 +234,13 @@ async def test_softphone_offer_needs_editor_and_a_conversation_runner(client: ht
     assert r.status_code == 503 and "bot serve" in r.json()["detail"]["message"]  # this app runs no calls
     r = await client.post("/admin/api/softphone/offer", json={**offer, "draft_id": "nope"}, headers=auth("editor"))
     assert r.status_code == 404
+
+
+async def test_console_is_served_locally_with_a_strict_csp(client: httpx.AsyncClient) -> None:
+    r = await client.get("/admin")
+    assert r.status_code == 200 and "<title>Voicebot admin</title>" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert "http" not in r.text.replace("http-equiv", "")  # no CDN: every asset is under /admin/static
+    for name in ("app.js", "api.js", "editor.js", "diff.js", "media.js", "style.css"):
+        assert (await client.get(f"/admin/static/{name}")).status_code == 200
+    assert (await client.get("/admin/static/..%2Fapi.py")).status_code == 404

