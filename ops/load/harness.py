@@ -102,6 +102,26 @@ def synth_wavs(out: Path, phrases: tuple[str, ...] = DEFAULT_PHRASES) -> list[st
     return paths
 
 
+def _timed_twilio_caller(url: str, token: str) -> Any:
+    """bot.simulator.TwilioCaller that also notes when each voiced bot frame plays at the caller."""
+    from bot.simulator import TwilioCaller
+
+    class Timed(TwilioCaller):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.voiced_play: list[float] = []
+
+        def _play_one(self) -> None:
+            n = len(self.play.played)
+            super()._play_one()
+            if len(self.play.played) > n:
+                pcm = self.play.played[-1].astype(np.float64)
+                if float(np.sqrt(np.mean(pcm * pcm))) > 300.0:
+                    self.voiced_play.append(time.monotonic())
+
+    return Timed(url, token)
+
+
 def trailing_silence_s(pcm: np.ndarray, level: int = 300) -> float:
     loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > level)
     return (len(pcm) - (loud[-1] + 1)) / 8000 if len(loud) else 0.0
@@ -146,10 +166,8 @@ class LoadRun:
         return round(time.monotonic() - self._t0, 3)
 
     async def _twilio_call(self, idx: int) -> None:
-        from bot.simulator import TwilioCaller
-
         cfg = self.cfg
-        caller = TwilioCaller(cfg.url, cfg.auth_token)
+        caller = _timed_twilio_caller(cfg.url, cfg.auth_token)
         row = CallRow(self._now(), idx, "twilio", caller.call_sid, False, None, 0, cfg.turns)
         try:
             await caller.connect()
@@ -161,10 +179,16 @@ class LoadRun:
                 if caller.ended:
                     break
                 name, pcm = self.pcms[self.rng.randrange(len(self.pcms))]
+                t_say = time.monotonic()
                 res = await caller.say(pcm, name, wait_reply_s=cfg.reply_timeout_s)
-                self.turns.append(TurnRow(self._now(), idx, "twilio", caller.call_sid, n + 1, res.v2v_ms,
-                                          "" if res.v2v_ms is not None else "no_reply"))
-                row.turns_answered += res.v2v_ms is not None
+                # same measure as SIP: first voiced bot frame played after the end of the caller's speech
+                done = [caller._t0 + t for t, what in caller.result.events if what == f"turn{n + 1}_end"]
+                speech_end = (done[-1] if done else t_say + len(pcm) / 8000) - trailing_silence_s(pcm)
+                first = next((x for x in caller.voiced_play if x >= speech_end), None)
+                v2v = None if first is None or res.v2v_ms is None else round((first - speech_end) * 1000, 1)
+                self.turns.append(TurnRow(self._now(), idx, "twilio", caller.call_sid, n + 1, v2v,
+                                          "" if v2v is not None else "no_reply"))
+                row.turns_answered += v2v is not None
                 await asyncio.sleep(self.rng.uniform(*cfg.think_s))
             # a call the bot ended itself (transfer, goodbye) is fine: every turn spoken got an answer
             spoken = sum(1 for r in self.turns if r.call_id == caller.call_sid)
