@@ -112,6 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         cache: dict[tuple[str, str], np.ndarray] = {}
         await prerender(engine, policy_holder()[1], cache)
+        watcher = getattr(app.state, "policy_watcher", None)
+        if watcher is not None:  # a version published from another worker: render its prompts here too
+            watcher.on_change = lambda _v, policy, _text: prerender(engine, policy, cache)
 
         vad = BatchedVad(gate_dbfs=float(os.environ.get("BOT_VAD_GATE_DBFS", -50)))
         await vad.start()

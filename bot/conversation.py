@@ -35,6 +35,10 @@ APOLOGY_TEXT = "I'm sorry, I'm having trouble right now. Let me transfer you to 
 TRANSFER_FAILED_TEXT = "I'm sorry, I couldn't transfer you. Please call back later. Goodbye."
 
 
+# How a bridge's end reason reads as a call outcome (an RTP timeout means the caller vanished).
+_END_REASON_OUTCOME = {"stream_stopped": "caller_hangup", "hangup": "caller_hangup", "rtp_timeout": "abandoned"}
+
+
 @dataclass
 class ConversationConfig:
     no_input_s: float | None = None  # None: the policy's no_input.timeout_s
@@ -163,7 +167,7 @@ class Conversation:
             kind, val = await self._q.get()
             if kind == "ended":
                 reason: str = val
-                self._set_outcome({"stream_stopped": "caller_hangup", "hangup": "caller_hangup"}.get(reason, reason))
+                self._set_outcome(_END_REASON_OUTCOME.get(reason, reason))
                 return
             if kind == "stop":
                 return
