@@ -428,8 +428,9 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
         return _act(policy, state, top, u.slots, "accepted")
     if conf >= policy.confirm_for(top) and top in policy.intents:
         kind = policy.intents[top].action.type
-        if kind in ("affirm", "deny"):
-            return _fail(policy, state, "no_context", "no_context")
+        if kind in ("affirm", "deny"):  # an unsure yes/no: ask the pending question again, if any
+            return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "no_context",
+                                                                                  "no_context")
         if kind in ("repeat", "out_of_scope"):  # no point asking "you'd like to hear that again?"
             return _act(policy, state, top, u.slots, "accepted")
         return _confirm(policy, top, _intent_slots(policy, top, u.slots))

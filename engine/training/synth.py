@@ -12,8 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

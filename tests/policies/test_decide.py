@@ -36,7 +36,7 @@ def U(intent: str | None, conf: float, alts: list[tuple[str | None, float]] | No
     return Understanding(intent=intent, confidence=conf, alternatives=alts or [(intent, conf)], **kw)
 
 
-LOW = U("pay_bill", 0.2, [("pay_bill", 0.2), ("check_balance", 0.05)])
+LOW = U("pay_bill", 0.1, [("pay_bill", 0.1), ("check_balance", 0.05)])
 YES, NO = U("affirm", 0.95), U("deny", 0.95)
 
 
@@ -70,7 +70,7 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
      ("confirm", "low_confidence", None, "report_outage")),
     ("ambiguous", [U("pay_bill", 0.45, [("pay_bill", 0.45), ("billing_dispute", 0.4)])], OPEN, ("clarify", "ambiguous", None, None)),
     ("clarified", [U("pay_bill", 0.45, [("pay_bill", 0.45), ("check_balance", 0.4)]),
-                   U("check_balance", 0.6, [("check_balance", 0.6), ("pay_bill", 0.1)])], OPEN,
+                   U("check_balance", 0.85, [("check_balance", 0.85), ("pay_bill", 0.1)])], OPEN,
      ("answer", "clarified", None, "check_balance")),
     ("low confidence", [LOW], OPEN, ("reprompt", "low_confidence", None, None)),
     ("engine marked audio unusable", [U(None, 0.0, error="too_short")], OPEN, ("reprompt", "low_confidence", None, None)),

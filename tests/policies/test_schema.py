@@ -26,8 +26,8 @@ def mutate(old: str, new: str, count: int = 1) -> str:
 # name, replacement (old, new), expected field, needle whose line the error must point at, message fragment
 CASES = [
     ("threshold above 1", ("  accept: 0.85 ", "  accept: 1.5 "), "thresholds.accept", "accept: 1.5", "less than or equal to 1"),
-    ("threshold below 0", ("  confirm: 0.5 ", "  confirm: -0.1 "), "thresholds.confirm", "confirm: -0.1", "greater than or equal to 0"),
-    ("confirm band above accept", ("  confirm: 0.5 ", "  confirm: 0.9 "), "thresholds.confirm", "confirm: 0.9", "above accept"),
+    ("threshold below 0", ("  confirm: 0.2 ", "  confirm: -0.1 "), "thresholds.confirm", "confirm: -0.1", "greater than or equal to 0"),
+    ("confirm band above accept", ("  confirm: 0.2 ", "  confirm: 0.9 "), "thresholds.confirm", "confirm: 0.9", "above accept"),
     ("override band above accept", ("cancel_service: {accept: 0.9}", "cancel_service: {accept: 0.6, confirm: 0.7}"),
      "thresholds.overrides.cancel_service.confirm", "cancel_service: {accept: 0.6", "above accept"),
     ("unknown intent in a rule", ("- {intent: cancel_service, queue: retention", "- {intent: cancel_account, queue: retention"),
@@ -93,7 +93,7 @@ def test_not_a_mapping_and_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_all_errors_reported_at_once() -> None:
-    text = mutate("  accept: 0.85 ", "  accept: 0.4 ").replace("{type: transfer, queue: billing}", "{type: transfer, queue: nope}")
+    text = mutate("  accept: 0.85 ", "  accept: 0.1 ").replace("{type: transfer, queue: billing}", "{type: transfer, queue: nope}")
     fields = {e.field for e in validate_text(text)}
     assert {"thresholds.confirm", "intents.billing_dispute.action.queue"} <= fields
 
