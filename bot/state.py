@@ -30,6 +30,7 @@ WORKERS = "workers"  # zset worker id -> last heartbeat
 RECENT_MAX = 10000
 HEARTBEAT_S = 5.0
 LIVE_STALE_S = 30.0
+REAP_EVERY_S = 10.0  # how often each worker looks for calls orphaned by a dead worker
 
 
 def call_key(call_id: str) -> str:
@@ -79,6 +80,7 @@ class CallStore:
         self.healthy = True
         self._listeners: dict[str, Callable[[bool], None]] = {}
         self._closing = False
+        self._last_reap = 0.0
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -243,4 +245,18 @@ class CallStore:
             if self._active:
                 self._push("zadd", LIVE, {cid: now for cid in self._active})
             self._push("zadd", WORKERS, {self.worker: now})
+            await self._reap(now)
             self._push("zremrangebyscore", LIVE, "-inf", now - 4 * LIVE_STALE_S)
+
+    async def _reap(self, now: float) -> None:
+        """Close calls of workers that died (SIGKILL, OOM): every worker reaps, HSETNX makes it once."""
+        if now - self._last_reap < REAP_EVERY_S or not self.healthy or self._q:
+            return  # after an outage, our own heartbeats must land before we judge anyone stale
+        self._last_reap = now
+        from bot.reaper import reap_orphans  # bot.reaper imports this module's key schema
+
+        try:
+            await reap_orphans(self.r, stale_s=LIVE_STALE_S, reaper=self.worker)
+        except Exception as exc:  # noqa: BLE001 - Redis down: the next heartbeat tries again
+            metrics.ERRORS.labels("state", "reap_failed").inc()
+            log.warning("reap_failed", error=repr(exc))

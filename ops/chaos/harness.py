@@ -8,7 +8,7 @@ Scenarios (each verified and reported):
 Checks: no call event lost (per call, the events the bot logged writing -- call_started, turn,
 state_degraded, transfer, call_ended -- are all in its Redis stream, none twice), callers never left in silence (every turn gets bot audio; engine failures
 get an apology + transfer), calls on the surviving worker unaffected, the killed worker's calls
-closed with a clear outcome (ops/chaos/reaper.py when no worker did it).
+closed with a clear outcome (bot/reaper.py, which every worker runs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ops.chaos.reaper import OUTCOME as REAPED, reap_orphans
+from bot.reaper import OUTCOME as REAPED, reap_orphans
 from ops.load.harness import synth_wavs
 from ops.load.procstat import children
 from ops.load.spawn import BotProcess, RedisProc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.chaos.reaper import OUTCOME, reap_orphans
+from bot.reaper import OUTCOME, reap_orphans
 from ops.load.spawn import ROOT
 
 pytestmark = pytest.mark.slow
