@@ -81,6 +81,7 @@ class CallStore:
         self._listeners: dict[str, Callable[[bool], None]] = {}
         self._closing = False
         self._last_reap = 0.0
+        self._last_id: dict[str, tuple[int, int]] = {}  # call id -> last event stream id (ms, seq)
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -155,8 +156,16 @@ class CallStore:
                                                         for k, v in fields.items()})
 
     def event(self, call_id: str, etype: str, **data: Any) -> None:
-        fields = {"type": etype, "t": f"{time.time():.3f}", "data": json.dumps(data, default=str)}
-        self._push("xadd", events_key(call_id), fields)
+        now = time.time()
+        fields = {"type": etype, "t": f"{now:.3f}", "data": json.dumps(data, default=str)}
+        # An explicit, per-call increasing stream id makes the write idempotent: if a pipeline is
+        # retried after Redis applied it (a stall that outlived our timeout), the repeat is refused
+        # by Redis ("ID equal or smaller") instead of duplicating the event.
+        ms, seq = self._last_id.get(call_id, (0, -1))
+        now_ms = int(now * 1000)
+        ms, seq = (now_ms, 0) if now_ms > ms else (ms, seq + 1)
+        self._last_id[call_id] = (ms, seq)
+        self._push("xadd", events_key(call_id), fields, id=f"{ms}-{seq}")
 
     def end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
         now = time.time()
@@ -170,6 +179,7 @@ class CallStore:
         self._push("hdel", LIVE_INFO, call_id)
         self._active.discard(call_id)
         self._listeners.pop(call_id, None)
+        self._last_id.pop(call_id, None)
 
     # ---- reads ----
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
@@ -223,7 +233,7 @@ class CallStore:
                 pipe = self.r.pipeline(transaction=False)
                 for op, args, kw in batch:
                     getattr(pipe, op)(*args, **kw)
-                await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError, asyncio.TimeoutError) as exc:
                 metrics.ERRORS.labels("state", "redis_unavailable").inc()
                 if self.healthy:
@@ -233,6 +243,14 @@ class CallStore:
                 backoff = min(backoff * 2, 2.0)
                 continue
             metrics.REDIS_LATENCY.labels("pipeline").observe(time.perf_counter() - t0)
+            for (op, args, _kw), res in zip(batch, results):
+                if isinstance(res, Exception):
+                    # A refused command is not retried: a repeated event id means it already landed.
+                    repeat = op == "xadd" and "equal or smaller" in str(res)
+                    kind = "duplicate_suppressed" if repeat else "command_failed"
+                    metrics.ERRORS.labels("state", kind).inc()
+                    if kind == "command_failed":
+                        log.warning("redis_command_failed", op=op, key=str(args[0]) if args else "", error=str(res))
             for _ in batch:
                 self._q.popleft()
             backoff = 0.2

@@ -7,6 +7,7 @@ and a backend swaps in by replacing the model's sessions (`attach_backend`).
 - onnx      ONNX Runtime CPU (default, always available)
 - torch     PyTorch on CUDA, FP16, one CUDA graph per (batch, length) bucket (no TensorRT needed)
 - tensorrt  TensorRT FP16 engine built from the ONNX, optimisation profiles batch x length, cached
+- triton    a Triton Inference Server serving the same ONNX (BOT_TRITON_URL, ops/triton/)
 - auto      tensorrt, else torch (CUDA), else onnx
 
 BOT_ENGINE_BACKEND selects; a GPU backend that is not usable here falls back to ONNX Runtime CPU with a
@@ -28,7 +29,7 @@ def log() -> Any:
     """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
     return get_logger("engine.backends")
 
-BACKENDS = ("onnx", "torch", "tensorrt", "auto")
+BACKENDS = ("onnx", "torch", "tensorrt", "triton", "auto")
 _ALIASES = {"cpu": "onnx", "ort": "onnx", "onnxruntime": "onnx", "cuda": "torch", "pytorch": "torch", "trt": "tensorrt"}
 
 
@@ -73,6 +74,10 @@ def select_backend(name: str | None = None) -> Backend:
     reasons = []
     for cand in order:
         try:
+            if cand == "triton":  # the engine as a shared service (ops/triton: same ONNX, dynamic batching)
+                from ops.triton.client import TritonBackend
+
+                return TritonBackend()
             if cand == "tensorrt":
                 from engine.backends.tensorrt_backend import TensorRTBackend
 

@@ -158,3 +158,21 @@ def test_unreachable_or_unknown_model_is_a_clear_error(endpoint: _V2Endpoint) ->
     if MODEL.is_file():
         with pytest.raises(TritonError, match="404"):
             TritonBackend(endpoint.url, "nope").session()
+
+
+@needs_model
+def test_engine_backend_triton_serves_the_understanding_model(endpoint: _V2Endpoint,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """BOT_ENGINE_BACKEND=triton moves the model's graph to the server; answers match local ONNX."""
+    from engine.backends import attach_backend
+    from engine.understanding import UnderstandingModel
+    from tests.helpers.audio import synth
+
+    monkeypatch.setenv("BOT_TRITON_URL", endpoint.url)
+    clips = [synth("I want to pay my bill"), synth("my internet is down")]
+    local = UnderstandingModel.load().understand_batch(clips)
+    remote_model = attach_backend(UnderstandingModel.load(), "triton")
+    assert remote_model.backend_name == "triton"  # not a silent fallback to local ONNX Runtime
+    remote = remote_model.understand_batch(clips)
+    assert [u.intent for u in remote] == [u.intent for u in local]
+    assert all(abs(a.confidence - b.confidence) < 1e-4 for a, b in zip(remote, local))
