@@ -268,9 +268,11 @@ class CallStore:
 
     async def _reap(self, now: float) -> None:
         """Close calls of workers that died (SIGKILL, OOM): every worker reaps, HSETNX makes it once."""
-        if now - self._last_reap < REAP_EVERY_S or not self.healthy or self._q:
-            return  # after an outage, our own heartbeats must land before we judge anyone stale
+        if now - self._last_reap < REAP_EVERY_S or not self.healthy:
+            return
         self._last_reap = now
+        if not await self.flush(timeout_s=2.0):
+            return  # our own heartbeats must land (e.g. after an outage) before we judge anyone stale
         from bot.reaper import reap_orphans  # bot.reaper imports this module's key schema
 
         try:

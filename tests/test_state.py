@@ -134,3 +134,32 @@ def test_embedded_redis_persists_with_aof(tmp_path: Path) -> None:
     finally:
         emb2.stop()
     assert emb2.proc is not None and emb2.proc.poll() is not None
+
+
+async def test_a_dead_workers_calls_are_reaped_once_and_events_are_not_duplicated(redis_url: str) -> None:
+    """A surviving worker closes calls whose owner stopped heart-beating (SIGKILL); a repeated event
+    write (a retried pipeline) is refused by Redis instead of duplicating the event."""
+    url = isolated_redis_url(redis_url)
+    dead = await _store(url)
+    alive = await _store(url)
+    try:
+        dead.start_call("CAdead", "sip", "+15551234567", "+15550000000", "1")
+        alive.start_call("CAlive", "twilio", "+15557654321", "+15550000000", "1")
+        assert await dead.flush() and await alive.flush()
+        stale = time.time() - 120  # the dead worker's last heartbeat, long ago
+        await alive.r.zadd(LIVE, {"CAdead": stale})
+        await alive._reap(time.time())
+        got = await alive.get_call("CAdead")
+        assert got is not None and got["record"]["outcome"] == "worker_lost" and got["record"]["status"] == "ended"
+        assert (await alive.get_call("CAlive"))["record"]["status"] == "active"  # its own call untouched
+        # Replaying the exact same XADD (what a retried pipeline does) is refused, not duplicated.
+        alive.event("CAlive", "turn", n=1)
+        op = alive._q[-1]
+        assert await alive.flush()
+        n = await alive.r.xlen(events_key("CAlive"))
+        alive._push(op[0], *op[1], **op[2])
+        assert await alive.flush()
+        assert await alive.r.xlen(events_key("CAlive")) == n
+    finally:
+        await dead.close()
+        await alive.close()
