@@ -7,6 +7,7 @@ actually heard), and the end of the call. Outbound: audio, clear (barge-in), tra
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Union
 
@@ -43,6 +44,15 @@ class CallEnded:
 
 
 InboundEvent = Union[AudioIn, DtmfIn, MarkIn, CallEnded]
+
+
+async def until_ended(inbox: "asyncio.Queue[InboundEvent]") -> AsyncIterator[InboundEvent]:
+    """A bridge's queued inbound events, up to and including CallEnded (every bridge's events())."""
+    while True:
+        ev = await inbox.get()
+        yield ev
+        if isinstance(ev, CallEnded):
+            return
 
 
 @dataclass

@@ -26,7 +26,7 @@ from av import AudioFrame
 
 from ops import metrics
 from ops.logs import get_logger
-from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent, MarkIn
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent, MarkIn, until_ended
 
 WEB_RATE = 48000
 BOT_RATE = 8000
@@ -257,12 +257,8 @@ class WebRTCCallBridge(CallBridge):
     def ended(self) -> bool:
         return self._ended
 
-    async def events(self) -> AsyncIterator[InboundEvent]:  # type: ignore[override]
-        while True:
-            ev = await self._inbox.get()
-            yield ev
-            if isinstance(ev, CallEnded):
-                return
+    def events(self) -> AsyncIterator[InboundEvent]:
+        return until_ended(self._inbox)
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         if self._ended or len(pcm) == 0:

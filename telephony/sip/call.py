@@ -15,7 +15,7 @@ import numpy as np
 
 from ops.logs import get_logger
 from ops.metrics import ERRORS, TRANSFERS
-from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent
+from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent, until_ended
 from telephony.sip.media import RtpSession
 from telephony.sip.message import SipMessage, addr_uri
 
@@ -63,12 +63,8 @@ class SipCall(CallBridge):
         self.awaiting_answer = False  # we offered (late offer / offerless re-INVITE); the ACK answers
 
     # CallBridge ----------------------------------------------------------------------------------
-    async def events(self) -> AsyncIterator[InboundEvent]:  # type: ignore[override]
-        while True:
-            ev = await self._events.get()
-            yield ev
-            if isinstance(ev, CallEnded):
-                return
+    def events(self) -> AsyncIterator[InboundEvent]:
+        return until_ended(self._events)
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         if self.state != "terminated":

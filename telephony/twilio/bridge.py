@@ -18,7 +18,7 @@ import numpy as np
 from ops import metrics
 from ops.logs import get_logger
 from telephony import g711
-from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, MarkIn
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, MarkIn, until_ended
 from telephony.twilio import protocol
 from telephony.twilio.rest import TwilioRest
 
@@ -117,12 +117,8 @@ class TwilioCallBridge(CallBridge):
         return self._ended
 
     # ---- CallBridge ----
-    async def events(self) -> AsyncIterator[InboundEvent]:  # type: ignore[override]
-        while True:
-            ev = await self._inbox.get()
-            yield ev
-            if isinstance(ev, CallEnded):
-                return
+    def events(self) -> AsyncIterator[InboundEvent]:
+        return until_ended(self._inbox)
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         if self._ended or len(pcm) == 0:
