@@ -42,6 +42,8 @@ def _h(s: str) -> int:
 def split_of_voice(v: Voice) -> str:
     if v.engine == "festival":
         return "test"
+    if v.engine == "piper":
+        return "train"  # our only neural (human-like) voice: it teaches, the held-out voices measure
     if v.engine == "flite":
         return FLITE_SPLIT.get(v.name, "train")
     lang, var = v.name.split("+")
@@ -142,6 +144,7 @@ SHORT_INTENTS = {"affirm", "deny", "repeat", "goodbye"}
 def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0) -> list[Item]:
     """Decide every item (text, labels, voice, prosody) up front, deterministically."""
     tsplits = template_splits(catalog)
+    composed_sets = {i: set(T.composed(i)) for i in T.COMPOSE}
     vsplits = voices_by_split()
     intents = catalog.intent_names + [NULL_INTENT]
     weights = np.array([1.6 if i == NULL_INTENT else 1.0 for i in intents])
@@ -151,13 +154,19 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0) -> list[Item]:
         rng = np.random.default_rng(_h(f"{seed}|{split}"))
         voices = vsplits[split]
         engines = sorted({v.engine for v in voices})
-        ew = np.array([{"espeak": 0.6, "flite": 0.33, "festival": 0.07}[e] for e in engines])
+        ew = np.array([{"espeak": 0.55, "flite": 0.3, "festival": 0.07, "piper": 0.15}[e] for e in engines])
         ew /= ew.sum()
         n_total = counts.get(split, 0)
         for k in range(n_total):
             intent_key = str(rng.choice(intents, p=weights))
             intent = None if intent_key == NULL_INTENT else intent_key
-            template = str(rng.choice(tsplits[intent_key][split]))
+            pool = tsplits[intent_key][split]
+            comp = [t for t in pool if t in composed_sets.get(intent_key, ())]
+            if comp and len(comp) < len(pool) and rng.random() < 0.5:
+                pool = [t for t in pool if t not in composed_sets[intent_key]]  # standalone phrasings: half the draws
+            elif comp:
+                pool = comp
+            template = str(rng.choice(pool))
             text, slots = _fill(template, intent, catalog, rng)
             frustrated = 0
             if intent is not None and intent not in SHORT_INTENTS:

