@@ -15,7 +15,7 @@ POOLS = 3  # attention-pooling queries: intent, caller state, end of turn
 
 
 class Heads(nn.Module):
-    def __init__(self, n_intents: int, dropout: float = 0.1) -> None:
+    def __init__(self, n_intents: int, dropout: float = 0.2) -> None:
         super().__init__()
         self.pool = nn.Linear(D_MODEL, POOLS)
         self.intent = nn.Sequential(nn.Linear(D_MODEL, 256), nn.GELU(), nn.Dropout(dropout), nn.Linear(256, n_intents))
