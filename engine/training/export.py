@@ -29,10 +29,18 @@ def export_onnx(model: FullModel, path: str | Path, seconds: int = 2) -> None:
 
 
 def quantize(src: str | Path, dst: str | Path) -> None:
-    """Dynamic int8 weights for MatMul/Gemm (4x smaller, faster on CPU); convolutions stay float."""
+    """Dynamic int8 for the encoder's weight MatMuls/Gemms (3x smaller, ~3x faster on CPU).
+
+    Per-channel weight scales, and the small heads stay float: measured on understand-v1's validation
+    clips, per-tensor int8 changed the top intent vs the float graph on 5.7 % of clips, per-channel
+    with float heads on 1.7 %, at the same speed (attention's activation x activation MatMuls stay
+    float too)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    heads = [n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("/heads/")]
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     per_channel=True, nodes_to_exclude=heads, extra_options={"MatMulConstBOnly": True})
 
 
 def torch_outputs(model: FullModel, mel: np.ndarray) -> list[np.ndarray]:
