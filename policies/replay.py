@@ -100,6 +100,8 @@ def read_manifest(eval_dir: str | Path) -> list[dict[str, Any]]:
                 raise ValueError("needs an 'audio' field")
         except ValueError as exc:
             raise ReplayError(f"{path}:{n}: {exc}") from None
+        if row.get("truncated"):
+            continue  # a caller cut off mid-sentence (end-of-turn training data), not a turn to decide on
         rows.append(row)
     return rows
 

@@ -75,7 +75,8 @@ def _slots_equal(ref: dict, hyp: dict) -> bool:
 def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str | Path | None = None,
              limit: int | None = None, progress: bool = True) -> dict:
     d = Path(eval_dir)
-    rows = read_eval_dir(d)[:limit]
+    # truncated clips (callers cut off mid-sentence) are end-of-turn data: `bot engine eval-eot` scores them
+    rows = [r for r in read_eval_dir(d) if not r.get("truncated")][:limit]
     model = UnderstandingModel.load(model_dir, threads=1)
     preds, lat = [], []
     for r in tqdm(rows, desc="eval", unit="utt", disable=not progress):
@@ -116,9 +117,29 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
         y = np.array([float(r.get("frustration", 0)) for r in rows])
         s = np.array([p.caller_state.get("frustration", 0.0) for p in preds])
         result["frustration_auc"] = round(_auc(y, s), 4) if 0 < y.sum() < len(y) else None
+    groups = _groups(rows)
+    if groups:
+        result["breakdown"] = {g: {k: {"n": int(len(idx)), "intent_accuracy": round(float(correct[idx].mean()), 4)}
+                                   for k, idx in sorted(parts.items())} for g, parts in groups.items()}
     if report_dir is not None:
         write_report(Path(report_dir), d, result, ref, hyp, names, conf, correct)
     return result
+
+
+def _groups(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+    """Optional slices of a synthesized set: by TTS engine, and by phrasing kind (carrier x core
+    compositions share content words with training; standalone sentences are lexically novel)."""
+    from engine.training.templates import composed
+
+    out: dict[str, dict[str, list[int]]] = {}
+    for i, r in enumerate(rows):
+        if "voice" in r:
+            out.setdefault("voice_engine", {}).setdefault(str(r["voice"]).split(":")[0], []).append(i)
+        if "template" in r:
+            kind = "slot_only" if r["intent"] is None else (
+                "composed" if r["template"] in composed(str(r["intent"])) else "standalone")
+            out.setdefault("phrasing", {}).setdefault(kind, []).append(i)
+    return {g: {k: np.array(v) for k, v in parts.items()} for g, parts in out.items()}
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
