@@ -98,7 +98,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     full = FullModel(enc, top, temp).eval()
     intent_slots, slot_types = _catalog_meta(cat)
     out = write_model_dir(full, a.out, intents, intent_slots, slot_types, quantized=not a.fp32,
-                          extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, top layer fine-tuned",
+                          extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, layers 2-3 + final norm fine-tuned",
                                  "calibration": json.loads(cal.read_text()) if cal.exists() else None})
     # parity of the shipped graph vs PyTorch on real clips
     from engine.features import features_batch, prepare_pcm
@@ -214,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default=None)
     e.add_argument("--run", default="data/run")
     e.add_argument("--data", default="data/synth")
-    e.add_argument("--out", default="engine/models/understand-v1")
+    e.add_argument("--out", default="engine/models/understand-v2")
     e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
     e.set_defaults(func=cmd_export)
 
@@ -247,8 +247,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
-    b.add_argument("--onnx", default="engine/models/understand-v1/model.onnx")
-    b.add_argument("--out", default="build/understand-v1.plan")
+    b.add_argument("--onnx", default="engine/models/understand-v2/model.onnx")
+    b.add_argument("--out", default="build/understand-v2.plan")
     b.add_argument("--fp32", action="store_true")
     b.set_defaults(func=cmd_build_trt)
 

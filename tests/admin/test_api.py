@@ -77,7 +77,7 @@ def test_token_sources(tmp_path: Path) -> None:
 # ---- versions, drafts, validation -------------------------------------------------------------------
 async def test_versions_read_and_diff(client: httpx.AsyncClient, default_yaml: str) -> None:
     r = await client.post("/admin/api/publish", headers=auth("publisher"),
-                          json={"yaml": default_yaml.replace("accept: 0.85", "accept: 0.9", 1), "expected_version": 1,
+                          json={"yaml": default_yaml.replace("accept: 0.8 ", "accept: 0.9", 1), "expected_version": 1,
                                 "comment": "stricter"})
     assert r.json() == {"version": 2, "current": 2}
     lst = (await client.get("/admin/api/policies", headers=auth("viewer"))).json()
@@ -93,7 +93,7 @@ async def test_versions_read_and_diff(client: httpx.AsyncClient, default_yaml: s
 
 
 async def test_validate_line_located(client: httpx.AsyncClient, default_yaml: str) -> None:
-    bad = default_yaml.replace("accept: 0.85", "accept: 1.5", 1)
+    bad = default_yaml.replace("accept: 0.8 ", "accept: 1.5", 1)
     r = (await client.post("/admin/api/validate", json={"yaml": bad}, headers=auth("editor"))).json()
     assert r["valid"] is False
     assert r["errors"][0]["line"] == accept_line(default_yaml) and "thresholds.accept" in r["errors"][0]["path"]
@@ -117,7 +117,7 @@ async def test_draft_crud(client: httpx.AsyncClient, default_yaml: str) -> None:
 
 # ---- publish / rollback -----------------------------------------------------------------------------
 async def test_publish_invalid_is_422_with_lines(client: httpx.AsyncClient, default_yaml: str) -> None:
-    bad = default_yaml.replace("accept: 0.85", "accept: 2", 1)
+    bad = default_yaml.replace("accept: 0.8 ", "accept: 2", 1)
     r = await client.post("/admin/api/publish", json={"yaml": bad, "expected_version": 1}, headers=auth("publisher"))
     assert r.status_code == 422
     assert r.json()["detail"]["errors"][0]["line"] == accept_line(default_yaml)
@@ -126,7 +126,7 @@ async def test_publish_invalid_is_422_with_lines(client: httpx.AsyncClient, defa
 
 async def test_publish_race_two_admins_409(client: httpx.AsyncClient, default_yaml: str) -> None:
     before = errors_total("publish_conflict")
-    bodies = [{"yaml": default_yaml.replace("accept: 0.85", f"accept: {v}", 1), "expected_version": 1} for v in ("0.9", "0.8")]
+    bodies = [{"yaml": default_yaml.replace("accept: 0.8 ", f"accept: {v}", 1), "expected_version": 1} for v in ("0.9", "0.7")]
     rs = await asyncio.gather(*(client.post("/admin/api/publish", json=b, headers=auth("publisher")) for b in bodies))
     assert sorted(r.status_code for r in rs) == [200, 409]
     lost = next(r for r in rs if r.status_code == 409).json()["detail"]
@@ -137,7 +137,7 @@ async def test_publish_race_two_admins_409(client: httpx.AsyncClient, default_ya
 
 
 async def test_rollback(client: httpx.AsyncClient, default_yaml: str, redis: aioredis.Redis) -> None:
-    await client.post("/admin/api/publish", json={"yaml": default_yaml.replace("accept: 0.85", "accept: 0.9", 1),
+    await client.post("/admin/api/publish", json={"yaml": default_yaml.replace("accept: 0.8 ", "accept: 0.9", 1),
                                                   "expected_version": 1}, headers=auth("publisher"))
     r = await client.post("/admin/api/rollback", json={"version": 1, "expected_version": 1}, headers=auth("publisher"))
     assert r.status_code == 409

@@ -55,7 +55,7 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     # edit the accept threshold to an invalid value: the error shows at its line
     original = page.input_value("#yaml")
     line = accept_line(original)
-    page.fill("#yaml", original.replace("  accept: 0.85", "  accept: 1.5", 1))
+    page.fill("#yaml", original.replace("  accept: 0.8 ", "  accept: 1.5", 1))
     band = page.locator(f'#marks .band[data-line="{line}"]')
     expect(band).to_be_visible(timeout=10_000)
     expect(band).to_contain_text("less than or equal to 1")
@@ -68,14 +68,14 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     shot(page, "02-validation-error-at-line")
 
     # fix it, publish with confirmation
-    page.fill("#yaml", original.replace("  accept: 0.85", "  accept: 0.9", 1))
+    page.fill("#yaml", original.replace("  accept: 0.8 ", "  accept: 0.9", 1))
     expect(page.locator("#valid-state")).to_contain_text("valid", timeout=10_000)
     expect(page.locator("#marks .band")).to_have_count(0)
     page.click("#btn-publish")
     dialog = page.locator("dialog#confirm")
     expect(dialog).to_be_visible()
     expect(dialog.locator("td.ins")).to_contain_text("accept: 0.9")
-    expect(dialog.locator("td.del")).to_contain_text("accept: 0.85")
+    expect(dialog.locator("td.del")).to_contain_text("accept: 0.8 ")
     page.fill("#confirm-comment", "raise accept threshold")
     shot(page, "03-publish-confirm")
     page.click("#confirm-ok")

@@ -24,8 +24,8 @@ BOB = Actor("bob", "publisher", "198.51.100.2")
 
 
 def with_accept(text: str, value: str) -> str:
-    assert "  accept: 0.85" in text
-    return text.replace("  accept: 0.85", f"  accept: {value}", 1)
+    assert "  accept: 0.8 " in text
+    return text.replace("  accept: 0.8 ", f"  accept: {value} ", 1)
 
 
 async def test_seed_once_from_default(store: PolicyStore, default_yaml: str) -> None:
@@ -54,7 +54,7 @@ async def test_publish_creates_immutable_versions_and_audit(store: PolicyStore, 
     info = await store.get_version(2)
     assert (info.author, info.comment) == ("alice", "stricter")
     assert "accept: 0.9" in info.yaml
-    assert "accept: 0.85" in (await store.get_version(1)).yaml  # v1 unchanged
+    assert "accept: 0.8 " in (await store.get_version(1)).yaml  # v1 unchanged
     audit = await store.audit_log()
     assert audit[0]["action"] == "publish" and audit[0]["actor"] == "alice"
     assert audit[0]["ip"] == "198.51.100.1" and audit[0]["version"] == "2"
@@ -65,7 +65,7 @@ async def test_publish_invalid_writes_nothing(store: PolicyStore, default_yaml: 
     with pytest.raises(PolicyInvalid) as exc:
         await store.publish(with_accept(default_yaml, "1.7"), 1, ALICE)
     issue = exc.value.issues[0]
-    line = default_yaml.splitlines().index("  accept: 0.85          # act without asking at or above this calibrated confidence") + 1
+    line = default_yaml.splitlines().index("  accept: 0.8           # act without asking at or above this calibrated confidence") + 1
     assert issue.line == line and "accept" in issue.path
     assert await store.current_version() == 1 and len(await store.list_versions()) == 1
 
@@ -108,7 +108,7 @@ async def test_rollback_and_diff(store: PolicyStore, default_yaml: str) -> None:
         await store.rollback(99, 1, BOB)
     a, b = (await store.get_version(1)).yaml, (await store.get_version(2)).yaml
     diff = unified_diff(a, b, "v1", "v2")
-    assert "-  accept: 0.85" in diff and "+  accept: 0.9" in diff
+    assert "-  accept: 0.8 " in diff and "+  accept: 0.9" in diff
     rows = [r for r in side_by_side(a, b) if r["op"] != "equal"]
     assert len(rows) == 1 and rows[0]["a_line"] == rows[0]["b_line"] and "0.9" in rows[0]["b"]
 
@@ -132,14 +132,14 @@ async def test_watcher_follows_publish_within_a_second(store: PolicyStore, redis
     await watcher.start()
     try:
         v1, p1 = watcher.current()
-        assert v1 == 1 and p1.thresholds.accept == 0.85
+        assert v1 == 1 and p1.thresholds.accept == 0.8
         t0 = time.monotonic()
         await store.publish(with_accept(default_yaml, "0.9"), 1, ALICE)
         while watcher.current()[0] != 2:
             assert time.monotonic() - t0 < 1.0, "watcher did not switch within 1 s"
             await asyncio.sleep(0.01)
         assert watcher.current()[1].thresholds.accept == 0.9
-        assert p1.thresholds.accept == 0.85  # a call holding v1 keeps v1
+        assert p1.thresholds.accept == 0.8  # a call holding v1 keeps v1
     finally:
         await watcher.stop()
 

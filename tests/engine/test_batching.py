@@ -157,7 +157,7 @@ async def test_adaptive_cap_follows_measured_cost(per_batch: bool, expect_big: b
     (Sleep stands in for device time: the cost model is what is under test, and it spares the CPU.)"""
 
     def fn(items: list[int]) -> list[int]:
-        # per_batch: GPU-like, one launch for the whole batch. Else CPU-like as measured on understand-v1:
+        # per_batch: GPU-like, one launch for the whole batch. Else CPU-like as measured on understand-v1/v2:
         # per-item cost grows with the batch (7.8 ms alone, 10.5 ms/item at 16).
         time.sleep(0.01 if per_batch else 0.004 * len(items) * (1 + 0.05 * len(items)))
         return [i * 2 for i in items]

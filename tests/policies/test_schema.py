@@ -25,7 +25,7 @@ def mutate(old: str, new: str, count: int = 1) -> str:
 
 # name, replacement (old, new), expected field, needle whose line the error must point at, message fragment
 CASES = [
-    ("threshold above 1", ("  accept: 0.85 ", "  accept: 1.5 "), "thresholds.accept", "accept: 1.5", "less than or equal to 1"),
+    ("threshold above 1", ("  accept: 0.8 ", "  accept: 1.5 "), "thresholds.accept", "accept: 1.5", "less than or equal to 1"),
     ("threshold below 0", ("  confirm: 0.2 ", "  confirm: -0.1 "), "thresholds.confirm", "confirm: -0.1", "greater than or equal to 0"),
     ("confirm band above accept", ("  confirm: 0.2 ", "  confirm: 0.9 "), "thresholds.confirm", "confirm: 0.9", "above accept"),
     ("override band above accept", ("cancel_service: {accept: 0.9}", "cancel_service: {accept: 0.6, confirm: 0.7}"),
@@ -80,10 +80,10 @@ def test_invalid_policy_points_at_line_and_field(name: str, rep: tuple[str, str]
 
 
 def test_invalid_yaml_points_at_line() -> None:
-    text = mutate("  accept: 0.85 ", "  accept: [0.85 ")
+    text = mutate("  accept: 0.8 ", "  accept: [0.8 ")
     errors = validate_text(text)
     assert len(errors) == 1 and errors[0].message.startswith("invalid YAML")
-    assert errors[0].line is not None and abs(errors[0].line - line_of(text, "accept: [0.85")) <= 2
+    assert errors[0].line is not None and abs(errors[0].line - line_of(text, "accept: [0.8")) <= 2
 
 
 def test_not_a_mapping_and_unreadable_file(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_not_a_mapping_and_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_all_errors_reported_at_once() -> None:
-    text = mutate("  accept: 0.85 ", "  accept: 0.1 ").replace("{type: transfer, queue: billing}", "{type: transfer, queue: nope}")
+    text = mutate("  accept: 0.8 ", "  accept: 0.1 ").replace("{type: transfer, queue: billing}", "{type: transfer, queue: nope}")
     fields = {e.field for e in validate_text(text)}
     assert {"thresholds.confirm", "intents.billing_dispute.action.queue"} <= fields
 
