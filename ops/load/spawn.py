@@ -90,7 +90,7 @@ class BotProcess:
     """`bot serve [--workers N]` on free ports; ready when /readyz answers 200."""
 
     def __init__(self, log_dir: Path, redis_url: str = "", workers: int = 1, sip: bool = False,
-                 env: dict[str, str] | None = None, nice: int = 10) -> None:
+                 env: dict[str, str] | None = None, nice: int = 10, share_voice_cache: bool = True) -> None:
         self.port = free_port()
         self.sip_port = free_port_both() if sip else 0
         self.url = f"http://127.0.0.1:{self.port}"
@@ -99,9 +99,10 @@ class BotProcess:
         log_dir.mkdir(parents=True, exist_ok=True)
         data = log_dir / "data"  # per process: an embedded redis-server keeps its AOF here
         data.mkdir(parents=True, exist_ok=True)
-        SHARED_VOICE_CACHE.mkdir(parents=True, exist_ok=True)
-        if not (data / "voice-cache").exists():
-            (data / "voice-cache").symlink_to(SHARED_VOICE_CACHE, target_is_directory=True)
+        if share_voice_cache:
+            SHARED_VOICE_CACHE.mkdir(parents=True, exist_ok=True)
+            if not (data / "voice-cache").exists():
+                (data / "voice-cache").symlink_to(SHARED_VOICE_CACHE, target_is_directory=True)
         self.env = {**os.environ, "BOT_HTTP_PORT": str(self.port), "BOT_HTTP_HOST": "127.0.0.1",
                     "BOT_SIP_ENABLED": "1" if sip else "0", "BOT_SIP_PORT": str(self.sip_port or 5060),
                     "BOT_DATA_DIR": str(data),
@@ -110,7 +111,8 @@ class BotProcess:
             self.env["REDIS_URL"] = redis_url
         else:
             self.env.pop("REDIS_URL", None)
-            self.env["BOT_EMBEDDED_REDIS_PORT"] = str(free_port())
+            if "BOT_EMBEDDED_REDIS_PORT" not in (env or {}):
+                self.env["BOT_EMBEDDED_REDIS_PORT"] = str(free_port())
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.nice = nice
         self.proc: subprocess.Popen[bytes] | None = None
@@ -125,7 +127,7 @@ class BotProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bot serve exited {self.proc.returncode}: see {self.log_path}")
+                raise RuntimeError(f"bot serve exited {self.proc.returncode} ({self.log_path}):\n{self.logs()[-4000:]}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     if self.workers > 1:
@@ -135,7 +137,7 @@ class BotProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"bot serve not ready in {timeout_s}s: see {self.log_path}")
+        raise RuntimeError(f"bot serve not ready in {timeout_s}s ({self.log_path}):\n{self.logs()[-4000:]}")
 
     def wait_workers_ready(self, deadline: float) -> None:
         """With several workers, /readyz may come from the first one up: wait for all to log ready."""
@@ -149,6 +151,15 @@ class BotProcess:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+    def __enter__(self) -> "BotProcess":
+        return self.start()
+
+    def __exit__(self, *_a: Any) -> None:
+        self.stop()
 
     def stop(self, timeout_s: float = 30.0) -> int:
         if self.proc is None:

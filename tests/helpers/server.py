@@ -1,18 +1,12 @@
-"""`bot serve` as a subprocess on free ports with the test Redis, ready when /readyz says so."""
+"""`bot serve` as a subprocess on free ports with the test Redis, ready when /readyz says so (ops.load.spawn)."""
 
 from __future__ import annotations
 
 import itertools
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
-import httpx
+from ops.load.spawn import BotProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 _db = itertools.count(1)
@@ -31,80 +25,24 @@ def isolated_redis_url(redis_url: str) -> str:
     return f"{base}/{1 + next(_db) % 7}"
 
 
-class BotServer:
+class BotServer(BotProcess):
+    """The ops harness's `bot serve` subprocess, pointed at the test Redis (a fresh logical DB each,
+    flushed first), logging at INFO, with its own voice cache (so tests never share rendered prompts)."""
+
     def __init__(self, redis_url: str, tmp: Path, env: dict[str, str] | None = None, workers: int = 1,
                  flush_db: bool = True) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(tmp, redis_url=redis_url, workers=workers, env={"BOT_LOG_LEVEL": "INFO", **(env or {})},
+                         share_voice_cache=False)
         self.redis_url = redis_url
-        self.tmp = tmp
-        self.workers = workers
         self.flush_db = flush_db
-        self.log_path = tmp / f"bot-{self.port}.log"
-        self.env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "BOT_HTTP_PORT": str(self.port),
-            "BOT_HTTP_HOST": "127.0.0.1",
-            "BOT_SIP_ENABLED": "0",
-            "BOT_DATA_DIR": str(tmp / "data"),
-            "BOT_LOG_LEVEL": "INFO",
-            "BOT_SHUTDOWN_GRACE_S": "5",
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 90.0) -> "BotServer":
         if self.flush_db:
             import redis
 
             redis.Redis.from_url(self.redis_url).flushdb()
-        self._log = open(self.log_path, "wb")
-        args = [sys.executable, "-m", "bot.cli", "serve"] + (["--workers", str(self.workers)] if self.workers > 1 else [])
-        self.proc = subprocess.Popen(["nice", "-n", "10", *args], cwd=ROOT, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bot serve exited {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"bot serve not ready in {timeout_s}s:\n{self.logs()[-4000:]}")
-
-    def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=5).text
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> "BotServer":
-        return self.start()
-
-    def __exit__(self, *_a: Any) -> None:
-        self.stop()
+        super().start(timeout_s)
+        return self
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
