@@ -81,18 +81,23 @@ async function login(t) {
     el.hidden = false;
     return;
   }
-  $("#login").hidden = true;
-  $("#app").hidden = false;
-  $("#tabs").hidden = false;
-  $("#logout").hidden = false;
-  $("#who").textContent = `${state.me.name} · ${state.me.role}`;
   document.body.dataset.role = state.me.role;
   for (const el of document.querySelectorAll(".needs-editor")) el.disabled = !can("editor");
   for (const el of document.querySelectorAll(".needs-publisher")) el.hidden = !can("publisher");
   $("#yaml").readOnly = !can("editor");
-  await refreshVersions();
-  await loadCurrent();
-  showTab("policy");
+  try {
+    await refreshVersions();
+    await loadCurrent();
+    showTab("policy");
+  } finally {
+    // Reveal the console only now: a tab picked while the policy was still loading would be
+    // yanked back to "policy" above.
+    $("#login").hidden = true;
+    $("#app").hidden = false;
+    $("#tabs").hidden = false;
+    $("#logout").hidden = false;
+    $("#who").textContent = `${state.me.name} · ${state.me.role}`;
+  }
 }
 
 function logout(msg) {
