@@ -57,7 +57,6 @@ async def test_workers_share_port_with_embedded_redis(tmp_path: Path, tmp_path_f
     env = {"BOT_EMBEDDED_REDIS_PORT": str(rport), "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
            "TWILIO_AUTH_TOKEN": "", "BOT_DATA_DIR": str(data)}
     server = BotServer("", tmp_path, env, workers=2, flush_db=False)
-    server.env.pop("REDIS_URL", None)  # embedded Redis (BotProcess already drops it for an empty url)
     # the voice cache from other tests makes start-up quick; the embedded Redis lives in `data`
     shared = tmp_path_factory.getbasetemp() / "shared-data" / "voice-cache"
     if shared.exists():

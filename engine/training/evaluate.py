@@ -129,7 +129,7 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
 def _groups(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
     """Optional slices of a synthesized set: by TTS engine, and by phrasing kind (carrier x core
     compositions share content words with training; standalone sentences are lexically novel)."""
-    from engine.training.templates import composed
+    from engine.training.templates import composed_set
 
     out: dict[str, dict[str, list[int]]] = {}
     for i, r in enumerate(rows):
@@ -137,7 +137,7 @@ def _groups(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
             out.setdefault("voice_engine", {}).setdefault(str(r["voice"]).split(":")[0], []).append(i)
         if "template" in r:
             kind = "slot_only" if r["intent"] is None else (
-                "composed" if r["template"] in composed(str(r["intent"])) else "standalone")
+                "composed" if r["template"] in composed_set(str(r["intent"])) else "standalone")
             out.setdefault("phrasing", {}).setdefault(kind, []).append(i)
     return {g: {k: np.array(v) for k, v in parts.items()} for g, parts in out.items()}
 

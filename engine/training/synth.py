@@ -144,7 +144,9 @@ SHORT_INTENTS = {"affirm", "deny", "repeat", "goodbye"}
 def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0) -> list[Item]:
     """Decide every item (text, labels, voice, prosody) up front, deterministically."""
     tsplits = template_splits(catalog)
-    composed_sets = {i: set(T.composed(i)) for i in T.COMPOSE}
+    # each intent's templates of a split as (standalone sentences, carrier x core compositions)
+    kinds = {(i, s): ([t for t in ts if t not in T.composed_set(i)], [t for t in ts if t in T.composed_set(i)])
+             for i, by_split in tsplits.items() for s, ts in by_split.items()}
     vsplits = voices_by_split()
     intents = catalog.intent_names + [NULL_INTENT]
     weights = np.array([1.6 if i == NULL_INTENT else 1.0 for i in intents])
@@ -160,12 +162,11 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0) -> list[Item]:
         for k in range(n_total):
             intent_key = str(rng.choice(intents, p=weights))
             intent = None if intent_key == NULL_INTENT else intent_key
-            pool = tsplits[intent_key][split]
-            comp = [t for t in pool if t in composed_sets.get(intent_key, ())]
-            if comp and len(comp) < len(pool) and rng.random() < 0.5:
-                pool = [t for t in pool if t not in composed_sets[intent_key]]  # standalone phrasings: half the draws
-            elif comp:
-                pool = comp
+            standalone, comp = kinds[(intent_key, split)]
+            if standalone and comp:  # half the draws are standalone sentences, half compositions
+                pool = standalone if rng.random() < 0.5 else comp
+            else:
+                pool = standalone or comp
             template = str(rng.choice(pool))
             text, slots = _fill(template, intent, catalog, rng)
             frustrated = 0

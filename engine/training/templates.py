@@ -7,6 +7,8 @@ below lands in exactly one of train/val/test.
 
 from __future__ import annotations
 
+from functools import cache
+
 PHRASES: dict[str, list[str]] = {
     "check_balance": [
         "what is my balance", "how much do I owe", "what's my account balance", "what do I owe you",
@@ -188,3 +190,9 @@ COMPOSE: dict[str, tuple[list[str], list[str]]] = {
 def composed(intent: str) -> list[str]:
     carriers, cores = COMPOSE.get(intent, ([], []))
     return [f"{c} {k}" for c in carriers for k in cores]
+
+
+@cache
+def composed_set(intent: str) -> frozenset[str]:
+    """The intent's carrier x core phrasings, for membership tests (synthesis draws, eval breakdowns)."""
+    return frozenset(composed(intent))

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import socket
 from pathlib import Path
 
-from ops.load.spawn import BotProcess
+from ops.load.spawn import BotProcess, free_port
+
+__all__ = ["BotServer", "free_port", "isolated_redis_url", "metric_value"]
 
 ROOT = Path(__file__).resolve().parents[2]
 _db = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def isolated_redis_url(redis_url: str) -> str:
