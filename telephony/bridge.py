@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Union
 
@@ -92,3 +93,29 @@ class CallBridge(abc.ABC):
     @abc.abstractmethod
     async def hangup(self, reason: str = "completed") -> None:
         """End the call from the bot's side."""
+
+
+class QueuedCallBridge(CallBridge):
+    """A bridge whose transport pushes inbound events into one queue (Twilio, WebRTC): the end-of-call
+    bookkeeping they share. Subclasses call _init_queue() and may extend _on_end()."""
+
+    def _init_queue(self) -> None:
+        self._inbox: asyncio.Queue[InboundEvent] = asyncio.Queue()
+        self._ended = False
+
+    def end(self, reason: str) -> None:
+        """The call is over (hangup, disconnect, fatal error): CallEnded is the last inbound event."""
+        if not self._ended:
+            self._ended = True
+            self._on_end()
+            self._inbox.put_nowait(CallEnded(reason, time.monotonic()))
+
+    def _on_end(self) -> None:
+        """Drop what is still queued for the caller."""
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def events(self) -> AsyncIterator[InboundEvent]:
+        return until_ended(self._inbox)

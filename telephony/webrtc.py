@@ -16,7 +16,7 @@ import fractions
 import secrets
 import time
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import soxr
@@ -26,7 +26,7 @@ from av import AudioFrame
 
 from ops import metrics
 from ops.logs import get_logger
-from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent, MarkIn, until_ended
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, MarkIn, QueuedCallBridge
 
 WEB_RATE = 48000
 BOT_RATE = 8000
@@ -126,7 +126,7 @@ class _BotTrack(MediaStreamTrack):
         return frame
 
 
-class WebRTCCallBridge(CallBridge):
+class WebRTCCallBridge(QueuedCallBridge):
     def __init__(self, caller: str = "browser", params: dict[str, Any] | None = None,
                  connect_timeout_s: float = 20.0) -> None:
         self.info = CallInfo(
@@ -134,10 +134,9 @@ class WebRTCCallBridge(CallBridge):
             params=dict(params or {}),
         )
         self.pc = RTCPeerConnection()
-        self._inbox: asyncio.Queue[InboundEvent] = asyncio.Queue()
+        self._init_queue()
         self._out: deque[np.ndarray | str] = deque()  # 160-sample frames and mark names, in order
         self._silence = np.zeros(FRAME_SAMPLES, np.int16)
-        self._ended = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.connect_timeout_s = connect_timeout_s
         self.started_t = time.monotonic()  # reset when media starts flowing (greeting latency)
@@ -247,18 +246,8 @@ class WebRTCCallBridge(CallBridge):
         return frame
 
     # ---- CallBridge ----
-    def end(self, reason: str) -> None:
-        if not self._ended:
-            self._ended = True
-            self._out.clear()
-            self._inbox.put_nowait(CallEnded(reason, time.monotonic()))
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
-    def events(self) -> AsyncIterator[InboundEvent]:
-        return until_ended(self._inbox)
+    def _on_end(self) -> None:
+        self._out.clear()
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         if self._ended or len(pcm) == 0:

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from tests.helpers.audio import synth
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, wait_outcome
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, free_port
 
@@ -71,13 +71,9 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateR
 def bot(private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory,
         fake_api: FakeTwilioApi) -> Iterator[BotServer]:
     tmp = tmp_path_factory.mktemp("bot-b")
-    env = {
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": fake_api.url,
-        "BOT_POLICY": str(open_policy(tmp / "policy.yaml")), "BOT_NO_INPUT_S": "1.5",
-        "BOT_ENGINE_FACTORY": "tests.helpers.slow_engine:make", "BOT_TEST_ENGINE_DELAY_S": "1.5",
-        "BOT_ENGINE_FAULT": "understand", "BOT_TRANSFER_WAIT_S": "1",
-        "BOT_DATA_DIR": str(tmp_path_factory.getbasetemp() / "shared-data"),
-    }
+    env = twilio_env(fake_api.url, open_policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp(),
+                     BOT_NO_INPUT_S="1.5", BOT_ENGINE_FACTORY="tests.helpers.slow_engine:make",
+                     BOT_TEST_ENGINE_DELAY_S="1.5", BOT_ENGINE_FAULT="understand")
     with BotServer(private_redis.url, tmp, env) as server:
         yield server
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.helpers.audio import synth
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, wait_outcome
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, isolated_redis_url, metric_value
 
@@ -56,11 +56,7 @@ def fake_api() -> Iterator[FakeTwilioApi]:
 @pytest.fixture(scope="module")
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake_api: FakeTwilioApi) -> Iterator[BotServer]:
     tmp = tmp_path_factory.mktemp("bot-scen")
-    env = {
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": fake_api.url,
-        "BOT_POLICY": str(scenario_policy(tmp / "policy.yaml")), "BOT_NO_INPUT_S": "60",
-        "BOT_TRANSFER_WAIT_S": "1", "BOT_DATA_DIR": str(tmp_path_factory.getbasetemp() / "shared-data"),
-    }
+    env = twilio_env(fake_api.url, scenario_policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp())
     with BotServer(isolated_redis_url(redis_url), tmp, env) as server:
         if not httpx.get(f"{server.url}/readyz").json().get("understanding"):
             pytest.skip("no trained understanding model installed (engine.understanding)")

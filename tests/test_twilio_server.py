@@ -18,7 +18,7 @@ import websockets
 
 from bot.simulator import TwilioCaller
 from tests.helpers.audio import synth
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, wait_outcome
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, isolated_redis_url, metric_value
 
@@ -34,16 +34,9 @@ def fake_api() -> Iterator[FakeTwilioApi]:
 @pytest.fixture(scope="module")
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake_api: FakeTwilioApi) -> Iterator[BotServer]:
     tmp = tmp_path_factory.mktemp("bot")
-    data = tmp_path_factory.getbasetemp() / "shared-data"  # voice cache shared by every test server
-    env = {
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": fake_api.url,
-        "BOT_POLICY": str(open_policy(tmp / "policy.yaml")), "BOT_NO_INPUT_S": "60",
-        "BOT_ESCALATION_WEBHOOK": f"{fake_api.url}/escalations", "BOT_TRANSFER_WAIT_S": "1",
-        "BOT_DATA_DIR": str(data),
-    }
-    server = BotServer(isolated_redis_url(redis_url), tmp, env)
-    server.env["BOT_DATA_DIR"] = str(data)
-    with server:
+    env = twilio_env(fake_api.url, open_policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp(),
+                     BOT_ESCALATION_WEBHOOK=f"{fake_api.url}/escalations")
+    with BotServer(isolated_redis_url(redis_url), tmp, env) as server:
         yield server
 
 

@@ -9,8 +9,9 @@ softphone calls; publisher also publishes and rolls back. Every route is in the 
 from __future__ import annotations
 
 import asyncio
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
@@ -83,6 +84,19 @@ def _conflict(exc: PublishConflict) -> HTTPException:
     return _err(409, "publish_conflict", str(exc), expected=exc.expected, current=exc.current)
 
 
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """The policy store's exceptions as JSON answers: 404 unknown, 409 conflict, 422 invalid."""
+    try:
+        yield
+    except PolicyInvalid as exc:
+        raise _invalid(exc) from exc
+    except PublishConflict as exc:
+        raise _conflict(exc) from exc
+    except NotFound as exc:
+        raise _err(404, "not_found", str(exc.args[0])) from exc
+
+
 def _limit_body(request: Request) -> None:
     n = request.headers.get("content-length")
     if n is not None and n.isdigit() and int(n) > MAX_UPLOAD_BYTES:
@@ -91,15 +105,13 @@ def _limit_body(request: Request) -> None:
 
 async def _policy_text(store: PolicyStore, draft_id: str | None, yaml_text: str | None, version: int | None) -> tuple[str, str]:
     """(yaml, label) for a simulation or softphone call: explicit YAML, a draft, a version, or current."""
-    try:
+    with _store_errors():
         if yaml_text:
             return yaml_text, "unsaved draft"
         if draft_id:
             return (await store.get_draft(draft_id))["yaml"], f"draft:{draft_id}"
         v = version or await store.current_version()
         return (await store.get_version(v)).yaml, f"v{v}"
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
 
 
 # ---- console ----
@@ -154,14 +166,12 @@ async def diff(
     store = get_store(request)
 
     async def text(ref: str) -> str:
-        try:
+        with _store_errors():
             if ref.startswith("draft:"):
                 return (await store.get_draft(ref[6:]))["yaml"]
+            if not ref.isdigit():
+                raise _err(422, "bad_request", f"not a version or draft reference: {ref!r}")
             return (await store.get_version(int(ref))).yaml
-        except ValueError as exc:
-            raise _err(422, "bad_request", f"not a version or draft reference: {ref!r}") from exc
-        except NotFound as exc:
-            raise _err(404, "not_found", str(exc.args[0])) from exc
 
     ta, tb = await text(a), await text(b)
     return {"a": a, "b": b, "unified": unified_diff(ta, tb, a, b), "rows": side_by_side(ta, tb)}
@@ -169,10 +179,8 @@ async def diff(
 
 @router.get(f"{API}/policies/{{version}}", tags=["policies"], summary="Read one version with its YAML")
 async def get_policy(version: int, request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
-    try:
+    with _store_errors():
         info = await get_store(request).get_version(version)
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
     return info.to_dict(with_yaml=True)
 
 
@@ -189,26 +197,20 @@ async def create_draft(body: DraftIn, request: Request, p: Principal = Depends(r
 
 @router.get(f"{API}/drafts/{{draft_id}}", tags=["drafts"], summary="Read a draft")
 async def get_draft(draft_id: str, request: Request, _: Principal = Depends(require("viewer"))) -> dict[str, Any]:
-    try:
+    with _store_errors():
         return await get_store(request).get_draft(draft_id)
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
 
 
 @router.put(f"{API}/drafts/{{draft_id}}", tags=["drafts"], summary="Update a draft", dependencies=[Depends(_limit_body)])
 async def update_draft(draft_id: str, body: DraftUpdate, request: Request, p: Principal = Depends(require("editor"))) -> dict[str, Any]:
-    try:
+    with _store_errors():
         return await get_store(request).update_draft(draft_id, body.yaml, _actor(p), body.comment)
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
 
 
 @router.delete(f"{API}/drafts/{{draft_id}}", tags=["drafts"], status_code=204, summary="Delete a draft")
 async def delete_draft(draft_id: str, request: Request, p: Principal = Depends(require("editor"))) -> None:
-    try:
+    with _store_errors():
         await get_store(request).delete_draft(draft_id, _actor(p))
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
 
 
 # ---- validate / publish / rollback ----
@@ -224,34 +226,25 @@ async def validate(body: YamlIn, request: Request, _: Principal = Depends(requir
 @router.post(f"{API}/publish", tags=["policies"], summary="Publish a draft or YAML as the next version", dependencies=[Depends(_limit_body)])
 async def publish(body: PublishIn, request: Request, p: Principal = Depends(require("publisher"))) -> dict[str, Any]:
     store = get_store(request)
-    try:
+    if not (body.draft_id or body.yaml):
+        raise _err(422, "bad_request", "give draft_id or yaml")
+    with _store_errors():
         if body.draft_id:
             v = await store.publish_draft(body.draft_id, body.expected_version, _actor(p), body.comment)
-        elif body.yaml:
-            v = await store.publish(body.yaml, body.expected_version, _actor(p), body.comment)
         else:
-            raise _err(422, "bad_request", "give draft_id or yaml")
-    except PolicyInvalid as exc:
-        raise _invalid(exc) from exc
-    except PublishConflict as exc:
-        raise _conflict(exc) from exc
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
+            v = await store.publish(body.yaml, body.expected_version, _actor(p), body.comment)
     return {"version": v, "current": v}
 
 
 @router.post(f"{API}/rollback", tags=["policies"], summary="Make an earlier version current again")
 async def rollback(body: RollbackIn, request: Request, p: Principal = Depends(require("publisher"))) -> dict[str, Any]:
     store = get_store(request)
-    try:
-        v = await store.rollback(body.version, body.expected_version, _actor(p), body.comment)
-    except PolicyInvalid as exc:
-        raise _err(422, "rollback_invalid", f"version {body.version} no longer validates against the current schema",
-                   errors=[i.to_dict() for i in exc.issues]) from exc
-    except PublishConflict as exc:
-        raise _conflict(exc) from exc
-    except NotFound as exc:
-        raise _err(404, "not_found", str(exc.args[0])) from exc
+    with _store_errors():
+        try:
+            v = await store.rollback(body.version, body.expected_version, _actor(p), body.comment)
+        except PolicyInvalid as exc:  # not the usual 422: the admin sent no YAML, an old version went stale
+            raise _err(422, "rollback_invalid", f"version {body.version} no longer validates against the current schema",
+                       errors=[i.to_dict() for i in exc.issues]) from exc
     return {"version": v, "current": v}
 
 
@@ -274,10 +267,8 @@ async def simulate_turn(
     _limit_body(request)
     store = get_store(request)
     policy_yaml, label = await _policy_text(store, draft_id, yaml, version)
-    try:
+    with _store_errors():
         policy = await store.check(policy_yaml)
-    except PolicyInvalid as exc:
-        raise _invalid(exc) from exc
     if audio is not None and audio.filename:
         data = await audio.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
@@ -328,10 +319,8 @@ async def softphone_offer(body: OfferIn, request: Request, p: Principal = Depend
 
     store = get_store(request)
     policy_yaml, label = await _policy_text(store, body.draft_id, body.yaml, body.version)
-    try:
+    with _store_errors():
         policy = await store.check(policy_yaml)
-    except PolicyInvalid as exc:
-        raise _invalid(exc) from exc
     try:
         answer = await softphone.start_call(request.app, body.sdp, body.type, policy, label, p)
     except softphone.SoftphoneError as exc:

@@ -22,18 +22,23 @@ def _fail(kind: str, message: str, code: int = 2) -> int:
     return code
 
 
-def _load(path: str | None) -> Any:
-    from policies.schema import load_policy
-
-    return load_policy(path or None)
-
-
 def _policy_path(args: argparse.Namespace) -> str | None:
     if args.policy:
         return str(args.policy)
     from bot.config import load_settings
 
     return load_settings().policy_path or None
+
+
+def _load(args: argparse.Namespace) -> Any | None:
+    """The policy named by --policy / BOT_POLICY_PATH / the default; None (reason on stderr) if invalid."""
+    from policies.schema import PolicyError, load_policy
+
+    try:
+        return load_policy(_policy_path(args) or None)
+    except PolicyError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # already logged and counted by the loader
+        return None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -64,12 +69,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from policies.schema import PolicyError
-
-    try:
-        policy = _load(_policy_path(args))
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # already logged and counted by the loader
+    if (policy := _load(args)) is None:
         return 1
     for text in policy.static_prompts():
         print(text)
@@ -87,16 +87,13 @@ def _model_loader(model_dir: str | None) -> Any:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from policies.replay import ReplayError
-    from policies.schema import PolicyError
     from policies.simulate import ScriptError, load_script, simulate
 
+    if (policy := _load(args)) is None:
+        return 1
     try:
-        policy = _load(_policy_path(args))
         script = load_script(args.script)
         results = simulate(policy, script, Path(args.script).resolve().parent, _model_loader(args.model_dir))
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # already logged and counted by the loader
-        return 1
     except (ScriptError, ReplayError) as exc:
         return _fail("bad_script", f"{args.script}: {exc}")
     if args.json:
@@ -114,13 +111,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from policies.replay import ReplayError, read_outputs, run_engine
-    from policies.schema import PolicyError
     from policies.tune import Costs, format_table, tune
 
-    try:
-        policy = _load(_policy_path(args))
-    except PolicyError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # already logged and counted by the loader
+    if (policy := _load(args)) is None:
         return 1
     costs = Costs(wrong=args.cost_wrong, clarify=args.cost_clarify, escalate=args.cost_escalate)
     if min(costs.wrong, costs.clarify, costs.escalate) < 0:

@@ -28,7 +28,7 @@ from telephony.sip.message import (
     SipMessage, SipParseError, addr_uri, find_message_end, header_params, make_response, new_branch, new_tag,
     parse_message, parse_uri, parse_via,
 )
-from telephony.sip.sdp import SdpError, SdpSession, negotiate, parse_sdp
+from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, parse_sdp
 from telephony.bridge import DtmfIn
 
 T1, T2 = 0.5, 4.0
@@ -505,13 +505,9 @@ class SipServer:
             return
         offer, neg, idx = None, None, 0
         if not late:
-            try:
-                offer = parse_sdp(msg.body)
-                neg, idx = negotiate(offer)
-            except SdpError as exc:
-                ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
-                self.respond(msg, peer, 488, extra=[("Warning", f'304 voicebot "{exc.kind}"')])
+            if (answered := self._negotiate_or_488(msg, peer)) is None:
                 return
+            offer, neg, idx = answered
         local_ip = self.settings.public_ip or (self.host if self.host not in ("0.0.0.0", "::", "") else
                                               local_ip_for(peer.addr[0]))
         tag = new_tag()
@@ -647,6 +643,17 @@ class SipServer:
         else:  # REFER from the trunk: we are the one who transfers, not the transferee
             self.respond(msg, peer, 405, extra=[("Allow", ALLOW)])
 
+    def _negotiate_or_488(self, msg: SipMessage, peer: Peer) -> tuple[SessionDesc, Negotiated, int] | None:
+        """Parse and negotiate the SDP offer in msg; on failure answer 488 with the reason and return None."""
+        try:
+            offer = parse_sdp(msg.body)
+            neg, idx = negotiate(offer)
+        except SdpError as exc:
+            ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
+            self.respond(msg, peer, 488, extra=[("Warning", f'304 voicebot "{exc.kind}"')])
+            return None
+        return offer, neg, idx
+
     def _reinvite(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
         """Hold/resume/codec change: a new offer on the existing dialog (RFC 3264 section 8)."""
         if not msg.body:  # offerless re-INVITE: offer again in the 200, answer in the ACK
@@ -658,14 +665,10 @@ class SipServer:
                                      ("Content-Type", "application/sdp")])
             self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
             return
-        try:
-            offer = parse_sdp(msg.body)
-            neg, idx = negotiate(offer)
-        except SdpError as exc:
-            ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
-            # The old session stays in force (RFC 3264 8.1: a rejected offer changes nothing).
-            self.respond(msg, peer, 488, extra=[("Warning", f'304 voicebot "{exc.kind}"')])
+        # A rejected offer leaves the old session in force (RFC 3264 8.1: it changes nothing).
+        if (answered := self._negotiate_or_488(msg, peer)) is None:
             return
+        offer, neg, idx = answered
         contact = msg.get("Contact")
         if contact:
             call.remote_target = addr_uri(contact)

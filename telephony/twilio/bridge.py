@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
 from ops import metrics
 from ops.logs import get_logger
 from telephony import g711
-from telephony.bridge import FRAME_SAMPLES, AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, MarkIn, until_ended
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, DtmfIn, MarkIn, QueuedCallBridge
 from telephony.twilio import protocol
 from telephony.twilio.rest import TwilioRest
 
@@ -29,7 +29,7 @@ ErrorSink = Callable[[str, str], None]
 _SILENCE_BYTE = 0xFF  # mu-law silence
 
 
-class TwilioCallBridge(CallBridge):
+class TwilioCallBridge(QueuedCallBridge):
     def __init__(
         self,
         start: protocol.StartInfo,
@@ -53,7 +53,7 @@ class TwilioCallBridge(CallBridge):
         self._close = close
         self._rest = rest
         self._lead = lead_ms * 8  # samples
-        self._inbox: asyncio.Queue[InboundEvent] = asyncio.Queue()
+        self._init_queue()
         self._partial = bytearray()  # inbound mu-law not yet a whole 20 ms frame
         # Outbound queue: bytes (one 160-byte mu-law frame) or str (a mark name), in order.
         self._out: deque[bytes | str] = deque()
@@ -61,7 +61,6 @@ class TwilioCallBridge(CallBridge):
         self._clock_t0 = 0.0
         self._clock_sent = 0  # samples sent since _clock_t0
         self._pacer: asyncio.Task[None] | None = None
-        self._ended = False
         self._error_sink: ErrorSink | None = None
         self._pending_errors: list[tuple[str, str]] = []  # reported before a sink was installed
         self.first_frame_sent_t: float | None = None  # time the latest utterance's first frame left
@@ -104,22 +103,11 @@ class TwilioCallBridge(CallBridge):
         for kind, detail in pending:
             sink(kind, detail)
 
-    def end(self, reason: str) -> None:
-        """The stream is over (stop, disconnect, fatal error): the last inbound event."""
-        if not self._ended:
-            self._ended = True
-            self._inbox.put_nowait(CallEnded(reason, time.monotonic()))
-            self._out.clear()
-            self._out_ready.set()
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
+    def _on_end(self) -> None:
+        self._out.clear()
+        self._out_ready.set()  # wake the pacer so it sees the end
 
     # ---- CallBridge ----
-    def events(self) -> AsyncIterator[InboundEvent]:
-        return until_ended(self._inbox)
-
     async def send_audio(self, pcm: np.ndarray) -> None:
         if self._ended or len(pcm) == 0:
             return

@@ -19,6 +19,17 @@ ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "test-auth-token-0123456789"
 
 
+def twilio_env(api_url: str, policy: Path, base_tmp: Path, **extra: str) -> dict[str, str]:
+    """A test bot's environment: Twilio credentials pointed at the local fake REST server, the policy,
+    no-input long enough not to fire mid-test, quick transfers, and the voice cache shared by every
+    test server (base_tmp is tmp_path_factory.getbasetemp()). `extra` overrides (BOT_NO_INPUT_S=...)."""
+    return {
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": api_url,
+        "BOT_POLICY": str(policy), "BOT_NO_INPUT_S": "60", "BOT_TRANSFER_WAIT_S": "1",
+        "BOT_DATA_DIR": str(base_tmp / "shared-data"), **extra,
+    }
+
+
 def open_policy(path: Path) -> Path:
     """The default policy with every queue open around the clock (tests must not depend on the hour)."""
     doc = yaml.safe_load((ROOT / "policies" / "default.yaml").read_text())

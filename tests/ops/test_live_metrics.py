@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from tests.helpers.audio import silence, synth
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, wait_outcome
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, isolated_redis_url
 from tests.ops.queries import PROMETHEUS_SYNTHETIC, dashboard_exprs, family, metric_names, rule_exprs
@@ -34,9 +34,7 @@ MUST_HAVE_SAMPLES = {
 def live(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotServer]:
     tmp = tmp_path_factory.mktemp("ops-live")
     with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
-        env = {"TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": api.url,
-               "BOT_POLICY": str(open_policy(tmp / "policy.yaml")), "BOT_NO_INPUT_S": "60",
-               "BOT_TRANSFER_WAIT_S": "1", "BOT_DATA_DIR": str(tmp_path_factory.getbasetemp() / "shared-data")}
+        env = twilio_env(api.url, open_policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp())
         with BotServer(isolated_redis_url(redis_url), tmp, env) as server:
             yield server
 
