@@ -37,12 +37,13 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from engine.training.cache import cache_split
+    from engine.training.cache import FROZEN_LAYERS, cache_split
     from engine.training.train import train
 
     cat = load_catalog(a.policy)
     for split in ("train", "val"):
-        cache_split(Path(a.data) / split, Path(a.cache) / split, workers=a.workers)
+        cache_split(Path(a.data) / split, Path(a.cache) / split, workers=a.workers,
+                    frozen_layers=FROZEN_LAYERS if a.frozen_layers is None else a.frozen_layers)
     res = train(a.cache, a.run, cat.intent_names, epochs=a.epochs, threads=a.threads, max_minutes=a.max_minutes, seed=a.seed)
     print(json.dumps({"best_val_intent_accuracy": res["best_val_intent_accuracy"]}))
     return 0
@@ -51,13 +52,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _load_top(run: str):
     import torch
 
-    from engine.training.cache import FROZEN_LAYERS
     from engine.training.model import TopModel
     from engine.training.whisper import pretrained_encoder
 
     ck = torch.load(Path(run) / "best.pt", weights_only=False)
     enc = pretrained_encoder()
-    top = TopModel(enc, len(ck["intents"]), FROZEN_LAYERS)
+    top = TopModel(enc, len(ck["intents"]), ck.get("frozen_layers", 2))  # v2's checkpoints predate the key
     top.load_state_dict(ck["model"])
     return enc, top.eval(), ck["intents"]
 
@@ -85,6 +85,13 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_wise(a: argparse.Namespace) -> int:
+    from engine.training.wise import toward_pretrained
+
+    print(json.dumps(toward_pretrained(a.run, a.out, a.beta)))
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     import numpy as np
 
@@ -98,7 +105,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     full = FullModel(enc, top, temp).eval()
     intent_slots, slot_types = _catalog_meta(cat)
     out = write_model_dir(full, a.out, intents, intent_slots, slot_types, quantized=not a.fp32,
-                          extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, layers 2-3 + final norm fine-tuned",
+                          extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, layers "
+                                            f"{top.frozen_layers}-3 + final norm fine-tuned",
                                  "calibration": json.loads(cal.read_text()) if cal.exists() else None})
     # parity of the shipped graph vs PyTorch on real clips
     from engine.features import features_batch, prepare_pcm
@@ -203,7 +211,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--max-minutes", dest="max_minutes", type=float, default=30.0)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--frozen-layers", dest="frozen_layers", type=int, default=None,
+                   help="encoder layers kept frozen and cached (default: engine.training.cache.FROZEN_LAYERS)")
     t.set_defaults(func=cmd_train)
+
+    w = sub.add_parser("wise", help="move the fine-tuned encoder layers part way back to the pretrained ones (WiSE-FT)")
+    w.add_argument("--run", default="data/run", help="trained run dir (its best.pt)")
+    w.add_argument("--out", required=True, help="new run dir: best.pt for calibrate/export")
+    w.add_argument("--beta", type=float, default=0.3, help="fraction of the way back to pretrained (default %(default)s)")
+    w.set_defaults(func=cmd_wise)
 
     c = sub.add_parser("calibrate", help="fit the intent temperature on the validation split")
     c.add_argument("--cache", default="data/cache")
@@ -214,7 +230,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default=None)
     e.add_argument("--run", default="data/run")
     e.add_argument("--data", default="data/synth")
-    e.add_argument("--out", default="engine/models/understand-v2")
+    e.add_argument("--out", default="engine/models/understand-v3")
     e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
     e.set_defaults(func=cmd_export)
 
@@ -247,8 +263,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
-    b.add_argument("--onnx", default="engine/models/understand-v2/model.onnx")
-    b.add_argument("--out", default="build/understand-v2.plan")
+    b.add_argument("--onnx", default="engine/models/understand-v3/model.onnx")
+    b.add_argument("--out", default="build/understand-v3.plan")
     b.add_argument("--fp32", action="store_true")
     b.set_defaults(func=cmd_build_trt)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.textnorm import text_to_char_ids, text_to_slot_ids
-from engine.training.cache import FROZEN_LAYERS
+from engine.training.cache import cached_frozen_layers
 from engine.training.model import TopModel, ctc_loss
 from engine.training.whisper import pretrained_encoder
 
@@ -127,7 +127,8 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
     intents = list(intents) + [NULL]
     tr = CachedSplit(Path(cache_dir) / "train", intents)
     va = CachedSplit(Path(cache_dir) / "val", intents)
-    model = TopModel(pretrained_encoder(), len(intents), FROZEN_LAYERS)
+    frozen = cached_frozen_layers(Path(cache_dir) / "train")  # the cache decides which layers train
+    model = TopModel(pretrained_encoder(), len(intents), frozen)
     params = [{"params": list(model.layers.parameters()) + list(model.layer_norm.parameters()), "lr": lr_encoder},
               {"params": model.heads.parameters(), "lr": lr}]
     opt = torch.optim.AdamW(params, weight_decay=0.01)
@@ -140,6 +141,8 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
     start_epoch, best, history = 0, -1.0, []
     if (out / "last.pt").exists():
         ck = torch.load(out / "last.pt", weights_only=False)
+        if ck.get("frozen_layers", frozen) != frozen:
+            raise SystemExit(f"{out} was trained with {ck['frozen_layers']} frozen layers, the cache has {frozen}")
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
         start_epoch, best, history = ck["epoch"], ck["best"], ck["history"]
         rng = np.random.default_rng(seed + start_epoch)
@@ -171,11 +174,12 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
         print(json.dumps(history[-1]), flush=True)
         if acc > best:
             best = acc
-            torch.save({"model": model.state_dict(), "intents": intents, "epoch": epoch + 1}, out / "best.pt")
+            torch.save({"model": model.state_dict(), "intents": intents, "epoch": epoch + 1, "frozen_layers": frozen},
+                       out / "best.pt")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "epoch": epoch + 1, "best": best, "history": history}, out / "last.pt")
+                    "epoch": epoch + 1, "best": best, "history": history, "frozen_layers": frozen}, out / "last.pt")
         if (time.time() - t0) / 60 > max_minutes:
             print(f"time budget of {max_minutes} min reached; stopping after epoch {epoch + 1}", flush=True)
             break
-    json.dump({"history": history, "intents": intents, "loss_weights": LOSS_WEIGHTS}, open(out / "train_log.json", "w"), indent=1)
+    json.dump({"history": history, "intents": intents, "loss_weights": LOSS_WEIGHTS, "frozen_layers": frozen}, open(out / "train_log.json", "w"), indent=1)
     return {"best_val_intent_accuracy": best, "history": history}
