@@ -18,14 +18,11 @@ from bot.admin.auth import TokenConfigError, TokenRegistry, parse_tokens_file
 from bot.state import CallStore
 from ops import metrics
 from tests.admin.conftest import TOKENS, auth
+from tests.helpers.policy_text import LOOSER, STRICTER, accept_line, with_accept
 
 
 def errors_total(kind: str) -> float:
     return metrics.ERRORS.labels("admin", kind)._value.get()
-
-
-def accept_line(text: str) -> int:
-    return next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith("  accept: "))
 
 
 # ---- auth ------------------------------------------------------------------------------------------
@@ -77,23 +74,23 @@ def test_token_sources(tmp_path: Path) -> None:
 # ---- versions, drafts, validation -------------------------------------------------------------------
 async def test_versions_read_and_diff(client: httpx.AsyncClient, default_yaml: str) -> None:
     r = await client.post("/admin/api/publish", headers=auth("publisher"),
-                          json={"yaml": default_yaml.replace("accept: 0.8 ", "accept: 0.9", 1), "expected_version": 1,
+                          json={"yaml": with_accept(default_yaml, STRICTER), "expected_version": 1,
                                 "comment": "stricter"})
     assert r.json() == {"version": 2, "current": 2}
     lst = (await client.get("/admin/api/policies", headers=auth("viewer"))).json()
     assert lst["current"] == 2 and [v["version"] for v in lst["versions"]] == [2, 1]
     assert lst["versions"][0]["author"] == "publisher-user" and lst["versions"][0]["comment"] == "stricter"
     v2 = (await client.get("/admin/api/policies/2", headers=auth("viewer"))).json()
-    assert "accept: 0.9" in v2["yaml"]
+    assert f"accept: {STRICTER}" in v2["yaml"]
     assert (await client.get("/admin/api/policies/7", headers=auth("viewer"))).status_code == 404
     d = (await client.get("/admin/api/policies/diff?a=1&b=2", headers=auth("viewer"))).json()
-    assert "+  accept: 0.9" in d["unified"]
+    assert f"+  accept: {STRICTER}" in d["unified"]
     changed = [row for row in d["rows"] if row["op"] != "equal"]
     assert [(c["a_line"], c["b_line"]) for c in changed] == [(accept_line(default_yaml),) * 2]
 
 
 async def test_validate_line_located(client: httpx.AsyncClient, default_yaml: str) -> None:
-    bad = default_yaml.replace("accept: 0.8 ", "accept: 1.5", 1)
+    bad = with_accept(default_yaml, "1.5")
     r = (await client.post("/admin/api/validate", json={"yaml": bad}, headers=auth("editor"))).json()
     assert r["valid"] is False
     assert r["errors"][0]["line"] == accept_line(default_yaml) and "thresholds.accept" in r["errors"][0]["path"]
@@ -117,7 +114,7 @@ async def test_draft_crud(client: httpx.AsyncClient, default_yaml: str) -> None:
 
 # ---- publish / rollback -----------------------------------------------------------------------------
 async def test_publish_invalid_is_422_with_lines(client: httpx.AsyncClient, default_yaml: str) -> None:
-    bad = default_yaml.replace("accept: 0.8 ", "accept: 2", 1)
+    bad = with_accept(default_yaml, "2")
     r = await client.post("/admin/api/publish", json={"yaml": bad, "expected_version": 1}, headers=auth("publisher"))
     assert r.status_code == 422
     assert r.json()["detail"]["errors"][0]["line"] == accept_line(default_yaml)
@@ -126,7 +123,7 @@ async def test_publish_invalid_is_422_with_lines(client: httpx.AsyncClient, defa
 
 async def test_publish_race_two_admins_409(client: httpx.AsyncClient, default_yaml: str) -> None:
     before = errors_total("publish_conflict")
-    bodies = [{"yaml": default_yaml.replace("accept: 0.8 ", f"accept: {v}", 1), "expected_version": 1} for v in ("0.9", "0.7")]
+    bodies = [{"yaml": with_accept(default_yaml, v), "expected_version": 1} for v in (STRICTER, LOOSER)]
     rs = await asyncio.gather(*(client.post("/admin/api/publish", json=b, headers=auth("publisher")) for b in bodies))
     assert sorted(r.status_code for r in rs) == [200, 409]
     lost = next(r for r in rs if r.status_code == 409).json()["detail"]
@@ -137,7 +134,7 @@ async def test_publish_race_two_admins_409(client: httpx.AsyncClient, default_ya
 
 
 async def test_rollback(client: httpx.AsyncClient, default_yaml: str, redis: aioredis.Redis) -> None:
-    await client.post("/admin/api/publish", json={"yaml": default_yaml.replace("accept: 0.8 ", "accept: 0.9", 1),
+    await client.post("/admin/api/publish", json={"yaml": with_accept(default_yaml, STRICTER),
                                                   "expected_version": 1}, headers=auth("publisher"))
     r = await client.post("/admin/api/rollback", json={"version": 1, "expected_version": 1}, headers=auth("publisher"))
     assert r.status_code == 409

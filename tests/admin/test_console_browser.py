@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.admin.browser import launch, policy_version_of_next_call, shot
+from tests.helpers.policy_text import ACCEPT_LINE, STRICTER, accept_line, with_accept
 from tests.helpers.server import BotServer, isolated_redis_url
 
 TOKEN = "console-publisher-token"
@@ -34,10 +35,6 @@ def browser() -> Iterator[object]:
         b.close()
 
 
-def accept_line(yaml_text: str) -> int:
-    return next(i for i, l in enumerate(yaml_text.splitlines(), 1) if l.startswith("  accept: "))
-
-
 def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None:
     from playwright.sync_api import expect
 
@@ -55,7 +52,7 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     # edit the accept threshold to an invalid value: the error shows at its line
     original = page.input_value("#yaml")
     line = accept_line(original)
-    page.fill("#yaml", original.replace("  accept: 0.8 ", "  accept: 1.5", 1))
+    page.fill("#yaml", with_accept(original, "1.5"))
     band = page.locator(f'#marks .band[data-line="{line}"]')
     expect(band).to_be_visible(timeout=10_000)
     expect(band).to_contain_text("less than or equal to 1")
@@ -68,14 +65,14 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     shot(page, "02-validation-error-at-line")
 
     # fix it, publish with confirmation
-    page.fill("#yaml", original.replace("  accept: 0.8 ", "  accept: 0.9", 1))
+    page.fill("#yaml", with_accept(original, STRICTER))
     expect(page.locator("#valid-state")).to_contain_text("valid", timeout=10_000)
     expect(page.locator("#marks .band")).to_have_count(0)
     page.click("#btn-publish")
     dialog = page.locator("dialog#confirm")
     expect(dialog).to_be_visible()
-    expect(dialog.locator("td.ins")).to_contain_text("accept: 0.9")
-    expect(dialog.locator("td.del")).to_contain_text("accept: 0.8 ")
+    expect(dialog.locator("td.ins")).to_contain_text(f"accept: {STRICTER}")
+    expect(dialog.locator("td.del")).to_contain_text(ACCEPT_LINE.strip())
     page.fill("#confirm-comment", "raise accept threshold")
     shot(page, "03-publish-confirm")
     page.click("#confirm-ok")
@@ -107,7 +104,7 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     page.select_option("#diff-a", "1")
     page.select_option("#diff-b", "2")
     page.click("#btn-diff")
-    expect(page.locator("#diff td.ins")).to_contain_text("accept: 0.9")
+    expect(page.locator("#diff td.ins")).to_contain_text(f"accept: {STRICTER}")
     shot(page, "04-versions-diff")
     page.locator('#versions-table tr[data-version="1"] button.rollback').click()
     expect(dialog).to_be_visible()

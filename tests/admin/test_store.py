@@ -18,14 +18,10 @@ from policies.store import (
     side_by_side,
     unified_diff,
 )
+from tests.helpers.policy_text import ACCEPT, ACCEPT_LINE, LOOSER, STRICTER, accept_line, with_accept
 
 ALICE = Actor("alice", "publisher", "198.51.100.1")
 BOB = Actor("bob", "publisher", "198.51.100.2")
-
-
-def with_accept(text: str, value: str) -> str:
-    assert "  accept: 0.8 " in text
-    return text.replace("  accept: 0.8 ", f"  accept: {value} ", 1)
 
 
 async def test_seed_once_from_default(store: PolicyStore, default_yaml: str) -> None:
@@ -48,13 +44,13 @@ async def test_publish_creates_immutable_versions_and_audit(store: PolicyStore, 
         rendered.append(texts)
 
     store.prerender = prerender
-    v2 = await store.publish(with_accept(default_yaml, "0.9"), 1, ALICE, "stricter")
+    v2 = await store.publish(with_accept(default_yaml, STRICTER), 1, ALICE, "stricter")
     assert v2 == 2 and await store.current_version() == 2
     assert rendered and any("help" in t.lower() or t for t in rendered[0])  # prompts went to the voice first
     info = await store.get_version(2)
     assert (info.author, info.comment) == ("alice", "stricter")
-    assert "accept: 0.9" in info.yaml
-    assert "accept: 0.8 " in (await store.get_version(1)).yaml  # v1 unchanged
+    assert f"accept: {STRICTER}" in info.yaml
+    assert ACCEPT_LINE in (await store.get_version(1)).yaml  # v1 unchanged
     audit = await store.audit_log()
     assert audit[0]["action"] == "publish" and audit[0]["actor"] == "alice"
     assert audit[0]["ip"] == "198.51.100.1" and audit[0]["version"] == "2"
@@ -65,14 +61,14 @@ async def test_publish_invalid_writes_nothing(store: PolicyStore, default_yaml: 
     with pytest.raises(PolicyInvalid) as exc:
         await store.publish(with_accept(default_yaml, "1.7"), 1, ALICE)
     issue = exc.value.issues[0]
-    line = default_yaml.splitlines().index("  accept: 0.8           # act without asking at or above this calibrated confidence") + 1
+    line = accept_line(default_yaml)
     assert issue.line == line and "accept" in issue.path
     assert await store.current_version() == 1 and len(await store.list_versions()) == 1
 
 
 async def test_publish_race_one_winner_nothing_lost(store: PolicyStore, default_yaml: str) -> None:
-    a = store.publish(with_accept(default_yaml, "0.9"), 1, ALICE, "alice's")
-    b = store.publish(with_accept(default_yaml, "0.8"), 1, BOB, "bob's")
+    a = store.publish(with_accept(default_yaml, STRICTER), 1, ALICE, "alice's")
+    b = store.publish(with_accept(default_yaml, LOOSER), 1, BOB, "bob's")
     results = await asyncio.gather(a, b, return_exceptions=True)
     wins = [r for r in results if isinstance(r, int)]
     losses = [r for r in results if isinstance(r, PublishConflict)]
@@ -80,24 +76,24 @@ async def test_publish_race_one_winner_nothing_lost(store: PolicyStore, default_
     assert losses[0].current == 2 and losses[0].expected == 1
     assert [v.version for v in await store.list_versions()] == [2, 1]  # no gap, no half-written version
     # the loser retries against what is live now and gets the next version
-    loser_yaml = with_accept(default_yaml, "0.8" if (await store.get_version(2)).author == "alice" else "0.9")
+    loser_yaml = with_accept(default_yaml, LOOSER if (await store.get_version(2)).author == "alice" else STRICTER)
     assert await store.publish(loser_yaml, 2, BOB) == 3
 
 
 async def test_drafts_lifecycle(store: PolicyStore, default_yaml: str) -> None:
     d = await store.create_draft(default_yaml, ALICE, "wip")
     assert d["base_version"] == 1 and d["rev"] == 1
-    d2 = await store.update_draft(d["id"], with_accept(default_yaml, "0.95"), BOB)
+    d2 = await store.update_draft(d["id"], with_accept(default_yaml, "0.93"), BOB)
     assert d2["rev"] == 2 and d2["author"] == "bob"
     assert [x["id"] for x in await store.list_drafts()] == [d["id"]]
     v = await store.publish_draft(d["id"], 1, ALICE)
-    assert v == 2 and "accept: 0.95" in (await store.get_version(2)).yaml
+    assert v == 2 and "  accept: 0.93 " in (await store.get_version(2)).yaml
     with pytest.raises(NotFound):
         await store.get_draft(d["id"])
 
 
 async def test_rollback_and_diff(store: PolicyStore, default_yaml: str) -> None:
-    await store.publish(with_accept(default_yaml, "0.9"), 1, ALICE)
+    await store.publish(with_accept(default_yaml, STRICTER), 1, ALICE)
     with pytest.raises(PublishConflict):
         await store.rollback(1, 1, BOB)  # BOB's view is stale
     assert await store.rollback(1, 2, BOB, "too strict") == 1
@@ -108,9 +104,9 @@ async def test_rollback_and_diff(store: PolicyStore, default_yaml: str) -> None:
         await store.rollback(99, 1, BOB)
     a, b = (await store.get_version(1)).yaml, (await store.get_version(2)).yaml
     diff = unified_diff(a, b, "v1", "v2")
-    assert "-  accept: 0.8 " in diff and "+  accept: 0.9" in diff
+    assert f"-{ACCEPT_LINE}" in diff and f"+  accept: {STRICTER}" in diff
     rows = [r for r in side_by_side(a, b) if r["op"] != "equal"]
-    assert len(rows) == 1 and rows[0]["a_line"] == rows[0]["b_line"] and "0.9" in rows[0]["b"]
+    assert len(rows) == 1 and rows[0]["a_line"] == rows[0]["b_line"] and STRICTER in rows[0]["b"]
 
 
 async def test_rollback_to_version_invalid_under_current_schema(store: PolicyStore, redis: aioredis.Redis,
@@ -132,14 +128,14 @@ async def test_watcher_follows_publish_within_a_second(store: PolicyStore, redis
     await watcher.start()
     try:
         v1, p1 = watcher.current()
-        assert v1 == 1 and p1.thresholds.accept == 0.8
+        assert v1 == 1 and p1.thresholds.accept == float(ACCEPT)
         t0 = time.monotonic()
-        await store.publish(with_accept(default_yaml, "0.9"), 1, ALICE)
+        await store.publish(with_accept(default_yaml, STRICTER), 1, ALICE)
         while watcher.current()[0] != 2:
             assert time.monotonic() - t0 < 1.0, "watcher did not switch within 1 s"
             await asyncio.sleep(0.01)
-        assert watcher.current()[1].thresholds.accept == 0.9
-        assert p1.thresholds.accept == 0.8  # a call holding v1 keeps v1
+        assert watcher.current()[1].thresholds.accept == float(STRICTER)
+        assert p1.thresholds.accept == float(ACCEPT)  # a call holding v1 keeps v1
     finally:
         await watcher.stop()
 

@@ -14,8 +14,9 @@ import pytest
 
 from engine.types import Understanding
 from policies.replay import Record, read_outputs, write_outputs
-from policies.schema import load_policy
+from policies.schema import load_policy, parse_policy
 from policies.tune import tune
+from tests.helpers.policy_text import DEFAULT_TEXT, with_accept
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,8 @@ def small_eval() -> list[Record]:
 
 
 def test_tune_math_on_a_hand_checked_set() -> None:
-    result = tune(load_policy(), small_eval())
+    # `current` is counted by hand for accept 0.8, so pin it (default.yaml's value moves with re-tuning)
+    result = tune(parse_policy(with_accept(DEFAULT_TEXT, "0.8")), small_eval())
     rows = {(r["accept"], r["confirm"]): r for r in result["table"]}
     r = rows[(0.9, 0.5)]
     assert r["n"] == 22
@@ -57,7 +59,7 @@ def test_tune_math_on_a_hand_checked_set() -> None:
     rec = result["recommendation"]
     assert (rec["accept"], rec["confirm"]) == (0.97, 0.7)  # cheapest (7/22), strictest among the ties
     assert rec["expected_cost"] == pytest.approx(7 / 22)
-    cur = result["current"]  # default.yaml: accept 0.85 -> the confidently wrong turns are acted on
+    cur = result["current"]  # accept 0.8 -> the confidently wrong turns are acted on
     assert cur["accepted_accuracy"] == pytest.approx(15 / 17) and cur["acceptance_rate"] == pytest.approx(12 / 17)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from policies.schema import DEFAULT_POLICY_PATH, PolicyError, json_schema, load_policy, parse_policy, validate_text
+from tests.helpers.policy_text import ACCEPT, ACCEPT_LINE
 
 TEXT = DEFAULT_POLICY_PATH.read_text()
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "policies" / "policy.schema.json"
@@ -25,10 +26,10 @@ def mutate(old: str, new: str, count: int = 1) -> str:
 
 # name, replacement (old, new), expected field, needle whose line the error must point at, message fragment
 CASES = [
-    ("threshold above 1", ("  accept: 0.8 ", "  accept: 1.5 "), "thresholds.accept", "accept: 1.5", "less than or equal to 1"),
+    ("threshold above 1", (ACCEPT_LINE, "  accept: 1.5 "), "thresholds.accept", "accept: 1.5", "less than or equal to 1"),
     ("threshold below 0", ("  confirm: 0.2 ", "  confirm: -0.1 "), "thresholds.confirm", "confirm: -0.1", "greater than or equal to 0"),
-    ("confirm band above accept", ("  confirm: 0.2 ", "  confirm: 0.9 "), "thresholds.confirm", "confirm: 0.9", "above accept"),
-    ("override band above accept", ("cancel_service: {accept: 0.9}", "cancel_service: {accept: 0.6, confirm: 0.7}"),
+    ("confirm band above accept", ("  confirm: 0.2 ", "  confirm: 0.99 "), "thresholds.confirm", "confirm: 0.99", "above accept"),
+    ("override band above accept", ("cancel_service: {accept: 0.95}", "cancel_service: {accept: 0.6, confirm: 0.7}"),
      "thresholds.overrides.cancel_service.confirm", "cancel_service: {accept: 0.6", "above accept"),
     ("unknown intent in a rule", ("- {intent: cancel_service, queue: retention", "- {intent: cancel_account, queue: retention"),
      "escalation.sensitive.0.intent", "- {intent: cancel_account", "unknown intent 'cancel_account'"),
@@ -80,10 +81,10 @@ def test_invalid_policy_points_at_line_and_field(name: str, rep: tuple[str, str]
 
 
 def test_invalid_yaml_points_at_line() -> None:
-    text = mutate("  accept: 0.8 ", "  accept: [0.8 ")
+    text = mutate(ACCEPT_LINE, f"  accept: [{ACCEPT} ")
     errors = validate_text(text)
     assert len(errors) == 1 and errors[0].message.startswith("invalid YAML")
-    assert errors[0].line is not None and abs(errors[0].line - line_of(text, "accept: [0.8")) <= 2
+    assert errors[0].line is not None and abs(errors[0].line - line_of(text, f"accept: [{ACCEPT}")) <= 2
 
 
 def test_not_a_mapping_and_unreadable_file(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_not_a_mapping_and_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_all_errors_reported_at_once() -> None:
-    text = mutate("  accept: 0.8 ", "  accept: 0.1 ").replace("{type: transfer, queue: billing}", "{type: transfer, queue: nope}")
+    text = mutate(ACCEPT_LINE, "  accept: 0.1 ").replace("{type: transfer, queue: billing}", "{type: transfer, queue: nope}")
     fields = {e.field for e in validate_text(text)}
     assert {"thresholds.confirm", "intents.billing_dispute.action.queue"} <= fields
 
