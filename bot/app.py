@@ -27,7 +27,7 @@ from bot.conversation_policy import CallPolicy, load_local_policy
 from bot.state import CallStore, connect
 from bot.turns import TurnParams
 from bot.turns_vad import BatchedVad
-from ops import metrics
+from ops import metrics, process_metrics
 from ops.logs import configure_logging, get_logger
 from telephony.twilio.rest import TwilioRest
 from telephony.twilio.server import TwilioRouteConfig, make_router
@@ -134,12 +134,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rest = rest
         sip = await _start_sip(calls, settings)
         metrics.WORKER_INFO.labels(settings.worker_id, VERSION).set(1)
+        resources = asyncio.create_task(process_metrics.run(), name="process-metrics")
         state["ready"] = True
         log.info("worker_ready", worker=settings.worker_id, startup_s=round(time.monotonic() - t0, 2))
         try:
             yield
         finally:
             state["ready"] = False
+            resources.cancel()
             await calls.drain(settings.shutdown_grace_s)  # no-op when the server drained already
             if sip is not None:
                 await sip.stop()
@@ -202,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _metrics_text() -> bytes:
+    process_metrics.sample()  # this worker's figures as of now; the others' are at most 5 s old
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

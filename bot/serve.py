@@ -109,6 +109,16 @@ def serve(workers: int | None = None) -> int:
             embedded.stop()
 
 
+def _forget_metrics(pid: int) -> None:
+    """Drop a dead worker's live gauges (active calls, redis up, CPU, ...) from the shared view."""
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.mark_process_dead(pid)
+    except OSError as exc:  # never let metrics bookkeeping stop the supervisor
+        log.warning("metrics_cleanup_failed", pid=pid, error=repr(exc))
+
+
 def _supervise(workers: int, settings: Settings) -> int:
     mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not mp:
@@ -146,10 +156,13 @@ def _supervise(workers: int, settings: Settings) -> int:
             for i, p in enumerate(procs):
                 if p.poll() is not None:  # a crashed worker is replaced; its calls are lost, not others'
                     log.error("worker_died", index=i, rc=p.returncode)
+                    _forget_metrics(p.pid)
                     env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}"}
                     procs[i] = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env)
         time.sleep(0.2)
     for p in procs:
-        rc = rc or (p.returncode or 0)
+        # a worker still starting when the stop came dies of the forwarded signal: that is a clean stop
+        code = p.returncode or 0
+        rc = rc or (0 if code in (-signal.SIGTERM, -signal.SIGINT) else code)
     shutil.rmtree(mp, ignore_errors=True)
     return rc

@@ -11,7 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 # Voice-to-voice and engine latencies sit between ~10 ms and a few seconds.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0)
 
-ACTIVE_CALLS = Gauge("voicebot_active_calls", "Calls in progress on this worker", ["transport"])
+ACTIVE_CALLS = Gauge("voicebot_active_calls", "Calls in progress on this worker", ["transport"], multiprocess_mode="liveall")
 CALLS_TOTAL = Counter("voicebot_calls_total", "Calls ended, by transport and outcome", ["transport", "outcome"])
 CALLS_STARTED = Counter("voicebot_calls_started_total", "Calls answered, by transport", ["transport"])
 TURN_LATENCY = Histogram(
@@ -62,12 +62,18 @@ BARGE_INS = Counter("voicebot_barge_ins_total", "Caller speech that interrupted 
 AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["transport", "direction"])
 LATE_FRAMES = Counter("voicebot_late_frames_total", "Outbound frames sent later than their pacing deadline", ["transport"])
 FILLERS = Counter("voicebot_fillers_total", "Fillers or apologies played to avoid dead air", ["kind"])
-REDIS_UP = Gauge("voicebot_redis_up", "1 when the last Redis operation succeeded")
+REDIS_UP = Gauge("voicebot_redis_up", "1 when the last Redis operation succeeded", multiprocess_mode="liveall")
 REDIS_LATENCY = Histogram(
     "voicebot_redis_op_seconds", "Redis call-state operation latency", ["op"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
 )
-POLICY_VERSION = Gauge("voicebot_policy_version", "Policy version this worker serves new calls with")
-WORKER_INFO = Gauge("voicebot_worker_info", "Static worker info", ["worker", "version"])
+POLICY_VERSION = Gauge("voicebot_policy_version", "Policy version this worker serves new calls with", multiprocess_mode="liveall")
+WORKER_INFO = Gauge("voicebot_worker_info", "Static worker info", ["worker", "version"], multiprocess_mode="liveall")
+# prometheus_client's process_* metrics are not exported in multiprocess mode (--workers N), so each worker
+# samples its own (ops/process_metrics.py); "liveall" = one series per live pid, a dead worker's series go.
+WORKER_CPU = Gauge("voicebot_worker_cpu_seconds", "CPU time (user + system) this worker process has used",
+                   multiprocess_mode="liveall")
+WORKER_RSS = Gauge("voicebot_worker_resident_memory_bytes", "Resident memory of this worker process",
+                   multiprocess_mode="liveall")
 SIP_MESSAGES = Counter("voicebot_sip_messages_total", "SIP messages received", ["method", "result"])
 RTP_PACKETS = Counter("voicebot_rtp_packets_total", "RTP packets", ["direction", "result"])

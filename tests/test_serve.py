@@ -5,6 +5,8 @@ metrics, and the embedded redis-server used when REDIS_URL is not set."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -88,9 +90,33 @@ async def test_workers_share_port_with_embedded_redis(tmp_path: Path, tmp_path_f
         got = await wait_outcome(url, c.call_sid)
         assert got["record"]["outcome"] == "caller_hangup" and got["record"]["worker"] in workers
         assert redis.Redis.from_url(url).config_get("appendonly")["appendonly"] == "yes"
+
+        # per-worker CPU/RSS in multiprocess mode; a killed worker's live gauges leave with it
+        pids = _worker_pids(server.metrics())
+        assert len(pids) == 2, pids
+        assert all(cpu > 0 and rss > 20e6 for cpu, rss in pids.values()), pids
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the supervisor replaces it; the new worker reports in
+            now = _worker_pids(server.metrics())
+            # the replacement's gauges exist (at 0) from import; RSS is set once it serves
+            if victim not in now and len(now) == 2 and all(rss > 0 for _, rss in now.values()):
+                break
+            await asyncio.sleep(0.5)
+        assert victim not in now and len(now) == 2 and all(rss > 0 for _, rss in now.values()), (victim, now)
+        assert f'voicebot_redis_up{{pid="{victim}"}}' not in server.metrics()
     finally:
         rc = server.stop()
     assert rc == 0, server.logs()[-3000:]
     assert list((data / "redis").glob("appendonly*"))  # persisted under BOT_DATA_DIR
     with pytest.raises(redis.ConnectionError):  # and stopped with the bot
         redis.Redis(port=rport, socket_connect_timeout=0.5).ping()
+
+
+def _worker_pids(text: str) -> dict[int, tuple[float, float]]:
+    """{pid: (cpu seconds, resident bytes)} from a multiprocess /metrics page."""
+    cpu = {int(m[1]): float(m[2]) for m in re.finditer(r'^voicebot_worker_cpu_seconds\{pid="(\d+)"\} (\S+)', text, re.M)}
+    rss = {int(m[1]): float(m[2])
+           for m in re.finditer(r'^voicebot_worker_resident_memory_bytes\{pid="(\d+)"\} (\S+)', text, re.M)}
+    return {pid: (cpu[pid], rss.get(pid, 0.0)) for pid in cpu}

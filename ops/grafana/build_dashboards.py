@@ -151,9 +151,9 @@ def voicebot() -> Board:
         w=9, unit="s")
     b.panel("Workers up", [_q('up{job="voicebot"}', "{{instance}}"),
                            _q("count by (instance) (voicebot_worker_info)", "{{instance}} workers", "B")], w=9)
-    b.panel("CPU per worker (cores)", [_q('rate(process_cpu_seconds_total{job="voicebot"}[1m])', "{{instance}} {{pid}}")],
-            w=12, unit="short", desc="1.0 = one full core")
-    b.panel("Resident memory per worker", [_q('process_resident_memory_bytes{job="voicebot"}', "{{instance}} {{pid}}")],
+    b.panel("CPU per worker (cores)", [_q('rate(voicebot_worker_cpu_seconds{job="voicebot"}[1m])', "{{instance}} {{pid}}")],
+            w=12, unit="short", desc="1.0 = one full core (sampled by each worker every 5 s)")
+    b.panel("Resident memory per worker", [_q('voicebot_worker_resident_memory_bytes{job="voicebot"}', "{{instance}} {{pid}}")],
             w=12, unit="bytes")
     return b
 

@@ -60,7 +60,7 @@ def test_queries_use_only_defined_metrics() -> None:
     defined = {m._name for m in vars(metrics).values() if hasattr(m, "_name") and hasattr(m, "_type")}
     # prometheus-client stores counters without _total
     defined |= {n + "_total" for n in defined}
-    allowed = defined | {"process_cpu_seconds_total", "process_resident_memory_bytes", "up"}
+    allowed = defined | {"up"}
     exprs = dashboard_exprs() + rule_exprs()
     assert len(exprs) > 30
     for where, expr in exprs:
@@ -93,7 +93,7 @@ def test_grafana_provisioning_and_dashboards() -> None:
     for needed in ("voicebot_active_calls", "voicebot_calls_total", "voicebot_turn_latency_seconds_bucket",
                    "voicebot_engine_inference_seconds_bucket", "voicebot_engine_batch_size", "voicebot_intent_confidence_bucket",
                    "voicebot_policy_decisions_total", "voicebot_transfers_total", "voicebot_errors_total",
-                   "voicebot_redis_up", "process_cpu_seconds_total", "process_resident_memory_bytes"):
+                   "voicebot_redis_up", "voicebot_worker_cpu_seconds", "voicebot_worker_resident_memory_bytes"):
         assert needed in text, needed
     for b in boards:
         d = json.loads(b.read_text())

@@ -26,7 +26,7 @@ MUST_HAVE_SAMPLES = {
     "voicebot_active_calls", "voicebot_calls_started_total", "voicebot_calls_total", "voicebot_turn_latency_seconds_bucket",
     "voicebot_greeting_latency_seconds_bucket", "voicebot_intent_confidence_bucket", "voicebot_policy_decisions_total",
     "voicebot_engine_inference_seconds_bucket", "voicebot_transfers_total", "voicebot_escalations_total",
-    "voicebot_redis_up", "process_cpu_seconds_total", "process_resident_memory_bytes", "voicebot_audio_frames_total",
+    "voicebot_redis_up", "voicebot_worker_cpu_seconds", "voicebot_worker_resident_memory_bytes", "voicebot_audio_frames_total",
 }
 
 
