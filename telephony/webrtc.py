@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import json
+import os
 import secrets
 import time
 from collections import deque
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import soxr
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
@@ -126,14 +128,42 @@ class _BotTrack(MediaStreamTrack):
         return frame
 
 
+def ice_servers(raw: str | None = None) -> list[dict[str, Any]]:
+    """STUN/TURN servers for both ends of a softphone call, from BOT_WEBRTC_ICE_SERVERS: a JSON list in
+    the browser's RTCIceServer shape, e.g. [{"urls": "stun:stun.example.org:3478"}, {"urls":
+    "turn:turn.example.org:3478?transport=udp", "username": "bot", "credential": "..."}].
+    Default: none (host candidates only: same machine / LAN / VPN). Not aiortc's own default, which
+    would contact Google's public STUN server on every call: no network use that nobody configured."""
+    raw = os.environ.get("BOT_WEBRTC_ICE_SERVERS", "") if raw is None else raw
+    if not raw.strip():
+        return []
+    try:
+        servers = json.loads(raw)
+        if not isinstance(servers, list):
+            raise ValueError("not a JSON list")
+        out = []
+        for s in servers:
+            urls = s["urls"]
+            if not (isinstance(urls, str) or (isinstance(urls, list) and all(isinstance(u, str) for u in urls))):
+                raise ValueError(f"urls must be a string or a list of strings: {urls!r}")
+            for u in [urls] if isinstance(urls, str) else urls:
+                if not u.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                    raise ValueError(f"not a stun:/turn: URI: {u!r}")
+            out.append({k: s[k] for k in ("urls", "username", "credential") if k in s})
+        return out
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"BOT_WEBRTC_ICE_SERVERS: {exc}") from exc
+
+
 class WebRTCCallBridge(QueuedCallBridge):
     def __init__(self, caller: str = "browser", params: dict[str, Any] | None = None,
-                 connect_timeout_s: float = 20.0) -> None:
+                 connect_timeout_s: float = 20.0, servers: list[dict[str, Any]] | None = None) -> None:
         self.info = CallInfo(
             call_id=f"webrtc-{secrets.token_hex(8)}", transport="webrtc", caller=caller, called="softphone",
             params=dict(params or {}),
         )
-        self.pc = RTCPeerConnection()
+        servers = ice_servers() if servers is None else servers
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in servers]))
         self._init_queue()
         self._out: deque[np.ndarray | str] = deque()  # 160-sample frames and mark names, in order
         self._silence = np.zeros(FRAME_SAMPLES, np.int16)

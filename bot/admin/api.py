@@ -313,6 +313,16 @@ async def stats_today(request: Request, _: Principal = Depends(require("viewer")
 
 
 # ---- softphone ----
+@router.get(f"{API}/softphone/config", tags=["softphone"], summary="STUN/TURN servers for the browser's peer connection")
+async def softphone_config(_: Principal = Depends(require("editor"))) -> dict[str, Any]:
+    from bot.admin import softphone
+
+    try:
+        return softphone.browser_config()
+    except softphone.SoftphoneError as exc:
+        raise _err(exc.status, exc.kind, str(exc)) from exc
+
+
 @router.post(f"{API}/softphone/offer", tags=["softphone"], summary="WebRTC offer -> answer; the call runs the normal conversation")
 async def softphone_offer(body: OfferIn, request: Request, p: Principal = Depends(require("editor"))) -> JSONResponse:
     from bot.admin import softphone

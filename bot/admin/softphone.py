@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from bot.admin.auth import Principal
 from ops import metrics
 from ops.logs import get_logger
-from telephony.webrtc import SignallingError, WebRTCCallBridge
+from telephony.webrtc import SignallingError, WebRTCCallBridge, ice_servers
 
 log = get_logger("bot.admin.softphone")
 
@@ -31,9 +31,21 @@ def _call_runner(app: FastAPI) -> Any:
     return run
 
 
+def browser_config() -> dict[str, Any]:
+    """What the console's RTCPeerConnection needs: the same STUN/TURN servers the bot uses."""
+    try:
+        return {"iceServers": ice_servers()}
+    except ValueError as exc:  # a bad BOT_WEBRTC_ICE_SERVERS disables the softphone, not the bot
+        metrics.ERRORS.labels("softphone", "misconfigured").inc()
+        log.error("softphone_misconfigured", error=str(exc))
+        raise SoftphoneError(503, "softphone_misconfigured", str(exc)) from exc
+
+
 async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: str, who: Principal) -> dict[str, Any]:
     run = _call_runner(app)
-    bridge = WebRTCCallBridge(caller=f"softphone:{who.name}", params={"policy": label, "admin": who.name})
+    servers = browser_config()["iceServers"]
+    bridge = WebRTCCallBridge(caller=f"softphone:{who.name}", params={"policy": label, "admin": who.name},
+                              servers=servers)
     try:
         answer = await bridge.accept(sdp, sdp_type)
     except SignallingError as exc:

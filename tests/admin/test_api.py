@@ -233,6 +233,23 @@ async def test_softphone_offer_needs_editor_and_a_conversation_runner(client: ht
     assert r.status_code == 404
 
 
+async def test_softphone_config_gives_the_browser_the_bots_ice_servers(client: httpx.AsyncClient,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "/admin/api/softphone/config"
+    assert (await client.get(url, headers=auth("viewer"))).status_code == 403
+    monkeypatch.delenv("BOT_WEBRTC_ICE_SERVERS", raising=False)
+    assert (await client.get(url, headers=auth("editor"))).json() == {"iceServers": []}  # LAN only, no public STUN
+    turn = [{"urls": "stun:stun.example.org:3478"},
+            {"urls": ["turn:turn.example.org:3478?transport=udp"], "username": "bot", "credential": "s3cret"}]
+    monkeypatch.setenv("BOT_WEBRTC_ICE_SERVERS", json.dumps(turn))
+    assert (await client.get(url, headers=auth("editor"))).json() == {"iceServers": turn}
+    before = errors_total("softphone_misconfigured")
+    monkeypatch.setenv("BOT_WEBRTC_ICE_SERVERS", '[{"urls": "http://not-ice"}]')
+    r = await client.get(url, headers=auth("editor"))
+    assert r.status_code == 503 and "BOT_WEBRTC_ICE_SERVERS" in r.json()["detail"]["message"]
+    assert errors_total("softphone_misconfigured") == before + 1
+
+
 async def test_console_is_served_locally_with_a_strict_csp(client: httpx.AsyncClient) -> None:
     r = await client.get("/admin")
     assert r.status_code == 200 and "<title>Voicebot admin</title>" in r.text

@@ -14,7 +14,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from telephony.bridge import FRAME_SAMPLES, AudioIn, CallEnded, MarkIn
-from telephony.webrtc import SignallingError, WebRTCCallBridge
+from telephony.webrtc import SignallingError, WebRTCCallBridge, ice_servers
 
 
 class Tone(MediaStreamTrack):
@@ -145,3 +145,16 @@ async def test_bad_offers_are_clear_errors() -> None:
         await WebRTCCallBridge().accept("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n", "answer")
     with pytest.raises(SignallingError, match="could not use"):
         await WebRTCCallBridge().accept("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nthis is not sdp\r\n", "offer")
+
+
+async def test_ice_servers_config() -> None:
+    assert ice_servers("") == [] and ice_servers("  ") == []  # default: host candidates only
+    turn = '[{"urls": ["turn:t.example.org:3478?transport=tcp"], "username": "u", "credential": "p", "x": 1}]'
+    assert ice_servers(turn) == [{"urls": ["turn:t.example.org:3478?transport=tcp"], "username": "u", "credential": "p"}]
+    for bad in ("{", '{"urls": "stun:a"}', "[{}]", '[{"urls": "https://a"}]', '[{"urls": [1]}]', "[1]"):
+        with pytest.raises(ValueError, match="BOT_WEBRTC_ICE_SERVERS"):
+            ice_servers(bad)
+    # aiortc accepts what we pass (it would otherwise fall back to a public Google STUN server)
+    bridge = WebRTCCallBridge(servers=ice_servers(turn))
+    bridge.pc.addTransceiver("audio")
+    await bridge.pc.close()

@@ -49,7 +49,8 @@ export class Softphone {
   async call(policyRef) {
     this.onState("getting microphone");
     this.stream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const { iceServers } = await api("/softphone/config");  // the bot's STUN/TURN (none: LAN only)
+    const pc = new RTCPeerConnection({ iceServers });
     this.pc = pc;
     this.stream.getTracks().forEach((t) => pc.addTrack(t, this.stream));
     pc.ontrack = (e) => { this.audioEl.srcObject = e.streams[0] || new MediaStream([e.track]); };
