@@ -32,7 +32,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
     cat = load_catalog(a.policy)
     counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot}
-    print(json.dumps(generate(cat, a.out, counts, workers=a.workers, seed=a.seed)))
+    print(json.dumps(generate(cat, a.out, counts, workers=a.workers, seed=a.seed, extra=a.extra_phrasings)))
     return 0
 
 
@@ -44,7 +44,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     for split in ("train", "val"):
         cache_split(Path(a.data) / split, Path(a.cache) / split, workers=a.workers,
                     frozen_layers=FROZEN_LAYERS if a.frozen_layers is None else a.frozen_layers)
-    res = train(a.cache, a.run, cat.intent_names, epochs=a.epochs, threads=a.threads, max_minutes=a.max_minutes, seed=a.seed)
+    res = train(a.cache, a.run, cat.intent_names, epochs=a.epochs, threads=a.threads, max_minutes=a.max_minutes, seed=a.seed,
+                init=a.init)
     print(json.dumps({"best_val_intent_accuracy": res["best_val_intent_accuracy"]}))
     return 0
 
@@ -199,6 +200,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--test-eot", dest="test_eot", type=int, default=800)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--extra-phrasings", dest="extra_phrasings", action="store_true",
+                   help="add the train-only phrasings (engine/training/templates.py TRAIN_EXTRA) to train")
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="cache frozen encoder layers, fine-tune top layer + heads (resumable)")
@@ -213,6 +216,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--frozen-layers", dest="frozen_layers", type=int, default=None,
                    help="encoder layers kept frozen and cached (default: engine.training.cache.FROZEN_LAYERS)")
+    t.add_argument("--init", default=None, help="start from this run's best.pt weights (fresh optimizer/schedule)")
     t.set_defaults(func=cmd_train)
 
     w = sub.add_parser("wise", help="move the fine-tuned encoder layers part way back to the pretrained ones (WiSE-FT)")

@@ -71,19 +71,31 @@ def _split_list(items: list[str], key: str) -> dict[str, list[str]]:
     return {"test": items[:n_test], "val": items[n_test : n_test + n_val], "train": items[n_test + n_val :]}
 
 
-def template_splits(catalog: Catalog) -> dict[str, dict[str, list[str]]]:
-    """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated)."""
+def _norm_template(t: str) -> str:
+    return normalize_text(t.replace("{", " ").replace("}", " "))
+
+
+def template_splits(catalog: Catalog, extra: bool = False) -> dict[str, dict[str, list[str]]]:
+    """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated). With
+    extra, the train-only phrasings (templates.TRAIN_EXTRA) join train; val/test are unchanged."""
     out: dict[str, dict[str, list[str]]] = {}
     for intent in catalog.intent_names:
         bank = list(T.PHRASES.get(intent, [])) + T.composed(intent) + list(catalog.intents.get(intent, []))
         seen: dict[str, str] = {}
         for t in bank:
-            seen.setdefault(normalize_text(t.replace("{", " ").replace("}", " ")), t)
+            seen.setdefault(_norm_template(t), t)
         out[intent] = _split_list(list(seen.values()), intent)
     groups: dict[str, dict[str, list[str]]] = {}
     for ph in ("{acct}", "{amount}", "{day}"):
         groups[ph] = _split_list([t for t in T.SLOT_ONLY if ph in t], ph)
     out[NULL_INTENT] = {s: sum((g[s] for g in groups.values()), []) for s in ("train", "val", "test")}
+    if extra:
+        # only genuinely new wording: nothing that equals any template of any intent or split
+        taken = {_norm_template(t) for d in out.values() for ts in d.values() for t in ts}
+        extras = {**T.TRAIN_EXTRA, NULL_INTENT: T.SLOT_ONLY_TRAIN_EXTRA}
+        for intent, ts in extras.items():
+            if intent in out:
+                out[intent]["train"] = out[intent]["train"] + [t for t in ts if _norm_template(t) not in taken]
     for d in out.values():
         d["test_eot"] = d["test"]
     return out
@@ -141,9 +153,9 @@ def _fill(template: str, intent: str | None, catalog: Catalog, rng: np.random.Ge
 SHORT_INTENTS = {"affirm", "deny", "repeat", "goodbye"}
 
 
-def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0) -> list[Item]:
+def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: bool = False) -> list[Item]:
     """Decide every item (text, labels, voice, prosody) up front, deterministically."""
-    tsplits = template_splits(catalog)
+    tsplits = template_splits(catalog, extra)
     # each intent's templates of a split as (standalone sentences, carrier x core compositions)
     kinds = {(i, s): ([t for t in ts if t not in T.composed_set(i)], [t for t in ts if t in T.composed_set(i)])
              for i, by_split in tsplits.items() for s, ts in by_split.items()}
@@ -282,9 +294,10 @@ def _render_star(args: tuple[Item, str]) -> dict | None:
     return render(*args)
 
 
-def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0) -> dict[str, int]:
+def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0,
+             extra: bool = False) -> dict[str, int]:
     """Plan + render all splits (skipping WAVs already on disk); writes DIR/<split>/manifest.jsonl."""
-    items = plan(catalog, counts, seed=seed)
+    items = plan(catalog, counts, seed=seed, extra=extra)
     for s in SPLITS:
         (Path(out_dir) / s).mkdir(parents=True, exist_ok=True)
     babble = make_babble()
@@ -302,6 +315,6 @@ def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: in
             for r in rows[s]:
                 f.write(json.dumps(r) + "\n")
     with open(Path(out_dir) / "synth_config.json", "w") as f:
-        json.dump({"counts": counts, "seed": seed, "trunc_frac": TRUNC_FRAC, "errors": errors,
+        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "trunc_frac": TRUNC_FRAC, "errors": errors,
                    "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
     return {s: len(rows[s]) for s in SPLITS}

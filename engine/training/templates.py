@@ -196,3 +196,102 @@ def composed(intent: str) -> list[str]:
 def composed_set(intent: str) -> frozenset[str]:
     """The intent's carrier x core phrasings, for membership tests (synthesis draws, eval breakdowns)."""
     return frozenset(composed(intent))
+
+# Train-only phrasings (`bot engine synth --extra-phrasings`): more ways of saying each intent, mostly
+# indirect and colloquial wording. They never enter val/test, so held-out figures stay comparable with
+# models trained without them; the synthesis drops any that collide with a held-out template.
+TRAIN_EXTRA: dict[str, list[str]] = {
+    "check_balance": [
+        "what am I looking at on my bill", "give me the damage on my account", "where does my account stand",
+        "could you look up what I owe", "I got a bill and want to know the total", "what number am I at on my account",
+        "has my last payment brought the balance down", "is there money owing on my account", "read out my balance for me",
+        "I just want the amount I owe nothing else", "what's showing as due", "I'd like to hear the figure on my account",
+        "tell me what the bill comes to", "what's the remaining amount", "how far behind am I",
+    ],
+    "pay_bill": [
+        "I'd like to get my bill paid", "I'm trying to send you money for my bill", "can we take care of the payment now",
+        "I'd like to put some money on the account", "let's get this bill paid off", "I want to clear what I owe",
+        "run my card for {amount}", "I can pay {amount} right now", "I'm ready to give you {amount}",
+        "I'd like to cover {amount} of the bill", "process a payment for me", "take my payment please",
+        "I'm looking to pay {amount}", "go ahead and charge {amount}", "I have the money to pay my bill now",
+    ],
+    "report_outage": [
+        "everything went dark in my house", "the modem lights are all off", "I've had no internet for hours",
+        "my neighbours and I lost power", "the phone just gives me silence", "nothing loads on my computer",
+        "service stopped about an hour ago", "the network has been out since this morning", "we have no power at all here",
+        "streaming stopped and the internet is dead", "I keep losing my connection every few minutes", "my line went quiet",
+        "the connection is completely gone", "no bars and no internet", "my electricity cut out",
+    ],
+    "reset_password": [
+        "the site keeps rejecting my password", "I need to get back into my online account", "my password stopped working",
+        "I typed my password wrong too many times", "can you help me get a new login", "I'm stuck at the sign in page",
+        "I'd like a password reset link", "I can't remember how to log in", "the app says invalid password",
+        "help me recover my account", "I need my login reset", "my account got locked after too many tries",
+        "I can't get past the login screen", "please reset my login details", "I need to set a new password",
+    ],
+    "schedule_technician": [
+        "I'd like someone to check my equipment {day}", "can I get a repair person out {day}", "book a home visit for me",
+        "I need a service call", "please arrange for a technician", "I'd like a visit from a repair tech",
+        "get a tech to my house {day}", "can your engineer come round {day}", "I need my box looked at in person",
+        "I want someone to install the new router", "send a technician over please", "I'd like to set up a home visit {day}",
+        "I need an engineer to come out", "arrange a repair for {day}", "can I book someone to come fix this",
+    ],
+    "update_address": [
+        "I've moved house", "I have a new home address", "my address has changed", "I need to give you my new address",
+        "please change the address on file", "we relocated last month", "I'm moving next week and need to update my details",
+        "send my bills to my new place", "my mailing address is different now", "update where I live please",
+        "I need to fix the address on my account", "I moved to a new apartment", "change my billing address",
+        "my street address is wrong on the account", "I need my address corrected",
+    ],
+    "billing_dispute": [
+        "there's a charge on my bill I don't recognize", "my bill is way higher than it should be", "I was charged twice",
+        "I think you overcharged me", "this bill doesn't look right", "I want to contest a charge",
+        "why am I being billed for something I didn't order", "there's a mistake on my invoice", "I'm disputing this month's bill",
+        "you billed me for a service I cancelled", "I shouldn't have been charged this fee", "my statement has a wrong charge",
+        "I want a refund for an incorrect charge", "the amount on my bill is wrong", "I'd like to question a charge",
+    ],
+    "cancel_service": [
+        "I want to end my contract", "I'd like to stop my service", "please close my account", "I'm switching to another provider",
+        "I don't want your service anymore", "I want to terminate my plan", "shut off my service at the end of the month",
+        "I'm done with this service", "how do I get out of my contract", "I want to discontinue my account",
+        "I'd like to close everything down", "cancel everything on my account", "I'm leaving for a different company",
+        "end my subscription", "I no longer need the service",
+    ],
+    "speak_to_agent": [
+        "I'd rather talk to someone real", "get me a human being", "put me through to a person", "I need to speak with an operator",
+        "connect me with customer service", "can I talk to somebody please", "let me speak to a live agent",
+        "I want a real person", "transfer me to someone", "is there a person I can talk to", "I need a human",
+        "stop the robot and get me a person", "representative please", "operator", "I'd like to speak with a representative",
+    ],
+    "affirm": [
+        "yes that's it", "that's correct", "yep", "absolutely", "sure is", "that's what I said", "uh huh", "right",
+        "yes exactly", "that's the one", "correct yes", "definitely", "you got it", "yes please do", "that's it",
+    ],
+    "deny": [
+        "no that's wrong", "nope", "not at all", "that's not it", "no I didn't say that", "negative", "wrong",
+        "no that's not what I want", "incorrect", "not right", "no no", "that's not correct", "nah", "no way",
+        "no thank you",
+    ],
+    "repeat": [
+        "say that again", "I didn't catch that", "can you repeat that", "sorry what was that", "come again",
+        "could you say it one more time", "I missed what you said", "pardon", "what did you say",
+        "repeat that please", "one more time please", "can you go over that again", "sorry I didn't hear you",
+        "could you repeat the last part", "huh",
+    ],
+    "goodbye": [
+        "that's all I needed bye", "thanks that's everything", "okay bye now", "have a good day goodbye", "bye bye",
+        "I'm all set thanks", "nothing else thank you bye", "talk to you later", "that will be all", "see you",
+        "thanks for your help goodbye", "okay that's it bye", "I'm done thanks", "cheers bye", "take care bye",
+    ],
+    "out_of_scope": [
+        "what time does the game start", "can you book me a flight", "tell me a joke", "what's the capital of france",
+        "I want to order a pizza", "how's the weather this weekend", "play some music", "who is the president",
+        "what's a good recipe for dinner", "can you recommend a movie", "how tall is mount everest",
+        "set an alarm for seven", "where is the nearest gas station", "what's two plus two", "do you like dogs",
+    ],
+}
+SLOT_ONLY_TRAIN_EXTRA: list[str] = [
+    "it is {acct}", "that would be {acct}", "{acct} is the number", "okay {acct}", "my number is {acct}",
+    "put down {amount}", "{amount} should do it", "around {amount}", "I think {amount}",
+    "{day} I guess", "{day} is good for me", "any time {day}", "could we do {day}", "{day} works for me",
+]

@@ -118,8 +118,10 @@ def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str,
 
 
 def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs: int = 32, lr: float = 1e-3,
-          lr_encoder: float = 2e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0) -> dict:
-    """Train (resuming from out_dir/last.pt if present); keeps the best-on-validation weights in best.pt."""
+          lr_encoder: float = 2e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0,
+          init: str | None = None) -> dict:
+    """Train (resuming from out_dir/last.pt if present); keeps the best-on-validation weights in best.pt.
+    init: a run dir whose best.pt weights start a new run (fresh optimizer and schedule)."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -129,6 +131,11 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
     va = CachedSplit(Path(cache_dir) / "val", intents)
     frozen = cached_frozen_layers(Path(cache_dir) / "train")  # the cache decides which layers train
     model = TopModel(pretrained_encoder(), len(intents), frozen)
+    if init and not (out / "last.pt").exists():
+        ck0 = torch.load(Path(init) / "best.pt", weights_only=False)
+        if ck0.get("frozen_layers", 2) != frozen or ck0["intents"] != intents:
+            raise SystemExit(f"{init} does not match this cache (frozen layers / intents)")
+        model.load_state_dict(ck0["model"])
     params = [{"params": list(model.layers.parameters()) + list(model.layer_norm.parameters()), "lr": lr_encoder},
               {"params": model.heads.parameters(), "lr": lr}]
     opt = torch.optim.AdamW(params, weight_decay=0.01)

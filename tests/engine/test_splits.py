@@ -41,3 +41,21 @@ def test_planned_items_respect_splits() -> None:
     # deterministic: the same seed plans the same data
     again = plan(cat, {"train": 300, "val": 60, "test": 60, "test_eot": 20})
     assert [(i.text, i.voice) for i in items] == [(i.text, i.voice) for i in again]
+
+
+def test_extra_phrasings_only_grow_train() -> None:
+    cat = _catalog()
+    base, extra = template_splits(cat), template_splits(cat, extra=True)
+    norm = lambda t: " ".join(t.replace("{", " ").replace("}", " ").lower().split())  # noqa: E731
+    held_out = {norm(t) for sp in base.values() for s in ("val", "test") for t in sp[s]}
+    grown = 0
+    for intent in base:
+        for s in ("val", "test", "test_eot"):
+            assert extra[intent][s] == base[intent][s], (intent, s)  # held-out sets unchanged
+        new = set(extra[intent]["train"]) - set(base[intent]["train"])
+        assert not {norm(t) for t in new} & held_out, intent  # no extra repeats held-out wording
+        grown += len(new)
+    assert grown > 100
+    # and the default plan does not depend on the extras
+    items = plan(cat, {"train": 200, "val": 20})
+    assert all(it.template in base[it.intent or NULL_INTENT][it.split] for it in items)
