@@ -53,12 +53,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 def _load_top(run: str):
     import torch
 
+    from engine.training.cache import frozen_layers_of
     from engine.training.model import TopModel
     from engine.training.whisper import pretrained_encoder
 
     ck = torch.load(Path(run) / "best.pt", weights_only=False)
     enc = pretrained_encoder()
-    top = TopModel(enc, len(ck["intents"]), ck.get("frozen_layers", 2))  # v2's checkpoints predate the key
+    top = TopModel(enc, len(ck["intents"]), frozen_layers_of(ck))
     top.load_state_dict(ck["model"])
     return enc, top.eval(), ck["intents"]
 

@@ -17,6 +17,7 @@ from engine.features import bucket_seconds, log_mel, prepare_pcm
 # Encoder layers below the trained ones (the conv stem is always frozen). v2 froze 2 (layers 2-3 trained);
 # v3 freezes 1: +4..7 validation points per epoch for ~45 % more time per epoch (docs/engine.md).
 FROZEN_LAYERS = 1
+LEGACY_FROZEN_LAYERS = 2  # caches and checkpoints written before the split was recorded (understand-v2)
 
 
 def _encode_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
@@ -40,10 +41,15 @@ def read_manifest(d: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def frozen_layers_of(meta: dict) -> int:
+    """The frozen-layer split a cache index or a checkpoint was made with."""
+    return int(meta.get("frozen_layers", LEGACY_FROZEN_LAYERS))
+
+
 def cached_frozen_layers(dst: str | Path) -> int:
-    """How many layers a cache holds the output of (caches written before this was recorded: 2)."""
+    """How many layers a cache holds the output of."""
     with open(Path(dst) / "index.json") as f:
-        return int(json.load(f).get("frozen_layers", 2))
+        return frozen_layers_of(json.load(f))
 
 
 def cache_split(src: str | Path, dst: str | Path, workers: int = 2, batch: int = 32,

@@ -71,7 +71,8 @@ def _split_list(items: list[str], key: str) -> dict[str, list[str]]:
     return {"test": items[:n_test], "val": items[n_test : n_test + n_val], "train": items[n_test + n_val :]}
 
 
-def _norm_template(t: str) -> str:
+def template_key(t: str) -> str:
+    """What makes two templates the same phrasing (case, punctuation and placeholders' braces aside)."""
     return normalize_text(t.replace("{", " ").replace("}", " "))
 
 
@@ -83,7 +84,7 @@ def template_splits(catalog: Catalog, extra: bool = False) -> dict[str, dict[str
         bank = list(T.PHRASES.get(intent, [])) + T.composed(intent) + list(catalog.intents.get(intent, []))
         seen: dict[str, str] = {}
         for t in bank:
-            seen.setdefault(_norm_template(t), t)
+            seen.setdefault(template_key(t), t)
         out[intent] = _split_list(list(seen.values()), intent)
     groups: dict[str, dict[str, list[str]]] = {}
     for ph in ("{acct}", "{amount}", "{day}"):
@@ -91,11 +92,11 @@ def template_splits(catalog: Catalog, extra: bool = False) -> dict[str, dict[str
     out[NULL_INTENT] = {s: sum((g[s] for g in groups.values()), []) for s in ("train", "val", "test")}
     if extra:
         # only genuinely new wording: nothing that equals any template of any intent or split
-        taken = {_norm_template(t) for d in out.values() for ts in d.values() for t in ts}
+        taken = {template_key(t) for d in out.values() for ts in d.values() for t in ts}
         extras = {**T.TRAIN_EXTRA, NULL_INTENT: T.SLOT_ONLY_TRAIN_EXTRA}
         for intent, ts in extras.items():
             if intent in out:
-                out[intent]["train"] = out[intent]["train"] + [t for t in ts if _norm_template(t) not in taken]
+                out[intent]["train"] = out[intent]["train"] + [t for t in ts if template_key(t) not in taken]
     for d in out.values():
         d["test_eot"] = d["test"]
     return out

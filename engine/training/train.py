@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.textnorm import text_to_char_ids, text_to_slot_ids
-from engine.training.cache import cached_frozen_layers
+from engine.training.cache import cached_frozen_layers, frozen_layers_of
 from engine.training.model import TopModel, ctc_loss
 from engine.training.whisper import pretrained_encoder
 
@@ -133,7 +133,7 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
     model = TopModel(pretrained_encoder(), len(intents), frozen)
     if init and not (out / "last.pt").exists():
         ck0 = torch.load(Path(init) / "best.pt", weights_only=False)
-        if ck0.get("frozen_layers", 2) != frozen or ck0["intents"] != intents:
+        if frozen_layers_of(ck0) != frozen or ck0["intents"] != intents:
             raise SystemExit(f"{init} does not match this cache (frozen layers / intents)")
         model.load_state_dict(ck0["model"])
     params = [{"params": list(model.layers.parameters()) + list(model.layer_norm.parameters()), "lr": lr_encoder},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engine.training.cache import frozen_layers_of
 from engine.training.model import TopModel
 from engine.training.whisper import pretrained_encoder
 
@@ -23,7 +24,7 @@ def toward_pretrained(run: str | Path, out: str | Path, beta: float) -> dict:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     ck = torch.load(Path(run) / "best.pt", weights_only=False)
-    frozen = ck.get("frozen_layers", 2)
+    frozen = frozen_layers_of(ck)
     pre = TopModel(pretrained_encoder(), len(ck["intents"]), frozen).state_dict()
     mixed = {}
     for k, w in ck["model"].items():
