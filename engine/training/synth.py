@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from engine.catalog import Catalog
 from engine.textnorm import amount_to_words, digits_to_words, normalize_text, slots_from_text
+from engine.training import blind_phrasings as B
 from engine.training import templates as T
 from engine.training.channel import telephone
 from engine.training.tts import Prosody, Voice, all_voices, synthesize
@@ -76,9 +77,10 @@ def template_key(t: str) -> str:
     return normalize_text(t.replace("{", " ").replace("}", " "))
 
 
-def template_splits(catalog: Catalog, extra: bool = False) -> dict[str, dict[str, list[str]]]:
-    """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated). With
-    extra, the train-only phrasings (templates.TRAIN_EXTRA) join train; val/test are unchanged."""
+def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, list[str]]]:
+    """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated). Train-only
+    phrasings join train (val/test are unchanged): extra >= 1 adds templates.TRAIN_EXTRA, extra >= 2
+    also the first blind-written set (blind_phrasings), extra >= 3 the second."""
     out: dict[str, dict[str, list[str]]] = {}
     for intent in catalog.intent_names:
         bank = list(T.PHRASES.get(intent, [])) + T.composed(intent) + list(catalog.intents.get(intent, []))
@@ -93,10 +95,20 @@ def template_splits(catalog: Catalog, extra: bool = False) -> dict[str, dict[str
     if extra:
         # only genuinely new wording: nothing that equals any template of any intent or split
         taken = {template_key(t) for d in out.values() for ts in d.values() for t in ts}
-        extras = {**T.TRAIN_EXTRA, NULL_INTENT: T.SLOT_ONLY_TRAIN_EXTRA}
+        extras: dict[str, list[str]] = {**T.TRAIN_EXTRA, NULL_INTENT: T.SLOT_ONLY_TRAIN_EXTRA}
+        blind = [({**B.BLIND_TRAIN, NULL_INTENT: B.BLIND_SLOT_ONLY}, 2),
+                 ({**B.BLIND_TRAIN_2, NULL_INTENT: B.BLIND_SLOT_ONLY_2}, 3)]
+        for bank, level in blind:
+            if extra >= level:
+                for intent, ts in bank.items():
+                    extras[intent] = extras.get(intent, []) + ts
         for intent, ts in extras.items():
             if intent in out:
-                out[intent]["train"] = out[intent]["train"] + [t for t in ts if template_key(t) not in taken]
+                for t in ts:
+                    key = template_key(t)
+                    if key not in taken:
+                        taken.add(key)  # the two extra sets may share a sentence: keep it once
+                        out[intent]["train"].append(t)
     for d in out.values():
         d["test_eot"] = d["test"]
     return out
@@ -152,14 +164,22 @@ def _fill(template: str, intent: str | None, catalog: Catalog, rng: np.random.Ge
 
 
 SHORT_INTENTS = {"affirm", "deny", "repeat", "goodbye"}
+SHORT_WORDS = 3
 
 
-def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: bool = False) -> list[Item]:
-    """Decide every item (text, labels, voice, prosody) up front, deterministically."""
+def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0,
+         short_share: float = 0.0) -> list[Item]:
+    """Decide every item (text, labels, voice, prosody) up front, deterministically.
+
+    short_share: share of each request intent's draws taken from its terse templates (<= SHORT_WORDS words,
+    e.g. "agent", "billing question"), said bare. Callers answer IVRs in one or two words all the time, but
+    uniform template draws make those a few clips in thousands, so a one-word "agent" is judged by the priors
+    of the short answer intents (goodbye, affirm, ...). 0 keeps the older plans byte-identical."""
     tsplits = template_splits(catalog, extra)
     # each intent's templates of a split as (standalone sentences, carrier x core compositions)
     kinds = {(i, s): ([t for t in ts if t not in T.composed_set(i)], [t for t in ts if t in T.composed_set(i)])
              for i, by_split in tsplits.items() for s, ts in by_split.items()}
+    shorts = {k: [t for t in a + b if len(template_key(t).split()) <= SHORT_WORDS] for k, (a, b) in kinds.items()}
     vsplits = voices_by_split()
     intents = catalog.intent_names + [NULL_INTENT]
     weights = np.array([1.6 if i == NULL_INTENT else 1.0 for i in intents])
@@ -176,14 +196,18 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: bool = 
             intent_key = str(rng.choice(intents, p=weights))
             intent = None if intent_key == NULL_INTENT else intent_key
             standalone, comp = kinds[(intent_key, split)]
-            if standalone and comp:  # half the draws are standalone sentences, half compositions
+            terse = short_share > 0 and intent is not None and intent not in SHORT_INTENTS \
+                and bool(shorts[(intent_key, split)]) and rng.random() < short_share
+            if terse:
+                pool = shorts[(intent_key, split)]
+            elif standalone and comp:  # half the draws are standalone sentences, half compositions
                 pool = standalone if rng.random() < 0.5 else comp
             else:
                 pool = standalone or comp
             template = str(rng.choice(pool))
             text, slots = _fill(template, intent, catalog, rng)
             frustrated = 0
-            if intent is not None and intent not in SHORT_INTENTS:
+            if intent is not None and intent not in SHORT_INTENTS and not terse:
                 if rng.random() < 0.6:
                     text = str(rng.choice(T.PREFIXES)) + text
                 if rng.random() < 0.4:
@@ -296,9 +320,9 @@ def _render_star(args: tuple[Item, str]) -> dict | None:
 
 
 def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0,
-             extra: bool = False) -> dict[str, int]:
+             extra: int = 0, short_share: float = 0.0) -> dict[str, int]:
     """Plan + render all splits (skipping WAVs already on disk); writes DIR/<split>/manifest.jsonl."""
-    items = plan(catalog, counts, seed=seed, extra=extra)
+    items = plan(catalog, counts, seed=seed, extra=extra, short_share=short_share)
     for s in SPLITS:
         (Path(out_dir) / s).mkdir(parents=True, exist_ok=True)
     babble = make_babble()
@@ -316,6 +340,6 @@ def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: in
             for r in rows[s]:
                 f.write(json.dumps(r) + "\n")
     with open(Path(out_dir) / "synth_config.json", "w") as f:
-        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "trunc_frac": TRUNC_FRAC, "errors": errors,
+        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
                    "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
     return {s: len(rows[s]) for s in SPLITS}

@@ -45,16 +45,41 @@ def test_planned_items_respect_splits() -> None:
 
 def test_extra_phrasings_only_grow_train() -> None:
     cat = _catalog()
-    base, extra = template_splits(cat), template_splits(cat, extra=True)
+    base = template_splits(cat)
     held_out = {template_key(t) for sp in base.values() for s in ("val", "test") for t in sp[s]}
-    grown = 0
-    for intent in base:
-        for s in ("val", "test", "test_eot"):
-            assert extra[intent][s] == base[intent][s], (intent, s)  # held-out sets unchanged
-        new = set(extra[intent]["train"]) - set(base[intent]["train"])
-        assert not {template_key(t) for t in new} & held_out, intent  # no extra repeats held-out wording
-        grown += len(new)
-    assert grown > 100
+    grown = {}
+    for level in (1, 2, 3):
+        extra = template_splits(cat, extra=level)
+        grown[level] = 0
+        for intent in base:
+            for s in ("val", "test", "test_eot"):
+                assert extra[intent][s] == base[intent][s], (intent, s)  # held-out sets unchanged
+            new = set(extra[intent]["train"]) - set(base[intent]["train"])
+            assert not {template_key(t) for t in new} & held_out, intent  # no extra repeats held-out wording
+            keys = [template_key(t) for t in extra[intent]["train"]]
+            assert len(keys) == len(set(keys)), intent  # a sentence in both extra sets is kept once
+            grown[level] += len(new)
+    assert grown[1] > 100
+    assert grown[3] > grown[2] > grown[1] + 400  # each blind-written set adds ~500+ new sentences
     # and the default plan does not depend on the extras
     items = plan(cat, {"train": 200, "val": 20})
     assert all(it.template in base[it.intent or NULL_INTENT][it.split] for it in items)
+
+
+def test_short_share_draws_bare_terse_requests() -> None:
+    cat = _catalog()
+    counts = {"train": 1500, "val": 0}
+    base = plan(cat, counts, extra=3)
+    assert [(i.text, i.voice) for i in plan(cat, counts, extra=3, short_share=0.0)] == [(i.text, i.voice) for i in base]
+    terse = plan(cat, counts, extra=3, short_share=0.3)
+    splits = template_splits(cat, extra=3)
+
+    def bare_requests(items: list) -> list:
+        return [i for i in items if i.intent not in (None, "affirm", "deny", "repeat", "goodbye")
+                and not i.truncated and len(i.text.split()) <= 3]
+
+    short, before = bare_requests(terse), bare_requests(base)
+    assert len(short) > 2 * len(before) + 50
+    assert "speak_to_agent" in {i.intent for i in short}
+    for it in short:  # still only the split's own templates, said without wrappers
+        assert it.template in splits[it.intent][it.split]
