@@ -95,6 +95,13 @@ def cmd_wise(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_soup(a: argparse.Namespace) -> int:
+    from engine.training.wise import soup
+
+    print(json.dumps(soup(a.runs, a.out, a.weights)))
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     import numpy as np
 
@@ -231,6 +238,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--beta", type=float, default=0.3, help="fraction of the way back to pretrained (default %(default)s)")
     w.set_defaults(func=cmd_wise)
 
+    so = sub.add_parser("soup", help="average the weights of runs fine-tuned from one starting point (model soup)")
+    so.add_argument("--runs", nargs="+", required=True, help="run dirs (their best.pt)")
+    so.add_argument("--out", required=True, help="new run dir: best.pt for calibrate/export")
+    so.add_argument("--weights", nargs="+", type=float, default=None, help="one per run, summing to 1 (default uniform)")
+    so.set_defaults(func=cmd_soup)
+
     c = sub.add_parser("calibrate", help="fit the intent temperature on the validation split")
     c.add_argument("--cache", default="data/cache")
     c.add_argument("--run", default="data/run")
@@ -240,7 +253,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default=None)
     e.add_argument("--run", default="data/run")
     e.add_argument("--data", default="data/synth")
-    e.add_argument("--out", default="engine/models/understand-v3")
+    e.add_argument("--out", default="engine/models/understand-v4")
     e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
     e.set_defaults(func=cmd_export)
 
@@ -273,8 +286,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
-    b.add_argument("--onnx", default="engine/models/understand-v3/model.onnx")
-    b.add_argument("--out", default="build/understand-v3.plan")
+    b.add_argument("--onnx", default="engine/models/understand-v4/model.onnx")
+    b.add_argument("--out", default="build/understand-v4.plan")
     b.add_argument("--fp32", action="store_true")
     b.set_defaults(func=cmd_build_trt)
 
