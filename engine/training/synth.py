@@ -80,7 +80,7 @@ def template_key(t: str) -> str:
 def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, list[str]]]:
     """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated). Train-only
     phrasings join train (val/test are unchanged): extra >= 1 adds templates.TRAIN_EXTRA, extra >= 2
-    also the first blind-written set (blind_phrasings), extra >= 3 the second."""
+    also the first blind-written set (blind_phrasings), extra >= 3 the second, extra >= 4 the third."""
     out: dict[str, dict[str, list[str]]] = {}
     for intent in catalog.intent_names:
         bank = list(T.PHRASES.get(intent, [])) + T.composed(intent) + list(catalog.intents.get(intent, []))
@@ -97,7 +97,8 @@ def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, lis
         taken = {template_key(t) for d in out.values() for ts in d.values() for t in ts}
         extras: dict[str, list[str]] = {**T.TRAIN_EXTRA, NULL_INTENT: T.SLOT_ONLY_TRAIN_EXTRA}
         blind = [({**B.BLIND_TRAIN, NULL_INTENT: B.BLIND_SLOT_ONLY}, 2),
-                 ({**B.BLIND_TRAIN_2, NULL_INTENT: B.BLIND_SLOT_ONLY_2}, 3)]
+                 ({**B.BLIND_TRAIN_2, NULL_INTENT: B.BLIND_SLOT_ONLY_2}, 3),
+                 ({**B.BLIND_TRAIN_3, NULL_INTENT: B.BLIND_SLOT_ONLY_3}, 4)]
         for bank, level in blind:
             if extra >= level:
                 for intent, ts in bank.items():

@@ -48,7 +48,7 @@ def test_extra_phrasings_only_grow_train() -> None:
     base = template_splits(cat)
     held_out = {template_key(t) for sp in base.values() for s in ("val", "test") for t in sp[s]}
     grown = {}
-    for level in (1, 2, 3):
+    for level in (1, 2, 3, 4):
         extra = template_splits(cat, extra=level)
         grown[level] = 0
         for intent in base:
@@ -60,7 +60,7 @@ def test_extra_phrasings_only_grow_train() -> None:
             assert len(keys) == len(set(keys)), intent  # a sentence in both extra sets is kept once
             grown[level] += len(new)
     assert grown[1] > 100
-    assert grown[3] > grown[2] > grown[1] + 400  # each blind-written set adds ~500+ new sentences
+    assert grown[4] > grown[3] > grown[2] > grown[1] + 400  # each blind-written set adds ~500+ new sentences
     # and the default plan does not depend on the extras
     items = plan(cat, {"train": 200, "val": 20})
     assert all(it.template in base[it.intent or NULL_INTENT][it.split] for it in items)
