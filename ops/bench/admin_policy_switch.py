@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import re
 import shutil
 import socket
 import statistics
@@ -69,7 +70,8 @@ async def _publish(url: str, n: int, gap_s: float) -> dict[int, float]:
     durations = []
     for i in range(n):
         cur = await store.current_version()
-        text = base.replace("  accept: 0.85", f"  accept: {0.80 + (i % 10) / 100:.2f}", 1)
+        # a different global accept each time (whatever the shipped value is), so every publish is a new version
+        text = re.sub(r"^  accept: [0-9.]+", f"  accept: {0.80 + (i % 10) / 100:.2f}", base, count=1, flags=re.M)
         t0 = time.time()
         v = await store.publish(text, cur, Actor("bench", "publisher"))
         published[v] = time.time()  # the moment the script committed (upper bound)
