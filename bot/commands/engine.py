@@ -33,7 +33,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
     cat = load_catalog(a.policy)
     counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot}
     print(json.dumps(generate(cat, a.out, counts, workers=a.workers, seed=a.seed, extra=a.extra_phrasings,
-                                short_share=a.short_share)))
+                                short_share=a.short_share, paced_share=a.paced_share)))
     return 0
 
 
@@ -99,6 +99,13 @@ def cmd_soup(a: argparse.Namespace) -> int:
     from engine.training.wise import soup
 
     print(json.dumps(soup(a.runs, a.out, a.weights)))
+    return 0
+
+
+def cmd_import_model(a: argparse.Namespace) -> int:
+    from engine.training.import_onnx import import_model
+
+    print(json.dumps(import_model(a.model, a.out)))
     return 0
 
 
@@ -215,6 +222,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--short-share", dest="short_share", type=float, default=0.0,
                    help="share of each request intent's draws said as a bare terse form (<= 3 words, e.g. 'agent'); "
                         "0 keeps older plans identical")
+    s.add_argument("--paced-share", dest="paced_share", type=float, default=0.0,
+                   help="share of slot-carrying clips whose value is read out slowly, digit by digit or in groups, with "
+                        "pauses (as callers read account numbers); 0 keeps older plans identical")
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="cache frozen encoder layers, fine-tune top layer + heads (resumable)")
@@ -243,6 +253,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     so.add_argument("--out", required=True, help="new run dir: best.pt for calibrate/export")
     so.add_argument("--weights", nargs="+", type=float, default=None, help="one per run, summing to 1 (default uniform)")
     so.set_defaults(func=cmd_soup)
+
+    im = sub.add_parser("import-model", help="rebuild a trainable run (best.pt) from a shipped model dir's ONNX weights")
+    im.add_argument("model", help="model dir, e.g. engine/models/understand-v4")
+    im.add_argument("--out", required=True, help="new run dir: best.pt for train --init / wise / soup / export")
+    im.set_defaults(func=cmd_import_model)
 
     c = sub.add_parser("calibrate", help="fit the intent temperature on the validation split")
     c.add_argument("--cache", default="data/cache")

@@ -20,7 +20,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from engine.catalog import Catalog
-from engine.textnorm import amount_to_words, digits_to_words, normalize_text, slots_from_text
+from engine.textnorm import SLOT_TOKENS, UNITS, amount_to_words, digits_to_words, normalize_text, slots_from_text
 from engine.training import blind_phrasings as B
 from engine.training import templates as T
 from engine.training.channel import telephone
@@ -169,13 +169,16 @@ SHORT_WORDS = 3
 
 
 def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0,
-         short_share: float = 0.0) -> list[Item]:
+         short_share: float = 0.0, paced_share: float = 0.0) -> list[Item]:
     """Decide every item (text, labels, voice, prosody) up front, deterministically.
 
     short_share: share of each request intent's draws taken from its terse templates (<= SHORT_WORDS words,
     e.g. "agent", "billing question"), said bare. Callers answer IVRs in one or two words all the time, but
     uniform template draws make those a few clips in thousands, so a one-word "agent" is judged by the priors
-    of the short answer intents (goodbye, affirm, ...). 0 keeps the older plans byte-identical."""
+    of the short answer intents (goodbye, affirm, ...). 0 keeps the older plans byte-identical.
+
+    paced_share: share of the clips that carry a slot value whose value is said the way callers read numbers
+    out: slower, in groups or digit by digit, with pauses (see render_paced). 0 keeps older plans identical."""
     tsplits = template_splits(catalog, extra)
     # each intent's templates of a split as (standalone sentences, carrier x core compositions)
     kinds = {(i, s): ([t for t in ts if t not in T.composed_set(i)], [t for t in ts if t in T.composed_set(i)])
@@ -238,10 +241,11 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
                 if trunc == "text":
                     w = text.split()
                     text = " ".join(w[: int(rng.integers(1, len(w) - 1))])
+            paced = paced_share > 0 and bool(slots) and trunc != "text" and rng.random() < paced_share
             items.append(Item(
                 id=f"{split}_{k:06d}", split=split, text=normalize_text(text), intent=intent, slots=slots,
                 template=template, voice=voice.id, prosody=tuple(float(p) for p in prosody), frustration=frustrated,
-                truncated=trunc, level=level, seed=_h(f"{seed}|{split}|{k}")))
+                truncated=trunc, level=level, seed=_h(f"{seed}|{split}|{k}"), extra={"paced": True} if paced else {}))
     return items
 
 
@@ -285,13 +289,66 @@ def _speech_bounds(x: np.ndarray) -> tuple[int, int]:
     return int(on[0] * frame), int((on[-1] + 1) * frame)
 
 
+_SLOT_WORDS = set(SLOT_TOKENS[1:]) | {"dollar", "cent", "bucks", "and"}
+_DIGIT_WORDS = set(UNITS) | {"oh"}
+
+
+def paced_chunks(text: str, rng: np.random.Generator) -> list[tuple[str, bool]]:
+    """Split a sentence into (chunk, is_slot_value) pieces said separately: the words around the value
+    stay one phrase; a digit string (>= 4 digits) is read digit by digit or in groups of 2-4; an amount
+    or a day is said as its own phrase. ("and" only counts as part of a value between two value words.)"""
+    w = text.split()
+    is_val = [t in _SLOT_WORDS and (t != "and" or (0 < i < len(w) - 1 and w[i - 1] in _SLOT_WORDS and w[i + 1] in _SLOT_WORDS))
+              for i, t in enumerate(w)]
+    chunks: list[tuple[str, bool]] = []
+    i = 0
+    while i < len(w):
+        j = i
+        while j < len(w) and is_val[j] == is_val[i]:
+            j += 1
+        run = w[i:j]
+        if not is_val[i]:
+            chunks.append((" ".join(run), False))
+        else:
+            digits = len(run) >= 4 and all(t in _DIGIT_WORDS for t in run)
+            if not digits:
+                chunks.append((" ".join(run), True))  # an amount or a day: one phrase
+            else:
+                k = 0
+                one_by_one = rng.random() < 0.5
+                while k < len(run):
+                    n = 1 if one_by_one else int(rng.integers(2, 5))
+                    chunks.append((" ".join(run[k : k + n]), True))
+                    k += n
+        i = j
+    return chunks
+
+
+def render_paced(voice: Voice, text: str, prosody: Prosody, rng: np.random.Generator) -> np.ndarray:
+    """Callers read account numbers and amounts out slowly, in groups or digit by digit, with pauses, where
+    a TTS voice says a whole sentence in one breath. Each chunk is rendered on its own (values 5-35 %
+    slower) and joined with 80-500 ms pauses."""
+    parts: list[np.ndarray] = []
+    for chunk, is_val in paced_chunks(text or "um", rng):
+        rate = prosody.rate * (rng.uniform(0.65, 0.95) if is_val else 1.0)
+        x = synthesize(voice, chunk, Prosody(rate, prosody.pitch, prosody.loud))
+        a, b = _speech_bounds(x)
+        if parts:
+            parts.append(np.zeros(int(rng.uniform(0.08, 0.5) * 8000), np.float32))
+        parts.append(x[max(0, a - 160) : b + 160])
+    return np.concatenate(parts).astype(np.float32)
+
+
 def render(item: Item, out_dir: str) -> dict | None:
     """Synthesize one item, pass it through the channel, write its WAV; returns its manifest row."""
     path = Path(out_dir) / item.split / f"{item.id}.wav"
     rng = np.random.default_rng(item.seed)
     engine, name = item.voice.split(":", 1)
     try:
-        speech = synthesize(Voice(engine, name), item.text or "um", Prosody(*item.prosody))
+        if item.extra.get("paced"):
+            speech = render_paced(Voice(engine, name), item.text, Prosody(*item.prosody), np.random.default_rng(item.seed + 1))
+        else:
+            speech = synthesize(Voice(engine, name), item.text or "um", Prosody(*item.prosody))
     except Exception as exc:  # a TTS engine failing on one text must not stop the run
         return {"id": item.id, "error": str(exc)[:200]}
     if item.truncated == "cut":
@@ -312,6 +369,7 @@ def render(item: Item, out_dir: str) -> dict | None:
         "eot": 0 if item.truncated else 1,
         "truncated": item.truncated,
         "label_intent": item.intent,
+        **({"paced": True} if item.extra.get("paced") else {}),
     }
     return row
 
@@ -321,9 +379,9 @@ def _render_star(args: tuple[Item, str]) -> dict | None:
 
 
 def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0,
-             extra: int = 0, short_share: float = 0.0) -> dict[str, int]:
+             extra: int = 0, short_share: float = 0.0, paced_share: float = 0.0) -> dict[str, int]:
     """Plan + render all splits (skipping WAVs already on disk); writes DIR/<split>/manifest.jsonl."""
-    items = plan(catalog, counts, seed=seed, extra=extra, short_share=short_share)
+    items = plan(catalog, counts, seed=seed, extra=extra, short_share=short_share, paced_share=paced_share)
     for s in SPLITS:
         (Path(out_dir) / s).mkdir(parents=True, exist_ok=True)
     babble = make_babble()
@@ -341,6 +399,6 @@ def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: in
             for r in rows[s]:
                 f.write(json.dumps(r) + "\n")
     with open(Path(out_dir) / "synth_config.json", "w") as f:
-        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
+        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "paced_share": paced_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
                    "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
     return {s: len(rows[s]) for s in SPLITS}

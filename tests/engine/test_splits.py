@@ -83,3 +83,34 @@ def test_short_share_draws_bare_terse_requests() -> None:
     assert "speak_to_agent" in {i.intent for i in short}
     for it in short:  # still only the split's own templates, said without wrappers
         assert it.template in splits[it.intent][it.split]
+
+
+def test_paced_share_marks_only_slot_clips_and_keeps_plans() -> None:
+    cat = _catalog()
+    counts = {"train": 1200, "val": 0}
+    base = plan(cat, counts, extra=3, short_share=0.15)
+    paced = plan(cat, counts, extra=3, short_share=0.15, paced_share=0.6)
+    same = plan(cat, counts, extra=3, short_share=0.15, paced_share=0.0)
+    assert [(i.text, i.voice, i.extra) for i in same] == [(i.text, i.voice, i.extra) for i in base]
+    assert not any(i.extra.get("paced") for i in base)
+    marked = [i for i in paced if i.extra.get("paced")]
+    with_slots = [i for i in paced if i.slots and i.truncated != "text"]
+    assert marked and all(i.slots for i in marked)
+    assert 0.45 < len(marked) / len(with_slots) < 0.75
+
+
+def test_paced_chunks_split_digit_strings_and_keep_amounts_whole() -> None:
+    import numpy as np
+
+    from engine.training.synth import paced_chunks
+
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        text = "my account number is four two oh seven seven one"
+        chunks = paced_chunks(text, rng)
+        assert " ".join(c for c, _ in chunks) == text  # nothing lost or reordered
+        assert chunks[0] == ("my account number is", False)
+        assert len(chunks) >= 3 and all(v for _, v in chunks[1:])  # read in groups or digit by digit
+        amount = paced_chunks("i want to pay one hundred and twenty five dollars please", rng)
+        assert amount == [("i want to pay", False), ("one hundred and twenty five dollars", True), ("please", False)]
+    assert paced_chunks("yes and no", np.random.default_rng(0)) == [("yes and no", False)]
