@@ -62,6 +62,29 @@ def ctc_greedy(ids: "list[int]") -> list[int]:
     return out
 
 
+# A slot word re-emitted after at most this many blank frames (20 ms each) is the same word said once:
+# on slow, clearly articulated speech the slot head can fire twice inside one long "eight" ("eight eight").
+# Two spoken words cannot peak 60 ms apart; on synthetic validation speech, genuinely repeated digits
+# ("five five") were >= 4 blank frames apart, and merging at <= 2 changed no validation result.
+SLOT_MERGE_GAP = 2
+
+
+def ctc_collapse_slots(ids: "list[int]", max_gap: int = SLOT_MERGE_GAP) -> list[int]:
+    """ctc_greedy for the slot head, also merging a token repeated across a blank gap <= max_gap frames."""
+    out: list[int] = []
+    prev, blanks = -1, 0
+    for i in ids:
+        i = int(i)
+        if i == 0:
+            blanks += 1
+        elif i != prev:
+            if not (out and i == out[-1] and prev == 0 and blanks <= max_gap):
+                out.append(i)
+            blanks = 0
+        prev = i
+    return out
+
+
 def chars_to_text(ids: list[int]) -> str:
     return " ".join("".join(CHARS[i] for i in ids if 0 < i < len(CHARS)).split())
 

@@ -24,3 +24,16 @@ def test_cents_days_and_normalisation() -> None:
     assert "money" not in slots_from_text("four five six seven")  # digits said one by one are not an amount
     assert normalize_text("It's  $40 -- OK?") == "it's ok"
     assert int_to_words(120) == "one hundred and twenty"
+
+
+def test_slot_collapse_merges_a_word_fired_twice_but_keeps_real_repeats() -> None:
+    from engine.textnorm import SLOT_TOKENS, ctc_collapse_slots, ctc_greedy
+
+    eight, five = SLOT_TOKENS.index("eight"), SLOT_TOKENS.index("five")
+    once = [0, eight, eight, 0, eight, 0, 0, 0, 0, five]  # one long "eight" with a 1-frame dip
+    assert ctc_greedy(once) == [eight, eight, five]
+    assert ctc_collapse_slots(once) == [eight, five]
+    twice = [0, eight, 0, 0, 0, 0, 0, eight, 0, five]  # "eight eight": separate words, 5 blank frames apart
+    assert ctc_collapse_slots(twice) == [eight, eight, five]
+    assert ctc_collapse_slots(once, max_gap=0) == ctc_greedy(once)
+    assert ctc_collapse_slots([eight, 0, five, 0, eight]) == [eight, five, eight]  # only the same word merges
