@@ -402,6 +402,10 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
         missing = _missing_slots(policy, pcol.intent, pcol.slots)
         new = {k: v for k, v in u.slots.items() if k in missing}
         elsewhere = top not in (None, pcol.intent) and conf >= policy.accept_for(top) and top not in (affirm, deny)
+        if new and elsewhere and top in policy.intents and policy.intents[top].action.type == "hangup":
+            # the caller answered the question with the value: that is not a goodbye, whatever the label
+            # (slow digit-by-digit reading scored as "goodbye" on real speech; hanging up on it is the worst outcome)
+            elsewhere = False
         if new and not elsewhere:
             return _collect(policy, state, pcol.intent, {**pcol.slots, **new}, "slot_filled")
         if not elsewhere and top != policy.intent_of_type("repeat"):  # repeat: handled below, keeps the question
