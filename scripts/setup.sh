@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   redis-server          # call state (embedded when REDIS_URL is unset) and tests
   espeak-ng flite festival sox libsndfile1   # voices for training data, fallback voice, audio tools
+  festvox-kallpc16k     # festival's kal_diphone voice (a held-out test voice); only Recommended by festival
   baresip               # real SIP user agent in tests
   asterisk-core-sounds-en-wav asterisk-core-sounds-en  # real human speech for evaluation
   chromium              # admin console + softphone browser tests (Playwright drives Debian's chromium)
