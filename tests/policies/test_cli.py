@@ -95,7 +95,7 @@ def test_validate_and_schema_cli(tmp_path: Path) -> None:
     ok = bot("validate", "policies/default.yaml")
     assert ok.returncode == 0 and ok.stdout.startswith("ok:")
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "policies/default.yaml").read_text().replace("  confirm: 0.2 ", "  confirm: 0.95 "))
+    bad.write_text((ROOT / "policies/default.yaml").read_text().replace("  confirm: 0.2 ", "  confirm: 0.99 "))
     p = bot("validate", str(bad))
     assert p.returncode == 1 and f"{bad}:" in p.stdout and "thresholds.confirm" in p.stdout
     p = bot("validate", str(bad), "--json")

@@ -91,7 +91,7 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
     ("agent requested", [U("speak_to_agent", 0.9)], OPEN, ("transfer", "agent_requested", "general", "speak_to_agent")),
     ("agent requested mid-confirm", [U("report_outage", 0.7), U("speak_to_agent", 0.8)], OPEN,
      ("transfer", "agent_requested", "general", "speak_to_agent")),
-    ("sensitive: cancel", [U("cancel_service", 0.95)], OPEN, ("transfer", "sensitive_intent", "retention", "cancel_service")),
+    ("sensitive: cancel", [U("cancel_service", 0.98)], OPEN, ("transfer", "sensitive_intent", "retention", "cancel_service")),
     ("sensitive: dispute", [U("billing_dispute", 0.95)], OPEN, ("transfer", "sensitive_intent", "billing", "billing_dispute")),
     ("sensitive after confirm", [U("cancel_service", 0.8), YES], OPEN, ("transfer", "sensitive_intent", "retention", "cancel_service")),
     ("frustration", [U("check_balance", 0.97, caller_state={"frustration": 0.9})], OPEN, ("transfer", "frustration", "general", None)),

@@ -29,7 +29,7 @@ CASES = [
     ("threshold above 1", (ACCEPT_LINE, "  accept: 1.5 "), "thresholds.accept", "accept: 1.5", "less than or equal to 1"),
     ("threshold below 0", ("  confirm: 0.2 ", "  confirm: -0.1 "), "thresholds.confirm", "confirm: -0.1", "greater than or equal to 0"),
     ("confirm band above accept", ("  confirm: 0.2 ", "  confirm: 0.99 "), "thresholds.confirm", "confirm: 0.99", "above accept"),
-    ("override band above accept", ("cancel_service: {accept: 0.95}", "cancel_service: {accept: 0.6, confirm: 0.7}"),
+    ("override band above accept", ("cancel_service: {accept: 0.97}", "cancel_service: {accept: 0.6, confirm: 0.7}"),
      "thresholds.overrides.cancel_service.confirm", "cancel_service: {accept: 0.6", "above accept"),
     ("unknown intent in a rule", ("- {intent: cancel_service, queue: retention", "- {intent: cancel_account, queue: retention"),
      "escalation.sensitive.0.intent", "- {intent: cancel_account", "unknown intent 'cancel_account'"),
