@@ -138,6 +138,18 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from engine.training.compare import compare
+
+    try:
+        res = compare(a.dir, a.a, a.b, reps=a.reps, limit=a.limit, progress=not a.json)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res) if a.json else json.dumps(res, indent=1))
+    return 0
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from engine.training.evaluate import evaluate
 
@@ -279,6 +291,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--report-dir", dest="report_dir", default=None, help="markdown + PNG report (default DIR/report)")
     v.add_argument("--limit", type=int, default=None)
     v.set_defaults(func=cmd_eval)
+
+    cp = sub.add_parser("compare", help="two models on the same clips: paired differences with bootstrap 95%% intervals")
+    cp.add_argument("dir")
+    cp.add_argument("--a", default=None, help="baseline model dir (default: packaged)")
+    cp.add_argument("--b", required=True, help="candidate model dir")
+    cp.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default %(default)s)")
+    cp.add_argument("--limit", type=int, default=None)
+    cp.add_argument("--json", action="store_true", help="print one JSON object only")
+    cp.set_defaults(func=cmd_compare)
 
     o = sub.add_parser("eval-eot", help="end-of-turn: this model vs pipecat smart-turn v3.2 on DIR")
     o.add_argument("dir")
