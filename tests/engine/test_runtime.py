@@ -54,7 +54,7 @@ def same(a: Understanding, b: Understanding, strict: bool) -> bool:
     if strict:  # a batch-independent model: batching must not change anything
         return (a.intent == b.intent and abs(a.confidence - b.confidence) < 1e-4 and a.slots == b.slots
                 and abs(a.end_of_turn - b.end_of_turn) < 1e-4 and a.error == b.error)
-    # The shipped model (understand-v5) quantises activations dynamically (DynamicQuantizeLinear: one
+    # The shipped model (understand-v6) quantises activations dynamically (DynamicQuantizeLinear: one
     # scale for the whole batch tensor), so a clip's outputs move with its batch mates: measured up to
     # ~0.08 in confidence, and CTC transcripts/slots can change. Here the intent must hold (unless the
     # reference itself is a near tie, top two within 0.05, which such a nudge may flip) and
