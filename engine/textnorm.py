@@ -52,16 +52,6 @@ def text_to_slot_ids(text: str) -> list[int]:
     return out
 
 
-def ctc_greedy(ids: "list[int]") -> list[int]:
-    """Collapse repeats and drop blanks (index 0)."""
-    out, prev = [], -1
-    for i in ids:
-        if i != prev and i != 0:
-            out.append(int(i))
-        prev = i
-    return out
-
-
 # A slot word re-emitted after at most this many blank frames (20 ms each) is the same word said once:
 # on slow, clearly articulated speech the slot head can fire twice inside one long "eight" ("eight eight").
 # Two spoken words cannot peak 60 ms apart; on synthetic validation speech, genuinely repeated digits
@@ -69,8 +59,9 @@ def ctc_greedy(ids: "list[int]") -> list[int]:
 SLOT_MERGE_GAP = 2
 
 
-def ctc_collapse_slots(ids: "list[int]", max_gap: int = SLOT_MERGE_GAP) -> list[int]:
-    """ctc_greedy for the slot head, also merging a token repeated across a blank gap <= max_gap frames."""
+def ctc_greedy(ids: "list[int]", merge_gap: int = 0) -> list[int]:
+    """Collapse repeats and drop blanks (index 0). merge_gap > 0 also merges a token re-emitted after at
+    most that many blank frames (the slot head uses SLOT_MERGE_GAP; 0 is plain CTC greedy decoding)."""
     out: list[int] = []
     prev, blanks = -1, 0
     for i in ids:
@@ -78,7 +69,7 @@ def ctc_collapse_slots(ids: "list[int]", max_gap: int = SLOT_MERGE_GAP) -> list[
         if i == 0:
             blanks += 1
         elif i != prev:
-            if not (out and i == out[-1] and prev == 0 and blanks <= max_gap):
+            if not (out and i == out[-1] and 0 < blanks <= merge_gap):
                 out.append(i)
             blanks = 0
         prev = i

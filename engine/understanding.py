@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.features import SR_IN, bucket_seconds, log_mel, prepare_pcm
-from engine.textnorm import chars_to_text, ctc_collapse_slots, ctc_greedy, parse_slots
+from engine.textnorm import SLOT_MERGE_GAP, chars_to_text, ctc_greedy, parse_slots
 from engine.types import Understanding
 from ops.logs import get_logger
 from ops.metrics import ERRORS
@@ -98,7 +98,7 @@ class UnderstandingModel:
         return results, (t1 - t0) * 1000, (t2 - t1) * 1000  # type: ignore[return-value]
 
     def _slots(self, intent: str | None, slot_ids: np.ndarray) -> dict[str, object]:
-        found = parse_slots(ctc_collapse_slots(slot_ids.tolist()))
+        found = parse_slots(ctc_greedy(slot_ids.tolist(), merge_gap=SLOT_MERGE_GAP))
         allowed_types = {self.slot_types[n] for n in self.intent_slots.get(intent or "", []) if n in self.slot_types}
         if intent is None:
             allowed_types = set(self.slot_types.values())

@@ -401,11 +401,11 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
     if (pcol := state.pending_collect) is not None and pcol.intent is not None:
         missing = _missing_slots(policy, pcol.intent, pcol.slots)
         new = {k: v for k, v in u.slots.items() if k in missing}
-        elsewhere = top not in (None, pcol.intent) and conf >= policy.accept_for(top) and top not in (affirm, deny)
-        if new and elsewhere and top in policy.intents and policy.intents[top].action.type == "hangup":
-            # the caller answered the question with the value: that is not a goodbye, whatever the label
-            # (slow digit-by-digit reading scored as "goodbye" on real speech; hanging up on it is the worst outcome)
-            elsewhere = False
+        # an answer that carries the asked-for value is not a goodbye, whatever the label (slow digit-by-digit
+        # reading was scored "goodbye" on real speech; hanging up on it is the worst outcome)
+        hangs_up = top in policy.intents and policy.intents[top].action.type == "hangup"
+        elsewhere = (top not in (None, pcol.intent) and conf >= policy.accept_for(top) and top not in (affirm, deny)
+                     and not (new and hangs_up))
         if new and not elsewhere:
             return _collect(policy, state, pcol.intent, {**pcol.slots, **new}, "slot_filled")
         if not elsewhere and top != policy.intent_of_type("repeat"):  # repeat: handled below, keeps the question

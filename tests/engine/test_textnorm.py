@@ -27,13 +27,13 @@ def test_cents_days_and_normalisation() -> None:
 
 
 def test_slot_collapse_merges_a_word_fired_twice_but_keeps_real_repeats() -> None:
-    from engine.textnorm import SLOT_TOKENS, ctc_collapse_slots, ctc_greedy
+    from engine.textnorm import SLOT_MERGE_GAP, SLOT_TOKENS, ctc_greedy
 
     eight, five = SLOT_TOKENS.index("eight"), SLOT_TOKENS.index("five")
     once = [0, eight, eight, 0, eight, 0, 0, 0, 0, five]  # one long "eight" with a 1-frame dip
     assert ctc_greedy(once) == [eight, eight, five]
-    assert ctc_collapse_slots(once) == [eight, five]
+    assert ctc_greedy(once, merge_gap=SLOT_MERGE_GAP) == [eight, five]
     twice = [0, eight, 0, 0, 0, 0, 0, eight, 0, five]  # "eight eight": separate words, 5 blank frames apart
-    assert ctc_collapse_slots(twice) == [eight, eight, five]
-    assert ctc_collapse_slots(once, max_gap=0) == ctc_greedy(once)
-    assert ctc_collapse_slots([eight, 0, five, 0, eight]) == [eight, five, eight]  # only the same word merges
+    assert ctc_greedy(twice, merge_gap=SLOT_MERGE_GAP) == [eight, eight, five]
+    assert ctc_greedy(once, merge_gap=0) == [eight, eight, five]  # 0: plain greedy decoding
+    assert ctc_greedy([eight, 0, five, 0, eight], merge_gap=SLOT_MERGE_GAP) == [eight, five, eight]  # only the same word merges

@@ -4,7 +4,7 @@ missing would otherwise drop its clips from a split (counted as render errors) a
 import numpy as np
 import pytest
 
-from engine.training.tts import Prosody, all_voices, synthesize
+from engine.training.tts import Prosody, Voice, all_voices, synthesize
 
 VOICES = sorted({(v.engine, v.name) for v in all_voices()})
 ONE_PER_ENGINE = {e: n for e, n in VOICES}
@@ -12,16 +12,12 @@ ONE_PER_ENGINE = {e: n for e, n in VOICES}
 
 @pytest.mark.parametrize("engine", sorted(ONE_PER_ENGINE))
 def test_each_engine_speaks(engine: str) -> None:
-    from engine.training.tts import Voice
-
     x = synthesize(Voice(engine, ONE_PER_ENGINE[engine]), "four two seven", Prosody(rate=0.9))
     assert x.dtype == np.float32 and len(x) > 0.3 * 8000
     assert float(np.sqrt(np.mean(x**2))) > 1e-3
 
 
 def test_every_festival_and_flite_voice_loads() -> None:
-    from engine.training.tts import Voice
-
     for engine, name in VOICES:
         if engine in ("festival", "flite"):
             assert len(synthesize(Voice(engine, name), "yes")) > 0, f"{engine}:{name}"
