@@ -39,6 +39,9 @@ def quantize(src: str | Path, dst: str | Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     heads = [n.name for n in onnx.load(str(src)).graph.node if n.name.startswith("/heads/")]
+    # the quantizer rewrites a Gemm as "<name>_MatMul" + Add before it checks the exclusions, so a Gemm is
+    # kept float only under its rewritten name too (up to understand-v6 the heads' Gemms were int8)
+    heads += [h + "_MatMul" for h in heads if h.endswith("/Gemm")]
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                      per_channel=True, nodes_to_exclude=heads, extra_options={"MatMulConstBOnly": True})
 

@@ -30,5 +30,9 @@ def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
     q = tmp_path / "q.onnx"
     quantize(path, q)
     assert q.stat().st_size < path.stat().st_size / 2
+    import onnx
+
+    int8 = [n.name for n in onnx.load(str(q)).graph.node if n.op_type == "MatMulInteger"]
+    assert int8 and not [n for n in int8 if n.startswith("/heads/")]  # encoder int8, heads float
     mel = rng.standard_normal((2, 80, 300)).astype(np.float32) * 0.5
     assert np.abs(onnx_outputs(q, mel)[0] - torch_outputs(model, mel)[0]).max() < 0.1
