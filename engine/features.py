@@ -91,8 +91,9 @@ def bucket_seconds(n_samples_8k: int) -> int:
     return int(min(MAX_SECONDS, max(1, int(np.ceil(n_samples_8k / SR_IN - 1e-9)))))
 
 
-def prepare_pcm(pcm: np.ndarray) -> np.ndarray:
-    """int16 (or float in [-1, 1]) 8 kHz mono -> float32 in [-1, 1], last 8 s. Raises ValueError on bad input."""
+def prepare_pcm(pcm: np.ndarray, max_seconds: float | None = MAX_SECONDS) -> np.ndarray:
+    """int16 (or float in [-1, 1]) 8 kHz mono -> float32 in [-1, 1], its last max_seconds (None: all of it).
+    Raises ValueError on bad input."""
     a = np.asarray(pcm)
     if a.ndim == 2 and 1 in a.shape:
         a = a.reshape(-1)
@@ -107,7 +108,7 @@ def prepare_pcm(pcm: np.ndarray) -> np.ndarray:
         x = np.clip(x, -1.0, 1.0)
     else:
         raise ValueError(f"expected int16 PCM (or float32 in [-1, 1]), got dtype {a.dtype}")
-    return x[-SR_IN * MAX_SECONDS :]
+    return x if max_seconds is None else x[-int(SR_IN * max_seconds) :]
 
 
 def log_mel(x8k: np.ndarray, seconds: int) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 One forward pass of the fine-tuned Whisper-tiny encoder with joint heads gives the calibrated intent
 distribution, slot tokens (amount / digits / day), a CTC transcript, frustration and end of turn.
-Audio longer than 8 s is cut to its LAST 8 s (the end of a turn carries the request and the
-end-of-turn cue). Synchronous and thread-safe (ORT sessions may be shared across threads); the async
+Audio longer than the 8 s window is cut at pauses into pieces (engine.long_turns): the last piece gives
+the intent, end of turn and caller state (the end of a turn carries the request and the end-of-turn
+cue); slot tokens and the transcript are read from every piece in order, so a long read-out keeps its
+first digits. Synchronous and thread-safe (ORT sessions may be shared across threads); the async
 batching facade lives in engine/runtime.py.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.features import SR_IN, bucket_seconds, log_mel, prepare_pcm
+from engine.long_turns import split_turn
 from engine.textnorm import SLOT_MERGE_GAP, chars_to_text, ctc_greedy, parse_slots
 from engine.types import Understanding
 from ops.logs import get_logger
@@ -62,7 +65,7 @@ class UnderstandingModel:
 
     def _check(self, pcm: object) -> tuple[np.ndarray | None, str | None]:
         try:
-            x = prepare_pcm(pcm)  # type: ignore[arg-type]
+            x = prepare_pcm(pcm, max_seconds=None)  # type: ignore[arg-type]
         except (ValueError, TypeError) as exc:
             return None, f"bad_input: {exc}"
         if len(x) < MIN_SECONDS * SR_IN:
@@ -97,8 +100,10 @@ class UnderstandingModel:
         t2 = time.perf_counter()
         return results, (t1 - t0) * 1000, (t2 - t1) * 1000  # type: ignore[return-value]
 
-    def _slots(self, intent: str | None, slot_ids: np.ndarray) -> dict[str, object]:
-        found = parse_slots(ctc_greedy(slot_ids.tolist(), merge_gap=SLOT_MERGE_GAP))
+    def _slots(self, intent: str | None, slot_ids: list[np.ndarray]) -> dict[str, object]:
+        """Slots from the decoded slot tokens of all of a turn's pieces, read as one sequence (a digit
+        string may run across a cut)."""
+        found = parse_slots(sum((ctc_greedy(ids.tolist(), merge_gap=SLOT_MERGE_GAP) for ids in slot_ids), []))
         allowed_types = {self.slot_types[n] for n in self.intent_slots.get(intent or "", []) if n in self.slot_types}
         if intent is None:
             allowed_types = set(self.slot_types.values())
@@ -123,10 +128,14 @@ class UnderstandingModel:
             if err is not None:
                 out[i] = self._error(err)
         if good:
-            results, t_feat, t_model = self._run([checked[i][0] for i in good])  # type: ignore[misc]
+            pieces = {i: split_turn(checked[i][0]) for i in good}  # type: ignore[arg-type]
+            results, t_feat, t_model = self._run([p for i in good for p in pieces[i]])
             total = (time.perf_counter() - t_start) * 1000
-            for i, r in zip(good, results):
-                probs, frust, eot, slot_ids, char_ids = r
+            at = 0
+            for i in good:
+                rs = results[at : at + len(pieces[i])]
+                at += len(pieces[i])
+                probs, frust, eot = rs[-1][:3]
                 order = np.argsort(-probs)[:TOP_K]
                 names = [None if self.intents[k] == NULL else self.intents[k] for k in order]
                 intent = names[0]
@@ -134,12 +143,12 @@ class UnderstandingModel:
                     intent=intent,
                     confidence=float(probs[order[0]]),
                     alternatives=[(n, float(probs[k])) for n, k in zip(names, order)],
-                    slots=self._slots(intent, slot_ids),
-                    transcript=chars_to_text(ctc_greedy(char_ids.tolist())),
+                    slots=self._slots(intent, [r[3] for r in rs]),
+                    transcript=" ".join(t for t in (chars_to_text(ctc_greedy(r[4].tolist())) for r in rs) if t),
                     caller_state={"frustration": round(float(frust), 4)},
                     end_of_turn=float(eot),
                     timings={"features": round(t_feat, 2), "model": round(t_model, 2), "total": round(total, 2),
-                             "batch": float(len(good))},
+                             "batch": float(len(good)), "pieces": float(len(rs))},
                 )
         return out  # type: ignore[return-value]
 

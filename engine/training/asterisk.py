@@ -3,7 +3,8 @@
 Caller-like answers are composed from the recorded prompts: account numbers digit by digit
 (digits/N.wav, "oh"), amounts ("forty five dollars"), days ("tuesday", "tomorrow") -- intent null with
 slots -- plus the few recordings that are caller intents: "goodbye", "thank you ... goodbye", "no",
-"agent". Written in the evaluation-manifest format.
+"agent". Written in the evaluation-manifest format. `--long`: a separate set of account numbers read in
+groups with pauses for 8-16 s, longer than the model's window (engine.long_turns).
 """
 
 from __future__ import annotations
@@ -57,7 +58,23 @@ def _number_files(n: int) -> tuple[list[str], str]:
     return files, " ".join(words)
 
 
-def make_asterisk_eval(out_dir: str | Path, catalog: Catalog, n: int = 200, seed: int = 0) -> dict:
+def long_readout(rng: np.random.Generator, gap_s: tuple[float, float] = (0.3, 0.9)) -> tuple[np.ndarray, str]:
+    """A 9-14 digit account number read in groups of 1-4 digits with gap_s pauses between groups
+    (8-16 s: longer than the model's 8 s window). Returns (float audio, digit string)."""
+    digits = "".join(str(d) for d in rng.integers(0, 10, int(rng.integers(9, 15))))
+    parts = [np.zeros(int(rng.uniform(0.1, 0.4) * 8000), np.float32)]
+    i = 0
+    while i < len(digits):
+        g = int(rng.integers(1, 5))
+        for d in digits[i : i + g]:
+            parts += [_load(f"digits/{d}"), np.zeros(int(rng.uniform(0.05, 0.2) * 8000), np.float32)]
+        parts.append(np.zeros(int(rng.uniform(*gap_s) * 8000), np.float32))
+        i += g
+    return np.concatenate(parts), digits
+
+
+def make_asterisk_eval(out_dir: str | Path, catalog: Catalog, n: int = 200, seed: int = 0, long: bool = False) -> dict:
+    """long: every clip is a long account-number read-out (long_readout) instead of the usual mix."""
     if not (SOUNDS / "digits" / "1.wav").exists():
         raise FileNotFoundError(f"{SOUNDS} has no digits/ (install asterisk-core-sounds-en-wav)")
     out = Path(out_dir)
@@ -67,7 +84,11 @@ def make_asterisk_eval(out_dir: str | Path, catalog: Catalog, n: int = 200, seed
     rows = []
     for k in range(n):
         r = rng.random()
-        if r < 0.35:
+        if long:
+            x, digits = long_readout(rng)
+            files, text = [f"digits/{d}" for d in digits], " ".join(UNITS[int(d)] for d in digits)
+            intent, slots = None, {acct: digits}
+        elif r < 0.35:
             digits = "".join(str(d) for d in rng.integers(0, 10, int(rng.integers(4, 9))))
             oh = rng.random() < 0.3
             files = [("digits/oh" if (d == "0" and oh) else f"digits/{d}") for d in digits]
@@ -86,11 +107,12 @@ def make_asterisk_eval(out_dir: str | Path, catalog: Catalog, n: int = 200, seed
         else:
             files, text, intent = INTENT_CLIPS[int(rng.integers(len(INTENT_CLIPS)))]
             slots = {}
-        parts = []
-        for f in files:
-            parts += [_load(f), np.zeros(int(rng.uniform(0.03, 0.15) * 8000), np.float32)]
-        x = np.concatenate([np.zeros(int(rng.uniform(0.1, 0.4) * 8000), np.float32), *parts,
-                            np.zeros(int(rng.uniform(0.1, 0.3) * 8000), np.float32)])
+        if not long:
+            parts = []
+            for f in files:
+                parts += [_load(f), np.zeros(int(rng.uniform(0.03, 0.15) * 8000), np.float32)]
+            x = np.concatenate([np.zeros(int(rng.uniform(0.1, 0.4) * 8000), np.float32), *parts,
+                                np.zeros(int(rng.uniform(0.1, 0.3) * 8000), np.float32)])
         x = x * 10 ** (rng.uniform(-12, 0) / 20) / (np.abs(x).max() + 1e-9)
         x = x + rng.standard_normal(len(x)).astype(np.float32) * 10 ** (rng.uniform(-60, -40) / 20)  # line hiss
         name = f"ast_{k:04d}.wav"

@@ -1,0 +1,61 @@
+"""Turns longer than the model's 8 s window: cut at pauses into pieces of at most 8 s.
+
+The encoder has 400 positions (8 s at 50 frames/s). A caller reading a 12-digit account number in
+groups talks for 10-16 s; keeping only the last 8 s lost the first digits (measured on the asterisk
+speaker reading 9-14 digits with pauses: 1 of 120 read-outs right). Pieces are cut from the end
+backwards, each at the earliest pause that keeps it within 8 s, so the last piece (which gives the
+intent, end of turn and caller state) is nearly the last 8 s, starting in a pause rather than mid-word.
+Where a caller speaks 8 s without any pause, the cut falls at 8 s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SR = 8000
+WINDOW_S = 8.0
+FRAME = 160  # 20 ms
+MIN_PAUSE_FRAMES = 8  # 160 ms of quiet: a pause between words or digit groups, not a stop consonant
+
+
+def _quiet_frames(x: np.ndarray) -> np.ndarray:
+    """Per 20 ms frame: quieter than the clip's own speech by enough to be a pause (level-independent)."""
+    n = len(x) // FRAME
+    if n == 0:
+        return np.zeros(0, bool)
+    f = x[: n * FRAME].astype(np.float64).reshape(n, FRAME)
+    db = 10 * np.log10(np.mean(f * f, axis=1) + 1e-12)
+    floor, speech = np.percentile(db, 10), np.percentile(db, 95)
+    # above the line's noise floor is not enough: a pause must also be well below the speech itself
+    return db < min(max(floor + 6.0, speech - 30.0), speech - 15.0)
+
+
+def pause_centres(x: np.ndarray) -> list[int]:
+    """Sample index at the middle of every pause of at least MIN_PAUSE_FRAMES quiet frames."""
+    q = _quiet_frames(x)
+    out, start = [], None
+    for i, quiet in enumerate(np.append(q, False)):
+        if quiet and start is None:
+            start = i
+        elif not quiet and start is not None:
+            if i - start >= MIN_PAUSE_FRAMES:
+                out.append((start + i) * FRAME // 2)
+            start = None
+    return out
+
+
+def split_turn(x: np.ndarray, window_s: float = WINDOW_S) -> list[np.ndarray]:
+    """The turn itself when it fits the window, else consecutive pieces (in order) of at most window_s."""
+    w = int(window_s * SR)
+    if len(x) <= w:
+        return [x]
+    pauses = pause_centres(x)
+    cuts, end = [], len(x)
+    while end > w:
+        lo = end - w
+        inside = [p for p in pauses if lo <= p < end - SR // 2]  # leave the piece at least 0.5 s
+        cut = inside[0] if inside else lo
+        cuts.append(cut)
+        end = cut
+    bounds = [0] + cuts[::-1] + [len(x)]
+    return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
