@@ -44,10 +44,12 @@ def test_understands_held_out_voices(model: UnderstandingModel) -> None:
             assert u.slots.get(k) == v, (text, u.slots, u.transcript)
         assert 0.0 <= u.confidence <= 1.0 and u.alternatives[0][0] == u.intent
         assert "frustration" in u.caller_state and 0.0 <= u.end_of_turn <= 1.0
-    # batching does not change an answer (int8 activations are quantised per batch tensor, so the
-    # confidence may move a little with batch mates: docs/voice-and-runtime.md)
-    single = model.understand(pcms[0])
-    assert single.intent == results[0].intent and abs(single.confidence - results[0].confidence) < 0.05
+    # a caller's answer never depends on who else is in the batch (int8 activations are quantised per
+    # input tensor, so the int8 graph runs one clip at a time: engine/understanding.py)
+    for pcm, u in zip(pcms, results):
+        single = model.understand(pcm)
+        assert (single.intent, single.confidence, single.slots, single.transcript) == \
+            (u.intent, u.confidence, u.slots, u.transcript)
 
 
 def test_bad_inputs_give_clear_results(model: UnderstandingModel) -> None:
