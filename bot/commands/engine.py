@@ -31,9 +31,9 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from engine.training.synth import generate
 
     cat = load_catalog(a.policy)
-    counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot}
+    counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot, "calib": a.calib}
     print(json.dumps(generate(cat, a.out, counts, workers=a.workers, seed=a.seed, extra=a.extra_phrasings,
-                                short_share=a.short_share, paced_share=a.paced_share)))
+                              short_share=a.short_share, paced_share=a.paced_share, perturb_share=a.perturb_share)))
     return 0
 
 
@@ -71,8 +71,12 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from engine.training.calibrate import ece, fit_temperature
     from engine.training.train import CachedSplit, predict_split
 
+    from engine.training.cache import FROZEN_LAYERS, cache_split
+
     _, top, intents = _load_top(a.run)
-    p = predict_split(top, CachedSplit(Path(a.cache) / "val", intents))
+    if a.data:  # cache the split first (a no-op when cached already)
+        cache_split(Path(a.data) / a.split, Path(a.cache) / a.split, workers=a.workers, frozen_layers=FROZEN_LAYERS)
+    p = predict_split(top, CachedSplit(Path(a.cache) / a.split, intents))
     m = p["intent"] >= 0
     logits, labels = p["logits"][m], p["intent"][m]
     t = fit_temperature(logits, labels)
@@ -82,7 +86,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         pr = np.exp(z - z.max(1, keepdims=True)); pr /= pr.sum(1, keepdims=True)
         return ece(pr.max(1), pr.argmax(1) == labels)
 
-    out = {"temperature": t, "val_ece_before": conf_ece(1.0), "val_ece_after": conf_ece(t), "n": int(m.sum())}
+    out = {"temperature": t, "split": a.split, "ece_before": conf_ece(1.0), "ece_after": conf_ece(t),
+           "accuracy": float((logits.argmax(1) == labels).mean()), "n": int(m.sum())}
     (Path(a.run) / "calibration.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
     return 0
@@ -174,7 +179,7 @@ def cmd_asterisk(a: argparse.Namespace) -> int:
     from engine.training.asterisk import make_asterisk_eval
 
     cat = load_catalog(a.policy)
-    print(json.dumps(make_asterisk_eval(a.out, cat, n=a.n, seed=a.seed)))
+    print(json.dumps(make_asterisk_eval(a.out, cat, n=a.n, seed=a.seed, long=a.long)))
     return 0
 
 
@@ -226,17 +231,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--val", type=int, default=1200)
     s.add_argument("--test", type=int, default=1500)
     s.add_argument("--test-eot", dest="test_eot", type=int, default=800)
+    s.add_argument("--calib", type=int, default=0,
+                   help="clips of the calibration split (validation voices, phrasings no other split holds); "
+                        "`bot engine calibrate --split calib` fits the temperature on it")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--extra-phrasings", dest="extra_phrasings", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2, 3, 4),
-                   help="add train-only phrasings to train: 1 = templates.TRAIN_EXTRA, 2 / 3 / 4 = also the first "
-                        "one / two / three blind-written sets (engine/training/blind_phrasings.py); val/test never change")
+    s.add_argument("--extra-phrasings", dest="extra_phrasings", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2, 3, 4, 5),
+                   help="add train-only phrasings to train: 1 = templates.TRAIN_EXTRA, 2 / 3 / 4 / 5 = also the first "
+                        "one / two / three / four blind-written sets (engine/training/blind_phrasings*.py); val/test "
+                        "never change")
     s.add_argument("--short-share", dest="short_share", type=float, default=0.0,
                    help="share of each request intent's draws said as a bare terse form (<= 3 words, e.g. 'agent'); "
                         "0 keeps older plans identical")
     s.add_argument("--paced-share", dest="paced_share", type=float, default=0.0,
                    help="share of slot-carrying clips whose value is read out slowly, digit by digit or in groups, with "
                         "pauses (as callers read account numbers); 0 keeps older plans identical")
+    s.add_argument("--perturb-share", dest="perturb_share", type=float, default=0.0,
+                   help="share of training clips speed-perturbed by 0.88-1.12x (tempo, pitch and formants together: "
+                        "more voices out of the same engines); 0 keeps older plans identical")
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="cache frozen encoder layers, fine-tune top layer + heads (resumable)")
@@ -271,9 +283,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     im.add_argument("--out", required=True, help="new run dir: best.pt for train --init / wise / soup / export")
     im.set_defaults(func=cmd_import_model)
 
-    c = sub.add_parser("calibrate", help="fit the intent temperature on the validation split")
+    c = sub.add_parser("calibrate", help="fit the intent temperature on a held-out split (NLL)")
     c.add_argument("--cache", default="data/cache")
     c.add_argument("--run", default="data/run")
+    c.add_argument("--split", default="val",
+                   help="the labelled split under --cache (and --data) to fit on: val, calib (synth --calib: phrasings "
+                        "no training set holds), or a folder of your own recordings in the manifest format")
+    c.add_argument("--data", default=None, help="dir holding SPLIT/manifest.jsonl, cached first when not cached yet")
+    c.add_argument("--workers", type=int, default=2)
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("export", help="export to ONNX (int8 weights), write the model dir, check parity")
@@ -312,6 +329,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--policy", default=None)
     m.add_argument("-n", type=int, default=200)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--long", action="store_true",
+                   help="only account numbers of 9-14 digits read in groups with pauses (8-16 s, longer than the model's window)")
     m.set_defaults(func=cmd_asterisk)
 
     lt = sub.add_parser("latency", help="model load time and understand() p50/p95 for one clip length")

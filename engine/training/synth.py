@@ -20,14 +20,22 @@ import soundfile as sf
 from tqdm import tqdm
 
 from engine.catalog import Catalog
+from engine.features import resample
 from engine.textnorm import SLOT_TOKENS, UNITS, amount_to_words, digits_to_words, normalize_text, slots_from_text
 from engine.training import blind_phrasings as B
+from engine.training import blind_phrasings_4 as B4
 from engine.training import templates as T
 from engine.training.channel import telephone
 from engine.training.tts import Prosody, Voice, all_voices, synthesize
 
-SPLITS = ("train", "val", "test", "test_eot")  # test_eot: held-out voices/phrasings, half truncated
-TRUNC_FRAC = {"train": 0.2, "val": 0.2, "test": 0.0, "test_eot": 0.5}
+# test_eot: held-out voices/phrasings, half truncated. calib: validation voices saying phrasings that no
+# training, validation or test set holds (blind_phrasings_4.BLIND_CALIB) mixed with validation's
+# compositions; it only fits the confidence temperature (see template_splits).
+SPLITS = ("train", "val", "test", "test_eot", "calib")
+TRUNC_FRAC = {"train": 0.2, "val": 0.2, "test": 0.0, "test_eot": 0.5, "calib": 0.0}
+# Speed perturbation (--perturb-share): resampling scales tempo, pitch and formants together, the way one
+# speaker's vocal tract differs from another's, so a few synthetic voices cover more of the voice space.
+SPEED_RANGE = (0.88, 1.12)
 VAL_VARIANTS = {"f2", "m5", "Steph"}
 TEST_VARIANTS = {"f4", "m6", "klatt3", "Annie", "Denis"}
 VAL_LANGS = {"en-gb-x-gbcwmd"}
@@ -60,6 +68,7 @@ def voices_by_split() -> dict[str, list[Voice]]:
     for v in all_voices():
         out[split_of_voice(v)].append(v)
     out["test_eot"] = out["test"]
+    out["calib"] = out["val"]
     return out
 
 
@@ -80,7 +89,12 @@ def template_key(t: str) -> str:
 def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, list[str]]]:
     """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated). Train-only
     phrasings join train (val/test are unchanged): extra >= 1 adds templates.TRAIN_EXTRA, extra >= 2
-    also the first blind-written set (blind_phrasings), extra >= 3 the second, extra >= 4 the third."""
+    also the first blind-written set (blind_phrasings), extra >= 3 the second, extra >= 4 the third,
+    extra >= 5 the fourth (blind_phrasings_4).
+
+    calib: each intent's never-trained blind calibration sentences (standalone) plus validation's
+    compositions; validation's standalone sentences are left out because later training sets were
+    written knowing validation's errors, which made them easier than unseen wording."""
     out: dict[str, dict[str, list[str]]] = {}
     for intent in catalog.intent_names:
         bank = list(T.PHRASES.get(intent, [])) + T.composed(intent) + list(catalog.intents.get(intent, []))
@@ -98,7 +112,8 @@ def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, lis
         extras: dict[str, list[str]] = {**T.TRAIN_EXTRA, NULL_INTENT: T.SLOT_ONLY_TRAIN_EXTRA}
         blind = [({**B.BLIND_TRAIN, NULL_INTENT: B.BLIND_SLOT_ONLY}, 2),
                  ({**B.BLIND_TRAIN_2, NULL_INTENT: B.BLIND_SLOT_ONLY_2}, 3),
-                 ({**B.BLIND_TRAIN_3, NULL_INTENT: B.BLIND_SLOT_ONLY_3}, 4)]
+                 ({**B.BLIND_TRAIN_3, NULL_INTENT: B.BLIND_SLOT_ONLY_3}, 4),
+                 ({**B4.BLIND_TRAIN_4, NULL_INTENT: B4.BLIND_SLOT_ONLY_4}, 5)]
         for bank, level in blind:
             if extra >= level:
                 for intent, ts in bank.items():
@@ -110,7 +125,16 @@ def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, lis
                     if key not in taken:
                         taken.add(key)  # the two extra sets may share a sentence: keep it once
                         out[intent]["train"].append(t)
-    for d in out.values():
+    calib_bank = {**B4.BLIND_CALIB, NULL_INTENT: B4.BLIND_CALIB_SLOT_ONLY}
+    taken = {template_key(t) for d in out.values() for ts in d.values() for t in ts}
+    taken |= {template_key(t) for bank in (T.TRAIN_EXTRA, B.BLIND_TRAIN, B.BLIND_TRAIN_2, B.BLIND_TRAIN_3, B4.BLIND_TRAIN_4)
+              for ts in bank.values() for t in ts}
+    taken |= {template_key(t) for ts in (T.SLOT_ONLY_TRAIN_EXTRA, B.BLIND_SLOT_ONLY, B.BLIND_SLOT_ONLY_2,
+                                         B.BLIND_SLOT_ONLY_3, B4.BLIND_SLOT_ONLY_4) for t in ts}
+    for intent, d in out.items():
+        fresh = [t for t in calib_bank.get(intent, []) if template_key(t) not in taken]
+        comp = [t for t in d["val"] if intent != NULL_INTENT and t in T.composed_set(intent)]
+        d["calib"] = fresh + comp
         d["test_eot"] = d["test"]
     return out
 
@@ -169,7 +193,7 @@ SHORT_WORDS = 3
 
 
 def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0,
-         short_share: float = 0.0, paced_share: float = 0.0) -> list[Item]:
+         short_share: float = 0.0, paced_share: float = 0.0, perturb_share: float = 0.0) -> list[Item]:
     """Decide every item (text, labels, voice, prosody) up front, deterministically.
 
     short_share: share of each request intent's draws taken from its terse templates (<= SHORT_WORDS words,
@@ -178,7 +202,10 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
     of the short answer intents (goodbye, affirm, ...). 0 keeps the older plans byte-identical.
 
     paced_share: share of the clips that carry a slot value whose value is said the way callers read numbers
-    out: slower, in groups or digit by digit, with pauses (see render_paced). 0 keeps older plans identical."""
+    out: slower, in groups or digit by digit, with pauses (see render_paced). 0 keeps older plans identical.
+
+    perturb_share: share of training clips speed-perturbed by a factor in SPEED_RANGE (train split only:
+    held-out splits keep their voices as they are). 0 keeps older plans identical."""
     tsplits = template_splits(catalog, extra)
     # each intent's templates of a split as (standalone sentences, carrier x core compositions)
     kinds = {(i, s): ([t for t in ts if t not in T.composed_set(i)], [t for t in ts if t in T.composed_set(i)])
@@ -242,10 +269,13 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
                     w = text.split()
                     text = " ".join(w[: int(rng.integers(1, len(w) - 1))])
             paced = paced_share > 0 and bool(slots) and trunc != "text" and rng.random() < paced_share
+            extra_info: dict = {"paced": True} if paced else {}
+            if perturb_share > 0 and split == "train" and rng.random() < perturb_share:
+                extra_info["speed"] = round(float(rng.uniform(*SPEED_RANGE)), 3)
             items.append(Item(
                 id=f"{split}_{k:06d}", split=split, text=normalize_text(text), intent=intent, slots=slots,
                 template=template, voice=voice.id, prosody=tuple(float(p) for p in prosody), frustration=frustrated,
-                truncated=trunc, level=level, seed=_h(f"{seed}|{split}|{k}"), extra={"paced": True} if paced else {}))
+                truncated=trunc, level=level, seed=_h(f"{seed}|{split}|{k}"), extra=extra_info))
     return items
 
 
@@ -351,6 +381,9 @@ def render(item: Item, out_dir: str) -> dict | None:
             speech = synthesize(Voice(engine, name), item.text or "um", Prosody(*item.prosody))
     except Exception as exc:  # a TTS engine failing on one text must not stop the run
         return {"id": item.id, "error": str(exc)[:200]}
+    speed = item.extra.get("speed")
+    if speed:  # played back `speed` times faster: tempo, pitch and formants all scale
+        speech = resample(speech, 8000, int(round(8000 / speed)))
     if item.truncated == "cut":
         a, b = _speech_bounds(speech)
         cut = int(a + (b - a) * rng.uniform(0.25, 0.8))
@@ -370,6 +403,7 @@ def render(item: Item, out_dir: str) -> dict | None:
         "truncated": item.truncated,
         "label_intent": item.intent,
         **({"paced": True} if item.extra.get("paced") else {}),
+        **({"speed": speed} if speed else {}),
     }
     return row
 
@@ -379,9 +413,11 @@ def _render_star(args: tuple[Item, str]) -> dict | None:
 
 
 def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0,
-             extra: int = 0, short_share: float = 0.0, paced_share: float = 0.0) -> dict[str, int]:
+             extra: int = 0, short_share: float = 0.0, paced_share: float = 0.0,
+             perturb_share: float = 0.0) -> dict[str, int]:
     """Plan + render all splits (skipping WAVs already on disk); writes DIR/<split>/manifest.jsonl."""
-    items = plan(catalog, counts, seed=seed, extra=extra, short_share=short_share, paced_share=paced_share)
+    items = plan(catalog, counts, seed=seed, extra=extra, short_share=short_share, paced_share=paced_share,
+                 perturb_share=perturb_share)
     for s in SPLITS:
         (Path(out_dir) / s).mkdir(parents=True, exist_ok=True)
     babble = make_babble()
@@ -399,6 +435,6 @@ def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: in
             for r in rows[s]:
                 f.write(json.dumps(r) + "\n")
     with open(Path(out_dir) / "synth_config.json", "w") as f:
-        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "paced_share": paced_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
+        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "paced_share": paced_share, "perturb_share": perturb_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
                    "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
     return {s: len(rows[s]) for s in SPLITS}

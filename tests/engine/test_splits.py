@@ -114,3 +114,65 @@ def test_paced_chunks_split_digit_strings_and_keep_amounts_whole() -> None:
         amount = paced_chunks("i want to pay one hundred and twenty five dollars please", rng)
         assert amount == [("i want to pay", False), ("one hundred and twenty five dollars", True), ("please", False)]
     assert paced_chunks("yes and no", np.random.default_rng(0)) == [("yes and no", False)]
+
+
+def test_calib_split_holds_only_wording_no_other_split_has() -> None:
+    from engine.training import blind_phrasings as B
+    from engine.training import blind_phrasings_4 as B4
+    from engine.training import templates as T
+
+    cat = _catalog()
+    sp = template_splits(cat, extra=5)
+    trained = {template_key(t) for bank in (T.TRAIN_EXTRA, B.BLIND_TRAIN, B.BLIND_TRAIN_2, B.BLIND_TRAIN_3, B4.BLIND_TRAIN_4)
+               for ts in bank.values() for t in ts}
+    n_fresh = 0
+    for intent, d in sp.items():
+        calib = set(d["calib"])
+        assert calib, intent
+        assert not calib & set(d["train"]) and not calib & set(d["test"]), intent
+        fresh = calib - set(d["val"])  # the rest are validation's compositions (never its standalone sentences)
+        assert all(t in T.composed_set(intent) for t in calib & set(d["val"])), intent
+        assert not {template_key(t) for t in fresh} & trained, intent
+        n_fresh += len(fresh)
+    assert n_fresh > 150
+    vs = voices_by_split()
+    assert {v.id for v in vs["calib"]} == {v.id for v in vs["val"]}
+    items = plan(cat, {"train": 0, "val": 0, "calib": 300}, extra=5)
+    assert len(items) == 300 and not any(it.truncated for it in items)
+    for it in items:
+        assert it.template in sp[it.intent or NULL_INTENT]["calib"]
+    # the calibration split leaves every other split's plan as it was
+    counts = {"train": 200, "val": 40, "test": 40}
+    assert [(i.text, i.voice) for i in plan(cat, counts, extra=5)] == \
+        [(i.text, i.voice) for i in plan(cat, {**counts, "calib": 50}, extra=5) if i.split != "calib"]
+
+
+def test_perturb_share_speeds_up_or_slows_only_training_clips(tmp_path: Path) -> None:
+    import dataclasses
+
+    import soundfile as sf
+
+    from engine.training.synth import SPEED_RANGE, render
+    from engine.training.tts import Prosody, Voice, synthesize
+
+    cat = _catalog()
+    counts = {"train": 800, "val": 100}
+    base = plan(cat, counts, extra=5)
+    assert [(i.text, i.voice, i.extra) for i in plan(cat, counts, extra=5, perturb_share=0.0)] == \
+        [(i.text, i.voice, i.extra) for i in base]
+    pert = plan(cat, counts, extra=5, perturb_share=0.5)
+    speeds = [i.extra["speed"] for i in pert if "speed" in i.extra]
+    assert not any("speed" in i.extra for i in pert if i.split != "train")
+    assert 0.4 < len(speeds) / 800 < 0.6
+    assert all(SPEED_RANGE[0] <= s <= SPEED_RANGE[1] for s in speeds)
+    # rendering: same item, same channel draws; only the speech is 1/speed as long
+    it = next(i for i in base if i.split == "train" and not i.truncated and not i.extra and i.voice.startswith("espeak"))
+    (tmp_path / "train").mkdir()
+    plain = sf.info(str(tmp_path / "train" / render(it, str(tmp_path))["audio"])).frames
+    fast = dataclasses.replace(it, id=it.id + "_fast", extra={"speed": 1.1})
+    row = render(fast, str(tmp_path))
+    assert row["speed"] == 1.1
+    sped = sf.info(str(tmp_path / "train" / row["audio"])).frames
+    engine, name = it.voice.split(":", 1)
+    n = len(synthesize(Voice(engine, name), it.text, Prosody(*it.prosody)))
+    assert abs((plain - sped) - n * (1 - 1 / 1.1)) < 2
