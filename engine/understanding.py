@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.features import SR_IN, bucket_seconds, log_mel, prepare_pcm
-from engine.long_turns import split_turn
+from engine.long_turns import SR, WINDOW_S, split_turn
 from engine.textnorm import SLOT_MERGE_GAP, chars_to_text, ctc_greedy, parse_slots
 from engine.types import Understanding
 from ops.logs import get_logger
@@ -29,6 +29,7 @@ MIN_SECONDS = 0.2
 SILENCE_DBFS = -55.0
 TOP_K = 3
 NULL = "<null>"
+WINDOW_SAMPLES = int(WINDOW_S * SR)
 log = get_logger("engine.understanding")
 
 
@@ -168,5 +169,7 @@ class UnderstandingModel:
         return self.understand_batch([pcm])[0]
 
     def end_of_turn_batch(self, pcms: list[np.ndarray]) -> list[float]:
-        """Probability each clip is a finished turn; 0.0 for clips that cannot be scored (too short, silence)."""
-        return [u.end_of_turn if u.error is None else 0.0 for u in self.understand_batch(pcms)]
+        """Probability each clip is a finished turn; 0.0 for clips that cannot be scored (too short, silence).
+        Only the last window matters here, so a long turn is not cut into pieces (see understand_batch)."""
+        tails = [p[-WINDOW_SAMPLES:] if isinstance(p, np.ndarray) and p.ndim >= 1 else p for p in pcms]
+        return [u.end_of_turn if u.error is None else 0.0 for u in self.understand_batch(tails)]
