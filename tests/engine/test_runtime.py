@@ -50,17 +50,12 @@ def err(kind: str) -> float:
     return ERRORS.labels(component="engine", kind=kind)._value.get()
 
 
-def same(a: Understanding, b: Understanding, strict: bool) -> bool:
-    if strict:  # a batch-independent model: batching must not change anything
-        return (a.intent == b.intent and abs(a.confidence - b.confidence) < 1e-4 and a.slots == b.slots
-                and abs(a.end_of_turn - b.end_of_turn) < 1e-4 and a.error == b.error)
-    # The shipped model (understand-v6) quantises activations dynamically (DynamicQuantizeLinear: one
-    # scale for the whole batch tensor), so a clip's outputs move with its batch mates: measured up to
-    # ~0.08 in confidence, and CTC transcripts/slots can change. Here the intent must hold (unless the
-    # reference itself is a near tie, top two within 0.05, which such a nudge may flip) and
-    # probabilities stay close.
-    near_tie = len(b.alternatives) > 1 and b.alternatives[0][1] - b.alternatives[1][1] < 0.05
-    return (a.intent == b.intent or near_tie) and abs(a.confidence - b.confidence) < 0.15 and a.error == b.error
+def same(a: Understanding, b: Understanding) -> bool:
+    """Batching must not change anything: the shipped int8 model runs each clip on its own inside a batch
+    (its activation scales are per input tensor; engine/understanding.py), the reference model is
+    batch-independent by construction."""
+    return (a.intent == b.intent and abs(a.confidence - b.confidence) < 1e-4 and a.slots == b.slots
+            and abs(a.end_of_turn - b.end_of_turn) < 1e-4 and a.error == b.error)
 
 
 async def test_concurrent_understand_is_batched_and_equals_unbatched(model, voice, clips) -> None:
@@ -76,10 +71,9 @@ async def test_concurrent_understand_is_batched_and_equals_unbatched(model, voic
     assert st["items"] == len(clips) + 1 and st["batches"] < st["items"]  # batched across calls
     assert ENGINE_BATCH_SIZE.labels(op="understand")._sum.get() - hist_before == len(clips)
     reference = [model.understand_batch([c])[0] for c in clips]
-    strict = isinstance(model, SmartTurnReference)
-    assert all(same(a, b, strict) for a, b in zip(results, reference))
+    assert all(same(a, b) for a, b in zip(results, reference))
     ref_eot = [model.end_of_turn_batch([c])[0] for c in clips]
-    assert np.allclose(eots, ref_eot, atol=1e-4 if strict else 0.15)
+    assert np.allclose(eots, ref_eot, atol=1e-4)
 
 
 async def test_lone_call_is_not_slower_than_unbatched(model, voice, clips) -> None:
