@@ -79,6 +79,11 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     p = predict_split(top, CachedSplit(Path(a.cache) / a.split, intents))
     m = p["intent"] >= 0
     logits, labels = p["logits"][m], p["intent"][m]
+    if m.sum() < a.min_clips:
+        # a few clips, all read right, pull the temperature to its floor: every later answer would look certain
+        print(f"error: {int(m.sum())} labelled clips in {a.split}; calibration needs at least {a.min_clips} "
+              f"(--min-clips) so the fitted temperature is not driven by a handful of answers", file=sys.stderr)
+        return 2
     t = fit_temperature(logits, labels)
 
     def conf_ece(temp: float) -> float:
@@ -291,6 +296,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "no training set holds), or a folder of your own recordings in the manifest format")
     c.add_argument("--data", default=None, help="dir holding SPLIT/manifest.jsonl, cached first when not cached yet")
     c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--min-clips", dest="min_clips", type=int, default=200,
+                   help="refuse to fit on fewer labelled clips (default 200)")
     c.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("export", help="export to ONNX (int8 weights), write the model dir, check parity")

@@ -24,7 +24,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             hi = b
         else:
             lo = a
-    return float((lo + hi) / 2)
+    return float(np.clip((lo + hi) / 2, 0.05, 20.0))
 
 
 def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
