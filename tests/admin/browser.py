@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,18 @@ def policy_version_of_next_call(base_url: str, redis_url: str) -> str:
             await caller.hangup()
 
     return run_async(run())
+
+
+def policy_version_within(base_url: str, redis_url: str, want: str, within_s: float = 1.0) -> str:
+    """The policy version new calls get once a publish or rollback has had `within_s` to reach every worker
+    (docs/admin.md: "within a second"; it travels over Redis pub/sub, so not at the instant the console
+    says so). Places calls until one gets `want` or the time is up; returns the last version seen."""
+    deadline = time.monotonic() + within_s
+    while True:
+        got = policy_version_of_next_call(base_url, redis_url)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
 
 
 def run_async(coro: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.admin.browser import launch, policy_version_of_next_call, shot
+from tests.admin.browser import launch, policy_version_within, shot
 from tests.helpers.policy_text import ACCEPT_LINE, STRICTER, accept_line, with_accept
 from tests.helpers.server import BotServer, isolated_redis_url
 
@@ -80,7 +80,7 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     expect(page.locator("#live-version")).to_have_text("live: v2")
 
     # the running bot serves the next call with v2
-    assert policy_version_of_next_call(bot.url, bot.redis_url) == "2"
+    assert policy_version_within(bot.url, bot.redis_url, "2") == "2"
 
     # another admin publishes v3 while this one edits: publishing from v2 is refused (409), draft kept
     edited = page.input_value("#yaml").replace("  confirm: 0.5 ", "  confirm: 0.6 ", 1)
@@ -112,7 +112,7 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     page.click("#confirm-ok")
     expect(page.locator("#toast")).to_contain_text("v1 is live again")
     expect(page.locator("#live-version")).to_have_text("live: v1")
-    assert policy_version_of_next_call(bot.url, bot.redis_url) == "1"
+    assert policy_version_within(bot.url, bot.redis_url, "1") == "1"
 
     # try-it: typed text is spoken by the bot's voice and understood, decided under the editor's draft
     page.click('#tabs button[data-tab="tryit"]')
