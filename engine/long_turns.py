@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-SR = 8000
-WINDOW_S = 8.0
+from engine.features import MAX_SECONDS, SR_IN
+
+SR = SR_IN
+WINDOW_S = float(MAX_SECONDS)  # the encoder's window: features.prepare_pcm's default cut, the model's 400 positions
 FRAME = 160  # 20 ms
 MIN_PAUSE_FRAMES = 8  # 160 ms of quiet: a pause between words or digit groups, not a stop consonant
 

@@ -94,11 +94,12 @@ class UnderstandingModel:
         feats = {s: np.stack([log_mel(xs[i], s) for i in idx]) for s, idx in groups.items()}
         t1 = time.perf_counter()
         results: list[list[np.ndarray] | None] = [None] * len(xs)
-        step = 1 if self._int8_on_ort() else None
+        one_by_one = self._int8_on_ort()
         for s, idx in groups.items():
-            for a in range(0, len(idx), step or len(idx)):
-                outs = self.session.run(self._outputs, {"mel": feats[s][a : a + (step or len(idx))]})
-                for j, i in enumerate(idx[a : a + (step or len(idx))]):
+            size = 1 if one_by_one else len(idx)
+            for a in range(0, len(idx), size):
+                outs = self.session.run(self._outputs, {"mel": feats[s][a : a + size]})
+                for j, i in enumerate(idx[a : a + size]):
                     results[i] = [o[j] for o in outs]
         t2 = time.perf_counter()
         return results, (t1 - t0) * 1000, (t2 - t1) * 1000  # type: ignore[return-value]

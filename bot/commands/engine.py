@@ -68,22 +68,23 @@ def _load_top(run: str):
 def cmd_calibrate(a: argparse.Namespace) -> int:
     import numpy as np
 
+    from engine.training.cache import FROZEN_LAYERS, cache_split
     from engine.training.calibrate import ece, fit_temperature
     from engine.training.train import CachedSplit, predict_split
-
-    from engine.training.cache import FROZEN_LAYERS, cache_split
 
     _, top, intents = _load_top(a.run)
     if a.data:  # cache the split first (a no-op when cached already)
         cache_split(Path(a.data) / a.split, Path(a.cache) / a.split, workers=a.workers, frozen_layers=FROZEN_LAYERS)
-    p = predict_split(top, CachedSplit(Path(a.cache) / a.split, intents))
-    m = p["intent"] >= 0
-    logits, labels = p["logits"][m], p["intent"][m]
-    if m.sum() < a.min_clips:
+    split = CachedSplit(Path(a.cache) / a.split, intents)
+    n = sum(label >= 0 for label in split.intent)
+    if n < a.min_clips:  # decided from the labels, before the model runs over the split
         # a few clips, all read right, pull the temperature to its floor: every later answer would look certain
-        print(f"error: {int(m.sum())} labelled clips in {a.split}; calibration needs at least {a.min_clips} "
+        print(f"error: {n} labelled clips in {a.split}; calibration needs at least {a.min_clips} "
               f"(--min-clips) so the fitted temperature is not driven by a handful of answers", file=sys.stderr)
         return 2
+    p = predict_split(top, split)
+    m = p["intent"] >= 0
+    logits, labels = p["logits"][m], p["intent"][m]
     t = fit_temperature(logits, labels)
 
     def conf_ece(temp: float) -> float:
