@@ -4,6 +4,7 @@ load and chaos harnesses (`bot load --spawn`, `bot chaos`)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,10 +21,26 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED_VOICE_CACHE = Path(os.environ.get("BOT_OPS_VOICE_CACHE", str(ROOT / "var" / "ops-voice-cache")))
 
 
+# Ports for spawned servers come from below the kernel's ephemeral range (Linux: 32768-60999) and below
+# the default RTP range (20000-30000). A port that bind(0) hands out is an ephemeral one, which any outgoing
+# connection (a Redis client, an HTTP request) may take as its local port before the server binds it: seen
+# in CI as `bot serve` failing to bind its SIP port ("address already in use") and the test dialling
+# whoever held it.
+PORT_RANGE = (10000, 19999)
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nothing is bound to now, outside the ranges the kernel and our RTP hand out."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        p = rng.randint(*PORT_RANGE)
+        try:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 def free_port_both() -> int:

@@ -17,7 +17,8 @@ import soundfile as sf
 
 from tests.helpers.audio import silence, synth
 from tests.helpers.bot import call_record, open_policy, wait_outcome
-from tests.helpers.server import BotServer, free_port, isolated_redis_url, metric_value
+from ops.load.spawn import free_port_both
+from tests.helpers.server import BotServer, isolated_redis_url, metric_value
 
 from .baresip import BARESIP, Baresip, voiced_fraction
 from .conftest import RecordingHandler
@@ -34,7 +35,7 @@ async def agent(make_server, sip_settings) -> AsyncIterator[tuple[RecordingHandl
 
 async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path: Path, agent) -> None:
     handler, agent_srv = agent
-    sip_port = free_port()
+    sip_port = free_port_both()  # SIP listens on UDP and TCP
     env = {
         "BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "60",
         "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port), "BOT_TRANSFER_WAIT_S": "1",
