@@ -41,6 +41,8 @@ Reason = Literal[
     "repeat",  # caller asked to hear that again
     "slot_missing",  # asked for a slot the intent needs
     "slot_filled",  # the last missing slot arrived: acted on
+    "read_back",  # collected values read back before acting (intent settled): yes/no question
+    "value_denied",  # caller said no to the read-back: the value is asked for again (a failed turn)
     "agent_requested",  # explicit request for a human
     "sensitive_intent",  # an intent that always goes to a specialist queue
     "frustration",  # caller-state frustration above the threshold
@@ -57,8 +59,8 @@ Reason = Literal[
 REASONS: tuple[str, ...] = get_args(Reason)
 
 # Turns that count toward escalation.max_failures.count.
-FAILURE_REASONS = frozenset({"denied", "low_confidence", "out_of_scope", "no_context", "no_input", "dtmf_menu",
-                             "dtmf_invalid"})
+FAILURE_REASONS = frozenset({"denied", "value_denied", "low_confidence", "out_of_scope", "no_context", "no_input",
+                             "dtmf_menu", "dtmf_invalid"})
 FINAL_ACTIONS = frozenset({"answer", "transfer", "hangup"})  # an outcome: resets the stall counter
 ENDING_ACTIONS = frozenset({"transfer", "hangup"})
 
@@ -102,11 +104,13 @@ Input = Union[Understanding, Event]
 
 @dataclass(frozen=True)
 class Pending:
-    """Something asked and awaiting an answer. intent None + queue set: a callback offer."""
+    """Something asked and awaiting an answer. intent None + queue set: a callback offer.
+    read_back: the question reads collected values back ("That's 52 dollars, is that right?")."""
 
     intent: str | None
     slots: Mapping[str, Any] = field(default_factory=dict)
     queue: str | None = None
+    read_back: bool = False
 
 
 def _utcnow() -> dt.datetime:
@@ -235,7 +239,8 @@ def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
         failures=0 if success else state.failures + int(is_failure(state, d)),
         stalls=0 if final or not caller_turn else state.stalls + 1,
         no_inputs=state.no_inputs + 1 if isinstance(inp, NoInput) else 0,
-        pending_confirm=Pending(d.intent, dict(d.slots), d.target) if d.action == "confirm" else None,
+        pending_confirm=Pending(d.intent, dict(d.slots), d.target, read_back=d.reason == "read_back")
+        if d.action == "confirm" else None,
         pending_clarify=(d.options[0], d.options[1]) if d.action == "clarify" and len(d.options) == 2 else None,
         pending_collect=Pending(d.intent, dict(d.slots)) if d.action == "collect" else None,
         collected={**state.collected, **d.slots} if final and d.slots else state.collected,
@@ -379,18 +384,30 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
     probs.setdefault(top, conf)
 
     if (pc := state.pending_confirm) is not None:
+        if pc.read_back and pc.intent is not None:
+            # "No, fifty two dollars": a new value for a read-back slot is read back in its turn
+            fixed = {k: v for k, v in u.slots.items()
+                     if k in policy.intents[pc.intent].action.collect and pc.slots.get(k) != v}
+            if fixed:
+                return _read_back(policy, pc.intent, {**pc.slots, **fixed})
         if top == affirm and conf >= ctx:
             if pc.intent is None:  # a callback offer accepted
                 return Decision("hangup", policy.prompts.get("callback_done", policy.prompts["goodbye"]),
                                 target=pc.queue, reason="callback")
+            if pc.read_back:
+                return _done(policy, pc.intent, pc.slots, "confirmed")
             return _act(policy, state, pc.intent, pc.slots, "confirmed")
         if top == deny and conf >= ctx:
             if pc.intent is None:
                 return Decision("hangup", policy.prompts.get("callback_declined", policy.prompts["goodbye"]),
                                 reason="goodbye")
+            if pc.read_back:  # the intent stands; the values were misheard: ask for them again
+                return _reask_values(policy, state, pc.intent, pc.slots)
             return _fail(policy, state, "denied", "denied")
         if pc.intent is not None and top == pc.intent and conf >= policy.confirm_for(top):
             # "Yes, I want to pay my bill": restating the intent answers the question.
+            if pc.read_back:
+                return _done(policy, pc.intent, pc.slots, "confirmed")
             return _act(policy, state, pc.intent, {**pc.slots, **u.slots}, "confirmed")
     if (pair := state.pending_clarify) is not None:
         pick = max(pair, key=lambda n: probs.get(n, 0.0))
@@ -495,5 +512,34 @@ def _collect(policy: Policy, state: CallState, intent: str, slots: Mapping[str, 
     if missing:
         return Decision("collect", policy.prompts[action.ask[missing[0]]], reason="slot_missing", intent=intent,
                         slots=dict(slots))
+    if action.read_back:
+        return _read_back(policy, intent, slots)
+    return _done(policy, intent, slots, reason)
+
+
+def _done(policy: Policy, intent: str, slots: Mapping[str, Any], reason: str) -> Decision:
+    """A collect intent carried out with every value it needs."""
+    action = policy.intents[intent].action
     return Decision("answer", render(policy.prompts[action.prompt or ""], slots), reason=reason, intent=intent,
                     slots=dict(slots))
+
+
+def _read_back(policy: Policy, intent: str, slots: Mapping[str, Any]) -> Decision:
+    """Read the collected values back before acting on them: slot values are misheard far more often than
+    intents (a dropped "fifty" turns 552 dollars into 502), and a payment should not move on a guess."""
+    key = policy.intents[intent].action.read_back
+    assert key is not None
+    return Decision("confirm", render(policy.prompts[key], slots), reason="read_back", intent=intent,
+                    slots=dict(slots))
+
+
+def _reask_values(policy: Policy, state: CallState, intent: str, slots: Mapping[str, Any]) -> Decision:
+    """A "no" to the read-back: ask for the read-back values again, keeping the intent. A failed turn,
+    so a caller who keeps saying no reaches a person."""
+    if state.failures + 1 >= policy.escalation.max_failures.count:
+        return _escalate_failures(policy, state)
+    action = policy.intents[intent].action
+    kept = {k: v for k, v in slots.items() if k not in action.collect}
+    first = action.collect[0]
+    text = _join(policy.prompts.get("value_denied", ""), policy.prompts[action.ask[first]])
+    return Decision("collect", text, reason="value_denied", intent=intent, slots=kept)

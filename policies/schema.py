@@ -55,13 +55,17 @@ Prob = Field(ge=0.0, le=1.0)
 class IntentAction(_Model):
     """answer: say `prompt`, keep listening. collect: ask for each slot in `collect` (prompts in `ask`),
     then say `prompt`. transfer: hand to `queue`. hangup: say `prompt`, end the call.
-    affirm/deny/repeat/out_of_scope: the dialog's own intents (yes, no, say that again, not handled)."""
+    affirm/deny/repeat/out_of_scope: the dialog's own intents (yes, no, say that again, not handled).
+    read_back (collect only): a prompt key; the collected values are read back with it as a yes/no
+    question before the bot acts ("That's a payment of {amount} dollars, is that right?"); "no" asks
+    for them again."""
 
     type: ActionType
     prompt: str | None = None
     queue: str | None = None
     collect: list[str] = Field(default_factory=list)
     ask: dict[str, str] = Field(default_factory=dict)
+    read_back: str | None = None
 
 
 class ThresholdOverride(_Model):
@@ -375,10 +379,16 @@ def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
                     errs.append((ap + ("ask",), f"no prompt to ask for slot {s!r}"))
         for s, key in a.ask.items():
             need_prompt(key, ap + ("ask", s))
-        if a.prompt in p.prompts:
-            unknown = set(_PLACEHOLDER.findall(p.prompts[a.prompt])) - set(intent.slots)
-            if unknown:
-                errs.append((ap + ("prompt",), f"prompt {a.prompt!r} uses {sorted(unknown)}, not slots of {name!r}"))
+        if a.read_back is not None:
+            if a.type != "collect":
+                errs.append((ap + ("read_back",), f"action {a.type!r} collects nothing to read back (collect only)"))
+            need_prompt(a.read_back, ap + ("read_back",))
+        for field_name in ("prompt", "read_back"):
+            key = getattr(a, field_name)
+            if key in p.prompts:
+                unknown = set(_PLACEHOLDER.findall(p.prompts[key])) - set(intent.slots)
+                if unknown:
+                    errs.append((ap + (field_name,), f"prompt {key!r} uses {sorted(unknown)}, not slots of {name!r}"))
     e = p.escalation
     for rule, path in ((e.agent_request, ("escalation", "agent_request")), (e.max_failures, ("escalation", "max_failures")),
                        (e.frustration, ("escalation", "frustration")), (e.system_error, ("escalation", "system_error"))):

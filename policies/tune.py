@@ -68,6 +68,8 @@ def outcome(policy: Policy, d: Decision, u: Understanding, gold: str | None) -> 
         return "accepted", policy.intent_of_type("affirm")
     if d.reason == "denied":
         return "accepted", policy.intent_of_type("deny")
+    if d.reason == "read_back":  # the intent was taken without asking; only its values are read back
+        return "accepted", d.intent
     if d.reason in ("out_of_scope", "repeat"):
         said = u.intent if d.reason == "out_of_scope" else policy.intent_of_type("repeat")
         return ("accepted", said) if said == gold else ("escalation", None)

@@ -113,7 +113,8 @@ def test_simulate_cli_example_and_errors(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("[ok]") == 6 and "hangup/callback" in p.stdout
     js = json.loads(bot("simulate", "policies/examples/demo_dialogues.yaml", "--json").stdout)
-    assert [s["action"] for s in js[0]["steps"]] == ["answer", "collect", "answer", "hangup"]
+    assert [s["action"] for s in js[0]["steps"]] == ["answer", "collect", "confirm", "confirm", "answer", "hangup"]
+    assert js[0]["steps"][-2]["prompt"].startswith("Okay, I've set up a payment of 50 dollars")
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("turns:\n  - understanding: {intent: pay_bill, confidence: 0.99, slots: {amount: 5}}\nexpect: [transfer]\n")
     p = bot("simulate", str(wrong))

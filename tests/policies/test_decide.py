@@ -53,11 +53,28 @@ def run(inputs: list[Input], now: dt.datetime = OPEN, policy=POLICY) -> tuple[li
 CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str | None]]] = [
     ("greeting", [], OPEN, ("answer", "greeting", None, None)),
     ("accepted answer", [U("check_balance", 0.97)], OPEN, ("answer", "accepted", None, "check_balance")),
-    ("accepted with all slots", [U("pay_bill", 0.95, slots={"amount": 40.0})], OPEN, ("answer", "accepted", None, "pay_bill")),
+    ("accepted with all slots", [U("schedule_technician", 0.95, slots={"day": "friday"})], OPEN,
+     ("answer", "accepted", None, "schedule_technician")),
+    ("amount read back before paying", [U("pay_bill", 0.95, slots={"amount": 40.0})], OPEN, ("confirm", "read_back", None, "pay_bill")),
+    ("read-back confirmed: paid", [U("pay_bill", 0.95, slots={"amount": 40.0}), YES], OPEN, ("answer", "confirmed", None, "pay_bill")),
+    ("read-back confirmed by restating", [U("pay_bill", 0.95, slots={"amount": 40.0}), U("pay_bill", 0.8, slots={"amount": 40.0})],
+     OPEN, ("answer", "confirmed", None, "pay_bill")),
+    ("read-back denied: amount asked again", [U("pay_bill", 0.95, slots={"amount": 40.0}), NO], OPEN,
+     ("collect", "value_denied", None, "pay_bill")),
+    ("read-back corrected: new amount read back", [U("pay_bill", 0.95, slots={"amount": 40.0}),
+                                                   U("deny", 0.9, slots={"amount": 14.0})], OPEN,
+     ("confirm", "read_back", None, "pay_bill")),
+    ("max failures: every read-back denied", [U("pay_bill", 0.95, slots={"amount": 40.0}), NO,
+                                              U(None, 0.9, slots={"amount": 40.0}), NO,
+                                              U(None, 0.9, slots={"amount": 40.0}), NO], OPEN,
+     ("transfer", "max_failures", "general", None)),
     ("slot missing", [U("pay_bill", 0.95)], OPEN, ("collect", "slot_missing", None, "pay_bill")),
-    ("slot filled", [U("pay_bill", 0.95), U(None, 0.9, slots={"amount": 25.0})], OPEN, ("answer", "slot_filled", None, "pay_bill")),
+    ("slot filled", [U("schedule_technician", 0.95), U(None, 0.9, slots={"day": "tuesday"})], OPEN,
+     ("answer", "slot_filled", None, "schedule_technician")),
+    ("slot filled, read back", [U("pay_bill", 0.95), U(None, 0.9, slots={"amount": 25.0})], OPEN,
+     ("confirm", "read_back", None, "pay_bill")),
     ("slot value heard as goodbye is still the answer", [U("pay_bill", 0.95), U("goodbye", 0.99, slots={"amount": 25.0})], OPEN,
-     ("answer", "slot_filled", None, "pay_bill")),
+     ("confirm", "read_back", None, "pay_bill")),
     ("goodbye without the value while collecting", [U("pay_bill", 0.95), U("goodbye", 0.99)], OPEN,
      ("hangup", "goodbye", None, "goodbye")),
     ("slot re-asked", [U("pay_bill", 0.95), U(None, 0.2)], OPEN, ("collect", "slot_missing", None, "pay_bill")),
@@ -135,7 +152,11 @@ def test_table_covers_every_action_and_reason() -> None:
 
 def test_prompts_render_slots_and_labels() -> None:
     d = run([U("pay_bill", 0.95, slots={"amount": 12.5})])[0][-1]
+    assert d.prompt == "That's a payment of 12.50 dollars, is that right?"
+    d = run([U("pay_bill", 0.95, slots={"amount": 12.5}), YES])[0][-1]
     assert d.prompt == "Okay, I've set up a payment of 12.50 dollars. Anything else I can help with?"
+    d = run([U("pay_bill", 0.95, slots={"amount": 12.5}), NO])[0][-1]
+    assert d.prompt == "Sorry about that. How much would you like to pay?" and d.slots == {}
     d = run([U("schedule_technician", 0.95, slots={"day": "tuesday"})])[0][-1]
     assert "booked for Tuesday" in d.prompt
     d = run([U("pay_bill", 0.7)])[0][-1]
@@ -148,9 +169,20 @@ def test_prompts_render_slots_and_labels() -> None:
 
 
 def test_confirmed_slots_carry_through() -> None:
-    decisions, state = run([U("pay_bill", 0.7, slots={"amount": 40.0}), YES])
-    assert decisions[-1].slots == {"amount": 40.0} and decisions[-1].reason == "confirmed"
-    assert state.collected == {"amount": 40.0}
+    # unsure of the intent: "pay your bill?", then the amount is read back, then it is paid
+    decisions, state = run([U("pay_bill", 0.7, slots={"amount": 40.0}), YES, YES])
+    assert [d.reason for d in decisions[1:]] == ["confirm_requested", "read_back", "confirmed"]
+    assert decisions[-1].slots == {"amount": 40.0} and state.collected == {"amount": 40.0}
+
+
+def test_read_back_correction_is_what_gets_paid() -> None:
+    decisions, state = run([U("pay_bill", 0.95, slots={"amount": 502.0}), U("deny", 0.9, slots={"amount": 552.0}), YES])
+    assert decisions[2].prompt == "That's a payment of 552 dollars, is that right?"
+    assert decisions[-1].reason == "confirmed" and decisions[-1].slots == {"amount": 552.0}
+    assert state.collected == {"amount": 552.0}
+    # the same amount again is no correction: a plain "no" still asks again
+    decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 40.0}), U("deny", 0.9, slots={"amount": 40.0})])
+    assert decisions[-1].reason == "value_denied"
 
 
 def test_state_counters() -> None:

@@ -62,6 +62,13 @@ CASES = [
      "intents.check_balance.action.prompt", "{type: answer, prompt: balance}", "not slots of 'check_balance'"),
     ("collect slot not on the intent", ("collect: [amount], ask: {amount: ask_amount}", "collect: [day], ask: {day: ask_amount}"),
      "intents.pay_bill.action.collect", "collect: [day]", "not one of this intent's slots"),
+    ("read-back prompt missing", ("read_back: confirm_payment}", "read_back: confirm_paymnt}"),
+     "intents.pay_bill.action.read_back", "read_back: confirm_paymnt}", "missing prompt 'confirm_paymnt'"),
+    ("read-back on an intent that collects nothing", ("{type: answer, prompt: outage}", "{type: answer, prompt: outage, read_back: confirm_payment}"),
+     "intents.report_outage.action.read_back", "prompt: outage, read_back", "collect only"),
+    ("read-back placeholder that is not a slot", ("  confirm_payment: That's a payment of {amount} dollars",
+                                                  "  confirm_payment: That's {amount} dollars on {day}"),
+     "intents.pay_bill.action.read_back", "read_back: confirm_payment}", "not slots of 'pay_bill'"),
     ("keypad key not a digit", ('    "0": speak_to_agent', '    "00": speak_to_agent'), "dtmf.options", "  options:", "single keypad"),
 ]
 
