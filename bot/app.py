@@ -24,6 +24,7 @@ from bot.config import Settings, load_settings
 from bot.conversation import APOLOGY_TEXT, FILLER_TEXT, ConversationConfig, Services
 from bot.conversation_manager import CallManager
 from bot.conversation_policy import CallPolicy, load_local_policy
+from bot.sip_listener import SipListener
 from bot.state import CallStore, connect
 from bot.turns import TurnParams
 from bot.turns_vad import BatchedVad
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         app.state.rest = rest
         sip = await _start_sip(calls, settings)
+        app.state.sip = sip
         metrics.WORKER_INFO.labels(settings.worker_id, VERSION).set(1)
         resources = asyncio.create_task(process_metrics.run(), name="process-metrics")
         state["ready"] = True
@@ -187,6 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {"ready": bool(state["ready"]) and not (calls and calls.draining), "worker": settings.worker_id,
                 "draining": bool(calls and calls.draining), "active_calls": len(calls.active) if calls else 0,
                 "redis": bool(store and store.healthy),
+                "sip": sip.status if (sip := getattr(app.state, "sip", None)) is not None else "off",
                 "understanding": bool(getattr(getattr(app.state, "engine", None), "has_understanding", False))}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
@@ -235,21 +238,18 @@ async def _start_policy(app: FastAPI, redis: Any, settings: Settings) -> Any:
         return lambda: ("file", policy)
 
 
-async def _start_sip(calls: CallManager, settings: Settings) -> Any:
+async def _start_sip(calls: CallManager, settings: Settings) -> SipListener | None:
     if not settings.sip_enabled or os.environ.get("BOT_WORKER_INDEX", "0") != "0":
         return None  # SIP dialogs live on one socket: only worker 0 serves them
     try:
         from telephony.sip.server import SipServer  # type: ignore[import-not-found]
     except ImportError:
         return None
-    try:
-        sip = SipServer(settings.http_host, settings.sip_port, on_call=calls.run_call)
-        await sip.start()
-        return sip
-    except Exception as exc:  # noqa: BLE001 - SIP trouble must not take Twilio calls down
-        metrics.ERRORS.labels("sip", "start_failed").inc()
-        log.error("sip_start_failed", error=repr(exc))
-        return None
+    # a port that cannot be bound now is retried: SIP trouble must not take Twilio calls down
+    sip = SipListener(lambda: SipServer(settings.http_host, settings.sip_port, on_call=calls.run_call),
+                      settings.sip_retry_s)
+    await sip.start()
+    return sip
 
 
 def _escalation_poster(url: str) -> Any:

@@ -25,6 +25,7 @@ class Settings:
     http_port: int = field(default_factory=lambda: _int("BOT_HTTP_PORT", 8080))
     sip_port: int = field(default_factory=lambda: _int("BOT_SIP_PORT", 5060))
     sip_enabled: bool = field(default_factory=lambda: _env("BOT_SIP_ENABLED", "1") not in ("0", "false", "no"))
+    sip_retry_s: float = field(default_factory=lambda: _float("BOT_SIP_RETRY_S", 5.0))  # retry a failed SIP bind
     public_url: str = field(default_factory=lambda: _env("BOT_PUBLIC_URL", ""))  # e.g. https://abc.ngrok.app
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))  # empty: embedded redis-server
     data_dir: Path = field(default_factory=lambda: Path(_env("BOT_DATA_DIR", "./var")))

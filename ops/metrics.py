@@ -63,6 +63,8 @@ AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["tr
 LATE_FRAMES = Counter("voicebot_late_frames_total", "Outbound frames sent later than their pacing deadline", ["transport"])
 FILLERS = Counter("voicebot_fillers_total", "Fillers or apologies played to avoid dead air", ["kind"])
 REDIS_UP = Gauge("voicebot_redis_up", "1 when the last Redis operation succeeded", multiprocess_mode="liveall")
+SIP_LISTENING = Gauge("voicebot_sip_listening", "1 while this worker's SIP server is bound; 0 while it retries the bind",
+                      multiprocess_mode="liveall")
 REDIS_LATENCY = Histogram(
     "voicebot_redis_op_seconds", "Redis call-state operation latency", ["op"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),

@@ -147,11 +147,11 @@ class SipServer:
                 await self._bind(loop)
                 break
             except OSError:
-                if want != 0:
-                    raise
-                if self._udp is not None:
+                if self._udp is not None:  # UDP bound, TCP refused: let the port go (a retry rebinds it)
                     self._udp.close()
                     self._udp = None
+                if want != 0:
+                    raise
         else:
             raise OSError("no port free for both UDP and TCP")
         self._accepting = True

@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -51,6 +52,8 @@ async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path
     quiet_wav = tmp_path / "quiet.wav"
     sf.write(str(quiet_wav), silence(40000), 8000, subtype="PCM_16")
     await asyncio.get_running_loop().run_in_executor(None, server.start)
+    ready = httpx.get(f"{server.url}/readyz", timeout=5).json()
+    assert ready["sip"] == "listening" and ready["ready"], ready
     ua1 = Baresip(tmp_path / "ua1", speech_wav)
     ua2 = Baresip(tmp_path / "ua2", quiet_wav)
     m = ""
