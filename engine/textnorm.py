@@ -187,7 +187,8 @@ def parse_slots(token_ids: list[int]) -> dict[str, object]:
     elif "cents" not in toks and not best:
         nums = [t for t in toks if _is_num(t)]
         value = _parse_number(nums) if nums else None
-        if value is not None and not (len(nums) == 1 and nums[0] in UNITS[:2]):
+        # a lone "one" / "zero" / "oh" is a word ("oh, yes", "that one"), not an amount; nothing costs 0
+        if value and not (len(nums) == 1 and nums[0] in ("zero", "one", "oh")):
             out["money_bare"] = float(value)  # a bare number; counts as money only where the intent expects it
     return out
 

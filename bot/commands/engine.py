@@ -69,7 +69,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     import numpy as np
 
     from engine.training.cache import FROZEN_LAYERS, cache_split
-    from engine.training.calibrate import ece, fit_temperature
+    from engine.training.calibrate import ece, fit_blank_penalty, fit_temperature
     from engine.training.train import CachedSplit, predict_split
 
     _, top, intents = _load_top(a.run)
@@ -92,8 +92,11 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         pr = np.exp(z - z.max(1, keepdims=True)); pr /= pr.sum(1, keepdims=True)
         return ece(pr.max(1), pr.argmax(1) == labels)
 
+    full = [i for i, f in enumerate(split.full) if f]  # truncated clips have no reliable slot words
+    pen, table = fit_blank_penalty([p["slot_logits"][i] for i in full], [split.slot[i] for i in full])
     out = {"temperature": t, "split": a.split, "ece_before": conf_ece(1.0), "ece_after": conf_ece(t),
-           "accuracy": float((logits.argmax(1) == labels).mean()), "n": int(m.sum())}
+           "accuracy": float((logits.argmax(1) == labels).mean()), "n": int(m.sum()),
+           "slot_blank_penalty": pen, "slot_penalty_table": table}
     (Path(a.run) / "calibration.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
     return 0
@@ -129,8 +132,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     cat = load_catalog(a.policy)
     enc, top, intents = _load_top(a.run)
     cal = Path(a.run) / "calibration.json"
-    temp = json.loads(cal.read_text())["temperature"] if cal.exists() else 1.0
-    full = FullModel(enc, top, temp).eval()
+    calib = json.loads(cal.read_text()) if cal.exists() else {}
+    full = FullModel(enc, top, calib.get("temperature", 1.0), calib.get("slot_blank_penalty", 0.0)).eval()
     intent_slots, slot_types = _catalog_meta(cat)
     out = write_model_dir(full, a.out, intents, intent_slots, slot_types, quantized=not a.fp32,
                           extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, layers "
@@ -289,7 +292,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     im.add_argument("--out", required=True, help="new run dir: best.pt for train --init / wise / soup / export")
     im.set_defaults(func=cmd_import_model)
 
-    c = sub.add_parser("calibrate", help="fit the intent temperature on a held-out split (NLL)")
+    c = sub.add_parser("calibrate", help="fit the intent temperature (NLL) and the slot blank penalty on a held-out split")
     c.add_argument("--cache", default="data/cache")
     c.add_argument("--run", default="data/run")
     c.add_argument("--split", default="val",

@@ -79,6 +79,7 @@ def write_model_dir(model: FullModel, out_dir: str | Path, intents: list[str], i
         "slot_tokens": SLOT_TOKENS,
         "chars": CHARS,
         "temperature": float(model.temperature),
+        "slot_blank_penalty": float(model.slot_blank_penalty[0]),
         "quantized": quantized,
         **(extra or {}),
     }

@@ -65,6 +65,9 @@ def import_model(model_dir: str | Path, out_run: str | Path) -> dict:
     full = FullModel(enc, top)
     ref = full.state_dict()
     state = onnx_state_dict(model_dir / "model.onnx")
+    if "slot_blank_penalty" not in state:  # graphs before the penalty (or with it folded away): config says it
+        state["slot_blank_penalty"] = ref["slot_blank_penalty"].numpy().copy()
+        state["slot_blank_penalty"][0] = float(cfg.get("slot_blank_penalty", 0.0))
     missing = sorted(set(ref) - set(state))
     if missing:
         raise ValueError(f"{model_dir}: the graph has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

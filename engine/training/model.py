@@ -54,9 +54,11 @@ class TopModel(nn.Module):
 
 class FullModel(nn.Module):
     """Log-mel in, every head out: what gets exported to ONNX. Intent logits are divided by the
-    calibrated temperature inside the graph, so probabilities come out calibrated."""
+    calibrated temperature inside the graph, so probabilities come out calibrated; the slot head's blank
+    logit is lowered by the fitted penalty before the argmax (fewer dropped digits; calibrate.py)."""
 
-    def __init__(self, encoder: WhisperEncoder, top: TopModel, temperature: float = 1.0) -> None:
+    def __init__(self, encoder: WhisperEncoder, top: TopModel, temperature: float = 1.0,
+                 slot_blank_penalty: float = 0.0) -> None:
         super().__init__()
         self.encoder = copy.deepcopy(encoder)
         for i, layer in enumerate(top.layers):
@@ -64,6 +66,9 @@ class FullModel(nn.Module):
         self.encoder.layer_norm.load_state_dict(top.layer_norm.state_dict())
         self.heads = top.heads
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        blank = torch.zeros(len(SLOT_TOKENS))
+        blank[0] = float(slot_blank_penalty)
+        self.register_buffer("slot_blank_penalty", blank)
 
     def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.heads(self.encoder(mel, upto=N_LAYERS))
@@ -71,7 +76,7 @@ class FullModel(nn.Module):
             torch.softmax(out["intent"] / self.temperature, -1),
             torch.sigmoid(out["frustration"]),
             torch.sigmoid(out["eot"]),
-            out["slot"].argmax(-1),
+            (out["slot"] - self.slot_blank_penalty).argmax(-1),
             out["char"].argmax(-1),
         )
 

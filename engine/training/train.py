@@ -109,12 +109,16 @@ def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str,
     n = len(data.rows)
     logits = np.zeros((n, model.heads.intent[-1].out_features), np.float32)
     eot = np.zeros(n, np.float32)
+    slot: list[np.ndarray | None] = [None] * n
     for s, pos in data.batches(bs, None):
         x, y = data.get(s, pos)
         out = model(x)
         logits[y["rows"]] = out["intent"].numpy()
         eot[y["rows"]] = torch.sigmoid(out["eot"]).numpy()
-    return {"logits": logits, "intent": np.array(data.intent), "eot": eot, "eot_label": np.array(data.eot)}
+        for j, row in enumerate(y["rows"]):
+            slot[int(row)] = out["slot"][j].numpy()
+    return {"logits": logits, "intent": np.array(data.intent), "eot": eot, "eot_label": np.array(data.eot),
+            "slot_logits": slot}
 
 
 def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs: int = 32, lr: float = 1e-3,

@@ -68,5 +68,8 @@ def test_calibrate_fits_the_temperature_on_a_labelled_folder_of_recordings(tmp_p
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["split"] == "my_calls" and res["n"] == 8 and 0.05 <= res["temperature"] <= 20
     assert 0.0 <= res["ece_after"] <= 1.0 and 0.0 <= res["accuracy"] <= 1.0
+    from engine.training.calibrate import BLANK_PENALTY_GRID
+
+    assert res["slot_blank_penalty"] in BLANK_PENALTY_GRID and len(res["slot_penalty_table"]) == len(BLANK_PENALTY_GRID)
     assert (tmp_path / "cache" / "my_calls" / "index.json").exists()
     assert json.loads((run / "calibration.json").read_text()) == res

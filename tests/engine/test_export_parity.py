@@ -15,7 +15,7 @@ def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
     enc = WhisperEncoder()
     with torch.no_grad():
         enc.embed_positions.normal_(0, 0.02)
-    model = FullModel(enc, TopModel(enc, n_intents=5, frozen_layers=3), temperature=1.7).eval()
+    model = FullModel(enc, TopModel(enc, n_intents=5, frozen_layers=3), temperature=1.7, slot_blank_penalty=1.5).eval()
     path = tmp_path / "m.onnx"
     export_onnx(model, path)
     rng = np.random.default_rng(0)
@@ -27,6 +27,8 @@ def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
         np.testing.assert_allclose(ox[1], pt[1], atol=1e-4)  # frustration
         np.testing.assert_allclose(ox[2], pt[2], atol=1e-4)  # end of turn
         assert ox[3].shape == (batch, 50 * seconds)
+        # slot ids come from the penalised logits in both (a random model puts blank and words close)
+        assert (ox[3] == pt[3]).mean() > 0.99
     q = tmp_path / "q.onnx"
     quantize(path, q)
     assert q.stat().st_size < path.stat().st_size / 2
@@ -36,3 +38,19 @@ def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
     assert int8 and not [n for n in int8 if n.startswith("/heads/")]  # encoder int8, heads float
     mel = rng.standard_normal((2, 80, 300)).astype(np.float32) * 0.5
     assert np.abs(onnx_outputs(q, mel)[0] - torch_outputs(model, mel)[0]).max() < 0.1
+
+
+def test_slot_blank_penalty_is_in_the_graph(tmp_path) -> None:
+    torch.manual_seed(1)
+    enc = WhisperEncoder()
+    top = TopModel(enc, n_intents=5, frozen_layers=3)
+    mel = np.random.default_rng(1).standard_normal((1, 80, 200)).astype(np.float32) * 0.5
+    plain, pen = FullModel(enc, top).eval(), FullModel(enc, top, slot_blank_penalty=50.0).eval()
+    with torch.no_grad():
+        logits = plain.heads(plain.encoder(torch.from_numpy(mel), upto=4))["slot"][0].numpy()
+    path = tmp_path / "p.onnx"
+    export_onnx(pen, path)
+    ids = onnx_outputs(path, mel)[3][0]
+    assert (ids != 0).all()  # a penalty that large: the blank never wins
+    assert (ids == logits[:, 1:].argmax(-1) + 1).mean() > 0.99
+    assert (torch_outputs(plain, mel)[3][0] == logits.argmax(-1)).all()  # no penalty: plain argmax
