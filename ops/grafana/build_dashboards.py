@@ -144,13 +144,15 @@ def voicebot() -> Board:
                                    "{{direction}} {{result}}")], w=12, unit="pps")
 
     b.row("Redis and workers")
-    b.panel("Redis up (per worker)", [_q("min by (instance) (voicebot_redis_up)", "{{instance}}")], "stat", w=6,
+    b.panel("Redis up (per worker)", [_q("min by (instance) (voicebot_redis_up)", "{{instance}}")], "stat", w=4,
             desc="0: the worker buffers call events in memory (alert RedisDown)")
+    b.panel("SIP listening", [_q("min by (instance) (voicebot_sip_listening)", "{{instance}}")], "stat", w=4,
+            desc="0: worker 0 cannot bind the SIP port and retries (alert SipNotListening); Twilio unaffected")
     b.panel("Redis op latency p99", [_q(
         "histogram_quantile(0.99, sum by (le, op) (rate(voicebot_redis_op_seconds_bucket[5m])))", "{{op}}")],
-        w=9, unit="s")
+        w=8, unit="s")
     b.panel("Workers up", [_q('up{job="voicebot"}', "{{instance}}"),
-                           _q("count by (instance) (voicebot_worker_info)", "{{instance}} workers", "B")], w=9)
+                           _q("count by (instance) (voicebot_worker_info)", "{{instance}} workers", "B")], w=8)
     b.panel("CPU per worker (cores)", [_q('rate(voicebot_worker_cpu_seconds{job="voicebot"}[1m])', "{{instance}} {{pid}}")],
             w=12, unit="short", desc="1.0 = one full core (sampled by each worker every 5 s)")
     b.panel("Resident memory per worker", [_q('voicebot_worker_resident_memory_bytes{job="voicebot"}', "{{instance}} {{pid}}")],
