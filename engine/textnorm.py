@@ -183,7 +183,8 @@ def parse_slots(token_ids: list[int]) -> dict[str, object]:
                 c = _parse_number([t for t in toks[i + 1 : k] if _is_num(t)])
                 if c is not None and c < 100:
                     amount += c / 100
-            out["money"] = round(amount, 2)
+            if amount > 0:  # "oh dollars" is a misheard amount, not a payment of nothing
+                out["money"] = round(amount, 2)
     elif "cents" not in toks and not best:
         nums = [t for t in toks if _is_num(t)]
         value = _parse_number(nums) if nums else None

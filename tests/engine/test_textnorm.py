@@ -26,6 +26,7 @@ def test_cents_days_and_normalisation() -> None:
     for text in ("oh yes it is", "oh absolutely not", "zero", "that one"):
         assert "money_bare" not in slots_from_text(text), text
     assert slots_from_text("fifty two")["money_bare"] == 52.0
+    assert "money" not in slots_from_text("oh dollars") and slots_from_text("zero dollars and fifty cents")["money"] == 0.5
     assert normalize_text("It's  $40 -- OK?") == "it's ok"
     assert int_to_words(120) == "one hundred and twenty"
 
