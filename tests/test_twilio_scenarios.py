@@ -4,7 +4,9 @@ caller speech synthesized with espeak-ng through a phone channel, the local Twil
 - a confident request is answered (and the call's events and the metrics show it);
 - a mid-confidence request is confirmed, "yes", then answered;
 - an unintelligible caller is reprompted, then escalated to a human;
-- "agent" is transferred at once (the REST redirect is visible at the fake Twilio API).
+- "agent" is transferred at once (the REST redirect is visible at the fake Twilio API);
+- a payment amount is read back before it is taken: "no" asks for it again, the new amount is read back,
+  "yes" takes exactly the amount that was read back.
 
 The thresholds of the test policy put the chosen requests in the band each scenario needs
 (the policy defines the bands; the engine's calibrated confidence is what it is)."""
@@ -36,6 +38,7 @@ def scenario_policy(path: Path) -> Path:
     ov["report_outage"] = {"accept": 1.0, "confirm": 0.3}  # the mid band: always confirmed first
     ov["check_balance"] = {"accept": 0.6}  # the confident band
     ov["speak_to_agent"] = {"accept": 0.25, "confirm": 0.2}  # "agent" goes straight through
+    ov["pay_bill"] = {"accept": 0.6}  # the read-back scenario starts from an accepted request
     doc["escalation"]["max_failures"]["count"] = 2  # second failed turn -> a human
     # espeak's flat robot voice can score as "frustrated"; frustration routing is not under test here
     doc["escalation"]["frustration"]["threshold"] = 0.99
@@ -89,8 +92,9 @@ async def test_policy_scenarios_over_twilio(bot: BotServer, fake_api: FakeTwilio
         _converse(bot, [synth("my internet is down"), synth("yes")]),
         _converse(bot, [gibberish, gibberish]),
         _converse(bot, [synth("I want to speak to someone")]),
+        _converse(bot, [synth("I'd like to pay forty dollars"), synth("no"), synth("twenty five dollars"), synth("yes")]),
     )
-    (c1, confident), (c2, confirm), (c3, unclear), (c4, agent) = results
+    (c1, confident), (c2, confirm), (c3, unclear), (c4, agent), (_, payment) = results
     summary = [[(x["intent"], x["confidence"], x["decision"]["action"], x["decision"]["reason"], x["caller_state"])
                 for x in _turns(got)] for _, got in results]
     print("scenario turns:", summary)
@@ -116,6 +120,14 @@ async def test_policy_scenarios_over_twilio(bot: BotServer, fake_api: FakeTwilio
     for c in (c3, c4):
         reqs = [r for r in fake_api.requests if c.call_sid in r["path"]]
         assert len(reqs) == 1 and reqs[0]["auth_ok"] and "<Enqueue>" in reqs[0]["form"]["Twiml"]
+
+    t = _turns(payment)
+    assert [(x["decision"]["action"], x["decision"]["reason"]) for x in t] == [
+        ("confirm", "read_back"), ("collect", "value_denied"), ("confirm", "read_back"), ("answer", "confirmed")], t
+    heard = t[2]["decision"]["slots"]["amount"]
+    assert f"payment of {heard} dollars, is that right" in t[2]["decision"]["prompt"]
+    assert t[3]["intent"] == "affirm" and t[3]["decision"]["slots"] == {"amount": heard}  # what was read back is paid
+    assert t[0]["decision"]["slots"]["amount"] != heard  # the first amount was turned down and not taken
 
     after = bot.metrics()
     for name, labels in (("voicebot_turn_latency_seconds_count", {"transport": "twilio"}),
