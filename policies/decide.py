@@ -239,7 +239,7 @@ def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
         failures=0 if success else state.failures + int(is_failure(state, d)),
         stalls=0 if final or not caller_turn else state.stalls + 1,
         no_inputs=state.no_inputs + 1 if isinstance(inp, NoInput) else 0,
-        pending_confirm=Pending(d.intent, dict(d.slots), d.target, read_back=d.reason == "read_back")
+        pending_confirm=Pending(d.intent, dict(d.slots), d.target, read_back=_reads_back(state, d))
         if d.action == "confirm" else None,
         pending_clarify=(d.options[0], d.options[1]) if d.action == "clarify" and len(d.options) == 2 else None,
         pending_collect=Pending(d.intent, dict(d.slots)) if d.action == "collect" else None,
@@ -251,6 +251,15 @@ def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
         redis_error=state.redis_error or isinstance(inp, RedisFailure),
         ended=d.action in ENDING_ACTIONS,
     )
+
+
+def _reads_back(state: CallState, d: Decision) -> bool:
+    """A read-back question, asked now or asked again (after silence, "say that again", an unclear answer:
+    _reask repeats the same question under another reason)."""
+    if d.reason == "read_back":
+        return True
+    pc = state.pending_confirm
+    return pc is not None and pc.read_back and d.intent == pc.intent and dict(d.slots) == dict(pc.slots)
 
 
 # -- routing to queues --------------------------------------------------------------------------------
