@@ -109,7 +109,8 @@ class UnderstandingModel:
         a clip's result would depend on the clips batched with it (measured on understand-v6: confidence
         moved by up to 0.12 and 2 of 300 validation top intents changed). One run per clip keeps every
         call's result its own, and on CPU it is no slower (8 x 4 s clips, one thread: 185 ms one by one,
-        235 ms as one batch). Float sessions a GPU backend swapped in still run whole batches."""
+        235 ms as one batch). A GPU backend's session quantises per batch row (engine/backends/torch_backend.py),
+        so it runs whole batches and each clip still gets its own result."""
         import onnxruntime as ort
 
         return bool(self.config.get("quantized", True)) and isinstance(self.session, ort.InferenceSession)

@@ -87,9 +87,19 @@ def _dequantize(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
 
 
 def _dynamic_quantize(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
-    # ONNX DynamicQuantizeLinear: uint8, per-tensor scale from the range (which always includes 0).
+    # ONNX DynamicQuantizeLinear: uint8, scale from the range (which always includes 0). ONNX takes the
+    # range over the whole tensor, so a clip's result would depend on the clips batched with it. Our
+    # graphs quantise only (batch, time, channels) activations (checked at load), so the range is taken
+    # per batch row instead: each clip gets exactly the scale ONNX Runtime gives it when run alone, and a
+    # GPU batch of any size returns what the CPU returns one clip at a time. The [B,1,1] scale and zero
+    # point broadcast through the MatMulInteger and Mul that consume them.
     v = x[0].float()
-    lo, hi = torch.clamp(v.min(), max=0.0), torch.clamp(v.max(), min=0.0)
+    if v.dim() >= 3:
+        dims = tuple(range(1, v.dim()))
+        lo = torch.clamp(torch.amin(v, dim=dims, keepdim=True), max=0.0)
+        hi = torch.clamp(torch.amax(v, dim=dims, keepdim=True), min=0.0)
+    else:
+        lo, hi = torch.clamp(v.min(), max=0.0), torch.clamp(v.max(), min=0.0)
     scale = (hi - lo) / 255.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)
@@ -286,6 +296,17 @@ OPS: dict[str, Callable[..., list[Tensor]]] = {
 }
 
 
+def _check_row_quantization(graph: onnx.GraphProto) -> None:
+    """Per-row dynamic quantisation (see _dynamic_quantize) is only equivalent when each scale and zero
+    point feeds a MatMulInteger or the Mul that rescales its product, which is how onnxruntime's
+    quantize_dynamic writes it; anything else is refused (attach_backend then stays on ONNX Runtime)."""
+    produced = {o: n.op_type for n in graph.node for o in n.output[1:] if n.op_type == "DynamicQuantizeLinear"}
+    for n in graph.node:
+        for i in n.input:
+            if i in produced and n.op_type not in ("MatMulInteger", "Mul"):
+                raise NotImplementedError(f"DynamicQuantizeLinear output {i!r} feeds {n.op_type}")
+
+
 class OnnxTorchGraph:
     """An ONNX graph executed with torch ops on `device`; float initialisers in `dtype`."""
 
@@ -296,6 +317,7 @@ class OnnxTorchGraph:
                              | {f"{n.domain}:{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
         if unsupported:
             raise NotImplementedError(f"ops not supported by the torch backend: {unsupported}")
+        _check_row_quantization(graph)
         self.device = torch.device(device)
         self.dtype = dtype
         self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in graph.node]
@@ -340,11 +362,16 @@ class _Meta:
 class TorchSession:
     """onnxruntime-compatible session over OnnxTorchGraph; CUDA graphs per input shape on GPU."""
 
-    def __init__(self, onnx_path: str, device: str = "cpu", fp16: bool | None = None, cuda_graphs: bool | None = None) -> None:
+    def __init__(self, onnx_path: str, device: str = "cpu", fp16: bool | None = None, cuda_graphs: bool | None = None,
+                 pad_batches: bool | None = None) -> None:
         on_gpu = device.startswith("cuda")
         self.fp16 = on_gpu if fp16 is None else fp16
         self.graph = OnnxTorchGraph(onnx_path, device, torch.float16 if self.fp16 else torch.float32)
         self.use_graphs = on_gpu if cuda_graphs is None else cuda_graphs
+        # The scheduler sends batches of any size 1..max_batch; rounding the batch up to a power of two
+        # keeps the captured shapes to a handful per length bucket instead of one capture per size.
+        # Rows are independent (per-row quantisation), so the zero rows added change nothing.
+        self.pad_batches = self.use_graphs if pad_batches is None else pad_batches
         self._graphs: OrderedDict[tuple, tuple[Any, dict[str, Tensor], list[Tensor]]] = OrderedDict()
         self._lock = threading.Lock()  # captured graphs own static buffers: one replay at a time
 
@@ -384,7 +411,22 @@ class TorchSession:
         log().info("captured CUDA graph", shapes=str(key), graphs=len(self._graphs))
         return self._graphs[key]
 
+    @staticmethod
+    def _padded(feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int | None]:
+        sizes = {v.shape[0] for v in feeds.values() if v.ndim >= 1 and v.dtype.kind == "f"}
+        if len(sizes) != 1:
+            return feeds, None
+        n = sizes.pop()
+        target = 1 << max(0, n - 1).bit_length()
+        if target == n:
+            return feeds, n
+        return {k: np.concatenate([v, np.zeros((target - n, *v.shape[1:]), v.dtype)])
+                if v.ndim >= 1 and v.dtype.kind == "f" else v for k, v in feeds.items()}, n
+
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        rows = None
+        if self.pad_batches:
+            feeds, rows = self._padded(feeds)
         tensors = self._tensors(feeds)
         with self._lock:
             outs = None
@@ -399,7 +441,7 @@ class TorchSession:
                     self.use_graphs, self._graphs, outs = False, OrderedDict(), None
             if outs is None:
                 outs = self.graph.forward(tensors)
-            res = {n: (o.float() if o.is_floating_point() else o).cpu().numpy()
+            res = {n: (o.float() if o.is_floating_point() else o)[: rows if o.dim() else None].cpu().numpy()
                    for n, o in zip(self.graph.output_names, outs)}
         return [res[n] for n in (output_names or self.graph.output_names)]
 

@@ -120,3 +120,60 @@ def test_swap_sessions_moves_every_session() -> None:
     model = SmartTurnReference()
     assert swap_sessions(model, lambda p: TorchSession(p, device="cpu")) == 1
     assert isinstance(model.session, TorchSession)
+
+
+@pytest.mark.skipif(not any(MODELS.glob("*/model.onnx")), reason="understanding model not shipped yet")
+def test_torch_backend_batch_gives_each_clip_its_own_result() -> None:
+    """GPU backends run whole batches of the int8 graph; per-row dynamic quantisation keeps each clip's
+    outputs what ONNX Runtime gives it alone (ONNX's per-tensor range would mix the batch's clips)."""
+    from engine.understanding import default_model_dir
+
+    path = str(default_model_dir() / "model.onnx")
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ours = TorchSession(path, device="cpu")
+    rng = np.random.default_rng(5)
+    # three clips at very different levels: under a per-tensor range the loud one sets everyone's scale
+    mel = np.stack([rng.standard_normal((80, 200)).astype(np.float32) * g for g in (0.2, 1.0, 3.0)])
+    names = [o.name for o in ref.get_outputs()]
+    batch = dict(zip(names, ours.run(None, {"mel": mel})))
+    for i in range(len(mel)):
+        alone = dict(zip(names, ours.run(None, {"mel": mel[i : i + 1]})))
+        onnx_alone = dict(zip(names, ref.run(None, {"mel": mel[i : i + 1]})))
+        for n in names:
+            if batch[n].dtype.kind == "f":
+                np.testing.assert_allclose(batch[n][i], alone[n][0], atol=2e-3)  # measured 2e-4
+                np.testing.assert_allclose(batch[n][i], onnx_alone[n][0], atol=0.05)
+            else:
+                assert (batch[n][i] == alone[n][0]).mean() > 0.99
+
+
+def test_torch_backend_refuses_unknown_uses_of_dynamic_quantization(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+             helper.make_node("Identity", ["s"], ["y"])]  # the scale used as a value: per-row would change it
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(NotImplementedError, match="feeds Identity"):
+        TorchSession(str(tmp_path / "m.onnx"), device="cpu")
+
+
+@pytest.mark.skipif(not any(MODELS.glob("*/model.onnx")), reason="understanding model not shipped yet")
+def test_torch_backend_pads_batches_to_powers_of_two() -> None:
+    """Padding the batch (so a GPU captures one CUDA graph per power of two, not one per size) must not
+    change any row's outputs or the number of rows returned."""
+    from engine.understanding import default_model_dir
+
+    path = str(default_model_dir() / "model.onnx")
+    plain = TorchSession(path, device="cpu")
+    padded = TorchSession(path, device="cpu", pad_batches=True)
+    assert plain.pad_batches is False  # CPU default: no CUDA graphs, nothing to gain from padding
+    padded_feeds, rows = padded._padded({"mel": np.zeros((5, 80, 100), np.float32)})
+    assert rows == 5 and padded_feeds["mel"].shape == (8, 80, 100)
+    mel = np.random.default_rng(9).standard_normal((3, 80, 200)).astype(np.float32)
+    for a, b in zip(plain.run(None, {"mel": mel}), padded.run(None, {"mel": mel})):
+        assert a.shape == b.shape and a.shape[0] == 3
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, atol=2e-3)
+        else:
+            assert (a == b).mean() > 0.99
