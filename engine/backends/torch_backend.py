@@ -5,7 +5,7 @@ The graph is interpreted node by node (a small ONNX -> torch op table, no extra 
 arithmetic (Shape, Gather/Concat/Slice of int64 shape tensors...) stays on the CPU, so for a fixed input
 shape every device kernel is static and the whole forward can be captured once as a CUDA graph and then
 replayed with no Python or launch overhead. On CPU the same interpreter runs in FP32, which is how its
-parity with ONNX Runtime is tested (GPU paths cannot be exercised without a GPU).
+parity with ONNX Runtime is tested (the CUDA paths were measured on an H200: docs/voice-and-runtime.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def log() -> Any:
     """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
     return get_logger("engine.backends.torch")
 Tensor = torch.Tensor
-_MAX_GRAPHS = 32  # (batch, length) buckets kept captured
+_MAX_GRAPHS = 64  # (batch, length) buckets kept captured: 8 lengths x batches 1..128 in powers of two
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -38,12 +38,46 @@ def _ints(t: Tensor) -> list[int]:
     return [int(v) for v in t.reshape(-1).tolist()]  # shape tensors live on the CPU: no device sync
 
 
+class _Transfers(threading.local):
+    """Host->device copies of small CPU tensors (shape arithmetic, zero points) during CUDA graph work.
+
+    A captured graph may only copy from pinned host memory, and it re-reads that same memory on every
+    replay. So the eager warm-up before a capture records each copy's source in a pinned buffer, in
+    order, and the capture copies from those buffers (checking they hold the same values: for a fixed
+    input shape they do). The plan is kept alive with the captured graph."""
+
+    plan: list[Tensor] | None = None
+    replaying = False
+    at = 0
+    pin: Callable[[Tensor], Tensor] = staticmethod(lambda t: t.pin_memory())  # tests swap in a clone
+
+    def source(self, t: Tensor) -> Tensor:
+        if self.plan is None:
+            return t
+        if not self.replaying:
+            self.plan.append(self.pin(t))
+            return self.plan[-1]
+        if self.at >= len(self.plan) or self.plan[self.at].shape != t.shape or not torch.equal(self.plan[self.at], t):
+            raise RuntimeError("host->device copies differ between warm-up and capture")
+        self.at += 1
+        return self.plan[self.at - 1]
+
+
+_XFER = _Transfers()
+
+
+def _move(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    if t.device.type == "cpu" and device.type != "cpu":
+        t = _XFER.source(t).to(device, non_blocking=True)
+    return t.to(device, dtype) if dtype is not None else t.to(device)
+
+
 def _same_device(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if a.device != b.device:  # a CPU shape/scalar constant meeting a device tensor
         if a.device.type == "cpu":
-            a = a.to(b.device)
+            a = _move(a, b.device)
         else:
-            b = b.to(a.device)
+            b = _move(b, a.device)
     if a.is_floating_point() and b.is_floating_point() and a.dtype != b.dtype:
         b = b.to(a.dtype)
     return a, b
@@ -70,19 +104,19 @@ def _quantize(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     zp = x[2] if len(x) > 2 and x[2] is not None else torch.zeros((), dtype=torch.uint8)
     lo, hi = _qrange(zp)
     axis = a.get("axis", 1) % max(1, x[0].dim())
-    s = _axis_shape(x[1], x[0], axis).to(x[0].device, x[0].dtype)
-    z = _axis_shape(zp, x[0], axis).to(x[0].device, x[0].dtype)
+    s = _move(_axis_shape(x[1], x[0], axis), x[0].device, x[0].dtype)
+    z = _move(_axis_shape(zp, x[0], axis), x[0].device, x[0].dtype)
     q = torch.clamp(torch.round(x[0] / s) + z, lo, hi)
     return [q]
 
 
 def _dequantize(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     dtype = x[1].dtype if x[1].is_floating_point() else torch.float32
-    v = x[0].to(x[1].device, dtype) if not x[0].is_floating_point() else x[0].to(dtype)
+    v = _move(x[0], x[1].device, dtype) if not x[0].is_floating_point() else x[0].to(dtype)
     zp = x[2] if len(x) > 2 and x[2] is not None else torch.zeros((), dtype=dtype)
     axis = a.get("axis", 1) % max(1, v.dim())
-    s = _axis_shape(x[1], v, axis).to(v.device, dtype)
-    z = _axis_shape(zp, v, axis).to(v.device, dtype)
+    s = _move(_axis_shape(x[1], v, axis), v.device, dtype)
+    z = _move(_axis_shape(zp, v, axis), v.device, dtype)
     return [(v - z) * s]
 
 
@@ -111,8 +145,8 @@ def _matmul_integer(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     # Integer products summed over up to a few thousand terms: exact in float64 (CPU); on GPU float32
     # (relative error ~1e-7, far below the int8 quantisation step).
     acc = torch.float64 if x[0].device.type == "cpu" else torch.float32
-    A = x[0].to(acc) - (x[2].to(x[0].device, acc) if len(x) > 2 and x[2] is not None else 0)
-    B = x[1].to(x[0].device, acc) - (x[3].to(x[0].device, acc) if len(x) > 3 and x[3] is not None else 0)
+    A = x[0].to(acc) - (_move(x[2], x[0].device, acc) if len(x) > 2 and x[2] is not None else 0)
+    B = _move(x[1], x[0].device, acc) - (_move(x[3], x[0].device, acc) if len(x) > 3 and x[3] is not None else 0)
     return [torch.matmul(A, B)]  # int32 in ONNX; a following Cast/Mul turns it to float anyway
 
 
@@ -180,7 +214,7 @@ def _slice(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
 
 def _gather(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     axis = a.get("axis", 0) % x[0].dim()
-    idx = x[1].to(x[0].device).long()
+    idx = _move(x[1], x[0].device).long()
     idx = torch.where(idx < 0, idx + x[0].shape[axis], idx)
     return [torch.index_select(x[0], axis, idx.reshape(-1)).reshape(
         x[0].shape[:axis] + idx.shape + x[0].shape[axis + 1:])]
@@ -207,7 +241,7 @@ def _squeeze(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
 
 def _concat(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     dev = next((t.device for t in x if t.device.type != "cpu"), x[0].device)
-    return [torch.cat([t.to(dev) for t in x], dim=a["axis"])]
+    return [torch.cat([_move(t, dev) for t in x], dim=a["axis"])]
 
 
 def _reduce(fn: Callable[..., Tensor]) -> Callable[..., list[Tensor]]:
@@ -262,7 +296,7 @@ def _split(x: list[Tensor], a: dict[str, Any], n_out: int) -> list[Tensor]:
 def _einsum_args(x: list[Tensor]) -> list[Tensor]:
     dev = next((t.device for t in x if t.device.type != "cpu"), x[0].device)
     dt = next((t.dtype for t in x if t.is_floating_point()), x[0].dtype)
-    return [t.to(dev, dt) for t in x]
+    return [_move(t, dev, dt) for t in x]
 
 
 OPS: dict[str, Callable[..., list[Tensor]]] = {
@@ -276,7 +310,7 @@ OPS: dict[str, Callable[..., list[Tensor]]] = {
     "Relu": lambda x, a: [torch.relu(x[0])], "Reciprocal": lambda x, a: [1.0 / x[0]], "Not": lambda x, a: [~x[0]],
     "Identity": lambda x, a: [x[0]], "Dropout": lambda x, a: [x[0]],
     "Gelu": lambda x, a: [torch.nn.functional.gelu(x[0], approximate="tanh" if a.get("approximate") in (b"tanh", "tanh") else "none")],
-    "Where": lambda x, a: [torch.where(x[0].to(x[1].device), *_same_device(x[1], x[2]))],
+    "Where": lambda x, a: [torch.where(_move(x[0], x[1].device), *_same_device(x[1], x[2]))],
     "Transpose": lambda x, a: [x[0].permute(*(a.get("perm") or list(range(x[0].dim()))[::-1]))],
     "Shape": lambda x, a: [torch.tensor(list(x[0].shape)[a.get("start", 0):a.get("end")], dtype=torch.int64)],
     "Softmax": _softmax, "LogSoftmax": _log_softmax, "LayerNormalization": _layernorm, "Gemm": _gemm,
@@ -363,7 +397,7 @@ class TorchSession:
     """onnxruntime-compatible session over OnnxTorchGraph; CUDA graphs per input shape on GPU."""
 
     def __init__(self, onnx_path: str, device: str = "cpu", fp16: bool | None = None, cuda_graphs: bool | None = None,
-                 pad_batches: bool | None = None) -> None:
+                 pad_batches: bool | None = None, device_features: bool | None = None) -> None:
         on_gpu = device.startswith("cuda")
         self.fp16 = on_gpu if fp16 is None else fp16
         self.graph = OnnxTorchGraph(onnx_path, device, torch.float16 if self.fp16 else torch.float32)
@@ -372,7 +406,13 @@ class TorchSession:
         # keeps the captured shapes to a handful per length bucket instead of one capture per size.
         # Rows are independent (per-row quantisation), so the zero rows added change nothing.
         self.pad_batches = self.use_graphs if pad_batches is None else pad_batches
-        self._graphs: OrderedDict[tuple, tuple[Any, dict[str, Tensor], list[Tensor]]] = OrderedDict()
+        # The log-mel front end on the model's device (UnderstandingModel uses it when offered): on a GPU
+        # numpy features would otherwise cost ~10x the model per clip.
+        from engine.backends.torch_features import TorchLogMel
+
+        self.log_mel_batch = TorchLogMel(self.graph.device) if (on_gpu if device_features is None else device_features) else None
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._graphs: OrderedDict[tuple, tuple[Any, dict[str, Tensor], list[Tensor], list[Tensor]]] = OrderedDict()
         self._lock = threading.Lock()  # captured graphs own static buffers: one replay at a time
 
     def get_inputs(self) -> list[_Meta]:
@@ -381,15 +421,15 @@ class TorchSession:
     def get_outputs(self) -> list[_Meta]:
         return [_Meta(n) for n in self.graph.output_names]
 
-    def _tensors(self, feeds: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    def _tensors(self, feeds: dict[str, np.ndarray | Tensor]) -> dict[str, Tensor]:
         out = {}
         for k, v in feeds.items():
-            t = torch.from_numpy(np.ascontiguousarray(v))
+            t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
             out[k] = t.to(self.graph.device, self.graph.dtype) if t.is_floating_point() else (
                 t if t.numel() <= 64 else t.to(self.graph.device))
         return out
 
-    def _captured(self, feeds: dict[str, Tensor]) -> tuple[Any, dict[str, Tensor], list[Tensor]]:
+    def _captured(self, feeds: dict[str, Tensor]) -> tuple[Any, dict[str, Tensor], list[Tensor], list[Tensor]]:
         key = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(feeds.items()))
         hit = self._graphs.get(key)
         if hit is not None:
@@ -398,32 +438,46 @@ class TorchSession:
         static = {k: v.clone() for k, v in feeds.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up (allocator, cuBLAS handles) outside the capture
-                self.graph.forward(static)
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            outs = self.graph.forward(static)
-        self._graphs[key] = (g, static, outs)
+        plan: list[Tensor] = []
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up (allocator, cuBLAS handles) outside the capture
+                    plan.clear()
+                    _XFER.plan, _XFER.replaying = plan, False
+                    self.graph.forward(static)
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            _XFER.replaying, _XFER.at = True, 0
+            with torch.cuda.graph(g, pool=self._pool):  # replays are serial (lock) and copy out at once
+                outs = self.graph.forward(static)
+        finally:
+            _XFER.plan, _XFER.replaying = None, False
+        self._graphs[key] = (g, static, outs, plan)
         while len(self._graphs) > _MAX_GRAPHS:
             self._graphs.popitem(last=False)
         log().info("captured CUDA graph", shapes=str(key), graphs=len(self._graphs))
         return self._graphs[key]
 
     @staticmethod
-    def _padded(feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int | None]:
-        sizes = {v.shape[0] for v in feeds.values() if v.ndim >= 1 and v.dtype.kind == "f"}
+    def _padded(feeds: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        def batched(v: Any) -> bool:  # float feeds (numpy, or torch from the device front end)
+            return v.ndim >= 1 and (v.is_floating_point() if isinstance(v, torch.Tensor) else v.dtype.kind == "f")
+
+        def pad(v: Any, rows: int) -> Any:
+            if isinstance(v, torch.Tensor):
+                return torch.cat([v, v.new_zeros((rows, *v.shape[1:]))])
+            return np.concatenate([v, np.zeros((rows, *v.shape[1:]), v.dtype)])
+
+        sizes = {v.shape[0] for v in feeds.values() if batched(v)}
         if len(sizes) != 1:
             return feeds, None
         n = sizes.pop()
         target = 1 << max(0, n - 1).bit_length()
         if target == n:
             return feeds, n
-        return {k: np.concatenate([v, np.zeros((target - n, *v.shape[1:]), v.dtype)])
-                if v.ndim >= 1 and v.dtype.kind == "f" else v for k, v in feeds.items()}, n
+        return {k: pad(v, target - n) if batched(v) else v for k, v in feeds.items()}, n
 
-    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, Any]) -> list[np.ndarray]:
         rows = None
         if self.pad_batches:
             feeds, rows = self._padded(feeds)
@@ -432,7 +486,7 @@ class TorchSession:
             outs = None
             if self.use_graphs:
                 try:
-                    g, static, outs = self._captured(tensors)
+                    g, static, outs, _plan = self._captured(tensors)
                     for k, v in tensors.items():
                         static[k].copy_(v)
                     g.replay()

@@ -33,3 +33,29 @@ def test_bot_cli_exposes_bench() -> None:
     parser = build_parser()
     args = parser.parse_args(["engine", "bench", "--json", "--no-speak"])
     assert args.func is bench.cmd_bench
+
+
+def test_gpu_benchmark_script_runs_its_steps_on_cpu(tmp_path: Path) -> None:
+    """ops/bench/gpu_backend measures on a borrowed GPU; its dry run keeps every step working here."""
+    import soundfile as sf
+
+    from ops.bench import gpu_backend
+
+    clips = bench.speech_clips([2.0, 3.0], 4, voice_kind="espeak")
+    for name in ("val", "real"):
+        d = tmp_path / name
+        d.mkdir()
+        rows = []
+        for i, c in enumerate(clips):
+            sf.write(d / f"{i}.wav", c, 8000, subtype="PCM_16")
+            rows.append(json.dumps({"audio": f"{i}.wav", "intent": "pay_bill", "slots": {}}))
+        (d / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    pack = tmp_path / "clips.npz"
+    gpu_backend.pack([str(tmp_path / "val"), str(tmp_path / "real")], 3, str(pack))
+    out = tmp_path / "report.json"
+    assert gpu_backend.run(str(pack), str(out), reps=2, dry_run=True) == 0
+    report = json.loads(out.read_text())
+    assert report["parity"]["n"] == 6 and report["parity"]["val"]["n"] == 3
+    assert report["parity"]["same_intent"] == 1.0
+    assert [r["batch"] for r in report["gpu_by_batch_4s"]] == [1, 3]
+    assert report["paced"][0]["turns"] > 0 and report["concurrent"][0]["utterances_per_s"] > 0

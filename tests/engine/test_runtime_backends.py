@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from engine.backends import attach_backend, normalize, select_backend, swap_sessions
@@ -177,3 +178,73 @@ def test_torch_backend_pads_batches_to_powers_of_two() -> None:
             np.testing.assert_allclose(a, b, atol=2e-3)
         else:
             assert (a == b).mean() > 0.99
+
+
+def test_capture_copies_come_from_the_recorded_pinned_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logic that lets a CUDA graph capture copy host tensors: warm-up records, capture replays the
+    same buffers in order, and a copy that differs from the warm-up's stops the capture (eager fallback)."""
+    from engine.backends import torch_backend as tb
+
+    xfer = tb._Transfers()
+    monkeypatch.setattr(tb._Transfers, "pin", staticmethod(lambda t: t.clone()))  # no CUDA here
+    a, b = torch.tensor([1, 2]), torch.tensor(3.0)
+    assert xfer.source(a) is a  # no plan: plain copy
+    xfer.plan = []
+    ra, rb = xfer.source(a), xfer.source(b)
+    assert ra is not a and torch.equal(ra, a) and len(xfer.plan) == 2
+    xfer.replaying, xfer.at = True, 0
+    assert xfer.source(torch.tensor([1, 2])) is ra and xfer.source(torch.tensor(3.0)) is rb
+    xfer.at = 0
+    with pytest.raises(RuntimeError, match="differ between warm-up and capture"):
+        xfer.source(torch.tensor([1, 5]))
+    xfer.at = 2
+    with pytest.raises(RuntimeError, match="differ"):
+        xfer.source(a)  # more copies than the warm-up made
+
+
+@pytest.mark.skipif(not any(MODELS.glob("*/model.onnx")), reason="understanding model not shipped yet")
+def test_threaded_features_for_gpu_sessions_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.bench import speech_clips
+    from engine.understanding import UnderstandingModel
+
+    clips = speech_clips([2.0, 3.0, 4.0], 6, voice_kind="espeak")
+    results = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv("BOT_ENGINE_FEATURE_THREADS", threads)
+        model = UnderstandingModel.load()
+        swap_sessions(model, lambda p: TorchSession(p, device="cpu"))
+        results.append(model.understand_batch(clips))
+        assert (model._features is False) == (threads == "1")
+    for a, b in zip(*results):
+        assert a.intent == b.intent and a.confidence == b.confidence and a.slots == b.slots
+        assert a.transcript == b.transcript
+
+
+def test_device_front_end_matches_numpy_log_mel() -> None:
+    from engine.backends.torch_features import TorchLogMel
+    from engine.features import log_mel
+
+    rng = np.random.default_rng(4)
+    # lengths inside one bucket, one that fills it, one longer (its tail is used), varied levels
+    clips = [(rng.standard_normal(n) * g).astype(np.float32) for n, g in
+             ((8000 * 3, 0.1), (17000, 0.5), (16001, 0.01), (30000, 0.3), (1600, 0.2))]
+    front = TorchLogMel(torch.device("cpu"))
+    got = front(clips, 3).numpy()
+    assert got.shape == (5, 80, 300)
+    for i, c in enumerate(clips):
+        np.testing.assert_allclose(got[i], log_mel(c, 3), atol=2e-3)  # measured 5e-5
+
+
+@pytest.mark.skipif(not any(MODELS.glob("*/model.onnx")), reason="understanding model not shipped yet")
+def test_session_with_device_front_end_understands_the_same() -> None:
+    from engine.bench import speech_clips
+    from engine.understanding import UnderstandingModel
+
+    clips = speech_clips([2.0, 3.0, 4.0], 6, voice_kind="espeak")
+    numpy_front, device_front = UnderstandingModel.load(), UnderstandingModel.load()
+    swap_sessions(numpy_front, lambda p: TorchSession(p, device="cpu", device_features=False))
+    swap_sessions(device_front, lambda p: TorchSession(p, device="cpu", device_features=True, pad_batches=True))
+    assert numpy_front.session.log_mel_batch is None and device_front.session.log_mel_batch is not None
+    for a, b in zip(numpy_front.understand_batch(clips), device_front.understand_batch(clips)):
+        assert a.intent == b.intent and a.slots == b.slots
+        assert abs(a.confidence - b.confidence) < 0.02 and abs(a.end_of_turn - b.end_of_turn) < 0.02
