@@ -6,6 +6,12 @@ speaker reading 9-14 digits with pauses: 1 of 120 read-outs right). Pieces are c
 backwards, each at the earliest pause that keeps it within 8 s, so the last piece (which gives the
 intent, end of turn and caller state) is nearly the last 8 s, starting in a pause rather than mid-word.
 Where a caller speaks 8 s without any pause, the cut falls at 8 s.
+
+That last piece still gives the intent, but slots and the transcript are read from `split_even`'s
+pieces: as few as fit the window, of about equal length. Cutting from the end left a nearly full 8 s
+piece (whose first words sit in the early positions, where training clips, mostly 1-5 s and padded on
+the left, almost never had speech) and a short remainder of a few digits. Chosen on validation voices
+reading 9-14 digit numbers (`bot engine readouts`, 450 clips): exact read-outs 0.46 -> 0.52.
 """
 
 from __future__ import annotations
@@ -60,4 +66,24 @@ def split_turn(x: np.ndarray, window_s: float = WINDOW_S) -> list[np.ndarray]:
         cuts.append(cut)
         end = cut
     bounds = [0] + cuts[::-1] + [len(x)]
+    return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def split_even(x: np.ndarray, window_s: float = WINDOW_S, reach_s: float = 1.5) -> list[np.ndarray]:
+    """The turn itself when it fits the window, else ceil(length / window) pieces of about equal length,
+    each cut at the pause nearest its equal share (within reach_s; else exactly at the share). Falls
+    back to split_turn if a piece would not fit the window."""
+    w = int(window_s * SR)
+    if len(x) <= w:
+        return [x]
+    k = -(-len(x) // w)
+    pauses = pause_centres(x)
+    cuts = []
+    for j in range(1, k):
+        target = j * len(x) / k
+        near = [p for p in pauses if abs(p - target) < reach_s * SR]
+        cuts.append(min(near, key=lambda p: abs(p - target)) if near else int(target))
+    bounds = [0] + cuts + [len(x)]
+    if any(not 0 < b - a <= w for a, b in zip(bounds[:-1], bounds[1:])):
+        return split_turn(x, window_s)
     return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -192,6 +192,16 @@ def cmd_asterisk(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_readouts(a: argparse.Namespace) -> int:
+    from engine.training.readouts import make_readout_eval
+
+    slot = load_catalog(a.policy).slot_of_type("digits")
+    if not slot:
+        raise SystemExit("the policy has no slot of type digits (an account number)")
+    print(json.dumps(make_readout_eval(a.out, slot, split=a.split, n=a.n, seed=a.seed)))
+    return 0
+
+
 def cmd_latency(a: argparse.Namespace) -> int:
     """Load time and understand() latency on one ORT thread for a clip of --seconds (real speech-like audio)."""
     import time
@@ -343,6 +353,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--long", action="store_true",
                    help="only account numbers of 9-14 digits read in groups with pauses (8-16 s, longer than the model's window)")
     m.set_defaults(func=cmd_asterisk)
+
+    ro = sub.add_parser("readouts", help="long account-number read-outs (8-16 s) by one split's synthetic voices: "
+                        "where choices about long turns are made (the asterisk long set only measures)")
+    ro.add_argument("out")
+    ro.add_argument("--policy", default=None)
+    ro.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ro.add_argument("-n", type=int, default=150)
+    ro.add_argument("--seed", type=int, default=0)
+    ro.set_defaults(func=cmd_readouts)
 
     lt = sub.add_parser("latency", help="model load time and understand() p50/p95 for one clip length")
     lt.add_argument("--model", default=None)

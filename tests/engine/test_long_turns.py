@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from engine.long_turns import SR, WINDOW_S, pause_centres, split_turn
+from engine.long_turns import SR, WINDOW_S, pause_centres, split_even, split_turn
 
 
 def _bursts(spec: list[tuple[float, float]], seed: int = 0) -> np.ndarray:
@@ -57,3 +57,36 @@ def test_long_account_number_read_out_by_a_real_voice_keeps_its_first_digits() -
     close = sum(len(str(g)) >= len(d) - 2 for g, (_, d) in zip(got, clips))
     exact = sum(str(g) == d for g, (_, d) in zip(got, clips))
     assert close >= 9 and exact >= 3, list(zip(got, [d for _, d in clips]))
+
+
+def test_even_pieces_for_reading_cut_in_pauses_near_equal_shares() -> None:
+    x = _bursts([(0.9, 0.4)] * 8)  # 10.4 s: split_turn leaves ~8 s + ~2.4 s
+    assert [round(len(p) / SR, 1) for p in split_turn(x)] == [2.4, 8.0]  # a short remainder first
+    pieces = split_even(x)
+    assert len(pieces) == 2 and np.array_equal(np.concatenate(pieces), x)
+    assert abs(len(pieces[0]) - len(pieces[1])) < 1.4 * SR  # about half each, at the pause nearest the middle
+    cut = len(pieces[0])
+    assert np.abs(x[cut - 400 : cut + 400]).max() < 0.01
+    assert split_even(x[: 5 * SR])[0] is not None and len(split_even(x[: 5 * SR])) == 1
+    long = _bursts([(0.9, 0.4)] * 18)  # 23.4 s -> 3 pieces, each within the window
+    assert len(split_even(long)) == 3 and all(len(p) <= WINDOW_S * SR for p in split_even(long))
+
+
+def test_even_pieces_without_pauses_cut_at_the_shares() -> None:
+    pieces = split_even(_bursts([(20.0, 0.0)]))
+    assert [len(p) for p in pieces] == [int(20 * SR / 3), int(40 * SR / 3) - int(20 * SR / 3), 20 * SR - int(40 * SR / 3)]
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/asterisk/sounds/en/digits/1.wav").exists(),
+                    reason="asterisk-core-sounds-en-wav not installed")
+def test_a_long_turn_reads_slots_from_even_pieces_and_intent_from_its_last_window() -> None:
+    from engine.training.asterisk import long_readout
+    from engine.understanding import UnderstandingModel
+
+    model = UnderstandingModel.load()
+    x, _digits = long_readout(np.random.default_rng(5))
+    pcm = np.round(x / np.abs(x).max() * 16000).astype(np.int16)
+    u = model.understand(pcm)
+    assert u.timings["pieces"] == len(split_even(pcm.astype(np.float32) / 32768))
+    last = model.understand(np.round(split_turn(pcm.astype(np.float32) / 32768)[-1] * 32768).astype(np.int16))
+    assert u.intent == last.intent and abs(u.confidence - last.confidence) < 1e-4
