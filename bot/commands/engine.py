@@ -46,7 +46,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cache_split(Path(a.data) / split, Path(a.cache) / split, workers=a.workers,
                     frozen_layers=FROZEN_LAYERS if a.frozen_layers is None else a.frozen_layers)
     res = train(a.cache, a.run, cat.intent_names, epochs=a.epochs, threads=a.threads, max_minutes=a.max_minutes, seed=a.seed,
-                init=a.init)
+                init=a.init, device=a.device)
     print(json.dumps({"best_val_intent_accuracy": res["best_val_intent_accuracy"]}))
     return 0
 
@@ -58,7 +58,7 @@ def _load_top(run: str):
     from engine.training.model import TopModel
     from engine.training.whisper import pretrained_encoder
 
-    ck = torch.load(Path(run) / "best.pt", weights_only=False)
+    ck = torch.load(Path(run) / "best.pt", weights_only=False, map_location="cpu")
     enc = pretrained_encoder()
     top = TopModel(enc, len(ck["intents"]), frozen_layers_of(ck))
     top.load_state_dict(ck["model"])
@@ -279,6 +279,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--max-minutes", dest="max_minutes", type=float, default=30.0)
+    t.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda; checkpoints load on either")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--frozen-layers", dest="frozen_layers", type=int, default=None,
                    help="encoder layers kept frozen and cached (default: engine.training.cache.FROZEN_LAYERS)")

@@ -90,9 +90,9 @@ def ctc_loss(logits: torch.Tensor, targets: list[list[int]], mask: torch.Tensor)
     if not idx:
         return logits.sum() * 0.0
     lp = F.log_softmax(logits[idx].float(), -1).transpose(0, 1)  # (T, B, V)
-    flat = torch.tensor([t for i in idx for t in targets[i]], dtype=torch.long)
-    tl = torch.tensor([len(targets[i]) for i in idx], dtype=torch.long)
-    il = torch.full((len(idx),), lp.shape[0], dtype=torch.long)
+    flat = torch.tensor([t for i in idx for t in targets[i]], dtype=torch.long, device=lp.device)
+    tl = torch.tensor([len(targets[i]) for i in idx], dtype=torch.long, device=lp.device)
+    il = torch.full((len(idx),), lp.shape[0], dtype=torch.long, device=lp.device)
     # per target token (like reduction='mean'); clips with no slot word have empty targets, whose
     # all-blank loss grows with length, so those are normalised per 0.2 s of frames instead
     per = F.ctc_loss(lp, flat, il, tl, blank=0, zero_infinity=True, reduction="none")

@@ -103,16 +103,36 @@ def losses(out: dict, y: dict) -> dict[str, torch.Tensor]:
     }
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: CUDA when this torch sees a GPU, else the CPU. Training results differ in the last bits
+    between devices (summation order), not in kind."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _on(y: dict, dev: torch.device) -> dict:
+    """Label tensors the losses meet the model's outputs with; 'full' stays on the CPU (it picks rows)."""
+    return {**y, **{k: y[k].to(dev, non_blocking=True) for k in ("intent", "frustration", "eot")}}
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}  # a GPU run's weights load anywhere
+
+
 @torch.no_grad()
 def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str, np.ndarray]:
     model.eval()
+    dev = next(model.parameters()).device
     n = len(data.rows)
     logits = np.zeros((n, model.heads.intent[-1].out_features), np.float32)
     eot = np.zeros(n, np.float32)
     slot: list[np.ndarray | None] = [None] * n
     for s, pos in data.batches(bs, None):
         x, y = data.get(s, pos)
-        out = model(x)
+        out = {k: v.float().cpu() for k, v in model(x.to(dev)).items()}
         logits[y["rows"]] = out["intent"].numpy()
         eot[y["rows"]] = torch.sigmoid(out["eot"]).numpy()
         for j, row in enumerate(y["rows"]):
@@ -123,11 +143,13 @@ def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str,
 
 def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs: int = 32, lr: float = 1e-3,
           lr_encoder: float = 2e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0,
-          init: str | None = None) -> dict:
+          init: str | None = None, device: str = "auto") -> dict:
     """Train (resuming from out_dir/last.pt if present); keeps the best-on-validation weights in best.pt.
-    init: a run dir whose best.pt weights start a new run (fresh optimizer and schedule)."""
+    init: a run dir whose best.pt weights start a new run (fresh optimizer and schedule).
+    device: auto / cpu / cuda; checkpoints are written with CPU tensors either way."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
+    dev = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     intents = list(intents) + [NULL]
@@ -136,10 +158,11 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
     frozen = cached_frozen_layers(Path(cache_dir) / "train")  # the cache decides which layers train
     model = TopModel(pretrained_encoder(), len(intents), frozen)
     if init and not (out / "last.pt").exists():
-        ck0 = torch.load(Path(init) / "best.pt", weights_only=False)
+        ck0 = torch.load(Path(init) / "best.pt", weights_only=False, map_location="cpu")
         if frozen_layers_of(ck0) != frozen or ck0["intents"] != intents:
             raise SystemExit(f"{init} does not match this cache (frozen layers / intents)")
         model.load_state_dict(ck0["model"])
+    model.to(dev)
     params = [{"params": list(model.layers.parameters()) + list(model.layer_norm.parameters()), "lr": lr_encoder},
               {"params": model.heads.parameters(), "lr": lr}]
     opt = torch.optim.AdamW(params, weight_decay=0.01)
@@ -151,7 +174,7 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     start_epoch, best, history = 0, -1.0, []
     if (out / "last.pt").exists():
-        ck = torch.load(out / "last.pt", weights_only=False)
+        ck = torch.load(out / "last.pt", weights_only=False, map_location=dev)
         if ck.get("frozen_layers", frozen) != frozen:
             raise SystemExit(f"{out} was trained with {ck['frozen_layers']} frozen layers, the cache has {frozen}")
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); sched.load_state_dict(ck["sched"])
@@ -164,7 +187,7 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
         bar = tqdm(tr.batches(bs, rng), desc=f"epoch {epoch + 1}/{epochs}", unit="batch")
         for s, pos in bar:
             x, y = tr.get(s, pos)
-            ls = losses(model(augment(x, rng)), y)
+            ls = losses(model(augment(x.to(dev, non_blocking=True), rng)), _on(y, dev))
             loss = sum(LOSS_WEIGHTS[k] * v for k, v in ls.items())
             opt.zero_grad()
             loss.backward()
@@ -185,9 +208,9 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
         print(json.dumps(history[-1]), flush=True)
         if acc > best:
             best = acc
-            torch.save({"model": model.state_dict(), "intents": intents, "epoch": epoch + 1, "frozen_layers": frozen},
+            torch.save({"model": _cpu_state(model), "intents": intents, "epoch": epoch + 1, "frozen_layers": frozen},
                        out / "best.pt")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        torch.save({"model": _cpu_state(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "best": best, "history": history, "frozen_layers": frozen}, out / "last.pt")
         if (time.time() - t0) / 60 > max_minutes:
             print(f"time budget of {max_minutes} min reached; stopping after epoch {epoch + 1}", flush=True)

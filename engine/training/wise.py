@@ -28,7 +28,7 @@ def toward_pretrained(run: str | Path, out: str | Path, beta: float) -> dict:
     (1 - beta) * w + beta * w_pretrained. beta=0 is the fine-tuned model, 1 the pretrained encoder."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    ck = torch.load(Path(run) / "best.pt", weights_only=False)
+    ck = torch.load(Path(run) / "best.pt", weights_only=False, map_location="cpu")
     frozen = frozen_layers_of(ck)
     pre = TopModel(pretrained_encoder(), len(ck["intents"]), frozen).state_dict()
     mixed = {}
@@ -51,7 +51,7 @@ def soup(runs: list[str | Path], out: str | Path, weights: list[float] | None = 
     weights = [1.0 / len(runs)] * len(runs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(runs) or min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
         raise ValueError(f"weights must be one non-negative number per run summing to 1, got {weights}")
-    cks = [torch.load(Path(r) / "best.pt", weights_only=False) for r in runs]
+    cks = [torch.load(Path(r) / "best.pt", weights_only=False, map_location="cpu") for r in runs]
     first = cks[0]
     for r, ck in zip(runs[1:], cks[1:]):
         if ck["intents"] != first["intents"] or frozen_layers_of(ck) != frozen_layers_of(first) \
