@@ -68,13 +68,13 @@ def _load_top(run: str):
 def cmd_calibrate(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from engine.training.cache import FROZEN_LAYERS, cache_split
+    from engine.training.cache import cache_split
     from engine.training.calibrate import ece, fit_blank_penalty, fit_temperature
     from engine.training.train import CachedSplit, predict_split
 
     _, top, intents = _load_top(a.run)
     if a.data:  # cache the split first (a no-op when cached already)
-        cache_split(Path(a.data) / a.split, Path(a.cache) / a.split, workers=a.workers, frozen_layers=FROZEN_LAYERS)
+        cache_split(Path(a.data) / a.split, Path(a.cache) / a.split, workers=a.workers, frozen_layers=top.frozen_layers)
     split = CachedSplit(Path(a.cache) / a.split, intents)
     n = sum(label >= 0 for label in split.intent)
     if n < a.min_clips:  # decided from the labels, before the model runs over the split
@@ -99,6 +99,13 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
            "slot_blank_penalty": pen, "slot_penalty_table": table}
     (Path(a.run) / "calibration.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
+    return 0
+
+
+def cmd_refreeze(a: argparse.Namespace) -> int:
+    from engine.training.wise import refreeze
+
+    print(json.dumps(refreeze(a.run, a.out, a.frozen_layers)))
     return 0
 
 
@@ -291,6 +298,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--out", required=True, help="new run dir: best.pt for calibrate/export")
     w.add_argument("--beta", type=float, default=0.3, help="fraction of the way back to pretrained (default %(default)s)")
     w.set_defaults(func=cmd_wise)
+
+    rf = sub.add_parser("refreeze", help="lay a run out for training more encoder layers (train --init from it)")
+    rf.add_argument("--run", required=True, help="run dir (its best.pt)")
+    rf.add_argument("--out", required=True, help="new run dir")
+    rf.add_argument("--frozen-layers", dest="frozen_layers", type=int, required=True,
+                    help="frozen encoder layers in the new layout (fewer than the run's)")
+    rf.set_defaults(func=cmd_refreeze)
 
     so = sub.add_parser("soup", help="average the weights of runs fine-tuned from one starting point (model soup)")
     so.add_argument("--runs", nargs="+", required=True, help="run dirs (their best.pt)")

@@ -65,3 +65,27 @@ def soup(runs: list[str | Path], out: str | Path, weights: list[float] | None = 
     torch.save({"model": mixed, "intents": first["intents"], "epoch": first.get("epoch"),
                 "frozen_layers": frozen_layers_of(first), "soup": meta}, out / "best.pt")
     return meta
+
+
+def refreeze(run: str | Path, out: str | Path, frozen_layers: int) -> dict:
+    """Write out/best.pt: run's best.pt laid out for training with fewer frozen layers (more of the encoder
+    trained). Trained layers keep their weights under their new index; the layers that become trainable
+    start from the pretrained encoder, which is exactly what the old model computed below its split."""
+    ck = torch.load(Path(run) / "best.pt", weights_only=False, map_location="cpu")
+    old = frozen_layers_of(ck)
+    if frozen_layers > old:
+        raise ValueError(f"{run} trained layers from {old} up; freezing {frozen_layers} would drop trained weights")
+    new = TopModel(pretrained_encoder(), len(ck["intents"]), frozen_layers).state_dict()
+    for k, w in ck["model"].items():
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            k = f"layers.{int(i) + old - frozen_layers}.{rest}"
+        if k not in new or new[k].shape != w.shape:
+            raise ValueError(f"{run}: weight {k} does not fit a model with {frozen_layers} frozen layers")
+        new[k] = w
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"source": str(run), "frozen_layers_before": old, "frozen_layers": frozen_layers}
+    torch.save({"model": new, "intents": ck["intents"], "epoch": ck.get("epoch"), "frozen_layers": frozen_layers,
+                "refreeze": meta}, out / "best.pt")
+    return meta
