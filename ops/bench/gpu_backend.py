@@ -104,6 +104,8 @@ def _sweep(model: Any, clips: list[np.ndarray], batch_sizes: list[int], reps: in
 
 async def _callers(model: Any, clips: list[np.ndarray], callers: int, turns: int, max_batch: int,
                    workers: int) -> dict[str, Any]:
+    """Like engine.bench's callers loop, which this cannot import: engine.bench needs pipecat, which a
+    bare GPU machine does not have."""
     from engine.batching import BatchConfig
     from engine.runtime import Engine
     from engine.voice import EspeakVoice, Voice
