@@ -69,6 +69,9 @@ REDIS_LATENCY = Histogram(
     "voicebot_redis_op_seconds", "Redis call-state operation latency", ["op"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
 )
+ENGINE_BACKEND = Gauge("voicebot_engine_backend", "1 for the backend this worker's engine runs on: requested is "
+                       "BOT_ENGINE_BACKEND, serving what could run (onnx when a GPU backend fell back)",
+                       ["requested", "serving"], multiprocess_mode="liveall")
 POLICY_VERSION = Gauge("voicebot_policy_version", "Policy version this worker serves new calls with", multiprocess_mode="liveall")
 WORKER_INFO = Gauge("voicebot_worker_info", "Static worker info", ["worker", "version"], multiprocess_mode="liveall")
 # prometheus_client's process_* metrics are not exported in multiprocess mode (--workers N), so each worker

@@ -21,7 +21,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from ops.logs import get_logger
-from ops.metrics import ERRORS
+from ops.metrics import ENGINE_BACKEND, ERRORS
 
 
 
@@ -126,7 +126,7 @@ def attach_backend(model: Any, name: str | None, threads: int = 1) -> Any:
     build a session (unsupported op, build error) leaves the model on ONNX Runtime CPU, logged."""
     backend = select_backend(name)
     if backend.name == "onnx":
-        _set_name(model, "onnx")
+        _set_name(model, "onnx", name)
         return model
     try:
         swapped = swap_sessions(model, lambda path: backend.session(path, threads))
@@ -136,15 +136,17 @@ def attach_backend(model: Any, name: str | None, threads: int = 1) -> Any:
         swapped = 0
     if swapped == 0:
         log().warning("no model sessions moved to backend; serving with ONNX Runtime CPU", backend=backend.name)
-        _set_name(model, "onnx")
+        _set_name(model, "onnx", name)
     else:
-        _set_name(model, backend.name)
+        _set_name(model, backend.name, name)
         log().info("engine backend attached", backend=backend.name, sessions=swapped)
     return model
 
 
-def _set_name(model: Any, name: str) -> None:
+def _set_name(model: Any, serving: str, requested: str | None) -> None:
+    # one series per worker: a GPU worker serving on the CPU is what alert EngineGpuFallback looks for
+    ENGINE_BACKEND.labels(requested=normalize(requested), serving=serving).set(1)
     try:
-        model.backend_name = name
+        model.backend_name = serving
     except AttributeError:
         pass

@@ -148,6 +148,8 @@ def voicebot() -> Board:
             desc="0: the worker buffers call events in memory (alert RedisDown)")
     b.panel("SIP listening", [_q("min by (instance) (voicebot_sip_listening)", "{{instance}}")], "stat", w=4,
             desc="0: worker 0 cannot bind the SIP port and retries (alert SipNotListening); Twilio unaffected")
+    b.panel("Engine backend", [_q('sum by (requested, serving) (voicebot_engine_backend)', "{{requested}} → {{serving}}")],
+            "stat", w=4, desc="workers per requested → serving backend; a GPU backend → onnx is a fallback (alert EngineGpuFallback)")
     b.panel("Redis op latency p99", [_q(
         "histogram_quantile(0.99, sum by (le, op) (rate(voicebot_redis_op_seconds_bucket[5m])))", "{{op}}")],
         w=8, unit="s")

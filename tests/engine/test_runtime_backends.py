@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engine.backends import attach_backend, normalize, select_backend, swap_sessions
 from engine.backends.torch_backend import TorchSession
 from engine.bench import SmartTurnReference
-from ops.metrics import ERRORS
+from ops.metrics import ENGINE_BACKEND, ERRORS
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
 
@@ -113,6 +113,10 @@ def test_gpu_backends_fall_back_to_onnx_cpu_here() -> None:
     assert ERRORS.labels(component="engine", kind="backend_fallback")._value.get() == before + 4
     model = attach_backend(SmartTurnReference(), "tensorrt")
     assert model.backend_name == "onnx"
+    # what alert EngineGpuFallback reads: asked for a GPU backend, serving on the CPU
+    assert ENGINE_BACKEND.labels(requested="tensorrt", serving="onnx")._value.get() == 1
+    attach_backend(SmartTurnReference(), None)
+    assert ENGINE_BACKEND.labels(requested="onnx", serving="onnx")._value.get() == 1
     with pytest.raises(ValueError, match="unknown engine backend"):
         normalize("tpu")
 
