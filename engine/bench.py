@@ -27,7 +27,14 @@ import numpy as np
 
 from engine.types import SAMPLE_RATE, Understanding
 
-SMART_TURN = Path(__import__("pipecat").__file__).parent / "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+
+
+def smart_turn_path() -> Path:
+    """pipecat's bundled smart-turn v3.2 graph; resolved on use, so this module imports without pipecat
+    (ops/bench/gpu_backend runs its callers loop on a bare GPU machine)."""
+    import pipecat
+
+    return Path(pipecat.__file__).parent / "audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 
 
 class SmartTurnReference:
@@ -37,10 +44,10 @@ class SmartTurnReference:
 
     backend_name = "onnx"
 
-    def __init__(self, threads: int = 1, onnx_path: Path = SMART_TURN) -> None:
+    def __init__(self, threads: int = 1, onnx_path: Path | None = None) -> None:
         from engine.backends.onnx_cpu import OrtCpuBackend
 
-        self.session = OrtCpuBackend().session(str(onnx_path), threads)
+        self.session = OrtCpuBackend().session(str(onnx_path or smart_turn_path()), threads)
 
     @staticmethod
     def features(pcm: np.ndarray) -> np.ndarray:

@@ -104,28 +104,16 @@ def _sweep(model: Any, clips: list[np.ndarray], batch_sizes: list[int], reps: in
 
 async def _callers(model: Any, clips: list[np.ndarray], callers: int, turns: int, max_batch: int,
                    workers: int) -> dict[str, Any]:
-    """Like engine.bench's callers loop, which this cannot import: engine.bench needs pipecat, which a
-    bare GPU machine does not have."""
     from engine.batching import BatchConfig
+    from engine.bench import _callers as callers_loop
     from engine.runtime import Engine
     from engine.voice import EspeakVoice, Voice
 
     engine = Engine(model, Voice(EspeakVoice(), cache_dir=None), backend=getattr(model, "backend_name", "onnx"),
                     config=BatchConfig(max_batch=max_batch, workers=workers, adaptive=True, max_queue=callers * 4))
-    lat: list[float] = []
-
-    async def call(i: int) -> None:
-        for t in range(turns):
-            t0 = time.perf_counter()
-            await engine.understand(clips[(i * turns + t) % len(clips)])
-            lat.append(time.perf_counter() - t0)
-
     try:
-        await asyncio.gather(*(call(i) for i in range(min(callers, 8))))  # warm-up
-        lat.clear()
-        t0 = time.perf_counter()
-        await asyncio.gather(*(call(i) for i in range(callers)))
-        elapsed = time.perf_counter() - t0
+        await callers_loop(engine, clips, min(callers, 8), turns)  # warm-up
+        elapsed, lat = await callers_loop(engine, clips, callers, turns)
         st = engine.stats()["understand"]
     finally:
         await engine.close()
