@@ -52,12 +52,13 @@ def pause_centres(x: np.ndarray) -> list[int]:
     return out
 
 
-def split_turn(x: np.ndarray, window_s: float = WINDOW_S) -> list[np.ndarray]:
-    """The turn itself when it fits the window, else consecutive pieces (in order) of at most window_s."""
+def split_turn(x: np.ndarray, window_s: float = WINDOW_S, pauses: list[int] | None = None) -> list[np.ndarray]:
+    """The turn itself when it fits the window, else consecutive pieces (in order) of at most window_s.
+    pauses: pause_centres(x), when the caller has them already."""
     w = int(window_s * SR)
     if len(x) <= w:
         return [x]
-    pauses = pause_centres(x)
+    pauses = pause_centres(x) if pauses is None else pauses
     cuts, end = [], len(x)
     while end > w:
         lo = end - w
@@ -69,7 +70,8 @@ def split_turn(x: np.ndarray, window_s: float = WINDOW_S) -> list[np.ndarray]:
     return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def split_even(x: np.ndarray, window_s: float = WINDOW_S, reach_s: float = 1.5) -> list[np.ndarray]:
+def split_even(x: np.ndarray, window_s: float = WINDOW_S, reach_s: float = 1.5,
+               pauses: list[int] | None = None) -> list[np.ndarray]:
     """The turn itself when it fits the window, else ceil(length / window) pieces of about equal length,
     each cut at the pause nearest its equal share (within reach_s; else exactly at the share). Falls
     back to split_turn if a piece would not fit the window."""
@@ -77,7 +79,7 @@ def split_even(x: np.ndarray, window_s: float = WINDOW_S, reach_s: float = 1.5) 
     if len(x) <= w:
         return [x]
     k = -(-len(x) // w)
-    pauses = pause_centres(x)
+    pauses = pause_centres(x) if pauses is None else pauses
     cuts = []
     for j in range(1, k):
         target = j * len(x) / k
@@ -85,5 +87,14 @@ def split_even(x: np.ndarray, window_s: float = WINDOW_S, reach_s: float = 1.5) 
         cuts.append(min(near, key=lambda p: abs(p - target)) if near else int(target))
     bounds = [0] + cuts + [len(x)]
     if any(not 0 < b - a <= w for a, b in zip(bounds[:-1], bounds[1:])):
-        return split_turn(x, window_s)
+        return split_turn(x, window_s, pauses)
     return [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def turn_pieces(x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """(pieces to read slots and the transcript from, the last ~8 s window for intent / caller state /
+    end of turn); the window is None when the turn fits it (then the one piece serves both)."""
+    if len(x) <= int(WINDOW_S * SR):
+        return [x], None
+    pauses = pause_centres(x)
+    return split_even(x, pauses=pauses), split_turn(x, pauses=pauses)[-1]

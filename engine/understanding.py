@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.features import SR_IN, bucket_seconds, log_mel, prepare_pcm
-from engine.long_turns import SR, WINDOW_S, split_even, split_turn
+from engine.long_turns import SR, WINDOW_S, turn_pieces
 from engine.textnorm import SLOT_MERGE_GAP, chars_to_text, ctc_greedy, parse_slots
 from engine.types import Understanding
 from ops.logs import get_logger
@@ -171,10 +171,10 @@ class UnderstandingModel:
                 out[i] = self._error(err)
         if good:
             # slots and transcript from even pieces; intent, caller state and end of turn from the last
-            # ~8 s (split_turn's last piece), run as one more piece when the turn is longer than the window
-            reads = {i: split_even(checked[i][0]) for i in good}  # type: ignore[arg-type]
-            pieces = {i: reads[i] + ([split_turn(checked[i][0])[-1]] if len(reads[i]) > 1 else [])  # type: ignore[arg-type]
-                      for i in good}
+            # ~8 s, run as one more piece when the turn is longer than the window
+            split = {i: turn_pieces(checked[i][0]) for i in good}  # type: ignore[arg-type]
+            reads = {i: split[i][0] for i in good}
+            pieces = {i: reads[i] + ([] if split[i][1] is None else [split[i][1]]) for i in good}
             results, t_feat, t_model = self._run([p for i in good for p in pieces[i]])
             total = (time.perf_counter() - t_start) * 1000
             at = 0
