@@ -313,14 +313,18 @@ def _escalate_failures(policy: Policy, state: CallState) -> Decision:
 # -- failures --------------------------------------------------------------------------------------
 
 
+def _reaches_failure_limit(policy: Policy, state: CallState) -> bool:
+    """This turn fails and reaches max_failures: whatever would be asked again, the caller goes to a person."""
+    return state.failures + 1 >= policy.escalation.max_failures.count
+
+
 def _fail(policy: Policy, state: CallState, reason: str, prompt_key: str) -> Decision:
     """A failed turn: escalate after max_failures, offer the keypad menu after dtmf.after_failures,
     otherwise reprompt."""
-    n = state.failures + 1
-    if n >= policy.escalation.max_failures.count:
+    if _reaches_failure_limit(policy, state):
         return _escalate_failures(policy, state)
     text = policy.prompts[prompt_key]
-    if policy.dtmf.enabled and n >= policy.dtmf.after_failures:
+    if policy.dtmf.enabled and state.failures + 1 >= policy.dtmf.after_failures:
         return Decision("dtmf_menu", _join(text, policy.prompts[policy.dtmf.prompt]), reason="dtmf_menu",
                         options=tuple(policy.dtmf.options))
     return Decision("reprompt", text, reason=reason)
@@ -332,7 +336,7 @@ def _reask(policy: Policy, state: CallState, reason: str, prefix_key: str) -> De
     last = state.last
     if last is None or last.action not in ("confirm", "clarify", "collect"):
         return None
-    if state.failures + 1 >= policy.escalation.max_failures.count:
+    if _reaches_failure_limit(policy, state):
         return _escalate_failures(policy, state)
     prompt = _join(policy.prompts.get(prefix_key, ""), last.prompt)
     return dataclasses.replace(last, prompt=prompt, reason="slot_missing" if last.action == "collect" else reason)
@@ -367,7 +371,7 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
     sorry = policy.prompts.get("dtmf_invalid", policy.prompts["reprompt"])
     if not policy.dtmf.enabled:
         return _fail(policy, state, "dtmf_invalid", "reprompt")
-    if state.failures + 1 >= policy.escalation.max_failures.count:
+    if _reaches_failure_limit(policy, state):
         return _escalate_failures(policy, state)
     return Decision("dtmf_menu", _join(sorry, policy.prompts[policy.dtmf.prompt]), reason="dtmf_invalid",
                     options=tuple(policy.dtmf.options))
@@ -545,7 +549,7 @@ def _read_back(policy: Policy, intent: str, slots: Mapping[str, Any]) -> Decisio
 def _reask_values(policy: Policy, state: CallState, intent: str, slots: Mapping[str, Any]) -> Decision:
     """A "no" to the read-back: ask for the read-back values again, keeping the intent. A failed turn,
     so a caller who keeps saying no reaches a person."""
-    if state.failures + 1 >= policy.escalation.max_failures.count:
+    if _reaches_failure_limit(policy, state):
         return _escalate_failures(policy, state)
     action = policy.intents[intent].action
     kept = {k: v for k, v in slots.items() if k not in action.collect}
