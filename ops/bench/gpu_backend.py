@@ -24,9 +24,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _pct(xs: list[float], q: float) -> float:
-    return round(float(np.percentile(np.asarray(xs) * 1000, q)), 2)
+from engine.bench import _ms, pct
 
 
 def pack(dirs: list[str], n: int, out: str) -> None:
@@ -96,8 +94,8 @@ def _sweep(model: Any, clips: list[np.ndarray], batch_sizes: list[int], reps: in
             res = model.understand_batch(batch)
             total.append(time.perf_counter() - t0)
             gpu.append(res[0].timings["model"] / 1000)
-        rows.append({"batch": bs, "total_ms": {"p50": _pct(total, 50), "p95": _pct(total, 95)},
-                     "model_ms": {"p50": _pct(gpu, 50), "p95": _pct(gpu, 95)},
+        rows.append({"batch": bs, "total_ms": _ms(total),
+                     "model_ms": _ms(gpu),
                      "utterances_per_s": round(bs / float(np.median(total)), 1)})
     return rows
 
@@ -118,7 +116,7 @@ async def _callers(model: Any, clips: list[np.ndarray], callers: int, turns: int
     finally:
         await engine.close()
     return {"callers": callers, "turns_each": turns, "max_batch": max_batch, "workers": workers,
-            "utterances_per_s": round(callers * turns / elapsed, 1), "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95)},
+            "utterances_per_s": round(callers * turns / elapsed, 1), "latency_ms": _ms(lat),
             "mean_batch": round(st["items"] / max(1, st["batches"]), 1)}
 
 
@@ -150,7 +148,7 @@ async def _paced(model: Any, clips: list[np.ndarray], callers: int, every_s: flo
     finally:
         await engine.close()
     return {"callers": callers, "turn_every_s": every_s, "turns": len(lat), "workers": workers,
-            "latency_ms": {"p50": _pct(lat, 50), "p95": _pct(lat, 95), "p99": _pct(lat, 99)},
+            "latency_ms": {**_ms(lat), "p99": round(pct(lat, 99) * 1000, 2)},
             "mean_batch": round(st["items"] / max(1, st["batches"]), 1)}
 
 
