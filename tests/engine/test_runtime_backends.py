@@ -146,10 +146,26 @@ def test_torch_backend_batch_gives_each_clip_its_own_result() -> None:
         onnx_alone = dict(zip(names, ref.run(None, {"mel": mel[i : i + 1]})))
         for n in names:
             if batch[n].dtype.kind == "f":
-                np.testing.assert_allclose(batch[n][i], alone[n][0], atol=2e-3)  # measured 2e-4
+                # float ops batched vs alone differ in their last bits, and now and then that flips one int8
+                # rounding downstream: up to 5e-3 on a probability (understand-v8, 5 seeds). The exact
+                # per-row property is checked on the op itself below.
+                np.testing.assert_allclose(batch[n][i], alone[n][0], atol=0.01)
                 np.testing.assert_allclose(batch[n][i], onnx_alone[n][0], atol=0.05)
             else:
                 assert (batch[n][i] == alone[n][0]).mean() > 0.99
+
+
+def test_dynamic_quantization_range_is_per_batch_row() -> None:
+    from engine.backends.torch_backend import _dynamic_quantize
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([rng.standard_normal((50, 16)).astype(np.float32) * g for g in (0.1, 1.0, 10.0)]))
+    q, scale, zp = _dynamic_quantize([x], {})
+    for i in range(3):
+        qi, si, zi = _dynamic_quantize([x[i : i + 1]], {})
+        assert torch.equal(q[i], qi[0]) and torch.equal(scale[i], si[0]) and torch.equal(zp[i], zi[0])
+    # ONNX's one range for the whole tensor would give the quiet clip the loud clip's (100x coarser) step
+    assert float(scale[2]) > 50 * float(scale[0])
 
 
 def test_torch_backend_refuses_unknown_uses_of_dynamic_quantization(tmp_path: Path) -> None:
