@@ -31,9 +31,9 @@ from engine.training.channel import telephone
 from engine.training.tts import Prosody, Voice, all_voices, synthesize
 
 # test_eot: held-out voices/phrasings, half truncated. test_neural: test phrasings said by held-out
-# Kokoro voices (neural, human-like; none of their base voices trains; see kokoro.py). calib: validation voices saying phrasings that no
-# training, validation or test set holds (blind_phrasings_4.BLIND_CALIB) mixed with validation's
-# compositions; it only fits the confidence temperature (see template_splits).
+# Kokoro voices (neural, human-like; none of their base voices trains; see kokoro.py). calib: validation
+# voices saying phrasings that no training, validation or test set holds (blind_phrasings_4.BLIND_CALIB)
+# mixed with validation's compositions; it only fits the confidence temperature (see template_splits).
 SPLITS = ("train", "val", "test", "test_eot", "calib", "test_neural")
 TRUNC_FRAC = {"train": 0.2, "val": 0.2, "test": 0.0, "test_eot": 0.5, "calib": 0.0, "test_neural": 0.0}
 # Speed perturbation (--perturb-share): resampling scales tempo, pitch and formants together, the way one
