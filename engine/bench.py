@@ -28,7 +28,6 @@ import numpy as np
 from engine.types import SAMPLE_RATE, Understanding
 
 
-
 def smart_turn_path() -> Path:
     """pipecat's bundled smart-turn v3.2 graph; resolved on use, so this module imports without pipecat
     (ops/bench/gpu_backend runs its callers loop on a bare GPU machine)."""

@@ -35,6 +35,16 @@ class KokoroError(RuntimeError):
     pass
 
 
+def phonemes(text: str) -> str:
+    """espeak-ng's en-us IPA for text, in Kokoro's symbols."""
+    from engine.voice import espeak_phonemes
+
+    ph = espeak_phonemes(text, "en-us")
+    for a, b in _MAP:
+        ph = ph.replace(a, b)
+    return ph
+
+
 def _base_name(short: str) -> str:
     for full in BASE:
         if full.split("_", 1)[1] == short:
@@ -70,12 +80,7 @@ class Kokoro:
         return np.mean([self.styles[n] for n in names], axis=0).astype(np.float32)
 
     def tokens(self, text: str) -> list[int]:
-        from engine.voice import espeak_phonemes
-
-        ph = espeak_phonemes(text, "en-us")
-        for a, b in _MAP:
-            ph = ph.replace(a, b)
-        return [self.vocab[c] for c in ph if c in self.vocab][:_MAX_TOKENS - 2]
+        return [self.vocab[c] for c in phonemes(text) if c in self.vocab][:_MAX_TOKENS - 2]
 
     def render(self, voice: str, text: str, rate: float = 1.0) -> np.ndarray:
         """float32 8 kHz speech of `text` said by `voice` at speaking rate `rate` (>1 faster)."""
@@ -92,8 +97,13 @@ class Kokoro:
 _KOKORO: Kokoro | None = None
 
 
-def render(voice: str, text: str, rate: float = 1.0) -> np.ndarray:
+def shared() -> Kokoro:
+    """This process's Kokoro (built on first use: the graph is ~60 MB)."""
     global _KOKORO
     if _KOKORO is None:
         _KOKORO = Kokoro()
-    return _KOKORO.render(voice, text, rate)
+    return _KOKORO
+
+
+def render(voice: str, text: str, rate: float = 1.0) -> np.ndarray:
+    return shared().render(voice, text, rate)

@@ -10,7 +10,7 @@ from engine.training.tts import Prosody, Voice, synthesize
 
 @pytest.fixture(scope="module")
 def voice() -> kokoro.Kokoro:
-    return kokoro.Kokoro()
+    return kokoro.shared()  # the instance synthesize() uses, so the graph loads once
 
 
 def _rms(x: np.ndarray) -> float:
@@ -38,15 +38,10 @@ def test_blend_is_between_its_voices(voice: kokoro.Kokoro) -> None:
 
 
 def test_espeak_phonemes_map_onto_kokoro_symbols(voice: kokoro.Kokoro) -> None:
-    from engine.voice import espeak_phonemes
-
     sentences = [t.replace("{", "").replace("}", "") for ts in templates.PHRASES.values() for t in ts[:6]]
     lost: set[str] = set()
     for s in sentences[:120]:
-        ph = espeak_phonemes(s, "en-us")
-        for a, b in kokoro._MAP:
-            ph = ph.replace(a, b)
-        lost |= {c for c in ph if c not in voice.vocab}
+        lost |= {c for c in kokoro.phonemes(s) if c not in voice.vocab}
     assert not lost, f"espeak symbols Kokoro has no id for: {sorted(lost)}"
 
 
