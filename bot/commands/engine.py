@@ -320,7 +320,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     so.set_defaults(func=cmd_soup)
 
     im = sub.add_parser("import-model", help="rebuild a trainable run (best.pt) from a shipped model dir's ONNX weights")
-    im.add_argument("model", help="model dir, e.g. engine/models/understand-v8")
+    im.add_argument("model", help="model dir, e.g. engine/models/understand-v9")
     im.add_argument("--out", required=True, help="new run dir: best.pt for train --init / wise / soup / export")
     im.set_defaults(func=cmd_import_model)
 
@@ -340,7 +340,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default=None)
     e.add_argument("--run", default="data/run")
     e.add_argument("--data", default="data/synth")
-    e.add_argument("--out", default="engine/models/understand-v8")
+    e.add_argument("--out", default="engine/models/understand-v9")
     e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
     e.set_defaults(func=cmd_export)
 
@@ -393,8 +393,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
-    b.add_argument("--onnx", default="engine/models/understand-v8/model.onnx")
-    b.add_argument("--out", default="build/understand-v8.plan")
+    b.add_argument("--onnx", default="engine/models/understand-v9/model.onnx")
+    b.add_argument("--out", default="build/understand-v9.plan")
     b.add_argument("--fp32", action="store_true")
     b.set_defaults(func=cmd_build_trt)
 

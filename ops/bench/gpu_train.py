@@ -24,7 +24,7 @@ TEXTS = [("i want to pay forty two dollars", "pay_bill"), ("my internet is down 
          ("can someone come out on tuesday", "schedule_technician"), ("yes that's right", "affirm"),
          ("no", "deny"), ("let me talk to a person", "speak_to_agent"), ("five five two one nine", None),
          ("what do i owe this month", "check_balance"), ("bye now", "goodbye"), ("say that again", "repeat")]
-MODEL_DIR = Path(__file__).resolve().parents[2] / "engine" / "models" / "understand-v8"
+MODEL_DIR = Path(__file__).resolve().parents[2] / "engine" / "models" / "understand-v9"
 
 
 def intents() -> list[str]:
