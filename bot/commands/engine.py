@@ -137,6 +137,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     from engine.training.export import onnx_outputs, torch_outputs, write_model_dir
     from engine.training.model import FullModel
+    from engine.understanding import default_model_dir
 
     cat = load_catalog(a.policy)
     enc, top, intents = _load_top(a.run)
@@ -144,7 +145,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     calib = json.loads(cal.read_text()) if cal.exists() else {}
     full = FullModel(enc, top, calib.get("temperature", 1.0), calib.get("slot_blank_penalty", 0.0)).eval()
     intent_slots, slot_types = _catalog_meta(cat)
-    out = write_model_dir(full, a.out, intents, intent_slots, slot_types, quantized=not a.fp32,
+    out = write_model_dir(full, a.out or default_model_dir(), intents, intent_slots, slot_types, quantized=not a.fp32,
                           extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, layers "
                                             f"{top.frozen_layers}-3 + final norm fine-tuned",
                                  "calibration": json.loads(cal.read_text()) if cal.exists() else None})
@@ -244,8 +245,10 @@ def cmd_latency(a: argparse.Namespace) -> int:
 
 def cmd_build_trt(a: argparse.Namespace) -> int:
     from engine.training.trt import build_engine
+    from engine.understanding import DEFAULT_MODEL, default_model_dir
 
-    return build_engine(a.onnx, a.out, fp16=not a.fp32)
+    onnx = a.onnx or str(default_model_dir() / "model.onnx")
+    return build_engine(onnx, a.out or f"build/{DEFAULT_MODEL}.plan", fp16=not a.fp32)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -340,7 +343,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default=None)
     e.add_argument("--run", default="data/run")
     e.add_argument("--data", default="data/synth")
-    e.add_argument("--out", default="engine/models/understand-v9")
+    e.add_argument("--out", default=None, help="model dir (default: the packaged release's dir)")
     e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
     e.set_defaults(func=cmd_export)
 
@@ -393,8 +396,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
-    b.add_argument("--onnx", default="engine/models/understand-v9/model.onnx")
-    b.add_argument("--out", default="build/understand-v9.plan")
+    b.add_argument("--onnx", default=None, help="ONNX graph (default: the packaged release's model.onnx)")
+    b.add_argument("--out", default=None, help="engine plan (default: build/<release>.plan)")
     b.add_argument("--fp32", action="store_true")
     b.set_defaults(func=cmd_build_trt)
 

@@ -20,11 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from engine.understanding import default_model_dir
+
 TEXTS = [("i want to pay forty two dollars", "pay_bill"), ("my internet is down again", "report_outage"),
          ("can someone come out on tuesday", "schedule_technician"), ("yes that's right", "affirm"),
          ("no", "deny"), ("let me talk to a person", "speak_to_agent"), ("five five two one nine", None),
          ("what do i owe this month", "check_balance"), ("bye now", "goodbye"), ("say that again", "repeat")]
-MODEL_DIR = Path(__file__).resolve().parents[2] / "engine" / "models" / "understand-v9"
+MODEL_DIR = default_model_dir()
 
 
 def intents() -> list[str]:

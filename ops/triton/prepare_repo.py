@@ -1,7 +1,7 @@
 """Copy the engine's exported ONNX into the Triton model repository (understand/1/model.onnx) and
 check config.pbtxt still matches the graph's inputs and outputs.
 
-  python -m ops.triton.prepare_repo [--model engine/models/understand-v9/model.onnx] [--repo DIR]
+  python -m ops.triton.prepare_repo [--model engine/models/<release>/model.onnx] [--repo DIR]
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from engine.understanding import default_model_dir
+
 REPO = Path(__file__).resolve().parent / "model_repository"
-DEFAULT_MODEL = ROOT / "engine" / "models" / "understand-v9" / "model.onnx"
+DEFAULT_MODEL = default_model_dir() / "model.onnx"
 _ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 10: "TYPE_FP16", 6: "TYPE_INT32", 9: "TYPE_BOOL"}
 
 
