@@ -212,6 +212,17 @@ def cmd_readouts(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transcode(a: argparse.Namespace) -> int:
+    from engine.training.codecs import CodecError, transcode_dir
+
+    try:
+        print(json.dumps(transcode_dir(a.src, a.out, codec=a.codec, share=a.share, seed=a.seed)))
+    except (CodecError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_latency(a: argparse.Namespace) -> int:
     """Load time and understand() latency on one ORT thread for a clip of --seconds (real speech-like audio)."""
     import time
@@ -387,6 +398,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ro.add_argument("-n", type=int, default=150)
     ro.add_argument("--seed", type=int, default=0)
     ro.set_defaults(func=cmd_readouts)
+
+    tc = sub.add_parser("transcode", help="pass a data dir's clips through lossy telephone codecs (AMR-NB, GSM, "
+                        "Opus, G.723.1): codec-robustness eval sets, or codec augmentation for training")
+    tc.add_argument("src", help="dir with manifest.jsonl")
+    tc.add_argument("out")
+    tc.add_argument("--codec", default=None, help="NAME[:BITRATE] for every chosen clip, e.g. amr-nb:5150 "
+                    "(default: a random codec and rate per clip)")
+    tc.add_argument("--share", type=float, default=1.0, help="share of clips transcoded (default 1)")
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=cmd_transcode)
 
     lt = sub.add_parser("latency", help="model load time and understand() p50/p95 for one clip length")
     lt.add_argument("--model", default=None)
