@@ -216,7 +216,7 @@ def cmd_transcode(a: argparse.Namespace) -> int:
     from engine.training.codecs import CodecError, transcode_dir
 
     try:
-        print(json.dumps(transcode_dir(a.src, a.out, codec=a.codec, share=a.share, seed=a.seed)))
+        print(json.dumps(transcode_dir(a.src, a.out, codecs=a.codec, share=a.share, seed=a.seed)))
     except (CodecError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -403,8 +403,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "Opus, G.723.1): codec-robustness eval sets, or codec augmentation for training")
     tc.add_argument("src", help="dir with manifest.jsonl")
     tc.add_argument("out")
-    tc.add_argument("--codec", default=None, help="NAME[:BITRATE] for every chosen clip, e.g. amr-nb:5150 "
-                    "(default: a random codec and rate per clip)")
+    tc.add_argument("--codec", action="append", default=[], help="NAME[:BITRATE] for every chosen clip, e.g. "
+                    "amr-nb:5150 (default: a random codec and rate per clip); repeat it for one pooled set with a "
+                    "subdirectory per codec")
     tc.add_argument("--share", type=float, default=1.0, help="share of clips transcoded (default 1)")
     tc.add_argument("--seed", type=int, default=0)
     tc.set_defaults(func=cmd_transcode)

@@ -18,7 +18,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -147,23 +147,47 @@ def _local_path(audio: str) -> Path:
     return Path(*parts)
 
 
-def transcode_dir(src: str | Path, dst: str | Path, codec: str | None = None, share: float = 1.0,
+def transcode_dir(src: str | Path, dst: str | Path, codecs: Sequence[str] = (), share: float = 1.0,
                   seed: int = 0) -> dict[str, Any]:
     """Every clip of SRC's manifest, written under DST with DST/manifest.jsonl: a share of them (decided
-    per clip from seed and path, so a rerun is identical) passed through `codec` ("amr-nb:5150"), or
-    through a random codec and rate when codec is None; the rest copied as they are. Transcoded rows get
-    "codec": "amr-nb:5150". All other fields (labels) are kept."""
+    per clip from seed and path, so a rerun is identical) passed through the codec ("amr-nb:5150"), or
+    through a random codec and rate when none is given; the rest copied as they are. Transcoded rows get
+    "codec": "amr-nb:5150"; all other fields (labels) are kept. With several codecs, each writes a
+    subdirectory (DST/amr-nb_5150/, ...) and DST/manifest.jsonl pools them: one robustness set whose
+    clips pair up with the source's, codec by codec."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CodecError("the output dir must differ from the input dir")
     if not 0.0 <= share <= 1.0:
         raise CodecError(f"share must be in [0, 1], got {share}")
-    fixed = parse(codec) if codec else None
+    specs = [parse(c) for c in codecs]  # all checked before anything is written
     rows = [json.loads(line) for line in (src / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    if len(specs) <= 1:
+        out_rows, counts = _transcode_rows(src, dst, rows, specs[0] if specs else None, share, seed)
+        sets = None
+    else:
+        out_rows, counts, sets = [], {}, []
+        for name, rate in specs:
+            tag = f"{name}_{rate}"
+            sub_rows, sub_counts = _transcode_rows(src, dst / tag, rows, (name, rate), share, seed)
+            (dst / tag / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sub_rows))
+            out_rows += [dict(r, audio=f"{tag}/{r['audio']}") for r in sub_rows]
+            counts.update(sub_counts)
+            sets.append(tag)
+    (dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
+    info: dict[str, Any] = {"out": str(dst), "clips": len(out_rows), "transcoded": sum(counts.values()),
+                            "codecs": dict(sorted(counts.items()))}
+    if sets:
+        info["sets"] = sets
+    return info
+
+
+def _transcode_rows(src: Path, dst: Path, rows: list[dict[str, Any]], fixed: tuple[str, int] | None, share: float,
+                    seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
     dst.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
     out_rows = []
-    for row in tqdm(rows, desc="transcode", unit="clip"):
+    for row in tqdm(rows, desc=f"transcode {fixed[0]}:{fixed[1]}" if fixed else "transcode", unit="clip"):
         rel = _local_path(row["audio"])
         x, sr = sf.read(src / row["audio"], dtype="int16", always_2d=False)
         if sr != SR or x.ndim != 1:
@@ -178,5 +202,4 @@ def transcode_dir(src: str | Path, dst: str | Path, codec: str | None = None, sh
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         sf.write(dst / rel, x, SR, subtype="PCM_16")
         out_rows.append(new)
-    (dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
-    return {"out": str(dst), "clips": len(rows), "transcoded": sum(counts.values()), "codecs": dict(sorted(counts.items()))}
+    return out_rows, counts

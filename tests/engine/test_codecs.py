@@ -87,7 +87,7 @@ def _dataset(root: Path, speech: np.ndarray) -> Path:
 def test_transcode_dir_keeps_labels_writes_inside_and_is_repeatable(tmp_path: Path, speech: np.ndarray) -> None:
     src = _dataset(tmp_path, speech)
     out = tmp_path / "out"
-    info = transcode_dir(src, out, codec="amr-nb:5150")
+    info = transcode_dir(src, out, codecs=["amr-nb:5150"])
     assert info == {"out": str(out), "clips": 3, "transcoded": 3, "codecs": {"amr-nb:5150": 3}}
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["audio"] for r in rows] == ["a/clip_0.wav", "b/clip_0.wav", "a/clip_0.wav"]
@@ -99,8 +99,26 @@ def test_transcode_dir_keeps_labels_writes_inside_and_is_repeatable(tmp_path: Pa
     assert sr == 8000 and len(y) == len(speech) and not np.array_equal(y, speech)
 
     again = tmp_path / "again"
-    transcode_dir(src, again, codec="amr-nb:5150")
+    transcode_dir(src, again, codecs=["amr-nb:5150"])
     assert np.array_equal(sf.read(again / "a" / "clip_0.wav", dtype="int16")[0], y)
+
+
+def test_several_codecs_make_one_pooled_set(tmp_path: Path, speech: np.ndarray) -> None:
+    src = _dataset(tmp_path, speech)
+    out = tmp_path / "pooled"
+    info = transcode_dir(src, out, codecs=["gsm-fr", "opus:8000"])
+    assert info["sets"] == ["gsm-fr_13000", "opus_8000"] and info["clips"] == 6
+    assert info["codecs"] == {"gsm-fr:13000": 3, "opus:8000": 3}
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["audio"] for r in rows[:3]] == ["gsm-fr_13000/a/clip_0.wav", "gsm-fr_13000/b/clip_0.wav",
+                                              "gsm-fr_13000/a/clip_0.wav"]
+    assert all((out / r["audio"]).exists() for r in rows)
+    assert [r["text"] for r in rows] == [r["text"] for r in rows[:3]] * 2  # paired with the source, codec by codec
+    sub = [json.loads(line) for line in (out / "opus_8000" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["audio"] for r in sub] == ["a/clip_0.wav", "b/clip_0.wav", "a/clip_0.wav"]  # each part stands alone
+    with pytest.raises(CodecError, match="unknown codec"):
+        transcode_dir(src, tmp_path / "bad", codecs=["gsm-fr", "mp3"])
+    assert not (tmp_path / "bad").exists()  # checked before anything was written
 
 
 def test_share_and_random_codecs_are_decided_per_clip_from_the_seed(tmp_path: Path, speech: np.ndarray) -> None:
