@@ -41,6 +41,10 @@ def read_manifest(d: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_manifest(d: str | Path, rows: list[dict]) -> None:
+    (Path(d) / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def frozen_layers_of(meta: dict) -> int:
     """The frozen-layer split a cache index or a checkpoint was made with."""
     return int(meta.get("frozen_layers", LEGACY_FROZEN_LAYERS))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import subprocess
 import tempfile
@@ -23,6 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
+
+from engine.training.cache import read_manifest, write_manifest
 
 SR = 8000
 # name -> the bit rates drawn from; weights: how often a random draw picks each codec
@@ -161,7 +162,7 @@ def transcode_dir(src: str | Path, dst: str | Path, codecs: Sequence[str] = (), 
     if not 0.0 <= share <= 1.0:
         raise CodecError(f"share must be in [0, 1], got {share}")
     specs = [parse(c) for c in codecs]  # all checked before anything is written
-    rows = [json.loads(line) for line in (src / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_manifest(src)
     if len(specs) <= 1:
         out_rows, counts = _transcode_rows(src, dst, rows, specs[0] if specs else None, share, seed)
         sets = None
@@ -170,11 +171,11 @@ def transcode_dir(src: str | Path, dst: str | Path, codecs: Sequence[str] = (), 
         for name, rate in specs:
             tag = f"{name}_{rate}"
             sub_rows, sub_counts = _transcode_rows(src, dst / tag, rows, (name, rate), share, seed)
-            (dst / tag / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sub_rows))
+            write_manifest(dst / tag, sub_rows)
             out_rows += [dict(r, audio=f"{tag}/{r['audio']}") for r in sub_rows]
             counts.update(sub_counts)
             sets.append(tag)
-    (dst / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
+    write_manifest(dst, out_rows)
     info: dict[str, Any] = {"out": str(dst), "clips": len(out_rows), "transcoded": sum(counts.values()),
                             "codecs": dict(sorted(counts.items()))}
     if sets:
