@@ -9,7 +9,6 @@ groups with pauses for 8-16 s, longer than the model's window (engine.long_turns
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import soundfile as sf
 from engine.catalog import Catalog
 from engine.features import resample
 from engine.textnorm import TENS, TEENS, UNITS
+from engine.training.cache import write_manifest
 
 SOUNDS = Path("/usr/share/asterisk/sounds/en")
 DAY_FILES = {f"day-{i}": d for i, d in enumerate(["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"])}
@@ -119,7 +119,5 @@ def make_asterisk_eval(out_dir: str | Path, catalog: Catalog, n: int = 200, seed
         sf.write(str(out / name), np.clip(np.round(x * 32767), -32768, 32767).astype(np.int16), 8000, subtype="PCM_16")
         rows.append({"audio": name, "intent": intent, "slots": {k2: v2 for k2, v2 in slots.items() if k2}, "text": text,
                      "source": "+".join(files)})
-    with open(out / "manifest.jsonl", "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    write_manifest(out, rows)
     return {"n": len(rows), "out": str(out), "intent_null": sum(r["intent"] is None for r in rows)}

@@ -9,13 +9,13 @@ rate, then the telephone channel. Deterministic for a seed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
 from engine.textnorm import UNITS
+from engine.training.cache import write_manifest
 from engine.training.channel import telephone
 from engine.training.synth import _speech_bounds, make_babble, voices_by_split
 from engine.training.tts import Prosody, Voice, synthesize
@@ -60,9 +60,7 @@ def make_readout_eval(out_dir: str | Path, slot: str, split: str = "val", n: int
         sf.write(str(out / name), pcm, 8000, subtype="PCM_16")
         rows.append({"audio": name, "intent": None, "slots": {slot: digits}, "voice": voice.id,
                      "text": " ".join(UNITS[int(d)] for d in digits), "seconds": round(len(pcm) / 8000, 2)})
-    with open(out / "manifest.jsonl", "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    write_manifest(out, rows)
     secs = [r["seconds"] for r in rows]
     return {"n": n, "out": str(out), "split": split, "voices": len({r["voice"] for r in rows}),
             "seconds_min": min(secs), "seconds_max": max(secs), "longer_than_8s": sum(s > 8 for s in secs)}

@@ -27,6 +27,7 @@ from engine.training import blind_phrasings_4 as B4
 from engine.training import blind_phrasings_5 as B5
 from engine.training import kokoro
 from engine.training import templates as T
+from engine.training.cache import write_manifest
 from engine.training.channel import telephone
 from engine.training.tts import Prosody, Voice, all_voices, synthesize
 
@@ -447,9 +448,7 @@ def generate(catalog: Catalog, out_dir: str, counts: dict[str, int], workers: in
                 continue
             rows[row["audio"].rsplit("_", 1)[0]].append(row)
     for s in SPLITS:
-        with open(Path(out_dir) / s / "manifest.jsonl", "w") as f:
-            for r in rows[s]:
-                f.write(json.dumps(r) + "\n")
+        write_manifest(Path(out_dir) / s, rows[s])
     with open(Path(out_dir) / "synth_config.json", "w") as f:
         json.dump({"counts": counts, "seed": seed, "extra_phrasings": extra, "short_share": short_share, "paced_share": paced_share, "perturb_share": perturb_share, "kokoro_share": kokoro_share, "trunc_frac": TRUNC_FRAC, "errors": errors,
                    "voices": {s: [v.id for v in vs] for s, vs in voices_by_split().items()}}, f, indent=1)
