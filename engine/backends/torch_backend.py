@@ -201,15 +201,20 @@ def _slice(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     starts, ends = _ints(x[1]), _ints(x[2])
     axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
     steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
-    idx = [slice(None)] * x[0].dim()
+    out = x[0]
     for s, e, ax, st in zip(starts, ends, axes, steps):
-        n = x[0].shape[ax]
-        if st < 0:
-            raise NotImplementedError("negative Slice steps")
-        s = max(0, min(n, s + n if s < 0 else s))
-        e = max(0, min(n, e + n if e < 0 else e))
-        idx[ax] = slice(s, e, st)
-    return [x[0][tuple(idx)]]
+        n = out.shape[ax]
+        idx: list[Any] = [slice(None)] * out.dim()
+        if st > 0:
+            s = max(0, min(n, s + n if s < 0 else s))
+            e = max(0, min(n, e + n if e < 0 else e))
+            idx[ax] = slice(s, e, st)
+            out = out[tuple(idx)]
+        else:  # torch slices only forwards (a reversed pads list in an exported Pad's shape arithmetic)
+            s = max(0, min(n - 1, s + n if s < 0 else s))
+            e = max(-1, min(n - 1, e + n if e < 0 else e))
+            out = out.index_select(ax, torch.tensor(list(range(s, e, st)), dtype=torch.long, device=out.device))
+    return [out]
 
 
 def _gather(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
@@ -285,6 +290,27 @@ def _const_of_shape(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     return [torch.full(_ints(x[0]), v.reshape(-1)[0].item(), dtype=v.dtype)]
 
 
+def _pad(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
+    """ONNX Pad (opset 11+): pads are [begin of each axis..., end of each axis...]; torch wants the last
+    axis first, (begin, end) pairs."""
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads = _ints(x[1])
+    rank = x[0].dim()
+    axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(rank))
+    axes = [ax + rank if ax < 0 else ax for ax in axes]
+    begin, end = dict(zip(axes, pads[: len(axes)])), dict(zip(axes, pads[len(axes) :]))
+    if any(p < 0 for p in pads):
+        raise NotImplementedError("negative Pad (cropping)")
+    flat: list[int] = []
+    for ax in range(rank - 1, -1, -1):
+        flat += [begin.get(ax, 0), end.get(ax, 0)]
+    if mode != "constant":  # the export pads with zeros only (the conv stem as MatMuls)
+        raise NotImplementedError(f"Pad mode {mode}")
+    value = x[2].reshape(-1)[0].item() if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
+    return [torch.nn.functional.pad(x[0], flat, mode="constant", value=value)]
+
+
 def _split(x: list[Tensor], a: dict[str, Any], n_out: int) -> list[Tensor]:
     axis = a.get("axis", 0)
     sizes = _ints(x[1]) if len(x) > 1 and x[1] is not None else a.get("split")
@@ -316,6 +342,7 @@ OPS: dict[str, Callable[..., list[Tensor]]] = {
     "Softmax": _softmax, "LogSoftmax": _log_softmax, "LayerNormalization": _layernorm, "Gemm": _gemm,
     "Conv": _conv, "Reshape": _reshape, "Slice": _slice, "Gather": _gather, "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze, "Concat": _concat, "Cast": _cast, "Expand": _expand, "ConstantOfShape": _const_of_shape,
+    "Pad": _pad,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda t, dim, keepdim: torch.amax(t, dim=dim, keepdim=keepdim)),
     "QuantizeLinear": _quantize, "DequantizeLinear": _dequantize,

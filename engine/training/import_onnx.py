@@ -68,6 +68,10 @@ def import_model(model_dir: str | Path, out_run: str | Path) -> dict:
     if "slot_blank_penalty" not in state:  # graphs before the penalty (or with it folded away): config says it
         state["slot_blank_penalty"] = ref["slot_blank_penalty"].numpy().copy()
         state["slot_blank_penalty"][0] = float(cfg.get("slot_blank_penalty", 0.0))
+    for k in ("encoder.conv1.weight", "encoder.conv2.weight"):
+        # exported as int8 MatMuls since 2026-11-30 (whisper.conv_as_matmul); the stem is always frozen and
+        # read from the cache at training time, so the pretrained weights are the right ones
+        state.setdefault(k, ref[k].numpy().copy())
     missing = sorted(set(ref) - set(state))
     if missing:
         raise ValueError(f"{model_dir}: the graph has no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -7,7 +7,20 @@ torch = pytest.importorskip("torch")
 
 from engine.training.export import export_onnx, onnx_outputs, quantize, torch_outputs  # noqa: E402
 from engine.training.model import FullModel, TopModel  # noqa: E402
-from engine.training.whisper import WhisperEncoder  # noqa: E402
+from engine.training.whisper import WhisperEncoder, conv_as_matmul  # noqa: E402
+
+
+@pytest.mark.parametrize("stride,frames", [(1, 400), (1, 37), (2, 400), (2, 37)])
+def test_conv_stem_as_matmul_is_the_same_conv(stride: int, frames: int) -> None:
+    torch.manual_seed(stride)
+    conv = torch.nn.Conv1d(16, 24, 3, stride=stride, padding=1)
+    x = torch.randn(2, 16, frames)
+    with torch.no_grad():
+        ref, got = conv(x).transpose(1, 2), conv_as_matmul(conv, x)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        conv_as_matmul(torch.nn.Conv1d(16, 24, 5, padding=2), x)
 
 
 def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
@@ -36,6 +49,9 @@ def test_onnx_matches_pytorch_on_dynamic_shapes(tmp_path) -> None:
 
     int8 = [n.name for n in onnx.load(str(q)).graph.node if n.op_type == "MatMulInteger"]
     assert int8 and not [n for n in int8 if n.startswith("/heads/")]  # encoder int8, heads float
+    assert len(int8) == 2 + 6 * 4  # the conv stem too: two MatMuls instead of two float Convs
+    assert not [n for n in onnx.load(str(q)).graph.node if n.op_type == "Conv"]
+    assert not model.encoder.stem_as_matmul  # export left the model as it found it
     mel = rng.standard_normal((2, 80, 300)).astype(np.float32) * 0.5
     assert np.abs(onnx_outputs(q, mel)[0] - torch_outputs(model, mel)[0]).max() < 0.1
 

@@ -270,3 +270,25 @@ def test_session_with_device_front_end_understands_the_same() -> None:
         # the front ends agree to ~5e-5 (test above); an int8 activation step that flips on that difference moves
         # a mid-range probability by a few hundredths (understand-v9: 0.031 at p = 0.55), as onnx vs torch does
         assert abs(a.confidence - b.confidence) < 0.06 and abs(a.end_of_turn - b.end_of_turn) < 0.06
+
+
+def test_torch_backend_slice_and_pad_follow_onnx_runtime(tmp_path: Path) -> None:
+    """Negative Slice steps and a zero Pad (the exported conv stem's shape arithmetic), op for op vs ORT."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, "t"])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("rev", "step", "pad")]
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64)))  # noqa: E731
+    nodes = [c("s0", [-1]), c("e0", [-9223372036854775807]), c("ax", [2]), c("m1", [-1]),
+             c("s1", [1]), c("e1", [100]), c("st2", [2]), c("pads", [0, 0, 1, 0, 0, 2]),
+             helper.make_node("Slice", ["x", "s0", "e0", "ax", "m1"], ["rev"]),
+             helper.make_node("Slice", ["x", "s1", "e1", "ax", "st2"], ["step"]),
+             helper.make_node("Pad", ["x", "pads"], ["pad"], mode="constant")]
+    model = helper.make_model(helper.make_graph(nodes, "ops", [x], outs), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what the installed onnxruntime reads, whatever onnx wrote by default
+    path = tmp_path / "ops.onnx"
+    onnx.save(model, str(path))
+    ref, got = ort.InferenceSession(str(path)), TorchSession(str(path), device="cpu")
+    for t in (1, 6, 7):
+        feed = {"x": np.random.default_rng(t).standard_normal((2, 3, t)).astype(np.float32)}
+        for r, g in zip(ref.run(None, feed), got.run(None, feed)):
+            assert r.shape == g.shape
+            np.testing.assert_array_equal(r, g)
