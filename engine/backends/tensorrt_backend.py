@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from engine.backends.float_graph import float_graph_bytes
 from ops.logs import get_logger
 
 import tensorrt as trt  # noqa: E402  (ImportError here = backend unavailable, by design)
@@ -49,6 +50,7 @@ def cache_key(onnx_path: str) -> str:
     h.update(str(torch.cuda.get_device_capability(0)).encode())
     h.update(trt.__version__.encode())
     h.update(repr(_profiles()).encode())
+    h.update(b"float-graph-1")  # what build_engine parses: the rewrite of the int8 graph
     return h.hexdigest()[:24]
 
 
@@ -57,7 +59,9 @@ def build_engine(onnx_path: str, fp16: bool = True) -> bytes:
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    # the shipped graph is dynamic int8 (MatMulInteger), which TensorRT does not parse: give it the float
+    # weights and let it run them in FP16
+    if not parser.parse(float_graph_bytes(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
     config = builder.create_builder_config()
