@@ -70,7 +70,7 @@ def float_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         w_zp = numpy_helper.to_array(inits[n.input[3]]).astype(np.float32) if len(n.input) > 3 and n.input[3] else 0.0
         w = (wq - w_zp) * numpy_helper.to_array(inits[w_scale_name]).astype(np.float32)  # per output column
         w_name = f"{n.input[1]}_dequantized"
-        new_inits.append(numpy_helper.from_array(w.astype(np.float32), w_name))
+        new_inits.append(numpy_helper.from_array(w, w_name))
         replace[id(mul)] = helper.make_node("MatMul", [dql.input[0], w_name], [mul.output[0]], name=f"{n.name}_float")
         drop.update({id(n), id(cast)})
         if all(id(u) in drop or u is mul for u in consumers.get(scale or "", [])):

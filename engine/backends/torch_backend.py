@@ -295,6 +295,8 @@ def _pad(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     axis first, (begin, end) pairs."""
     mode = a.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":  # the export pads with zeros only (the conv stem as MatMuls)
+        raise NotImplementedError(f"Pad mode {mode}")
     pads = _ints(x[1])
     rank = x[0].dim()
     axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(rank))
@@ -305,8 +307,6 @@ def _pad(x: list[Tensor], a: dict[str, Any]) -> list[Tensor]:
     flat: list[int] = []
     for ax in range(rank - 1, -1, -1):
         flat += [begin.get(ax, 0), end.get(ax, 0)]
-    if mode != "constant":  # the export pads with zeros only (the conv stem as MatMuls)
-        raise NotImplementedError(f"Pad mode {mode}")
     value = x[2].reshape(-1)[0].item() if len(x) > 2 and x[2] is not None and x[2].numel() else 0.0
     return [torch.nn.functional.pad(x[0], flat, mode="constant", value=value)]
 

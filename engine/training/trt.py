@@ -17,6 +17,7 @@ def build_engine(onnx_path: str, out: str, fp16: bool = True, max_batch: int = 3
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
+    # imported here, after the tensorrt check: it needs onnx, which a runtime-only install lacks
     from engine.backends.float_graph import float_graph_bytes
 
     if not parser.parse(float_graph_bytes(onnx_path)):  # TensorRT parses no MatMulInteger: float weights, FP16
