@@ -48,7 +48,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cache_split(Path(a.data) / split, Path(a.cache) / split, workers=a.workers,
                     frozen_layers=FROZEN_LAYERS if a.frozen_layers is None else a.frozen_layers)
     res = train(a.cache, a.run, cat.intent_names, epochs=a.epochs, threads=a.threads, max_minutes=a.max_minutes, seed=a.seed,
-                init=a.init, device=a.device, distill_weight=a.distill_weight)
+                init=a.init, device=a.device)
     print(json.dumps({"best_val_intent_accuracy": res["best_val_intent_accuracy"]}))
     return 0
 
@@ -312,9 +312,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--frozen-layers", dest="frozen_layers", type=int, default=None,
                    help="encoder layers kept frozen and cached (default: engine.training.cache.FROZEN_LAYERS)")
     t.add_argument("--init", default=None, help="start from this run's best.pt weights (fresh optimizer/schedule)")
-    t.add_argument("--distill-weight", dest="distill_weight", type=float, default=0.0,
-                   help="weight of the sentence-embedding distillation loss (engine/training/teacher.py, a "
-                        "text teacher from the 'train' extra); 0 = off (default)")
     t.set_defaults(func=cmd_train)
 
     w = sub.add_parser("wise", help="move the fine-tuned encoder layers part way back to the pretrained ones (WiSE-FT)")

@@ -33,31 +33,23 @@ class Heads(nn.Module):
             "eot": self.eot(torch.cat([pooled[:, 2], h[:, -1]], -1)).squeeze(-1),
             "slot": self.slot_ctc(h),
             "char": self.char_ctc(h),
-            "pooled": pooled[:, 0],  # the intent's pooled vector (the distillation target's input)
         }
 
 
 class TopModel(nn.Module):
     """What trains: the encoder's top layers + final norm + heads, over cached lower-layer output."""
 
-    def __init__(self, encoder: WhisperEncoder, n_intents: int, frozen_layers: int, semantic_dim: int = 0) -> None:
+    def __init__(self, encoder: WhisperEncoder, n_intents: int, frozen_layers: int) -> None:
         super().__init__()
         self.frozen_layers = frozen_layers
         self.layers = nn.ModuleList(copy.deepcopy(encoder.layers[frozen_layers:]))
         self.layer_norm = copy.deepcopy(encoder.layer_norm)
         self.heads = Heads(n_intents)
-        # training-only: predicts a text teacher's sentence embedding from the intent's pooled vector
-        # (train --distill-weight); best.pt is saved without it, so nothing downstream ever sees it
-        self.semantic = (nn.Sequential(nn.Linear(D_MODEL, D_MODEL), nn.GELU(), nn.Linear(D_MODEL, semantic_dim))
-                         if semantic_dim else None)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         for layer in self.layers:
             x = layer(x)
-        out = self.heads(self.layer_norm(x))
-        if self.semantic is not None:
-            out["semantic"] = self.semantic(out["pooled"])
-        return out
+        return self.heads(self.layer_norm(x))
 
 
 class FullModel(nn.Module):

@@ -24,8 +24,6 @@ from tqdm import tqdm
 from engine.textnorm import text_to_char_ids, text_to_slot_ids
 from engine.training.cache import cached_frozen_layers, frozen_layers_of
 from engine.training.model import TopModel, ctc_loss
-from engine.training.teacher import DIM as TEACHER_DIM
-from engine.training.teacher import split_targets
 from engine.training.whisper import pretrained_encoder
 
 NULL = "<null>"
@@ -67,7 +65,6 @@ class CachedSplit:
         self.full = [not r.get("truncated") for r in self.rows]
         self.frust = [float(r.get("frustration", 0)) for r in self.rows]
         self.eot = [float(r.get("eot", 1)) for r in self.rows]
-        self.semantic: np.ndarray | None = None  # teacher sentence embeddings, set when distilling
 
     def batches(self, bs: int, rng: np.random.Generator | None) -> list[tuple[int, np.ndarray]]:
         out = []
@@ -92,30 +89,18 @@ class CachedSplit:
             "eot": torch.tensor([self.eot[r] for r in rows]),
             "rows": rows,
         }
-        if self.semantic is not None:
-            y["semantic"] = torch.from_numpy(np.asarray(self.semantic[rows], dtype=np.float32))
         return x, y
-
-
-def semantic_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cosine distance to the teacher's embedding over complete clips (a truncated clip's text is partial)."""
-    if not bool(mask.any()):
-        return pred.sum() * 0.0
-    return (1.0 - F.cosine_similarity(pred[mask].float(), target[mask], dim=-1)).mean()
 
 
 def losses(out: dict, y: dict) -> dict[str, torch.Tensor]:
     li = F.cross_entropy(out["intent"], y["intent"], ignore_index=-100) if (y["intent"] >= 0).any() else out["intent"].sum() * 0
-    ls = {
+    return {
         "intent": li,
         "slot": ctc_loss(out["slot"], y["slot"], y["full"]),
         "char": ctc_loss(out["char"], y["char"], y["full"]),
         "frustration": F.binary_cross_entropy_with_logits(out["frustration"], y["frustration"]),
         "eot": F.binary_cross_entropy_with_logits(out["eot"], y["eot"]),
     }
-    if "semantic" in out and "semantic" in y:
-        ls["semantic"] = semantic_loss(out["semantic"], y["semantic"], y["full"].to(out["semantic"].device))
-    return ls
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -130,14 +115,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def _on(y: dict, dev: torch.device) -> dict:
     """Label tensors the losses meet the model's outputs with; 'full' stays on the CPU (it picks rows)."""
-    keys = [k for k in ("intent", "frustration", "eot", "semantic") if k in y]
-    return {**y, **{k: y[k].to(dev, non_blocking=True) for k in keys}}
+    return {**y, **{k: y[k].to(dev, non_blocking=True) for k in ("intent", "frustration", "eot")}}
 
 
-def _cpu_state(model: torch.nn.Module, shipped_only: bool = False) -> dict:
-    """CPU tensors (a GPU run's weights load anywhere); shipped_only drops the training-only semantic head."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()
-            if not (shipped_only and k.startswith("semantic."))}
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}  # a GPU run's weights load anywhere
 
 
 @torch.no_grad()
@@ -161,12 +143,10 @@ def predict_split(model: TopModel, data: CachedSplit, bs: int = 64) -> dict[str,
 
 def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs: int = 32, lr: float = 1e-3,
           lr_encoder: float = 2e-4, seed: int = 0, threads: int = 2, max_minutes: float = 30.0,
-          init: str | None = None, device: str = "auto", distill_weight: float = 0.0) -> dict:
+          init: str | None = None, device: str = "auto") -> dict:
     """Train (resuming from out_dir/last.pt if present); keeps the best-on-validation weights in best.pt.
     init: a run dir whose best.pt weights start a new run (fresh optimizer and schedule).
-    device: auto / cpu / cuda; checkpoints are written with CPU tensors either way.
-    distill_weight: > 0 adds the cosine distance between a training-only head over the intent's pooled
-    vector and a text teacher's sentence embedding (engine/training/teacher.py) to the loss."""
+    device: auto / cpu / cuda; checkpoints are written with CPU tensors either way."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -176,22 +156,15 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
     tr = CachedSplit(Path(cache_dir) / "train", intents)
     va = CachedSplit(Path(cache_dir) / "val", intents)
     frozen = cached_frozen_layers(Path(cache_dir) / "train")  # the cache decides which layers train
-    weights = dict(LOSS_WEIGHTS)
-    if distill_weight > 0:
-        weights["semantic"] = distill_weight
-        tr.semantic = split_targets(Path(cache_dir) / "train")
-    model = TopModel(pretrained_encoder(), len(intents), frozen, semantic_dim=TEACHER_DIM if distill_weight > 0 else 0)
+    model = TopModel(pretrained_encoder(), len(intents), frozen)
     if init and not (out / "last.pt").exists():
         ck0 = torch.load(Path(init) / "best.pt", weights_only=False, map_location="cpu")
         if frozen_layers_of(ck0) != frozen or ck0["intents"] != intents:
             raise SystemExit(f"{init} does not match this cache (frozen layers / intents)")
-        missing, unexpected = model.load_state_dict(ck0["model"], strict=False)
-        if unexpected or any(not k.startswith("semantic.") for k in missing):
-            raise SystemExit(f"{init}/best.pt does not fit this model: missing {missing}, unexpected {unexpected}")
+        model.load_state_dict(ck0["model"])
     model.to(dev)
-    head_params = list(model.heads.parameters()) + (list(model.semantic.parameters()) if model.semantic is not None else [])
     params = [{"params": list(model.layers.parameters()) + list(model.layer_norm.parameters()), "lr": lr_encoder},
-              {"params": head_params, "lr": lr}]
+              {"params": model.heads.parameters(), "lr": lr}]
     opt = torch.optim.AdamW(params, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     steps_per_epoch = len(tr.batches(bs, None))
@@ -215,7 +188,7 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
         for s, pos in bar:
             x, y = tr.get(s, pos)
             ls = losses(model(augment(x.to(dev, non_blocking=True), rng)), _on(y, dev))
-            loss = sum(weights[k] * v for k, v in ls.items())
+            loss = sum(LOSS_WEIGHTS[k] * v for k, v in ls.items())
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -235,12 +208,12 @@ def train(cache_dir: str, out_dir: str, intents: list[str], epochs: int = 4, bs:
         print(json.dumps(history[-1]), flush=True)
         if acc > best:
             best = acc
-            torch.save({"model": _cpu_state(model, shipped_only=True), "intents": intents, "epoch": epoch + 1, "frozen_layers": frozen},
+            torch.save({"model": _cpu_state(model), "intents": intents, "epoch": epoch + 1, "frozen_layers": frozen},
                        out / "best.pt")
         torch.save({"model": _cpu_state(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "epoch": epoch + 1, "best": best, "history": history, "frozen_layers": frozen}, out / "last.pt")
         if (time.time() - t0) / 60 > max_minutes:
             print(f"time budget of {max_minutes} min reached; stopping after epoch {epoch + 1}", flush=True)
             break
-    json.dump({"history": history, "intents": intents, "loss_weights": weights, "frozen_layers": frozen}, open(out / "train_log.json", "w"), indent=1)
+    json.dump({"history": history, "intents": intents, "loss_weights": LOSS_WEIGHTS, "frozen_layers": frozen}, open(out / "train_log.json", "w"), indent=1)
     return {"best_val_intent_accuracy": best, "history": history}
