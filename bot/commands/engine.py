@@ -223,6 +223,24 @@ def cmd_transcode(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_noise(a: argparse.Namespace) -> int:
+    from engine.training.noise import NoiseError, augment_dir, noisy_dir
+
+    try:
+        if a.train_share is not None:
+            if a.snr or a.noise:
+                raise NoiseError("--train-share draws its own noise and SNR: leave out --snr and --noise")
+            print(json.dumps(augment_dir(a.src, a.out, a.train_share, tuple(a.snr_range), seed=a.seed)))
+        elif not a.snr:
+            raise NoiseError("give --snr (robustness set) or --train-share (training augmentation)")
+        else:
+            print(json.dumps(noisy_dir(a.src, a.out, a.snr, kinds=a.noise or ["babble"], seed=a.seed)))
+    except (NoiseError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_latency(a: argparse.Namespace) -> int:
     """Load time and understand() latency on one ORT thread for a clip of --seconds (real speech-like audio)."""
     import time
@@ -409,6 +427,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tc.add_argument("--share", type=float, default=1.0, help="share of clips transcoded (default 1)")
     tc.add_argument("--seed", type=int, default=0)
     tc.set_defaults(func=cmd_transcode)
+
+    nz = sub.add_parser("add-noise", help="a data dir's clips with background noise at fixed SNRs (one subdirectory "
+                        "per noise and level): noise-robustness curves from one `eval`")
+    nz.add_argument("src", help="dir with manifest.jsonl")
+    nz.add_argument("out")
+    nz.add_argument("--snr", action="append", type=float, default=[],
+                    help="signal-to-noise ratio in dB against the speech; repeat it for a curve")
+    nz.add_argument("--noise", action="append", default=[], choices=["white", "pink", "brown", "babble"],
+                    help="repeatable (default: babble of held-out voices)")
+    nz.add_argument("--train-share", dest="train_share", type=float, default=None,
+                    help="training augmentation instead: this share of clips gets noise (babble of training voices "
+                         "or white/pink/brown) at a random SNR in --snr-range")
+    nz.add_argument("--snr-range", dest="snr_range", type=float, nargs=2, default=[0.0, 20.0], metavar=("LO", "HI"))
+    nz.add_argument("--seed", type=int, default=0)
+    nz.set_defaults(func=cmd_add_noise)
 
     lt = sub.add_parser("latency", help="model load time and understand() p50/p95 for one clip length")
     lt.add_argument("--model", default=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -119,22 +120,43 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
         result["frustration_auc"] = round(_auc(y, s), 4) if 0 < y.sum() < len(y) else None
     groups = _groups(rows)
     if groups:
-        result["breakdown"] = {g: {k: {"n": int(len(idx)), "intent_accuracy": round(float(correct[idx].mean()), 4)}
-                                   for k, idx in sorted(parts.items())} for g, parts in groups.items()}
+        # per clip: 1/0 where the clip has slots to read, NaN where it has none
+        slot_ok = np.array([float(_slots_equal(r["slots"], p.slots)) if r.get("slots") else np.nan
+                            for r, p in zip(rows, preds)])
+        result["breakdown"] = {g: {k: _slice(correct, slot_ok, parts[k]) for k in sorted(parts, key=_natural)}
+                               for g, parts in groups.items()}
     if report_dir is not None:
         write_report(Path(report_dir), d, result, ref, hyp, names, conf, correct)
     return result
 
 
+def _natural(key: str) -> list:
+    """'babble 5 dB' before 'babble 10 dB': numbers in a group name sort as numbers."""
+    return [float(t) if re.fullmatch(r"-?\d+(\.\d+)?", t) else t for t in re.split(r"(-?\d+(?:\.\d+)?)", key)]
+
+
+def _slice(correct: np.ndarray, slot_ok: np.ndarray, idx: np.ndarray) -> dict:
+    out: dict = {"n": int(len(idx)), "intent_accuracy": round(float(correct[idx].mean()), 4)}
+    s = slot_ok[idx]
+    s = s[~np.isnan(s)]
+    if len(s):
+        out["slot_n"], out["slot_accuracy"] = int(len(s)), round(float(s.mean()), 4)
+    return out
+
+
 def _groups(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
-    """Optional slices of a synthesized set: by TTS engine, and by phrasing kind (carrier x core
-    compositions share content words with training; standalone sentences are lexically novel)."""
+    """Optional slices of a synthesized set: by TTS engine, by phrasing kind (carrier x core
+    compositions share content words with training; standalone sentences are lexically novel), and by the
+    noise or codec a robustness set put the clip through."""
     from engine.training.templates import composed_set
 
     out: dict[str, dict[str, list[int]]] = {}
     for i, r in enumerate(rows):
         if "voice" in r:
             out.setdefault("voice_engine", {}).setdefault(str(r["voice"]).split(":")[0], []).append(i)
+        for key in ("noise", "codec"):  # robustness sets: `bot engine add-noise` / `bot engine transcode`
+            if r.get(key):
+                out.setdefault(key, {}).setdefault(str(r[key]), []).append(i)
         if "template" in r:
             kind = "slot_only" if r["intent"] is None else (
                 "composed" if r["template"] in composed_set(str(r["intent"])) else "standalone")
