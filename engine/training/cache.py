@@ -45,6 +45,14 @@ def write_manifest(d: str | Path, rows: list[dict]) -> None:
     (Path(d) / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def local_audio_path(audio: str) -> Path | None:
+    """Where a derived set (transcode, add-noise) writes a clip under its output dir: the manifest path
+    without '..' parts, so clips a merged manifest takes from two sets (../../synth30/train/x.wav,
+    ../../synth31/train/x.wav) stay apart and nothing is written outside the output dir. None: no file name."""
+    parts = [p for p in Path(audio).parts if p not in ("..", ".", "/")]
+    return Path(*parts) if parts else None
+
+
 def frozen_layers_of(meta: dict) -> int:
     """The frozen-layer split a cache index or a checkpoint was made with."""
     return int(meta.get("frozen_layers", LEGACY_FROZEN_LAYERS))

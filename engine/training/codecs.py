@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from engine.training.cache import read_manifest, write_manifest
+from engine.training.cache import local_audio_path, read_manifest, write_manifest
 
 SR = 8000
 # name -> the bit rates drawn from; weights: how often a random draw picks each codec
@@ -139,13 +139,10 @@ def _clip_seed(seed: int, audio: str) -> int:
 
 
 def _local_path(audio: str) -> Path:
-    """Where a clip goes under the output dir: its manifest path without '..' parts, so clips that a
-    merged manifest takes from two sets (../../synth30/train/x.wav, ../../synth31/train/x.wav) stay apart
-    and nothing is written outside the output dir."""
-    parts = [p for p in Path(audio).parts if p not in ("..", ".", "/")]
-    if not parts:
+    rel = local_audio_path(audio)
+    if rel is None:
         raise CodecError(f"bad audio path {audio!r}")
-    return Path(*parts)
+    return rel
 
 
 def transcode_dir(src: str | Path, dst: str | Path, codecs: Sequence[str] = (), share: float = 1.0,

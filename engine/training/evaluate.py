@@ -91,7 +91,10 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
     hyp = [str(p.intent) for p in preds]
     correct = np.array([a == b for a, b in zip(ref, hyp)], float)
     conf = np.array([p.confidence for p in preds])
-    slot_rows = [(r.get("slots") or {}, p.slots) for r, p in zip(rows, preds) if r.get("slots")]
+    # per clip: 1/0 where the clip has slots to read, NaN where it has none
+    slot_ok = np.array([float(_slots_equal(r["slots"], p.slots)) if r.get("slots") else np.nan
+                        for r, p in zip(rows, preds)])
+    slot_n = int(np.sum(~np.isnan(slot_ok)))
     noslot = [p.slots for r, p in zip(rows, preds) if not r.get("slots")]
     errs = words = 0
     for r, p in zip(rows, preds):
@@ -105,8 +108,8 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
     result = {
         "n": len(rows),
         "intent_accuracy": round(float(correct.mean()), 4) if rows else 0.0,
-        "slot_accuracy": round(float(np.mean([_slots_equal(a, b) for a, b in slot_rows])), 4) if slot_rows else None,
-        "slot_n": len(slot_rows),
+        "slot_accuracy": round(float(np.nanmean(slot_ok)), 4) if slot_n else None,
+        "slot_n": slot_n,
         "slot_false_positive_rate": round(float(np.mean([bool(s) for s in noslot])), 4) if noslot else None,
         "wer": round(errs / words, 4) if words else None,
         "ece": round(ece(conf, correct), 4),
@@ -120,9 +123,6 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
         result["frustration_auc"] = round(_auc(y, s), 4) if 0 < y.sum() < len(y) else None
     groups = _groups(rows)
     if groups:
-        # per clip: 1/0 where the clip has slots to read, NaN where it has none
-        slot_ok = np.array([float(_slots_equal(r["slots"], p.slots)) if r.get("slots") else np.nan
-                            for r, p in zip(rows, preds)])
         result["breakdown"] = {g: {k: _slice(correct, slot_ok, parts[k]) for k in sorted(parts, key=_natural)}
                                for g, parts in groups.items()}
     if report_dir is not None:

@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from engine.training.cache import read_manifest, write_manifest
+from engine.training.cache import local_audio_path, read_manifest, write_manifest
 from engine.training.channel import colored_noise
 
 SR = 8000
@@ -60,23 +60,13 @@ def mix_at_snr(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarr
 
 def make_babble(n: int = 6, seed: int = 0, talkers: int = 5, seconds: float = 8.0,
                 split: str = "test") -> list[np.ndarray]:
-    """n loops of `talkers` espeak voices of one split speaking at once, each normalised to unit RMS: the
-    held-out test voices for robustness sets, the training voices for training augmentation."""
-    from engine.training.synth import voices_by_split
-    from engine.training.tts import synthesize
+    """n loops of `talkers` espeak voices of one split speaking at once (synth.make_babble, with sentences
+    unlike training's), each normalised to unit RMS: the held-out test voices for robustness sets, the
+    training voices for training augmentation."""
+    from engine.training import synth
 
-    rng = np.random.default_rng(seed)
-    voices = [v for v in voices_by_split()[split] if v.engine == "espeak"]
-    out = []
-    for _ in range(n):
-        mix = np.zeros(int(seconds * SR), np.float32)
-        for _ in range(talkers):
-            v = voices[int(rng.integers(len(voices)))]
-            x = synthesize(v, " ".join(rng.choice(BABBLE_SENTENCES, 3)))[: len(mix)]
-            off = int(rng.integers(0, max(1, len(mix) - len(x))))
-            mix[off : off + len(x)] += x * rng.uniform(0.5, 1.0)
-        out.append(mix / max(float(np.sqrt(np.mean(mix.astype(np.float64) ** 2))), 1e-9))
-    return out
+    mixes = synth.make_babble(n, seed, split=split, sentences=BABBLE_SENTENCES, seconds=seconds, talkers=talkers)
+    return [m / max(float(np.sqrt(np.mean(m.astype(np.float64) ** 2))), 1e-9) for m in mixes]
 
 
 def _noise_for(kind: str, n: int, rng: np.random.Generator, babble: list[np.ndarray]) -> np.ndarray:
@@ -94,7 +84,10 @@ def _read_8k(path: Path, name: str) -> np.ndarray:
 
 
 def _local(audio: str) -> Path:
-    return Path(*[p for p in Path(audio).parts if p not in ("..", ".", "/")])
+    rel = local_audio_path(audio)
+    if rel is None:
+        raise NoiseError(f"bad audio path {audio!r}")
+    return rel
 
 
 def augment_dir(src: str | Path, dst: str | Path, share: float = 0.5, snr_range: tuple[float, float] = (0.0, 20.0),

@@ -299,17 +299,20 @@ def plan(catalog: Catalog, counts: dict[str, int], seed: int = 0, extra: int = 0
 _BABBLE: list[np.ndarray] = []
 
 
-def make_babble(n: int = 10, seed: int = 1) -> list[np.ndarray]:
-    """Several train voices talking at once (out-of-domain sentences) as background babble."""
+def make_babble(n: int = 10, seed: int = 1, split: str = "train", sentences: list[str] | None = None,
+                seconds: float = 6.0, talkers: int = 5) -> list[np.ndarray]:
+    """Several espeak voices of one split talking at once (out-of-domain sentences) as background babble:
+    the training voices for training data; `bot engine add-noise` asks for the held-out test voices."""
     rng = np.random.default_rng(seed)
-    train_voices = [v for v in voices_by_split()["train"] if v.engine == "espeak"]
-    sentences = [s for s in T.PHRASES["out_of_scope"]] + ["the meeting is at three", "did you see the news this morning",
-                                                          "we should get lunch later", "my sister is visiting next week"]
+    voices = [v for v in voices_by_split()[split] if v.engine == "espeak"]
+    if sentences is None:
+        sentences = [s for s in T.PHRASES["out_of_scope"]] + ["the meeting is at three", "did you see the news this morning",
+                                                              "we should get lunch later", "my sister is visiting next week"]
     out = []
     for _ in range(n):
-        mix = np.zeros(8000 * 6, np.float32)
-        for _ in range(5):
-            v = train_voices[int(rng.integers(len(train_voices)))]
+        mix = np.zeros(int(seconds * 8000), np.float32)
+        for _ in range(talkers):
+            v = voices[int(rng.integers(len(voices)))]
             s = " ".join(rng.choice(sentences, 3))
             x = synthesize(v, s)[: len(mix)]
             off = int(rng.integers(0, max(1, len(mix) - len(x))))

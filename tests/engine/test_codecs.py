@@ -11,7 +11,7 @@ import soundfile as sf
 
 from bot.cli import main
 from engine.training.codecs import CODECS, WEIGHTS, CodecError, draw, parse, transcode, transcode_dir
-from tests.helpers.audio import silence, synth, write_wav
+from tests.helpers.audio import silence, synth, write_clip_set, write_wav
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +122,8 @@ def test_several_codecs_make_one_pooled_set(tmp_path: Path, speech: np.ndarray) 
 
 
 def test_share_and_random_codecs_are_decided_per_clip_from_the_seed(tmp_path: Path, speech: np.ndarray) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    rows = []
-    for k in range(12):
-        write_wav(src / f"c{k}.wav", speech[: 4000 + 80 * k])
-        rows.append({"audio": f"c{k}.wav", "intent": "goodbye", "slots": {}, "text": "bye"})
-    (src / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = write_clip_set(tmp_path / "src", [speech[: 4000 + 80 * k] for k in range(12)],
+                         {"intent": "goodbye", "slots": {}, "text": "bye"})
     a = transcode_dir(src, tmp_path / "a", share=0.5, seed=3)
     b = transcode_dir(src, tmp_path / "b", share=0.5, seed=3)
     assert a["codecs"] == b["codecs"] and 0 < a["transcoded"] < 12

@@ -13,7 +13,7 @@ import soundfile as sf
 from bot.cli import main
 from engine.training.evaluate import evaluate
 from engine.training.noise import NoiseError, augment_dir, make_babble, mix_at_snr, noisy_dir, speech_rms
-from tests.helpers.audio import silence, synth, write_wav
+from tests.helpers.audio import silence, synth, write_clip_set, write_wav
 
 
 def _db(a: float, b: float) -> float:
@@ -81,13 +81,8 @@ def test_robustness_set_has_one_subdirectory_per_noise_and_level(tmp_path: Path,
 
 
 def test_training_augmentation_noises_a_share_of_clips_and_copies_the_rest(tmp_path: Path, speech: np.ndarray) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    rows = []
-    for k in range(12):
-        write_wav(src / f"c{k}.wav", speech[: 8000 + 400 * k])
-        rows.append({"audio": f"c{k}.wav", "intent": "goodbye", "slots": {}, "text": "bye"})
-    (src / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = write_clip_set(tmp_path / "src", [speech[: 8000 + 400 * k] for k in range(12)],
+                         {"intent": "goodbye", "slots": {}, "text": "bye"})
     a = augment_dir(src, tmp_path / "a", share=0.5, snr_range=(0, 20), seed=3)
     b = augment_dir(src, tmp_path / "b", share=0.5, snr_range=(0, 20), seed=3)
     assert a["noisy"] == b["noisy"] and 0 < a["noisy"] < 12

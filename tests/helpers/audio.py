@@ -3,6 +3,7 @@ G.711 mu-law), noise bursts, coughs and echo, all 8 kHz mono int16."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -81,3 +82,14 @@ def attenuate(pcm: np.ndarray, db: float) -> np.ndarray:
 def write_wav(path: Path, pcm: np.ndarray) -> Path:
     sf.write(str(path), pcm, SR, subtype="PCM_16")
     return path
+
+
+def write_clip_set(root: Path, clips: list[np.ndarray], labels: dict) -> Path:
+    """A small data dir: root/c<k>.wav for each clip and a manifest.jsonl giving each the same labels."""
+    root.mkdir()
+    rows = []
+    for k, pcm in enumerate(clips):
+        write_wav(root / f"c{k}.wav", pcm)
+        rows.append({"audio": f"c{k}.wav", **labels})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
