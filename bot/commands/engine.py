@@ -274,10 +274,10 @@ def cmd_latency(a: argparse.Namespace) -> int:
 
 def cmd_build_trt(a: argparse.Namespace) -> int:
     from engine.training.trt import build_engine
-    from engine.understanding import DEFAULT_MODEL, default_model_dir
+    from engine.understanding import default_model_dir
 
     onnx = a.onnx or str(default_model_dir() / "model.onnx")
-    return build_engine(onnx, a.out or f"build/{DEFAULT_MODEL}.plan", fp16=not a.fp32)
+    return build_engine(onnx, a.out, fp16=not a.fp32)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -450,10 +450,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lt.add_argument("-n", type=int, default=100)
     lt.set_defaults(func=cmd_latency)
 
-    b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model (needs tensorrt)")
+    b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model, prebuilt into the runtime's "
+                                         "cache (needs tensorrt)")
     b.add_argument("--onnx", default=None, help="ONNX graph (default: the packaged release's model.onnx)")
-    b.add_argument("--out", default=None, help="engine plan (default: build/<release>.plan)")
-    b.add_argument("--fp32", action="store_true")
+    b.add_argument("--out", default=None,
+                   help="engine plan (default: the tensorrt backend's cache, $BOT_TRT_CACHE_DIR, where it is used)")
+    b.add_argument("--fp32", action="store_true", help="FP32 plan (only with --out)")
     b.set_defaults(func=cmd_build_trt)
 
     try:

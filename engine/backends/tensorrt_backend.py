@@ -96,22 +96,36 @@ class _Meta:
         self.name = name
 
 
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BOT_TRT_CACHE_DIR", "")
+                or Path(os.environ.get("BOT_DATA_DIR", "./var")) / "trt-cache")
+
+
+def plan_path(onnx_path: str, cache_dir: Path) -> Path:
+    """Where the runtime looks for (and caches) the engine of this model on this GPU and TensorRT."""
+    return cache_dir / f"{Path(onnx_path).stem}-{cache_key(onnx_path)}.plan"
+
+
+def write_plan(blob: bytes, path: Path) -> None:
+    """Atomic: a worker starting meanwhile never deserializes half a plan."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
 class TensorRTSession:
     """onnxruntime-compatible session over a TensorRT engine (one execution context per profile)."""
 
     def __init__(self, onnx_path: str, cache_dir: Path) -> None:
-        key = cache_key(onnx_path)
-        path = cache_dir / f"{Path(onnx_path).stem}-{key}.plan"
+        path = plan_path(onnx_path, cache_dir)
         if path.exists():
             blob = path.read_bytes()
             log().info("TensorRT engine from cache", path=str(path))
         else:
             log().info("building TensorRT engine (minutes, once per model/GPU/TensorRT version)", onnx=onnx_path)
             blob = build_engine(onnx_path)
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
+            write_plan(blob, path)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(blob)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -169,8 +183,7 @@ class TensorRTBackend:
     def __init__(self) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
-        self.cache_dir = Path(os.environ.get("BOT_TRT_CACHE_DIR", "")
-                              or Path(os.environ.get("BOT_DATA_DIR", "./var")) / "trt-cache")
+        self.cache_dir = default_cache_dir()
 
     def session(self, onnx_path: str, threads: int = 1) -> TensorRTSession:
         return TensorRTSession(onnx_path, self.cache_dir)

@@ -1,4 +1,9 @@
-"""TensorRT engine from the ONNX model (FP16, optimisation profiles over batch and length buckets)."""
+"""`bot engine build-trt`: build the TensorRT engine ahead of time, exactly as the tensorrt backend would.
+
+One builder (engine.backends.tensorrt_backend.build_engine, with its optimisation profiles), so a prebuilt plan
+is the one the runtime loads: by default it lands in the backend's cache (BOT_TRT_CACHE_DIR), and the first
+call after a deploy no longer waits minutes for a build.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +11,23 @@ import sys
 from pathlib import Path
 
 
-def build_engine(onnx_path: str, out: str, fp16: bool = True, max_batch: int = 32) -> int:
+def build_engine(onnx_path: str, out: str | None = None, fp16: bool = True) -> int:
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
-    except ImportError:
-        print("build-trt: the `tensorrt` Python package is not installed (it needs an NVIDIA GPU host); "
-              "the ONNX Runtime CPU model keeps working.", file=sys.stderr)
+        from engine.backends import tensorrt_backend as trt_backend
+    except ImportError as e:  # tensorrt (or torch, for CUDA) missing: a CPU host
+        print(f"build-trt: TensorRT is not available here ({e}); it needs an NVIDIA GPU host with the "
+              "`tensorrt` and `torch` packages. The ONNX Runtime CPU model keeps working.", file=sys.stderr)
         return 2
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    # imported here, after the tensorrt check: it needs onnx, which a runtime-only install lacks
-    from engine.backends.float_graph import float_graph_bytes
-
-    if not parser.parse(float_graph_bytes(onnx_path)):  # TensorRT parses no MatMulInteger: float weights, FP16
-        for i in range(parser.num_errors):
-            print(parser.get_error(i), file=sys.stderr)
+    if out is None and not fp16:
+        # the runtime always builds FP16; an FP32 plan in its cache would be served in its place
+        print("build-trt: --fp32 needs --out (the runtime's cache holds the FP16 engine)", file=sys.stderr)
+        return 2
+    path = Path(out) if out else trt_backend.plan_path(onnx_path, trt_backend.default_cache_dir())
+    try:
+        blob = trt_backend.build_engine(onnx_path, fp16=fp16)
+    except RuntimeError as e:
+        print(f"build-trt: {e}", file=sys.stderr)
         return 1
-    config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    # mel frames are 100 per second of audio, 1..8 s; one profile per short/long range keeps kernels tight
-    for lo, opt, hi in ((100, 200, 400), (400, 600, 800)):
-        prof = builder.create_optimization_profile()
-        prof.set_shape("mel", (1, 80, lo), (max(1, max_batch // 4), 80, opt), (max_batch, 80, hi))
-        config.add_optimization_profile(prof)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        print("build-trt: TensorRT failed to build the engine", file=sys.stderr)
-        return 1
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_bytes(plan)
-    print(f"wrote {out}")
+    trt_backend.write_plan(blob, path)
+    print(f"wrote {path} ({len(blob) / 1e6:.1f} MB)")
     return 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,15 @@ def test_gpu_backends_fall_back_to_onnx_cpu_here() -> None:
     assert ENGINE_BACKEND.labels(requested="onnx", serving="onnx")._value.get() == 1
     with pytest.raises(ValueError, match="unknown engine backend"):
         normalize("tpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="a TensorRT host builds for real")
+def test_build_trt_says_why_it_cannot_build_on_a_cpu_host(capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.training.trt import build_engine
+
+    assert build_engine("engine/models/missing.onnx") == 2
+    err = capsys.readouterr().err
+    assert "TensorRT is not available here" in err and "ONNX Runtime CPU model keeps working" in err
 
 
 def test_swap_sessions_moves_every_session() -> None:
