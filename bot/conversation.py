@@ -139,8 +139,8 @@ class Conversation:
             self._set_outcome("error:exception")
             try:
                 await self.bridge.hangup("error")
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as hangup_exc:  # noqa: BLE001 - the leg may be gone; say so, the carrier may not
+                self.log.warning("hangup_failed", reason="error", error=str(hangup_exc))
         finally:
             vad_stream.close()
             for t in (self._play_task, self._turn_task, self._eot_task):

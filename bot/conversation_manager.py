@@ -63,8 +63,8 @@ class CallManager:
             conv._set_outcome("shutdown")
             try:
                 await conv.bridge.hangup("shutdown")
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - keep ending the others
+                conv.log.warning("hangup_failed", reason="shutdown", error=str(exc))
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=5)
         except asyncio.TimeoutError:
