@@ -28,7 +28,7 @@ from engine.types import Understanding
 from ops.logs import get_logger
 from ops.metrics import ERRORS
 
-DEFAULT_MODEL = "understand-v10"
+DEFAULT_MODEL = "understand-v11"
 MIN_SECONDS = 0.2
 SILENCE_DBFS = -55.0
 TOP_K = 3

@@ -352,7 +352,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     so.set_defaults(func=cmd_soup)
 
     im = sub.add_parser("import-model", help="rebuild a trainable run (best.pt) from a shipped model dir's ONNX weights")
-    im.add_argument("model", help="model dir, e.g. engine/models/understand-v10")
+    im.add_argument("model", help="model dir, e.g. engine/models/understand-v11")
     im.add_argument("--out", required=True, help="new run dir: best.pt for train --init / wise / soup / export")
     im.set_defaults(func=cmd_import_model)
 
