@@ -7,6 +7,7 @@ import datetime as dt
 from typing import Any
 
 import pytest
+import yaml
 
 from engine.types import Understanding
 from policies.decide import (
@@ -24,6 +25,7 @@ from policies.decide import (
 )
 from policies.decision import ACTIONS, Decision
 from policies.schema import load_policy, parse_policy
+from tests.helpers.policy_text import DEFAULT_TEXT
 
 POLICY = load_policy()
 UTC = dt.timezone.utc
@@ -53,8 +55,12 @@ def run(inputs: list[Input], now: dt.datetime = OPEN, policy=POLICY) -> tuple[li
 CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str | None]]] = [
     ("greeting", [], OPEN, ("answer", "greeting", None, None)),
     ("accepted answer", [U("check_balance", 0.97)], OPEN, ("answer", "accepted", None, "check_balance")),
-    ("accepted with all slots", [U("schedule_technician", 0.95, slots={"day": "friday"})], OPEN,
-     ("answer", "accepted", None, "schedule_technician")),
+    ("day read back before booking", [U("schedule_technician", 0.95, slots={"day": "friday"})], OPEN,
+     ("confirm", "read_back", None, "schedule_technician")),
+    ("day read back, confirmed: booked", [U("schedule_technician", 0.95, slots={"day": "friday"}), YES], OPEN,
+     ("answer", "confirmed", None, "schedule_technician")),
+    ("day read back, denied: asked again", [U("schedule_technician", 0.95, slots={"day": "friday"}), NO], OPEN,
+     ("collect", "value_denied", None, "schedule_technician")),
     ("amount read back before paying", [U("pay_bill", 0.95, slots={"amount": 40.0})], OPEN, ("confirm", "read_back", None, "pay_bill")),
     ("read-back confirmed: paid", [U("pay_bill", 0.95, slots={"amount": 40.0}), YES], OPEN, ("answer", "confirmed", None, "pay_bill")),
     ("read-back confirmed by restating", [U("pay_bill", 0.95, slots={"amount": 40.0}), U("pay_bill", 0.8, slots={"amount": 40.0})],
@@ -75,8 +81,8 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
     ("read-back kept through an unclear answer", [U("pay_bill", 0.95, slots={"amount": 40.0}), U("affirm", 0.2), YES], OPEN,
      ("answer", "confirmed", None, "pay_bill")),
     ("slot missing", [U("pay_bill", 0.95)], OPEN, ("collect", "slot_missing", None, "pay_bill")),
-    ("slot filled", [U("schedule_technician", 0.95), U(None, 0.9, slots={"day": "tuesday"})], OPEN,
-     ("answer", "slot_filled", None, "schedule_technician")),
+    ("slot filled, day read back", [U("schedule_technician", 0.95), U(None, 0.9, slots={"day": "tuesday"})], OPEN,
+     ("confirm", "read_back", None, "schedule_technician")),
     ("slot filled, read back", [U("pay_bill", 0.95), U(None, 0.9, slots={"amount": 25.0})], OPEN,
      ("confirm", "read_back", None, "pay_bill")),
     ("slot value heard as goodbye is still the answer", [U("pay_bill", 0.95), U("goodbye", 0.99, slots={"amount": 25.0})], OPEN,
@@ -137,9 +143,28 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
 ]
 
 
-@pytest.mark.parametrize("name,inputs,now,expected", CASES, ids=[c[0] for c in CASES])
-def test_decision_table(name: str, inputs: list[Input], now: dt.datetime, expected: tuple) -> None:
-    decisions, _ = run(inputs, now)
+def _without_read_back(intent: str) -> Any:
+    """The shipped policy with one intent's read-back removed (an admin's choice the schema allows)."""
+    doc = yaml.safe_load(DEFAULT_TEXT)
+    del doc["intents"][intent]["action"]["read_back"]
+    return parse_policy(yaml.safe_dump(doc, sort_keys=False))
+
+
+NO_DAY_READ_BACK = _without_read_back("schedule_technician")
+# collect intents that act as soon as their values are in: what a policy without read-back does
+NO_READ_BACK_CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str | None]]] = [
+    ("accepted with all slots", [U("schedule_technician", 0.95, slots={"day": "friday"})], OPEN,
+     ("answer", "accepted", None, "schedule_technician")),
+    ("slot filled", [U("schedule_technician", 0.95), U(None, 0.9, slots={"day": "tuesday"})], OPEN,
+     ("answer", "slot_filled", None, "schedule_technician")),
+]
+
+
+@pytest.mark.parametrize("name,inputs,now,expected,policy",
+                         [(*c, POLICY) for c in CASES] + [(*c, NO_DAY_READ_BACK) for c in NO_READ_BACK_CASES],
+                         ids=[c[0] for c in CASES] + [c[0] for c in NO_READ_BACK_CASES])
+def test_decision_table(name: str, inputs: list[Input], now: dt.datetime, expected: tuple, policy: Any) -> None:
+    decisions, _ = run(inputs, now, policy)
     last = decisions[-1]
     assert (last.action, last.reason, last.target, last.intent) == expected, last
     assert last.prompt, "every decision says something: never silence"
@@ -148,8 +173,9 @@ def test_decision_table(name: str, inputs: list[Input], now: dt.datetime, expect
 
 def test_table_covers_every_action_and_reason() -> None:
     seen_actions, seen_reasons = set(), set()
-    for _, inputs, now, _ in CASES:
-        for d in run(inputs, now)[0]:
+    runs = [(POLICY, c[1], c[2]) for c in CASES] + [(NO_DAY_READ_BACK, c[1], c[2]) for c in NO_READ_BACK_CASES]
+    for policy, inputs, now in runs:
+        for d in run(inputs, now, policy)[0]:
             seen_actions.add(d.action)
             seen_reasons.add(d.reason)
     assert seen_actions == set(ACTIONS)
@@ -164,6 +190,8 @@ def test_prompts_render_slots_and_labels() -> None:
     d = run([U("pay_bill", 0.95, slots={"amount": 12.5}), NO])[0][-1]
     assert d.prompt == "Sorry about that. How much would you like to pay?" and d.slots == {}
     d = run([U("schedule_technician", 0.95, slots={"day": "tuesday"})])[0][-1]
+    assert d.prompt == "That's a technician visit on Tuesday, is that right?"
+    d = run([U("schedule_technician", 0.95, slots={"day": "tuesday"}), YES])[0][-1]
     assert "booked for Tuesday" in d.prompt
     d = run([U("pay_bill", 0.7)])[0][-1]
     assert d.prompt == "You'd like to pay your bill, is that right?"
