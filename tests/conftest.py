@@ -12,6 +12,9 @@ from typing import Iterator
 
 import pytest
 
+from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN
+from tests.helpers.fake_twilio import FakeTwilioApi
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,3 +48,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def fake_api() -> Iterator[FakeTwilioApi]:
+    """A local server speaking Twilio's REST wire format (the one paid API we fake), one per test module."""
+    with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
+        yield api

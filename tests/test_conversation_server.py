@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from tests.helpers.audio import synth
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, call_record, open_policy, place_call, twilio_env, wait_outcome
+from tests.helpers.bot import call_record, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, free_port
 
@@ -51,12 +51,6 @@ class PrivateRedis:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeTwilioApi]:
-    with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
-        yield api
 
 
 @pytest.fixture(scope="module")

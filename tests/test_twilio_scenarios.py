@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.helpers.audio import synth
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, twilio_env, wait_outcome
+from tests.helpers.bot import open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, isolated_redis_url, metric_value
 
@@ -48,12 +48,6 @@ def scenario_policy(path: Path) -> Path:
 
     parse_policy(path.read_text())
     return path
-
-
-@pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeTwilioApi]:
-    with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
-        yield api
 
 
 @pytest.fixture(scope="module")

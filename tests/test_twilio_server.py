@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def fake_api() -> Iterator[FakeTwilioApi]:
-    with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake_api: FakeTwilioApi) -> Iterator[BotServer]:
     tmp = tmp_path_factory.mktemp("bot")
     env = twilio_env(fake_api.url, open_policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp(),
