@@ -1,4 +1,4 @@
-"""Shared fixtures: a real redis-server per test session (no mocks)."""
+"""Shared fixtures: a real redis-server per test session (no mocks) and a local Twilio REST server per module."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 
-from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN
-from tests.helpers.fake_twilio import FakeTwilioApi
+if TYPE_CHECKING:
+    from tests.helpers.fake_twilio import FakeTwilioApi
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,5 +53,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def fake_api() -> Iterator[FakeTwilioApi]:
     """A local server speaking Twilio's REST wire format (the one paid API we fake), one per test module."""
+    # imported here: the bot/policy imports behind them would slow every test session's start
+    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN
+    from tests.helpers.fake_twilio import FakeTwilioApi
+
     with FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as api:
         yield api

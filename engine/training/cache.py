@@ -44,12 +44,32 @@ def write_manifest(d: str | Path, rows: list[dict]) -> None:
     (Path(d) / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def local_audio_path(audio: str) -> Path | None:
-    """Where a derived set (transcode, add-noise) writes a clip under its output dir: the manifest path
-    without '..' parts, so clips a merged manifest takes from two sets (../../synth30/train/x.wav,
-    ../../synth31/train/x.wav) stay apart and nothing is written outside the output dir. None: no file name."""
+# Derived sets (`transcode`, `add-noise`) rewrite another set's clips under a new dir; these checks are theirs,
+# each raising the caller's error type so its CLI reports it as a bad request.
+
+def derived_dirs(src: str | Path, dst: str | Path, error: type[ValueError]) -> tuple[Path, Path]:
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise error("the output dir must differ from the input dir")
+    return src, dst
+
+
+def local_audio_path(audio: str, error: type[ValueError]) -> Path:
+    """Where a derived set writes a clip under its output dir: the manifest path without '..' parts, so clips
+    a merged manifest takes from two sets (../../synth30/train/x.wav, ../../synth31/train/x.wav) stay apart
+    and nothing is written outside the output dir."""
     parts = [p for p in Path(audio).parts if p not in ("..", ".", "/")]
-    return Path(*parts) if parts else None
+    if not parts:
+        raise error(f"bad audio path {audio!r}")
+    return Path(*parts)
+
+
+def read_clip_8k(path: Path, name: str, error: type[ValueError], dtype: str) -> np.ndarray:
+    """A source clip, refused unless it is 8 kHz mono (a derived set never resamples behind the labels)."""
+    x, sr = sf.read(path, dtype=dtype, always_2d=False)
+    if sr != 8000 or x.ndim != 1:
+        raise error(f"{name}: expected 8 kHz mono, got {sr} Hz, shape {x.shape}")
+    return x
 
 
 def frozen_layers_of(meta: dict) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from engine.training.cache import local_audio_path, read_manifest, write_manifest
+from engine.training.cache import derived_dirs, local_audio_path, read_clip_8k, read_manifest, write_manifest
 
 SR = 8000
 # name -> the bit rates drawn from; weights: how often a random draw picks each codec
@@ -138,13 +138,6 @@ def _clip_seed(seed: int, audio: str) -> int:
     return int(hashlib.sha1(f"{seed}|codec|{audio}".encode()).hexdigest()[:8], 16)
 
 
-def _local_path(audio: str) -> Path:
-    rel = local_audio_path(audio)
-    if rel is None:
-        raise CodecError(f"bad audio path {audio!r}")
-    return rel
-
-
 def transcode_dir(src: str | Path, dst: str | Path, codecs: Sequence[str] = (), share: float = 1.0,
                   seed: int = 0) -> dict[str, Any]:
     """Every clip of SRC's manifest, written under DST with DST/manifest.jsonl: a share of them (decided
@@ -153,9 +146,7 @@ def transcode_dir(src: str | Path, dst: str | Path, codecs: Sequence[str] = (), 
     "codec": "amr-nb:5150"; all other fields (labels) are kept. With several codecs, each writes a
     subdirectory (DST/amr-nb_5150/, ...) and DST/manifest.jsonl pools them: one robustness set whose
     clips pair up with the source's, codec by codec."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise CodecError("the output dir must differ from the input dir")
+    src, dst = derived_dirs(src, dst, CodecError)
     if not 0.0 <= share <= 1.0:
         raise CodecError(f"share must be in [0, 1], got {share}")
     specs = [parse(c) for c in codecs]  # all checked before anything is written
@@ -186,10 +177,8 @@ def _transcode_rows(src: Path, dst: Path, rows: list[dict[str, Any]], fixed: tup
     counts: dict[str, int] = {}
     out_rows = []
     for row in tqdm(rows, desc=f"transcode {fixed[0]}:{fixed[1]}" if fixed else "transcode", unit="clip"):
-        rel = _local_path(row["audio"])
-        x, sr = sf.read(src / row["audio"], dtype="int16", always_2d=False)
-        if sr != SR or x.ndim != 1:
-            raise CodecError(f"{row['audio']}: expected 8 kHz mono, got {sr} Hz, shape {x.shape}")
+        rel = local_audio_path(row["audio"], CodecError)
+        x = read_clip_8k(src / row["audio"], row["audio"], CodecError, "int16")
         rng = np.random.default_rng(_clip_seed(seed, row["audio"]))
         new = dict(row, audio=rel.as_posix())
         if rng.random() < share:

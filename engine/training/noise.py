@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from engine.training.cache import local_audio_path, read_manifest, write_manifest
+from engine.training.cache import derived_dirs, local_audio_path, read_clip_8k, read_manifest, write_manifest
 from engine.training.channel import colored_noise
 
 SR = 8000
@@ -76,28 +76,12 @@ def _noise_for(kind: str, n: int, rng: np.random.Generator, babble: list[np.ndar
     return colored_noise(n, rng, kind)
 
 
-def _read_8k(path: Path, name: str) -> np.ndarray:
-    x, sr = sf.read(path, dtype="float32", always_2d=False)
-    if sr != SR or x.ndim != 1:
-        raise NoiseError(f"{name}: expected 8 kHz mono, got {sr} Hz, shape {x.shape}")
-    return x
-
-
-def _local(audio: str) -> Path:
-    rel = local_audio_path(audio)
-    if rel is None:
-        raise NoiseError(f"bad audio path {audio!r}")
-    return rel
-
-
 def augment_dir(src: str | Path, dst: str | Path, share: float = 0.5, snr_range: tuple[float, float] = (0.0, 20.0),
                 seed: int = 0) -> dict[str, Any]:
     """Training augmentation: a share of SRC's clips (chosen per clip from seed and path) get one more layer of
     noise, babble of *training* voices half the time, else white/pink/brown, at an SNR drawn from snr_range;
     the rest are copied. DST/manifest.jsonl keeps every label; noisy rows get "noise": "pink 7.3 dB"."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise NoiseError("the output dir must differ from the input dir")
+    src, dst = derived_dirs(src, dst, NoiseError)
     if not 0.0 <= share <= 1.0:
         raise NoiseError(f"share must be in [0, 1], got {share}")
     lo, hi = snr_range
@@ -107,9 +91,9 @@ def augment_dir(src: str | Path, dst: str | Path, share: float = 0.5, snr_range:
     babble = make_babble(n=12, seed=seed, split="train")
     out, noisy = [], 0
     for row in tqdm(rows, desc="add noise", unit="clip"):
-        x = _read_8k(src / row["audio"], row["audio"])
+        x = read_clip_8k(src / row["audio"], row["audio"], NoiseError, "float32")
         rng = _clip_rng(seed, "augment", row["audio"])
-        new = dict(row, audio=_local(row["audio"]).as_posix())
+        new = dict(row, audio=local_audio_path(row["audio"], NoiseError).as_posix())
         if rng.random() < share:
             kind = "babble" if rng.random() < 0.5 else str(rng.choice(["white", "pink", "brown"]))
             snr = float(rng.uniform(lo, hi))
@@ -136,9 +120,7 @@ def noisy_dir(src: str | Path, dst: str | Path, snrs: Sequence[float], kinds: Se
               seed: int = 0) -> dict[str, Any]:
     """Every clip of SRC's manifest at every (kind, SNR): DST/<kind>_<snr>db/ with its own manifest, and
     DST/manifest.jsonl pooling them with "noise": "babble 10 dB" added to each row (labels kept)."""
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise NoiseError("the output dir must differ from the input dir")
+    src, dst = derived_dirs(src, dst, NoiseError)
     if not snrs:
         raise NoiseError("give at least one --snr")
     for k in kinds:
@@ -158,9 +140,9 @@ def noisy_dir(src: str | Path, dst: str | Path, snrs: Sequence[float], kinds: Se
             sub.mkdir(parents=True, exist_ok=True)
             sub_rows = []
             for row in tqdm(rows, desc=f"noise {tag}", unit="clip"):
-                x = _read_8k(src / row["audio"], row["audio"])
+                x = read_clip_8k(src / row["audio"], row["audio"], NoiseError, "float32")
                 noise = _noise_for(kind, len(x), _clip_rng(seed, kind, row["audio"]), babble)
-                rel = _local(row["audio"])
+                rel = local_audio_path(row["audio"], NoiseError)
                 (sub / rel).parent.mkdir(parents=True, exist_ok=True)
                 sf.write(sub / rel, mix_at_snr(x, noise, float(snr)), SR, subtype="PCM_16")
                 sub_rows.append(dict(row, audio=rel.as_posix(), noise=f"{kind} {float(snr):g} dB"))

@@ -93,3 +93,14 @@ def write_clip_set(root: Path, clips: list[np.ndarray], labels: dict) -> Path:
         rows.append({"audio": f"c{k}.wav", **labels})
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+def derived_rows(src: Path, out: Path, tag: str) -> list[dict]:
+    """OUT's manifest rows (a set derived from SRC by transcode or add-noise), checking that every clip whose row
+    lacks `tag` is SRC's clip bit for bit and every clip with it was changed."""
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for r in rows:
+        y = sf.read(out / r["audio"], dtype="int16")[0]
+        x = sf.read(src / r["audio"], dtype="int16")[0]
+        assert np.array_equal(y, x) == (tag not in r), r  # untouched clips are copied bit for bit
+    return rows
