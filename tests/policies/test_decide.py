@@ -24,7 +24,7 @@ from policies.decide import (
     step,
 )
 from policies.decision import ACTIONS, Decision
-from policies.schema import load_policy, parse_policy
+from policies.schema import Policy, load_policy, parse_policy
 from tests.helpers.policy_text import DEFAULT_TEXT
 
 POLICY = load_policy()
@@ -143,7 +143,7 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
 ]
 
 
-def _without_read_back(intent: str) -> Any:
+def _without_read_back(intent: str) -> Policy:
     """The shipped policy with one intent's read-back removed (an admin's choice the schema allows)."""
     doc = yaml.safe_load(DEFAULT_TEXT)
     del doc["intents"][intent]["action"]["read_back"]
@@ -163,7 +163,7 @@ NO_READ_BACK_CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, st
 @pytest.mark.parametrize("name,inputs,now,expected,policy",
                          [(*c, POLICY) for c in CASES] + [(*c, NO_DAY_READ_BACK) for c in NO_READ_BACK_CASES],
                          ids=[c[0] for c in CASES] + [c[0] for c in NO_READ_BACK_CASES])
-def test_decision_table(name: str, inputs: list[Input], now: dt.datetime, expected: tuple, policy: Any) -> None:
+def test_decision_table(name: str, inputs: list[Input], now: dt.datetime, expected: tuple, policy: Policy) -> None:
     decisions, _ = run(inputs, now, policy)
     last = decisions[-1]
     assert (last.action, last.reason, last.target, last.intent) == expected, last
