@@ -1,8 +1,9 @@
 """`bot serve`: run the bot as one or more worker processes.
 
-One worker = one asyncio process (uvicorn + FastAPI). With --workers N the supervisor starts N
-worker processes that all bind the same port with SO_REUSEPORT (the kernel spreads connections),
-share one Redis, and write Prometheus metrics in multiprocess mode (PROMETHEUS_MULTIPROC_DIR) so
+One worker = one asyncio process (uvicorn + FastAPI). With --workers N the supervisor binds the
+port once and starts N worker processes that inherit that one listening socket (BOT_LISTEN_FD), so
+they share one accept queue: a worker that dies loses only the connections it had accepted, never
+ones still queued (per-worker SO_REUSEPORT queues are reset when their owner dies). Workers share one Redis, and write Prometheus metrics in multiprocess mode (PROMETHEUS_MULTIPROC_DIR) so
 any worker's /metrics shows the sum. Without REDIS_URL the supervisor starts an embedded
 redis-server (AOF under BOT_DATA_DIR) and hands its URL to the workers.
 
@@ -32,14 +33,21 @@ from ops.logs import configure_logging, get_logger
 log = get_logger("bot.serve")
 
 
+LISTEN_FD_ENV = "BOT_LISTEN_FD"  # set by the supervisor for its workers; not a user setting
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(1024)
-    sock.set_inheritable(True)
     return sock
+
+
+def inherited_socket() -> socket.socket | None:
+    """The supervisor's listening socket, when this process is one of its workers."""
+    fd = os.environ.get(LISTEN_FD_ENV)
+    return socket.socket(fileno=int(fd)) if fd else None
 
 
 class DrainingServer(uvicorn.Server):
@@ -87,7 +95,7 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> int:
                             ws_per_message_deflate=False,
                             timeout_graceful_shutdown=10, proxy_headers=True, forwarded_allow_ips="*")
     server = DrainingServer(config, settings.shutdown_grace_s)
-    sock = sock or bind_socket(settings.http_host, settings.http_port)
+    sock = sock or inherited_socket() or bind_socket(settings.http_host, settings.http_port)
     server.run(sockets=[sock])
     return 0
 
@@ -130,10 +138,15 @@ def _supervise(workers: int, settings: Settings) -> int:
     # workers re-import the project: make that work from any cwd, installed or not
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    procs: list[subprocess.Popen[bytes]] = []
-    for i in range(workers):
-        env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env))
+    sock = bind_socket(settings.http_host, settings.http_port)
+
+    def spawn(i: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}",
+               LISTEN_FD_ENV: str(sock.fileno())}
+        return subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env,
+                                pass_fds=(sock.fileno(),))
+
+    procs = [spawn(i) for i in range(workers)]
     log.info("supervisor_started", workers=workers, port=settings.http_port, multiproc_dir=mp)
 
     stopping = False
@@ -157,12 +170,16 @@ def _supervise(workers: int, settings: Settings) -> int:
                 if p.poll() is not None:  # a crashed worker is replaced; its calls are lost, not others'
                     log.error("worker_died", index=i, rc=p.returncode)
                     _forget_metrics(p.pid)
-                    env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}"}
-                    procs[i] = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env)
+                    procs[i] = spawn(i)
+        elif sock.fileno() != -1:
+            # no worker will be spawned again: once the draining workers close their copies the port
+            # closes, so new connections are refused rather than queued with nobody to accept them
+            sock.close()
         time.sleep(0.2)
     for p in procs:
         # a worker still starting when the stop came dies of the forwarded signal: that is a clean stop
         code = p.returncode or 0
         rc = rc or (0 if code in (-signal.SIGTERM, -signal.SIGINT) else code)
+    sock.close()
     shutil.rmtree(mp, ignore_errors=True)
     return rc
