@@ -296,9 +296,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "`bot engine calibrate --split calib` fits the temperature on it")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--extra-phrasings", dest="extra_phrasings", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2, 3, 4, 5, 6),
-                   help="add train-only phrasings to train: 1 = templates.TRAIN_EXTRA, 2 / 3 / 4 / 5 / 6 = also the "
-                        "first one / two / three / four / five blind-written sets (engine/training/blind_phrasings*.py); "
+    s.add_argument("--extra-phrasings", dest="extra_phrasings", type=int, nargs="?", const=1, default=0, choices=range(8),
+                   help="add train-only phrasings to train: 1 = templates.TRAIN_EXTRA, 2-7 = also the "
+                        "first one to six blind-written sets (engine/training/blind_phrasings*.py); "
                         "val/test never change")
     s.add_argument("--short-share", dest="short_share", type=float, default=0.0,
                    help="share of each request intent's draws said as a bare terse form (<= 3 words, e.g. 'agent'); "

@@ -25,6 +25,7 @@ from engine.textnorm import SLOT_TOKENS, UNITS, amount_to_words, digits_to_words
 from engine.training import blind_phrasings as B
 from engine.training import blind_phrasings_4 as B4
 from engine.training import blind_phrasings_5 as B5
+from engine.training import blind_phrasings_6 as B6
 from engine.training import kokoro
 from engine.training import templates as T
 from engine.training.cache import write_manifest
@@ -97,7 +98,8 @@ def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, lis
     """intent -> split -> templates. Catalog examples join the built-in bank (deduplicated). Train-only
     phrasings join train (val/test are unchanged): extra >= 1 adds templates.TRAIN_EXTRA, extra >= 2
     also the first blind-written set (blind_phrasings), extra >= 3 the second, extra >= 4 the third,
-    extra >= 5 the fourth (blind_phrasings_4), extra >= 6 the fifth (blind_phrasings_5).
+    extra >= 5 the fourth (blind_phrasings_4), extra >= 6 the fifth (blind_phrasings_5), extra >= 7 the
+    sixth (blind_phrasings_6).
 
     calib: each intent's never-trained blind calibration sentences (standalone) plus validation's
     compositions; validation's standalone sentences are left out, since later training sets were written
@@ -119,7 +121,8 @@ def template_splits(catalog: Catalog, extra: int = 0) -> dict[str, dict[str, lis
              ({**B.BLIND_TRAIN_2, NULL_INTENT: B.BLIND_SLOT_ONLY_2}, 3),
              ({**B.BLIND_TRAIN_3, NULL_INTENT: B.BLIND_SLOT_ONLY_3}, 4),
              ({**B4.BLIND_TRAIN_4, NULL_INTENT: B4.BLIND_SLOT_ONLY_4}, 5),
-             ({**B5.BLIND_TRAIN_5, NULL_INTENT: B5.BLIND_SLOT_ONLY_5}, 6)]
+             ({**B5.BLIND_TRAIN_5, NULL_INTENT: B5.BLIND_SLOT_ONLY_5}, 6),
+             ({**B6.BLIND_TRAIN_6, NULL_INTENT: B6.BLIND_SLOT_ONLY_6}, 7)]
     held = {template_key(t) for d in out.values() for ts in d.values() for t in ts}
     if extra:
         # only genuinely new wording: nothing that equals any template of any intent or split

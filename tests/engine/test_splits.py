@@ -48,7 +48,7 @@ def test_extra_phrasings_only_grow_train() -> None:
     base = template_splits(cat)
     held_out = {template_key(t) for sp in base.values() for s in ("val", "test") for t in sp[s]}
     grown = {}
-    for level in (1, 2, 3, 4):
+    for level in range(1, 8):
         extra = template_splits(cat, extra=level)
         grown[level] = 0
         for intent in base:
@@ -61,6 +61,7 @@ def test_extra_phrasings_only_grow_train() -> None:
             grown[level] += len(new)
     assert grown[1] > 100
     assert grown[4] > grown[3] > grown[2] > grown[1] + 400  # each blind-written set adds ~500+ new sentences
+    assert grown[7] > grown[6] + 400 and grown[6] > grown[5] + 400 and grown[5] > grown[4]
     # and the default plan does not depend on the extras
     items = plan(cat, {"train": 200, "val": 20})
     assert all(it.template in base[it.intent or NULL_INTENT][it.split] for it in items)
