@@ -3,8 +3,9 @@
 One worker = one asyncio process (uvicorn + FastAPI). With --workers N the supervisor binds the
 port once and starts N worker processes that inherit that one listening socket (BOT_LISTEN_FD), so
 they share one accept queue: a worker that dies loses only the connections it had accepted, never
-ones still queued (per-worker SO_REUSEPORT queues are reset when their owner dies). Workers share one Redis, and write Prometheus metrics in multiprocess mode (PROMETHEUS_MULTIPROC_DIR) so
-any worker's /metrics shows the sum. Without REDIS_URL the supervisor starts an embedded
+ones still queued (per-worker SO_REUSEPORT queues are reset when their owner dies). Workers share
+one Redis and write Prometheus metrics in multiprocess mode (PROMETHEUS_MULTIPROC_DIR), so any
+worker's /metrics shows the sum. Without REDIS_URL the supervisor starts an embedded
 redis-server (AOF under BOT_DATA_DIR) and hands its URL to the workers.
 
 Shutdown (SIGTERM/SIGINT): each worker stops listening, refuses new calls, lets live calls run for

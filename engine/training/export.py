@@ -36,6 +36,10 @@ def export_onnx(model: FullModel, path: str | Path, seconds: int = 2) -> None:
         model.encoder.stem_as_matmul = False
 
 
+# what quantize() does to the weights, recorded in each exported model's config.json
+WEIGHT_QUANTIZATION = "int8 per-channel, 7-bit range (reduce_range): no int16 saturation on CPUs without VNNI"
+
+
 def quantize(src: str | Path, dst: str | Path) -> None:
     """Dynamic int8 for the encoder's weight MatMuls/Gemms, the conv stem's included (3x smaller, ~3x faster
     on CPU).
@@ -96,6 +100,7 @@ def write_model_dir(model: FullModel, out_dir: str | Path, intents: list[str], i
         "temperature": float(model.temperature),
         "slot_blank_penalty": float(model.slot_blank_penalty[0]),
         "quantized": quantized,
+        "weight_quantization": WEIGHT_QUANTIZATION if quantized else "float32",
         **(extra or {}),
     }
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))

@@ -85,3 +85,8 @@ def test_int8_weights_cannot_saturate_on_cpus_without_vnni() -> None:
     weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(weights) >= 20  # every encoder MatMul, the conv stem's included
     assert all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in weights)
+    import json
+
+    from engine.training.export import WEIGHT_QUANTIZATION
+
+    assert json.loads((default_model_dir() / "config.json").read_text())["weight_quantization"] == WEIGHT_QUANTIZATION
