@@ -1,5 +1,8 @@
 """An embedded, real redis-server for `bot serve` without REDIS_URL: persists under BOT_DATA_DIR
-with AOF, listens on loopback only, and is stopped when the bot stops."""
+with AOF, listens on loopback only, and is stopped when the bot stops.
+
+While it runs, its URL is in BOT_DATA_DIR/redis/url, so `bot calls show`, `bot call` and `bot load`
+find the bot's Redis after a plain `make run` (its port is a free one, chosen at start)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,29 @@ from pathlib import Path
 from ops.logs import get_logger
 
 log = get_logger("bot.redis_embedded")
+
+
+URL_FILE = "url"
+
+
+def _pong(port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the embedded redis-server a bot started under data_dir, if it answers now: a file left by
+    a bot that was killed points at nothing, and is ignored."""
+    try:
+        url = (Path(data_dir) / "redis" / URL_FILE).read_text().strip()
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return url if _pong(port) else None
 
 
 def _free_port() -> int:
@@ -45,14 +71,10 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"embedded redis-server exited ({self.proc.returncode}); see {self.data_dir}/redis.log")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        log.info("embedded_redis_started", port=self.port, dir=str(self.data_dir))
-                        return self.url
-            except OSError:
-                pass
+            if _pong(self.port):
+                (self.data_dir / URL_FILE).write_text(self.url + "\n")
+                log.info("embedded_redis_started", port=self.port, dir=str(self.data_dir))
+                return self.url
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("embedded redis-server did not answer in time")
@@ -60,6 +82,12 @@ class EmbeddedRedis:
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        url_file = self.data_dir / URL_FILE
+        try:
+            if url_file.read_text().strip() == self.url:  # another bot may have started here since
+                url_file.unlink()
+        except OSError:
+            pass
         self.proc.terminate()  # SIGTERM: redis fsyncs the AOF and exits
         try:
             self.proc.wait(timeout=timeout_s)
@@ -67,3 +95,15 @@ class EmbeddedRedis:
             self.proc.kill()
             self.proc.wait()
         log.info("embedded_redis_stopped", port=self.port)
+
+
+def cli_redis_url(explicit: str | None = None) -> str:
+    """For CLI commands that read the bot's Redis: --redis-url, else REDIS_URL, else the embedded server of a
+    bot running under BOT_DATA_DIR (default ./var); "" when there is none."""
+    import os
+
+    if explicit:
+        return explicit
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    return running_url(Path(os.environ.get("BOT_DATA_DIR") or "./var")) or ""

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--record", default=None, help="write what the bot said to this WAV")
     p.add_argument("--signature", "--token", dest="token", default=None,
                    help="sign requests with this Twilio auth token (default: TWILIO_AUTH_TOKEN)")
-    p.add_argument("--redis-url", default=None, help="read the bot's decisions from this Redis (default REDIS_URL)")
+    p.add_argument("--redis-url", default=None,
+                   help="read the bot's decisions from this Redis (default REDIS_URL, else the embedded Redis of a bot "
+                        "running under BOT_DATA_DIR)")
     p.add_argument("--reply-timeout", type=float, default=12.0)
     p.add_argument("--sip", default=None, metavar="SIP_URI", help="call over SIP instead (telephony/sip)")
     p.set_defaults(func=run)
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
             print("error: SIP caller not available (telephony.sip.uac)", file=sys.stderr)
             return 2
         return int(run_sip_call(args) or 0)
+    from bot.redis_embedded import cli_redis_url
     from bot.simulator import run_call, turn_decisions
 
     url = args.url or f"http://127.0.0.1:{os.environ.get('BOT_HTTP_PORT', '8080')}"
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         res = asyncio.run(run_call(url, args.wavs, auth_token=token, record=args.record,
-                                   redis_url=args.redis_url or os.environ.get("REDIS_URL") or None,
+                                   redis_url=cli_redis_url(args.redis_url) or None,
                                    reply_timeout_s=args.reply_timeout))
     except Exception as exc:  # noqa: BLE001
         print(f"error: call failed: {exc!r}", file=sys.stderr)

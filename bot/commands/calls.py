@@ -17,17 +17,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     show = csub.add_parser("show", help="a call's record and event stream")
     show.add_argument("call_id")
     show.add_argument("--json", action="store_true", help="one JSON object: {record, events}")
-    show.add_argument("--redis-url", default=None, help="default: REDIS_URL")
+    show.add_argument("--redis-url", default=None,
+                      help="default: REDIS_URL, else the embedded Redis of a bot running under BOT_DATA_DIR")
     show.set_defaults(func=run_show)
     live = csub.add_parser("live", help="calls in progress on any worker")
-    live.add_argument("--redis-url", default=None)
+    live.add_argument("--redis-url", default=None, help="as for show")
     live.set_defaults(func=run_live)
 
 
 def _url(args: argparse.Namespace) -> str:
-    url = args.redis_url or os.environ.get("REDIS_URL", "")
+    from bot.redis_embedded import cli_redis_url
+
+    url = cli_redis_url(args.redis_url)
     if not url:
-        print("error: set REDIS_URL or pass --redis-url", file=sys.stderr)
+        data = os.environ.get("BOT_DATA_DIR") or "./var"
+        print(f"error: no Redis: set REDIS_URL or pass --redis-url (no bot with embedded Redis is running under {data})",
+              file=sys.stderr)
     return url
 
 

@@ -1,0 +1,48 @@
+"""The embedded redis-server of `make run`, and how the CLI finds it (its port is a free one, chosen at start)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bot.redis_embedded import EmbeddedRedis, cli_redis_url, running_url
+
+
+def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"BOT_DATA_DIR": str(data_dir)}
+    return subprocess.run([sys.executable, "-m", "bot.cli", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_finds_the_running_embedded_redis(tmp_path: Path) -> None:
+    assert running_url(tmp_path) is None  # no bot has run here
+    er = EmbeddedRedis(tmp_path)
+    url = er.start()
+    try:
+        assert running_url(tmp_path) == url
+        assert (tmp_path / "redis" / "url").read_text().strip() == url
+        live = _cli("calls", "live", data_dir=tmp_path)
+        assert live.returncode == 0, live.stderr
+        assert json.loads(live.stdout) == []
+        missing = _cli("calls", "show", "CAnope", data_dir=tmp_path)
+        assert missing.returncode == 1 and "no call CAnope" in missing.stderr  # it reached Redis and looked
+    finally:
+        er.stop()
+    assert running_url(tmp_path) is None
+    assert not (tmp_path / "redis" / "url").exists()
+    gone = _cli("calls", "live", data_dir=tmp_path)
+    assert gone.returncode == 2 and "no bot with embedded Redis is running under" in gone.stderr
+
+
+def test_a_stale_url_file_is_ignored_and_explicit_urls_win(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "url").write_text("redis://127.0.0.1:1/0\n")  # a killed bot's: nothing listens
+    assert running_url(tmp_path) is None
+    (tmp_path / "redis" / "url").write_text("not a url")
+    assert running_url(tmp_path) is None
+    monkeypatch.setenv("BOT_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert cli_redis_url() == ""
+    monkeypatch.setenv("REDIS_URL", "redis://elsewhere:6379/0")
+    assert cli_redis_url() == "redis://elsewhere:6379/0"
+    assert cli_redis_url("redis://given:1/0") == "redis://given:1/0"
