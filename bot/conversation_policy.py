@@ -71,7 +71,8 @@ class CallPolicy:
         return {
             "intent": d.intent or (u.intent if u else None),
             "confidence": round(u.confidence, 4) if u else None,
-            "slots": {**dict(self.state.collected), **dict(d.slots)} or (dict(u.slots) if u else {}),
+            "slots": {**dict(self.state.offered), **dict(self.state.collected), **dict(d.slots)}
+            or (dict(u.slots) if u else {}),
             "transcript": list(self.transcript),
             "tries": self.state.turn,
             "failures": self.state.failures,

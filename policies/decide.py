@@ -131,6 +131,9 @@ class CallState:
     pending_clarify: tuple[str, str] | None = None
     pending_collect: Pending | None = None
     collected: Mapping[str, Any] = field(default_factory=dict)  # slot values acted on this call
+    # values the caller said before anything asked for them ("fifty dollars", an account number first):
+    # kept, so the intent that needs them does not ask again, and handed to a human agent
+    offered: Mapping[str, Any] = field(default_factory=dict)
     dtmf_digits: str = ""  # every key pressed this call
     menu_active: bool = False  # the keypad menu was offered and no outcome since
     last: Decision | None = None
@@ -244,6 +247,7 @@ def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
         pending_clarify=(d.options[0], d.options[1]) if d.action == "clarify" and len(d.options) == 2 else None,
         pending_collect=Pending(d.intent, dict(d.slots)) if d.action == "collect" else None,
         collected={**state.collected, **d.slots} if final and d.slots else state.collected,
+        offered=_offered(state, inp, d),
         dtmf_digits=state.dtmf_digits + inp.digits if isinstance(inp, DtmfDigit) else state.dtmf_digits,
         menu_active=d.action == "dtmf_menu" or (state.menu_active and not final),
         last=d,
@@ -251,6 +255,15 @@ def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
         redis_error=state.redis_error or isinstance(inp, RedisFailure),
         ended=d.action in ENDING_ACTIONS,
     )
+
+
+def _offered(state: CallState, inp: Input, d: Decision) -> Mapping[str, Any]:
+    """Values said with nothing asking for them are remembered; a value a decision has taken up leaves
+    (it is in the decision's slots now: read back, collected, or dropped when the caller says it was wrong)."""
+    left = {k: v for k, v in state.offered.items() if k not in d.slots}
+    if d.reason == "no_context" and isinstance(inp, Understanding) and inp.intent is None and inp.slots:
+        left.update(inp.slots)
+    return left if left != state.offered else state.offered
 
 
 def _reads_back(state: CallState, d: Decision) -> bool:
@@ -509,6 +522,9 @@ def _act(policy: Policy, state: CallState, intent: str, slots: Mapping[str, Any]
         return Decision("hangup", render(policy.prompts[action.prompt or "goodbye"], slots), reason="goodbye",
                         intent=intent, slots=slots)
     if action.type == "collect":
+        earlier = {k: v for k, v in state.offered.items() if k in action.collect and k not in slots}
+        if earlier and action.read_back:  # said turns ago, for no question: read back before acting on it
+            slots = {**earlier, **slots}
         return _collect(policy, state, intent, slots, reason)
     if action.type == "repeat":
         if state.last is None or state.last.action in ENDING_ACTIONS:

@@ -111,3 +111,21 @@ async def test_caller_talking_over_bot_barges_in_fast(bot_voice: np.ndarray) -> 
     # sustained-speech rule: detected after ~288 ms of speech, never before; VAD onset lag on top
     delay_ms = (barge[0].t - at / 8000) * 1000
     assert 250 <= delay_ms <= 700, delay_ms
+
+
+def test_the_agent_gets_values_said_before_any_question() -> None:
+    """An account number said first, then "agent": the transfer's context carries it to the human."""
+    from bot.conversation_policy import CallPolicy, load_local_policy
+    from engine.types import Understanding
+
+    cp = CallPolicy(load_local_policy(), "1")
+    cp.greeting()
+    first = cp.on_turn(Understanding(intent=None, confidence=0.95, alternatives=[(None, 0.95)],
+                                     slots={"account_number": "44721"}, transcript="my account number is 44721"))
+    assert first.reason == "no_context"
+    d = cp.on_turn(Understanding(intent="speak_to_agent", confidence=0.97, alternatives=[("speak_to_agent", 0.97)],
+                                 transcript="agent"))
+    assert d.action == "transfer"
+    ctx = cp.handoff_context(d)
+    assert ctx["slots"] == {"account_number": "44721"}
+    assert ctx["transcript"] == ["my account number is 44721", "agent"]

@@ -111,7 +111,7 @@ def test_validate_and_schema_cli(tmp_path: Path) -> None:
 def test_simulate_cli_example_and_errors(tmp_path: Path) -> None:
     p = bot("simulate", "policies/examples/demo_dialogues.yaml")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("[ok]") == 6 and "hangup/callback" in p.stdout
+    assert p.stdout.count("[ok]") == 7 and "hangup/callback" in p.stdout
     js = json.loads(bot("simulate", "policies/examples/demo_dialogues.yaml", "--json").stdout)
     assert [s["action"] for s in js[0]["steps"]] == ["answer", "collect", "confirm", "confirm", "answer", "hangup"]
     assert js[0]["steps"][-2]["prompt"].startswith("Okay, I've set up a payment of 50 dollars")

@@ -219,6 +219,29 @@ def test_read_back_correction_is_what_gets_paid() -> None:
     assert decisions[-1].reason == "value_denied"
 
 
+def test_a_value_said_before_any_question_is_not_asked_for_again() -> None:
+    # "fifty dollars" first: the bot asks what it is for, keeps the value, and reads it back for pay_bill
+    amount, acct = U(None, 0.9, slots={"amount": 50.0}), U(None, 0.95, slots={"account_number": "44721"})
+    decisions, state = run([amount, U("pay_bill", 0.97), YES])
+    assert [d.reason for d in decisions[1:]] == ["no_context", "read_back", "confirmed"]
+    assert decisions[2].prompt == "That's a payment of 50 dollars, is that right?"
+    assert decisions[-1].slots == {"amount": 50.0} and state.collected == {"amount": 50.0} and state.offered == {}
+    # a "no" to that read-back asks for the amount: the remembered value is not offered twice
+    decisions, state = run([amount, U("pay_bill", 0.97), NO])
+    assert (decisions[-1].action, decisions[-1].reason, decisions[-1].slots) == ("collect", "value_denied", {})
+    assert state.offered == {}
+    # a value said in the same turn as the request wins over the remembered one
+    decisions, _ = run([amount, U("pay_bill", 0.97, slots={"amount": 20.0})])
+    assert decisions[-1].slots == {"amount": 20.0}
+    # values other intents do not take are kept (for the human agent), and do not leak into their slots
+    decisions, state = run([acct, U("check_balance", 0.97)])
+    assert decisions[-1].reason == "accepted" and decisions[-1].slots == {}
+    assert state.offered == {"account_number": "44721"}
+    # an unsure value (below the context threshold) is not remembered
+    _, state = run([U(None, 0.2, slots={"amount": 50.0})])
+    assert state.offered == {}
+
+
 def test_state_counters() -> None:
     _, s = run([LOW])
     assert (s.turn, s.failures, s.stalls) == (1, 1, 1)
