@@ -531,5 +531,29 @@ def cli_main(args: Any) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: SIP call failed: {exc!r}", file=sys.stderr)
         return 1
+    _add_decisions(summary, getattr(args, "redis_url", None))
     print(json.dumps(summary, indent=2))
     return 0 if summary.get("answered") else 1
+
+
+def _add_decisions(summary: dict[str, Any], redis_url: str | None) -> None:
+    """What the bot understood and decided per turn, from the call's record in the bot's Redis (as for a
+    call over the Twilio protocol); nothing when that Redis cannot be found or read."""
+    from bot.redis_embedded import cli_redis_url
+    from bot.simulator import fetch_call, turn_decisions
+
+    url = cli_redis_url(redis_url)
+    if not url or not summary.get("call_id"):
+        return
+    async def fetch() -> dict[str, Any] | None:
+        await asyncio.sleep(0.3)  # let the bot flush the call's last events
+        return await fetch_call("", str(summary["call_id"]), url)
+
+    try:
+        record = asyncio.run(fetch())
+    except Exception as exc:  # noqa: BLE001 - the call itself succeeded; its readout is optional
+        log.warning("sip_call_record_unavailable", error=repr(exc))
+        return
+    if record:
+        summary["turns"] = turn_decisions(record)
+        summary["outcome"] = record["record"].get("outcome")

@@ -423,3 +423,30 @@ async def test_refer_failure_keeps_call(make_server, sip_settings, prompt_pcm) -
     finally:
         dead.close()
         caller.close()
+
+
+def test_bot_call_sip_adds_the_bots_decisions_from_redis(redis_url: str) -> None:
+    """`bot call --sip` reads what the bot understood and decided per turn from the bot's Redis, as the
+    Twilio path does; without a record (or a Redis) the summary is left as it was."""
+    from bot.state import CallStore, connect
+    from telephony.sip.uac import _add_decisions
+
+    async def write() -> None:
+        store = CallStore(connect(redis_url), worker="test", ttl_s=60)
+        await store.start()
+        store.start_call("sip-dec-1@127.0.0.1", "sip", "caller", "bot", "1")
+        store.event("sip-dec-1@127.0.0.1", "turn", n=1, intent="pay_bill", confidence=0.97, transcript="pay my bill",
+                    decision={"action": "collect", "reason": "slot_missing", "prompt": "How much?"})
+        store.event("sip-dec-1@127.0.0.1", "first_audio", turn=1, latency_ms=21.5)
+        store.end_call("sip-dec-1@127.0.0.1", "caller_hangup")
+        await store.close()
+
+    asyncio.run(write())
+    summary: dict = {"call_id": "sip-dec-1@127.0.0.1", "answered": True}
+    _add_decisions(summary, redis_url)
+    assert summary["outcome"] == "caller_hangup"
+    assert [(t["n"], t["intent"], t["action"], t["reason"], t["server_latency_ms"]) for t in summary["turns"]] == [
+        (1, "pay_bill", "collect", "slot_missing", 21.5)]
+    other: dict = {"call_id": "no-such-call", "answered": True}
+    _add_decisions(other, redis_url)
+    assert other == {"call_id": "no-such-call", "answered": True}
