@@ -68,7 +68,7 @@ def configure_logging(level: str | None = None) -> None:
     if _configured:
         return
     lvl = getattr(logging, (level or os.environ.get("BOT_LOG_LEVEL", "INFO")).upper(), logging.INFO)
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=lvl)
+    _route_library_logs(lvl)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -85,5 +85,56 @@ def configure_logging(level: str | None = None) -> None:
     _configured = True
 
 
+class _LazyLogger:
+    """A module-level logger that takes the configuration in force when it is used, not at import:
+    binding eagerly froze structlog's defaults into every module imported before configure_logging()
+    (console lines on stdout, where `bot call` prints its JSON summary)."""
+
+    __slots__ = ("_name", "_bound", "_log")
+
+    def __init__(self, name: str, bound: dict[str, Any]) -> None:
+        self._name, self._bound = name, bound
+        self._log: Any = None
+
+    def _get(self) -> Any:
+        if self._log is not None:
+            return self._log
+        log = structlog.get_logger(self._name).bind(logger=self._name, **self._bound)
+        if _configured:  # before configuration: structlog's defaults, but not kept
+            self._log = log
+        return log
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._get(), attr)
+
+
+def _route_library_logs(lvl: int) -> None:
+    """Libraries' stdlib logging (uvicorn, asyncio, ...) and pipecat's loguru as the same JSON lines, so a log
+    pipeline parses every line; uvicorn's per-WebSocket "connection open/closed" chatter is dropped."""
+    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info,
+                    redact_processor, structlog.processors.JSONRenderer()]))
+    root = logging.getLogger()
+    root.addHandler(handler)  # added, not replacing: pytest's capture handlers stay
+    root.setLevel(lvl)
+    logging.getLogger("uvicorn.error").addFilter(
+        lambda r: r.getMessage() not in ("connection open", "connection closed"))
+    try:
+        from loguru import logger as loguru_logger
+    except ImportError:
+        return
+
+    def sink(message: Any) -> None:
+        rec, exc = message.record, message.record["exception"]
+        logging.getLogger(rec["name"] or "loguru").log(
+            rec["level"].no, rec["message"], exc_info=(exc.type, exc.value, exc.traceback) if exc else None)
+
+    loguru_logger.remove()
+    loguru_logger.add(sink, level=lvl, format="{message}")
+
+
 def get_logger(name: str, **bound: Any) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name).bind(logger=name, **bound)
+    return _LazyLogger(name, bound)  # type: ignore[return-value]
