@@ -37,6 +37,10 @@ TRANSFER_FAILED_TEXT = "I'm sorry, I couldn't transfer you. Please call back lat
 
 # How a bridge's end reason reads as a call outcome (an RTP timeout means the caller vanished).
 _END_REASON_OUTCOME = {"stream_stopped": "caller_hangup", "hangup": "caller_hangup", "rtp_timeout": "abandoned"}
+# Why the bot hung up, as the call's outcome: only a goodbye is a call the bot completed (the automation
+# rate on the dashboard counts those), not a silent line, a closed queue or a failure.
+_HANGUP_OUTCOME = {"no_input": "no_input", "out_of_hours": "out_of_hours", "callback": "callback",
+                   "engine_error": "system_error", "redis_error": "system_error"}
 
 
 @dataclass
@@ -390,7 +394,7 @@ class Conversation:
             u = self._say(d.prompt, d.style, "hangup", t_end=t_end) if d.prompt else None
             if u is not None:
                 await self._wait_heard(u)
-            self._set_outcome("completed")
+            self._set_outcome(_HANGUP_OUTCOME.get(d.reason, "completed"))
             await self.bridge.hangup("completed")
             self._q.put_nowait(("stop", None))
             return
