@@ -109,6 +109,11 @@ def serve(workers: int | None = None) -> int:
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir, int(os.environ.get("BOT_EMBEDDED_REDIS_PORT", 0)))
         os.environ["REDIS_URL"] = embedded.start()
+    from bot.admin.auth import ensure_local_token
+
+    if (token_file := ensure_local_token(settings.data_dir)) is not None:
+        log.info("admin_token_local", file=str(token_file),
+                 hint="no BOT_ADMIN_TOKEN or BOT_ADMIN_TOKENS_FILE: the console's publisher token is in this file")
     try:
         if workers <= 1:
             return run_worker(load_settings())

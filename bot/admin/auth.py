@@ -3,7 +3,9 @@
 Tokens come from BOT_ADMIN_TOKEN (one publisher token, named "admin") and/or BOT_ADMIN_TOKENS_FILE:
 either lines `role:name:token` (blank lines and `#` comments ignored) or a JSON list of
 {"role": ..., "name": ..., "token": ...}. Roles are ordered: viewer < editor < publisher.
-Every comparison is constant time, and tokens never reach a log line.
+Every comparison is constant time, and tokens never reach a log line. With neither configured, `bot serve`
+makes one publisher token in BOT_DATA_DIR/admin-token (ensure_local_token), so the console of a plain
+`make run` can be opened by whoever can read that file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +116,30 @@ class TokenRegistry:
             if hmac.compare_digest(got, t.secret) and found is None:
                 found = t
         return found
+
+
+LOCAL_TOKEN_FILE = "admin-token"
+
+
+def ensure_local_token(data_dir: Path) -> Path | None:
+    """No admin token configured: use (or make, once) a random publisher token kept in data_dir, readable by
+    its owner only, and set BOT_ADMIN_TOKEN to it for this process and the workers it starts. Without it
+    the console of a bot started with defaults refused everyone. None when tokens are configured."""
+    if os.environ.get("BOT_ADMIN_TOKEN") or os.environ.get("BOT_ADMIN_TOKENS_FILE"):
+        return None
+    path = Path(data_dir) / LOCAL_TOKEN_FILE
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        token = ""
+    if len(token) < 8:
+        token = secrets.token_hex(24)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(token + "\n")
+    os.environ["BOT_ADMIN_TOKEN"] = token
+    return path
 
 
 _bearer = HTTPBearer(auto_error=False, description="Admin token: BOT_ADMIN_TOKEN or an entry of BOT_ADMIN_TOKENS_FILE")

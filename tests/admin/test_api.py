@@ -71,6 +71,32 @@ def test_token_sources(tmp_path: Path) -> None:
         parse_tokens_file("editor:e:short\n")
 
 
+def test_a_bot_without_configured_tokens_makes_one_in_its_data_dir(tmp_path: Path, monkeypatch) -> None:
+    """`make run` sets no token: the console's publisher token is made once, kept owner-only, and reused."""
+    import stat
+
+    from bot.admin.auth import ensure_local_token
+
+    monkeypatch.delenv("BOT_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("BOT_ADMIN_TOKENS_FILE", raising=False)
+    path = ensure_local_token(tmp_path / "var")
+    assert path == tmp_path / "var" / "admin-token"
+    token = path.read_text().strip()
+    assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    import os
+
+    assert os.environ["BOT_ADMIN_TOKEN"] == token  # what the workers inherit
+    assert TokenRegistry.from_env().lookup(token).role == "publisher"  # type: ignore[union-attr]
+    monkeypatch.delenv("BOT_ADMIN_TOKEN")
+    assert ensure_local_token(tmp_path / "var") == path and path.read_text().strip() == token  # reused
+    # configured tokens win, and no file is made
+    monkeypatch.setenv("BOT_ADMIN_TOKEN", "configured-token")
+    assert ensure_local_token(tmp_path / "other") is None and not (tmp_path / "other").exists()
+    monkeypatch.delenv("BOT_ADMIN_TOKEN")
+    monkeypatch.setenv("BOT_ADMIN_TOKENS_FILE", str(tmp_path / "tokens"))
+    assert ensure_local_token(tmp_path / "other") is None
+
+
 # ---- versions, drafts, validation -------------------------------------------------------------------
 async def test_versions_read_and_diff(client: httpx.AsyncClient, default_yaml: str) -> None:
     r = await client.post("/admin/api/publish", headers=auth("publisher"),
