@@ -1,11 +1,12 @@
 """An embedded, real redis-server for `bot serve` without REDIS_URL: persists under BOT_DATA_DIR
 with AOF, listens on loopback only, and is stopped when the bot stops.
 
-While it runs, its URL is in BOT_DATA_DIR/redis/url, so `bot calls show`, `bot call` and `bot load`
-find the bot's Redis after a plain `make run` (its port is a free one, chosen at start)."""
+While it runs, its URL is in BOT_DATA_DIR/redis/url, so `bot calls` and `bot call` find the bot's Redis
+after a plain `make run` (its port is a free one, chosen at start)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,10 @@ log = get_logger("bot.redis_embedded")
 
 
 URL_FILE = "url"
+
+
+def _redis_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "redis"
 
 
 def _pong(port: int, timeout_s: float = 0.2) -> bool:
@@ -33,7 +38,7 @@ def running_url(data_dir: Path) -> str | None:
     """The URL of the embedded redis-server a bot started under data_dir, if it answers now: a file left by
     a bot that was killed points at nothing, and is ignored."""
     try:
-        url = (Path(data_dir) / "redis" / URL_FILE).read_text().strip()
+        url = (_redis_dir(data_dir) / URL_FILE).read_text().strip()
         port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
     except (OSError, ValueError, IndexError):
         return None
@@ -48,7 +53,7 @@ def _free_port() -> int:
 
 class EmbeddedRedis:
     def __init__(self, data_dir: Path, port: int = 0) -> None:
-        self.data_dir = Path(data_dir) / "redis"
+        self.data_dir = _redis_dir(data_dir)
         self.port = port or _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -100,10 +105,10 @@ class EmbeddedRedis:
 def cli_redis_url(explicit: str | None = None) -> str:
     """For CLI commands that read the bot's Redis: --redis-url, else REDIS_URL, else the embedded server of a
     bot running under BOT_DATA_DIR (default ./var); "" when there is none."""
-    import os
+    from bot.config import load_settings
 
     if explicit:
         return explicit
     if os.environ.get("REDIS_URL"):
         return os.environ["REDIS_URL"]
-    return running_url(Path(os.environ.get("BOT_DATA_DIR") or "./var")) or ""
+    return running_url(load_settings().data_dir) or ""

@@ -263,7 +263,7 @@ def _offered(state: CallState, inp: Input, d: Decision) -> Mapping[str, Any]:
     left = {k: v for k, v in state.offered.items() if k not in d.slots}
     if d.reason == "no_context" and isinstance(inp, Understanding) and inp.intent is None and inp.slots:
         left.update(inp.slots)
-    return left if left != state.offered else state.offered
+    return left
 
 
 def _reads_back(state: CallState, d: Decision) -> bool:

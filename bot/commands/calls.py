@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -26,13 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _url(args: argparse.Namespace) -> str:
+    from bot.config import load_settings
     from bot.redis_embedded import cli_redis_url
 
     url = cli_redis_url(args.redis_url)
     if not url:
-        data = os.environ.get("BOT_DATA_DIR") or "./var"
-        print(f"error: no Redis: set REDIS_URL or pass --redis-url (no bot with embedded Redis is running under {data})",
-              file=sys.stderr)
+        print("error: no Redis: set REDIS_URL or pass --redis-url (no bot with embedded Redis is running under "
+              f"{load_settings().data_dir})", file=sys.stderr)
     return url
 
 

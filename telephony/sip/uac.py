@@ -545,6 +545,7 @@ def _add_decisions(summary: dict[str, Any], redis_url: str | None) -> None:
     url = cli_redis_url(redis_url)
     if not url or not summary.get("call_id"):
         return
+
     async def fetch() -> dict[str, Any] | None:
         await asyncio.sleep(0.3)  # let the bot flush the call's last events
         return await fetch_call("", str(summary["call_id"]), url)
