@@ -73,6 +73,7 @@ def test_token_sources(tmp_path: Path) -> None:
 
 def test_a_bot_without_configured_tokens_makes_one_in_its_data_dir(tmp_path: Path, monkeypatch) -> None:
     """`make run` sets no token: the console's publisher token is made once, kept owner-only, and reused."""
+    import os
     import stat
 
     from bot.admin.auth import ensure_local_token
@@ -83,8 +84,6 @@ def test_a_bot_without_configured_tokens_makes_one_in_its_data_dir(tmp_path: Pat
     assert path == tmp_path / "var" / "admin-token"
     token = path.read_text().strip()
     assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
-    import os
-
     assert os.environ["BOT_ADMIN_TOKEN"] == token  # what the workers inherit
     assert TokenRegistry.from_env().lookup(token).role == "publisher"  # type: ignore[union-attr]
     monkeypatch.delenv("BOT_ADMIN_TOKEN")
