@@ -86,13 +86,19 @@ class SipCall(CallBridge):
         """REFER the caller to the queue's URI (RFC 3515); on failure try BOT_SIP_TRANSFER_FALLBACK."""
         settings = self.server.settings
         uri = resolve_target(target, settings.queue_uris, settings.transfer_fallback)
+        if not uri:
+            # Nowhere to send the caller: say so where on-call looks, as the Twilio bridge does.
+            self.log.warning("transfer_unconfigured", queue=target,
+                             hint="set BOT_SIP_QUEUE_URIS or BOT_SIP_TRANSFER_FALLBACK")
+            TRANSFERS.labels("sip", target, "unconfigured").inc()
+            return False
         tried: list[str] = []
         for candidate in [uri, settings.transfer_fallback]:
             if not candidate or candidate in tried or self.state == "terminated":
                 continue
             tried.append(candidate)
             ok = await self._refer_once(candidate, target)
-            TRANSFERS.labels("sip", target, "success" if ok else "failed").inc()
+            TRANSFERS.labels("sip", target, "ok" if ok else "failed").inc()
             if ok:
                 # Leave the call a moment *after* reporting success, so the conversation records the
                 # transfer before it sees CallEnded (RFC 3515: the transferor BYEs after NOTIFY 200).

@@ -105,7 +105,7 @@ async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path
     assert transfer[0]["context"]["intent"] == "speak_to_agent"
     assert handler.calls[-1]["bridge"].info.called == "general"
     assert metric_value(m, "voicebot_sip_messages_total", {"method": "REFER"}) >= 1
-    assert metric_value(m, "voicebot_transfers_total", {"transport": "sip", "result": "success"}) >= 1
+    assert metric_value(m, "voicebot_transfers_total", {"transport": "sip", "result": "ok"}) >= 1
 
 
 async def _sip_call_id(server: BotServer, known: set[str], timeout: float) -> str:

@@ -425,6 +425,30 @@ async def test_refer_failure_keeps_call(make_server, sip_settings, prompt_pcm) -
         caller.close()
 
 
+async def test_transfer_with_no_queue_uri_is_counted_and_keeps_call(make_server, sip_settings, prompt_pcm) -> None:
+    """No URI for the queue and no fallback: nothing is sent, transfer() returns False at once, the caller
+    stays with the bot, and on-call sees it as result="unconfigured" (as on Twilio)."""
+    from ops.metrics import TRANSFERS
+
+    async def escalate(bridge: CallBridge) -> bool:
+        return await bridge.transfer("retention", {})
+
+    handler = RecordingHandler(prompt_pcm, after_prompt=escalate)
+    srv = await make_server(handler, sip_settings)  # queue_uris={} and no fallback
+    before = TRANSFERS.labels("sip", "retention", "unconfigured")._value.get()
+    caller = SipCaller("127.0.0.1", srv.port)
+    await caller.open()
+    try:
+        assert await caller.invite() == 200
+        await wait_until(lambda: handler.calls and "action_task" in handler.calls[0], 10)
+        await asyncio.wait_for(handler.calls[0]["action_task"], 5)
+        assert handler.calls[0]["action"] is False and caller.refer_to is None and not caller.ended.is_set()
+        assert TRANSFERS.labels("sip", "retention", "unconfigured")._value.get() == before + 1
+        assert await caller.bye() == 200
+    finally:
+        caller.close()
+
+
 def test_bot_call_sip_adds_the_bots_decisions_from_redis(redis_url: str) -> None:
     """`bot call --sip` reads what the bot understood and decided per turn from the bot's Redis, as the
     Twilio path does; without a record (or a Redis) the summary is left as it was."""
