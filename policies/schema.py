@@ -434,6 +434,36 @@ def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
     return errs
 
 
+def _duplicate_keys(root: yaml.Node | None) -> list[PolicyIssue]:
+    """Keys written twice in one mapping. YAML loaders silently keep the last one, so an admin who edits
+    the first `accept:` of two would publish a policy that ignores the edit; and error lines (found by
+    the first match) would point at the wrong one. Merge keys (`<<`) are YAML's own override mechanism."""
+    out: list[PolicyIssue] = []
+    seen_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen_nodes:  # aliases share nodes: visit each once
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], yaml.Node] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    key = (k.tag, k.value)
+                    if key in first:
+                        out.append(PolicyIssue(
+                            k.start_mark.line + 1, k.start_mark.column + 1, ".".join(path + (k.value,)),
+                            f"duplicate key {k.value!r} (also on line {first[key].start_mark.line + 1}); "
+                            "only one may stay"))
+                    else:
+                        first[key] = k
+                stack.append((v, path + (str(k.value),)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, path + (str(i),)) for i, v in enumerate(node.value))
+    return sorted(out, key=lambda i: (i.line or 0, i.column or 0))
+
+
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
     """Validate policy YAML text into a new frozen Policy, or raise PolicyError with line numbers."""
     try:
@@ -444,6 +474,9 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         msg = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
         raise PolicyError([PolicyIssue(mark.line + 1 if mark else None, mark.column + 1 if mark else None, "",
                                        f"invalid YAML: {msg}")], source) from None
+    dups = _duplicate_keys(root)
+    if dups:
+        raise PolicyError(dups, source)
     if not isinstance(doc, dict):
         raise PolicyError([PolicyIssue(1, 1, "", "a policy must be a YAML mapping")], source)
     try:

@@ -83,6 +83,17 @@ class NotFound(KeyError):
     pass
 
 
+class DraftConflict(Exception):
+    """The draft changed (another tab or admin saved it) since the editor loaded revision `expected`."""
+
+    def __init__(self, draft_id: str, expected: int, current: int) -> None:
+        super().__init__(f"draft {draft_id} was saved by someone else since you opened it "
+                         f"(you had revision {expected}, it is now {current})")
+        self.draft_id = draft_id
+        self.expected = expected
+        self.current = current
+
+
 def _issue_from(obj: Any) -> Issue:
     get = obj.get if isinstance(obj, dict) else (lambda k, d=None: getattr(obj, k, d))
     line = get("line")
@@ -211,6 +222,28 @@ return {1, tonumber(ARGV[2])}
 """
 
 
+# KEYS: draft ; ARGV: expected rev ('' = any), yaml, updated_at, author, has_comment ('1'/'0'), comment
+# Never recreates a deleted draft (a bare HSET would leave a half hash behind), never overwrites a newer save.
+_UPDATE_DRAFT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '1')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= rev then return {0, rev} end
+redis.call('HSET', KEYS[1], 'yaml', ARGV[2], 'updated_at', ARGV[3], 'author', ARGV[4])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'comment', ARGV[6]) end
+return {1, redis.call('HINCRBY', KEYS[1], 'rev', 1)}
+"""
+
+# KEYS: draft, drafts set ; ARGV: rev that was published, draft id. A save that landed after the publish
+# read the draft keeps it (with those newer edits) instead of deleting them.
+_DELETE_DRAFT_AT = """
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '-1')
+if rev ~= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who is acting, for the audit log."""
@@ -264,6 +297,8 @@ class PolicyStore:
         self._seed = redis.register_script(_SEED)
         self._publish = redis.register_script(_PUBLISH)
         self._rollback = redis.register_script(_ROLLBACK)
+        self._update_draft = redis.register_script(_UPDATE_DRAFT)
+        self._delete_draft_at = redis.register_script(_DELETE_DRAFT_AT)
 
     async def check(self, yaml_text: str) -> Any:
         """Validate off the event loop (parsing a policy costs ~25 ms of CPU)."""
@@ -379,17 +414,20 @@ class PolicyStore:
             out.append(d)
         return sorted(out, key=lambda d: d["updated_at"], reverse=True)
 
-    async def update_draft(self, draft_id: str, yaml_text: str, actor: Actor, comment: str | None = None) -> dict[str, Any]:
-        if not await self.r.exists(_k("draft", draft_id)):
+    async def update_draft(self, draft_id: str, yaml_text: str, actor: Actor, comment: str | None = None,
+                           expected_rev: int | None = None) -> dict[str, Any]:
+        """Save a draft. With `expected_rev` (the revision the editor loaded) a save made meanwhile by
+        another tab or admin is not overwritten: DraftConflict, nothing written."""
+        ok, rev = await self._update_draft(
+            keys=[_k("draft", draft_id)],
+            args=["" if expected_rev is None else expected_rev, yaml_text, repr(time.time()), actor.name,
+                  "0" if comment is None else "1", comment or ""],
+        )
+        if ok == -1:
             raise NotFound(f"draft {draft_id} does not exist")
-        fields: dict[str, Any] = {"yaml": yaml_text, "updated_at": repr(time.time()), "author": actor.name}
-        if comment is not None:
-            fields["comment"] = comment
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(_k("draft", draft_id), mapping=fields)
-        pipe.hincrby(_k("draft", draft_id), "rev", 1)
-        await pipe.execute()
-        await self.audit("draft_update", actor, draft=draft_id)
+        if ok == 0:
+            raise DraftConflict(draft_id, int(expected_rev or 0), int(rev))
+        await self.audit("draft_update", actor, draft=draft_id, rev=int(rev))
         return await self.get_draft(draft_id)
 
     async def delete_draft(self, draft_id: str, actor: Actor) -> None:
@@ -423,11 +461,16 @@ class PolicyStore:
         log.info("policy_published", version=int(v), actor=actor.name, ip=actor.ip)
         return int(v)
 
-    async def publish_draft(self, draft_id: str, expected_version: int, actor: Actor, comment: str = "") -> int:
+    async def publish_draft(self, draft_id: str, expected_version: int, actor: Actor, comment: str = "",
+                            draft_rev: int | None = None) -> int:
+        """Publish a draft's text. With `draft_rev` (the revision the publisher reviewed) a draft saved
+        again meanwhile is not published: DraftConflict."""
         d = await self.get_draft(draft_id)
+        if draft_rev is not None and d["rev"] != draft_rev:
+            raise DraftConflict(draft_id, draft_rev, d["rev"])
         v = await self.publish(d["yaml"], expected_version, actor, comment or d["comment"], source=f"draft:{draft_id}")
-        await self.r.delete(_k("draft", draft_id))
-        await self.r.srem(_k("drafts"), draft_id)
+        if not await self._delete_draft_at(keys=[_k("draft", draft_id), _k("drafts")], args=[d["rev"], draft_id]):
+            log.info("draft_kept_after_publish", draft=draft_id, note="saved again while it was being published")
         return v
 
     async def rollback(self, version: int, expected_version: int, actor: Actor, comment: str = "") -> int:

@@ -157,7 +157,8 @@ def ice_servers(raw: str | None = None) -> list[dict[str, Any]]:
 
 class WebRTCCallBridge(QueuedCallBridge):
     def __init__(self, caller: str = "browser", params: dict[str, Any] | None = None,
-                 connect_timeout_s: float = 20.0, servers: list[dict[str, Any]] | None = None) -> None:
+                 connect_timeout_s: float = 20.0, servers: list[dict[str, Any]] | None = None,
+                 media_timeout_s: float = 10.0) -> None:
         self.info = CallInfo(
             call_id=f"webrtc-{secrets.token_hex(8)}", transport="webrtc", caller=caller, called="softphone",
             params=dict(params or {}),
@@ -169,6 +170,10 @@ class WebRTCCallBridge(QueuedCallBridge):
         self._silence = np.zeros(FRAME_SAMPLES, np.int16)
         self._tasks: set[asyncio.Task[None]] = set()
         self.connect_timeout_s = connect_timeout_s
+        # A browser sends audio frames without pause (silence too), but a closed tab or a lost network
+        # may say nothing at all (no DTLS close, and aiortc runs no ICE consent checks): no inbound
+        # audio this long once it has flowed ends the call like SIP's RTP timeout (outcome abandoned).
+        self.media_timeout_s = media_timeout_s
         self.started_t = time.monotonic()  # reset when media starts flowing (greeting latency)
         self.connected = asyncio.Event()
         self.log = get_logger("telephony.webrtc", call_id=self.info.call_id)
@@ -229,11 +234,22 @@ class WebRTCCallBridge(QueuedCallBridge):
         rate = 0
         pending = np.zeros(0, np.int16)
         n_frames = 0
+        reason = "hangup"
+        started = False
         while not self._ended:
             try:
-                frame = await track.recv()
+                if started:
+                    frame = await asyncio.wait_for(track.recv(), self.media_timeout_s)
+                else:
+                    frame = await track.recv()
             except MediaStreamError:
                 break
+            except asyncio.TimeoutError:
+                metrics.ERRORS.labels("webrtc", "media_timeout").inc()
+                self.log.warning("webrtc_media_timeout", timeout_s=self.media_timeout_s)
+                reason = "rtp_timeout"
+                break
+            started = True
             pcm = frame.to_ndarray()
             channels = len(frame.layout.channels)
             if frame.format.is_planar:
@@ -256,7 +272,7 @@ class WebRTCCallBridge(QueuedCallBridge):
                 n_frames = 0
         if n_frames:
             metrics.AUDIO_FRAMES.labels("webrtc", "in").inc(n_frames)
-        self.end("hangup")
+        self.end(reason)
 
     # ---- outbound (pulled by _BotTrack) ----
     def _next_out_frame(self) -> np.ndarray:

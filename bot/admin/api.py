@@ -11,22 +11,54 @@ from __future__ import annotations
 import asyncio
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Coroutine, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.types import Message
 
 from bot.admin import live, simulate
 from bot.admin.auth import Principal, principal, require
 from bot.admin.context import MAX_UPLOAD_BYTES, get_call_store, get_engine, get_redis, get_store, log
 from ops import metrics
-from policies.store import Actor, NotFound, PolicyInvalid, PolicyStore, PublishConflict, side_by_side, unified_diff
+from policies.store import (Actor, DraftConflict, NotFound, PolicyInvalid, PolicyStore, PublishConflict, side_by_side,
+                            unified_diff)
 
 STATIC = Path(__file__).with_name("static")
 API = "/api"  # the app mounts this router under /admin
 
-router = APIRouter()
+
+class _CappedRoute(APIRoute):
+    """Request bodies over MAX_UPLOAD_BYTES get 413 while they are read: a declared Content-Length is
+    refused before a byte is read, and a chunked body (no Content-Length) is cut off at the limit
+    instead of being buffered whole and then parsed."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def capped(request: Request) -> Response:
+            if request.method in ("POST", "PUT", "PATCH"):
+                _limit_body(request)
+                receive, seen = request.receive, 0
+
+                async def receive_capped() -> Message:
+                    nonlocal seen
+                    msg = await receive()
+                    if msg["type"] == "http.request":
+                        seen += len(msg.get("body", b""))
+                        if seen > MAX_UPLOAD_BYTES:
+                            raise _too_large()
+                    return msg
+
+                request = Request(request.scope, receive_capped)
+            return await handler(request)
+
+        return capped
+
+
+router = APIRouter(route_class=_CappedRoute)
 
 
 # ---- models ----
@@ -39,6 +71,7 @@ class DraftIn(BaseModel):
 class DraftUpdate(BaseModel):
     yaml: str
     comment: str | None = None
+    rev: int | None = Field(None, description="Revision the editor loaded; 409 if the draft was saved since (no lost edits)")
 
 
 class YamlIn(BaseModel):
@@ -47,6 +80,7 @@ class YamlIn(BaseModel):
 
 class PublishIn(BaseModel):
     draft_id: str | None = Field(None, description="Publish this draft (it is removed once published)")
+    draft_rev: int | None = Field(None, description="Revision of the draft the publisher reviewed; 409 if it was saved since")
     yaml: str | None = Field(None, description="...or publish this YAML text directly")
     expected_version: int = Field(description="The current version the publisher saw; 409 if it changed")
     comment: str = ""
@@ -93,14 +127,21 @@ def _store_errors() -> Iterator[None]:
         raise _invalid(exc) from exc
     except PublishConflict as exc:
         raise _conflict(exc) from exc
+    except DraftConflict as exc:
+        raise _err(409, "draft_conflict", str(exc), draft_id=exc.draft_id, expected_rev=exc.expected,
+                   current_rev=exc.current) from exc
     except NotFound as exc:
         raise _err(404, "not_found", str(exc.args[0])) from exc
+
+
+def _too_large() -> HTTPException:
+    return _err(413, "upload_too_large", f"request body is larger than {MAX_UPLOAD_BYTES} bytes (BOT_ADMIN_MAX_UPLOAD_BYTES)")
 
 
 def _limit_body(request: Request) -> None:
     n = request.headers.get("content-length")
     if n is not None and n.isdigit() and int(n) > MAX_UPLOAD_BYTES:
-        raise _err(413, "upload_too_large", f"request body is larger than {MAX_UPLOAD_BYTES} bytes (BOT_ADMIN_MAX_UPLOAD_BYTES)")
+        raise _too_large()
 
 
 async def _policy_text(store: PolicyStore, draft_id: str | None, yaml_text: str | None, version: int | None) -> tuple[str, str]:
@@ -204,7 +245,7 @@ async def get_draft(draft_id: str, request: Request, _: Principal = Depends(requ
 @router.put(f"{API}/drafts/{{draft_id}}", tags=["drafts"], summary="Update a draft", dependencies=[Depends(_limit_body)])
 async def update_draft(draft_id: str, body: DraftUpdate, request: Request, p: Principal = Depends(require("editor"))) -> dict[str, Any]:
     with _store_errors():
-        return await get_store(request).update_draft(draft_id, body.yaml, _actor(p), body.comment)
+        return await get_store(request).update_draft(draft_id, body.yaml, _actor(p), body.comment, body.rev)
 
 
 @router.delete(f"{API}/drafts/{{draft_id}}", tags=["drafts"], status_code=204, summary="Delete a draft")
@@ -230,7 +271,7 @@ async def publish(body: PublishIn, request: Request, p: Principal = Depends(requ
         raise _err(422, "bad_request", "give draft_id or yaml")
     with _store_errors():
         if body.draft_id:
-            v = await store.publish_draft(body.draft_id, body.expected_version, _actor(p), body.comment)
+            v = await store.publish_draft(body.draft_id, body.expected_version, _actor(p), body.comment, body.draft_rev)
         else:
             v = await store.publish(body.yaml, body.expected_version, _actor(p), body.comment)
     return {"version": v, "current": v}

@@ -177,8 +177,13 @@ async def principal(
 
 
 def require(role: str):  # noqa: ANN201 - a FastAPI dependency factory
-    async def dep(p: Principal = Depends(principal)) -> Principal:
+    async def dep(request: Request, p: Principal = Depends(principal)) -> Principal:
         if not p.can(role):
+            # Counted and logged (who tried what from where) like a bad token: a viewer's token trying
+            # to publish is worth seeing.
+            metrics.ERRORS.labels("admin", "forbidden").inc()
+            log.warning("admin_forbidden", actor=p.name, role=p.role, needs=role, ip=p.ip,
+                        method=request.method, path=request.url.path)
             raise HTTPException(403, f"role {p.role!r} may not do this; needs {role!r}")
         return p
 

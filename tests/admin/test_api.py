@@ -47,8 +47,10 @@ async def test_roles(client: httpx.AsyncClient, default_yaml: str) -> None:
     r = await client.post("/admin/api/drafts", json=body, headers=auth("editor"))
     assert r.status_code == 201
     pub = {"draft_id": r.json()["id"], "expected_version": 1}
+    forbidden = errors_total("forbidden")
     r = await client.post("/admin/api/publish", json=pub, headers=auth("editor"))
     assert r.status_code == 403 and "publisher" in r.json()["detail"]
+    assert errors_total("forbidden") == forbidden + 1  # counted (and logged with who/where)
     r = await client.post("/admin/api/rollback", json={"version": 1, "expected_version": 1}, headers=auth("viewer"))
     assert r.status_code == 403
     assert (await client.post("/admin/api/publish", json=pub, headers=auth("publisher"))).status_code == 200
@@ -137,6 +139,50 @@ async def test_draft_crud(client: httpx.AsyncClient, default_yaml: str) -> None:
     assert (await client.get(f"/admin/api/drafts/{d['id']}", headers=auth("viewer"))).status_code == 404
 
 
+async def test_validate_rejects_duplicate_keys_at_their_line(client: httpx.AsyncClient, default_yaml: str) -> None:
+    """YAML keeps the last of two equal keys: an admin who edited the first `accept:` while another one
+    sat further down published a policy that ignored the edit, and an out-of-range second value was
+    reported at the first (valid) line."""
+    line = accept_line(default_yaml)
+    lines = default_yaml.splitlines(keepends=True)
+    dup = "".join(lines[:line] + ["  accept: 0.3\n"] + lines[line:])
+    r = (await client.post("/admin/api/validate", json={"yaml": dup}, headers=auth("editor"))).json()
+    assert r["valid"] is False
+    assert [(e["line"], e["path"]) for e in r["errors"]] == [(line + 1, "thresholds.accept")]
+    assert f"line {line}" in r["errors"][0]["message"] and "duplicate key 'accept'" in r["errors"][0]["message"]
+    r = await client.post("/admin/api/publish", json={"yaml": dup, "expected_version": 1}, headers=auth("publisher"))
+    assert r.status_code == 422 and r.json()["detail"]["errors"][0]["line"] == line + 1
+    assert (await client.get("/admin/api/policies", headers=auth("viewer"))).json()["current"] == 1
+
+
+async def test_draft_saved_from_two_tabs_never_loses_an_edit(client: httpx.AsyncClient, default_yaml: str) -> None:
+    """Two tabs (or admins) open draft rev 1; the second save used to overwrite the first silently."""
+    d = (await client.post("/admin/api/drafts", json={"yaml": default_yaml}, headers=auth("editor"))).json()
+    url = f"/admin/api/drafts/{d['id']}"
+    tab_a, tab_b = with_accept(default_yaml, STRICTER), with_accept(default_yaml, LOOSER)
+    r = await client.put(url, json={"yaml": tab_a, "rev": d["rev"]}, headers=auth("editor"))
+    assert r.status_code == 200 and r.json()["rev"] == 2
+    before = errors_total("draft_conflict")
+    r = await client.put(url, json={"yaml": tab_b, "rev": d["rev"]}, headers=auth("publisher"))
+    assert r.status_code == 409
+    detail = r.json()["detail"]
+    assert detail["expected_rev"] == 1 and detail["current_rev"] == 2 and "saved by someone else" in detail["message"]
+    assert errors_total("draft_conflict") == before + 1
+    assert (await client.get(url, headers=auth("viewer"))).json()["yaml"] == tab_a
+    # publishing a draft checks the revision the publisher reviewed
+    pub = {"draft_id": d["id"], "draft_rev": 1, "expected_version": 1}
+    r = await client.post("/admin/api/publish", json=pub, headers=auth("publisher"))
+    assert r.status_code == 409 and r.json()["detail"]["current_rev"] == 2
+    assert (await client.get("/admin/api/policies", headers=auth("viewer"))).json()["current"] == 1
+    r = await client.post("/admin/api/publish", json={**pub, "draft_rev": 2}, headers=auth("publisher"))
+    assert r.status_code == 200 and r.json()["version"] == 2
+    # a save to a draft that is gone (published) is a 404, and does not recreate a half draft
+    r = await client.put(url, json={"yaml": tab_b, "rev": 2}, headers=auth("editor"))
+    assert r.status_code == 404
+    assert (await client.get(url, headers=auth("viewer"))).status_code == 404
+    assert (await client.get("/admin/api/drafts", headers=auth("viewer"))).json() == []
+
+
 # ---- publish / rollback -----------------------------------------------------------------------------
 async def test_publish_invalid_is_422_with_lines(client: httpx.AsyncClient, default_yaml: str) -> None:
     bad = with_accept(default_yaml, "2")
@@ -208,6 +254,21 @@ async def test_upload_too_large_413(client: httpx.AsyncClient, monkeypatch: pyte
     assert r.status_code == 413
     r = await client.post("/admin/api/drafts", json={"yaml": "x" * 30_000}, headers=auth("editor"))
     assert r.status_code == 413
+
+    # a chunked body has no Content-Length: it used to be read whole (any size) and then parsed
+    async def chunks():
+        yield b'{"yaml": "'
+        for _ in range(10):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    for path in ("/admin/api/validate", "/admin/api/drafts"):
+        r = await client.post(path, content=chunks(), headers={**auth("editor"), "Content-Type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert "BOT_ADMIN_MAX_UPLOAD_BYTES" in r.json()["detail"]["message"]
+    assert (await client.get("/admin/api/drafts", headers=auth("viewer"))).json() == []
+    r = await client.post("/admin/api/validate", json={"yaml": "x" * 10_000}, headers=auth("editor"))
+    assert r.status_code == 200  # under the limit still works
 
 
 async def test_simulate_needs_input_and_valid_policy(client: httpx.AsyncClient) -> None:

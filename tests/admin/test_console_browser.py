@@ -137,3 +137,51 @@ def test_edit_validate_publish_rollback(bot: BotServer, browser: object) -> None
     expect(page.locator("#s-calls")).to_have_text("2", timeout=10_000)
     shot(page, "06-live")
     page.close()
+
+
+def test_two_tabs_saving_one_draft_lose_nothing(bot: BotServer, browser: object) -> None:
+    """Two tabs opened the same draft; the second save silently overwrote the first, and a tab whose
+    draft had been published elsewhere could neither save nor publish its text (404 on every try).
+    Now the later save becomes a new draft, and the live badge follows a publish from the other tab."""
+    from playwright.sync_api import expect
+
+    ctx = browser.new_context(viewport={"width": 1360, "height": 860})  # type: ignore[attr-defined]
+
+    def tab() -> object:
+        page = ctx.new_page()
+        page.goto(f"{bot.url}/admin")
+        page.fill("#token", TOKEN)
+        page.click("#login-form button[type=submit]")
+        expect(page.locator("#who")).to_contain_text("publisher")
+        return page
+
+    a = tab()
+    original = a.input_value("#yaml")
+    a.fill("#yaml", original + "\n# tab A, first save\n")
+    a.click("#btn-save")
+    expect(a.locator("#toast")).to_contain_text("saved")
+    draft = a.inner_text("#editing").split()[2]
+    b = tab()
+    b.locator("#drafts-box button", has_text=draft).click()
+    expect(b.locator("#editing")).to_contain_text(f"draft {draft}")
+    b.fill("#yaml", original + "\n# tab B\n")
+    b.click("#btn-save")
+    expect(b.locator("#toast")).to_contain_text(f"Draft {draft} saved")
+
+    a.fill("#yaml", original + "\n# tab A, second save\n")
+    a.click("#btn-save")
+    expect(a.locator("#toast")).to_contain_text("saved by someone else")
+    copy = a.inner_text("#editing").split()[2]
+    assert copy != draft
+    h = {"Authorization": f"Bearer {TOKEN}"}
+    assert httpx.get(f"{bot.url}/admin/api/drafts/{draft}", headers=h).json()["yaml"].endswith("# tab B\n")
+    assert httpx.get(f"{bot.url}/admin/api/drafts/{copy}", headers=h).json()["yaml"].endswith("# tab A, second save\n")
+
+    # B publishes its draft; A's badge follows without a reload, and A's publish is a clear conflict
+    before = int(httpx.get(f"{bot.url}/admin/api/policies", headers=h).json()["current"])
+    b.click("#btn-publish")
+    b.click("#confirm-ok")
+    expect(b.locator("#toast")).to_contain_text("Published")
+    expect(a.locator("#live-version")).not_to_have_text(f"live: v{before}", timeout=10_000)
+    shot(a, "08-two-tabs-draft-copy")
+    ctx.close()

@@ -92,6 +92,24 @@ async def test_drafts_lifecycle(store: PolicyStore, default_yaml: str) -> None:
         await store.get_draft(d["id"])
 
 
+async def test_a_draft_saved_while_it_is_published_keeps_the_new_edits(redis: aioredis.Redis, default_yaml: str) -> None:
+    """publish_draft read the draft, published it (validate + pre-render take a while), then deleted it:
+    a save landing in between was deleted with it. Now the draft stays when its revision moved on."""
+    saved: dict[str, object] = {}
+
+    async def prerender(texts: list[str]) -> None:  # runs mid-publish: another tab saves now
+        saved.update(await store.update_draft(d["id"], with_accept(default_yaml, LOOSER), BOB))
+
+    store = PolicyStore(redis, prerender=prerender)
+    await store.ensure_seeded(default_yaml)
+    d = await store.create_draft(with_accept(default_yaml, STRICTER), ALICE)
+    assert await store.publish_draft(d["id"], 1, ALICE) == 2
+    assert saved["rev"] == 2
+    kept = await store.get_draft(d["id"])
+    assert kept["rev"] == 2 and f"  accept: {LOOSER}" in kept["yaml"]
+    assert [x["id"] for x in await store.list_drafts()] == [d["id"]]
+
+
 async def test_rollback_and_diff(store: PolicyStore, default_yaml: str) -> None:
     await store.publish(with_accept(default_yaml, STRICTER), 1, ALICE)
     with pytest.raises(PublishConflict):

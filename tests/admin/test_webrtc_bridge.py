@@ -138,6 +138,51 @@ async def test_audio_both_ways_with_resampling_and_marks() -> None:
     await peer.close()
 
 
+class GoesSilent(Tone):
+    """A browser tab that is closed (or loses its network) mid-call: frames stop, and no DTLS close
+    or BYE follows."""
+
+    def __init__(self, hz: float, frames: int) -> None:
+        super().__init__(hz)
+        self.frames = frames
+
+    async def recv(self) -> AudioFrame:
+        if self.n >= self.frames * 960:
+            await asyncio.Event().wait()  # never another frame
+        return await super().recv()
+
+
+async def test_peer_that_goes_silent_ends_the_call() -> None:
+    """Closing the console tab left the bot talking to nobody until its no-input prompts ran out
+    (outcome no_input, ~20 s). Inbound media stopping now ends the call as an RTP timeout."""
+    peer = RTCPeerConnection()
+    peer.addTrack(GoesSilent(1000.0, frames=50))
+    await peer.setLocalDescription(await peer.createOffer())
+    bridge = WebRTCCallBridge(caller="test", media_timeout_s=1.0)
+    answer = await bridge.accept(peer.localDescription.sdp, "offer")
+    await peer.setRemoteDescription(RTCSessionDescription(answer.sdp, answer.type))
+    await asyncio.wait_for(bridge.connected.wait(), 15)
+    got_audio = False
+    t_end = None
+
+    async def until_end() -> CallEnded:
+        nonlocal got_audio, t_end
+        async for ev in bridge.events():
+            if isinstance(ev, AudioIn):
+                got_audio = True
+            if isinstance(ev, CallEnded):
+                t_end = time.monotonic()
+                return ev
+        raise AssertionError("no CallEnded")
+
+    t0 = time.monotonic()
+    ended = await asyncio.wait_for(until_end(), 10)
+    assert got_audio and ended.reason == "rtp_timeout"
+    assert t_end is not None and t_end - t0 < 5
+    await bridge.close()
+    await peer.close()
+
+
 async def test_bad_offers_are_clear_errors() -> None:
     with pytest.raises(SignallingError, match="no audio"):
         await WebRTCCallBridge().accept("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n", "offer")

@@ -14,9 +14,11 @@ const state = {
   current: 0, // published version
   base: 0, // version the editor text started from (expected_version when publishing)
   draftId: null,
+  draftRev: null, // revision of the draft this editor loaded or last saved (a save from elsewhere -> 409)
   versions: [],
   dirty: false,
   pollTimer: null,
+  liveTimer: null,
   selectedCall: null,
 };
 
@@ -97,6 +99,8 @@ async function login(t) {
     $("#tabs").hidden = false;
     $("#logout").hidden = false;
     $("#who").textContent = `${state.me.name} · ${state.me.role}`;
+    clearInterval(state.liveTimer);
+    state.liveTimer = setInterval(watchLive, 5000);
   }
 }
 
@@ -185,6 +189,7 @@ async function openVersion(v) {
   editor.value = info.yaml;
   state.base = state.current; // publishing this text replaces whatever is live now
   state.draftId = null;
+  state.draftRev = null;
   state.dirty = false;
   $("#editing").textContent = `Editing a copy of v${v} (live is v${state.current})`;
   showTab("policy");
@@ -212,12 +217,23 @@ async function rollback(v) {
   await refreshVersions();
 }
 
+// The "live: vN" badge (and the versions table) follow publishes and rollbacks made elsewhere: another
+// tab, another admin, the API. Without this the badge kept showing the version live at sign-in.
+async function watchLive() {
+  if (!state.me || document.hidden) return;
+  try {
+    const data = await api("/policies");
+    if (data.current !== state.current || data.versions.length !== state.versions.length) await refreshVersions();
+  } catch (e) { if (e instanceof ApiError && e.status === 401) handleError(e, "Refresh"); }
+}
+
 // ---------------------------------------------------------------- editor
 async function loadCurrent() {
   const info = await api(`/policies/${state.current}`);
   editor.value = info.yaml;
   state.base = state.current;
   state.draftId = null;
+  state.draftRev = null;
   state.dirty = false;
   $("#editing").textContent = `Editing a new draft from v${state.current} (live)`;
   $("#valid-state").textContent = "";
@@ -245,6 +261,7 @@ async function openDraft(id) {
   editor.value = d.yaml;
   state.base = d.base_version;
   state.draftId = id;
+  state.draftRev = d.rev;
   state.dirty = false;
   $("#editing").textContent = `Editing draft ${id} (from v${d.base_version})`;
   validate();
@@ -279,19 +296,35 @@ async function validate() {
   } catch (e) { handleError(e, "Validate"); return false; }
 }
 
+// Saves the editor's text; never overwrites a save made meanwhile in another tab or by another admin
+// (409) and never loses the text when the draft was published or deleted meanwhile (404): in both
+// cases the text becomes a new draft. Returns false when the caller should stop (e.g. not publish).
 async function saveDraft() {
+  let note = null;
   try {
+    let d;
     if (state.draftId) {
-      await api(`/drafts/${state.draftId}`, { method: "PUT", json: { yaml: editor.value } });
+      try {
+        d = await api(`/drafts/${state.draftId}`, { method: "PUT", json: { yaml: editor.value, rev: state.draftRev } });
+      } catch (e) {
+        if (!(e instanceof ApiError && (e.status === 409 || e.status === 404))) throw e;
+        const old = state.draftId;
+        d = await api("/drafts", { method: "POST", json: { yaml: editor.value, base_version: state.base, comment: `your copy of draft ${old}` } });
+        note = e.status === 409
+          ? `Draft ${old} was saved by someone else while you edited it. Nothing was overwritten: your text is saved as new draft ${d.id}; compare the two on the Versions tab.`
+          : `Draft ${old} was published or deleted while you edited it. Your text is saved as new draft ${d.id}.`;
+      }
     } else {
-      const d = await api("/drafts", { method: "POST", json: { yaml: editor.value, base_version: state.base } });
-      state.draftId = d.id;
+      d = await api("/drafts", { method: "POST", json: { yaml: editor.value, base_version: state.base } });
     }
+    state.draftId = d.id;
+    state.draftRev = d.rev;
     state.dirty = false;
     $("#editing").textContent = `Editing draft ${state.draftId} (from v${state.base})`;
-    toast(`Draft ${state.draftId} saved.`, "ok");
+    if (note) toast(note, "error"); else toast(`Draft ${state.draftId} saved.`, "ok");
     await listDrafts();
-    return true;
+    await refreshVersions(); // the diff pickers offer this draft
+    return note === null;
   } catch (e) { handleError(e, "Save"); return false; }
 }
 
@@ -306,12 +339,15 @@ async function publish() {
   });
   if (comment === null) return;
   try {
-    const r = await api("/publish", { method: "POST", json: { draft_id: state.draftId, expected_version: state.base, comment } });
+    const r = await api("/publish", { method: "POST", json: { draft_id: state.draftId, draft_rev: state.draftRev, expected_version: state.base, comment } });
     toast(`Published v${r.version}. New calls use it now.`, "ok");
     await refreshVersions();
     await loadCurrent();
   } catch (e) {
-    if (e instanceof ApiError && e.status === 409) {
+    if (e instanceof ApiError && e.status === 409 && e.detail.current_rev !== undefined) {
+      toast(`Draft ${state.draftId} was saved again (elsewhere) after you reviewed it; nothing was published. Open it again to review the latest text.`, "error");
+      await listDrafts();
+    } else if (e instanceof ApiError && e.status === 409) {
       toast(`Publish conflict: v${e.detail.current} was published while you edited (you started from v${e.detail.expected}). Your draft ${state.draftId} is saved; open Versions to compare, then publish again.`, "error");
       // The next publish is checked against what is live now; its confirm dialog diffs the draft
       // against that version, so the other admin's changes show up before anything is replaced.
