@@ -16,7 +16,8 @@ CALLS_TOTAL = Counter("voicebot_calls_total", "Calls ended, by transport and out
 CALLS_STARTED = Counter("voicebot_calls_started_total", "Calls answered, by transport", ["transport"])
 TURN_LATENCY = Histogram(
     "voicebot_turn_latency_seconds",
-    "End of caller speech (turn detected) to first bot audio frame sent",
+    "Turn declared complete (after the end-of-turn wait) to first bot audio frame sent; the caller's "
+    "voice-to-voice adds voicebot_end_of_turn_wait_seconds",
     ["transport"],
     buckets=_LATENCY_BUCKETS,
 )

@@ -88,13 +88,14 @@ def voicebot() -> Board:
         "{{transport}}")], "stat", w=6, unit="s")
 
     b.row("Latency")
-    b.panel("Voice-to-voice latency (turn end -> first bot audio)", _quantiles("voicebot_turn_latency_seconds"), w=12,
-            unit="s", desc="Budget: p95 <= 800 ms (alert VoiceToVoiceLatencyHigh)")
-    b.panel("Voice-to-voice p95 by transport", [_q(
+    b.panel("Bot turn latency (turn declared complete -> first bot audio)", _quantiles("voicebot_turn_latency_seconds"),
+            w=12, unit="s", desc="Starts after the end-of-turn wait: the caller's voice-to-voice is this + the end-of-turn "
+            "wait (next panels) + ~0.1 s VAD hangover/playout. Alert VoiceToVoiceLatencyHigh: p95 > 800 ms")
+    b.panel("Bot turn latency p95 by transport", [_q(
         "histogram_quantile(0.95, sum by (le, transport) (rate(voicebot_turn_latency_seconds_bucket[5m])))",
         "{{transport}}")], w=6, unit="s")
     b.panel("End-of-turn wait", _quantiles("voicebot_end_of_turn_wait_seconds"), w=6, unit="s",
-            desc="Silence waited before a turn is declared complete (part of voice-to-voice)")
+            desc="Silence waited before a turn is declared complete (part of voice-to-voice, not of bot turn latency)")
 
     b.row("Engine")
     b.panel("Engine inference p50/p95 by op", [
@@ -128,7 +129,7 @@ def voicebot() -> Board:
             w=8, unit="cpm")
     b.panel("Barge-ins / min", [_q("sum by (transport) (rate(voicebot_barge_ins_total[5m])) * 60", "{{transport}}")],
             w=8, unit="cpm")
-    b.panel("Policy version per worker", [_q("voicebot_policy_version", "{{instance}}")], "stat", w=8)
+    b.panel("Policy version per worker", [_q("voicebot_policy_version", "{{instance}} {{pid}}")], "stat", w=8)
 
     b.row("Errors and media")
     b.panel("Errors / min by component", [_q(
@@ -146,8 +147,9 @@ def voicebot() -> Board:
     b.row("Redis and workers")
     b.panel("Redis up (per worker)", [_q("min by (instance) (voicebot_redis_up)", "{{instance}}")], "stat", w=4,
             desc="0: the worker buffers call events in memory (alert RedisDown)")
-    b.panel("SIP listening", [_q("min by (instance) (voicebot_sip_listening)", "{{instance}}")], "stat", w=4,
-            desc="0: worker 0 cannot bind the SIP port and retries (alert SipNotListening); Twilio unaffected")
+    b.panel("SIP listening", [_q("max by (instance) (voicebot_sip_listening)", "{{instance}}")], "stat", w=4,
+            desc="0: worker 0 cannot bind the SIP port and retries (alert SipNotListening), or SIP is off "
+            "(BOT_SIP_ENABLED=0); Twilio unaffected. Only worker 0 serves SIP, so the instance shows the max")
     b.panel("Engine backend", [_q('sum by (requested, serving) (voicebot_engine_backend)', "{{requested}} → {{serving}}")],
             "stat", w=4, desc="workers per requested → serving backend; a GPU backend → onnx is a fallback (alert EngineGpuFallback)")
     b.panel("Redis op latency p99", [_q(

@@ -172,3 +172,84 @@ def test_kamailio_config_checks(tmp_path: Path) -> None:
         if ln.strip() and not ln.startswith("#"):
             setid, uri, *_ = ln.split()
             assert setid == "1" and uri.startswith("sip:")
+
+
+# target labels Prometheus adds (instance, job; service from prometheus.yml) and the per-worker pid of
+# prometheus-client's multiprocess mode
+_TARGET_LABELS = {"instance", "job", "service", "pid"}
+
+
+def _defined_labels() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m in vars(metrics).values():
+        if hasattr(m, "_name") and hasattr(m, "_labelnames"):
+            out[m._name] = set(m._labelnames)
+            if m._type == "counter":
+                out[m._name + "_total"] = set(m._labelnames)
+    return out
+
+
+def test_queries_use_only_defined_labels() -> None:
+    """Selectors, by()/without() groupings, legends and alert annotations name labels the metric has
+    (a label typo silently matches nothing: a dead panel or an alert that never fires)."""
+    defined = _defined_labels()
+    legends = {}
+    for f in (ROOT / "ops/grafana/dashboards").glob("*.json"):
+        for p in json.loads(f.read_text())["panels"]:
+            for t in p.get("targets", []):
+                legends[(p["title"], t["expr"])] = t.get("legendFormat", "")
+    items = [(w, e, legends.get((w.split("/", 1)[1], e), "")) for w, e in dashboard_exprs()]
+    for r in alert_rules():
+        ann = " ".join(str(v) for v in r.get("annotations", {}).values())
+        items.append((r.get("alert") or r.get("record"), r["expr"], ann))
+    problems = []
+    for where, expr, text in items:
+        allowed = set(_TARGET_LABELS) | {"le"}
+        for n in metric_names(expr):
+            allowed |= defined.get(family(n), defined.get(n, set()))
+        for name, body in re.findall(r"\b((?:voicebot_|up\b)[a-zA-Z0-9_]*)\s*\{([^}]*)\}", expr):
+            own = set(_TARGET_LABELS) if name == "up" else (
+                defined.get(family(name), defined.get(name, set())) | _TARGET_LABELS
+                | ({"le"} if name.endswith("_bucket") else set()))
+            used = {re.split(r"[=!~]", m.strip())[0].strip() for m in body.split(",") if m.strip()}
+            problems += [f"{where}: {name} has no label {lb}" for lb in used - own]
+        for grp in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+            used = {g.strip() for g in grp.split(",") if g.strip()}
+            problems += [f"{where}: grouping by unknown label {lb}" for lb in used - allowed]
+        for lb in re.findall(r"\{\{\s*(?:\$labels\.)?([a-zA-Z_]\w*)\s*\}\}", text):
+            if lb not in allowed:
+                problems.append(f"{where}: legend/annotation uses unknown label {lb}")
+    assert not problems, "\n".join(problems)
+
+
+def test_runbook_commands_and_metrics_exist() -> None:
+    """Every `bot ...` command a runbook tells on-call to run parses with the real CLI, and every
+    voicebot_* metric it names (with its labels) is defined in ops/metrics.py."""
+    import shlex
+
+    from bot.cli import build_parser
+
+    defined = _defined_labels()
+    parser = build_parser()
+    problems = []
+    for f in sorted((ROOT / "ops" / "runbooks").glob("*.md")):
+        text = f.read_text()
+        for cmd in re.findall(r"`(bot [^`]+)`", text):
+            argv = [re.sub(r"^<[^>]*>$|^(N|CALL_ID)$", "x2", a).replace("<", "").replace(">", "")
+                    for a in shlex.split(cmd)[1:]]
+            argv = ["2" if a == "x2" and i and argv[i - 1].startswith("--") else a for i, a in enumerate(argv)]
+            try:
+                parser.parse_args(argv)
+            except SystemExit:
+                problems.append(f"{f.name}: `{cmd}` is not a valid bot command")
+        for name, body in re.findall(r"\b(voicebot_[a-z0-9_]+)(?:\{([^}]*)\})?", text):
+            fam = family(name)
+            if fam not in defined and name not in defined:
+                problems.append(f"{f.name}: {name} is not defined in ops/metrics.py")
+                continue
+            own = defined.get(fam, defined.get(name, set())) | _TARGET_LABELS
+            for m in (body or "").split(","):
+                lb = re.split(r"[=!~]", m.strip())[0].strip()
+                if lb and lb not in own:
+                    problems.append(f"{f.name}: {name} has no label {lb}")
+    assert not problems, "\n".join(problems)
