@@ -30,6 +30,10 @@ from telephony.bridge import AudioIn, CallBridge, CallEnded, DtmfIn, MarkIn
 
 MARK_EVERY_SAMPLES = 1600  # a mark per 200 ms of bot audio: heard_ms resolution
 ECHO_TAIL_S = 0.25  # the line keeps echoing the bot this long after its audio ends
+# An utterance whose end mark has not come back this long after its audio should have finished playing
+# is taken as heard (a peer that drops or never echoes marks must not leave the caller in dead air with
+# the no-input timer never armed and the bot "speaking" forever).
+MARK_SLACK_S = 2.0
 FILLER_TEXT = "One moment."
 APOLOGY_TEXT = "I'm sorry, I'm having trouble right now. Let me transfer you to someone who can help."
 TRANSFER_FAILED_TEXT = "I'm sorry, I couldn't transfer you. Please call back later. Goodbye."
@@ -106,11 +110,16 @@ class Conversation:
         self._no_input: asyncio.TimerHandle | None = None
         self._dtmf_timer: asyncio.TimerHandle | None = None
         self._echo_timer: asyncio.TimerHandle | None = None
+        self._mark_watchdogs: dict[int, asyncio.TimerHandle] = {}
+        self._playout_end = 0.0  # monotonic time the caller will have heard all bot audio sent so far
         self._digits = ""
+        self._dtmf_acted_t = float("-inf")  # when a menu key was acted on at once (a '#' right after it is moot)
         self._turn_n = 0
         self._turn_start_sample: int | None = None
         self.outcome: str | None = None
         self._ending = False
+        self._transferring = False  # the transport has been asked to move the call (REST / REFER in flight)
+        self._bridge_ended = asyncio.Event()  # the transport's CallEnded has arrived
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,7 +159,7 @@ class Conversation:
             for t in (self._play_task, self._turn_task, self._eot_task):
                 if t is not None and not t.done():
                     t.cancel()
-            for h in (self._no_input, self._dtmf_timer, self._echo_timer):
+            for h in (self._no_input, self._dtmf_timer, self._echo_timer, *self._mark_watchdogs.values()):
                 if h is not None:
                     h.cancel()
             reader.cancel()
@@ -171,6 +180,13 @@ class Conversation:
             kind, val = await self._q.get()
             if kind == "ended":
                 reason: str = val
+                if self._transferring and self._turn_task is not None and not self._turn_task.done():
+                    # Twilio stops the stream as it moves the call, possibly before its REST answer reaches
+                    # us: let the transfer finish (outcome, handoff, event, webhook) instead of cancelling it
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self._turn_task), timeout=15.0)
+                    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                        pass
                 self._set_outcome(_END_REASON_OUTCOME.get(reason, reason))
                 return
             if kind == "stop":
@@ -202,6 +218,7 @@ class Conversation:
                 elif isinstance(ev, DtmfIn):
                     self._on_dtmf(ev.digit)
                 elif isinstance(ev, CallEnded):
+                    self._bridge_ended.set()
                     self._q.put_nowait(("ended", ev.reason))
                     return
         except Exception as exc:  # noqa: BLE001
@@ -226,15 +243,19 @@ class Conversation:
         except ValueError:
             metrics.ERRORS.labels("conversation", "bad_mark").inc()
             return
-        if u is None or u.interrupted:
-            return  # marks Twilio returns for audio a `clear` dropped were never heard
-        u.heard = max(u.heard, pos)
+        if u is None or u.interrupted or u.heard_all.is_set():
+            return  # marks Twilio returns for audio a `clear` dropped were never heard; a repeated end mark
+        u.heard = max(u.heard, min(pos, u.sent * 1000 // 8000))  # never more than was sent
         if end:
             u.heard_all.set()
             self._utterance_heard(u)
 
     def _on_dtmf(self, digit: str) -> None:
         self.s.store.event(self.call_id, "dtmf", digit=digit)
+        just_acted = time.monotonic() - self._dtmf_acted_t < self.cfg.dtmf_inter_digit_s
+        if digit == "#" and not self._digits and just_acted:
+            return  # "0#": the menu key was acted on already; its '#' must not cut off the reply
+        self._dtmf_acted_t = float("-inf")
         loop = asyncio.get_running_loop()
         if self._speaking is not None:
             loop.create_task(self._interrupt("dtmf"))
@@ -246,6 +267,11 @@ class Conversation:
             self._q.put_nowait(("dtmf_done", digits + "#"))
             return
         self._digits += digit
+        if self.policy.dtmf_complete(self._digits):  # a menu key: no inter-digit wait (dead air)
+            digits, self._digits = self._digits, ""
+            self._dtmf_acted_t = time.monotonic()
+            self._q.put_nowait(("dtmf_done", digits))
+            return
         self._dtmf_timer = loop.call_later(self.cfg.dtmf_inter_digit_s, self._dtmf_timeout)
 
     def _dtmf_timeout(self) -> None:
@@ -394,7 +420,7 @@ class Conversation:
             u = self._say(d.prompt, d.style, "hangup", t_end=t_end) if d.prompt else None
             if u is not None:
                 await self._wait_heard(u)
-            self._set_outcome(_HANGUP_OUTCOME.get(d.reason, "completed"))
+            self._set_outcome(_HANGUP_OUTCOME.get(self.policy.end_reason(d), "completed"))
             await self.bridge.hangup("completed")
             self._q.put_nowait(("stop", None))
             return
@@ -412,7 +438,10 @@ class Conversation:
         if d.prompt:
             u = self._say(d.prompt, d.style, "transfer", t_end=t_end)
             await self._wait_heard(u)
+        if self._bridge_ended.is_set():
+            return  # the caller hung up during the announcement: nobody to move
         ok = False
+        self._transferring = True
         try:
             ok = await asyncio.wait_for(self.bridge.transfer(target, context), timeout=10)
         except Exception as exc:  # noqa: BLE001
@@ -426,8 +455,13 @@ class Conversation:
         if ok:
             self._set_outcome("transferred")
             # the transport ends the stream once the call has moved; don't hold it open forever
-            await asyncio.sleep(self.cfg.transfer_wait_s)
+            try:
+                await asyncio.wait_for(self._bridge_ended.wait(), self.cfg.transfer_wait_s)
+            except asyncio.TimeoutError:
+                pass
             await self.bridge.hangup("transferred")
+        elif self._bridge_ended.is_set():
+            pass  # the caller is gone: no apology to play; the end reason is the outcome
         else:
             self._set_outcome("transfer_failed")
             u = self._say(TRANSFER_FAILED_TEXT, "calm", "transfer_failed")
@@ -469,7 +503,7 @@ class Conversation:
                     self.detector.bot_level_db = level_dbfs(chunk)
                     if self._echo_timer is not None:
                         self._echo_timer.cancel()
-                    await self.bridge.send_audio(chunk[:MARK_EVERY_SAMPLES])
+                    await self._send_audio(chunk[:MARK_EVERY_SAMPLES])
                     now = time.monotonic()
                     u.first_audio_t = now
                     if t_end is not None:
@@ -483,6 +517,9 @@ class Conversation:
                 else:
                     await self._send_marked(u, chunk, 0)
             await self.bridge.mark(f"{u.uid}:end{u.sent * 1000 // 8000}")
+            if not u.heard_all.is_set():
+                self._mark_watchdogs[u.uid] = asyncio.get_running_loop().call_at(
+                    max(self._playout_end, time.monotonic()) + MARK_SLACK_S, self._marks_missing, u)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a voice failure: apologise with the cached prompt
@@ -493,6 +530,21 @@ class Conversation:
         finally:
             u.done_sending = True
 
+    async def _send_audio(self, pcm: np.ndarray) -> None:
+        """Hand audio to the bridge, keeping the estimate of when the caller will have heard it all."""
+        await self.bridge.send_audio(pcm)
+        self._playout_end = max(self._playout_end, time.monotonic()) + len(pcm) / 8000
+
+    def _marks_missing(self, u: _Utterance) -> None:
+        """The utterance should have played out but its end mark never came back: treat it as heard."""
+        self._mark_watchdogs.pop(u.uid, None)
+        if u.heard_all.is_set() or u.interrupted:
+            return
+        metrics.ERRORS.labels(self.transport, "marks_missing").inc()
+        self.log.warning("marks_missing", utt=u.uid, kind=u.kind, heard_ms=u.heard)
+        u.heard_all.set()
+        self._utterance_heard(u, marks_missing=True)
+
     async def _send_marked(self, u: _Utterance, pcm: np.ndarray, already_sent: int) -> None:
         """Hand audio to the bridge in 200 ms pieces, each followed by a mark (what was heard)."""
         if already_sent:
@@ -500,13 +552,17 @@ class Conversation:
             await self.bridge.mark(f"{u.uid}:{u.sent * 1000 // 8000}")
         for i in range(0, len(pcm), MARK_EVERY_SAMPLES):
             piece = pcm[i : i + MARK_EVERY_SAMPLES]
-            await self.bridge.send_audio(piece)
+            await self._send_audio(piece)
             u.sent += len(piece)
             await self.bridge.mark(f"{u.uid}:{u.sent * 1000 // 8000}")
 
-    def _utterance_heard(self, u: _Utterance) -> None:
+    def _utterance_heard(self, u: _Utterance, marks_missing: bool = False) -> None:
+        h = self._mark_watchdogs.pop(u.uid, None)
+        if h is not None:
+            h.cancel()
+        extra = {"marks_missing": True} if marks_missing else {}
         self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
-                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=False)
+                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=False, **extra)
         if self._speaking is u:
             self._speaking = None
             self._echo_timer = asyncio.get_running_loop().call_later(ECHO_TAIL_S, self._echo_done)
@@ -527,7 +583,11 @@ class Conversation:
         self.detector.bot_level_db = None
         if self._play_task is not None and not self._play_task.done():
             self._play_task.cancel()
+        h = self._mark_watchdogs.pop(u.uid, None)
+        if h is not None:
+            h.cancel()
         await self.bridge.clear()
+        self._playout_end = time.monotonic()  # the bridge dropped what was queued
         metrics.BARGE_INS.labels(self.transport).inc()
         onset_ms = None
         if ev is not None:

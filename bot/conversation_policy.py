@@ -25,6 +25,7 @@ class CallPolicy:
         self.policy = policy
         self.version = version
         self.state = pd.CallState()
+        self.prev_state: pd.CallState | None = None  # the state the last decision was taken in
         self.transcript: list[str] = []
         self.last_u: Understanding | None = None
         self.last_decision: Decision | None = None
@@ -35,6 +36,7 @@ class CallPolicy:
 
     def _step(self, inp: Any) -> Decision:
         state = dataclasses.replace(self.state, now=dt.datetime.now(dt.timezone.utc))
+        self.prev_state = state
         d, self.state = pd.step(self.policy, state, inp)
         self.last_decision = d
         return d
@@ -54,11 +56,26 @@ class CallPolicy:
     def on_dtmf(self, digits: str) -> Decision:
         return self._step(pd.DtmfDigit(digits))
 
+    def dtmf_complete(self, digits: str) -> bool:
+        """Keys typed so far already make a whole answer: a menu key (menu keys are single digits) while
+        no slot question is pending (the caller may be typing a number: "100#"). Then the bot acts at once
+        instead of leaving the caller in silence for the inter-digit timeout."""
+        return len(digits) == 1 and digits in self.policy.dtmf.options and self.state.pending_collect is None
+
     def on_failure(self, reason: str) -> Decision:
         """Engine error/timeout or internal error -> EngineFailure; Redis down -> RedisFailure:
         the policy answers with its apology and system_error queue."""
         inp = pd.RedisFailure(reason) if reason.startswith("state") else pd.EngineFailure(reason)
         return self._step(inp)
+
+    def end_reason(self, d: Decision) -> str:
+        """Why a hangup decision ends the call, for the call's outcome. A "no" (or a goodbye) to a
+        callback offer is reason `goodbye` to the policy, but the caller was not served: the queue was
+        closed (the same outcome as a callback offer left unanswered)."""
+        pc = self.prev_state.pending_confirm if self.prev_state is not None else None
+        if d.action == "hangup" and d.reason == "goodbye" and pc is not None and pc.intent is None and pc.queue:
+            return "out_of_hours"
+        return d.reason or ""
 
     def transfer_target(self, d: Decision) -> str:
         """The policy names a queue; the bridge needs the queue's target (queue name, number, SIP URI)."""

@@ -280,24 +280,32 @@ def _reads_back(state: CallState, d: Decision) -> bool:
 
 def _route(policy: Policy, state: CallState, queue: str, reason: str, prompt_key: str | None = None, *,
            intent: str | None = None, slots: Mapping[str, Any] | None = None, style: str = "neutral",
-           system_error: bool = False) -> Decision:
+           system_error: bool = False, queue_prompt: bool = False) -> Decision:
     """Transfer to `queue`, honouring business hours: a closed queue gives its out-of-hours
     message, a callback offer, or the next queue in its chain (validated to end). The callback
-    question is asked once and never at the stall limit: then the caller hears the goodbye."""
+    question is asked once and never at the stall limit: then the caller hears the goodbye.
+    `queue_prompt`: prompt_key announces `queue` itself ("our billing team"); when a closed queue
+    sends the caller on to another one, that queue is announced instead (the closed queue's
+    out-of-hours prompt, else the reached queue's prompt, else the generic `transfer`)."""
     slots = dict(slots or {})
     seen: list[str] = []
     q = queue
+    moved_prompt: str | None = None  # out-of-hours prompt of the last closed queue that moved the caller on
     while q not in seen:
         seen.append(q)
         spec = policy.queues[q]
         if spec.hours is None or spec.hours.is_open(state.now):
-            key = prompt_key or spec.prompt or "transfer"
+            if queue_prompt and q != queue:
+                key = moved_prompt or spec.prompt or "transfer"
+            else:
+                key = prompt_key or spec.prompt or "transfer"
             return Decision("transfer", render(policy.prompts[key], slots), target=q,
                             reason=reason if q == queue else "out_of_hours", intent=intent, slots=slots, style=style)
         ooh = spec.out_of_hours
         assert ooh is not None  # schema: a queue with hours has out_of_hours
         if ooh.action == "queue" and ooh.queue:
             q = ooh.queue
+            moved_prompt = ooh.prompt or None
             continue
         if system_error:  # no callback question when the engine or Redis is down: say sorry, end
             return Decision("hangup", policy.prompts.get("apology_closed", policy.prompts["apology"]), target=q,
@@ -512,9 +520,11 @@ def _act(policy: Policy, state: CallState, intent: str, slots: Mapping[str, Any]
         return _route(policy, state, esc.agent_request.queue, "agent_requested", esc.agent_request.prompt,
                       intent=intent)
     if (rule := policy.sensitive_rule(intent)) is not None:
-        return _route(policy, state, rule.queue, "sensitive_intent", rule.prompt, intent=intent, slots=slots)
+        return _route(policy, state, rule.queue, "sensitive_intent", rule.prompt, intent=intent, slots=slots,
+                      queue_prompt=True)
     if action.type == "transfer" and action.queue:
-        return _route(policy, state, action.queue, reason, action.prompt, intent=intent, slots=slots)
+        return _route(policy, state, action.queue, reason, action.prompt, intent=intent, slots=slots,
+                      queue_prompt=True)
     if action.type == "answer":
         return Decision("answer", render(policy.prompts[action.prompt or ""], slots), reason=reason, intent=intent,
                         slots=slots)

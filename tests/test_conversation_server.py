@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.audio import synth
 from tests.helpers.bot import call_record, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
-from tests.helpers.server import BotServer, free_port
+from tests.helpers.server import BotServer, free_port, metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,26 @@ async def test_no_input_reprompts_then_says_goodbye(bot: BotServer) -> None:
     kinds = [e["kind"] for e in got["events"] if e["type"] == "prompt_heard"]
     assert kinds == ["greeting", "reprompt", "hangup"], kinds
     assert len([e for e in got["events"] if e["type"] == "no_input"]) == 2
+
+
+async def test_peer_that_never_echoes_marks_still_gets_no_input_handling(bot: BotServer) -> None:
+    """Marks are how the bot knows a prompt was heard (and when to start the no-input timer). A peer
+    that drops them must not leave a silent caller in dead air until BOT_MAX_CALL_S: once the audio
+    should have played out (+ MARK_SLACK_S) the prompt counts as heard, flagged and counted."""
+    caller = await place_call(bot.url)
+
+    async def drop_mark(_name: str) -> None:
+        return None
+
+    caller._echo_mark = drop_mark  # type: ignore[method-assign]
+    assert await caller.wait_ended(40)
+    await caller.close()
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    assert got["record"]["outcome"] == "no_input", got["record"]
+    heard = [e for e in got["events"] if e["type"] == "prompt_heard"]
+    assert [e["kind"] for e in heard] == ["greeting", "reprompt", "hangup"], heard
+    assert all(e.get("marks_missing") for e in heard) and not any(e["interrupted"] for e in heard)
+    assert metric_value(bot.metrics(), "voicebot_errors_total", {"component": "twilio", "kind": "marks_missing"}) >= 3
 
 
 async def test_slow_then_failing_engine_gets_filler_then_apology_and_transfer(bot: BotServer,

@@ -129,3 +129,38 @@ def test_the_agent_gets_values_said_before_any_question() -> None:
     ctx = cp.handoff_context(d)
     assert ctx["slots"] == {"account_number": "44721"}
     assert ctx["transcript"] == ["my account number is 44721", "agent"]
+
+
+def test_declined_callback_ends_as_out_of_hours_not_completed() -> None:
+    """Queue closed, callback offered, caller says "no": the policy says goodbye, but the call's outcome
+    must be `out_of_hours` (as when the offer goes unanswered), not `completed` (a served caller, which
+    the dashboard's automation rate counts)."""
+    import yaml
+
+    from bot.conversation import _HANGUP_OUTCOME
+    from bot.conversation_policy import CallPolicy
+    from engine.types import Understanding
+    from policies.schema import parse_policy
+    from tests.helpers.policy_text import DEFAULT_TEXT
+
+    doc = yaml.safe_load(DEFAULT_TEXT)
+    doc["queues"]["general"]["hours"] = {"timezone": "UTC", "weekly": {}}  # never open
+    policy = parse_policy(yaml.safe_dump(doc, sort_keys=False))
+
+    def says(intent: str) -> Understanding:
+        return Understanding(intent=intent, confidence=0.99, alternatives=[(intent, 0.99)], transcript=intent)
+
+    def outcome(cp: CallPolicy, d) -> str:  # what Conversation._execute records for a hangup
+        return _HANGUP_OUTCOME.get(cp.end_reason(d), "completed")
+
+    for answer, want in (("deny", "out_of_hours"), ("goodbye", "out_of_hours"), ("affirm", "callback")):
+        cp = CallPolicy(policy, "1")
+        cp.greeting()
+        offer = cp.on_turn(says("speak_to_agent"))
+        assert (offer.action, offer.reason) == ("confirm", "out_of_hours")
+        d = cp.on_turn(says(answer))
+        assert d.action == "hangup" and outcome(cp, d) == want, (answer, d)
+    cp = CallPolicy(policy, "1")  # a plain goodbye is still a served caller
+    cp.greeting()
+    d = cp.on_turn(says("goodbye"))
+    assert outcome(cp, d) == "completed"

@@ -51,6 +51,21 @@ def test_start_with_other_codec_is_fatal() -> None:
     assert exc.value.fatal and exc.value.kind == "unsupported_format"
 
 
+@pytest.mark.parametrize("start,kind", [
+    ({"streamSid": "MZ", "callSid": "CA", "mediaFormat": {"sampleRate": "abc"}}, "unsupported_format"),
+    ({"streamSid": "MZ", "callSid": "CA", "mediaFormat": {"sampleRate": [8000]}}, "unsupported_format"),
+    ({"streamSid": "MZ", "callSid": "CA", "mediaFormat": "audio/x-mulaw"}, "malformed_json"),
+    ({"streamSid": "MZ", "callSid": {"sid": "CA"}}, "malformed_json"),
+    ({"streamSid": ["MZ"], "callSid": "CA"}, "malformed_json"),
+])
+def test_malformed_start_is_a_protocol_error_not_an_exception(start: dict, kind: str) -> None:
+    """A broken `start` is a refused message (logged, counted, recorded by kind), never a stray
+    ValueError/AttributeError that the stream loop can only report as `error:exception`."""
+    with pytest.raises(protocol.ProtocolError) as exc:
+        protocol.parse(json.dumps({"event": "start", "start": start}))
+    assert exc.value.fatal and exc.value.kind == kind
+
+
 def test_outbound_messages_are_valid_json() -> None:
     m = json.loads(protocol.media_msg("MZ1", b"\x01\x02"))
     assert m == {"event": "media", "streamSid": "MZ1", "media": {"payload": base64.b64encode(b"\x01\x02").decode()}}

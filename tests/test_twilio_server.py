@@ -143,6 +143,21 @@ async def test_bad_inputs_end_only_their_own_call(bot: BotServer) -> None:
         assert f'"call_id": "{sid}"' in logs  # every error logged with its call id
 
 
+async def test_repeated_or_inflated_end_mark_is_recorded_once(bot: BotServer) -> None:
+    """A peer that echoes a mark twice, or names a position past the audio sent, gets one prompt_heard
+    per prompt and heard_ms never above duration_ms."""
+    caller = await place_call(bot.url)
+    await asyncio.sleep(0.5)  # the greeting (utterance 1) is playing
+    await caller.send_raw(json.dumps({"event": "mark", "streamSid": caller.stream_sid, "mark": {"name": "1:end999999"}}))
+    await caller.send_raw(json.dumps({"event": "mark", "streamSid": caller.stream_sid, "mark": {"name": "1:end999999"}}))
+    assert await caller.wait_bot_quiet(quiet_s=0.5, timeout_s=15)  # then the real marks come back
+    await caller.hangup()
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    heard = [e for e in got["events"] if e["type"] == "prompt_heard"]
+    assert len(heard) == 1 and heard[0]["kind"] == "greeting", heard
+    assert heard[0]["heard_ms"] <= heard[0]["duration_ms"], heard
+
+
 async def test_echo_of_the_bot_does_not_interrupt_it(bot: BotServer) -> None:
     caller = await place_call(bot.url, echo_db=-20.0)
     assert await caller.wait_bot_quiet(quiet_s=0.6, timeout_s=15)
@@ -205,6 +220,61 @@ async def test_dtmf_agent_key_transfers_over_twilio_rest(bot: BotServer, fake_ap
     m = bot.metrics()
     assert metric_value(m, "voicebot_transfers_total", {"transport": "twilio", "result": "ok"}) >= 1
     assert metric_value(m, "voicebot_escalations_total", {"reason": "agent_requested"}) >= 1
+
+
+async def test_menu_key_is_answered_without_the_inter_digit_wait(bot: BotServer) -> None:
+    """A single menu key is a whole answer: the caller must not sit through the 2 s inter-digit
+    timeout in silence. A '#' right after it (habit: "2#") neither cuts off the reply nor counts as a
+    wrong key."""
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+    before = caller.play.played_samples
+    t0 = time.monotonic()
+    await caller.send_dtmf("2")  # the policy's option 2: check_balance
+    waited = None
+    while time.monotonic() - t0 < 5:
+        if caller.play.played_samples > before:
+            waited = time.monotonic() - t0
+            break
+        await asyncio.sleep(0.01)
+    assert waited is not None and waited < 1.5, waited  # was >= 2.0 s (the inter-digit timeout)
+    await asyncio.sleep(0.4)
+    await caller.send_dtmf("#")
+    assert await caller.wait_bot_quiet(quiet_s=0.5, timeout_s=15)
+    await caller.hangup()
+    assert caller.result.clears == 0
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    turns = [e for e in got["events"] if e["type"] == "dtmf_turn"]
+    assert [t["decision"]["reason"] for t in turns] == ["dtmf_selection"], turns
+    answer = [e for e in got["events"] if e["type"] == "prompt_heard" and e["kind"] == "answer"]
+    assert answer and not answer[0]["interrupted"], answer
+
+
+async def test_stream_stopped_before_the_rest_answer_still_records_the_transfer(bot: BotServer,
+                                                                                fake_api: FakeTwilioApi) -> None:
+    """Twilio stops the Media Stream as it moves the call to the queue, and the `stop` can arrive before
+    the REST update's answer. The transfer must still land: outcome `transferred`, the transfer event and
+    the handoff in the record (not `caller_hangup` with the hand-off context lost)."""
+    caller = await place_call(bot.url)
+    loop = asyncio.get_running_loop()
+
+    def stop_stream_first(call_sid: str) -> None:
+        if call_sid == caller.call_sid:
+            asyncio.run_coroutine_threadsafe(caller.hangup(), loop).result(5)
+            time.sleep(0.3)  # the bot sees the stream end while its REST request is in flight
+
+    fake_api.before_update = stop_stream_first
+    try:
+        assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+        await caller.send_dtmf("0")  # the agent key
+        assert await caller.wait_ended(20)
+        got = await wait_outcome(bot.redis_url, caller.call_sid)
+    finally:
+        fake_api.before_update = None
+    assert got["record"]["outcome"] == "transferred", got["record"]
+    assert got["record"]["transfer_target"] == "general" and json.loads(got["record"]["handoff"])["reason"] == "agent_requested"
+    transfer = [e for e in got["events"] if e["type"] == "transfer"]
+    assert len(transfer) == 1 and transfer[0]["ok"], transfer
 
 
 async def test_bot_call_cli_and_calls_show(bot: BotServer, tmp_path: Path) -> None:

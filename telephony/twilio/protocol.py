@@ -94,15 +94,24 @@ def parse(text: str | bytes) -> Message:
         if not isinstance(start, dict):
             raise ProtocolError("malformed_json", "start", fatal=True)
         fmt = start.get("mediaFormat") or {}
+        if not isinstance(fmt, dict):
+            raise ProtocolError("malformed_json", "start.mediaFormat", fatal=True)
         enc = str(fmt.get("encoding", "audio/x-mulaw"))
-        rate = int(fmt.get("sampleRate", 8000) or 8000)
+        rate_raw = fmt.get("sampleRate", 8000) or 8000
+        try:
+            rate = int(rate_raw)
+        except (TypeError, ValueError):  # "abc", a list, ...: not a rate we can play
+            raise ProtocolError("unsupported_format", f"{enc}/{str(rate_raw)[:20]}", fatal=True) from None
         if enc != "audio/x-mulaw" or rate != 8000:
             raise ProtocolError("unsupported_format", f"{enc}/{rate}", fatal=True)
+        ids = {k: start.get(k) or "" for k in ("streamSid", "callSid", "accountSid")}
+        if not all(isinstance(v, str) for v in ids.values()):
+            raise ProtocolError("malformed_json", "start ids must be strings", fatal=True)
         custom = start.get("customParameters") or {}
         info = StartInfo(
-            stream_sid=str(start.get("streamSid") or sid),
-            call_sid=str(start.get("callSid") or ""),
-            account_sid=str(start.get("accountSid") or ""),
+            stream_sid=ids["streamSid"] or sid,
+            call_sid=ids["callSid"],
+            account_sid=ids["accountSid"],
             custom={str(k): str(v) for k, v in custom.items()} if isinstance(custom, dict) else {},
         )
         if not info.call_sid or not info.stream_sid:

@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
@@ -21,6 +22,9 @@ class FakeTwilioApi:
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.fail = fail
+        # called with the CallSid of an authenticated call update before it is answered: real Twilio may
+        # stop the call's Media Stream (it moved the call) before its HTTP answer reaches the bot
+        self.before_update: Callable[[str], None] | None = None
         self.requests: list[dict[str, Any]] = []
         api = self
 
@@ -39,6 +43,8 @@ class FakeTwilioApi:
                     return self._send(401, {"code": 20003, "message": "Authenticate", "status": 401})
                 if not m:
                     return self._send(404, {"code": 20404, "message": "not found", "status": 404})
+                if api.before_update is not None:
+                    api.before_update(m.group(2))
                 if api.fail:
                     return self._send(500, {"code": 20500, "message": "Internal Server Error", "status": 500})
                 self._send(200, {"sid": m.group(2), "account_sid": m.group(1), "status": "in-progress",

@@ -320,3 +320,21 @@ def test_digits_slot_from_the_keypad() -> None:
     decisions, state = run([U("update_address", 0.95), DtmfDigit("123456#")], policy=policy)
     assert [(d.action, d.reason) for d in decisions[1:]] == [("collect", "slot_missing"), ("answer", "slot_filled")]
     assert decisions[-1].slots == {"account_number": "123456"} and state.dtmf_digits == "123456#"
+
+
+def test_queue_closed_announces_the_queue_the_caller_reaches() -> None:
+    """Billing closed at 08:30 sends a dispute on to general: the caller must not hear "our billing team"."""
+    d = run([U("billing_dispute", 0.95)], EARLY)[0][-1]
+    assert (d.action, d.reason, d.target) == ("transfer", "out_of_hours", "general")
+    assert d.prompt == POLICY.prompts["transfer"] and "billing" not in d.prompt
+    assert run([U("billing_dispute", 0.95)], OPEN)[0][-1].prompt == POLICY.prompts["billing_transfer"]
+    # the closed queue's out-of-hours prompt, when the admin wrote one, is what the caller hears
+    text = POLICY_TEXT.replace("out_of_hours: {action: queue, queue: general}",
+                               "out_of_hours: {action: queue, queue: general, prompt: callback_declined}", 1)
+    d = run([U("billing_dispute", 0.95)], EARLY, policy=parse_policy(text))[0][-1]
+    assert d.target == "general" and d.prompt == POLICY.prompts["callback_declined"]
+    # a reason-bound rule keeps its prompt when rerouted (an agent request is still an agent request)
+    text = POLICY_TEXT.replace("agent_request: {intent: speak_to_agent, queue: general",
+                               "agent_request: {intent: speak_to_agent, queue: billing", 1)
+    d = run([U("speak_to_agent", 0.9)], EARLY, policy=parse_policy(text))[0][-1]
+    assert d.target == "general" and d.prompt == POLICY.prompts["agent_transfer"]
