@@ -381,11 +381,14 @@ def _no_input(policy: Policy, state: CallState) -> Decision:
 def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
     keys = digits.rstrip("#")
     p = state.pending_collect
-    if p is not None and p.intent is not None and keys.isdigit():
-        # A digits slot being collected takes the keys as its value (account number on the keypad).
+    if p is not None and p.intent is not None:
+        # The slot being collected takes the keys as its value: an account number, or an amount ("50#",
+        # "50*25#" for 50.25: the star is the keypad's decimal point)
         missing = _missing_slots(policy, p.intent, p.slots)
-        if missing and policy.slots.get(missing[0]) and policy.slots[missing[0]].type == "digits":
-            return _collect(policy, state, p.intent, {**p.slots, missing[0]: keys}, "slot_filled")
+        slot = policy.slots.get(missing[0]) if missing else None
+        value = _keypad_value(slot.type, keys) if slot is not None else None
+        if value is not None:
+            return _collect(policy, state, p.intent, {**p.slots, missing[0]: value}, "slot_filled")
     target = policy.dtmf.options.get(keys[:1]) if len(keys) == 1 else None
     if target is not None:
         return _act(policy, state, target, {}, "dtmf_selection")
@@ -396,6 +399,19 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
         return _escalate_failures(policy, state)
     return Decision("dtmf_menu", _join(sorry, policy.prompts[policy.dtmf.prompt]), reason="dtmf_invalid",
                     options=tuple(policy.dtmf.options))
+
+
+_KEYPAD_MONEY = re.compile(r"(\d{1,7})(?:\*(\d{1,2}))?")
+
+
+def _keypad_value(slot_type: str, keys: str) -> Any:
+    """Keys typed for a slot as its value, or None when they cannot be one (days have no keypad form)."""
+    if slot_type == "digits" and keys.isdigit():
+        return keys
+    if slot_type == "money" and (m := _KEYPAD_MONEY.fullmatch(keys)):
+        amount = int(m[1]) + (int(m[2].ljust(2, "0")) / 100 if m[2] else 0.0)
+        return round(amount, 2) if amount > 0 else None
+    return None
 
 
 # -- understood speech --------------------------------------------------------------------------------

@@ -322,6 +322,21 @@ def test_digits_slot_from_the_keypad() -> None:
     assert decisions[-1].slots == {"account_number": "123456"} and state.dtmf_digits == "123456#"
 
 
+@pytest.mark.parametrize("keys,amount", [("50#", 50), ("50*25#", 50.25), ("7*5", 7.5)])
+def test_amount_from_the_keypad(keys: str, amount: float) -> None:
+    """"How much would you like to pay?" answered on the keypad: whole dollars, the star as decimal point;
+    the value is read back like a spoken one."""
+    decisions, _ = run([U("pay_bill", 0.95), DtmfDigit(keys)])
+    assert (decisions[-1].action, decisions[-1].reason) == ("confirm", "read_back")
+    assert decisions[-1].slots == {"amount": amount}
+
+
+@pytest.mark.parametrize("keys", ["0#", "5**5#", "1*234#"])
+def test_keypad_amount_that_is_none_is_not_taken(keys: str) -> None:
+    d = run([U("pay_bill", 0.95), DtmfDigit(keys)])[0][-1]
+    assert d.reason != "slot_filled" and "amount" not in d.slots
+
+
 def test_queue_closed_announces_the_queue_the_caller_reaches() -> None:
     """Billing closed at 08:30 sends a dispute on to general: the caller must not hear "our billing team"."""
     d = run([U("billing_dispute", 0.95)], EARLY)[0][-1]
