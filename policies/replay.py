@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from engine.types import SAMPLE_RATE, Understanding
+from engine.types import Understanding
 from ops.logs import get_logger
 
 log = get_logger("policies.replay")
@@ -85,40 +85,32 @@ def write_outputs(path: str | Path, records: Iterable[Record]) -> None:
 
 
 def read_manifest(eval_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(eval_dir) / "manifest.jsonl"
+    """The rows of EVAL_DIR/manifest.jsonl (the engine's evaluation format, read by the engine's reader: a
+    byte-order mark is fine, and every malformed row or missing/unreadable clip is reported at once, with its
+    line), less the truncated ones."""
+    from engine.training.evaluate import read_eval_manifest
+
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReplayError(f"cannot read {path}: {exc}") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or "audio" not in row:
-                raise ValueError("needs an 'audio' field")
-        except ValueError as exc:
-            raise ReplayError(f"{path}:{n}: {exc}") from None
-        if row.get("truncated"):
-            continue  # a caller cut off mid-sentence (end-of-turn training data), not a turn to decide on
-        rows.append(row)
-    return rows
+        rows = [r for _, r in read_eval_manifest(eval_dir)]
+    except (OSError, ValueError) as exc:
+        raise ReplayError(str(exc)) from None
+    # a caller cut off mid-sentence (end-of-turn training data) is not a turn to decide on
+    return [r for r in rows if not r.get("truncated")]
 
 
 def read_wav(path: str | Path) -> np.ndarray:
-    """An 8 kHz mono 16-bit WAV as int16 PCM."""
+    """A clip as 8 kHz mono int16 PCM, read as `bot engine eval` reads it (other rates resampled, the first
+    channel of a multi-channel file), so both commands score the same audio."""
     import soundfile as sf
 
+    from engine.training.evaluate import load_wav
+
+    if not Path(path).is_file():
+        raise ReplayError(f"cannot read WAV {path}: file not found")
     try:
-        data, rate = sf.read(str(path), dtype="int16", always_2d=False)
-    except (OSError, RuntimeError, sf.LibsndfileError) as exc:
+        return load_wav(Path(path))
+    except (OSError, RuntimeError, ValueError, sf.LibsndfileError) as exc:
         raise ReplayError(f"cannot read WAV {path}: {exc}") from None
-    if rate != SAMPLE_RATE:
-        raise ReplayError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE}")
-    if data.ndim != 1:
-        raise ReplayError(f"{path}: {data.shape[1]} channels, expected mono")
-    return data
 
 
 def load_model(model_dir: str | None = None) -> Any:

@@ -51,10 +51,16 @@ def _open_policy(policy: Policy, accept: float | None = None, confirm: float | N
 
 
 def _context(policy: Policy, gold: str | None) -> CallState:
-    """Fresh state; for yes/no turns, one with a confirmation pending (their only meaningful context)."""
+    """Fresh state; for yes/no turns, one with a confirmation pending, and for "say that again" turns one
+    after an answer the bot gave (their only meaningful contexts: with nothing said yet there is nothing to
+    repeat, and a rightly heard "say that again" would count as a failed turn)."""
     state = CallState(now=_NOW)
-    if gold is not None and gold in policy.intents and policy.intents[gold].action.type in ("affirm", "deny"):
+    kind = policy.intents[gold].action.type if gold is not None and gold in policy.intents else None
+    if kind in ("affirm", "deny", "repeat"):
         task = next(n for n, i in policy.intents.items() if i.action.type == "answer")
+        if kind == "repeat":
+            said = Decision("answer", "?", reason="accepted", intent=task)
+            return dataclasses.replace(state, last=said, turn=1)
         confirm = Decision("confirm", "?", reason="confirm_requested", intent=task)
         state = dataclasses.replace(state, pending_confirm=Pending(task), last=confirm, turn=1, stalls=1)
     return state
@@ -124,6 +130,13 @@ def evaluate(policy: Policy, records: Iterable[Record], costs: Costs = Costs(),
 def tune(policy: Policy, records: list[Record], costs: Costs = Costs(), keep_caller_state: bool = False,
          accept_grid: Iterable[float] = ACCEPT_GRID, confirm_grid: Iterable[float] = CONFIRM_GRID) -> dict[str, Any]:
     """The trade-off table over the grid, the cheapest thresholds, and the policy in use."""
+    unknown: dict[str, list[str]] = {}
+    for r in records:
+        if r.gold is not None and r.gold not in policy.intents:
+            unknown.setdefault(r.gold, []).append(r.audio)
+    if unknown:  # such a turn can never be decided right: it would only lower every row of the table
+        raise ValueError("gold intents the policy does not define (fix the labels, or tune with the policy that "
+                         "has them): " + "; ".join(f"{g!r} ({len(a)} turn{'s' if len(a) > 1 else ''}, e.g. {a[0]})" for g, a in sorted(unknown.items())))
     table = []
     confirms = sorted(set(confirm_grid))
     for a in sorted(set(accept_grid)):

@@ -74,16 +74,27 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from engine.training.calibrate import ece, fit_blank_penalty, fit_temperature
     from engine.training.train import CachedSplit, predict_split
 
+    from engine.training.evaluate import read_eval_manifest
+
     _, top, intents = _load_top(a.run)
-    if a.data:  # cache the split first (a no-op when cached already)
-        cache_split(Path(a.data) / a.split, Path(a.cache) / a.split, workers=a.workers, frozen_layers=top.frozen_layers)
-    split = CachedSplit(Path(a.cache) / a.split, intents)
+    src, dst = _calibration_split(a)
+    if src is not None:  # cache the split first (a no-op when cached already)
+        try:  # every bad row at once, and labels this run cannot predict, before the encoder runs
+            rows = [r for _, r in read_eval_manifest(src, intents=intents)]
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if (n := sum(not r.get("truncated") for r in rows)) < a.min_clips:
+            return _too_few(n, a)
+        cache_split(src, dst, workers=a.workers, frozen_layers=top.frozen_layers)
+    elif not (dst / "index.json").exists():
+        print(f"error: {dst} is not a cached split: give --data DIR (DIR/{a.split}/manifest.jsonl), or --split "
+              f"a folder holding manifest.jsonl", file=sys.stderr)
+        return 2
+    split = CachedSplit(dst, intents)
     n = sum(label >= 0 for label in split.intent)
     if n < a.min_clips:  # decided from the labels, before the model runs over the split
-        # a few clips, all read right, pull the temperature to its floor: every later answer would look certain
-        print(f"error: {n} labelled clips in {a.split}; calibration needs at least {a.min_clips} "
-              f"(--min-clips) so the fitted temperature is not driven by a handful of answers", file=sys.stderr)
-        return 2
+        return _too_few(n, a)
     p = predict_split(top, split)
     m = p["intent"] >= 0
     logits, labels = p["logits"][m], p["intent"][m]
@@ -94,14 +105,39 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         pr = np.exp(z - z.max(1, keepdims=True)); pr /= pr.sum(1, keepdims=True)
         return ece(pr.max(1), pr.argmax(1) == labels)
 
-    full = [i for i, f in enumerate(split.full) if f]  # truncated clips have no reliable slot words
+    # truncated clips have no reliable slot words; a clip without a transcript has no slot-word target
+    full = [i for i, f in enumerate(split.full) if f and split.rows[i].get("text")]
     pen, table = fit_blank_penalty([p["slot_logits"][i] for i in full], [split.slot[i] for i in full])
     out = {"temperature": t, "split": a.split, "ece_before": conf_ece(1.0), "ece_after": conf_ece(t),
            "accuracy": float((logits.argmax(1) == labels).mean()), "n": int(m.sum()),
            "slot_blank_penalty": pen, "slot_penalty_table": table}
-    (Path(a.run) / "calibration.json").write_text(json.dumps(out, indent=1))
+    dest = Path(a.run) / "calibration.json"
+    if dest.exists():  # the run's previous fit is kept beside the new one, never lost
+        dest.replace(dest.with_name("calibration.prev.json"))
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"wrote {dest} (`bot engine export --run {a.run} --out NEW_MODEL_DIR` builds a model with it)", file=sys.stderr)
     print(json.dumps(out))
     return 0
+
+
+def _too_few(n: int, a: argparse.Namespace) -> int:
+    # a few clips, all read right, pull the temperature to its floor: every later answer would look certain
+    print(f"error: {n} labelled clips in {a.split}; calibration needs at least {a.min_clips} "
+          f"(--min-clips) so the fitted temperature is not driven by a handful of answers", file=sys.stderr)
+    return 2
+
+
+def _calibration_split(a: argparse.Namespace) -> tuple[Path | None, Path]:
+    """(source dir or None, cache dir) of `calibrate --split`: a split NAME under --data/--cache, or a folder of
+    one's own recordings (a dir holding manifest.jsonl), cached under --cache by its name and path, never
+    inside the recordings folder."""
+    import hashlib
+
+    folder = Path(a.split)
+    if (folder / "manifest.jsonl").exists() and not (a.data and (Path(a.data) / a.split / "manifest.jsonl").exists()):
+        key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+        return folder, Path(a.cache) / f"{folder.resolve().name}-{key}"
+    return (Path(a.data) / a.split if a.data else None), Path(a.cache) / a.split
 
 
 def cmd_refreeze(a: argparse.Namespace) -> int:
@@ -217,7 +253,7 @@ def cmd_transcode(a: argparse.Namespace) -> int:
 
     try:
         print(json.dumps(transcode_dir(a.src, a.out, codecs=a.codec, share=a.share, seed=a.seed)))
-    except (CodecError, OSError) as exc:
+    except (CodecError, OSError, ValueError) as exc:  # ValueError: a bad manifest row (evaluate.ManifestError)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -235,7 +271,7 @@ def cmd_add_noise(a: argparse.Namespace) -> int:
             raise NoiseError("give --snr (robustness set) or --train-share (training augmentation)")
         else:
             print(json.dumps(noisy_dir(a.src, a.out, a.snr, kinds=a.noise or ["babble"], seed=a.seed)))
-    except (NoiseError, OSError) as exc:
+    except (NoiseError, OSError, ValueError) as exc:  # ValueError: a bad manifest row (evaluate.ManifestError)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -361,7 +397,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--run", default="data/run")
     c.add_argument("--split", default="val",
                    help="the labelled split under --cache (and --data) to fit on: val, calib (synth --calib: phrasings "
-                        "no training set holds), or a folder of your own recordings in the manifest format")
+                        "no training set holds), or a folder of your own recordings in the manifest format (a path to "
+                        "a dir holding manifest.jsonl; cached under --cache, the folder is only read)")
     c.add_argument("--data", default=None, help="dir holding SPLIT/manifest.jsonl, cached first when not cached yet")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--min-clips", dest="min_clips", type=int, default=200,

@@ -28,16 +28,31 @@ def _encode_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
     global _ENC
     if "_ENC" not in globals():
         _ENC = pretrained_encoder().eval()
+    from engine.training.evaluate import load_wav
+
     paths, seconds, frozen = args
-    mel = np.stack([log_mel(prepare_pcm(sf.read(p, dtype="int16")[0]), seconds) for p in paths])
+    # read as `bot engine eval` reads a clip: other rates resampled to 8 kHz, the first channel of stereo
+    mel = np.stack([log_mel(prepare_pcm(load_wav(Path(p))), seconds) for p in paths])
     with torch.no_grad():
         h = _ENC(torch.from_numpy(mel), upto=frozen, final_norm=False)
     return h.numpy().astype(np.float16)
 
 
 def read_manifest(d: str | Path) -> list[dict]:
-    with open(Path(d) / "manifest.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of DIR/manifest.jsonl, checked by the evaluation reader (every bad line or missing clip named)."""
+    from engine.training.evaluate import read_eval_dir
+
+    return read_eval_dir(d)
+
+
+def _frames_8k(path: Path) -> int:
+    """The clip's length in 8 kHz samples (what decides its bucket), whatever rate it was recorded at."""
+    info = sf.info(str(path))
+    if info.samplerate == 8000:
+        return info.frames
+    from engine.training.evaluate import load_wav
+
+    return len(load_wav(path))
 
 
 def write_manifest(d: str | Path, rows: list[dict]) -> None:
@@ -86,16 +101,27 @@ def cached_frozen_layers(dst: str | Path) -> int:
 def cache_split(src: str | Path, dst: str | Path, workers: int = 2, batch: int = 32,
                 frozen_layers: int = FROZEN_LAYERS) -> None:
     src, dst = Path(src), Path(dst)
-    rows = read_manifest(src)
+    # `text` is optional in an evaluation manifest; training reads it for the transcript and slot-word targets
+    rows = [r if isinstance(r.get("text"), str) else {**r, "text": ""} for r in read_manifest(src)]
     if (dst / "index.json").exists():
         have = cached_frozen_layers(dst)
         if have != frozen_layers:
             raise SystemExit(f"{dst} caches {have} frozen layers, not {frozen_layers}: use another --cache dir")
+        with open(dst / "index.json") as f:
+            index = json.load(f)
+        if [r.get("audio") for r in index["rows"]] != [r.get("audio") for r in rows]:
+            # rows added, removed or reordered since: the cached features would be matched to the wrong labels
+            raise SystemExit(f"{dst} caches another version of {src / 'manifest.jsonl'} ({len(index['rows'])} rows "
+                             f"cached, {len(rows)} now): delete {dst} or use another --cache dir")
+        if index["rows"] != rows:  # same clips, labels edited since: the features hold, the labels are the new ones
+            index["rows"] = rows
+            with open(dst / "index.json", "w") as f:
+                json.dump(index, f)
         return  # cached already
     dst.mkdir(parents=True, exist_ok=True)
     by_bucket: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
-        n = sf.info(str(src / r["audio"])).frames
+        n = _frames_8k(src / r["audio"])
         by_bucket.setdefault(bucket_seconds(n), []).append(i)
     jobs = []
     for s, idx in sorted(by_bucket.items()):

@@ -13,27 +13,143 @@ import soundfile as sf
 from tqdm import tqdm
 
 from engine.training.calibrate import ece, reliability
-from engine.textnorm import normalize_text
-from engine.understanding import UnderstandingModel
+from engine.textnorm import DAYS, normalize_text
+from engine.understanding import NULL, UnderstandingModel
 
 
-def read_eval_dir(d: str | Path) -> list[dict]:
+MAX_SHOWN_ISSUES = 30
+
+
+class ManifestError(ValueError):
+    """A manifest with problems. Every problem is listed (line, field, message), so one pass fixes them all,
+    and nothing is evaluated: a run that quietly skipped or mis-scored some rows would report figures for a
+    set other than the one the manifest describes."""
+
+    def __init__(self, path: Path, issues: list[tuple[int, str, str]]) -> None:
+        self.path, self.issues = path, issues
+        shown = [f"  {path}:{n}: {field}: {msg}" for n, field, msg in issues[:MAX_SHOWN_ISSUES]]
+        if len(issues) > MAX_SHOWN_ISSUES:
+            shown.append(f"  ... and {len(issues) - MAX_SHOWN_ISSUES} more")
+        super().__init__(f"{len(issues)} problem(s) in {path}; fix them and run again:\n" + "\n".join(shown))
+
+
+def _read_lines(mf: Path) -> list[str]:
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first row
+        return mf.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ManifestError(mf, [(0, "file", f"not UTF-8 text ({exc})")]) from None
+
+
+def read_eval_manifest(d: str | Path, intents: list[str] | None = None, slot_types: dict[str, str] | None = None,
+                       check_audio: bool = True) -> list[tuple[int, dict]]:
+    """(line number, row) for every row of DIR/manifest.jsonl, checked: JSON objects with `audio` (a file
+    that exists and can be read as audio, relative to DIR or absolute) and `intent` (a name or null),
+    `slots` an object, `text` a string. With the model's `intents` and `slot_types`, gold labels must be
+    the model's: an intent it knows, slot names it reads, values that parse (`"$40.00"` -> 40.0,
+    `"Tuesday"` -> "tuesday", `"12-34"` -> "1234"; rows are returned with the normalised values).
+    Raises ManifestError listing every problem."""
     d = Path(d)
     mf = d / "manifest.jsonl"
     if not mf.exists():
         raise FileNotFoundError(f"{mf} not found (an eval dir holds WAVs + manifest.jsonl)")
-    rows = []
-    for n, line in enumerate(mf.read_text().splitlines(), 1):
+    rows: list[tuple[int, dict]] = []
+    issues: list[tuple[int, str, str]] = []
+    for n, line in enumerate(_read_lines(mf), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{mf}:{n}: not JSON ({exc})") from None
-        if "audio" not in r or "intent" not in r:
-            raise ValueError(f"{mf}:{n}: needs 'audio' and 'intent' keys")
-        rows.append(r)
+            issues.append((n, "line", f"not JSON ({exc})"))
+            continue
+        if not isinstance(r, dict):
+            issues.append((n, "line", f"not a JSON object: {line.strip()[:60]}"))
+            continue
+        bad = _row_issues(d, r, check_audio)
+        if intents is not None and not bad:
+            r, bad = _normalise_labels(r, intents, slot_types or {})
+        issues += [(n, field, msg) for field, msg in bad]
+        rows.append((n, r))
+    if issues:
+        raise ManifestError(mf, issues)
     return rows
+
+
+def read_eval_dir(d: str | Path, check_audio: bool = True) -> list[dict]:
+    return [r for _, r in read_eval_manifest(d, check_audio=check_audio)]
+
+
+def _row_issues(d: Path, r: dict, check_audio: bool) -> list[tuple[str, str]]:
+    out = []
+    if "intent" not in r:
+        out.append(("intent", "missing (a name, or null for an answer that only carries slots)"))
+    elif r["intent"] is not None and not isinstance(r["intent"], str):
+        out.append(("intent", f"{r['intent']!r} is not a name or null"))
+    if "slots" in r and r["slots"] is not None and not isinstance(r["slots"], dict):
+        out.append(("slots", f"{r['slots']!r} is not an object (e.g. {{\"amount\": 40}})"))
+    if "text" in r and r["text"] is not None and not isinstance(r["text"], str):
+        out.append(("text", f"{r['text']!r} is not a string"))
+    audio = r.get("audio")
+    if not isinstance(audio, str) or not audio.strip():
+        out.append(("audio", "missing (the clip's path, relative to the manifest's dir or absolute)"))
+    elif check_audio:
+        path = d / audio
+        if not path.is_file():
+            out.append(("audio", f"file not found: {path}"))
+        else:
+            try:
+                info = sf.info(str(path))
+                if info.frames <= 0 or info.samplerate <= 0:
+                    raise RuntimeError("no audio frames")
+            except Exception as exc:  # noqa: BLE001 - libsndfile raises several types for unreadable files
+                out.append(("audio", f"cannot read {path} as audio: {str(exc).strip()[:120]}"))
+    return out
+
+
+_MONEY = re.compile(r"^\$?\s*(\d+(?:,\d{3})*(?:\.\d+)?)\s*(?:\$|dollars?|usd)?$", re.I)
+
+
+def normalise_slot_value(kind: str, v: object) -> object:
+    """A gold slot value written by hand, in the form the engine reports it; ValueError if it does not parse."""
+    if isinstance(v, bool) or v is None:
+        raise ValueError(f"{v!r} is not a value")
+    if kind in ("money", "money_bare"):
+        if isinstance(v, (int, float)):
+            return float(v)
+        m = _MONEY.match(str(v).strip())
+        if not m:
+            raise ValueError(f"{v!r} is not an amount (write a number, e.g. 40 or 12.5)")
+        return float(m.group(1).replace(",", ""))
+    if kind == "day":
+        s = str(v).strip().lower()
+        if s not in DAYS:
+            raise ValueError(f"{v!r} is not a day (one of {', '.join(DAYS)})")
+        return s
+    if kind == "digits":
+        s = re.sub(r"[\s\-.]", "", str(v)) if isinstance(v, (str, int)) else ""
+        if not s.isdigit():
+            raise ValueError(f"{v!r} is not a digit string (e.g. \"40213\")")
+        return s
+    return v
+
+
+def _normalise_labels(r: dict, intents: list[str], slot_types: dict[str, str]) -> tuple[dict, list[tuple[str, str]]]:
+    out = []
+    known = [i for i in intents if i != NULL]
+    if r["intent"] is not None and r["intent"] not in known:
+        out.append(("intent", f"{r['intent']!r} is not an intent of the model (null, or one of: {', '.join(known)})"))
+    slots = {}
+    for k, v in (r.get("slots") or {}).items():
+        if slot_types and k not in slot_types:
+            out.append((f"slots.{k}", f"not a slot the model reads (one of: {', '.join(slot_types)})"))
+            continue
+        try:
+            slots[k] = normalise_slot_value(slot_types.get(k, ""), v)
+        except ValueError as exc:
+            out.append((f"slots.{k}", str(exc)))
+    if r.get("slots") or "slots" in r:
+        r = {**r, "slots": slots}
+    return r, out
 
 
 def load_wav(path: Path) -> np.ndarray:
@@ -76,9 +192,14 @@ def _slots_equal(ref: dict, hyp: dict) -> bool:
 def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str | Path | None = None,
              limit: int | None = None, progress: bool = True) -> dict:
     d = Path(eval_dir)
-    # truncated clips (callers cut off mid-sentence) are end-of-turn data: `bot engine eval-eot` scores them
-    rows = [r for r in read_eval_dir(d) if not r.get("truncated")][:limit]
+    if not (d / "manifest.jsonl").exists():
+        raise FileNotFoundError(f"{d / 'manifest.jsonl'} not found (an eval dir holds WAVs + manifest.jsonl)")
     model = UnderstandingModel.load(model_dir, threads=1)
+    # every problem at once, before any clip runs: malformed rows, missing or unreadable clips, gold labels
+    # the model cannot produce; slot values normalised ("$40" -> 40.0)
+    checked = read_eval_manifest(d, intents=model.intents, slot_types=model.slot_types)
+    # truncated clips (callers cut off mid-sentence) are end-of-turn data: `bot engine eval-eot` scores them
+    rows = [r for _, r in checked if not r.get("truncated")][:limit]
     preds, lat = [], []
     for r in tqdm(rows, desc="eval", unit="utt", disable=not progress):
         pcm = load_wav(d / r["audio"])
@@ -181,7 +302,15 @@ def write_report(out: Path, eval_dir: Path, res: dict, ref: list[str], hyp: list
     rel = reliability(conf, correct)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.bar([c for c, _, n in rel], [a for _, a, n in rel], width=0.08, alpha=0.7)
+    # one bar per non-empty bin, drawn over its bin (bars at the bins' mean confidence overlapped), the mean
+    # confidence marked in it, the clip count above it
+    edges = np.linspace(0, 1, len(rel) + 1)
+    full = [(lo, c, a, n) for lo, (c, a, n) in zip(edges[:-1], rel) if n]
+    ax.bar([lo for lo, *_ in full], [a for _, _, a, _ in full], width=1 / len(rel), align="edge", alpha=0.7,
+           edgecolor="white")
+    ax.plot([c for _, c, *_ in full], [a for _, _, a, _ in full], "k.", ms=4)
+    for lo, _, a, n in full:
+        ax.text(lo + 0.5 / len(rel), min(a, 0.97) + 0.01, str(n), ha="center", va="bottom", fontsize=6)
     ax.set_xlabel("confidence"); ax.set_ylabel("accuracy"); ax.set_title(f"reliability ({stem}), ECE={res['ece']:.3f}")
     fig.tight_layout(); fig.savefig(out / f"reliability_{stem}.png", dpi=90); plt.close(fig)
     cm = Counter(zip(ref, hyp))

@@ -73,3 +73,93 @@ def test_calibrate_fits_the_temperature_on_a_labelled_folder_of_recordings(tmp_p
     assert res["slot_blank_penalty"] in BLANK_PENALTY_GRID and len(res["slot_penalty_table"]) == len(BLANK_PENALTY_GRID)
     assert (tmp_path / "cache" / "my_calls" / "index.json").exists()
     assert json.loads((run / "calibration.json").read_text()) == res
+
+
+def _clip(path, text: str, rate: int = 8000, channels: int = 1, seed: int = 0) -> None:
+    from engine.features import resample
+
+    pcm = telephone(synthesize(Voice("flite", "slt"), text), np.random.default_rng(seed)).astype(np.float32) / 32768
+    if rate != 8000:
+        pcm = resample(pcm, 8000, rate)
+    sf.write(str(path), np.stack([pcm] * channels, 1) if channels > 1 else pcm, rate, subtype="PCM_16")
+
+
+def test_eval_lists_every_bad_manifest_row_with_its_line_before_running(tmp_path, capsys) -> None:
+    """A customer's hand-written manifest (Windows editor: BOM, CRLF): every problem named by line and field,
+    in one pass, and nothing scored (a partly scored set would report figures for another set)."""
+    _clip(tmp_path / "ok.wav", "what is my balance")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF nonsense")
+    rows = [
+        '{"audio": "ok.wav", "intent": "check_balance", "slots": {}, "text": "what is my balance"}',
+        '{"audio": "gone.wav", "intent": "pay_bill"}',
+        '{"audio": "ok.wav", "intent": "internet_down"}',
+        '{"audio": "ok.wav", "intent": null, "slots": {"amount": "about fifty", "zip": 1}}',
+        '{"audio": "ok.wav" "intent": null}',
+        '{"audio": "junk.wav", "intent": "goodbye"}',
+        '{"audio": "ok.wav"}',
+    ]
+    (tmp_path / "manifest.jsonl").write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8-sig"))
+    assert main(["engine", "eval", str(tmp_path), "--json", "--report-dir", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    for needle in ("manifest.jsonl:2: audio: file not found", "manifest.jsonl:3: intent: 'internet_down'",
+                   "manifest.jsonl:4: slots.amount: 'about fifty'", "manifest.jsonl:4: slots.zip",
+                   "manifest.jsonl:5: line: not JSON", "manifest.jsonl:6: audio: cannot read",
+                   "manifest.jsonl:7: intent: missing", "7 problem(s)"):
+        assert needle in err, err
+    assert "manifest.jsonl:1:" not in err  # the BOM is not part of the first row
+    assert not (tmp_path / "rep").exists()
+
+
+def test_gold_slot_values_written_by_hand_are_normalised() -> None:
+    from engine.training.evaluate import normalise_slot_value
+
+    assert normalise_slot_value("money", "$552.00") == 552.0 and normalise_slot_value("money", "1,200 dollars") == 1200.0
+    assert normalise_slot_value("money", 40) == 40.0 and normalise_slot_value("day", " Tuesday") == "tuesday"
+    assert normalise_slot_value("digits", "40-21 3") == "40213" and normalise_slot_value("digits", 1234) == "1234"
+    for kind, bad in (("money", "about fifty"), ("day", "next week"), ("digits", "12a4"), ("money", True)):
+        with pytest.raises(ValueError):
+            normalise_slot_value(kind, bad)
+
+
+def test_calibrate_on_a_recordings_folder_path_caches_outside_it(tmp_path, capsys) -> None:
+    """`calibrate --split /path/to/calls`: cached under --cache (the recordings folder is only read), 16 kHz and
+    stereo clips read at 8 kHz as eval reads them, a manifest changed since caching is refused, and the run's
+    previous calibration kept."""
+    pytest.importorskip("torch")
+    from engine.training.cache import cache_split
+    from engine.training.evaluate import load_wav
+    from engine.training.import_onnx import import_model
+
+    run = tmp_path / "run"
+    import_model(default_model_dir(), run)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    with open(calls / "manifest.jsonl", "w") as f:
+        for i, (text, intent, slots) in enumerate(ROWS):
+            rate, ch = [(8000, 1), (16000, 1), (44100, 2), (8000, 1)][i]
+            _clip(calls / f"c{i}.wav", text, rate, ch, seed=i)
+            row = {"audio": str(calls / f"c{i}.wav") if i == 1 else f"c{i}.wav", "intent": intent, "slots": slots}
+            if i != 3:
+                row["text"] = text  # text is optional
+            f.write(json.dumps(row) + "\n")
+    before = sorted(p.name for p in calls.iterdir())
+    (run / "calibration.json").write_text('{"temperature": 1.5}')
+    args = ["engine", "calibrate", "--run", str(run), "--cache", str(tmp_path / "cache"), "--split", str(calls),
+            "--workers", "1"]
+    assert main(args) == 2 and "at least 200" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before encoding anything
+    assert main(args + ["--min-clips", "4"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 4 and res["accuracy"] >= 0.5
+    assert sorted(p.name for p in calls.iterdir()) == before
+    (cached,) = (tmp_path / "cache").iterdir()
+    index = json.loads((cached / "index.json").read_text())
+    lengths = {int(s): idx for s, idx in index["buckets"].items()}
+    for i in range(4):  # the bucket is the clip's length at 8 kHz, not at its own rate
+        s = next(s for s, idx in lengths.items() if i in idx)
+        assert s == max(1, int(np.ceil(len(load_wav(calls / f"c{i}.wav")) / 8000 - 1e-9)))
+    assert json.loads((run / "calibration.prev.json").read_text()) == {"temperature": 1.5}
+    with open(calls / "manifest.jsonl", "a") as f:
+        f.write(json.dumps({"audio": "c0.wav", "intent": "goodbye"}) + "\n")
+    with pytest.raises(SystemExit, match="another version"):
+        cache_split(calls, cached, workers=1)

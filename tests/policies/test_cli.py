@@ -168,3 +168,36 @@ def test_turning_a_request_down_is_a_failed_turn_not_a_wrong_action() -> None:
     row = evaluate(load_policy(), recs)
     assert (row["wrong_action_rate"], row["escalation_rate"], row["automation_rate"]) == (0.0, 0.5, 0.5)
     assert row["accepted_accuracy"] == 1.0 and row["acceptance_rate"] == 0.0
+
+
+def test_a_rightly_heard_repeat_request_is_not_a_failed_turn() -> None:
+    """Tuning decides each turn from a fresh state; "say that again" needs something said before it."""
+    from policies.tune import evaluate
+
+    row = evaluate(load_policy(), [Record("r.wav", "repeat", U("repeat", 0.99))])
+    assert (row["automation_rate"], row["escalation_rate"], row["wrong_action_rate"]) == (1.0, 0.0, 0.0)
+
+
+def test_tune_refuses_gold_intents_the_policy_lacks() -> None:
+    with pytest.raises(ValueError, match="'internet_down' \\(2 turns, e.g. a.wav\\)"):
+        tune(load_policy(), [Record(f"{c}.wav", "internet_down", U("report_outage", 0.9)) for c in "ab"])
+
+
+def test_tune_reads_a_hand_written_manifest_like_eval(tmp_path: Path) -> None:
+    """BOM and CRLF, a 16 kHz stereo clip (resampled, as `bot engine eval` does), every bad row named at once."""
+    import numpy as np
+    import soundfile as sf
+
+    from policies.replay import ReplayError, read_manifest, read_wav
+
+    t = np.arange(16000) / 16000
+    sf.write(str(tmp_path / "a.wav"), np.stack([0.3 * np.sin(2 * np.pi * 200 * t)] * 2, 1), 16000, subtype="PCM_16")
+    rows = ['{"audio": "a.wav", "intent": "pay_bill"}', '{"audio": "b.wav", "intent": "pay_bill"}', "{oops"]
+    (tmp_path / "manifest.jsonl").write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8-sig"))
+    with pytest.raises(ReplayError) as err:
+        read_manifest(tmp_path)
+    assert "manifest.jsonl:2: audio: file not found" in str(err.value) and "manifest.jsonl:3: line" in str(err.value)
+    (tmp_path / "manifest.jsonl").write_bytes((rows[0] + "\r\n").encode("utf-8-sig"))
+    assert read_manifest(tmp_path) == [{"audio": "a.wav", "intent": "pay_bill"}]
+    pcm = read_wav(tmp_path / "a.wav")
+    assert pcm.dtype == np.int16 and pcm.ndim == 1 and abs(len(pcm) - 8000) <= 1
