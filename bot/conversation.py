@@ -204,7 +204,7 @@ class Conversation:
             elif kind == "state" and not val:
                 self.log.warning("state_degraded")
                 self.s.store.event(self.call_id, "state_degraded")
-                self._start_processing(self._decide_simple, lambda: self.policy.on_failure("state_unavailable"))
+                self._start_processing(self._decide_simple, lambda: self._failure("state_unavailable"))
 
     # ------------------------------------------------------------------ inbound
     async def _read(self, vad_stream: Any) -> None:
@@ -347,7 +347,7 @@ class Conversation:
         except Exception as exc:  # noqa: BLE001
             metrics.ERRORS.labels("conversation", "turn").inc()
             self.log.exception("turn_failed", error=str(exc))
-            await self._execute(self.policy.on_failure("internal_error"), None, {})
+            await self._execute(self._failure("internal_error"), None, {})
 
     async def _process_turn(self, pcm: np.ndarray, meta: dict[str, Any]) -> None:
         self._turn_n += 1
@@ -365,7 +365,7 @@ class Conversation:
             except asyncio.TimeoutError:
                 metrics.ERRORS.labels("engine", "timeout").inc()
                 self.log.warning("engine_timeout", turn=n)
-                d = self.policy.on_failure("engine_timeout")
+                d = self._failure("engine_timeout")
                 self.s.store.event(self.call_id, "turn", n=n, error="engine_timeout", decision=d.to_dict(), **_ms(meta))
                 await self._execute(d, t_end, meta)
                 return
@@ -374,7 +374,7 @@ class Conversation:
             except Exception as exc:  # noqa: BLE001
                 metrics.ERRORS.labels("engine", "understand").inc()
                 self.log.warning("engine_failed", turn=n, error=type(exc).__name__)
-                d = self.policy.on_failure("engine_error")
+                d = self._failure("engine_error")
                 self.s.store.event(self.call_id, "turn", n=n, error="engine_error", decision=d.to_dict(), **_ms(meta))
                 await self._execute(d, t_end, meta)
                 return
@@ -404,6 +404,14 @@ class Conversation:
         self.s.store.event(self.call_id, "dtmf_turn", digits_len=len(digits), decision=d.to_dict())
         await self._execute(d, None, {})
 
+    def _failure(self, reason: str) -> Decision:
+        """The policy's answer to a failure on our side: its apology (counted: the dashboard's "fillers and
+        apologies" panel) and a transfer or goodbye."""
+        d = self.policy.on_failure(reason)
+        if d.prompt:
+            metrics.FILLERS.labels("apology").inc()
+        return d
+
     def _filler(self) -> None:
         if self._speaking is None:
             metrics.FILLERS.labels("filler").inc()
@@ -412,12 +420,13 @@ class Conversation:
     # ------------------------------------------------------------------ acting on decisions
     async def _execute(self, d: Decision, t_end: float | None, meta: dict[str, Any]) -> None:
         metrics.POLICY_DECISIONS.labels(d.action, d.reason or "none").inc()
+        wait_s = meta.get("eot_wait_ms", 0) / 1000  # the caller's silence before t_end: part of what they wait
         if d.action == "transfer":
-            await self._transfer(d, t_end)
+            await self._transfer(d, t_end, wait_s)
             return
         if d.action == "hangup":
             self._ending = True
-            u = self._say(d.prompt, d.style, "hangup", t_end=t_end) if d.prompt else None
+            u = self._say(d.prompt, d.style, "hangup", t_end=t_end, eot_wait_s=wait_s) if d.prompt else None
             if u is not None:
                 await self._wait_heard(u)
             self._set_outcome(_HANGUP_OUTCOME.get(self.policy.end_reason(d), "completed"))
@@ -425,18 +434,18 @@ class Conversation:
             self._q.put_nowait(("stop", None))
             return
         if d.prompt:
-            self._say(d.prompt, d.style, d.action, t_end=t_end)
+            self._say(d.prompt, d.style, d.action, t_end=t_end, eot_wait_s=wait_s)
         else:
             self._arm_no_input()
 
-    async def _transfer(self, d: Decision, t_end: float | None) -> None:
+    async def _transfer(self, d: Decision, t_end: float | None, wait_s: float = 0.0) -> None:
         self._ending = True
         target = self.policy.transfer_target(d) or self.cfg.fallback_queue
         context = self.policy.handoff_context(d)
         context.update(call_id=self.call_id, transport=self.transport, target=target)
         metrics.ESCALATIONS.labels(d.reason or "unspecified").inc()
         if d.prompt:
-            u = self._say(d.prompt, d.style, "transfer", t_end=t_end)
+            u = self._say(d.prompt, d.style, "transfer", t_end=t_end, eot_wait_s=wait_s)
             await self._wait_heard(u)
         if self._bridge_ended.is_set():
             return  # the caller hung up during the announcement: nobody to move
@@ -480,16 +489,17 @@ class Conversation:
 
     # ------------------------------------------------------------------ speaking
     def _say(self, text: str, style: str, kind: str, t_end: float | None = None,
-             started_t: float | None = None) -> _Utterance:
+             started_t: float | None = None, eot_wait_s: float = 0.0) -> _Utterance:
         self._utt_seq += 1
         u = _Utterance(self._utt_seq, kind, text)
         self._utts[u.uid] = u
         prev = self._play_task
-        self._play_task = asyncio.get_running_loop().create_task(self._play(u, style, prev, t_end, started_t))
+        self._play_task = asyncio.get_running_loop().create_task(self._play(u, style, prev, t_end, started_t,
+                                                                                  eot_wait_s))
         return u
 
     async def _play(self, u: _Utterance, style: str, prev: asyncio.Task[None] | None,
-                    t_end: float | None, started_t: float | None) -> None:
+                    t_end: float | None, started_t: float | None, eot_wait_s: float = 0.0) -> None:
         if prev is not None and not prev.done():
             try:
                 await prev  # utterances play in order (filler, then the answer)
@@ -508,8 +518,10 @@ class Conversation:
                     u.first_audio_t = now
                     if t_end is not None:
                         metrics.TURN_LATENCY.labels(self.transport).observe(now - t_end)
+                        metrics.VOICE_TO_VOICE.labels(self.transport).observe(now - t_end + eot_wait_s)
                         self.s.store.event(self.call_id, "first_audio", utt=u.uid, kind=u.kind, turn=self._turn_n,
-                                           latency_ms=round((now - t_end) * 1000, 1))
+                                           latency_ms=round((now - t_end) * 1000, 1),
+                                           voice_to_voice_ms=round((now - t_end + eot_wait_s) * 1000, 1))
                     if started_t is not None:
                         metrics.GREETING_LATENCY.labels(self.transport).observe(now - started_t)
                         self.s.store.event(self.call_id, "greeting_started", latency_ms=round((now - started_t) * 1000, 1))
@@ -526,6 +538,7 @@ class Conversation:
             metrics.ERRORS.labels("engine", "speak").inc()
             self.log.warning("speak_failed", error=type(exc).__name__, kind=u.kind)
             if (APOLOGY_TEXT, "calm") in self.s.prompt_audio and u.kind != "apology":
+                metrics.FILLERS.labels("apology").inc()
                 await self.bridge.send_audio(self.s.prompt_audio[(APOLOGY_TEXT, "calm")])
         finally:
             u.done_sending = True

@@ -21,6 +21,12 @@ TURN_LATENCY = Histogram(
     ["transport"],
     buckets=_LATENCY_BUCKETS,
 )
+VOICE_TO_VOICE = Histogram(
+    "voicebot_voice_to_voice_seconds",
+    "What the caller waits: end of their speech to first bot audio frame sent (end-of-turn wait + turn latency)",
+    ["transport"],
+    buckets=_LATENCY_BUCKETS,
+)
 END_OF_TURN_WAIT = Histogram(
     "voicebot_end_of_turn_wait_seconds",
     "Silence waited after the caller stopped speaking before the turn was declared complete",

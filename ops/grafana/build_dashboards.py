@@ -88,13 +88,17 @@ def voicebot() -> Board:
         "{{transport}}")], "stat", w=6, unit="s")
 
     b.row("Latency")
+    b.panel("Voice-to-voice: what callers wait (end of speech -> first bot audio)",
+            _quantiles("voicebot_voice_to_voice_seconds"), w=12, unit="s",
+            desc="End-of-turn wait + bot turn latency, per answered turn. Up to BOT_EOT_MAX_SILENCE_MS (1 s) of it is "
+            "deliberate: the end-of-turn head waits for callers who only paused")
     b.panel("Bot turn latency (turn declared complete -> first bot audio)", _quantiles("voicebot_turn_latency_seconds"),
             w=12, unit="s", desc="Starts after the end-of-turn wait: the caller's voice-to-voice is this + the end-of-turn "
             "wait (next panels) + ~0.1 s VAD hangover/playout. Alert VoiceToVoiceLatencyHigh: p95 > 800 ms")
     b.panel("Bot turn latency p95 by transport", [_q(
         "histogram_quantile(0.95, sum by (le, transport) (rate(voicebot_turn_latency_seconds_bucket[5m])))",
-        "{{transport}}")], w=6, unit="s")
-    b.panel("End-of-turn wait", _quantiles("voicebot_end_of_turn_wait_seconds"), w=6, unit="s",
+        "{{transport}}")], w=12, unit="s")
+    b.panel("End-of-turn wait", _quantiles("voicebot_end_of_turn_wait_seconds"), w=12, unit="s",
             desc="Silence waited before a turn is declared complete (part of voice-to-voice, not of bot turn latency)")
 
     b.row("Engine")

@@ -15,7 +15,7 @@ import pytest
 from tests.helpers.audio import silence, synth
 from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
-from tests.helpers.server import BotServer, isolated_redis_url
+from tests.helpers.server import BotServer, isolated_redis_url, metric_value
 from tests.ops.queries import PROMETHEUS_SYNTHETIC, dashboard_exprs, family, metric_names, rule_exprs
 
 pytestmark = pytest.mark.slow
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 # least be declared (# TYPE) because their labels only appear on rarer events (errors, SIP, ...)
 MUST_HAVE_SAMPLES = {
     "voicebot_active_calls", "voicebot_calls_started_total", "voicebot_calls_total", "voicebot_turn_latency_seconds_bucket",
+    "voicebot_voice_to_voice_seconds_bucket",
     "voicebot_greeting_latency_seconds_bucket", "voicebot_intent_confidence_bucket", "voicebot_policy_decisions_total",
     "voicebot_engine_inference_seconds_bucket", "voicebot_transfers_total", "voicebot_escalations_total",
     "voicebot_redis_up", "voicebot_worker_cpu_seconds", "voicebot_worker_resident_memory_bytes", "voicebot_audio_frames_total",
@@ -63,6 +64,12 @@ async def test_every_query_metric_is_exported(live: BotServer) -> None:
     assert (await wait_outcome(live.redis_url, b.call_sid))["record"].get("outcome") == "transferred"
     text = live.metrics()
     declared, samples = _exposition(text + "\n" + text_live)
+    # what the caller waited includes the end-of-turn silence on top of the bot's own turn latency
+    tw = {"transport": "twilio"}
+    assert metric_value(text, "voicebot_voice_to_voice_seconds_count", tw) == metric_value(
+        text, "voicebot_turn_latency_seconds_count", tw) >= 1
+    assert metric_value(text, "voicebot_voice_to_voice_seconds_sum", tw) > metric_value(
+        text, "voicebot_turn_latency_seconds_sum", tw) + 0.2  # BOT_EOT_MIN_SILENCE_MS is 250
 
     used: dict[str, set[str]] = {}
     for where, expr in dashboard_exprs() + rule_exprs():
