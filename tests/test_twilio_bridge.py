@@ -93,3 +93,19 @@ async def test_send_failure_ends_the_call() -> None:
     assert isinstance(events[-1], CallEnded) and events[-1].reason == "disconnected"
     assert not any(isinstance(e, MarkIn) for e in events)
     assert await b.transfer("general", {}) is False  # no REST configured: refused, not raised
+
+
+async def test_a_stalled_event_loop_counts_late_frames() -> None:
+    """Audio queued but the loop blocked: Twilio's playout runs dry, and the gap is counted as late frames
+    (voicebot_late_frames_total{transport="twilio"}, as SIP and WebRTC count theirs)."""
+    from ops.metrics import LATE_FRAMES
+
+    before = LATE_FRAMES.labels("twilio")._value.get()
+    wire = Wire()
+    b = _bridge(wire, lead_ms=120)
+    await b.send_audio(np.zeros(8000, dtype=np.int16))  # 1 s
+    await asyncio.sleep(0.1)
+    time.sleep(0.4)  # blocking work on the event loop: ~0.28 s past the 120 ms lead
+    await asyncio.sleep(0.2)
+    assert LATE_FRAMES.labels("twilio")._value.get() - before >= 5
+    await b.clear()

@@ -169,15 +169,21 @@ class TwilioCallBridge(QueuedCallBridge):
 
     async def _pace(self) -> None:
         tick = max(0.02, self._lead / 8000 / 2)
+        backlog = False  # audio was waiting when we last slept: Twilio's buffer running dry now is our lateness
         while not self._ended:
             if not self._out:
                 self._out_ready.clear()
+                backlog = False
                 try:
                     await asyncio.wait_for(self._out_ready.wait(), timeout=5.0)
                 except asyncio.TimeoutError:
                     return
                 continue
             now = time.monotonic()
+            dry = int((now - self._clock_t0) * 8000) - self._clock_sent
+            if backlog and self._clock_t0 and dry >= FRAME_SAMPLES:
+                # a stalled event loop: the caller hears a gap of `dry` samples (SIP/WebRTC count the same)
+                metrics.LATE_FRAMES.labels("twilio").inc(dry // FRAME_SAMPLES)
             if self._clock_t0 == 0.0 or (now - self._clock_t0) * 8000 > self._clock_sent + self._lead:
                 # idle (or starved) playout restarts the clock: Twilio plays from "now"
                 self._clock_t0, self._clock_sent = now, 0
@@ -204,4 +210,5 @@ class TwilioCallBridge(QueuedCallBridge):
                     return
             if sent:
                 metrics.AUDIO_FRAMES.labels("twilio", "out").inc(sent)
+            backlog = bool(self._out)
             await asyncio.sleep(tick)
