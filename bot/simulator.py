@@ -379,9 +379,9 @@ async def fetch_call(base_url: str, call_sid: str, redis_url: str | None) -> dic
 
 async def run_call(base_url: str, wavs: list[str | Path], auth_token: str = "", record: str | None = None,
                    redis_url: str | None = None, greeting_timeout_s: float = 10.0, reply_timeout_s: float = 12.0,
-                   hangup_after: bool = True) -> CallResult:
+                   hangup_after: bool = True, account_sid: str | None = None) -> CallResult:
     """Place one call: greeting, each WAV as a caller turn, hang up; optional recording."""
-    caller = TwilioCaller(base_url, auth_token)
+    caller = TwilioCaller(base_url, auth_token, **({"account_sid": account_sid} if account_sid else {}))
     await caller.connect()
     await caller.wait_bot_quiet(quiet_s=0.6, timeout_s=greeting_timeout_s)
     for w in wavs:

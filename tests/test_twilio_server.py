@@ -287,7 +287,8 @@ async def test_bot_call_cli_and_calls_show(bot: BotServer, tmp_path: Path) -> No
     rec = tmp_path / "bot.wav"
     env = {**bot.env, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "REDIS_URL": bot.redis_url}
     out = subprocess.run([sys.executable, "-m", "bot.cli", "call", "--url", bot.url, str(wav), "--record", str(rec),
-                          "--reply-timeout", "2"], capture_output=True, text=True, env=env, timeout=60)
+                          "--reply-timeout", "2", "--account-sid", "AC" + "7" * 32], capture_output=True, text=True,
+                         env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["greeting_ms"] is not None and summary["bot_audio_ms"] > 1000 and rec.stat().st_size > 16000
@@ -296,6 +297,7 @@ async def test_bot_call_cli_and_calls_show(bot: BotServer, tmp_path: Path) -> No
     assert show.returncode == 0, show.stderr
     got = json.loads(show.stdout)
     assert got["record"]["call_id"] == summary["call_sid"]
+    assert got["record"]["account_sid"] == "AC" + "7" * 32  # the bot's REST transfers go out under it
     assert got["record"]["caller"].endswith("23") and "0100123" not in got["record"]["caller"]
     assert [e["type"] for e in got["events"]][:2] == ["call_started", "greeting_started"]
     missing = subprocess.run([sys.executable, "-m", "bot.cli", "calls", "show", "CAnope", "--json"],

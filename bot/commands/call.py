@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--record", default=None, help="write what the bot said to this WAV")
     p.add_argument("--signature", "--token", dest="token", default=None,
                    help="sign requests with this Twilio auth token (default: TWILIO_AUTH_TOKEN)")
+    p.add_argument("--account-sid", default=None,
+                   help="AccountSid the simulated Twilio sends (default: TWILIO_ACCOUNT_SID, else AC000...); the bot "
+                        "transfers over REST under it")
     p.add_argument("--redis-url", default=None,
                    help="read the bot's decisions from this Redis (default REDIS_URL, else the embedded Redis of a bot "
                         "running under BOT_DATA_DIR)")
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: no such file {w}", file=sys.stderr)
             return 2
     try:
-        res = asyncio.run(run_call(url, args.wavs, auth_token=token, record=args.record,
+        sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
+        res = asyncio.run(run_call(url, args.wavs, auth_token=token, record=args.record, account_sid=sid,
                                    redis_url=cli_redis_url(args.redis_url) or None,
                                    reply_timeout_s=args.reply_timeout))
     except Exception as exc:  # noqa: BLE001
