@@ -27,6 +27,7 @@ log = get_logger("telephony.twilio")
 STREAM_PATH = "/twilio/stream"
 # media messages tolerated before `start` (a real Twilio never sends any) before we hang up
 MAX_EARLY_MEDIA = 50
+MAX_RECORDED_UNKNOWN = 20  # unknown-event / wrong-stream messages recorded per call and kind (all are counted)
 
 
 @dataclass
@@ -87,6 +88,7 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
     bridge: TwilioCallBridge | None = None
     call_task: asyncio.Task[None] | None = None
     early_media = 0
+    ignored: dict[str, int] = {}  # harmless bad messages per kind (unknown_event, wrong_stream)
     bad = 0
     reason = "disconnected"
 
@@ -115,13 +117,28 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
                         break
                     bad += 1
                     continue
-                bridge.report_error(exc.kind, exc.detail)
                 if exc.kind == "unknown_event":
-                    continue  # Twilio adds event types over time; ignoring one is safe
+                    # Twilio adds event types over time; ignoring one is safe. Recorded a few times per call,
+                    # counted always: a peer sending thousands must not grow the call's event stream.
+                    ignored[exc.kind] = ignored.get(exc.kind, 0) + 1
+                    if ignored[exc.kind] <= MAX_RECORDED_UNKNOWN:
+                        bridge.report_error(exc.kind, exc.detail)
+                    continue
+                bridge.report_error(exc.kind, exc.detail)
                 bad += 1
                 if exc.fatal or bad > cfg.max_bad_messages:
                     reason = f"error:{exc.kind}"
                     break
+                continue
+            if bridge is not None and m.event in ("media", "mark", "dtmf", "stop") and m.stream_sid \
+                    and m.stream_sid != bridge.stream_sid:
+                # another stream's message on this socket: it must neither feed nor end this call (the caller
+                # is not at fault), so it is dropped, counted, and recorded a few times
+                _err("wrong_stream")
+                log.warning("bad_message", call_id=bridge.info.call_id, kind="wrong_stream", twilio_event=m.event)
+                ignored["wrong_stream"] = ignored.get("wrong_stream", 0) + 1
+                if ignored["wrong_stream"] <= MAX_RECORDED_UNKNOWN:
+                    bridge.report_error("wrong_stream", f"{m.event} for stream {m.stream_sid[:40]}")
                 continue
             if m.event == "media":
                 if bridge is None:
