@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 
 
 TRANSFER_BYE_DELAY_S = 0.5
+# The conversation gives transfer() 10 s (bot/conversation.py) and cancels it after that: every REFER,
+# the fallback's included, must be over (and counted, and reported) inside this budget. Otherwise the
+# conversation gives up mid-fallback: it apologises "I couldn't transfer you" while the caller's phone is
+# still following the REFER, the call is recorded as transfer_failed and that attempt is never counted.
+TRANSFER_BUDGET_S = 9.0
+MIN_ATTEMPT_S = 1.0  # a fallback REFER with less time than this left is not started
 MAX_QUEUED_EVENTS = 1500  # 30 s of 20 ms frames
 
 
@@ -92,12 +98,19 @@ class SipCall(CallBridge):
                              hint="set BOT_SIP_QUEUE_URIS or BOT_SIP_TRANSFER_FALLBACK")
             TRANSFERS.labels("sip", target, "unconfigured").inc()
             return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TRANSFER_BUDGET_S
         tried: list[str] = []
         for candidate in [uri, settings.transfer_fallback]:
             if not candidate or candidate in tried or self.state == "terminated":
                 continue
+            left = deadline - loop.time()
+            if tried and left < MIN_ATTEMPT_S:
+                self.log.warning("transfer_fallback_skipped", queue=target, fallback=candidate,
+                                 left_s=round(left, 2), budget_s=TRANSFER_BUDGET_S)
+                break
             tried.append(candidate)
-            ok = await self._refer_once(candidate, target)
+            ok = await self._refer_once(candidate, target, left)
             TRANSFERS.labels("sip", target, "ok" if ok else "failed").inc()
             if ok:
                 # Leave the call a moment *after* reporting success, so the conversation records the
@@ -110,21 +123,29 @@ class SipCall(CallBridge):
         if self.state != "terminated":
             self.server._spawn(self.hangup("transferred"))
 
-    async def _refer_once(self, uri: str, queue: str) -> bool:
+    async def _refer_once(self, uri: str, queue: str, budget_s: float) -> bool:
+        """One REFER: True when the final NOTIFY says 2xx, all within budget_s."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget_s
         self._refer = loop.create_future()
         referred_by = f"<sip:bot@{self.local_ip}:{self.server.port}>"
-        resp = await self.server.send_in_dialog(
-            self, "REFER", [("Refer-To", f"<{uri}>"), ("Referred-By", referred_by)])
-        if resp is None or not 200 <= resp.status < 300:
-            self.log.warning("refer_rejected", status=resp.status if resp else None, queue=queue)
-            ERRORS.labels("sip", "refer_rejected").inc()
-            return False
         try:
-            status = await asyncio.wait_for(asyncio.shield(self._refer), self.server.settings.transfer_timeout_s)
-        except asyncio.TimeoutError:
-            ERRORS.labels("sip", "refer_timeout").inc()
-            return False
+            try:
+                resp = await asyncio.wait_for(self.server.send_in_dialog(
+                    self, "REFER", [("Refer-To", f"<{uri}>"), ("Referred-By", referred_by)]), budget_s)
+            except asyncio.TimeoutError:
+                resp = None
+            if resp is None or not 200 <= resp.status < 300:
+                self.log.warning("refer_rejected", status=resp.status if resp else None, queue=queue, uri=uri)
+                ERRORS.labels("sip", "refer_rejected").inc()
+                return False
+            wait_s = max(0.0, min(self.server.settings.transfer_timeout_s, deadline - loop.time()))
+            try:
+                status = await asyncio.wait_for(asyncio.shield(self._refer), wait_s)
+            except asyncio.TimeoutError:
+                self.log.warning("refer_timeout", queue=queue, uri=uri, waited_s=round(wait_s, 2))
+                ERRORS.labels("sip", "refer_timeout").inc()
+                return False
         finally:
             self._refer = None
         self.log.info("refer_result", status=status, queue=queue)

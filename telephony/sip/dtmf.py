@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections import deque
 
 EVENTS = "0123456789*#ABCD"
 
@@ -28,18 +29,23 @@ def build_event(digit: str, end: bool, duration: int, volume: int = 10) -> bytes
     return struct.pack("!BBH", EVENTS.index(digit.upper()), (0x80 if end else 0) | (volume & 0x3F), duration & 0xFFFF)
 
 
+RECENT_EVENTS = 16
+
+
 class EventDetector:
     """One digit per event: an event is identified by its RTP timestamp, and its packets
-    (including the three redundant end packets) repeat that timestamp."""
+    (including the three redundant end packets) repeat that timestamp. The last few event timestamps
+    are remembered, not just the last one: a redundant end packet of one key that arrives after the
+    next key has started (reordered or duplicated by the network) must not press the first key again."""
 
     def __init__(self) -> None:
-        self._last_ts: int | None = None
+        self._recent: deque[int] = deque(maxlen=RECENT_EVENTS)
 
     def feed(self, ts: int, payload: bytes) -> str | None:
         digit, _end, _dur = parse_event(payload)
-        if ts == self._last_ts:
+        if ts in self._recent:
             return None
-        self._last_ts = ts
+        self._recent.append(ts)
         return digit
 
 

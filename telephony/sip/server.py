@@ -428,6 +428,16 @@ class SipServer:
         self._send(resp.encode(), peer)
         SIP_MESSAGES.labels("invalid", "sent_400").inc()
 
+    def _refused(self, msg: SipMessage, peer: Peer, status: int, kind: str) -> None:
+        """Log why a call was refused (the metric alone does not tell on-call which trunk, which call or what
+        to fix); throttled like bad messages, one line per kind per second."""
+        now = time.monotonic()
+        key = f"refused:{kind}"
+        if now - self._bad_logged.get(key, -10.0) >= 1.0:
+            self._bad_logged[key] = now
+            log.warning("sip_invite_refused", status=status, kind=kind, source=peer.addr[0], call_id=msg.call_id,
+                        user_agent=msg.get("User-Agent")[:80], in_dialog=bool(msg.to_tag))
+
     def _on_response(self, msg: SipMessage) -> None:
         SIP_MESSAGES.labels(_m(msg.cseq[1]), f"response_{msg.status // 100}xx").inc()
         tx = self._cli_tx.get(msg.branch)
@@ -476,10 +486,12 @@ class SipServer:
     # INVITE -----------------------------------------------------------------------------------------
     async def _on_invite(self, msg: SipMessage, peer: Peer) -> None:
         if not self._accepting:
+            self._refused(msg, peer, 503, "shutting_down")
             self.respond(msg, peer, 503, extra=[("Retry-After", "5")])
             return
         if not self.bucket.allow(peer.addr[0]):
             ERRORS.labels("sip", "rate_limited").inc()
+            self._refused(msg, peer, 503, "rate_limited")
             self.respond(msg, peer, 503, reason="Rate Limited", extra=[("Retry-After", "2")])
             return
         if self.auth is not None:
@@ -487,20 +499,24 @@ class SipServer:
             if verdict != "ok":
                 if verdict == "bad":
                     ERRORS.labels("sip", "auth_failed").inc()
+                    self._refused(msg, peer, 401, "auth_failed")
                 self.respond(msg, peer, 401, to_tag=new_tag(),
                              extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
                 return
         if msg.get("Require"):
+            self._refused(msg, peer, 420, "unsupported_require")
             self.respond(msg, peer, 420, extra=[("Unsupported", msg.get("Require"))])
             return
         if len(self.calls) + len(self._pending) >= self.settings.max_calls:
             ERRORS.labels("sip", "busy").inc()
+            self._refused(msg, peer, 486, "busy")
             self.respond(msg, peer, 486)
             return
         ctype = msg.get("Content-Type").split(";")[0].strip().lower()
         late = not msg.body  # late offer (RFC 3261 13.2.1): we offer in the 200, the answer comes in the ACK
         if not late and ctype != "application/sdp":
             ERRORS.labels("sip", "unsupported_media_type").inc()
+            self._refused(msg, peer, 415, "unsupported_media_type")
             self.respond(msg, peer, 415, extra=[("Accept", "application/sdp")])
             return
         offer, neg, idx = None, None, 0
@@ -519,6 +535,7 @@ class SipServer:
                                   self.settings.rtp_port_min, self.settings.rtp_port_max)
         except OSError:
             ERRORS.labels("sip", "no_rtp_port").inc()
+            self._refused(msg, peer, 503, "no_rtp_port")
             self._pending.pop(msg.branch, None)
             self.respond(msg, peer, 503, to_tag=tag, extra=[("Retry-After", "5")])
             return
@@ -650,6 +667,7 @@ class SipServer:
             neg, idx = negotiate(offer)
         except SdpError as exc:
             ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
+            self._refused(msg, peer, 488, f"sdp_{exc.kind}")
             self.respond(msg, peer, 488, extra=[("Warning", f'304 voicebot "{exc.kind}"')])
             return None
         return offer, neg, idx

@@ -124,7 +124,8 @@ class SipCaller:
         self.media = RtpSession(self.call_id, self.events.put_nowait, lambda: None, jitter_target=2,
                                 rtp_timeout_s=1e9, transport_label="uac", rx_tap=self._on_rtp_tap)
         self.stats = CallerStats()
-        self._tx: dict[str, asyncio.Future[SipMessage]] = {}
+        # client transactions by (branch, method): a CANCEL shares its INVITE's branch (RFC 3261 9.1)
+        self._tx: dict[tuple[str, str], asyncio.Future[SipMessage]] = {}
         self._provisional: dict[str, list[int]] = {}
         self._udp: asyncio.DatagramTransport | None = None
         self.sip_port = 0
@@ -175,7 +176,7 @@ class SipCaller:
         if msg.is_request:
             self._on_request(msg, addr)
             return
-        fut = self._tx.get(msg.branch)
+        fut = self._tx.get((msg.branch, msg.cseq[1]))
         if msg.status < 200:
             self._provisional.setdefault(msg.branch, []).append(msg.status)
         elif fut is not None and not fut.done():
@@ -205,7 +206,7 @@ class SipCaller:
 
     async def _transact(self, req: SipMessage, timeout: float = 32.0) -> SipMessage | None:
         fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
-        self._tx[req.branch] = fut
+        self._tx[(req.branch, req.method)] = fut
         self._send(req)
         interval, deadline = T1, time.monotonic() + timeout
         try:
@@ -219,7 +220,7 @@ class SipCaller:
                     interval = T2 if provisional else min(interval * 2, T2)
             return None
         finally:
-            self._tx.pop(req.branch, None)
+            self._tx.pop((req.branch, req.method), None)
 
     async def invite(self, timeout: float = 32.0, cancel_after_s: float | None = None,
                      late_offer: bool = False) -> int:

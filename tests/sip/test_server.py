@@ -79,6 +79,44 @@ async def test_uac_echo_media_info_dtmf_and_bye(make_server, sip_settings, promp
     assert caller.stats.rx_seq_gaps == 0
 
 
+async def test_rfc4733_late_end_packet_of_previous_key_is_not_a_new_press(make_server, sip_settings,
+                                                                          prompt_pcm) -> None:
+    """Keys 1 then 2; one of key 1's redundant end packets arrives after key 2 started (reordered or
+    duplicated in the network). The bot must see "1", "2" — it used to see "1", "2", "1" (only the last event
+    timestamp was remembered), which in a keypad menu is a wrong selection or an extra account digit."""
+    from telephony.sip.dtmf import build_event
+    from telephony.sip.rtp import build_rtp
+
+    handler = RecordingHandler(prompt_pcm)
+    srv = await make_server(handler, sip_settings)
+    caller = SipCaller("127.0.0.1", srv.port)
+    await caller.open()
+    try:
+        assert await caller.invite() == 200
+        m = caller.media
+        assert m.neg is not None and m.neg.dtmf_pt is not None and m._rtp is not None and m.remote is not None
+        pt, ssrc, ts1, ts2 = m.neg.dtmf_pt, m.ssrc, 160_000, 162_400
+        seq = [m._seq]
+
+        def send(ts: int, digit: str, end: bool) -> None:
+            m._rtp.sendto(build_rtp(pt, seq[0], ts, ssrc, build_event(digit, end, 800)), m.remote)
+            seq[0] = (seq[0] + 1) & 0xFFFF
+
+        send(ts1, "1", False)
+        for _ in range(2):
+            send(ts1, "1", True)
+        send(ts2, "2", False)
+        send(ts1, "1", True)  # key 1's last redundant end packet, late
+        for _ in range(3):
+            send(ts2, "2", True)
+        await asyncio.sleep(0.5)
+        assert await caller.bye() == 200
+    finally:
+        caller.close()
+    await asyncio.wait_for(handler.call_ended.wait(), 5)
+    assert handler.calls[0]["dtmf"] == ["1", "2"]
+
+
 async def test_run_sip_call_records_bot(make_server, sip_settings, prompt_pcm, tmp_path) -> None:
     handler = RecordingHandler(prompt_pcm)
     srv = await make_server(handler, sip_settings)
@@ -133,6 +171,51 @@ async def test_options_unknown_dialog_and_refusals(make_server, sip_settings, pr
         assert resp is None
     finally:
         raw.close()
+
+
+async def test_refused_invites_are_logged_with_the_reason(make_server, sip_settings, prompt_pcm) -> None:
+    """A trunk whose calls get 488 (only G.729 offered), 415 or 420 was counted but never logged: on-call saw
+    voicebot_errors_total move with no trunk, Call-ID or reason to act on. Each refusal now logs one line."""
+    from structlog.testing import capture_logs
+
+    srv = await make_server(RecordingHandler(prompt_pcm), sip_settings)
+    raw = RawUdp()
+    g729 = b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18\r\n"
+    try:
+        with capture_logs() as logs:
+            resp = await raw.exchange(raw.request("INVITE", srv.port, "Content-Type: application/sdp\r\n", g729,
+                                                  call_id="g729-call", ua="TrunkX/1.0"), srv.port)
+            assert resp is not None and resp.status == 488
+            resp = await raw.exchange(raw.request("INVITE", srv.port, "Content-Type: text/plain\r\n", b"hi",
+                                                  call_id="text-call"), srv.port)
+            assert resp is not None and resp.status == 415
+            resp = await raw.exchange(raw.request("INVITE", srv.port, "Require: 100rel\r\n", call_id="rel-call"),
+                                      srv.port)
+            assert resp is not None and resp.status == 420
+    finally:
+        raw.close()
+    refused = {e["call_id"]: e for e in logs if e["event"] == "sip_invite_refused"}
+    assert refused["g729-call"]["status"] == 488 and refused["g729-call"]["kind"] == "sdp_no_common_codec"
+    assert refused["g729-call"]["source"] == "127.0.0.1" and refused["g729-call"]["user_agent"] == "TrunkX/1.0"
+    assert refused["text-call"]["status"] == 415 and refused["rel-call"]["status"] == 420
+
+
+async def test_uac_cancel_while_ringing_gets_487(make_server, sip_settings, prompt_pcm) -> None:
+    """SipCaller.invite(cancel_after_s=...) as a caller who gives up while it rings: the CANCEL (same branch
+    as the INVITE) gets its 200 and the INVITE its 487. Before, the CANCEL's transaction replaced the
+    INVITE's (both keyed by branch), so the 487 was dropped and invite() reported 408 after 32 s."""
+    handler = RecordingHandler(prompt_pcm)
+    srv = await make_server(handler, dataclasses.replace(sip_settings, ring_s=3.0))
+    caller = SipCaller("127.0.0.1", srv.port)
+    await caller.open()
+    try:
+        t0 = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(caller.invite(cancel_after_s=0.5), 5) == 487
+        assert asyncio.get_running_loop().time() - t0 < 3.0
+    finally:
+        caller.close()
+    await asyncio.sleep(3.0)  # past the ring time: the cancelled call is never answered nor handed over
+    assert not handler.calls and not srv.calls and not srv._pending
 
 
 async def test_tcp_options_and_framing(make_server, sip_settings, prompt_pcm) -> None:
@@ -423,6 +506,56 @@ async def test_refer_failure_keeps_call(make_server, sip_settings, prompt_pcm) -
     finally:
         dead.close()
         caller.close()
+
+
+async def test_transfer_with_fallback_finishes_inside_the_conversations_wait(
+        make_server, sip_settings, prompt_pcm, monkeypatch) -> None:
+    """The queue's REFER is accepted but its target keeps ringing (no final NOTIFY), and a fallback is
+    configured: the conversation cancels transfer() after 10 s, so primary + fallback must fit in
+    TRANSFER_BUDGET_S. Before, transfer() took 8 s + the fallback's ringing: the conversation gave up
+    mid-fallback (apology while the phone was still being transferred, outcome transfer_failed, the fallback
+    attempt never counted). Scaled down here: a 2 s budget with the default 8 s NOTIFY timeout."""
+    from ops.metrics import ERRORS, TRANSFERS
+    from telephony.sip import call as sip_call
+
+    monkeypatch.setattr(sip_call, "TRANSFER_BUDGET_S", 2.0)
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dead.bind(("127.0.0.1", 0))  # the queue's phone never answers: the transferee keeps dialling it
+    operator = RecordingHandler(np.zeros(800, dtype=np.int16))
+    op_srv = await make_server(operator, sip_settings)
+
+    async def escalate(bridge: CallBridge) -> tuple[bool, float]:
+        t0 = asyncio.get_running_loop().time()
+        ok = await asyncio.wait_for(bridge.transfer("billing", {}), timeout=2.5)  # the conversation's cap, scaled
+        return ok, asyncio.get_running_loop().time() - t0
+
+    handler = RecordingHandler(prompt_pcm, after_prompt=escalate)
+    settings = dataclasses.replace(
+        sip_settings, transfer_timeout_s=8.0,
+        queue_uris={"billing": f"sip:billing@127.0.0.1:{dead.getsockname()[1]}"},
+        transfer_fallback=f"sip:operator@127.0.0.1:{op_srv.port}")
+    srv = await make_server(handler, settings)
+    failed_before = TRANSFERS.labels("sip", "billing", "failed")._value.get()
+    timeouts_before = ERRORS.labels("sip", "refer_timeout")._value.get()
+    caller = SipCaller("127.0.0.1", srv.port)
+    caller.refer_dial_timeout_s = 3.0
+    await caller.open()
+    try:
+        assert await caller.invite() == 200
+        await wait_until(lambda: handler.calls and "action_task" in handler.calls[0], 10)
+        await asyncio.wait_for(handler.calls[0]["action_task"], 5)  # not cancelled by the 2.5 s cap
+        ok, took = handler.calls[0]["action"]
+        assert ok is False and took < 2.4
+        assert TRANSFERS.labels("sip", "billing", "failed")._value.get() == failed_before + 1
+        assert ERRORS.labels("sip", "refer_timeout")._value.get() == timeouts_before + 1
+        assert caller.refer_to.startswith("sip:billing@")  # no second REFER without the time to finish it
+        assert handler.calls[0]["bridge"].state == "confirmed" and not caller.ended.is_set()
+        await wait_until(lambda: caller.transfer_status is not None, 5)  # let the UAC's dial attempt end
+        assert await caller.bye() == 200
+    finally:
+        dead.close()
+        caller.close()
+    assert not operator.calls
 
 
 async def test_transfer_with_no_queue_uri_is_counted_and_keeps_call(make_server, sip_settings, prompt_pcm) -> None:
