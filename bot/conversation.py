@@ -198,6 +198,9 @@ class Conversation:
             elif kind == "dtmf_done":
                 self._start_processing(self._decide_dtmf, val)
             elif kind == "no_input":
+                if self.bridge.on_hold:  # the caller put us on hold: their silence is no failed turn
+                    self._arm_no_input()
+                    continue
                 if self._turn_task is None or self._turn_task.done():
                     self.s.store.event(self.call_id, "no_input")
                     self._start_processing(self._decide_simple, self.policy.on_no_input)
@@ -531,7 +534,7 @@ class Conversation:
             await self.bridge.mark(f"{u.uid}:end{u.sent * 1000 // 8000}")
             if not u.heard_all.is_set():
                 self._mark_watchdogs[u.uid] = asyncio.get_running_loop().call_at(
-                    max(self._playout_end, time.monotonic()) + MARK_SLACK_S, self._marks_missing, u)
+                    max(self._playout_end, time.monotonic()) + MARK_SLACK_S, self._marks_missing, u, u.heard)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a voice failure: apologise with the cached prompt
@@ -548,10 +551,17 @@ class Conversation:
         await self.bridge.send_audio(pcm)
         self._playout_end = max(self._playout_end, time.monotonic()) + len(pcm) / 8000
 
-    def _marks_missing(self, u: _Utterance) -> None:
-        """The utterance should have played out but its end mark never came back: treat it as heard."""
+    def _marks_missing(self, u: _Utterance, heard_when_armed: int) -> None:
+        """The utterance should have played out but its end mark never came back: treat it as heard. Unless
+        it is still playing (marks came back since: it was held up, e.g. the caller put us on hold) or the
+        call is on hold now: then wait for the rest."""
         self._mark_watchdogs.pop(u.uid, None)
         if u.heard_all.is_set() or u.interrupted:
+            return
+        if self.bridge.on_hold or u.heard > heard_when_armed:
+            rest_s = max(0, u.sent * 1000 // 8000 - u.heard) / 1000
+            self._mark_watchdogs[u.uid] = asyncio.get_running_loop().call_later(
+                rest_s + MARK_SLACK_S, self._marks_missing, u, u.heard)
             return
         metrics.ERRORS.labels(self.transport, "marks_missing").inc()
         self.log.warning("marks_missing", utt=u.uid, kind=u.kind, heard_ms=u.heard)

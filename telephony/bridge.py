@@ -94,6 +94,12 @@ class CallBridge(abc.ABC):
     async def hangup(self, reason: str = "completed") -> None:
         """End the call from the bot's side."""
 
+    @property
+    def on_hold(self) -> bool:
+        """The caller put the call on hold (SIP re-INVITE sendonly/inactive): nothing we send is heard, and
+        silence from the caller is expected. Transports without hold say False."""
+        return False
+
 
 class QueuedCallBridge(CallBridge):
     """A bridge whose transport pushes inbound events into one queue (Twilio, WebRTC): the end-of-call

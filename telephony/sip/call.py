@@ -88,6 +88,11 @@ class SipCall(CallBridge):
         self._finish(reason)
         await self.server.send_in_dialog(self, "BYE")
 
+    @property
+    def on_hold(self) -> bool:
+        neg = self.media.neg
+        return neg is not None and (neg.direction in ("recvonly", "inactive") or self.media.remote is None)
+
     async def transfer(self, target: str, context: dict[str, Any]) -> bool:
         """REFER the caller to the queue's URI (RFC 3515); on failure try BOT_SIP_TRANSFER_FALLBACK."""
         settings = self.server.settings

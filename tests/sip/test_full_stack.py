@@ -131,3 +131,35 @@ async def _wait_events(redis_url: str, call_id: str, kind: str, n: int, timeout:
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError(f"only {len(evs)} {kind} events")
         await asyncio.sleep(0.2)
+
+
+async def test_caller_holding_the_bot_is_not_asked_are_you_still_there(redis_url: str, tmp_path: Path) -> None:
+    """A caller who puts the bot on hold (re-INVITE sendonly) is silent by choice: no no-input reprompt or
+    goodbye while on hold; after resuming, the call goes on and ends as the caller's hangup."""
+    from telephony.sip.uac import SipCaller
+
+    sip_port = free_port_both()
+    env = {"BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "1.5",
+           "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port)}
+    (tmp_path / "bot").mkdir()
+    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env)
+    server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")
+    await asyncio.get_running_loop().run_in_executor(None, server.start)
+    caller = SipCaller("127.0.0.1", sip_port)
+    await caller.open()
+    try:
+        assert await caller.invite() == 200
+        assert await caller.reinvite("sendonly") == 200  # on hold during the greeting
+        await asyncio.sleep(6.0)  # four no-input timeouts: two would end the call
+        assert not caller.ended.is_set()
+        assert await caller.reinvite("sendrecv") == 200
+        await asyncio.sleep(0.5)
+        assert not caller.ended.is_set()
+        assert await caller.bye() == 200
+        got = await wait_outcome(server.redis_url, caller.call_id, timeout_s=20)
+    finally:
+        caller.close()
+        server.stop()
+    assert got["record"]["outcome"] == "caller_hangup", got["record"]
+    assert not [e for e in got["events"] if e["type"] == "no_input"]
+    assert not [e for e in got["events"] if e.get("marks_missing")]
