@@ -108,10 +108,14 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     # truncated clips have no reliable slot words; a clip without a transcript has no slot-word target
     full = [i for i, f in enumerate(split.full) if f and split.rows[i].get("text")]
     pen, table = fit_blank_penalty([p["slot_logits"][i] for i in full], [split.slot[i] for i in full])
-    out = {"temperature": t, "split": a.split, "ece_before": conf_ece(1.0), "ece_after": conf_ece(t),
+    dest = Path(a.run) / "calibration.json"
+    # "before" is the temperature the run has now (an imported release's own), not the raw logits: the
+    # question is whether this fit beats what would ship without it
+    prev_t = float(json.loads(dest.read_text()).get("temperature", 1.0)) if dest.exists() else 1.0
+    out = {"temperature": t, "split": a.split, "temperature_before": prev_t, "ece_before": conf_ece(prev_t),
+           "ece_raw": conf_ece(1.0), "ece_after": conf_ece(t),
            "accuracy": float((logits.argmax(1) == labels).mean()), "n": int(m.sum()),
            "slot_blank_penalty": pen, "slot_penalty_table": table}
-    dest = Path(a.run) / "calibration.json"
     if dest.exists():  # the run's previous fit is kept beside the new one, never lost
         dest.replace(dest.with_name("calibration.prev.json"))
     dest.write_text(json.dumps(out, indent=1))
@@ -173,7 +177,6 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     from engine.training.export import onnx_outputs, torch_outputs, write_model_dir
     from engine.training.model import FullModel
-    from engine.understanding import default_model_dir
 
     cat = load_catalog(a.policy)
     enc, top, intents = _load_top(a.run)
@@ -181,7 +184,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     calib = json.loads(cal.read_text()) if cal.exists() else {}
     full = FullModel(enc, top, calib.get("temperature", 1.0), calib.get("slot_blank_penalty", 0.0)).eval()
     intent_slots, slot_types = _catalog_meta(cat)
-    out = write_model_dir(full, a.out or default_model_dir(), intents, intent_slots, slot_types, quantized=not a.fp32,
+    out = write_model_dir(full, a.out, intents, intent_slots, slot_types, quantized=not a.fp32,
                           extra={"encoder": "whisper-tiny encoder from pipecat smart-turn v3.2, layers "
                                             f"{top.frozen_layers}-3 + final norm fine-tuned",
                                  "calibration": json.loads(cal.read_text()) if cal.exists() else None})
@@ -409,7 +412,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--policy", default=None)
     e.add_argument("--run", default="data/run")
     e.add_argument("--data", default="data/synth")
-    e.add_argument("--out", default=None, help="model dir (default: the packaged release's dir)")
+    e.add_argument("--out", required=True,
+                   help="new model dir (required: a default would overwrite the shipped release in engine/models/)")
     e.add_argument("--fp32", action="store_true", help="skip int8 weight quantization")
     e.set_defaults(func=cmd_export)
 

@@ -89,7 +89,14 @@ def import_model(model_dir: str | Path, out_run: str | Path) -> dict:
     top.heads.load_state_dict(full.heads.state_dict())
     out = Path(out_run)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"source": str(model_dir), "temperature": float(state["temperature"]), "frozen_layer_max_drift": drift}
+    meta = {"source": str(model_dir), "temperature": float(state["temperature"]),
+            "slot_blank_penalty": float(np.asarray(state["slot_blank_penalty"]).reshape(-1)[0]),
+            "frozen_layer_max_drift": drift}
     torch.save({"model": top.state_dict(), "intents": intents, "epoch": None, "frozen_layers": frozen,
                 "imported": meta}, out / "best.pt")
+    # The release's calibration goes with its weights: `export` of this run (without a new `calibrate`)
+    # must give back a calibrated model, and `calibrate` compares its fit against this one.
+    (out / "calibration.json").write_text(json.dumps(
+        {"temperature": meta["temperature"], "slot_blank_penalty": meta["slot_blank_penalty"],
+         "split": f"imported from {model_dir}"}, indent=1))
     return meta

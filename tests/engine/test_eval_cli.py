@@ -63,10 +63,14 @@ def test_calibrate_fits_the_temperature_on_a_labelled_folder_of_recordings(tmp_p
             "--data", str(tmp_path / "data"), "--workers", "1"]
     assert main(args) == 2  # 8 clips: too few to trust (the default floor is 200)
     assert "at least 200" in capsys.readouterr().err
-    assert not (run / "calibration.json").exists()
+    imported = (run / "calibration.json").read_text()  # the release's own calibration, untouched by the refusal
+    assert json.loads(imported)["split"].startswith("imported from")
     assert main(args + ["--min-clips", "8"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["split"] == "my_calls" and res["n"] == 8 and 0.05 <= res["temperature"] <= 20
+    # "before" is the release's temperature, the one that would ship without this fit
+    assert abs(res["temperature_before"] - json.loads(imported)["temperature"]) < 1e-9
+    assert (run / "calibration.prev.json").read_text() == imported
     assert 0.0 <= res["ece_after"] <= 1.0 and 0.0 <= res["accuracy"] <= 1.0
     from engine.training.calibrate import BLANK_PENALTY_GRID
 

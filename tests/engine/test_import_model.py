@@ -1,5 +1,6 @@
 """`bot engine import-model`: a trainable checkpoint rebuilt from the shipped int8 ONNX graph."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,11 @@ def test_imported_run_reproduces_the_shipped_graph(tmp_path: Path) -> None:
     ck = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
     # the frozen layers are the pretrained ones up to 7-bit weight rounding (a trained layer drifts far more)
     assert ck["intents"][-1] == "<null>" and meta["frozen_layer_max_drift"] < 5e-3
+    # the release's calibration comes with the run, so exporting it (or calibrating against it) starts there
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cal = json.loads((tmp_path / "run" / "calibration.json").read_text())
+    assert abs(cal["temperature"] - cfg["temperature"]) < 1e-4
+    assert abs(cal["slot_blank_penalty"] - cfg["slot_blank_penalty"]) < 1e-4
     enc = pretrained_encoder()
     top = TopModel(enc, len(ck["intents"]), ck["frozen_layers"])
     top.load_state_dict(ck["model"])  # strict: every weight came back, with its shape
