@@ -155,6 +155,12 @@ class Conversation:
             except Exception as hangup_exc:  # noqa: BLE001 - the leg may be gone; say so, the carrier may not
                 self.log.warning("hangup_failed", reason="error", error=str(hangup_exc))
         finally:
+            u = self._speaking
+            if u is not None and not u.heard_all.is_set() and not u.interrupted:
+                # the call ended mid-prompt (the caller hung up on it): how much of it they heard
+                self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
+                                   duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=True,
+                                   by="call_ended")
             vad_stream.close()
             for t in (self._play_task, self._turn_task, self._eot_task):
                 if t is not None and not t.done():

@@ -310,3 +310,13 @@ async def test_bot_call_cli_and_calls_show(bot: BotServer, tmp_path: Path) -> No
     missing = subprocess.run([sys.executable, "-m", "bot.cli", "calls", "show", "CAnope", "--json"],
                              capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 1 and "no call" in missing.stderr
+
+
+async def test_caller_hanging_up_mid_prompt_is_recorded_with_what_they_heard(bot: BotServer) -> None:
+    c = await place_call(bot.url)
+    await asyncio.sleep(0.6)  # into the greeting (~2 s)
+    await c.hangup()
+    got = await wait_outcome(bot.redis_url, c.call_sid)
+    assert got["record"]["outcome"] == "caller_hangup"
+    (greet,) = [e for e in got["events"] if e["type"] == "prompt_heard" and e["kind"] == "greeting"]
+    assert greet["interrupted"] and greet["by"] == "call_ended" and greet["heard_ms"] < greet["duration_ms"]
