@@ -80,9 +80,9 @@ def voicebot() -> Board:
         "sum(increase(voicebot_escalations_total[1h])) / clamp_min(sum(increase(voicebot_calls_started_total[1h])), 1)",
         "escalated")], "stat", w=6, unit="percentunit", desc="Transfers to humans per answered call")
     b.panel("Clarification rate (1h)", [_q(
-        'sum(increase(voicebot_policy_decisions_total{action=~"clarify|confirm|reprompt"}[1h])) / '
+        'sum(increase(voicebot_policy_decisions_total{action=~"clarify|confirm|reprompt",reason!~"read_back|out_of_hours"}[1h])) / '
         "clamp_min(sum(increase(voicebot_policy_decisions_total[1h])), 1)", "clarify")], "stat", w=6,
-        unit="percentunit", desc="Decisions that ask the caller again")
+        unit="percentunit", desc="Decisions that ask the caller again because the bot was unsure (read-backs and callback offers not counted)")
     b.panel("Greeting latency p95", [_q(
         "histogram_quantile(0.95, sum by (le, transport) (rate(voicebot_greeting_latency_seconds_bucket[5m])))",
         "{{transport}}")], "stat", w=6, unit="s")
