@@ -214,9 +214,12 @@ async def bench_speak(n: int) -> dict[str, Any]:
     from engine.runtime import Engine
     from engine.voice import Voice, load_renderer
 
+    # Every other sentence is the read-back each payment hears (policies/default.yaml confirm_payment), whose
+    # short first clause is where first audio used to be slowest; the others are long dynamic sentences.
     sentences = [f"Your payment of {d} dollars and {c} cents is scheduled for {day}, and you will get a "
-                 f"confirmation by text message." for d, c, day in
-                 zip(range(17, 17 + n), range(3, 3 + n), ["Monday", "Tuesday", "Friday", "tomorrow"] * n)]
+                 f"confirmation by text message." if i % 2 == 0 else f"That's a payment of {d} dollars, is that right?"
+                 for i, (d, c, day) in
+                 enumerate(zip(range(17, 17 + n), range(3, 3 + n), ["Monday", "Tuesday", "Friday", "tomorrow"] * n))]
     voice = Voice(load_renderer("piper"), cache_dir=None)
     engine = Engine(None, voice)
     first: list[float] = []
@@ -301,9 +304,38 @@ def _print_human(r: dict[str, Any]) -> None:
         print(f"speak first audio: {r['speak']['first_audio_ms']}  full sentence: {r['speak']['full_sentence_ms']}")
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in words (None when they are usable)."""
+    try:
+        seconds = [float(x) for x in args.seconds.split(",")]
+        batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    except ValueError:
+        return (f"--seconds and --batch-sizes are comma-separated numbers (got {args.seconds!r} and "
+                f"{args.batch_sizes!r})")
+    if not all(0.2 <= x <= 60 for x in seconds):
+        return "--seconds: utterance lengths between 0.2 and 60 s"
+    if not all(b >= 1 for b in batch_sizes):
+        return "--batch-sizes: each batch size >= 1"
+    if args.backend != "all":
+        from engine.backends import normalize
+
+        try:
+            normalize(args.backend)
+        except ValueError as exc:
+            return f"--backend: {exc}, or all"
+    if args.reps < 1 or args.callers < 1 or args.turns < 1 or args.threads < 1 or args.turn_every <= 0:
+        return "--reps, --callers, --turns and --threads must be >= 1 and --turn-every > 0"
+    if not args.no_speak and args.speak_n < 1:
+        return "--speak-n must be >= 1 (or --no-speak)"
+    return None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ops.logs import configure_logging
 
+    if (problem := _check_args(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     configure_logging()  # logs to stderr: stdout carries only the report
     report = run_bench(args)
     text = json.dumps(report, indent=2)
@@ -322,15 +354,16 @@ def register(engine_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--backend", default="onnx", help="onnx | torch | tensorrt | all (available ones)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("BOT_ENGINE_THREADS", "1")))
+    p.add_argument("--threads", type=int, default=int(os.environ.get("BOT_ENGINE_THREADS", "1")),
+                   help="ONNX Runtime intra-op threads (default BOT_ENGINE_THREADS or 1)")
     p.add_argument("--seconds", default="2,4", help="utterance lengths (s), comma-separated")
     p.add_argument("--batch-sizes", default="1,4,16", help="direct batch sizes, comma-separated")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=5, help="timed runs per batch size and length")
     p.add_argument("--callers", type=int, default=50, help="concurrent callers for the batching gain")
     p.add_argument("--turns", type=int, default=2, help="turns per caller (back to back) for the gain")
     p.add_argument("--turn-every", type=float, default=6.0, help="seconds between a caller's turns (real-time load)")
-    p.add_argument("--speak-n", type=int, default=12)
-    p.add_argument("--no-speak", action="store_true")
+    p.add_argument("--speak-n", type=int, default=12, help="dynamic sentences for the voice's first-audio latency")
+    p.add_argument("--no-speak", action="store_true", help="skip the voice measurement")
     p.set_defaults(func=cmd_bench)
 
 

@@ -7,6 +7,7 @@ words and day words (see SLOT_TOKENS); this module turns those token sequences i
 from __future__ import annotations
 
 import re
+import unicodedata
 
 UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
@@ -196,3 +197,71 @@ def parse_slots(token_ids: list[int]) -> dict[str, object]:
 
 def slots_from_text(text: str) -> dict[str, object]:
     return parse_slots(text_to_slot_ids(text))
+
+
+# ---- text the voice reads aloud (runtime: engine.voice) ----
+#
+# The voice phonemizes with espeak-ng, which reads what an admin types literally: "$42" is "dollar forty
+# two", "42.50 dollars" is "forty two point five zero dollars", "24/7" is "twenty four slash seven", "😊" is
+# "smiling face with smiling eyes", "#" is "hash". speech_text() rewrites those into words espeak reads the
+# way a person would say them. It is idempotent (the voice applies it to a whole prompt and again to each
+# clause) and leaves ordinary text alone, so cached renderings of plain prompts keep their keys.
+
+_MAGNITUDE = r"(?:\s+(?P<mag>thousand|million|billion|trillion)\b)?"
+_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
+             "£": ("pound", "pounds", "penny", "pence")}
+_MONEY_SYMBOL_RE = re.compile(r"(?P<sym>[$€£])\s?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d{1,2}))?(?![\w.]\d|\w)" + _MAGNITUDE)
+_MONEY_WORD_RE = re.compile(r"\b(?P<int>\d{1,3}(?:,\d{3})+|\d+)\.(?P<frac>\d{1,2})\s+(?P<unit>dollars?|euros?|pounds?)\b",
+                            re.IGNORECASE)
+_ONE_UNIT_RE = re.compile(r"(?<![\d.,])\b1\s+(dollar|euro|pound)s\b", re.IGNORECASE)
+_PHONE_RE = re.compile(r"(?<![\d-])\b(?:\d{1,3}-)?\d{3}-\d{3,4}(?:-\d{4})?\b(?!-\d)")
+_UNITS_OF = {"dollar": _CURRENCY["$"], "euro": _CURRENCY["€"], "pound": _CURRENCY["£"]}
+
+
+def _money_words(whole: str, frac: str | None, names: tuple[str, str, str, str], mag: str | None = None) -> str:
+    one, many, sub_one, sub_many = names
+    n = int(whole.replace(",", ""))
+    if mag:  # "$2.5 million": say the number as written, then the unit
+        return f"{n}{'.' + frac if frac else ''} {mag} {many}"
+    sub = int(frac.ljust(2, "0")) if frac else 0
+    if n == 0 and sub:
+        return f"{sub} {sub_one if sub == 1 else sub_many}"
+    out = f"{n} {one if n == 1 else many}"
+    return f"{out} and {sub} {sub_one if sub == 1 else sub_many}" if sub else out
+
+
+def _money_symbol(m: re.Match) -> str:
+    return _money_words(m["int"], m["frac"], _CURRENCY[m["sym"]], m["mag"])
+
+
+def _money_word(m: re.Match) -> str:
+    return _money_words(m["int"], m["frac"], _UNITS_OF[m["unit"].lower().rstrip("s")])
+
+
+def _phone(m: re.Match) -> str:
+    """Phone numbers digit by digit, a short pause between groups ("5 5 5, 0 1 0 0")."""
+    return ", ".join(" ".join(group) for group in m[0].split("-"))
+
+
+def _unspeakable(ch: str) -> bool:
+    """Emoji, pictographs, dingbats and marks (™ ® ©) that espeak would read out by name."""
+    cp = ord(ch)
+    if cp in (0x200D, 0x20E3) or 0xFE00 <= cp <= 0xFE0F or 0x1F3FB <= cp <= 0x1F3FF or 0xE0020 <= cp <= 0xE007F:
+        return True  # zero-width joiner, keycap, variation selectors, skin tones, tag characters
+    return unicodedata.category(ch) == "So" and ch != "°"
+
+
+def speech_text(text: str) -> str:
+    """`text` as the voice should read it: money, phone numbers, 24/7, keypad keys; emoji dropped."""
+    if not text.isascii():
+        text = "".join(" " if _unspeakable(c) else c for c in text)
+    if any(s in text for s in _CURRENCY):
+        text = _MONEY_SYMBOL_RE.sub(_money_symbol, text)
+    text = _MONEY_WORD_RE.sub(_money_word, text)
+    text = _ONE_UNIT_RE.sub(lambda m: f"1 {m[1]}", text)
+    text = _PHONE_RE.sub(_phone, text)
+    text = re.sub(r"\b24\s*/\s*7\b", "24 7", text)
+    text = re.sub(r"\band/or\b", "and or", text, flags=re.IGNORECASE)
+    text = re.sub(r"(?<![\w#])#(?![\w#])", "pound", text)  # the keypad key; "#3" stays "number 3"
+    text = re.sub(r"(?<![\w*])\*(?![\w*])", "star", text)
+    return " ".join(text.split())

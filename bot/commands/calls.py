@@ -83,5 +83,10 @@ def run_live(args: argparse.Namespace) -> int:
     url = _url(args)
     if not url:
         return 2
-    print(json.dumps(asyncio.run(_with_store(url, lambda s: s.live_calls())), indent=2))
+    try:
+        live = asyncio.run(_with_store(url, lambda s: s.live_calls()))
+    except Exception as exc:  # noqa: BLE001 - unreachable Redis, a bad URL: a message, not a traceback
+        print(f"error: cannot read Redis at {url}: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(live, indent=2))
     return 0

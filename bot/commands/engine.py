@@ -227,9 +227,35 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_eot(a: argparse.Namespace) -> int:
-    from engine.training.eot import compare
+    import math
 
-    print(json.dumps(compare(a.dir, a.model, limit=a.limit)))
+    from engine.training.eot import compare
+    from engine.training.evaluate import read_eval_dir
+
+    if a.limit is not None and a.limit < 1:
+        print("error: --limit must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        rows = [r for r in read_eval_dir(a.dir) if "eot" in r]
+    except (OSError, ValueError) as exc:  # no manifest.jsonl (FileNotFoundError), bad rows (ManifestError)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: {a.dir}: no manifest row has an \"eot\" label (1 = the caller finished, 0 = cut off "
+              "mid-sentence); an end-of-turn set is made by `bot engine synth` (its test_eot split)", file=sys.stderr)
+        return 2
+    try:
+        res = compare(a.dir, a.model, limit=a.limit)
+    except (OSError, ValueError) as exc:  # the model dir (FileNotFoundError) or a clip that cannot be read
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def finite(v: object) -> object:  # a rate over no clips (e.g. none truncated) is null, not NaN (invalid JSON)
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return None if isinstance(v, float) and math.isnan(v) else v
+
+    print(json.dumps(finite(res)))
     return 0
 
 
@@ -288,15 +314,26 @@ def cmd_latency(a: argparse.Namespace) -> int:
 
     from engine.understanding import UnderstandingModel
 
+    if a.n < 1 or not 0.2 <= a.seconds <= 60 or a.threads < 1:
+        print("error: bot engine latency needs -n >= 1, 0.2 <= --seconds <= 60 (the engine's shortest and longest "
+              "turn) and --threads >= 1", file=sys.stderr)
+        return 2
     t = time.perf_counter()
-    m = UnderstandingModel.load(a.model, threads=a.threads)
+    try:
+        m = UnderstandingModel.load(a.model, threads=a.threads)
+    except Exception as exc:  # noqa: BLE001 - missing files (FileNotFoundError) or a graph ORT refuses
+        print(f"error: cannot load the understanding model: {exc}", file=sys.stderr)
+        return 2
     load_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     n = int(a.seconds * 8000)
     tt = np.arange(n) / 8000
     pcm = (3000 * np.sin(2 * np.pi * 180 * tt) * (np.sin(2 * np.pi * 4 * tt) > 0) + rng.standard_normal(n) * 300).astype(np.int16)
     for _ in range(5):
-        m.understand(pcm)
+        u = m.understand(pcm)
+    if u.error:  # the model refused the clip: timing it would time nothing
+        print(f"error: the model refused the test clip: {u.error}", file=sys.stderr)
+        return 2
     lat, feat, model = [], [], []
     for _ in range(a.n):
         t = time.perf_counter()
@@ -435,9 +472,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cp.set_defaults(func=cmd_compare)
 
     o = sub.add_parser("eval-eot", help="end-of-turn: this model vs pipecat smart-turn v3.2 on DIR")
-    o.add_argument("dir")
-    o.add_argument("--model", default=None)
-    o.add_argument("--limit", type=int, default=None)
+    o.add_argument("dir", help="evaluation set: WAVs + manifest.jsonl whose rows carry \"eot\" (1 complete, 0 cut off)")
+    o.add_argument("--model", default=None, help="model directory (default: the engine's)")
+    o.add_argument("--limit", type=int, default=None, help="only the first N labelled rows")
     o.set_defaults(func=cmd_eot)
 
     m = sub.add_parser("make-asterisk-eval", help="build a real-speech eval set from asterisk-core-sounds-en-wav")
@@ -485,10 +522,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     nz.set_defaults(func=cmd_add_noise)
 
     lt = sub.add_parser("latency", help="model load time and understand() p50/p95 for one clip length")
-    lt.add_argument("--model", default=None)
-    lt.add_argument("--seconds", type=float, default=4.0)
-    lt.add_argument("--threads", type=int, default=1)
-    lt.add_argument("-n", type=int, default=100)
+    lt.add_argument("--model", default=None, help="model directory (default: the engine's, BOT_ENGINE_MODEL_DIR)")
+    lt.add_argument("--seconds", type=float, default=4.0, help="clip length in seconds (0.2-60)")
+    lt.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    lt.add_argument("-n", type=int, default=100, help="timed understand() calls (after 5 warm-up calls)")
     lt.set_defaults(func=cmd_latency)
 
     b = sub.add_parser("build-trt", help="TensorRT FP16 engine from the ONNX model, prebuilt into the runtime's "

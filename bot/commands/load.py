@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,12 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from ops.load.procstat import bot_pids
     from ops.load.spawn import BotProcess
 
-    if args.calls < 1 or not 0 <= args.sip_fraction <= 1 or args.duration_s <= 0:
-        print("bot load: --calls >= 1, --duration-s > 0 and 0 <= --sip-fraction <= 1 are required")
+    if (args.calls < 1 or not 0 <= args.sip_fraction <= 1 or args.duration_s <= 0 or args.turns < 1
+            or args.ramp_s < 0 or args.workers < 1):
+        print("bot load: --calls >= 1, --turns >= 1, --duration-s > 0, --ramp-s >= 0, --workers >= 1 and "
+              "0 <= --sip-fraction <= 1 are required", file=sys.stderr)
+        return 2
+    if args.sip_fraction > 0 and not args.sip and not args.spawn:
+        # the harness would quietly place every call over Twilio: a "SIP" run that never touched SIP
+        print("bot load: --sip-fraction needs --sip HOST:PORT (the bot's SIP address) or --spawn", file=sys.stderr)
+        return 2
+    if args.find_max and (args.step < 1 or args.max_calls < args.calls):
+        print("bot load: --find-max needs --step >= 1 and --max-calls >= --calls", file=sys.stderr)
         return 2
     for w in args.wav:
         if not Path(w).is_file():
-            print(f"bot load: no such WAV: {w}")
+            print(f"bot load: no such WAV: {w}", file=sys.stderr)
             return 2
     server = None
     url, sip, pids, redis_url = args.url, args.sip, list(args.pid), args.redis_url

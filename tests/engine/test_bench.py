@@ -27,6 +27,19 @@ def test_bench_cli_json(tmp_path: Path, capsys) -> None:
     assert printed["speak"]["voice"] == "piper" and printed["speak"]["first_audio_ms"]["p50"] > 0
 
 
+def test_bench_refuses_bad_arguments_with_a_message(capsys) -> None:
+    """Each of these used to end in a traceback (or, --batch-sizes 0 and --speak-n 0, in a report of nothing)."""
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="cmd"))
+    for argv, says in ((["--seconds", "abc"], "comma-separated numbers"), (["--batch-sizes", "0"], "batch size >= 1"),
+                       (["--backend", "bogus"], "unknown engine backend 'bogus'"), (["--reps", "0"], "--reps"),
+                       (["--speak-n", "0"], "--speak-n must be >= 1"), (["--seconds", "0"], "between 0.2 and 60")):
+        args = parser.parse_args(["bench", *argv])
+        assert args.func(args) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err, (argv, err)
+
+
 def test_bot_cli_exposes_bench() -> None:
     from bot.cli import build_parser
 

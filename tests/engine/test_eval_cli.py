@@ -167,3 +167,24 @@ def test_calibrate_on_a_recordings_folder_path_caches_outside_it(tmp_path, capsy
         f.write(json.dumps({"audio": "c0.wav", "intent": "goodbye"}) + "\n")
     with pytest.raises(SystemExit, match="another version"):
         cache_split(calls, cached, workers=1)
+
+
+def test_latency_and_eval_eot_refuse_bad_arguments_with_a_message(tmp_path, capsys) -> None:
+    """Operator mistakes give one `error:` line and exit 2 (they used to end in tracebacks)."""
+    assert main(["engine", "latency", "-n", "0"]) == 2
+    assert main(["engine", "latency", "--seconds", "0.1", "-n", "2"]) == 2  # shorter than the model takes
+    assert main(["engine", "latency", "--model", str(tmp_path), "-n", "2"]) == 2
+    assert "cannot load the understanding model: no understanding model in" in capsys.readouterr().err
+    assert main(["engine", "eval-eot", str(tmp_path / "nope")]) == 2
+    assert "manifest.jsonl" in capsys.readouterr().err
+    sf.write(str(tmp_path / "a.wav"), np.zeros(8000, dtype=np.int16), 8000, subtype="PCM_16")
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"audio": "a.wav", "intent": None}) + "\n")
+    assert main(["engine", "eval-eot", str(tmp_path)]) == 2  # no row carries an "eot" label
+    assert 'no manifest row has an "eot" label' in capsys.readouterr().err
+    assert main(["engine", "eval-eot", str(tmp_path), "--limit", "0"]) == 2
+
+
+def test_latency_reports_percentiles(capsys) -> None:
+    assert main(["engine", "latency", "--seconds", "1", "-n", "3"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["n"] == 3 and 0 < res["latency_ms"]["p50"] <= res["latency_ms"]["p95"]

@@ -102,4 +102,48 @@ def test_split_chunks_first_clause_short() -> None:
     assert len(chunks[0].split()) <= 4 and chunks[0] == "Your payment of"
     assert " ".join(chunks).split() == text.split()
     assert split_chunks("Hello.") == ["Hello."]
-    assert split_chunks("You owe $1,042.50 today. Thanks!") == ["You owe $1,042.50 today.", "Thanks!"]
+    # the read-back every payment hears: a 6-word first clause is cut too, the number kept with its unit
+    assert split_chunks("That's a payment of 100 dollars, is that right?") == [
+        "That's a payment of", "100 dollars,", "is that right?"]
+    assert split_chunks("I can see your account.") == ["I can see", "your account."]  # never one word alone
+    assert split_chunks("Are you still there?") == ["Are you still there?"]
+    # money is read as words ("$1,042.50" would be "dollar one thousand forty two point five zero") and
+    # "1042" stays with its unit
+    assert split_chunks("You owe $1,042.50 today. Thanks!") == ["You owe 1042 dollars", "and 50 cents today.", "Thanks!"]
+
+
+def test_split_chunks_keeps_abbreviations_with_what_follows() -> None:
+    assert split_chunks("Call Dr. Smith at St. Mary's, then J. R. Ewing.") == ["Call Dr. Smith", "at St. Mary's,",
+                                                                               "then J. R. Ewing."]
+    assert split_chunks("Please ask for Dr. Smith today about it.")[0] == "Please ask"  # not "... for Dr." | "Smith"
+    assert split_chunks("We close at 5 p.m. Anything else?") == ["We close", "at 5 p.m.", "Anything else?"]
+    assert split_chunks("Hi. Come at 9 a.m. today.") == ["Hi.", "Come at 9 a.m. today."]
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Your balance is $1,234.56.", "Your balance is 1234 dollars and 56 cents."),
+    ("That's a payment of 42.50 dollars, is that right?", "That's a payment of 42 dollars and 50 cents, is that right?"),
+    ("A payment of 1 dollars.", "A payment of 1 dollar."),
+    ("It costs $0.99 or $1.00, or £5.50, or €20, or $2.5 million.",
+     "It costs 99 cents or 1 dollar, or 5 pounds and 50 pence, or 20 euros, or 2.5 million dollars."),
+    ("We're open 24/7.", "We're open 24 7."),
+    ("Thanks 😊 for calling! 👍🏽 Acme™", "Thanks for calling! Acme"),
+    ("Call 1-800-555-0199.", "Call 1, 8 0 0, 5 5 5, 0 1 9 9."),
+    ("Press # or *, or say #3.", "Press pound or star, or say #3."),
+    ("Over 2024-2025, account 4411-2233, 90°, café.", "Over 2024-2025, account 4411-2233, 90°, café."),
+])
+def test_text_is_read_the_way_a_person_says_it(text: str, said: str) -> None:
+    from engine.textnorm import speech_text
+    from engine.voice import clean_text
+
+    assert clean_text(text) == said
+    assert speech_text(said) == said  # idempotent: the voice normalises a prompt, then each clause again
+
+
+def test_awkward_admin_texts_speak_or_fail_clearly(piper: PiperVoice) -> None:
+    voice = Voice(piper)
+    for text in ("$1,234.56", "24/7", "Thanks 😊!", "¿Qué? Ça va, Straße", "1/2 of #3 & @home", "\tok\n"):
+        _speechlike(voice.render(text), 0.3, 10.0)
+    for text in ("😊👍", "...", "—", "™"):  # nothing speakable left: a clear VoiceError, never a crash
+        with pytest.raises(VoiceError, match="nothing speakable"):
+            voice.render(text)

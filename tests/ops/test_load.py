@@ -43,10 +43,17 @@ def test_bot_load_small_n_twilio_and_sip(tmp_path: Path) -> None:
 def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--calls", "0"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
-    assert r.returncode == 2 and "--calls" in r.stdout
+    assert r.returncode == 2 and "--calls" in r.stderr and not r.stdout  # stdout carries only reports (--json)
     r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--wav", str(tmp_path / "nope.wav")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "no such WAV" in r.stdout
+    assert r.returncode == 2 and "no such WAV" in r.stderr
+    for args, says in ((["--turns", "0"], "--turns >= 1"), (["--ramp-s", "-1"], "--ramp-s >= 0"),
+                       # without --sip every call used to go over Twilio: a "SIP" run that never touched SIP
+                       (["--sip-fraction", "0.5"], "--sip-fraction needs --sip"),
+                       (["--find-max", "--calls", "8", "--max-calls", "4"], "--max-calls >= --calls")):
+        r = subprocess.run([sys.executable, "-m", "bot.cli", "load", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
 
 
 async def test_unreachable_bot_counts_failed_calls(tmp_path: Path) -> None:

@@ -125,6 +125,19 @@ def test_simulate_cli_example_and_errors(tmp_path: Path) -> None:
     assert p.returncode == 2 and "unknown event 'thunder'" in p.stderr
 
 
+@pytest.mark.parametrize("conf", ["1.5", "-3", ".nan"])
+def test_simulate_refuses_a_confidence_that_is_not_a_probability(tmp_path: Path, conf: str) -> None:
+    from policies.simulate import ScriptError, load_script, simulate
+
+    script = tmp_path / "s.yaml"
+    script.write_text(f"turns:\n  - understanding: {{intent: pay_bill, confidence: {conf}, slots: {{amount: 40}}}}\n")
+    with pytest.raises(ScriptError, match=r"turns\[0\]: understanding.confidence must be a probability in \[0, 1\]"):
+        simulate(load_policy(None), load_script(script), tmp_path, lambda: None)
+    script.write_text("turns:\n  - understanding: {intent: pay_bill, confidence: 0.9, alternatives: [[pay_bill, 2]]}\n")
+    with pytest.raises(ScriptError, match="understanding.alternatives must be a probability"):
+        simulate(load_policy(None), load_script(script), tmp_path, lambda: None)
+
+
 def _model_available() -> bool:
     try:
         from engine.understanding import default_model_dir
