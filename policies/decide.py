@@ -351,6 +351,9 @@ def _fail(policy: Policy, state: CallState, reason: str, prompt_key: str) -> Dec
     return Decision("reprompt", text, reason=reason)
 
 
+_REASK_PREFIXES = ("slot_retry", "still_there", "reprompt")
+
+
 def _reask(policy: Policy, state: CallState, reason: str, prefix_key: str) -> Decision | None:
     """Ask the pending question again (confirm, clarify, slot) after a turn that did not answer it.
     Counts as a failed turn, so it escalates like any other; None when nothing is pending."""
@@ -359,7 +362,11 @@ def _reask(policy: Policy, state: CallState, reason: str, prefix_key: str) -> De
         return None
     if _reaches_failure_limit(policy, state):
         return _escalate_failures(policy, state)
-    prompt = _join(policy.prompts.get(prefix_key, ""), last.prompt)
+    question = last.prompt
+    prefixes = [p for p in (policy.prompts.get(k, "") for k in _REASK_PREFIXES) if p]
+    while (hit := next((p for p in prefixes if question.startswith(p + " ")), None)) is not None:
+        question = question[len(hit) + 1:]  # the last re-ask's "Sorry, I didn't get that." is not said twice
+    prompt = _join(policy.prompts.get(prefix_key, ""), question)
     return dataclasses.replace(last, prompt=prompt, reason="slot_missing" if last.action == "collect" else reason)
 
 

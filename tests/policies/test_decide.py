@@ -353,3 +353,13 @@ def test_queue_closed_announces_the_queue_the_caller_reaches() -> None:
                                "agent_request: {intent: speak_to_agent, queue: billing", 1)
     d = run([U("speak_to_agent", 0.9)], EARLY, policy=parse_policy(text))[0][-1]
     assert d.target == "general" and d.prompt == POLICY.prompts["agent_transfer"]
+
+
+def test_a_question_asked_again_gets_one_apology_not_one_per_try() -> None:
+    """Three unclear answers to a read-back: "Sorry, I didn't get that." once before the question each time,
+    never piled up ("Sorry... Sorry... Sorry... That's a payment of 40 dollars")."""
+    decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 40})] + [U("affirm", 0.3)] * 2 + [NoInput()])
+    sorry, still = POLICY.prompts["slot_retry"], POLICY.prompts["still_there"]
+    question = decisions[1].prompt
+    assert decisions[2].prompt == f"{sorry} {question}" and decisions[3].prompt == f"{sorry} {question}"
+    assert decisions[4].prompt == f"{still} {question}"
