@@ -8,6 +8,7 @@ A load never touches a policy already in use: every load builds new objects.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,6 +343,16 @@ def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
     for key in REQUIRED_PROMPTS:
         if key not in p.prompts and key != "greeting":
             errs.append((("prompts",), f"missing prompt {key!r} (required)"))
+    # The voice refuses text with nothing to say or longer than it renders (engine.voice.clean_text): a
+    # prompt like that would reach the caller as the apology, so it is refused here, where the admin sees it.
+    max_chars = int(os.environ.get("BOT_VOICE_MAX_CHARS", "1000"))
+    for key, text in p.prompts.items():
+        spoken = _PLACEHOLDER.sub("1", text)
+        if not re.search(r"[^\W_]", spoken):
+            errs.append((("prompts", key), f"prompt {key!r} has nothing the voice can say (letters or digits)"))
+        elif len(spoken) > max_chars:
+            errs.append((("prompts", key), f"prompt {key!r} is {len(spoken)} characters; the voice renders at most "
+                                           f"{max_chars} (BOT_VOICE_MAX_CHARS)"))
     need_prompt(p.greeting, ("greeting",))
     if t.confirm > t.accept:
         errs.append((("thresholds", "confirm"), f"confirm band floor {t.confirm} is above accept {t.accept}"))

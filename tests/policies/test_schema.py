@@ -70,6 +70,12 @@ CASES = [
                                                   "  confirm_payment: That's {amount} dollars on {day}"),
      "intents.pay_bill.action.read_back", "read_back: confirm_payment}", "not slots of 'pay_bill'"),
     ("keypad key not a digit", ('    "0": speak_to_agent', '    "00": speak_to_agent'), "dtmf.options", "  options:", "single keypad"),
+    ("prompt with nothing to say", ("  filler: One moment.", '  filler: "..."'), "prompts.filler", 'filler: "..."',
+     "nothing the voice can say"),
+    ("prompt of emoji only", ("  still_there: Are you still there?", '  still_there: "\U0001F60A"'), "prompts.still_there",
+     "still_there:", "nothing the voice can say"),
+    ("prompt longer than the voice renders", ("  filler: One moment.", "  filler: " + "One moment please. " * 60),
+     "prompts.filler", "  filler: One moment please.", "BOT_VOICE_MAX_CHARS"),
 ]
 
 
