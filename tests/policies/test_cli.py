@@ -214,3 +214,16 @@ def test_tune_reads_a_hand_written_manifest_like_eval(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) == [{"audio": "a.wav", "intent": "pay_bill"}]
     pcm = read_wav(tmp_path / "a.wav")
     assert pcm.dtype == np.int16 and pcm.ndim == 1 and abs(len(pcm) - 8000) <= 1
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_error() -> None:
+    """`bot policy schema | head -1`: the reader closes the pipe early; no BrokenPipeError traceback, exit 0."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "bot.cli", "policy", "schema"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 0 and "Traceback" not in err, err
