@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +47,18 @@ def running_url(data_dir: Path) -> str | None:
     return url if _pong(port) else None
 
 
+def _die_with_parent() -> None:
+    """In the redis-server child before exec (Linux): SIGTERM it when the bot that started it dies, even by
+    SIGKILL, so a killed bot leaves no redis-server behind still appending to the AOF (the next bot would
+    start a second one on the same files). SIGTERM: redis fsyncs the AOF and exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; start() still refuses a second server on the same dir
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,11 +80,24 @@ class EmbeddedRedis:
         if not exe:
             raise RuntimeError("redis-server not found: install it (scripts/setup.sh) or set REDIS_URL")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        other = running_url(self.data_dir.parent)
+        deadline = time.monotonic() + 5.0
+        while other and time.monotonic() < deadline:  # one whose bot just died shuts down within moments
+            time.sleep(0.1)
+            other = running_url(self.data_dir.parent)
+        if other:
+            # two redis-servers appending to one AOF corrupt it (and an AOF rewrite by one loses the
+            # other's writes): never start a second one here
+            raise RuntimeError(
+                f"an embedded redis-server is already running on {other} with {self.data_dir}: another bot uses "
+                f"BOT_DATA_DIR={self.data_dir.parent}, or a killed bot left it running; stop it "
+                f"(redis-cli -u {other} shutdown) or use another BOT_DATA_DIR")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
              "--logfile", str((self.data_dir / "redis.log").resolve())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -16,7 +16,8 @@ from collections import deque
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import (BusyLoadingError, ClusterDownError, MasterDownError, OutOfMemoryError, ReadOnlyError,
+                              RedisError, TryAgainError)
 
 from ops import metrics
 from ops.logs import get_logger, mask_digits
@@ -31,6 +32,18 @@ RECENT_MAX = 10000
 HEARTBEAT_S = 5.0
 LIVE_STALE_S = 30.0
 REAP_EVERY_S = 10.0  # how often each worker looks for calls orphaned by a dead worker
+
+# Refusals that say "Redis cannot take writes right now", not "this command is wrong": maxmemory reached
+# (OOM), AOF/RDB write failing (MISCONF: disk full), a demoted master (READONLY), loading the AOF after a
+# restart (LOADING), ... The batch stays queued and is retried like a connection error, instead of being
+# dropped one command at a time while voicebot_redis_up still says 1.
+_RETRYABLE = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, MasterDownError, TryAgainError, ClusterDownError)
+_RETRYABLE_PREFIXES = ("OOM", "MISCONF", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY ", "TRYAGAIN",
+                       "CLUSTERDOWN")
+
+
+def _retryable(res: Any) -> bool:
+    return isinstance(res, _RETRYABLE) or (isinstance(res, RedisError) and str(res).startswith(_RETRYABLE_PREFIXES))
 
 
 def call_key(call_id: str) -> str:
@@ -81,7 +94,9 @@ class CallStore:
         self._listeners: dict[str, Callable[[bool], None]] = {}
         self._closing = False
         self._last_reap = 0.0
+        self._healthy_since = 0.0  # time of the last recovery from an outage (0: never down)
         self._last_id: dict[str, tuple[int, int]] = {}  # call id -> last event stream id (ms, seq)
+        self._dropped = 0  # ops dropped from the head of the queue on overflow
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -119,13 +134,24 @@ class CallStore:
         return not self._q
 
     def subscribe(self, call_id: str, fn: Callable[[bool], None]) -> None:
-        """fn(healthy) on every Redis up/down transition while the call lives."""
+        """fn(healthy) on every Redis up/down transition while the call lives; a call that starts while
+        Redis is already down is told at once (fn(False) on the next loop turn), like the calls that
+        were live when it went down."""
         self._listeners[call_id] = fn
+        if not self.healthy:
+            def tell() -> None:
+                if self._listeners.get(call_id) is fn and not self.healthy:
+                    try:
+                        fn(False)
+                    except Exception:  # noqa: BLE001
+                        log.exception("state_listener_failed")
+            asyncio.get_running_loop().call_soon(tell)
 
     # ---- writes (never block the caller) ----
     def _push(self, op: str, *args: Any, **kw: Any) -> None:
         if len(self._q) >= self._max:
             self._q.popleft()
+            self._dropped += 1
             metrics.ERRORS.labels("state", "buffer_overflow").inc()
         self._q.append((op, args, kw))
         self._idle.clear()
@@ -210,6 +236,8 @@ class CallStore:
         if ok == self.healthy:
             return
         self.healthy = ok
+        if ok:
+            self._healthy_since = time.time()
         metrics.REDIS_UP.set(1 if ok else 0)
         log.warning("redis_state", healthy=ok, buffered=len(self._q))
         for fn in list(self._listeners.values()):
@@ -228,6 +256,7 @@ class CallStore:
                 await self._wake.wait()
                 continue
             batch = list(self._q)[:500]
+            dropped0 = self._dropped
             t0 = time.perf_counter()
             try:
                 pipe = self.r.pipeline(transaction=False)
@@ -243,6 +272,18 @@ class CallStore:
                 backoff = min(backoff * 2, 2.0)
                 continue
             metrics.REDIS_LATENCY.labels("pipeline").observe(time.perf_counter() - t0)
+            refused = next((res for res in results if _retryable(res)), None)
+            if refused is not None:
+                # Redis is up but refuses writes (full, read-only, loading): keep the whole batch and retry
+                # it in order; every op is idempotent (events carry explicit ids), so what did land is harmless
+                metrics.ERRORS.labels("state", "redis_unavailable").inc()
+                if self.healthy:
+                    log.warning("redis_write_failed", error=type(refused).__name__, detail=str(refused)[:120],
+                                buffered=len(self._q))
+                self._set_health(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
             for (op, args, _kw), res in zip(batch, results):
                 if isinstance(res, Exception):
                     # A refused command is not retried: a repeated event id means it already landed.
@@ -251,7 +292,9 @@ class CallStore:
                     metrics.ERRORS.labels("state", kind).inc()
                     if kind == "command_failed":
                         log.warning("redis_command_failed", op=op, key=str(args[0]) if args else "", error=str(res))
-            for _ in batch:
+            # ops of this batch that overflow already dropped from the head while it was in flight are gone:
+            # pop only the rest, never ops queued after the batch
+            for _ in range(max(0, len(batch) - (self._dropped - dropped0))):
                 self._q.popleft()
             backoff = 0.2
             self._set_health(True)
@@ -264,11 +307,15 @@ class CallStore:
                 self._push("zadd", LIVE, {cid: now for cid in self._active})
             self._push("zadd", WORKERS, {self.worker: now})
             await self._reap(now)
-            self._push("zremrangebyscore", LIVE, "-inf", now - 4 * LIVE_STALE_S)
 
     async def _reap(self, now: float) -> None:
         """Close calls of workers that died (SIGKILL, OOM): every worker reaps, HSETNX makes it once."""
         if now - self._last_reap < REAP_EVERY_S or not self.healthy:
+            return
+        if now - self._healthy_since < LIVE_STALE_S:
+            # just back from an outage: every worker's heartbeats are stale until it has flushed its own
+            # backlog; reaping now would close live calls of workers still catching up (and their buffered
+            # events, older than the reaper's call_ended, would then be refused by the stream)
             return
         self._last_reap = now
         if not await self.flush(timeout_s=2.0):
@@ -276,7 +323,12 @@ class CallStore:
         from bot.reaper import reap_orphans  # bot.reaper imports this module's key schema
 
         try:
-            await reap_orphans(self.r, stale_s=LIVE_STALE_S, reaper=self.worker)
+            await reap_orphans(self.r, stale_s=LIVE_STALE_S, reaper=self.worker, ttl_s=self.ttl_s)
         except Exception as exc:  # noqa: BLE001 - Redis down: the next heartbeat tries again
             metrics.ERRORS.labels("state", "reap_failed").inc()
             log.warning("reap_failed", error=repr(exc))
+            return
+        # index entries the reaper left (claimed by another reaper that died before its ZREM). Pruned only
+        # right after a reap, never while reaping is held back (an outage): a dead worker's call pruned
+        # unreaped would stay `active` forever
+        self._push("zremrangebyscore", LIVE, "-inf", now - 4 * LIVE_STALE_S)

@@ -56,3 +56,38 @@ def test_calls_cli_with_an_unreachable_or_bad_redis_url_says_so(tmp_path: Path) 
             assert p.returncode == 3, (cmd, url, p.stderr)
             assert p.stderr.startswith(f"error: cannot read Redis at {url}") and why in p.stderr
             assert "Traceback" not in p.stderr
+
+
+def test_a_killed_bot_leaves_no_redis_server_and_two_never_share_an_aof(tmp_path: Path) -> None:
+    """`bot serve` SIGKILLed (OOM killer, kill -9) used to leave its embedded redis-server running; the next
+    start then ran a second redis-server appending to the same AOF files. Now the server goes with the bot,
+    and a second server on a data dir whose server still runs is refused."""
+    import signal
+    import time
+
+    code = ("import sys, time; from pathlib import Path; from bot.redis_embedded import EmbeddedRedis; "
+            "print(EmbeddedRedis(Path(sys.argv[1])).start(), flush=True); time.sleep(60)")
+    bot = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        url = ""
+        while not url.startswith("redis://"):  # skip log lines
+            url = bot.stdout.readline().strip()  # type: ignore[union-attr]
+        assert running_url(tmp_path) == url
+        second = EmbeddedRedis(tmp_path)
+        try:
+            second.start(timeout_s=5)
+            raise AssertionError("a second redis-server started on the same AOF")
+        except RuntimeError as exc:
+            assert "already running" in str(exc) and second.proc is None
+        bot.send_signal(signal.SIGKILL)
+        bot.wait(10)
+        deadline = time.monotonic() + 10
+        while running_url(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running_url(tmp_path) is None  # the redis-server went with its bot
+    finally:
+        bot.kill()
+        bot.wait(10)
+    er = EmbeddedRedis(tmp_path)
+    er.start()  # and the next bot starts normally on the same data dir
+    er.stop()

@@ -163,3 +163,147 @@ async def test_a_dead_workers_calls_are_reaped_once_and_events_are_not_duplicate
     finally:
         await dead.close()
         await alive.close()
+
+
+async def _until(pred, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_a_call_that_starts_while_redis_is_down_is_told(tmp_path: Path) -> None:
+    """The policy's Redis-down rule (apology + transfer) applies to calls that start during an outage
+    too: they used to be told nothing (no up/down transition while they lived)."""
+    port = free_port()
+    proc = _start_redis(port, tmp_path)
+    s = await _store(f"redis://127.0.0.1:{port}/0")
+    try:
+        proc.terminate()
+        proc.wait(10)
+        s.event("CAbefore", "turn", n=1)
+        assert await _until(lambda: not s.healthy)
+        told: list[bool] = []
+        s.start_call("CAduring", "twilio", "+15557654321", "", "1")
+        s.subscribe("CAduring", told.append)
+        assert await _until(lambda: told == [False], 2.0), told
+    finally:
+        await s.close(timeout_s=0.5)
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_redis_full_keeps_events_buffered_and_flushes_once_it_has_room(tmp_path: Path) -> None:
+    """maxmemory reached (noeviction): Redis refuses writes with OOM. The writer used to drop each refused
+    command (the call's turns and its call_ended lost, the record left `active` forever, unreapable since
+    the allowed ZREM/HDEL had taken it out of the live index) while voicebot_redis_up stayed 1."""
+    import redis as sync_redis
+
+    port = free_port()
+    proc = _start_redis(port, tmp_path)
+    s = await _store(f"redis://127.0.0.1:{port}/0")
+    admin = sync_redis.Redis(port=port)
+    told: list[bool] = []
+    try:
+        s.start_call("CAfull", "twilio", "+15557654321", "", "1")
+        s.subscribe("CAfull", told.append)
+        assert await s.flush()
+        admin.config_set("maxmemory", max(1, int(admin.info("memory")["used_memory"]) - 100_000))
+        for i in range(3):
+            s.event("CAfull", "turn", n=i)
+        assert await _until(lambda: not s.healthy)
+        assert told == [False]  # the conversation is told, as for an outage: apology + transfer
+        s.end_call("CAfull", "completed", turns=3)
+        assert not await s.flush(timeout_s=0.3)  # buffered, not dropped
+        admin.config_set("maxmemory", 0)
+        assert await s.flush(timeout_s=10) and s.healthy and told == [False]  # the call had ended: no listener
+        got = await s.get_call("CAfull")
+        assert got is not None and got["record"]["status"] == "ended" and got["record"]["outcome"] == "completed"
+        types = [e["type"] for e in got["events"]]
+        assert types == ["call_started", "turn", "turn", "turn", "call_ended"], types
+    finally:
+        admin.close()
+        await s.close(timeout_s=0.5)
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_no_reaping_right_after_an_outage_while_other_workers_catch_up(tmp_path: Path) -> None:
+    """After an outage every worker's heartbeats in Redis are stale until it has flushed its own
+    backlog. A worker that recovered first used to reap the live calls of a worker still in its retry
+    backoff: a spurious worker_lost, and that worker's buffered events (older ids than the reaper's
+    call_ended) refused by the stream as "duplicates", i.e. lost."""
+    import bot.state as state
+
+    port = free_port()
+    proc = _start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    a, b = await _store(url), await _store(url)
+    b.worker = "w-b"
+    try:
+        a.start_call("CAa", "twilio", "+15557654321", "", "1")
+        assert await a.flush()
+        proc.terminate()
+        proc.wait(10)
+        a.event("CAa", "state_degraded")
+        b.update("CAb-none", x=1)
+        assert await _until(lambda: not a.healthy and not b.healthy)
+        assert a._task is not None
+        a._task.cancel()  # worker A is still in its backoff when B recovers
+        proc = _start_redis(port, tmp_path)
+        assert await b.flush(timeout_s=10) and b.healthy
+        await b.r.zadd(LIVE, {"CAa": time.time() - 120})  # A's heartbeats: older than the outage
+        await b.r.hset(call_key("CAa"), mapping={"status": "active", "started_at": f"{time.time() - 130:.3f}"})
+        b._last_reap = 0.0
+        await b._reap(time.time())
+        assert await b.r.hget(call_key("CAa"), "status") == "active"  # not reaped while A catches up
+        a._task = asyncio.get_running_loop().create_task(a._writer())
+        a.end_call("CAa", "completed", turns=0)
+        assert await a.flush(timeout_s=10)
+        got = await a.get_call("CAa")
+        assert got is not None and got["record"]["outcome"] == "completed"
+        assert [e["type"] for e in got["events"]] == ["state_degraded", "call_ended"]  # none refused
+        # once recovered for longer than a heartbeat can stay stale, B reaps as before
+        b._healthy_since -= state.LIVE_STALE_S + 1
+        await b.r.zadd(LIVE, {"CAorphan": time.time() - 120})
+        b._last_reap = 0.0
+        await b._reap(time.time())
+        assert await b.r.hget(call_key("CAorphan"), "outcome") == "worker_lost"
+        assert 0 < await b.r.ttl(events_key("CAorphan")) <= b.ttl_s  # the reaped stream expires too
+    finally:
+        await a.close(timeout_s=0.5)
+        await b.close(timeout_s=0.5)
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_dead_workers_call_is_not_pruned_unreaped_after_a_long_outage(redis_url: str,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat used to prune live-index entries older than 120 s on every beat, reaping or not: a
+    dead worker's call whose entry aged past that during an outage (reaping is held back then) was dropped
+    from the index unreaped, and its record stayed `active` forever."""
+    import bot.state as state
+
+    monkeypatch.setattr(state, "HEARTBEAT_S", 0.05)
+    s = await _store(isolated_redis_url(redis_url))
+    try:
+        await s.r.hset(call_key("CAold"), mapping={"status": "active", "started_at": f"{time.time() - 400:.3f}"})
+        await s.r.zadd(LIVE, {"CAold": time.time() - 300})  # its worker died during a long outage
+        s._healthy_since = time.time()  # this worker just came back from that outage
+        await asyncio.sleep(0.5)  # many heartbeats
+        await s.flush()
+        assert await s.r.zscore(LIVE, "CAold") is not None
+        assert await s.r.hget(call_key("CAold"), "status") == "active"
+        s._healthy_since -= state.LIVE_STALE_S + 1
+        s._last_reap = 0.0
+        for _ in range(40):
+            if await s.r.hget(call_key("CAold"), "status") == "ended":
+                break
+            await asyncio.sleep(0.05)
+        assert await s.r.hget(call_key("CAold"), "outcome") == "worker_lost"
+        assert await s.r.zscore(LIVE, "CAold") is None
+    finally:
+        await s.r.delete(call_key("CAold"), events_key("CAold"))
+        await s.close()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bot.reaper import OUTCOME as REAPED, reap_orphans
+from bot.reaper import OUTCOME as REAPED
 from ops.load.harness import synth_wavs
 from ops.load.procstat import children
 from ops.load.spawn import BotProcess, RedisProc
@@ -197,10 +197,9 @@ async def verify_events(r: Any, call_ids: list[str], log_text: str) -> dict[str,
 
 
 class Chaos:
-    def __init__(self, work: Path, lines: int = 2, reap_stale_s: float = 12.0) -> None:
+    def __init__(self, work: Path, lines: int = 2) -> None:
         self.work = work
         self.n_lines = lines
-        self.reap_stale_s = reap_stale_s
         self.redis: RedisProc | None = None
         self.bot: BotProcess | None = None
         self.pcms: list[np.ndarray] = []
@@ -342,22 +341,36 @@ class Chaos:
                       for c in survivors)
         # the killed worker's calls: the caller side saw the line drop
         dropped = all(traces[c].ended_by in ("bot", "caller") or traces[c].error for c in killed)
-        # nobody closed them on the bot side (no reaper in the workers yet): reap once their heartbeat is stale
-        await asyncio.sleep(max(0.0, self.reap_stale_s - 6.0) + 1.0)
+        # the workers close them (bot/reaper.py from every worker's heartbeat) once their heartbeat is
+        # stale: LIVE_STALE_S after the kill, at the next reap tick. The harness only watches: it used to
+        # reap them itself, so a broken in-worker reaper still passed.
+        from bot.state import HEARTBEAT_S, LIVE_STALE_S, REAP_EVERY_S
+
         try:
             before = {c: (await r.hget(f"call:{c}", "status")) for c in killed}
-            reaped = await reap_orphans(r, stale_s=self.reap_stale_s, reaper="bot-chaos")
+            deadline = time.monotonic() + LIVE_STALE_S + REAP_EVERY_S + 2 * HEARTBEAT_S + 10
+            while time.monotonic() < deadline:
+                if all([await r.hget(f"call:{c}", "status") == "ended" for c in killed]):
+                    break
+                await asyncio.sleep(1.0)
             outcomes = {c: await r.hget(f"call:{c}", "outcome") for c in killed}
+            reapers: dict[str, str] = {}
+            for c in killed:
+                ends = [json.loads(f.get("data") or "{}") for _, f in await r.xrange(f"call:{c}:events")
+                        if f.get("type") == "call_ended"]
+                reapers[c] = next((e.get("reaper", "") for e in ends if e.get("outcome") == REAPED), "")
             others = await verify_events(r, [c for c in traces if c not in killed], self.bot.logs())
         finally:
             await r.aclose()
         restarted = await _wait(lambda: victim["worker"] in self._worker_pids(), 60)
         checks = {"killed_worker": victim["worker"], "calls_on_killed": len(killed), "calls_on_survivor": len(survivors),
                   "survivor_calls_unaffected": surv_ok, "killed_calls_dropped_at_caller": dropped,
-                  "killed_calls_status_before_reap": before, "reaped": len(reaped),
+                  "killed_calls_status_before_reap": before,
+                  "reaped": sum(1 for o in outcomes.values() if o == REAPED), "reaped_by": reapers,
                   "killed_calls_outcome": outcomes, "worker_restarted": restarted,
                   "other_calls_events": {k: others[k] for k in ("events_written", "events_found", "duplicates", "missing")}}
-        ok = (bool(killed) and surv_ok and dropped and all(o == REAPED or (o and o != "") for o in outcomes.values())
+        ok = (bool(killed) and surv_ok and dropped and all(o for o in outcomes.values())
+              and all(reapers[c] for c, o in outcomes.items() if o == REAPED)
               and restarted and others["events_found"] == others["events_written"])
         return Finding("worker-kill", ok, checks)
 

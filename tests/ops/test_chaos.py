@@ -39,6 +39,8 @@ def test_redis_faults_and_worker_kill_lose_no_events(tmp_path: Path) -> None:
     assert "exception" not in k, k
     assert k["calls_on_killed"] >= 1 and k["survivor_calls_unaffected"] and k["worker_restarted"], k
     assert all(o for o in k["killed_calls_outcome"].values()), k  # every killed call closed with an outcome
+    # ... by the surviving workers' own reaper (the harness only watches)
+    assert all(k["reaped_by"][c] for c, o in k["killed_calls_outcome"].items() if o == OUTCOME), k
     assert k["other_calls_events"]["events_found"] == k["other_calls_events"]["events_written"], k
     assert not dups, dups  # retried writes are idempotent (explicit per-call stream ids)
     assert all(f["ok"] for f in findings.values()), json.dumps(findings, indent=1)
@@ -64,14 +66,18 @@ async def test_reaper_closes_only_stale_calls_once(redis_url: str) -> None:
         for cid, age, status in (("CAstale", 100, "active"), ("CAfresh", 1, "active"), ("CAdone", 100, "ended")):
             await r.hset(f"call:{cid}", mapping={"status": status, "outcome": "" if status == "active" else "completed"})
             await r.zadd(LIVE, {cid: now - age})
-            await r.hset(LIVE_INFO, cid, json.dumps({"worker": "w9", "transport": "twilio"}))
-        assert await reap_orphans(r, stale_s=30) == ["CAstale"]
-        assert await reap_orphans(r, stale_s=30) == []  # idempotent
+            await r.hset(LIVE_INFO, cid, json.dumps({"worker": "w9", "transport": "twilio", "started_at": now - 160}))
+        assert await reap_orphans(r, stale_s=30, ttl_s=600) == ["CAstale"]
+        assert await reap_orphans(r, stale_s=30, ttl_s=600) == []  # idempotent
+        # a reaped call expires like an ended one: its event stream used to be left without a TTL (forever)
+        assert 0 < await r.ttl("call:CAstale:events") <= 600 and 0 < await r.ttl("call:CAstale") <= 600
+        assert abs(float(await r.hget("call:CAstale", "duration_s")) - 60) < 1  # start -> last heartbeat
         assert await r.hget("call:CAstale", "outcome") == OUTCOME
         assert await r.hget("call:CAdone", "outcome") == "completed"
         assert await r.hget("call:CAfresh", "status") == "active"
         ev = await r.xrange("call:CAstale:events")
         assert len(ev) == 1 and ev[0][1]["type"] == "call_ended" and json.loads(ev[0][1]["data"])["worker"] == "w9"
+        assert abs(json.loads(ev[0][1]["data"])["duration_s"] - 60) < 1
         assert await r.zscore(LIVE, "CAfresh") is not None and await r.zscore(LIVE, "CAstale") is None
     finally:
         await r.flushdb()
