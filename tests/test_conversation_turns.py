@@ -113,12 +113,14 @@ async def test_caller_talking_over_bot_barges_in_fast(bot_voice: np.ndarray) -> 
     assert 250 <= delay_ms <= 700, delay_ms
 
 
-def test_the_agent_gets_values_said_before_any_question() -> None:
+def test_the_agent_gets_values_said_before_any_question(tmp_path) -> None:
     """An account number said first, then "agent": the transfer's context carries it to the human."""
     from bot.conversation_policy import CallPolicy, load_local_policy
     from engine.types import Understanding
+    from tests.helpers.bot import open_policy
 
-    cp = CallPolicy(load_local_policy(), "1")
+    # queues open around the clock: at night the default policy offers a callback instead of a transfer
+    cp = CallPolicy(load_local_policy(str(open_policy(tmp_path / "policy.yaml"))), "1")
     cp.greeting()
     first = cp.on_turn(Understanding(intent=None, confidence=0.95, alternatives=[(None, 0.95)],
                                      slots={"account_number": "44721"}, transcript="my account number is 44721"))
