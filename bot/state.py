@@ -306,6 +306,8 @@ class CallStore:
             if self._active:
                 self._push("zadd", LIVE, {cid: now for cid in self._active})
             self._push("zadd", WORKERS, {self.worker: now})
+            # workers silent for a day are gone (SIGKILLed ones never remove themselves): keep the set small
+            self._push("zremrangebyscore", WORKERS, "-inf", now - 86400)
             await self._reap(now)
 
     async def _reap(self, now: float) -> None:

@@ -104,6 +104,9 @@ async def test_heartbeat_keeps_live_calls_fresh(redis_url: str, monkeypatch: pyt
     monkeypatch.setattr(state, "HEARTBEAT_S", 0.1)
     s = await _store(isolated_redis_url(redis_url))
     try:
+        import time
+
+        await s.r.zadd(state.WORKERS, {"host-123-killed": time.time() - 2 * 86400})  # SIGKILLed two days ago
         s.start_call("CAhb", "sip", "", "", "1")
         await s.flush()
         first = await s.r.zscore(LIVE, "CAhb")
@@ -111,6 +114,7 @@ async def test_heartbeat_keeps_live_calls_fresh(redis_url: str, monkeypatch: pyt
         await s.flush()
         assert await s.r.zscore(LIVE, "CAhb") > first
         assert await s.r.zscore(state.WORKERS, "w-test") is not None
+        assert await s.r.zscore(state.WORKERS, "host-123-killed") is None  # long-gone workers are pruned
     finally:
         s.end_call("CAhb", "completed")
         await s.close()
