@@ -269,23 +269,42 @@ async def publish(body: PublishIn, request: Request, p: Principal = Depends(requ
     store = get_store(request)
     if not (body.draft_id or body.yaml):
         raise _err(422, "bad_request", "give draft_id or yaml")
-    with _store_errors():
-        if body.draft_id:
-            v = await store.publish_draft(body.draft_id, body.expected_version, _actor(p), body.comment, body.draft_rev)
-        else:
-            v = await store.publish(body.yaml, body.expected_version, _actor(p), body.comment)
+    try:
+        with _store_errors():
+            if body.draft_id:
+                v = await store.publish_draft(body.draft_id, body.expected_version, _actor(p), body.comment,
+                                              body.draft_rev)
+            else:
+                v = await store.publish(body.yaml, body.expected_version, _actor(p), body.comment)
+    except HTTPException as exc:
+        await _audit_refused(store, "publish_refused", p, exc, draft=body.draft_id or "")
+        raise
     return {"version": v, "current": v}
+
+
+async def _audit_refused(store: PolicyStore, action: str, p: Principal, exc: HTTPException, **extra: Any) -> None:
+    """A refused publish or rollback (invalid, stale, conflicting) in the audit log too: who tried what."""
+    detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
+    try:
+        await store.audit(action, _actor(p), str(detail.get("message", ""))[:200], status=exc.status_code, **extra)
+    except Exception as audit_exc:  # noqa: BLE001 - the admin's answer must not depend on the audit write
+        log.warning("audit_failed", action=action, error=repr(audit_exc))
 
 
 @router.post(f"{API}/rollback", tags=["policies"], summary="Make an earlier version current again")
 async def rollback(body: RollbackIn, request: Request, p: Principal = Depends(require("publisher"))) -> dict[str, Any]:
     store = get_store(request)
-    with _store_errors():
-        try:
-            v = await store.rollback(body.version, body.expected_version, _actor(p), body.comment)
-        except PolicyInvalid as exc:  # not the usual 422: the admin sent no YAML, an old version went stale
-            raise _err(422, "rollback_invalid", f"version {body.version} no longer validates against the current schema",
-                       errors=[i.to_dict() for i in exc.issues]) from exc
+    try:
+        with _store_errors():
+            try:
+                v = await store.rollback(body.version, body.expected_version, _actor(p), body.comment)
+            except PolicyInvalid as exc:  # not the usual 422: the admin sent no YAML, an old version went stale
+                raise _err(422, "rollback_invalid",
+                           f"version {body.version} no longer validates against the current schema",
+                           errors=[i.to_dict() for i in exc.issues]) from exc
+    except HTTPException as exc:
+        await _audit_refused(store, "rollback_refused", p, exc, version=body.version)
+        raise
     return {"version": v, "current": v}
 
 

@@ -224,6 +224,19 @@ async def test_rollback(client: httpx.AsyncClient, default_yaml: str, redis: aio
     audit = (await client.get("/admin/api/audit", headers=auth("viewer"))).json()
     rb = next(a for a in audit if a["action"] == "rollback")
     assert rb["actor"] == "publisher-user" and rb["ip"] == "203.0.113.7" and rb["detail"] == "undo"
+    # refused attempts are on record too: the stale one (409), the missing version (404), the invalid one (422)
+    refused = [a for a in audit if a["action"] == "rollback_refused"]
+    assert sorted(a["status"] for a in refused) == ["404", "409", "422"]
+    assert all(a["actor"] == "publisher-user" for a in refused)
+
+
+async def test_refused_publish_is_audited(client: httpx.AsyncClient, default_yaml: str) -> None:
+    r = await client.post("/admin/api/publish", json={"yaml": with_accept(default_yaml, "1.5"), "expected_version": 1},
+                          headers=auth("publisher"))
+    assert r.status_code == 422
+    audit = (await client.get("/admin/api/audit", headers=auth("viewer"))).json()
+    (a,) = [a for a in audit if a["action"] == "publish_refused"]
+    assert a["status"] == "422" and a["actor"] == "publisher-user" and "validate" in a["detail"]
 
 
 # ---- uploads ----------------------------------------------------------------------------------------
