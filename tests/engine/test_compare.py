@@ -59,3 +59,9 @@ def test_cli_same_model_has_no_difference(tmp_path: Path, capsys) -> None:
     assert res["intent_accuracy"]["ci95"] == [0.0, 0.0] and res["slot_accuracy"]["n"] == 1
     assert main(["engine", "compare", str(tmp_path / "nowhere"), "--b", model]) == 2
     assert "manifest.jsonl" in capsys.readouterr().err
+    # a hand-written "4-2-7-1" is the same gold value as "4271" (labels read as `bot engine eval` reads them)
+    text = (tmp_path / "manifest.jsonl").read_text().replace('"4271"', '"4-2-7-1"')
+    (tmp_path / "manifest.jsonl").write_text(text)
+    assert main(["engine", "compare", str(tmp_path), "--b", model, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["slot_accuracy"]["a"] == res["slot_accuracy"]["a"]
