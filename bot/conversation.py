@@ -158,9 +158,7 @@ class Conversation:
             u = self._speaking
             if u is not None and not u.heard_all.is_set() and not u.interrupted:
                 # the call ended mid-prompt (the caller hung up on it): how much of it they heard
-                self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
-                                   duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=True,
-                                   by="call_ended")
+                self._record_heard(u, interrupted=True, by="call_ended")
             vad_stream.close()
             for t in (self._play_task, self._turn_task, self._eot_task):
                 if t is not None and not t.done():
@@ -585,13 +583,19 @@ class Conversation:
             u.sent += len(piece)
             await self.bridge.mark(f"{u.uid}:{u.sent * 1000 // 8000}")
 
-    def _utterance_heard(self, u: _Utterance, marks_missing: bool = False) -> None:
+    def _record_heard(self, u: _Utterance, **extra: Any) -> None:
+        """The call's `prompt_heard` event: what the bot said and how much of it the caller heard."""
+        self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
+                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, **extra)
+
+    def _drop_watchdog(self, u: _Utterance) -> None:
         h = self._mark_watchdogs.pop(u.uid, None)
         if h is not None:
             h.cancel()
-        extra = {"marks_missing": True} if marks_missing else {}
-        self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
-                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=False, **extra)
+
+    def _utterance_heard(self, u: _Utterance, marks_missing: bool = False) -> None:
+        self._drop_watchdog(u)
+        self._record_heard(u, interrupted=False, **({"marks_missing": True} if marks_missing else {}))
         if self._speaking is u:
             self._speaking = None
             self._echo_timer = asyncio.get_running_loop().call_later(ECHO_TAIL_S, self._echo_done)
@@ -612,18 +616,14 @@ class Conversation:
         self.detector.bot_level_db = None
         if self._play_task is not None and not self._play_task.done():
             self._play_task.cancel()
-        h = self._mark_watchdogs.pop(u.uid, None)
-        if h is not None:
-            h.cancel()
+        self._drop_watchdog(u)
         await self.bridge.clear()
         self._playout_end = time.monotonic()  # the bridge dropped what was queued
         metrics.BARGE_INS.labels(self.transport).inc()
         onset_ms = None
         if ev is not None:
             onset_ms = round((ev.t - ev.speech_start_t) * 1000)
-        self.s.store.event(self.call_id, "prompt_heard", utt=u.uid, kind=u.kind, text=u.text,
-                           duration_ms=u.sent * 1000 // 8000, heard_ms=u.heard, interrupted=True, by=why,
-                           detect_after_onset_ms=onset_ms,
+        self._record_heard(u, interrupted=True, by=why, detect_after_onset_ms=onset_ms,
                            clear_ms=round((time.monotonic() - t_detect) * 1000, 1))
         self.log.info("barge_in", utt=u.uid, heard_ms=u.heard, by=why)
 

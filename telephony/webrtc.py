@@ -238,10 +238,7 @@ class WebRTCCallBridge(QueuedCallBridge):
         started = False
         while not self._ended:
             try:
-                if started:
-                    frame = await asyncio.wait_for(track.recv(), self.media_timeout_s)
-                else:
-                    frame = await track.recv()
+                frame = await asyncio.wait_for(track.recv(), self.media_timeout_s if started else None)
             except MediaStreamError:
                 break
             except asyncio.TimeoutError:

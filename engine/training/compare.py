@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.training.evaluate import _slots_equal, load_wav, read_eval_dir, read_eval_manifest
+from engine.training.evaluate import _slots_equal, load_wav, read_eval_manifest
 from engine.understanding import UnderstandingModel
 
 
@@ -38,7 +38,6 @@ def compare(eval_dir: str | Path, model_a: str | None, model_b: str, reps: int =
             progress: bool = True) -> dict:
     """Run both models on every non-truncated clip of eval_dir; paired intent and slot results."""
     d = Path(eval_dir)
-    read_eval_dir(d)  # structure and clips first: a bad manifest is refused before any model loads
     ma, mb = UnderstandingModel.load(model_a, threads=1), UnderstandingModel.load(model_b, threads=1)
     # labels read as `eval` reads them: hand-written values normalised ("$40.00" -> 40.0), unknown names refused
     rows = [r for _, r in read_eval_manifest(d, intents=ma.intents, slot_types=ma.slot_types)

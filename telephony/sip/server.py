@@ -395,13 +395,19 @@ class SipServer:
             ERRORS.labels("sip", "handler_exception").inc()
             log.error("sip_handler_exception", error=repr(exc), method=msg.method or msg.status)
 
+    def _log_due(self, key: str) -> bool:
+        """At most one log line per key per second: a flood must not become a log flood."""
+        now = time.monotonic()
+        if now - self._bad_logged.get(key, -10.0) < 1.0:
+            return False
+        self._bad_logged[key] = now
+        return True
+
     def _bad(self, kind: str, peer: Peer, data: bytes | None) -> None:
         """Count and log; answer 400 when the request is intact enough to route a response (8.2)."""
         ERRORS.labels("sip", kind).inc()
         SIP_MESSAGES.labels("invalid", "bad_request").inc()
-        now = time.monotonic()
-        if now - self._bad_logged.get(kind, -10.0) >= 1.0:  # a flood must not become a log flood
-            self._bad_logged[kind] = now
+        if self._log_due(kind):
             log.warning("sip_bad_message", kind=kind, source=peer.addr[0], size=len(data) if data else None)
         if not data or data.startswith(b"SIP/"):
             return
@@ -431,10 +437,7 @@ class SipServer:
     def _refused(self, msg: SipMessage, peer: Peer, status: int, kind: str) -> None:
         """Log why a call was refused (the metric alone does not tell on-call which trunk, which call or what
         to fix); throttled like bad messages, one line per kind per second."""
-        now = time.monotonic()
-        key = f"refused:{kind}"
-        if now - self._bad_logged.get(key, -10.0) >= 1.0:
-            self._bad_logged[key] = now
+        if self._log_due(f"refused:{kind}"):
             log.warning("sip_invite_refused", status=status, kind=kind, source=peer.addr[0], call_id=msg.call_id,
                         user_agent=msg.get("User-Agent")[:80], in_dialog=bool(msg.to_tag))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -88,8 +89,14 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
     bridge: TwilioCallBridge | None = None
     call_task: asyncio.Task[None] | None = None
     early_media = 0
-    ignored: dict[str, int] = {}  # harmless bad messages per kind (unknown_event, wrong_stream)
+    ignored: Counter[str] = Counter()  # harmless bad messages per kind (unknown_event, wrong_stream)
     bad = 0
+
+    def report_ignored(b: TwilioCallBridge, kind: str, detail: str) -> None:
+        """Recorded a few times per call and kind, counted always: a flood must not grow the event stream."""
+        ignored[kind] += 1
+        if ignored[kind] <= MAX_RECORDED_UNKNOWN:
+            b.report_error(kind, detail)
     reason = "disconnected"
 
     async def close(code: int) -> None:
@@ -118,11 +125,7 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
                     bad += 1
                     continue
                 if exc.kind == "unknown_event":
-                    # Twilio adds event types over time; ignoring one is safe. Recorded a few times per call,
-                    # counted always: a peer sending thousands must not grow the call's event stream.
-                    ignored[exc.kind] = ignored.get(exc.kind, 0) + 1
-                    if ignored[exc.kind] <= MAX_RECORDED_UNKNOWN:
-                        bridge.report_error(exc.kind, exc.detail)
+                    report_ignored(bridge, exc.kind, exc.detail)  # Twilio adds event types: ignoring one is safe
                     continue
                 bridge.report_error(exc.kind, exc.detail)
                 bad += 1
@@ -136,9 +139,7 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
                 # is not at fault), so it is dropped, counted, and recorded a few times
                 _err("wrong_stream")
                 log.warning("bad_message", call_id=bridge.info.call_id, kind="wrong_stream", twilio_event=m.event)
-                ignored["wrong_stream"] = ignored.get("wrong_stream", 0) + 1
-                if ignored["wrong_stream"] <= MAX_RECORDED_UNKNOWN:
-                    bridge.report_error("wrong_stream", f"{m.event} for stream {m.stream_sid[:40]}")
+                report_ignored(bridge, "wrong_stream", f"{m.event} for stream {m.stream_sid[:40]}")
                 continue
             if m.event == "media":
                 if bridge is None:
