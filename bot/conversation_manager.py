@@ -30,6 +30,19 @@ class CallManager:
             metrics.CALLS_TOTAL.labels(bridge.info.transport, "refused_draining").inc()
             await bridge.hangup("shutting_down")
             return "refused_draining"
+        cid = bridge.info.call_id
+        if cid in self.active:
+            # a second stream/dialog with the id of a live call (a replayed `start`, a confused proxy): running
+            # it would share the first one's record, heartbeat and bookkeeping, and the first to end would
+            # drop the other's live-index entry (then reaped as `worker_lost` while still talking)
+            log.warning("call_refused_duplicate_id", call_id=cid, transport=bridge.info.transport)
+            metrics.ERRORS.labels(bridge.info.transport, "duplicate_call_id").inc()
+            metrics.CALLS_TOTAL.labels(bridge.info.transport, "refused_duplicate").inc()
+            try:
+                await bridge.hangup("duplicate_call_id")
+            except Exception as exc:  # noqa: BLE001 - the refused leg may be gone already
+                log.warning("hangup_failed", call_id=cid, reason="duplicate_call_id", error=str(exc))
+            return "refused_duplicate"
         services = self.s
         if policy_override is not None:
             # (label, Policy) from the admin softphone names the draft/version in the call record
@@ -37,7 +50,6 @@ class CallManager:
             fixed: Callable[[Any], CallPolicy] = lambda info: CallPolicy(pol, label, info)  # noqa: E731
             services = Services(**{**services.__dict__, "new_policy": fixed})
         conv = Conversation(bridge, services)
-        cid = bridge.info.call_id
         self.active[cid] = conv
         self._idle.clear()
         try:

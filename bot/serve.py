@@ -133,6 +133,16 @@ def _forget_metrics(pid: int) -> None:
         log.warning("metrics_cleanup_failed", pid=pid, error=repr(exc))
 
 
+RESTART_STABLE_S = 60.0  # a worker that ran this long before dying is restarted at once
+RESTART_MAX_DELAY_S = 30.0
+
+
+def _replaceable(procs: list[subprocess.Popen[bytes]]) -> bool:
+    """Some worker died of something other than a stop signal: the supervisor replaces it rather than exit
+    (all workers dying in the same instant, e.g. an OOM kill of each, used to end the supervisor)."""
+    return any(p.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGINT) for p in procs)
+
+
 def _supervise(workers: int, settings: Settings) -> int:
     mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not mp:
@@ -153,6 +163,9 @@ def _supervise(workers: int, settings: Settings) -> int:
                                 pass_fds=(sock.fileno(),))
 
     procs = [spawn(i) for i in range(workers)]
+    started = [time.monotonic()] * workers
+    crashes = [0] * workers  # quick deaths in a row per slot: a worker that cannot start backs off
+    respawn_at: dict[int, float] = {}  # slot -> when its replacement starts
     log.info("supervisor_started", workers=workers, port=settings.http_port, multiproc_dir=mp)
 
     stopping = False
@@ -169,14 +182,25 @@ def _supervise(workers: int, settings: Settings) -> int:
     rc = 0
     while True:
         alive = [p for p in procs if p.poll() is None]
-        if not alive:
+        if not alive and (stopping or not respawn_at and not _replaceable(procs)):
             break
         if not stopping:
+            now = time.monotonic()
             for i, p in enumerate(procs):
-                if p.poll() is not None:  # a crashed worker is replaced; its calls are lost, not others'
-                    log.error("worker_died", index=i, rc=p.returncode)
+                if p.poll() is not None and i not in respawn_at:
+                    # a crashed worker is replaced (its calls are lost, not others'); one that dies again soon
+                    # after starting (bad config, Redis refusing it) is retried ever more slowly, instead of a
+                    # restart loop that burns the CPU the live workers need and floods the log
+                    crashes[i] = crashes[i] + 1 if now - started[i] < RESTART_STABLE_S else 1
+                    delay = 0.0 if crashes[i] <= 1 else min(RESTART_MAX_DELAY_S, 2.0 ** (crashes[i] - 2))
+                    log.error("worker_died", index=i, rc=p.returncode, crashes_in_a_row=crashes[i],
+                              restart_in_s=delay)
                     _forget_metrics(p.pid)
+                    respawn_at[i] = now + delay
+                if i in respawn_at and now >= respawn_at[i]:
+                    del respawn_at[i]
                     procs[i] = spawn(i)
+                    started[i] = time.monotonic()
         elif sock.fileno() != -1:
             # no worker will be spawned again: once the draining workers close their copies the port
             # closes, so new connections are refused rather than queued with nobody to accept them

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
@@ -32,6 +32,7 @@ RECENT_MAX = 10000
 HEARTBEAT_S = 5.0
 LIVE_STALE_S = 30.0
 REAP_EVERY_S = 10.0  # how often each worker looks for calls orphaned by a dead worker
+ENDED_IDS_MAX = 1024  # ended calls whose last event id is kept, for events that arrive after call_ended
 
 # Refusals that say "Redis cannot take writes right now", not "this command is wrong": maxmemory reached
 # (OOM), AOF/RDB write failing (MISCONF: disk full), a demoted master (READONLY), loading the AOF after a
@@ -95,7 +96,10 @@ class CallStore:
         self._closing = False
         self._last_reap = 0.0
         self._healthy_since = 0.0  # time of the last recovery from an outage (0: never down)
-        self._last_id: dict[str, tuple[int, int]] = {}  # call id -> last event stream id (ms, seq)
+        self._last_id: dict[str, tuple[int, int]] = {}  # live call id -> last event stream id (ms, seq)
+        # the same for recently ended calls, bounded: a late event (a protocol error that raced the hang-up)
+        # must neither reuse an id nor leave an entry behind for every call the worker ever had
+        self._ended_ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._dropped = 0  # ops dropped from the head of the queue on overflow
 
     # ---- lifecycle ----
@@ -187,10 +191,14 @@ class CallStore:
         # An explicit, per-call increasing stream id makes the write idempotent: if a pipeline is
         # retried after Redis applied it (a stall that outlived our timeout), the repeat is refused
         # by Redis ("ID equal or smaller") instead of duplicating the event.
-        ms, seq = self._last_id.get(call_id, (0, -1))
+        live = call_id in self._active
+        ms, seq = (self._last_id if live else self._ended_ids).get(call_id, (0, -1))
         now_ms = int(now * 1000)
         ms, seq = (now_ms, 0) if now_ms > ms else (ms, seq + 1)
-        self._last_id[call_id] = (ms, seq)
+        if live:
+            self._last_id[call_id] = (ms, seq)
+        else:
+            self._remember_ended(call_id, (ms, seq))
         self._push("xadd", events_key(call_id), fields, id=f"{ms}-{seq}")
 
     def end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
@@ -205,7 +213,15 @@ class CallStore:
         self._push("hdel", LIVE_INFO, call_id)
         self._active.discard(call_id)
         self._listeners.pop(call_id, None)
-        self._last_id.pop(call_id, None)
+        last = self._last_id.pop(call_id, None)
+        if last is not None:
+            self._remember_ended(call_id, last)
+
+    def _remember_ended(self, call_id: str, last: tuple[int, int]) -> None:
+        self._ended_ids[call_id] = last
+        self._ended_ids.move_to_end(call_id)
+        while len(self._ended_ids) > ENDED_IDS_MAX:
+            self._ended_ids.popitem(last=False)
 
     # ---- reads ----
     async def get_call(self, call_id: str) -> dict[str, Any] | None:

@@ -87,5 +87,11 @@ WORKER_CPU = Gauge("voicebot_worker_cpu_seconds", "CPU time (user + system) this
                    multiprocess_mode="liveall")
 WORKER_RSS = Gauge("voicebot_worker_resident_memory_bytes", "Resident memory of this worker process",
                    multiprocess_mode="liveall")
+# Leak detectors for the on-call engineer: each must return to its idle level when the calls are gone.
+WORKER_OPEN_FDS = Gauge("voicebot_worker_open_fds", "Open file descriptors of this worker process",
+                        multiprocess_mode="liveall")
+WORKER_THREADS = Gauge("voicebot_worker_threads", "OS threads of this worker process", multiprocess_mode="liveall")
+WORKER_TASKS = Gauge("voicebot_worker_asyncio_tasks", "asyncio tasks alive in this worker's event loop",
+                     multiprocess_mode="liveall")
 SIP_MESSAGES = Counter("voicebot_sip_messages_total", "SIP messages received", ["method", "result"])
 RTP_PACKETS = Counter("voicebot_rtp_packets_total", "RTP packets", ["direction", "result"])

@@ -59,17 +59,32 @@ def run(args: argparse.Namespace) -> int:
         if not Path(w).is_file():
             print(f"bot load: no such WAV: {w}", file=sys.stderr)
             return 2
+        try:  # before --spawn starts a bot: a file that is no audio is one clear line, not a traceback later
+            import soundfile as sf
+
+            sf.info(w)
+        except (RuntimeError, OSError) as exc:
+            print(f"bot load: not a readable WAV: {w} ({exc})", file=sys.stderr)
+            return 2
     server = None
     url, sip, pids, redis_url = args.url, args.sip, list(args.pid), args.redis_url
     if args.spawn:
-        server = BotProcess(Path(tempfile.mkdtemp(prefix="bot-load-")), workers=args.workers,
-                            sip=args.sip_fraction > 0).start()
+        try:
+            server = BotProcess(Path(tempfile.mkdtemp(prefix="bot-load-")), workers=args.workers,
+                                sip=args.sip_fraction > 0).start()
+        except (RuntimeError, OSError) as exc:  # it exited or never got ready: its log tail says why
+            print(f"bot load: --spawn could not start `bot serve`: {exc}", file=sys.stderr)
+            return 2
         url = server.url
         sip = f"127.0.0.1:{server.sip_port}" if server.sip_port else ""
         assert server.proc is not None
         pids = bot_pids(server.proc.pid)
         redis_url = f"redis://127.0.0.1:{server.env['BOT_EMBEDDED_REDIS_PORT']}/0"
     try:
+        if server is None and (problem := preflight(url)):
+            # otherwise every caller fails quietly for --duration-s and the report says only "NOT HELD"
+            print(f"bot load: {problem}", file=sys.stderr)
+            return 2
         steps = range(args.calls, args.max_calls + 1, max(args.step, 1)) if args.find_max else [args.calls]
         best = 0
         results = []
@@ -80,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
                              budget_ms=args.budget_ms, redis_url=redis_url,
                              budget_basis=args.budget_basis)
             lr = LoadRun(cfg, pids)
-            summary = asyncio.run(lr.run())
+            try:
+                summary = asyncio.run(lr.run())
+            except (RuntimeError, OSError, ValueError) as exc:  # before any call: a WAV that is no WAV, no espeak-ng
+                print(f"bot load: cannot prepare the callers: {exc}", file=sys.stderr)
+                return 2
             summary["files"] = lr.write(summary)
             results.append(summary)
             print(json.dumps(summary) if args.json else f"--- {n} callers ---\n{format_summary(summary)}", flush=True)
@@ -93,3 +112,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+def preflight(url: str) -> str:
+    """Why the bot at `url` cannot take test calls ("" when it can): nothing listening, or not ready."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/readyz", timeout=5)
+    except httpx.HTTPError as exc:
+        return (f"no bot answers at {url} ({type(exc).__name__}): start one with `bot serve`, "
+                "point --url at it, or use --spawn")
+    if r.status_code == 200:
+        return ""
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if isinstance(body, dict) and body.get("draining"):
+        return f"the bot at {url} is draining (shutting down) and refuses new calls"
+    if r.status_code == 503:
+        return f"the bot at {url} is not ready yet (/readyz 503: {r.text[:200]}); retry once it reports ready"
+    return f"{url}/readyz answered {r.status_code}: is --url the bot's HTTP address?"

@@ -122,6 +122,23 @@ def _timed_twilio_caller(url: str, token: str) -> Any:
     return Timed(url, token)
 
 
+def call_error(exc: BaseException) -> str:
+    """What a failed call says in the report: why the bot did not take it, not just an exception class."""
+    if isinstance(exc, httpx.ConnectError):
+        return "ConnectError (nothing answers at the bot URL)"
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        hint = " (bad signature: pass the bot's TWILIO_AUTH_TOKEN with --token)" if code == 403 else ""
+        return f"http_{code}{hint}"
+    text = str(exc)
+    if "<Reject" in text:
+        return "refused (the bot answered <Reject>: draining or not ready)"
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:  # websockets' InvalidStatus: the stream upgrade was refused
+        return f"stream_refused_{status}"
+    return type(exc).__name__
+
+
 def trailing_silence_s(pcm: np.ndarray, level: int = 300) -> float:
     loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > level)
     return (len(pcm) - (loud[-1] + 1)) / 8000 if len(loud) else 0.0
@@ -169,8 +186,10 @@ class LoadRun:
         cfg = self.cfg
         caller = _timed_twilio_caller(cfg.url, cfg.auth_token)
         row = CallRow(self._now(), idx, "twilio", caller.call_sid, False, None, 0, cfg.turns)
+        counted = False
         try:
             await caller.connect()
+            counted = True
             self.active += 1
             self.peak_active = max(self.peak_active, self.active)
             await caller.wait_bot_quiet(quiet_s=0.6, timeout_s=cfg.reply_timeout_s)
@@ -198,12 +217,13 @@ class LoadRun:
             await caller.hangup()
             await self._server_breakdown(caller.call_sid)
         except Exception as exc:  # noqa: BLE001 - one failed call is a result, not a crash
-            row.error = type(exc).__name__
+            row.error = call_error(exc)
             metrics.ERRORS.labels("load", "call_failed").inc()
-            log.warning("load_call_failed", transport="twilio", error=repr(exc))
+            log.warning("load_call_failed", transport="twilio", call_id=caller.call_sid, error=repr(exc))
             await caller.close()
         finally:
-            if caller._ws is not None:  # connected: it was counted as active
+            # connect() can fail after the socket opened (the bot closed it at once): never counted, never uncounted
+            if counted:
                 self.active -= 1
         self.calls.append(row)
 
@@ -242,7 +262,8 @@ class LoadRun:
                 v2v = None if first is None else round((first - speech_end) * 1000, 1)
                 spoken += 1
                 row.turns_answered += v2v is not None
-                self.turns.append(TurnRow(self._now(), idx, "sip", caller.call_id, n + 1, v2v, "" if v2v else "no_reply"))
+                self.turns.append(TurnRow(self._now(), idx, "sip", caller.call_id, n + 1, v2v,
+                                          "" if v2v is not None else "no_reply"))
                 await asyncio.sleep(self.rng.uniform(*cfg.think_s))
             row.ok = row.greeting_ms is not None and spoken > 0 and row.turns_answered == spoken
             if not row.ok:
@@ -250,9 +271,9 @@ class LoadRun:
             if not caller.ended.is_set():
                 await caller.bye()
         except Exception as exc:  # noqa: BLE001
-            row.error = type(exc).__name__
+            row.error = call_error(exc)
             metrics.ERRORS.labels("load", "call_failed").inc()
-            log.warning("load_call_failed", transport="sip", error=repr(exc))
+            log.warning("load_call_failed", transport="sip", call_id=caller.call_id, error=repr(exc))
         finally:
             caller.close()
             row.rx_lost = caller.stats.rx_seq_gaps
@@ -332,10 +353,15 @@ class LoadRun:
     def summary(self, before: str, after: str) -> dict[str, Any]:
         cfg = self.cfg
         v2v = [r.v2v_ms for r in self.turns if r.v2v_ms is not None]
-        late = scrape_counter(after, "voicebot_late_frames_total") - scrape_counter(before, "voicebot_late_frames_total")
-        sent = scrape_counter(after, "voicebot_audio_frames_total") - scrape_counter(before, "voicebot_audio_frames_total")
-        rtp_bad = (scrape_counter(after, "voicebot_rtp_packets_total", 'direction="in"', 'result="ok"')
-                   - scrape_counter(before, "voicebot_rtp_packets_total", 'direction="in"', 'result="ok"'))
+        # server counters as deltas over the run; None when /metrics could not be read at both ends (bot down)
+        def delta(name: str, has: str = "", lacks: str = "") -> int | None:
+            if not before or not after:
+                return None
+            return max(0, int(scrape_counter(after, name, has, lacks) - scrape_counter(before, name, has, lacks)))
+
+        late = delta("voicebot_late_frames_total")
+        sent = delta("voicebot_audio_frames_total", 'direction="out"')  # late frames are outbound ones
+        rtp_bad = delta("voicebot_rtp_packets_total", 'direction="in"', 'result="ok"')
         workers: dict[str, dict[str, float]] = {}
         for pid in self.pids:
             cpu = [s[f"cpu_{pid}"] for s in self.samples if f"cpu_{pid}" in s]
@@ -353,8 +379,8 @@ class LoadRun:
             "processing_ms": {"p50": percentile(proc, 50), "p95": percentile(proc, 95), "p99": percentile(proc, 99)},
             "budget_basis": cfg.budget_basis,
             "greeting_ms_p95": percentile([c.greeting_ms for c in self.calls if c.greeting_ms is not None], 95),
-            "late_frames": int(late), "frames": int(sent), "rtp_lost_at_caller": sum(c.rx_lost for c in self.calls),
-            "rtp_bad_at_bot": int(rtp_bad),
+            "late_frames": late, "frames": sent, "rtp_lost_at_caller": sum(c.rx_lost for c in self.calls),
+            "rtp_bad_at_bot": rtp_bad, "server_metrics": bool(before and after),
             "errors": sorted({c.error for c in failed if c.error}), "workers": workers,
             "server_ms": {k: {"p50": percentile(xs, 50), "p95": percentile(xs, 95)}
                           for k in ("eot_wait_ms", "understand_ms", "server_latency_ms")
@@ -417,8 +443,9 @@ def format_summary(s: dict[str, Any]) -> str:
              f"no reply {s['turns_no_reply']})",
              f"processing ms (v2v - end-of-turn wait): p50 {s['processing_ms']['p50']}  p95 {s['processing_ms']['p95']}  "
              f"p99 {s['processing_ms']['p99']}   [held judged on {s['budget_basis']}]",
-             f"greeting p95 ms: {s['greeting_ms_p95']}   late frames: {s['late_frames']} of {s['frames']}   "
-             f"RTP lost at caller: {s['rtp_lost_at_caller']}   RTP late/lost/invalid at bot: {s.get('rtp_bad_at_bot', 0)}",
+             f"greeting p95 ms: {s['greeting_ms_p95']}   late frames: {s['late_frames']} of {s['frames']} sent   "
+             f"RTP lost at caller: {s['rtp_lost_at_caller']}   RTP late/lost/invalid at bot: {s.get('rtp_bad_at_bot', 0)}"
+             + ("" if s.get("server_metrics", True) else "   (bot /metrics unreadable: server figures unknown)"),
              f"errors: {', '.join(s['errors']) or 'none'}"]
     for k, v2 in s.get("server_ms", {}).items():
         lines.append(f"server {k}: p50 {v2['p50']}  p95 {v2['p95']}")

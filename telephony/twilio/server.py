@@ -29,6 +29,9 @@ STREAM_PATH = "/twilio/stream"
 # media messages tolerated before `start` (a real Twilio never sends any) before we hang up
 MAX_EARLY_MEDIA = 50
 MAX_RECORDED_UNKNOWN = 20  # unknown-event / wrong-stream messages recorded per call and kind (all are counted)
+# A real Twilio sends `start` right after `connected`. A socket that never does would otherwise hold a
+# coroutine and a file descriptor for as long as its peer keeps answering pings, i.e. forever.
+START_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -39,6 +42,7 @@ class TwilioRouteConfig:
     lead_ms: int = 120
     max_bad_messages: int = 0  # bad messages tolerated per call; the next one ends it
     is_draining: Callable[[], bool] = lambda: False
+    start_timeout_s: float = START_TIMEOUT_S  # no `start` this long after accept: the socket is closed
 
 
 def _err(kind: str) -> None:
@@ -92,19 +96,34 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
     ignored: Counter[str] = Counter()  # harmless bad messages per kind (unknown_event, wrong_stream)
     bad = 0
 
-    def report_ignored(b: TwilioCallBridge, kind: str, detail: str) -> None:
-        """Recorded a few times per call and kind, counted always: a flood must not grow the event stream."""
+    def report_ignored(b: TwilioCallBridge, kind: str, detail: str, **log_kw: str) -> None:
+        """Recorded and logged a few times per call and kind, counted always: a flood must grow neither the
+        event stream nor the log."""
         ignored[kind] += 1
         if ignored[kind] <= MAX_RECORDED_UNKNOWN:
+            log.warning("bad_message", call_id=b.info.call_id, kind=kind, detail=detail[:80], **log_kw)
             b.report_error(kind, detail)
+        elif ignored[kind] == MAX_RECORDED_UNKNOWN + 1:
+            log.warning("bad_messages_suppressed", call_id=b.info.call_id, kind=kind, after=MAX_RECORDED_UNKNOWN)
     reason = "disconnected"
+    opened = time.monotonic()
 
     async def close(code: int) -> None:
         await ws.close(code=code)
 
     try:
         while True:
-            msg = await ws.receive()
+            if bridge is None:
+                left = cfg.start_timeout_s - (time.monotonic() - opened)
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=max(left, 0.0))
+                except asyncio.TimeoutError:
+                    _err("start_timeout")
+                    log.warning("stream_without_start", after_s=cfg.start_timeout_s, early_media=early_media)
+                    reason = "error:start_timeout"
+                    break
+            else:
+                msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
                 reason = "disconnected"
                 break
@@ -116,6 +135,9 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
                 m = protocol.parse(raw)
             except protocol.ProtocolError as exc:
                 _err(exc.kind)
+                if exc.kind == "unknown_event" and bridge is not None:
+                    report_ignored(bridge, exc.kind, exc.detail)  # Twilio adds event types: ignoring one is safe
+                    continue
                 cid = bridge.info.call_id if bridge else ""
                 log.warning("bad_message", call_id=cid, kind=exc.kind, detail=exc.detail)
                 if bridge is None:
@@ -123,9 +145,6 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
                         reason = f"error:{exc.kind}"
                         break
                     bad += 1
-                    continue
-                if exc.kind == "unknown_event":
-                    report_ignored(bridge, exc.kind, exc.detail)  # Twilio adds event types: ignoring one is safe
                     continue
                 bridge.report_error(exc.kind, exc.detail)
                 bad += 1
@@ -138,8 +157,7 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
                 # another stream's message on this socket: it must neither feed nor end this call (the caller
                 # is not at fault), so it is dropped, counted, and recorded a few times
                 _err("wrong_stream")
-                log.warning("bad_message", call_id=bridge.info.call_id, kind="wrong_stream", twilio_event=m.event)
-                report_ignored(bridge, "wrong_stream", f"{m.event} for stream {m.stream_sid[:40]}")
+                report_ignored(bridge, "wrong_stream", f"{m.event} for stream {m.stream_sid[:40]}", twilio_event=m.event)
                 continue
             if m.event == "media":
                 if bridge is None:
@@ -160,7 +178,7 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig) ->
             elif m.event == "start":
                 if bridge is not None:
                     _err("duplicate_start")
-                    bridge.report_error("duplicate_start", "")
+                    report_ignored(bridge, "duplicate_start", "")  # a flood must not grow the event stream
                     continue
                 assert m.start is not None
                 bridge = TwilioCallBridge(m.start, ws.send_text, close, cfg.rest, cfg.lead_ms)

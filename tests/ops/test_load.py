@@ -47,6 +47,10 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--wav", str(tmp_path / "nope.wav")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no such WAV" in r.stderr
+    (tmp_path / "text.wav").write_text("not audio")  # refused before --spawn starts a bot, in one line
+    r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--spawn", "--wav", str(tmp_path / "text.wav")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not a readable WAV" in r.stderr and "Traceback" not in r.stderr, r.stderr
     for args, says in ((["--turns", "0"], "--turns >= 1"), (["--ramp-s", "-1"], "--ramp-s >= 0"),
                        # without --sip every call used to go over Twilio: a "SIP" run that never touched SIP
                        (["--sip-fraction", "0.5"], "--sip-fraction needs --sip"),
@@ -54,6 +58,36 @@ def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "bot.cli", "load", *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+
+
+def test_cli_says_when_no_bot_answers(tmp_path: Path) -> None:
+    """Without --spawn, a wrong --url used to run the whole --duration-s of failing calls and end in a bare
+    "NOT HELD"; it is refused up front with what to do."""
+    from ops.load.spawn import free_port
+
+    r = subprocess.run([sys.executable, "-m", "bot.cli", "load", "--url", f"http://127.0.0.1:{free_port()}",
+                        "--duration-s", "30", "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "no bot answers at" in r.stderr and "--spawn" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_frames_count_outbound_only_and_errors_are_named() -> None:
+    from ops.load.harness import call_error, scrape_counter
+
+    import httpx
+
+    text = ('voicebot_audio_frames_total{direction="in",transport="twilio"} 500.0\n'
+            'voicebot_audio_frames_total{direction="out",transport="twilio"} 300.0\n')
+    run = LoadRun(LoadConfig(calls=1))
+    s = run.summary(text.replace("500.0", "0.0").replace("300.0", "0.0"), text)
+    assert s["frames"] == 300 and s["late_frames"] == 0 and s["server_metrics"] is True
+    assert scrape_counter(text, "voicebot_audio_frames_total") == 800
+    req = httpx.Request("POST", "http://x/twilio/voice")
+    forbidden = httpx.HTTPStatusError("403", request=req, response=httpx.Response(403, request=req))
+    assert "--token" in call_error(forbidden)
+    assert call_error(RuntimeError("TwiML has no <Connect><Stream>: <Response><Reject reason=\"busy\"/>")) \
+        .startswith("refused")
 
 
 async def test_unreachable_bot_counts_failed_calls(tmp_path: Path) -> None:
@@ -70,8 +104,10 @@ async def test_unreachable_bot_counts_failed_calls(tmp_path: Path) -> None:
     run = LoadRun(cfg)
     s = await run.run()
     assert s["calls_failed"] == s["calls_placed"] >= 2 and not s["held"]
-    assert "ConnectError" in s["errors"]
-    assert "NOT HELD" in format_summary(s)
+    assert any("ConnectError" in e and "nothing answers" in e for e in s["errors"]), s["errors"]
+    # no /metrics to read: server figures are unknown, not negative deltas against an empty scrape
+    assert s["frames"] is None and s["late_frames"] is None and s["server_metrics"] is False
+    assert "NOT HELD" in format_summary(s) and "server figures unknown" in format_summary(s)
     run.write(s)
     assert (tmp_path / "o" / "load.png").exists()
     assert trailing_silence_s(np.concatenate([np.full(800, 5000, np.int16), np.zeros(400, np.int16)])) == 0.05
