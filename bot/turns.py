@@ -41,6 +41,7 @@ class TurnEvent:
     speech_start_t: float = 0.0
     speech_end_t: float = 0.0  # last window with speech
     silence_ms: float = 0.0
+    forced: bool = False  # a turn_end at max_turn_s while the caller was still talking
 
 
 class TurnDetector:
@@ -72,9 +73,15 @@ class TurnDetector:
         self.eot_prob = None
 
     def set_eot(self, prob: float) -> bool:
-        """The engine's end-of-turn probability for the current silence; True: end the turn now."""
+        """The engine's end-of-turn probability for the current silence; True: end the turn now.
+
+        The answer comes back asynchronously (tens to hundreds of ms under load). If the caller has
+        started talking again since it was asked, it scored a pause that is over: ignored, else a
+        caller resuming after a 250-400 ms pause ("four two ... seven one") was cut off mid-word."""
+        if not (self.in_speech and self._eot_asked):
+            return False
         self.eot_prob = prob
-        return self.in_speech and prob >= self.p.eot_threshold
+        return prob >= self.p.eot_threshold
 
     def update(self, prob: float, level_db: float, t: float) -> TurnEvent | None:
         w_ms = WINDOW_S * 1000
@@ -109,7 +116,7 @@ class TurnDetector:
             self._eot_asked = False
             self.eot_prob = None
             if t - self.speech_start_t >= self.p.max_turn_s:
-                return self._end("turn_end", t)
+                return self._end("turn_end", t, forced=True)
             return None
         self._silence_windows += 1
         silence_ms = self._silence_windows * w_ms
@@ -122,8 +129,9 @@ class TurnDetector:
             return TurnEvent("check_eot", t, self.speech_start_t, self.last_speech_t, silence_ms)
         return None
 
-    def _end(self, kind: str, t: float) -> TurnEvent:
-        ev = TurnEvent(kind, t, self.speech_start_t, self.last_speech_t, self._silence_windows * WINDOW_S * 1000)
+    def _end(self, kind: str, t: float, forced: bool = False) -> TurnEvent:
+        ev = TurnEvent(kind, t, self.speech_start_t, self.last_speech_t, self._silence_windows * WINDOW_S * 1000,
+                       forced)
         if kind == "turn_end" and self._speech_windows * WINDOW_S * 1000 < self.p.min_speech_ms:
             ev = TurnEvent("speech_discarded", t, self.speech_start_t, self.last_speech_t, ev.silence_ms)
         self.reset()

@@ -30,6 +30,12 @@ WINDOW_S = WINDOW / 8000
 _RESET_AFTER_WINDOWS = 62  # ~2 s, like pipecat: the 8 kHz state drifts during long non-speech
 _RESET_LOW_PROB = 0.1
 _RESET_LOW_RUN = 5
+# The gate is absolute, so a quiet caller's soft word endings and comma pauses fell under it where a loud
+# caller's never do: the same sentence said 20 dB softer (-46 dBFS) was cut into pieces, its first words
+# discarded as too short. For 512 ms after speech the gate sits _GATE_BELOW_SPEECH_DB under that speech's
+# loudest window instead, if that is lower: a caller at a normal level (windows at -20 dBFS) keeps -50.
+_GATE_HANGOVER = 16
+_GATE_BELOW_SPEECH_DB = 30.0
 
 # prob, rms_dbfs, time the window's last sample arrived (monotonic)
 ProbCallback = Callable[[float, float, float], None]
@@ -43,8 +49,12 @@ def model_path() -> str:
 
 
 def rms_dbfs(x: np.ndarray) -> float:
-    v = float(np.dot(x, x)) / max(1, len(x))  # x is float32 in [-1, 1]
-    return 10.0 * np.log10(v + 1e-12)
+    """Level of the window's AC part (x: float32 in [-1, 1]). A DC offset on the caller's line is not
+    sound: counted in, it lifted the bot's own echo above the barge-in level and defeated the gate."""
+    n = max(1, len(x))
+    m = float(x.sum(dtype=np.float64)) / n
+    v = float(np.dot(x, x)) / n - m * m
+    return 10.0 * np.log10(max(v, 0.0) + 1e-12)
 
 
 class VadStream:
@@ -60,6 +70,8 @@ class VadStream:
         self.context = np.zeros(CONTEXT, dtype=np.float32)
         self.since_reset = 0
         self.low_run = 0
+        self.hangover = 0  # windows left under the speech-relative gate
+        self.speech_db = -120.0  # loudest speech window since the hangover began
         self.closed = False
 
     def push(self, pcm: np.ndarray, t: float) -> None:
@@ -148,7 +160,13 @@ class BatchedVad:
                 continue
             w, db, t = s.pending.pop(0)
             more = more or bool(s.pending)
-            if db < self.gate_dbfs:
+            gate = self.gate_dbfs
+            if s.hangover:
+                s.hangover -= 1
+                gate = min(gate, s.speech_db - _GATE_BELOW_SPEECH_DB)
+            else:
+                s.speech_db = -120.0
+            if db < gate:
                 self.gated += 1
                 s.low_run += 1
                 if s.low_run >= _RESET_LOW_RUN:
@@ -178,6 +196,9 @@ class BatchedVad:
             p = float(probs[i])
             s.since_reset += 1
             s.low_run = s.low_run + 1 if p < _RESET_LOW_PROB else 0
+            if p >= 0.5:
+                s.hangover = _GATE_HANGOVER
+                s.speech_db = max(s.speech_db, db)
             if s.since_reset >= _RESET_AFTER_WINDOWS and s.low_run >= _RESET_LOW_RUN:
                 s.reset_model()
             s.on_prob(p, db, t)

@@ -150,6 +150,10 @@ class BatchScheduler(Generic[T, R]):
             raise EngineError(f"engine {self.op} scheduler is closed")
         self._ensure_worker()
         if len(self._pending) >= self.config.max_queue:
+            # callers that gave up (timed out, hung up) stay queued until the worker's next pass: they
+            # must not count, or a burst of timeouts refuses live calls with a half-empty queue
+            self._pending = deque(r for r in self._pending if not r.future.done())
+        if len(self._pending) >= self.config.max_queue:
             ERRORS.labels(component="engine", kind="queue_full").inc()
             log().warning("engine queue full", op=self.op, queued=len(self._pending))
             raise EngineOverloaded(f"engine {self.op} queue full ({self.config.max_queue} waiting)")

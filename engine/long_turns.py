@@ -32,7 +32,8 @@ def _quiet_frames(x: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.zeros(0, bool)
     f = x[: n * FRAME].astype(np.float64).reshape(n, FRAME)
-    db = 10 * np.log10(np.mean(f * f, axis=1) + 1e-12)
+    # per-frame variance, not mean square: a DC offset on the line would otherwise fill every pause
+    db = 10 * np.log10(np.var(f, axis=1) + 1e-12)
     floor, speech = np.percentile(db, 10), np.percentile(db, 95)
     # above the line's noise floor is not enough: a pause must also be well below the speech itself
     return db < min(max(floor + 6.0, speech - 30.0), speech - 15.0)

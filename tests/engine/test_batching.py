@@ -169,3 +169,27 @@ async def test_adaptive_cap_follows_measured_cost(per_batch: bool, expect_big: b
     finally:
         await sched.close()
     assert (sched.cap == 16) if expect_big else (sched.cap <= 4)
+
+
+async def test_callers_that_gave_up_do_not_fill_the_queue() -> None:
+    """Timed-out callers stay queued until the worker's next pass; a full queue of them must not refuse a
+    live call (it did: EngineOverloaded, i.e. an apology and a transfer, with nobody actually waiting)."""
+    fn = Spectral()
+    sched = BatchScheduler("t_stale", fn, config=BatchConfig(max_batch=1, wait_ms=0, max_queue=3))
+    before = ERRORS.labels(component="engine", kind="queue_full")._value.get()
+    try:
+        fn.gate.clear()
+        blocker = asyncio.ensure_future(sched.submit(sig(1)))
+        await asyncio.sleep(0.05)  # the worker is busy with it
+        gave_up = [asyncio.ensure_future(asyncio.wait_for(sched.submit(sig(f)), 0.01)) for f in (2, 3, 4)]
+        for fut in gave_up:
+            with pytest.raises(asyncio.TimeoutError):
+                await fut
+        live = asyncio.ensure_future(sched.submit(sig(5)))
+        await asyncio.sleep(0)
+        fn.gate.set()
+        assert await blocker == 1 and await live == 5
+    finally:
+        await sched.close()
+    assert fn.batches == [[800], [800]]  # the abandoned requests were never computed
+    assert ERRORS.labels(component="engine", kind="queue_full")._value.get() == before
