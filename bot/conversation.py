@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Coroutine
 
 import numpy as np
 
@@ -41,6 +41,9 @@ TRANSFER_FAILED_TEXT = "I'm sorry, I couldn't transfer you. Please call back lat
 
 # How a bridge's end reason reads as a call outcome (an RTP timeout means the caller vanished).
 _END_REASON_OUTCOME = {"stream_stopped": "caller_hangup", "hangup": "caller_hangup", "rtp_timeout": "abandoned"}
+# Utterances the caller is meant to answer (the decision's action names them): if the voice fails on one, the
+# call goes the policy's system-error way instead of waiting, silent, for an answer to a question never asked.
+_DIALOG_KINDS = frozenset({"greeting", "answer", "confirm", "clarify", "reprompt", "collect", "dtmf_menu"})
 # Why the bot hung up, as the call's outcome: only a goodbye is a call the bot completed (the automation
 # rate on the dashboard counts those), not a silent line, a closed queue or a failure.
 _HANGUP_OUTCOME = {"no_input": "no_input", "out_of_hours": "out_of_hours", "callback": "callback",
@@ -116,6 +119,8 @@ class Conversation:
         self._dtmf_acted_t = float("-inf")  # when a menu key was acted on at once (a '#' right after it is moot)
         self._turn_n = 0
         self._turn_start_sample: int | None = None
+        self._turn_forced = False  # the last turn was cut at max_turn_s while the caller kept talking
+        self._background: set[asyncio.Task[None]] = set()
         self.outcome: str | None = None
         self._ending = False
         self._transferring = False  # the transport has been asked to move the call (REST / REFER in flight)
@@ -208,6 +213,9 @@ class Conversation:
                 if self._turn_task is None or self._turn_task.done():
                     self.s.store.event(self.call_id, "no_input")
                     self._start_processing(self._decide_simple, self.policy.on_no_input)
+            elif kind == "voice_failed":
+                self.s.store.event(self.call_id, "voice_failed", kind=val)
+                self._start_processing(self._decide_simple, lambda: self._failure("voice_error"))
             elif kind == "state" and not val:
                 self.log.warning("state_degraded")
                 self.s.store.event(self.call_id, "state_degraded")
@@ -265,7 +273,7 @@ class Conversation:
         self._dtmf_acted_t = float("-inf")
         loop = asyncio.get_running_loop()
         if self._speaking is not None:
-            loop.create_task(self._interrupt("dtmf"))
+            self._spawn(self._interrupt("dtmf"))
         self._cancel_no_input()
         if self._dtmf_timer is not None:
             self._dtmf_timer.cancel()
@@ -290,8 +298,11 @@ class Conversation:
     def _on_turn_event(self, ev: TurnEvent) -> None:
         if ev.kind in ("speech_started", "barge_in"):
             self._cancel_no_input()
-            if self._turn_task is not None and not self._turn_task.done() and self._speaking is None:
-                # caller went on talking while we were still thinking: treat it as one longer turn
+            if (self._turn_task is not None and not self._turn_task.done() and self._speaking is None
+                    and not self._turn_forced):
+                # caller went on talking while we were still thinking: treat it as one longer turn (not after
+                # a turn cut at max_turn_s: merging that one again and again, a monologue or a loud TV in the
+                # room would never get an answer)
                 self._turn_task.cancel()
                 self.s.store.event(self.call_id, "turn_resumed")
             else:
@@ -299,7 +310,7 @@ class Conversation:
             if self._turn_start_sample is None:
                 self._turn_start_sample = int(ev.speech_start_t * 8000)
             if ev.kind == "barge_in":
-                asyncio.get_running_loop().create_task(self._interrupt("speech", ev))
+                self._spawn(self._interrupt("speech", ev))
             elif self._play_task is not None and not self._play_task.done() and self._speaking is None:
                 # a reply still rendering when the caller starts talking would talk over them
                 self._play_task.cancel()
@@ -335,10 +346,18 @@ class Conversation:
         end = int(ev.speech_end_t * 8000) + 800  # keep 100 ms after the last speech window
         pcm = self.audio.segment(max(0, start - 1600), end)  # 200 ms pre-roll
         self._turn_start_sample = None
+        self._turn_forced = ev.forced
         metrics.END_OF_TURN_WAIT.observe(max(0.0, ev.silence_ms / 1000))
         meta = {"eot_wait_ms": round(ev.silence_ms), "eot_prob": None if eot_prob is None else round(eot_prob, 3),
                 "speech_ms": round((ev.speech_end_t - ev.speech_start_t) * 1000), "t_end": time.monotonic()}
         self._start_processing(self._process_turn, pcm, meta)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A fire-and-forget task, referenced until done: the loop keeps only weak references, so an
+        unreferenced task (an escalation webhook mid-request) can be garbage-collected before it finishes."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _start_processing(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         if self._turn_task is not None and not self._turn_task.done():
@@ -436,7 +455,10 @@ class Conversation:
             u = self._say(d.prompt, d.style, "hangup", t_end=t_end, eot_wait_s=wait_s) if d.prompt else None
             if u is not None:
                 await self._wait_heard(u)
-            self._set_outcome(_HANGUP_OUTCOME.get(self.policy.end_reason(d), "completed"))
+            end_reason = self.policy.end_reason(d)
+            if end_reason == "callback":
+                self._record_callback(d)
+            self._set_outcome(_HANGUP_OUTCOME.get(end_reason, "completed"))
             await self.bridge.hangup("completed")
             self._q.put_nowait(("stop", None))
             return
@@ -467,7 +489,7 @@ class Conversation:
         self.s.store.event(self.call_id, "transfer", target=target, ok=ok, reason=d.reason, context=context)
         self.log.info("transfer", target=target, ok=ok, reason=d.reason)
         if self.s.notify_escalation is not None:
-            asyncio.get_running_loop().create_task(self.s.notify_escalation(context))
+            self._spawn(self.s.notify_escalation(context))
         if ok:
             self._set_outcome("transferred")
             # the transport ends the stream once the call has moved; don't hold it open forever
@@ -484,6 +506,16 @@ class Conversation:
             await self._wait_heard(u)
             await self.bridge.hangup("transfer_failed")
         self._q.put_nowait(("stop", None))
+
+    def _record_callback(self, d: Decision) -> None:
+        """A callback accepted is a hand-off to people who will call back: they get what a transferred call's
+        agent gets (request, values, transcript, tries, reason) and the number to call, in the call record."""
+        context = self.policy.handoff_context(d)
+        context.update(call_id=self.call_id, transport=self.transport, callback=True, caller=self.info.caller,
+                       target=self.policy.transfer_target(d))
+        self.s.store.update(self.call_id, handoff=context, callback_queue=d.target or "")
+        self.s.store.event(self.call_id, "callback", queue=d.target, context=context)
+        self.log.info("callback_requested", queue=d.target, intent=context.get("intent"))
 
     async def _wait_heard(self, u: _Utterance) -> None:
         """Until the caller heard the utterance (bounded by its length + slack)."""
@@ -541,11 +573,18 @@ class Conversation:
                     max(self._playout_end, time.monotonic()) + MARK_SLACK_S, self._marks_missing, u, u.heard)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a voice failure: apologise with the cached prompt
+        except Exception as exc:  # noqa: BLE001 - a voice failure: never dead air
             metrics.ERRORS.labels("engine", "speak").inc()
             self.log.warning("speak_failed", error=type(exc).__name__, kind=u.kind)
-            if (APOLOGY_TEXT, "calm") in self.s.prompt_audio and u.kind != "apology":
-                metrics.FILLERS.labels("apology").inc()
+            if self._speaking is u:
+                self._speaking = None  # no end mark will come: nothing of it is playing
+            if u.kind in _DIALOG_KINDS:
+                # The caller never heard the question they are meant to answer, and no end mark arms the
+                # no-input timer: left alone the line stays silent until max_call_s. The policy's
+                # system-error path apologises and transfers (or says goodbye when the queue is closed).
+                self._q.put_nowait(("voice_failed", u.kind))
+            elif u.kind == "transfer" and (APOLOGY_TEXT, "calm") in self.s.prompt_audio:
+                metrics.FILLERS.labels("apology").inc()  # the cached apology announces the transfer instead
                 await self.bridge.send_audio(self.s.prompt_audio[(APOLOGY_TEXT, "calm")])
         finally:
             u.done_sending = True

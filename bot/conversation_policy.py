@@ -29,6 +29,8 @@ class CallPolicy:
         self.transcript: list[str] = []
         self.last_u: Understanding | None = None
         self.last_decision: Decision | None = None
+        self.request: tuple[str, dict[str, Any]] | None = None  # the unresolved request: intent, its values
+        self.heard_intent: str | None = None  # the last catalog intent the caller's words carried (not yes/no)
 
     @property
     def no_input_s(self) -> float:
@@ -39,6 +41,7 @@ class CallPolicy:
         self.prev_state = state
         d, self.state = pd.step(self.policy, state, inp)
         self.last_decision = d
+        self._track_request(d)
         return d
 
     def greeting(self) -> Decision:
@@ -46,6 +49,9 @@ class CallPolicy:
 
     def on_turn(self, u: Understanding) -> Decision:
         self.last_u = u
+        spec = self.policy.intents.get(u.intent or "")
+        if spec is not None and spec.action.type not in ("affirm", "deny", "repeat") and u.error is None:
+            self.heard_intent = u.intent  # "yes" / "no" / "say that again" tell an agent nothing about the call
         if u.transcript:
             self.transcript.append(u.transcript)
         return self._step(u)
@@ -82,17 +88,35 @@ class CallPolicy:
         q = self.policy.queues.get(d.target or "")
         return str(getattr(q, "target", None) or d.target or "")
 
+    def _track_request(self, d: Decision) -> None:
+        """Remember the request the caller is in the middle of (an intent being confirmed, a value asked for or
+        read back) and its values: a transfer for failures, frustration, silence, an error or an "agent" names
+        no request of its own, and the human agent must not have to ask again what the call is about."""
+        if d.action == "answer" and d.reason != "repeat":
+            self.request = None  # served: nothing unresolved to hand over
+            return
+        spec = self.policy.intents.get(d.intent or "")
+        if (spec is not None and spec.action.type in ("answer", "collect", "transfer")
+                and d.intent != self.policy.escalation.agent_request.intent):
+            self.request = (str(d.intent), dict(d.slots))
+
     def handoff_context(self, d: Decision) -> dict[str, Any]:
-        """What the human agent receives: intent, slots, transcript, tries, reason."""
+        """What the human agent receives: intent, slots, transcript, tries, failures, reason."""
         u = self.last_u
+        req_intent, req_slots = self.request or (None, {})
+        agent = self.policy.escalation.agent_request.intent
+        intent = d.intent if d.intent not in (None, agent) else (req_intent or d.intent or self.heard_intent)
+        prev = self.prev_state
+        # consecutive failed turns that led here: the state after a transfer has reset its counter to 0
+        failures = prev.failures + int(pd.is_failure(prev, d) or d.reason == "max_failures") if prev else 0
         return {
-            "intent": d.intent or (u.intent if u else None),
+            "intent": intent,
             "confidence": round(u.confidence, 4) if u else None,
-            "slots": {**dict(self.state.offered), **dict(self.state.collected), **dict(d.slots)}
+            "slots": {**dict(self.state.offered), **dict(self.state.collected), **req_slots, **dict(d.slots)}
             or (dict(u.slots) if u else {}),
             "transcript": list(self.transcript),
             "tries": self.state.turn,
-            "failures": self.state.failures,
+            "failures": failures,
             "reason": d.reason,
             "queue": d.target,
             "caller_state": dict(u.caller_state) if u else {},

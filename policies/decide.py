@@ -224,11 +224,20 @@ def is_failure(state: CallState, d: Decision) -> bool:
 
 
 def is_success(state: CallState, d: Decision) -> bool:
-    """An outcome, or a slot question answered: ends a run of failures."""
+    """An outcome, a slot question answered, or a request understood (its first slot question or its
+    read-back): ends a run of failures. Stalls still bound the dialog (see decide's loop guard)."""
     if d.action in FINAL_ACTIONS and d.reason != "repeat":
         return True
     p = state.pending_collect
-    return d.action == "collect" and p is not None and p.intent == d.intent and len(d.slots) > len(p.slots)
+    if d.action == "collect" and p is not None and p.intent == d.intent:
+        return len(d.slots) > len(p.slots)
+    # a request newly understood (accepted, confirmed, picked, keyed) that now asks for or reads back its values:
+    # a caller who got through after mumbling must not be transferred for one unclear amount. Answers within the
+    # same request's values (a read-back denied and said again) do not reset the count.
+    pc = state.pending_confirm
+    same = {p.intent if p else None, pc.intent if pc and pc.read_back else None}
+    return (d.intent is not None and d.intent not in same
+            and (d.reason == "read_back" or (d.action == "collect" and d.reason == "slot_missing")))
 
 
 def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
@@ -351,7 +360,9 @@ def _fail(policy: Policy, state: CallState, reason: str, prompt_key: str) -> Dec
     return Decision("reprompt", text, reason=reason)
 
 
-_REASK_PREFIXES = ("slot_retry", "still_there", "reprompt")
+# openings a question may carry from the turn that asked it; a re-ask says its own opening instead
+# ("Sorry about that." after a read-back denied is no answer to an unclear amount)
+_REASK_PREFIXES = ("slot_retry", "still_there", "reprompt", "value_denied")
 
 
 def _reask(policy: Policy, state: CallState, reason: str, prefix_key: str) -> Decision | None:
@@ -430,13 +441,17 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
     if top == esc.agent_request.intent and conf >= policy.accept_for(top):
         return _route(policy, state, esc.agent_request.queue, "agent_requested", esc.agent_request.prompt,
                       intent=top)
-    if u.caller_state.get("frustration", 0.0) >= esc.frustration.threshold:
+    affirm, deny = policy.intent_of_type("affirm"), policy.intent_of_type("deny")
+    ctx = policy.thresholds.context_accept
+    # A frustrated caller offered a callback (the queue is closed: the frustration rule already routed them
+    # here) who answers yes or no gets what they answered, not "please call back" after a yes.
+    callback_answer = (state.pending_confirm is not None and state.pending_confirm.intent is None
+                       and top in (affirm, deny) and conf >= ctx)
+    if u.caller_state.get("frustration", 0.0) >= esc.frustration.threshold and not callback_answer:
         return _route(policy, state, esc.frustration.queue, "frustration", esc.frustration.prompt, style="calm")
     if u.error is not None:
         return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence",
                                                                               "reprompt")
-    affirm, deny = policy.intent_of_type("affirm"), policy.intent_of_type("deny")
-    ctx = policy.thresholds.context_accept
     probs = {name: p for name, p in u.alternatives}
     probs.setdefault(top, conf)
 
@@ -472,6 +487,10 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
             return _act(policy, state, pick, u.slots, "clarified")
         if top == deny and conf >= ctx:  # "neither"
             return _fail(policy, state, "denied", "denied")
+        if top == affirm and conf >= ctx:  # "yes" to "A, or B?" picks neither: ask the choice again
+            again = _reask(policy, state, "low_confidence", "slot_retry")
+            if again is not None:
+                return again
     if (pcol := state.pending_collect) is not None and pcol.intent is not None:
         missing = _missing_slots(policy, pcol.intent, pcol.slots)
         new = {k: v for k, v in u.slots.items() if k in missing}
@@ -480,13 +499,20 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
         hangs_up = top in policy.intents and policy.intents[top].action.type == "hangup"
         elsewhere = (top not in (None, pcol.intent) and conf >= policy.accept_for(top) and top not in (affirm, deny)
                      and not (new and hangs_up))
+        # "agent" said in its confirm band while a value is asked for: the caller asked for a person, so they
+        # are asked whether they want one (as anywhere else), never told "Sorry, I didn't get that"
+        asks_agent = not new and top == esc.agent_request.intent and conf >= policy.confirm_for(top)
         if new and not elsewhere:
             return _collect(policy, state, pcol.intent, {**pcol.slots, **new}, "slot_filled")
-        if not elsewhere and top != policy.intent_of_type("repeat"):  # repeat: handled below, keeps the question
+        if not elsewhere and not asks_agent and top != policy.intent_of_type("repeat"):  # repeat: handled below
             again = _reask(policy, state, "slot_missing", "slot_retry")
             if again is not None:
                 return again
 
+    if top == deny and conf >= ctx and not u.slots and _asked_anything_else(state):
+        # "Anything else?" -> "No, thanks": the caller is done; a "What can I help you with?" here would
+        # count their goodbye as a failed turn and, said a few times, send them to an agent
+        return _goodbye(policy)
     if top is None:  # only slot values, with no question asking for them
         if u.slots and conf >= ctx:
             return _fail(policy, state, "no_context", "no_context")
@@ -513,6 +539,20 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
             return _act(policy, state, top, u.slots, "accepted")
         return _confirm(policy, top, _intent_slots(policy, top, u.slots))
     return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence", "reprompt")
+
+
+def _asked_anything_else(state: CallState) -> bool:
+    """The bot's last words served a request and ended in a question ("... Anything else?")."""
+    last = state.last
+    return (last is not None and last.action == "answer" and last.intent is not None
+            and last.prompt.rstrip().endswith("?"))
+
+
+def _goodbye(policy: Policy) -> Decision:
+    """The caller is done: the hang-up intent's own prompt (as if they had said goodbye), else `goodbye`."""
+    bye = policy.intent_of_type("hangup")
+    key = (policy.intents[bye].action.prompt if bye is not None else None) or "goodbye"
+    return Decision("hangup", policy.prompts[key], reason="goodbye", intent=bye)
 
 
 def _confirm(policy: Policy, intent: str, slots: Mapping[str, Any]) -> Decision:

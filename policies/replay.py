@@ -39,20 +39,54 @@ class Record:
                 "understanding": self.understanding.to_dict()}
 
 
+def _number(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ReplayError(f"{where} must be a number, got {v!r}"[:200])
+    try:
+        return float(v)
+    except ValueError:
+        raise ReplayError(f"{where} must be a number, got {v!r}"[:200]) from None
+
+
+def _mapping(v: Any, where: str) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ReplayError(f"{where} must be a mapping, got {v!r}"[:200])
+    return dict(v)
+
+
+def _label(v: Any, where: str) -> str | None:
+    if v is not None and not isinstance(v, str):  # a list or a number here would reach decide() as a label
+        raise ReplayError(f"{where} must be an intent name or null, got {v!r}"[:200])
+    return v
+
+
 def understanding_from_dict(d: dict[str, Any]) -> Understanding:
-    """Inverse of Understanding.to_dict(); unknown keys are ignored so newer engines stay readable."""
+    """Inverse of Understanding.to_dict(); unknown keys are ignored so newer engines stay readable. A
+    malformed field (a hand-written simulation script, a damaged outputs file) is a ReplayError naming it."""
     if not isinstance(d, dict) or "confidence" not in d:
         raise ReplayError(f"not an understanding: {str(d)[:120]}")
+    alts = d.get("alternatives") or []
+    if not isinstance(alts, list):
+        raise ReplayError(f"alternatives must be a list of [intent, probability] pairs, got {alts!r}"[:200])
+    pairs: list[tuple[str | None, float]] = []
+    for i, a in enumerate(alts):
+        if not isinstance(a, (list, tuple)) or len(a) != 2:
+            raise ReplayError(f"alternatives[{i}] must be an [intent, probability] pair, got {a!r}"[:200])
+        pairs.append((_label(a[0], f"alternatives[{i}] intent"), _number(a[1], f"alternatives[{i}] probability")))
+    error = d.get("error")
     return Understanding(
-        intent=d.get("intent"),
-        confidence=float(d["confidence"]),
-        alternatives=[(a[0], float(a[1])) for a in d.get("alternatives") or []],
-        slots=dict(d.get("slots") or {}),
+        intent=_label(d.get("intent"), "intent"),
+        confidence=_number(d["confidence"], "confidence"),
+        alternatives=pairs,
+        slots=_mapping(d.get("slots"), "slots"),
         transcript=str(d.get("transcript") or ""),
-        caller_state={k: float(v) for k, v in (d.get("caller_state") or {}).items()},
-        end_of_turn=float(d.get("end_of_turn", 1.0)),
-        timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
-        error=d.get("error"),
+        caller_state={str(k): _number(v, f"caller_state.{k}")
+                      for k, v in _mapping(d.get("caller_state"), "caller_state").items()},
+        end_of_turn=_number(d.get("end_of_turn", 1.0), "end_of_turn"),
+        timings={str(k): _number(v, f"timings.{k}") for k, v in _mapping(d.get("timings"), "timings").items()},
+        error=None if error is None else str(error),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,7 @@ from tests.helpers.fake_twilio import FakeTwilioApi
 from tests.helpers.server import BotServer, free_port, metric_value
 
 pytestmark = pytest.mark.slow
+MAX_TURN_S = 4  # the monologue test; every other utterance here is shorter
 
 
 class PrivateRedis:
@@ -67,7 +69,8 @@ def bot(private_redis: PrivateRedis, tmp_path_factory: pytest.TempPathFactory,
     tmp = tmp_path_factory.mktemp("bot-b")
     env = twilio_env(fake_api.url, open_policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp(),
                      BOT_NO_INPUT_S="1.5", BOT_ENGINE_FACTORY="tests.helpers.slow_engine:make",
-                     BOT_TEST_ENGINE_DELAY_S="1.5", BOT_ENGINE_FAULT="understand")
+                     BOT_TEST_ENGINE_DELAY_S="1.5", BOT_ENGINE_FAULT="understand",
+                     BOT_MAX_TURN_S=str(MAX_TURN_S))
     with BotServer(private_redis.url, tmp, env) as server:
         yield server
 
@@ -141,3 +144,25 @@ async def test_redis_outage_mid_call_escalates_and_flushes_later(bot: BotServer,
     logs = bot.logs()
     assert "redis_write_failed" in logs and "state_degraded" in logs
     assert call_record(bot.redis_url, caller.call_sid)["record"]["status"] == "ended"
+
+
+async def test_a_monologue_longer_than_the_longest_turn_is_answered(bot: BotServer) -> None:
+    """A turn cut at BOT_MAX_TURN_S while the caller keeps talking is decided, not cancelled and merged into
+    the next piece of speech again and again: with a slow engine (this module's), a caller who never pauses or
+    a loud TV in the room left the bot silent until the speech stopped."""
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+    speech = synth("i have been calling about my bill for three weeks now and every time i call somebody tells me "
+                   "something different and i just want somebody to explain to me why the amount went up so much "
+                   "this month when i did not change anything at all on my account", rate=180)
+    talk_s = len(speech) / 8000
+    assert talk_s > 2.5 * MAX_TURN_S
+    t0 = time.time()
+    talking = asyncio.get_running_loop().create_task(caller.say(speech, wait_reply_s=5, quiet_s=0.3))
+    assert await caller.wait_ended(60)  # this module's engine fails: apology and transfer
+    talking.cancel()
+    await caller.close()
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    turns = [e for e in got["events"] if e["type"] == "turn"]
+    # the first cut (at ~4 s + the engine's 1.5 s) was decided while the caller was still talking
+    assert turns and turns[0]["t"] - t0 < talk_s - 1.0, (talk_s, [e["t"] - t0 for e in turns])

@@ -166,3 +166,57 @@ def test_declined_callback_ends_as_out_of_hours_not_completed() -> None:
     cp.greeting()
     d = cp.on_turn(says("goodbye"))
     assert outcome(cp, d) == "completed"
+
+
+def test_every_escalation_hands_the_agent_the_request_in_progress(tmp_path) -> None:
+    """Whatever moves the caller to a person mid-request (failures, frustration, "agent", an engine failure),
+    the context names the request and its values, and the failed turns that led there. A failure transfer
+    used to carry no intent (or the last "yes"), no values, and `failures: 0` (the counter after the transfer)."""
+    from bot.conversation_policy import CallPolicy, load_local_policy
+    from engine.types import Understanding
+    from tests.helpers.bot import open_policy
+
+    policy = load_local_policy(str(open_policy(tmp_path / "policy.yaml")))
+
+    def says(intent: str | None, conf: float = 0.95, **kw) -> Understanding:
+        return Understanding(intent=intent, confidence=conf, alternatives=[(intent, conf)],
+                             transcript=f"<{intent}>", **kw)
+
+    def call(*turns) -> tuple[CallPolicy, object]:
+        cp = CallPolicy(policy, "7")
+        d = cp.greeting()
+        for t in turns:
+            d = cp.on_failure("engine_timeout") if t == "engine" else cp.on_turn(t)
+        assert d.action == "transfer", d
+        return cp, d
+
+    read_back = says("pay_bill", slots={"amount": 40.0})
+    mumble = says("check_balance", 0.05)
+    limit = policy.escalation.max_failures.count
+
+    cp, d = call(says("pay_bill"), *[mumble] * limit)
+    ctx = cp.handoff_context(d)
+    assert (ctx["reason"], ctx["intent"], ctx["failures"], ctx["tries"]) == ("max_failures", "pay_bill", limit, limit + 1)
+    assert len(ctx["transcript"]) == limit + 1 and ctx["policy_version"] == "7"
+
+    cp, d = call(read_back, says("affirm", caller_state={"frustration": 0.95}))
+    ctx = cp.handoff_context(d)
+    assert (ctx["reason"], ctx["intent"], ctx["slots"]) == ("frustration", "pay_bill", {"amount": 40.0})
+    assert ctx["caller_state"] == {"frustration": 0.95}
+
+    agent = policy.escalation.agent_request.intent
+    cp, d = call(read_back, says(agent, 0.6), says("affirm"))
+    ctx = cp.handoff_context(d)
+    assert (ctx["reason"], ctx["intent"], ctx["slots"]) == ("agent_requested", "pay_bill", {"amount": 40.0})
+
+    cp, d = call(says("pay_bill"), mumble, "engine")
+    ctx = cp.handoff_context(d)
+    assert (ctx["reason"], ctx["intent"], ctx["failures"]) == ("engine_error", "pay_bill", 1)
+
+    # a request already served is no request in progress: an "agent" afterwards is just that
+    cp, d = call(says("check_balance", 0.97), says(agent, 0.97))
+    assert cp.handoff_context(d)["intent"] == agent
+    # a read-back the caller said no to: the wrong value is not handed over as theirs
+    cp, d = call(read_back, says("deny"), says(agent, 0.97))
+    ctx = cp.handoff_context(d)
+    assert (ctx["intent"], ctx["slots"]) == ("pay_bill", {})
