@@ -8,7 +8,10 @@ Scenarios (each verified and reported):
 Checks: no call event lost (per call, the events the bot logged writing -- call_started, turn,
 state_degraded, transfer, call_ended -- are all in its Redis stream, none twice), callers never left in silence (every turn gets bot audio; engine failures
 get an apology + transfer), calls on the surviving worker unaffected, the killed worker's calls
-closed with a clear outcome (bot/reaper.py, which every worker runs).
+closed with a clear outcome (bot/reaper.py, which every worker runs). Each fault is also checked to
+have happened where it counts (restart: a new redis-server pid and the AOF data back; stall: the process
+really stopped; a call in progress when it hit): a scenario whose fault missed every call fails instead of
+passing on nothing.
 """
 
 from __future__ import annotations
@@ -130,6 +133,32 @@ class Finding:
     checks: dict[str, Any]
 
 
+async def _read_back(client: Any, key: str, want: str, timeout_s: float = 5.0) -> bool | str:
+    """True when a fresh connection reads `want` at `key` (retried while Redis loads its AOF)."""
+    r = client()
+    last = ""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                return (await r.get(key)) == want
+            except Exception as exc:  # noqa: BLE001 - still starting / loading: retry, report the last error
+                last = repr(exc)
+                await asyncio.sleep(0.2)
+        return f"error: {last}"
+    finally:
+        await r.aclose()
+
+
+def _proc_state(pid: int) -> str:
+    """One-letter process state from /proc (T: stopped), '' when unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[0]
+
+
 async def _wait(pred: Any, timeout_s: float, step: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -203,6 +232,8 @@ class Chaos:
         self.redis: RedisProc | None = None
         self.bot: BotProcess | None = None
         self.pcms: list[np.ndarray] = []
+        self.warmed_up = False  # the last scenario's callers each had an answered turn before the fault
+        self.live_at_fault = 0  # calls in progress when the last fault was injected
 
     # ---- setup ----
     def start(self, workers: int = 2) -> None:
@@ -227,12 +258,15 @@ class Chaos:
         return connect(self.redis.url)
 
     async def _with_lines(self, url: str, fault: Any, settle_s: float = 6.0) -> list[Line]:
-        """Callers talk; once each has an answered turn, inject `fault`; keep talking `settle_s`."""
+        """Callers talk; once each has an answered turn, inject `fault`; keep talking `settle_s`.
+        Records whether the callers were warmed up and how many calls were live when the fault hit: a
+        fault injected into no call proves nothing, and the finding must say so instead of passing."""
         lines = [Line(url, self.pcms, i) for i in range(self.n_lines)]
         tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
         await asyncio.sleep(0.5)
-        await _wait(lambda: all(any(c.answered for c in ln.calls) for ln in lines), 40)
+        self.warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) for ln in lines), 40)
         self.t_fault = time.monotonic()
+        self.live_at_fault = sum(1 for ln in lines if ln.current is not None)
         await fault()
         await asyncio.sleep(settle_s)
         for ln in lines:
@@ -262,17 +296,29 @@ class Chaos:
         redis = self.redis
         loop = asyncio.get_running_loop()
 
+        injected: dict[str, Any] = {}
+        probe = self._client()
+        await probe.set("chaos:aof-probe", kind)  # AOF (everysec) must bring it back after the restart
+
         async def restart() -> None:
+            old_pid = redis.pid
             await loop.run_in_executor(None, redis.restart, 1.5)
+            injected["restarted"] = redis.pid != old_pid
+            injected["aof_kept_data"] = await _read_back(self._client, "chaos:aof-probe", kind)
 
         async def stall() -> None:
             os.kill(redis.pid, signal.SIGSTOP)
             try:
-                await asyncio.sleep(5.0)
+                await asyncio.sleep(0.2)
+                injected["stopped"] = _proc_state(redis.pid) == "T"  # really frozen, not just signalled
+                await asyncio.sleep(4.8)
             finally:
                 os.kill(redis.pid, signal.SIGCONT)
 
-        lines = await self._with_lines(self.bot.url, restart if kind == "redis-restart" else stall)
+        try:
+            lines = await self._with_lines(self.bot.url, restart if kind == "redis-restart" else stall)
+        finally:
+            await probe.aclose()
         traces = [c for ln in lines for c in ln.calls]
         r = self._client()
         try:
@@ -280,8 +326,12 @@ class Chaos:
         finally:
             await r.aclose()
         checks = {**ev, "calls": len(traces), "turns": sum(len(c.turns) for c in traces),
-                  "silent_turns": self._silent_turns(lines), "call_errors": [c.error for c in traces if c.error]}
-        ok = (ev["events_found"] == ev["events_written"] and not ev["duplicates"] and not ev["calls_not_ended"]
+                  "silent_turns": self._silent_turns(lines), "call_errors": [c.error for c in traces if c.error],
+                  "warmed_up": self.warmed_up, "calls_live_at_fault": self.live_at_fault, "injected": injected}
+        fault_hit = (injected.get("restarted") is True and injected.get("aof_kept_data") is True
+                     if kind == "redis-restart" else injected.get("stopped") is True)
+        ok = (fault_hit and self.live_at_fault >= 1 and ev["events_written"] > 0
+              and ev["events_found"] == ev["events_written"] and not ev["duplicates"] and not ev["calls_not_ended"]
               and checks["silent_turns"] == 0 and not checks["call_errors"])
         return Finding(kind, ok, checks)
 
@@ -301,6 +351,17 @@ class Chaos:
                     out[kv.split(b"=", 1)[1].decode()] = pid
         return out
 
+    @staticmethod
+    async def _live_workers(r: Any, lines: list[Line]) -> set[str]:
+        """The workers holding the lines' calls in progress (from each call's Redis record)."""
+        out: set[str] = set()
+        for ln in lines:
+            if ln.current is not None:
+                w = await r.hget(f"call:{ln.current.call_sid}", "worker")
+                if w:
+                    out.add(w)
+        return out
+
     async def worker_kill(self) -> Finding:
         assert self.bot is not None
         r = self._client()
@@ -317,7 +378,7 @@ class Chaos:
             pids = self._worker_pids()
             busy = Counter(live_at_kill.values())
             target = next((w for w, _ in busy.most_common() if w in pids), None) or next(iter(pids))
-            victim.update(worker=target, pid=pids[target])
+            victim.update(worker=target, pid=pids[target], t=time.monotonic())
             os.kill(pids[target], signal.SIGKILL)
             log.warning("chaos_worker_killed", worker=target, pid=pids[target])
 
@@ -325,7 +386,17 @@ class Chaos:
         lines = [Line(self.bot.url, self.pcms, i) for i in range(max(self.n_lines, 4))]
         lines_ref.extend(lines)
         tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
-        await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None for ln in lines), 40)
+        warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None
+                                            for ln in lines), 40)
+        # The workers share one listening socket and the kernel may hand every call to the same one; then
+        # "calls on the surviving worker unaffected" would check nothing. Add callers (up to 8) until both
+        # workers hold a live call.
+        while len(lines) < 8 and len(await self._live_workers(r, lines)) < 2:
+            ln = Line(self.bot.url, self.pcms, len(lines))
+            lines.append(ln)
+            lines_ref.append(ln)
+            tasks.append(asyncio.get_running_loop().create_task(ln.run()))
+            await _wait(lambda: any(c.answered for c in ln.calls) and ln.current is not None, 20)
         await kill()
         await asyncio.sleep(6.0)
         for ln in lines:
@@ -334,11 +405,14 @@ class Chaos:
         traces = {c.call_id: c for ln in lines for c in ln.calls}
         killed = [cid for cid, w in live_at_kill.items() if w == victim["worker"]]
         survivors = [cid for cid, w in live_at_kill.items() if w != victim["worker"]]
-        # survivors: every turn after the kill answered, ended normally (not by an error)
-        t_kill = time.monotonic() - 6.0
-        surv_ok = all(traces[c].answered == len(traces[c].turns) and not traces[c].error and
-                      any(t >= t_kill for t, _, _ in traces[c].turns) or traces[c].ended_by == "bot"
-                      for c in survivors)
+        # survivors: every turn answered, no error, and the call went on after the kill (another turn) or
+        # the bot ended it normally. Measured from the kill itself: "now - 6 s" after the callers wound down
+        # was up to 40 s late. No survivor call at all is reported as None (not tested), not as unaffected.
+        t_kill = victim["t"]
+        surv_ok: bool | None = all(
+            traces[c].answered == len(traces[c].turns) and not traces[c].error
+            and (any(t >= t_kill for t, _, _ in traces[c].turns) or traces[c].ended_by == "bot")
+            for c in survivors) if survivors else None
         # the killed worker's calls: the caller side saw the line drop
         dropped = all(traces[c].ended_by in ("bot", "caller") or traces[c].error for c in killed)
         # the workers close them (bot/reaper.py from every worker's heartbeat) once their heartbeat is
@@ -363,13 +437,14 @@ class Chaos:
         finally:
             await r.aclose()
         restarted = await _wait(lambda: victim["worker"] in self._worker_pids(), 60)
-        checks = {"killed_worker": victim["worker"], "calls_on_killed": len(killed), "calls_on_survivor": len(survivors),
+        checks = {"warmed_up": warmed_up, "killed_worker": victim["worker"], "calls_on_killed": len(killed),
+                  "calls_on_survivor": len(survivors),
                   "survivor_calls_unaffected": surv_ok, "killed_calls_dropped_at_caller": dropped,
                   "killed_calls_status_before_reap": before,
                   "reaped": sum(1 for o in outcomes.values() if o == REAPED), "reaped_by": reapers,
                   "killed_calls_outcome": outcomes, "worker_restarted": restarted,
                   "other_calls_events": {k: others[k] for k in ("events_written", "events_found", "duplicates", "missing")}}
-        ok = (bool(killed) and surv_ok and dropped and all(o for o in outcomes.values())
+        ok = (bool(killed) and surv_ok is not False and dropped and all(o for o in outcomes.values())
               and all(reapers[c] for c, o in outcomes.items() if o == REAPED)
               and restarted and others["events_found"] == others["events_written"])
         return Finding("worker-kill", ok, checks)

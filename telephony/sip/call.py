@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import numpy as np
 
 from ops.logs import get_logger
 from ops.metrics import ERRORS, TRANSFERS
-from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, InboundEvent, until_ended
+from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, until_ended
 from telephony.sip.media import RtpSession
 from telephony.sip.message import SipMessage, addr_uri
 
@@ -31,6 +32,11 @@ TRANSFER_BYE_DELAY_S = 0.5
 TRANSFER_BUDGET_S = 9.0
 MIN_ATTEMPT_S = 1.0  # a fallback REFER with less time than this left is not started
 MAX_QUEUED_EVENTS = 1500  # 30 s of 20 ms frames
+# Some phones send every key both as RFC 4733 telephone-events and as SIP INFO. Signalling and media take
+# different paths, so either copy can come first: an INFO digit followed by the same RFC 4733 digit within
+# this window is one key press. Once a call has sent RFC 4733 events, they are the source of truth and
+# INFO digits are dropped as duplicates (counted: voicebot_errors_total{component="sip",kind="dtmf_duplicate"}).
+DTMF_DUPLICATE_WINDOW_S = 1.0
 
 
 class SipCall(CallBridge):
@@ -66,7 +72,15 @@ class SipCall(CallBridge):
         self.sdp_session: Any = None
         self.handler_task: asyncio.Task[None] | None = None
         self.dtmf_info_digits = 0
+        self.dtmf_rfc4733_seen = False
+        self.dtmf_duplicates = 0
+        self._info_unmatched: deque[tuple[str, float]] = deque(maxlen=8)  # INFO digits no RTP event matched yet
         self.awaiting_answer = False  # we offered (late offer / offerless re-INVITE); the ACK answers
+        # The ACK of the initial INVITE has arrived. Until then the caller may never have received our 200
+        # (Timer H ends the call as error:no_ack after 32 s): their silence is not "no input" and the
+        # missing RTP is not an RTP timeout, or a failed setup would be recorded as a caller who went quiet.
+        self.established = False
+        self.media.timeout_armed = False
 
     # CallBridge ----------------------------------------------------------------------------------
     def events(self) -> AsyncIterator[InboundEvent]:
@@ -90,6 +104,8 @@ class SipCall(CallBridge):
 
     @property
     def on_hold(self) -> bool:
+        if not self.established:  # answered but not ACKed: nothing says the caller hears us yet
+            return True
         neg = self.media.neg
         return neg is not None and (neg.direction in ("recvonly", "inactive") or self.media.remote is None)
 
@@ -116,6 +132,12 @@ class SipCall(CallBridge):
                 break
             tried.append(candidate)
             ok = await self._refer_once(candidate, target, left)
+            if not ok and self.state == "terminated":
+                # The caller hung up (or the call was torn down) while the REFER was in flight: not a failed
+                # transfer to alert on, and no fallback to try on a call that is gone.
+                self.log.info("transfer_abandoned", queue=target, reason=self.end_reason)
+                TRANSFERS.labels("sip", target, "caller_hangup").inc()
+                return False
             TRANSFERS.labels("sip", target, "ok" if ok else "failed").inc()
             if ok:
                 # Leave the call a moment *after* reporting success, so the conversation records the
@@ -169,8 +191,47 @@ class SipCall(CallBridge):
                 self._refer.set_result(code or 487)
 
     # Lifecycle ------------------------------------------------------------------------------------
+    def confirm(self) -> None:
+        """The initial INVITE's ACK arrived: the call is set up; the RTP timeout counts from now."""
+        if self.established:
+            return
+        self.established = True
+        self.media.last_rx = time.monotonic()
+        self.media.timeout_armed = True
+
+    def info_digit(self, digit: str) -> bool:
+        """A digit from SIP INFO; False (and counted) when it duplicates the RFC 4733 stream."""
+        now = time.monotonic()
+        self.dtmf_info_digits += 1
+        if self.dtmf_rfc4733_seen:
+            self._dtmf_duplicate("info")
+            return False
+        self._info_unmatched.append((digit, now))
+        self._events.put_nowait(DtmfIn(digit, now))
+        return True
+
+    def _rfc4733_digit(self, ev: DtmfIn) -> None:
+        self.dtmf_rfc4733_seen = True
+        for i, (digit, t) in enumerate(self._info_unmatched):
+            if digit == ev.digit and ev.t - t <= DTMF_DUPLICATE_WINDOW_S:  # its INFO copy came first
+                del self._info_unmatched[i]
+                self._dtmf_duplicate("rfc4733")
+                return
+        self._info_unmatched.clear()  # from now on INFO digits are dropped, nothing left to match
+        self._events.put_nowait(ev)
+
+    def _dtmf_duplicate(self, dropped: str) -> None:
+        self.dtmf_duplicates += 1
+        ERRORS.labels("sip", "dtmf_duplicate").inc()
+        if self.dtmf_duplicates == 1:  # once per call: the phone does this for every key
+            self.log.info("dtmf_duplicate", dropped=dropped,
+                          hint="the phone sends each key as RFC 4733 and SIP INFO; one copy is ignored")
+
     def _emit(self, ev: InboundEvent) -> None:
         """Queue an inbound event; a consumer that stopped reading loses audio, never memory or DTMF."""
+        if isinstance(ev, DtmfIn):
+            self._rfc4733_digit(ev)
+            return
         if isinstance(ev, AudioIn) and self._events.qsize() >= MAX_QUEUED_EVENTS:
             ERRORS.labels("sip", "event_overflow").inc()
             return

@@ -29,6 +29,7 @@ RTCP_INTERVAL_S = 5.0
 PROBATION = 5  # in-sequence packets from a new address before symmetric RTP follows it
 COMFORT_NOISE_PT = 13
 _DECODERS = {0: ulaw_decode, 8: alaw_decode}
+_STATIC_PT = {"PCMU": 0, "PCMA": 8}  # a G.711 codec the offer mapped to a dynamic payload type decodes as this
 _ENCODERS = {"PCMU": ulaw_encode, "PCMA": alaw_encode}
 _SILENCE = np.zeros(FRAME_SAMPLES, dtype=np.int16)
 
@@ -65,6 +66,7 @@ class RtpSession:
         self.local_port = 0
         self.neg: Negotiated | None = None
         self.remote: tuple[str, int] | None = None
+        self._sdp_remote: tuple[str, int] | None = None  # the last real (not hold) address the SDP gave
         self.latched = False
         self.jitter = JitterBuffer(target=jitter_target)
         self.concealer = Concealer()
@@ -85,6 +87,7 @@ class RtpSession:
         self.stats = {"rx": 0, "tx": 0, "tx_octets": 0, "rx_bad": 0, "late_frames": 0, "rtcp_rx": 0,
                       "queued_frames": 0}
         self._timed_out = False
+        self.timeout_armed = True  # the SIP call disarms it until its INVITE is ACKed (Timer H owns that)
         self._cand: tuple[tuple[str, int], int, int] | None = None
         # Metric children resolved once: labels() per packet is measurable at 100 calls.
         self._m_in = AUDIO_FRAMES.labels(transport_label, "in")
@@ -117,7 +120,14 @@ class RtpSession:
     def apply(self, neg: Negotiated) -> None:
         """New offer/answer outcome (initial, hold/resume, codec change)."""
         hold_addr = neg.remote_ip in ("0.0.0.0", "::")
-        if not self.latched or self.remote is None or (self.neg and neg.remote_port != self.neg.remote_port):
+        sdp_addr = (neg.remote_ip, neg.remote_port)
+        # A re-INVITE that moves the media (new address or port: the PBX hands the stream to another media
+        # server or to the phone itself) must be followed at once, not after the new source's probation.
+        # Hold (c=0.0.0.0) and a resume to the address we had keep the latched (NAT-traversing) peer.
+        moved = not hold_addr and self._sdp_remote is not None and sdp_addr != self._sdp_remote
+        if not hold_addr:
+            self._sdp_remote = sdp_addr
+        if not self.latched or self.remote is None or moved:
             self.remote = None if hold_addr else (neg.remote_ip, neg.remote_port)
             self.latched = False
         self.neg = neg
@@ -207,8 +217,9 @@ class RtpSession:
             return
         if self._remote_ssrc is not None and pkt.ssrc != self._remote_ssrc:
             self.jitter.reset()  # new source (e.g. after a re-INVITE / transfer leg): new sequence space
-        if pkt.pt in _DECODERS:
-            result = self.jitter.push(pkt.seq, (pkt.pt, pkt.payload))
+        audio_pt = pkt.pt if pkt.pt in _DECODERS else _STATIC_PT.get(neg.codec) if pkt.pt == neg.pt else None
+        if audio_pt is not None:
+            result = self.jitter.push(pkt.seq, (audio_pt, pkt.payload))
         elif neg.dtmf_pt is not None and pkt.pt == neg.dtmf_pt:
             try:
                 digit = self.dtmf.feed(pkt.ts, pkt.payload)
@@ -276,10 +287,15 @@ class RtpSession:
             return
         if self._can_send():
             self._send_frame(now, late)
-        self.emit(AudioIn(self._next_in_frame(), now))
+        frame = self._next_in_frame()  # drained on hold too: no backlog of stale audio on resume
+        if self.neg.direction in ("recvonly", "inactive"):
+            # The caller holds us: what still arrives is their PBX's music/announcements on hold, not speech
+            # meant for the bot, which must not be taken as caller turns.
+            frame = _SILENCE
+        self.emit(AudioIn(frame, now))
         self._m_in.inc()
         receiving = self.neg.direction == "sendrecv"  # on hold the caller may rightly send nothing
-        if receiving and now - self.last_rx > self.rtp_timeout_s and not self._timed_out:
+        if receiving and self.timeout_armed and now - self.last_rx > self.rtp_timeout_s and not self._timed_out:
             self._timed_out = True
             self.on_timeout()
         if now - self._last_rtcp > RTCP_INTERVAL_S and self._rtcp is not None and self.remote is not None:

@@ -7,6 +7,7 @@ and raise SdpError (-> 488 Not Acceptable Here) when nothing is acceptable.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 
@@ -145,6 +146,12 @@ def negotiate(offer: SessionDesc, prefer: tuple[str, ...] = SUPPORTED) -> tuple[
         addr = m.connection or offer.connection
         if not addr:
             raise SdpError("missing_connection")
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            # An FQDN is legal SDP, but every RTP sendto() to it would resolve it synchronously on the event
+            # loop that carries all calls (a slow or dead DNS server stalls every call): refuse it clearly.
+            raise SdpError("connection_not_ip", addr[:40]) from None
         remote_dir = m.direction or offer.direction
         if addr in ("0.0.0.0", "::"):
             remote_dir = "sendonly" if remote_dir == "sendrecv" else remote_dir  # RFC 2543 hold

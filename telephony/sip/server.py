@@ -29,11 +29,11 @@ from telephony.sip.message import (
     parse_message, parse_uri, parse_via,
 )
 from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, parse_sdp
-from telephony.bridge import DtmfIn
 
 T1, T2 = 0.5, 4.0
 TX_LINGER_S = 32.0
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY"
+SUPPORTED = {"replaces"}  # option tags a caller may Require (RFC 3891); anything else gets 420
 KNOWN_NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "MESSAGE", "PUBLISH", "UPDATE", "PRACK"}
 
 _METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "REFER", "NOTIFY"} | KNOWN_NOT_ALLOWED
@@ -484,7 +484,8 @@ class SipServer:
             self.respond(msg, peer, 501, extra=[("Allow", ALLOW)])
 
     def _caps(self) -> list[tuple[str, str]]:
-        return [("Allow", ALLOW), ("Accept", "application/sdp, application/dtmf-relay, application/dtmf")]
+        return [("Allow", ALLOW), ("Accept", "application/sdp, application/dtmf-relay, application/dtmf"),
+                ("Supported", ", ".join(sorted(SUPPORTED)))]
 
     # INVITE -----------------------------------------------------------------------------------------
     async def _on_invite(self, msg: SipMessage, peer: Peer) -> None:
@@ -506,10 +507,21 @@ class SipServer:
                 self.respond(msg, peer, 401, to_tag=new_tag(),
                              extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
                 return
-        if msg.get("Require"):
+        required = (x.strip() for x in msg.get("Require").split(","))
+        unsupported = [o for o in required if o and o.lower() not in SUPPORTED]
+        if unsupported:
             self._refused(msg, peer, 420, "unsupported_require")
-            self.respond(msg, peer, 420, extra=[("Unsupported", msg.get("Require"))])
+            self.respond(msg, peer, 420, extra=[("Unsupported", ", ".join(unsupported))])
             return
+        replaced: SipCall | None = None
+        if msg.get("Replaces"):
+            replaced, status = self._replaced_call(msg.get("Replaces"))
+            if replaced is None:  # RFC 3891 3: no confirmed dialog of ours matches (481) / early-only (486)
+                kind = "replaces_no_dialog" if status == 481 else "replaces_early_only"
+                ERRORS.labels("sip", kind).inc()
+                self._refused(msg, peer, status, kind)
+                self.respond(msg, peer, status)
+                return
         if len(self.calls) + len(self._pending) >= self.settings.max_calls:
             ERRORS.labels("sip", "busy").inc()
             self._refused(msg, peer, 486, "busy")
@@ -562,8 +574,25 @@ class SipServer:
                           extra=[("Contact", self.contact(local_ip, peer.proto)), ("Allow", ALLOW),
                                  ("Content-Type", "application/sdp")])
         self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+        if replaced is not None and replaced.state != "terminated":
+            # The new leg takes the old one's place (attended transfer, call pickup): end the old dialog.
+            replaced.log.info("call_replaced", by_call_id=call.call_id, source=peer.addr[0])
+            call.log.info("call_replaces", replaced_call_id=replaced.call_id)
+            self._spawn(replaced.hangup("replaced"))
         if neg is not None:
             self._media_up(call)
+
+    def _replaced_call(self, value: str) -> tuple[SipCall | None, int]:
+        """The confirmed dialog a Replaces header names (RFC 3891: to-tag is our tag, from-tag the peer's),
+        or None and the status to refuse with."""
+        call_id, _, rest = value.partition(";")
+        params = header_params(";" + rest) if rest else {}
+        call = self.calls.get((call_id.strip(), params.get("to-tag", "")))
+        if call is None or call.remote_tag != params.get("from-tag") or call.state != "confirmed":
+            return None, 481
+        if "early-only" in params:  # only an early dialog may be replaced, and ours is answered
+            return None, 486
+        return call, 200
 
     def _media_up(self, call: SipCall) -> None:
         """Negotiation complete: start the call's media on the clock and hand the call to on_call."""
@@ -590,6 +619,15 @@ class SipServer:
                     SIP_MESSAGES.labels("INVITE", "retransmit_200").inc()
                 interval = min(interval * 2, T2)
         ERRORS.labels("sip", "no_ack").inc()
+        if not call.established:
+            # The caller never confirmed our 200 OK: a failed call setup, not a caller who went quiet.
+            call.log.warning("call_setup_failed", reason="no_ack", waited_s=64 * T1, proto=peer.proto,
+                             source=f"{peer.addr[0]}:{peer.addr[1]}", contact=self.contact(call.local_ip, peer.proto),
+                             rtp_rx=call.media.stats["rx"],
+                             hint="the caller's ACK never reached us: check that our Contact address "
+                                  "(BOT_SIP_PUBLIC_IP) is reachable from the trunk and no firewall/NAT drops it")
+        else:
+            call.log.warning("reinvite_no_ack", waited_s=64 * T1)
         await call.hangup("error:no_ack")
 
     async def _run_handler(self, call: SipCall) -> None:
@@ -608,6 +646,7 @@ class SipServer:
         if call is None:
             return
         call.acked.set()
+        call.confirm()
         if call.awaiting_answer:  # late offer: the ACK carries the answer
             call.awaiting_answer = False
             try:
@@ -712,6 +751,5 @@ class SipServer:
             ERRORS.labels("sip", exc.kind).inc()
             self.respond(msg, peer, 415, extra=[("Accept", "application/dtmf-relay, application/dtmf")])
             return
-        self.respond(msg, peer, 200)
-        call.dtmf_info_digits += 1
-        call._events.put_nowait(DtmfIn(digit, time.monotonic()))
+        self.respond(msg, peer, 200)  # a duplicate is still acknowledged, or the phone retransmits it
+        call.info_digit(digit)

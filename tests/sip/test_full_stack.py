@@ -51,7 +51,7 @@ async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path
              8000, subtype="PCM_16")
     quiet_wav = tmp_path / "quiet.wav"
     sf.write(str(quiet_wav), silence(40000), 8000, subtype="PCM_16")
-    await asyncio.get_running_loop().run_in_executor(None, server.start)
+    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)  # a loaded box starts slowly
     ready = httpx.get(f"{server.url}/readyz", timeout=5).json()
     assert ready["sip"] == "listening" and ready["ready"], ready
     ua1 = Baresip(tmp_path / "ua1", speech_wav)
@@ -144,7 +144,7 @@ async def test_caller_holding_the_bot_is_not_asked_are_you_still_there(redis_url
     (tmp_path / "bot").mkdir()
     server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env)
     server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")
-    await asyncio.get_running_loop().run_in_executor(None, server.start)
+    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)  # a loaded box starts slowly
     caller = SipCaller("127.0.0.1", sip_port)
     await caller.open()
     try:

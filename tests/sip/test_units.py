@@ -101,6 +101,8 @@ def test_sdp_negotiation_prefers_offer_order_and_mirrors_direction() -> None:
     (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/AVP 18\r\n", "no_common_codec"),
     (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/SAVP 0\r\n", "no_common_codec"),
     (b"v=0\r\nm=audio 4000 RTP/AVP 0\r\n", "missing_connection"),
+    # an FQDN would be resolved by a blocking sendto() per RTP packet, on the loop all calls share
+    (b"v=0\r\nc=IN IP4 media.example.com\r\nm=audio 4000 RTP/AVP 0\r\n", "connection_not_ip"),
     (b"c=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/AVP 0\r\n", "missing_version"),
     (b"v=0\r\nthis is not sdp\r\n", "bad_line"),
     (b"v=0\r\nm=audio port RTP/AVP 0\r\n", "bad_media"),
