@@ -12,11 +12,11 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ops.logs import get_logger
 from ops.metrics import ERRORS
@@ -46,8 +46,24 @@ _SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
 _PLACEHOLDER = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 
 
+def _lenient(info: ValidationInfo) -> bool:
+    """Loading a version that is already published (see parse_policy's `lenient`)."""
+    return bool(info.context and info.context.get("lenient"))
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/on/off/true/false as booleans and pydantic would quietly take them as 1/0:
+        # `accept: yes` must not become a threshold of 1.0 that the admin never wrote.
+        if isinstance(v, bool) and info.field_name is not None and not _lenient(info):
+            ann = cls.model_fields[info.field_name].annotation
+            if ann in (int, float, int | None, float | None):
+                raise ValueError(f"{str(v).lower()} is not a number (YAML reads yes/no/on/off as true/false)")
+        return v
 
 
 Prob = Field(ge=0.0, le=1.0)
@@ -151,9 +167,37 @@ class Dtmf(_Model):
         return v
 
 
+def _span_minutes(s: str) -> tuple[int, int]:
+    m = _SPAN.match(s)
+    assert m is not None  # validated by _check_span
+    return int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+
+
+def _check_span(s: str) -> str:
+    m = _SPAN.match(s)
+    if not m or (int(m[3]), int(m[4])) <= (int(m[1]), int(m[2])) or (m[3] == "24" and m[4] != "00"):
+        raise ValueError(f"{s!r} is not an opening span like '08:00-17:30' (start before end, 00:00-24:00)")
+    return s
+
+
+def _check_day(spans: list[str], info: ValidationInfo) -> list[str]:
+    # Overlapping spans of one day are almost always a typo (the admin meant another day or time).
+    if _lenient(info):
+        return spans
+    mins = sorted((_span_minutes(s), s) for s in spans)
+    for (a, sa), (b, sb) in zip(mins, mins[1:]):
+        if b[0] < a[1]:
+            raise ValueError(f"opening spans {sa!r} and {sb!r} overlap")
+    return spans
+
+
+Span = Annotated[str, AfterValidator(_check_span)]
+DaySpans = Annotated[list[Span], AfterValidator(_check_day)]
+
+
 class Hours(_Model):
     timezone: str = "UTC"
-    weekly: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], list[str]] = Field(default_factory=dict)
+    weekly: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], DaySpans] = Field(default_factory=dict)
     holidays: list[dt.date] = Field(default_factory=list)
 
     @field_validator("timezone")
@@ -165,16 +209,6 @@ class Hours(_Model):
             raise ValueError(f"unknown timezone {v!r}") from exc
         return v
 
-    @field_validator("weekly")
-    @classmethod
-    def _spans(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
-        for day, spans in v.items():
-            for s in spans:
-                m = _SPAN.match(s)
-                if not m or (int(m[3]), int(m[4])) <= (int(m[1]), int(m[2])) or (m[3] == "24" and m[4] != "00"):
-                    raise ValueError(f"{day}: {s!r} is not an opening span like '08:00-17:30'")
-        return v
-
     def is_open(self, now: dt.datetime) -> bool:
         """Open at `now` (an aware datetime; naive ones are taken as UTC)."""
         if now.tzinfo is None:
@@ -184,9 +218,8 @@ class Hours(_Model):
             return False
         minute = local.hour * 60 + local.minute
         for s in self.weekly.get(WEEKDAYS[local.weekday()], []):
-            m = _SPAN.match(s)
-            assert m is not None  # validated above
-            if int(m[1]) * 60 + int(m[2]) <= minute < int(m[3]) * 60 + int(m[4]):
+            start, end = _span_minutes(s)
+            if start <= minute < end:
                 return True
         return False
 
@@ -321,8 +354,10 @@ def _issue(root: yaml.Node | None, path: Path_, message: str) -> PolicyIssue:
     return PolicyIssue(line, col, ".".join(str(p) for p in path), message)
 
 
-def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
-    """Cross-references pydantic cannot see: unknown intents/queues/prompts/slots, bands, cycles."""
+def _semantic_errors(p: Policy, lenient: bool = False) -> list[tuple[Path_, str]]:
+    """Cross-references pydantic cannot see: unknown intents/queues/prompts/slots, bands, cycles.
+    `lenient` skips the checks that only protect callers from an admin's slip (placeholders, empty
+    targets): decide() works without them, so a version published before they existed still loads."""
     errs: list[tuple[Path_, str]] = []
     t = p.thresholds
 
@@ -400,6 +435,8 @@ def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
                 unknown = set(_PLACEHOLDER.findall(p.prompts[key])) - set(intent.slots)
                 if unknown:
                     errs.append((ap + (field_name,), f"prompt {key!r} uses {sorted(unknown)}, not slots of {name!r}"))
+    if not lenient:
+        _placeholder_errors(p, errs)
     e = p.escalation
     for rule, path in ((e.agent_request, ("escalation", "agent_request")), (e.max_failures, ("escalation", "max_failures")),
                        (e.frustration, ("escalation", "frustration")), (e.system_error, ("escalation", "system_error"))):
@@ -424,6 +461,8 @@ def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
     for qname, q in p.queues.items():
         qp: Path_ = ("queues", qname)
         need_prompt(q.prompt, qp + ("prompt",))
+        if not lenient and not q.target.strip():
+            errs.append((qp + ("target",), "a queue needs a target to dial (a Twilio queue or number, a SIP URI)"))
         if q.hours is not None and q.out_of_hours is None:
             errs.append((qp + ("hours",), "a queue with hours needs `out_of_hours` (what callers get when it is closed)"))
         if q.out_of_hours is not None:
@@ -443,6 +482,57 @@ def _semantic_errors(p: Policy) -> list[tuple[Path_, str]]:
             seen.append(nxt)
             cur = p.queues[nxt]
     return errs
+
+
+# Prompts decide() says exactly as written (policies/decide.py renders only action, read-back, confirm,
+# clarify and transfer prompts): a {placeholder} in one of them would reach the caller unfilled.
+_RAW_PROMPTS = ("filler", "apology", "apology_closed", "reprompt", "denied", "no_context", "out_of_scope",
+                "still_there", "slot_retry", "dtmf_invalid", "callback_done", "callback_declined", "value_denied")
+
+
+def _placeholder_errors(p: Policy, errs: list[tuple[Path_, str]]) -> None:
+    """Every {placeholder} must be one that every place saying the prompt fills (action prompts and
+    read-backs are checked with their intent in _semantic_errors)."""
+    all_slots = set(p.slots)
+
+    def check(key: str | None, path: Path_, allowed: set[str], why: str) -> None:
+        if key is None or key not in p.prompts:
+            return
+        bad = set(_PLACEHOLDER.findall(p.prompts[key])) - allowed
+        if bad:
+            errs.append((path, f"prompt {key!r} uses {sorted(bad)}, {why}"))
+
+    raw = "which this prompt never fills (it is said as written)"
+    check(p.greeting, ("greeting",), set(), raw)
+    for key in _RAW_PROMPTS:
+        check(key, ("prompts", key), set(), raw)
+    check(p.no_input.prompt, ("no_input", "prompt"), set(), raw)
+    check(p.no_input.final_prompt, ("no_input", "final_prompt"), set(), raw)
+    if p.dtmf.enabled:
+        check(p.dtmf.prompt, ("dtmf", "prompt"), set(), raw)
+    check("clarify", ("prompts", "clarify"), {"a", "b"}, "but a clarify question only fills {a} and {b}")
+    check("confirm", ("prompts", "confirm"), {"intent"} | all_slots, "which are neither {intent} nor slots")
+    check("transfer", ("prompts", "transfer"), all_slots, "which are not slots")
+    for name, intent in p.intents.items():
+        base: Path_ = ("intents", name)
+        check(intent.confirm_prompt, base + ("confirm_prompt",), {"intent"} | set(intent.slots),
+              f"which are neither {{intent}} nor slots of {name!r}")
+        for s, key in intent.action.ask.items():
+            check(key, base + ("action", "ask", s), set(), "but a slot question is said as written (nothing is filled)")
+    e = p.escalation
+    rules: list[tuple[Rule, Path_]] = [(e.agent_request, ("escalation", "agent_request")),
+                                       (e.max_failures, ("escalation", "max_failures")),
+                                       (e.frustration, ("escalation", "frustration")),
+                                       (e.system_error, ("escalation", "system_error"))]
+    rules += [(r, ("escalation", "sensitive", i)) for i, r in enumerate(e.sensitive)]
+    for rule, path in rules:
+        check(rule.prompt, path + ("prompt",), all_slots, "which are not slots")
+    for qname, q in p.queues.items():
+        check(q.prompt, ("queues", qname, "prompt"), all_slots, "which are not slots")
+        o = q.out_of_hours
+        if o is not None:  # a message or callback offer is said as written; a move to a queue announces it
+            check(o.prompt, ("queues", qname, "out_of_hours", "prompt"),
+                  all_slots if o.action == "queue" else set(), raw if o.action != "queue" else "which are not slots")
 
 
 def _duplicate_keys(root: yaml.Node | None) -> list[PolicyIssue]:
@@ -475,37 +565,165 @@ def _duplicate_keys(root: yaml.Node | None) -> list[PolicyIssue]:
     return sorted(out, key=lambda i: (i.line or 0, i.column or 0))
 
 
-def parse_policy(text: str, source: str = "<policy>") -> Policy:
-    """Validate policy YAML text into a new frozen Policy, or raise PolicyError with line numbers."""
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose value errors (a date like 2026-13-45) carry the line, like syntax errors do."""
+
+    def construct_yaml_timestamp(self, node: yaml.Node) -> Any:  # type: ignore[override]
+        try:
+            return super().construct_yaml_timestamp(node)
+        except ValueError as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a date: {exc}",
+                                                    node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+
+MAX_POLICY_CHARS = 1_000_000  # the shipped policy is ~12 kB; parsing a megabyte already takes seconds
+MAX_ISSUES = 100  # more than this helps nobody (and locating each costs time): the rest are counted
+MAX_EXPANDED_CHARS = 10_000_000  # text reachable through aliases: a real policy is ~20 kB
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Characters of scalar text with every alias expanded, as the validator will walk it. A few
+    anchors referenced many times (a "billion laughs" document) would keep a parser thread busy."""
+    sizes: dict[int, int] = {}
+    order: list[yaml.Node] = []
+    stack = [root]
+    while stack:  # iterative post-order: nested documents must not exhaust the Python stack
+        node = stack.pop()
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = -1
+        order.append(node)
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(x for kv in node.value for x in kv)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    for node in reversed(order):
+        if isinstance(node, yaml.ScalarNode):
+            sizes[id(node)] = len(node.value) + 1
+        elif isinstance(node, yaml.MappingNode):
+            sizes[id(node)] = 1 + sum(sizes[id(k)] + sizes[id(v)] for k, v in node.value)
+        else:
+            sizes[id(node)] = 1 + sum(sizes[id(v)] for v in node.value)
+        sizes[id(node)] = min(sizes[id(node)], MAX_EXPANDED_CHARS + 1)
+    return sizes[id(root)]
+
+
+def _deep_mark(text: str) -> yaml.Mark | None:
+    """Where nesting first gets deeper than any policy needs (the parser itself is not recursive)."""
+    depth = 0
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        doc = yaml.safe_load(text)
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > 50:
+                    return ev.start_mark
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        pass
+    return None
+
+
+def _read_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """(node tree, plain data) of the text, parsed once; PolicyError with a line for anything unreadable."""
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)  # checks every character first (ReaderError)
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        # Before constructing: construction folds merge keys (<<) into their mapping, in place.
+        dups = _duplicate_keys(root)
+        if dups:
+            raise PolicyError(_capped(dups, len(dups)), source)
+        if _expanded_size(root) > MAX_EXPANDED_CHARS:
+            raise PolicyError([PolicyIssue(1, 1, "", f"aliases (*name) expand this document to more than "
+                                                     f"{MAX_EXPANDED_CHARS} characters; write the values out")], source)
+        return root, loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = " ".join(str(x) for x in (exc.context, exc.problem) if x) or str(exc)
+        if "'\\t'" in msg:  # PyYAML names the character as '\t'
+            msg += " (indent with spaces; YAML does not allow tabs there)"
+        issue = PolicyIssue(mark.line + 1 if mark else None, mark.column + 1 if mark else None, "", f"invalid YAML: {msg}")
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (control characters, lone surrogates)
+        ch = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        issue = PolicyIssue(line, col, "", f"invalid YAML: character {ch} is not allowed in a YAML document")
+    except RecursionError:
+        mark = _deep_mark(text)
+        issue = PolicyIssue(mark.line + 1 if mark else None, mark.column + 1 if mark else None, "",
+                            "invalid YAML: nested too deeply (a policy needs a few levels)")
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        msg = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
-        raise PolicyError([PolicyIssue(mark.line + 1 if mark else None, mark.column + 1 if mark else None, "",
-                                       f"invalid YAML: {msg}")], source) from None
-    dups = _duplicate_keys(root)
-    if dups:
-        raise PolicyError(dups, source)
+        issue = PolicyIssue(None, None, "", f"invalid YAML: {exc}")
+    finally:
+        if loader is not None:
+            loader.dispose()
+    raise PolicyError([issue], source)
+
+
+def _pydantic_message(err: Any) -> str:
+    loc, msg, kind, value = tuple(err["loc"]), err["msg"], err["type"], err.get("input")
+    if kind == "missing":
+        return f"field {loc[-1]!r} is required"
+    if kind == "extra_forbidden":
+        return f"unknown field {loc[-1]!r}"
+    if kind == "string_type" and isinstance(value, bool):
+        return f"expected text, got {str(value).lower()} (YAML reads yes/no/on/off as true/false: put the text in quotes)"
+    if kind == "string_type" and isinstance(value, (int, float)) and "[key]" in loc:
+        return f"key {value!r} must be text: write it in quotes (\"{value}\")"
+    if value is None and kind.endswith("_type"):
+        return "a value is required here (it is empty)"
+    if kind in ("model_type", "dict_type"):
+        return f"expected a mapping (`key: value` lines), got {type(value).__name__} {str(value)[:40]!r}"
+    if kind == "value_error" and msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return msg
+
+
+def _capped(issues: list[PolicyIssue], total: int) -> list[PolicyIssue]:
+    """The first MAX_ISSUES of `total` problems, and a last line that counts the rest."""
+    if total <= MAX_ISSUES:
+        return issues
+    return issues[:MAX_ISSUES] + [PolicyIssue(None, None, "", f"... and {total - MAX_ISSUES} more problems (fix these first)")]
+
+
+def parse_policy(text: str, source: str = "<policy>", *, lenient: bool = False) -> Policy:
+    """Validate policy YAML text into a new frozen Policy, or raise PolicyError with line numbers.
+
+    `lenient=True` is for loading a version that was already published (a worker following the store):
+    the checks added to catch admins' slips (YAML booleans as numbers, overlapping opening spans,
+    unfilled placeholders, empty queue targets) are skipped, so a release with stricter validation never
+    leaves a worker without the live policy. Publishing, rollback and `bot policy validate` are strict."""
+    if len(text) > MAX_POLICY_CHARS:
+        raise PolicyError([PolicyIssue(1, 1, "", f"the policy is {len(text)} characters; at most {MAX_POLICY_CHARS} are "
+                                                 "accepted")], source)
+    root, doc = _read_yaml(text, source)
     if not isinstance(doc, dict):
         raise PolicyError([PolicyIssue(1, 1, "", "a policy must be a YAML mapping")], source)
     try:
-        policy = Policy.model_validate(doc)
+        policy = Policy.model_validate(doc, context={"lenient": lenient})
     except ValidationError as exc:
-        issues = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            msg = err["msg"]
-            if err["type"] == "missing":
-                msg = f"field {loc[-1]!r} is required"
-            elif err["type"] == "extra_forbidden":
-                msg = f"unknown field {loc[-1]!r}"
-            issues.append(_issue(root, loc, msg))
-        raise PolicyError(issues, source) from None
-    errs = _semantic_errors(policy)
+        issues = [_issue(root, tuple(x for x in err["loc"] if x != "[key]"), _pydantic_message(err))
+                  for err in exc.errors()[:MAX_ISSUES]]  # dict keys' errors point at the key itself
+        total = exc.error_count()
+        if not lenient:  # when only lint checks failed, the cross-reference problems are listed in the same go
+            try:
+                loose = Policy.model_validate(doc, context={"lenient": True})
+            except ValidationError:
+                pass
+            else:
+                errs = _semantic_errors(loose)
+                issues += [_issue(root, path, msg) for path, msg in errs[:MAX_ISSUES]]
+                total += len(errs)
+                issues.sort(key=lambda i: (i.line or 0, i.column or 0))
+        raise PolicyError(_capped(issues, total), source) from None
+    errs = _semantic_errors(policy, lenient)
     if errs:
-        raise PolicyError([_issue(root, path, msg) for path, msg in errs], source)
+        raise PolicyError(_capped([_issue(root, path, msg) for path, msg in errs[:MAX_ISSUES]], len(errs)), source)
     return policy
 
 
@@ -513,10 +731,25 @@ def load_policy(path: str | Path | None = None) -> Policy:
     """Load and validate a policy file (default: policies/default.yaml)."""
     p = Path(path) if path else DEFAULT_POLICY_PATH
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([PolicyIssue(None, None, "", f"cannot read policy: {exc}")], str(p)) from None
-    return parse_policy(text, source=str(p))
+        with p.open("rb") as f:  # bounded: `bot policy validate /dev/zero` must not read forever
+            data = f.read(4 * MAX_POLICY_CHARS + 1)
+    except OSError as exc:
+        raise PolicyError([PolicyIssue(None, None, "", f"cannot read policy: {exc.strerror or exc}")], str(p)) from None
+    if len(data) > 4 * MAX_POLICY_CHARS:
+        raise PolicyError([PolicyIssue(1, 1, "", f"the file is larger than {4 * MAX_POLICY_CHARS} bytes; a policy is "
+                                                 f"at most {MAX_POLICY_CHARS} characters")], str(p))
+    return parse_policy(decode_policy(data, str(p)), source=str(p))
+
+
+def decode_policy(data: bytes, source: str = "<policy>") -> str:
+    """UTF-8 text of a policy file; PolicyError at the line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")  # an editor's byte-order mark is not an error
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PolicyError([PolicyIssue(line, col, "", f"byte 0x{data[exc.start]:02x} is not UTF-8: save the file as "
+                                                       "UTF-8")], source) from None
 
 
 def validate_text(text: str) -> list[PolicyIssue]:

@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
 import yaml
+from redis.exceptions import RedisError
 
 from ops import metrics
 from ops.logs import get_logger
@@ -40,8 +41,11 @@ DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
 
 Prerender = Callable[[list[str]], Awaitable[None]]
 
-# Policy parsing gets its own thread so a switch never queues behind other executor work.
+# Policy parsing gets its own thread so a switch never queues behind other executor work, and the
+# admins' validations (up to a megabyte of YAML each, on every edit) get theirs: a busy console must
+# not delay a worker's switch to a published version.
 _PARSER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-parse")
+_CHECKER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="policy-check")
 
 log = get_logger("policies.store")
 
@@ -104,18 +108,29 @@ def _issue_from(obj: Any) -> Issue:
     return Issue(message=str(get("message", None) or obj), line=line, column=col, path=str(path))
 
 
-def parse_policy(text: str) -> Any:
+def parse_policy(text: str, lenient: bool = False) -> Any:
     """Validate YAML text against the current schema and return the Policy object.
 
-    Raises PolicyInvalid with line-located issues (YAML syntax or schema violations).
+    Raises PolicyInvalid with line-located issues (YAML syntax or schema violations). `lenient`: see
+    policies.schema.parse_policy (for versions already published).
     """
     from policies import schema  # imported late: the schema module is optional at import time
 
     try:
-        return schema.parse_policy(text)
+        return schema.parse_policy(text, lenient=lenient)
     except schema.PolicyError as exc:
         raw = getattr(exc, "errors", None) or getattr(exc, "issues", None) or [exc]
         raise PolicyInvalid([_issue_from(e) for e in raw]) from exc
+    except Exception as exc:  # noqa: BLE001 - a validator bug must refuse the text, not crash a request or a worker
+        metrics.ERRORS.labels("policy_store", "validator_failed").inc()
+        log.exception("policy_validator_failed", error=repr(exc))
+        raise PolicyInvalid([Issue(f"the policy could not be checked ({type(exc).__name__}); it was not accepted")]) from exc
+
+
+def load_published(text: str) -> Any:
+    """A published version as a worker loads it: the lint-only checks of newer releases do not apply
+    (a worker that refused the live version would have no policy for new calls)."""
+    return parse_policy(text, lenient=True)
 
 
 def prompt_texts(policy_yaml: str, policy: Any = None) -> list[str]:
@@ -302,7 +317,7 @@ class PolicyStore:
 
     async def check(self, yaml_text: str) -> Any:
         """Validate off the event loop (parsing a policy costs ~25 ms of CPU)."""
-        return await asyncio.get_running_loop().run_in_executor(_PARSER, self.validate, yaml_text)
+        return await asyncio.get_running_loop().run_in_executor(_CHECKER, self.validate, yaml_text)
 
     # ---- seeding ----
     async def ensure_seeded(self, yaml_text: str | None = None, path: str | Path | None = None) -> int:
@@ -370,7 +385,8 @@ class PolicyStore:
             base_version = await self.current_version()
         draft_id = secrets.token_hex(6)
         now = repr(time.time())
-        await self.r.hset(
+        pipe = self.r.pipeline(transaction=True)  # both or neither: a draft outside the set would never be listed
+        pipe.hset(
             _k("draft", draft_id),
             mapping={
                 "yaml": yaml_text,
@@ -382,7 +398,8 @@ class PolicyStore:
                 "rev": 1,
             },
         )
-        await self.r.sadd(_k("drafts"), draft_id)
+        pipe.sadd(_k("drafts"), draft_id)
+        await pipe.execute()
         await self.audit("draft_create", actor, detail=comment, draft=draft_id)
         return await self.get_draft(draft_id)
 
@@ -469,7 +486,13 @@ class PolicyStore:
         if draft_rev is not None and d["rev"] != draft_rev:
             raise DraftConflict(draft_id, draft_rev, d["rev"])
         v = await self.publish(d["yaml"], expected_version, actor, comment or d["comment"], source=f"draft:{draft_id}")
-        if not await self._delete_draft_at(keys=[_k("draft", draft_id), _k("drafts")], args=[d["rev"], draft_id]):
+        try:
+            deleted = await self._delete_draft_at(keys=[_k("draft", draft_id), _k("drafts")], args=[d["rev"], draft_id])
+        except RedisError as exc:  # v is live: the admin must hear that, not an error; the draft just stays
+            metrics.ERRORS.labels("policy_store", "draft_cleanup_failed").inc()
+            log.warning("draft_kept_after_publish", draft=draft_id, version=v, error=repr(exc))
+            return v
+        if not deleted:
             log.info("draft_kept_after_publish", draft=draft_id, note="saved again while it was being published")
         return v
 
@@ -527,7 +550,7 @@ class PolicyWatcher:
     def __init__(
         self,
         redis: aioredis.Redis,
-        validate: Callable[[str], Any] = parse_policy,
+        validate: Callable[[str], Any] = load_published,
         poll_s: float = 1.0,
         on_change: Callable[[int, Any, str], Awaitable[None]] | None = None,
     ) -> None:
@@ -562,11 +585,13 @@ class PolicyWatcher:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
+        if self._tasks:
+            # Bounded: closing a pub/sub connection cancelled mid-read can wait on the connection for good,
+            # and a worker's shutdown (or the next test) must not hang on it.
+            _done, stuck = await asyncio.wait(self._tasks, timeout=2.0)
+            if stuck:
+                metrics.ERRORS.labels("policy_watcher", "stop_timeout").inc()
+                self.log.warning("policy_watcher_stop_timeout", tasks=len(stuck))
         self._tasks = []
 
     async def refresh(self) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -130,6 +131,9 @@ def evaluate(policy: Policy, records: Iterable[Record], costs: Costs = Costs(),
 def tune(policy: Policy, records: list[Record], costs: Costs = Costs(), keep_caller_state: bool = False,
          accept_grid: Iterable[float] = ACCEPT_GRID, confirm_grid: Iterable[float] = CONFIRM_GRID) -> dict[str, Any]:
     """The trade-off table over the grid, the cheapest thresholds, and the policy in use."""
+    bad_costs = {k: v for k, v in dataclasses.asdict(costs).items() if not (math.isfinite(v) and v >= 0)}
+    if bad_costs:  # a NaN cost compares false with everything: the "cheapest" row would be the first, accept 0.5
+        raise ValueError("costs must be finite numbers >= 0, got " + ", ".join(f"{k}={v}" for k, v in bad_costs.items()))
     unknown: dict[str, list[str]] = {}
     for r in records:
         if r.gold is not None and r.gold not in policy.intents:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 from starlette.types import Message
 
 from bot.admin import live, simulate
@@ -33,12 +34,18 @@ API = "/api"  # the app mounts this router under /admin
 class _CappedRoute(APIRoute):
     """Request bodies over MAX_UPLOAD_BYTES get 413 while they are read: a declared Content-Length is
     refused before a byte is read, and a chunked body (no Content-Length) is cut off at the limit
-    instead of being buffered whole and then parsed."""
+    instead of being buffered whole and then parsed. Redis out of reach is a JSON 503, not a 500."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def capped(request: Request) -> Response:
+            try:
+                return await _capped(request)
+            except RedisError as exc:
+                return _redis_down(request, exc)
+
+        async def _capped(request: Request) -> Response:
             if request.method in ("POST", "PUT", "PATCH"):
                 _limit_body(request)
                 receive, seen = request.receive, 0
@@ -56,6 +63,19 @@ class _CappedRoute(APIRoute):
             return await handler(request)
 
         return capped
+
+
+def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
+    """The policy store is out of reach. Publish and rollback are one Lua script each, so nothing is
+    half-written; the live policy stays what the workers already have."""
+    metrics.ERRORS.labels("admin", "redis_unavailable").inc()
+    log.warning("admin_redis_unavailable", method=request.method, path=request.url.path, error=repr(exc))
+    message = ("the policy store (Redis) is not reachable; nothing was changed by this request, and calls keep the "
+               "policy they have. Try again in a moment")
+    if request.url.path.endswith(("/publish", "/rollback")):
+        message = ("the policy store (Redis) is not reachable, so this could not be confirmed; the live policy is "
+                   "either unchanged or fully switched (never half-written). Reload the versions list before retrying")
+    return JSONResponse({"detail": {"message": message, "error": type(exc).__name__}}, status_code=503)
 
 
 router = APIRouter(route_class=_CappedRoute)

@@ -101,7 +101,17 @@ class TokenRegistry:
         if admin_token:
             tokens.append(_check("publisher", "admin", admin_token, "BOT_ADMIN_TOKEN"))
         if tokens_file:
-            tokens += parse_tokens_file(Path(tokens_file).read_text(encoding="utf-8"), tokens_file)
+            try:
+                text = Path(tokens_file).read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:  # not OSError: it used to escape as a 500 on every admin request
+                raise TokenConfigError(f"{tokens_file}: not UTF-8 text (byte {exc.start})") from exc
+            tokens += parse_tokens_file(text, tokens_file)
+        seen: dict[bytes, str] = {}
+        for t in tokens:  # one secret for two entries: which role it gets would depend on the file's order
+            if t.secret in seen:
+                raise TokenConfigError(f"the token of {t.name!r} is also the token of {seen[t.secret]!r}; "
+                                       "give every entry its own token")
+            seen[t.secret] = t.name
         return cls(tokens)
 
     @property

@@ -71,6 +71,32 @@ def test_token_sources(tmp_path: Path) -> None:
         parse_tokens_file("just-a-token\n")
     with pytest.raises(TokenConfigError, match="shorter than 8"):
         parse_tokens_file("editor:e:short\n")
+    # a file saved in Latin-1 raised UnicodeDecodeError past the fail-closed handler (500 on every request)
+    latin = tmp_path / "latin1"
+    latin.write_bytes("viewer:ren\xe9:viewer-secret-1\n".encode("latin-1"))
+    with pytest.raises(TokenConfigError, match="not UTF-8"):
+        TokenRegistry.from_env(admin_token="", tokens_file=str(latin))
+    # one secret for two roles: the role it got depended on the order of the entries
+    dup = tmp_path / "dup"
+    dup.write_text("viewer:wallboard:shared-secret-1\npublisher:sam:shared-secret-1\n")
+    with pytest.raises(TokenConfigError, match="also the token of 'wallboard'"):
+        TokenRegistry.from_env(admin_token="", tokens_file=str(dup))
+    one = tmp_path / "one"
+    one.write_text("viewer:v:shared-secret-1\n")
+    with pytest.raises(TokenConfigError, match="also the token of 'admin'"):
+        TokenRegistry.from_env(admin_token="shared-secret-1", tokens_file=str(one))
+
+
+async def test_an_unreadable_tokens_file_locks_the_console_with_401s(app, client: httpx.AsyncClient,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    latin = tmp_path / "latin1"
+    latin.write_bytes("publisher:ren\xe9:publish-token-789\n".encode("latin-1"))
+    monkeypatch.setenv("BOT_ADMIN_TOKENS_FILE", str(latin))
+    monkeypatch.setenv("BOT_ADMIN_TOKEN", "")
+    del app.state.admin_tokens  # as a `bot serve` reads it on first use
+    before = errors_total("token_config")
+    r = await client.get("/admin/api/me", headers=auth("publisher"))
+    assert r.status_code == 401 and errors_total("token_config") == before + 1
 
 
 def test_a_bot_without_configured_tokens_makes_one_in_its_data_dir(tmp_path: Path, monkeypatch) -> None:
@@ -153,6 +179,54 @@ async def test_validate_rejects_duplicate_keys_at_their_line(client: httpx.Async
     r = await client.post("/admin/api/publish", json={"yaml": dup, "expected_version": 1}, headers=auth("publisher"))
     assert r.status_code == 422 and r.json()["detail"]["errors"][0]["line"] == line + 1
     assert (await client.get("/admin/api/policies", headers=auth("viewer"))).json()["current"] == 1
+
+
+async def test_unreadable_values_are_line_located_errors_not_500(client: httpx.AsyncClient, default_yaml: str) -> None:
+    """A holiday that is no date (2026-13-45) made the YAML loader raise a bare ValueError and a document
+    nested a few hundred levels deep a RecursionError: both came back as a 500 (validate and publish)."""
+    lines = default_yaml.splitlines(keepends=True)
+    tz = next(i for i, line in enumerate(lines) if "timezone: America/New_York" in line)
+    bad_date = "".join(lines[:tz + 1] + ["      holidays: [2026-12-25, 2026-13-45]\n"] + lines[tz + 1:])
+    r = await client.post("/admin/api/validate", json={"yaml": bad_date}, headers=auth("editor"))
+    assert r.status_code == 200
+    (e,) = r.json()["errors"]
+    assert e["line"] == tz + 2 and "'2026-13-45' is not a date" in e["message"]
+    r = await client.post("/admin/api/publish", json={"yaml": bad_date, "expected_version": 1}, headers=auth("publisher"))
+    assert r.status_code == 422 and r.json()["detail"]["errors"][0]["line"] == tz + 2
+    deep = default_yaml + "x: " + "[" * 3000 + "]" * 3000 + "\n"
+    r = await client.post("/admin/api/validate", json={"yaml": deep}, headers=auth("editor"))
+    assert r.status_code == 200 and r.json()["valid"] is False
+    (e,) = r.json()["errors"]
+    assert e["line"] == len(lines) + 1 and "nested too deeply" in e["message"]
+    assert (await client.get("/admin/api/policies", headers=auth("viewer"))).json()["current"] == 1
+
+
+async def test_redis_down_is_a_clear_503_and_nothing_is_half_written(app, client: httpx.AsyncClient,
+                                                                       default_yaml: str) -> None:
+    """Redis out of reach during a publish (or any admin read) was an unhandled 500 with a text body."""
+    from policies.store import PolicyStore
+    from tests.conftest import free_port
+
+    live = app.state.policy_store
+    dead = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=2)
+    app.state.policy_store = PolicyStore(dead)
+    before = errors_total("redis_unavailable")
+    try:
+        r = await client.post("/admin/api/publish", json={"yaml": with_accept(default_yaml, STRICTER),
+                                                          "expected_version": 1}, headers=auth("publisher"))
+        assert r.status_code == 503
+        assert "Redis" in r.json()["detail"]["message"] and "never half-written" in r.json()["detail"]["message"]
+        r = await client.get("/admin/api/policies", headers=auth("viewer"))
+        assert r.status_code == 503 and "not reachable" in r.json()["detail"]["message"]
+        r = await client.post("/admin/api/drafts", json={"yaml": default_yaml}, headers=auth("editor"))
+        assert r.status_code == 503
+        assert errors_total("redis_unavailable") == before + 3
+    finally:
+        app.state.policy_store = live
+        await dead.aclose()
+    lst = (await client.get("/admin/api/policies", headers=auth("viewer"))).json()
+    assert lst["current"] == 1 and [v["version"] for v in lst["versions"]] == [1]
+    assert (await client.get("/admin/api/drafts", headers=auth("viewer"))).json() == []
 
 
 async def test_draft_saved_from_two_tabs_never_loses_an_edit(client: httpx.AsyncClient, default_yaml: str) -> None:

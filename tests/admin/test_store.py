@@ -180,3 +180,35 @@ async def test_watcher_poll_safety_net_and_bad_version(store: PolicyStore, redis
         assert watcher.version == 2 and watcher.current()[1].thresholds.accept == 0.91
     finally:
         await watcher.stop()
+
+
+async def test_a_worker_still_loads_a_version_published_before_stricter_checks(redis: aioredis.Redis,
+                                                                               default_yaml: str) -> None:
+    """Checks that only catch an admin's slip (unfilled placeholders, overlapping opening spans, `yes` as
+    a number) must not leave a newly started worker without the live policy it was published with;
+    publishing or rolling back to such a text is refused, at its line."""
+    old = (default_yaml
+           .replace("  agent_transfer: Sure,", "  agent_transfer: Sure {caller},", 1)
+           .replace('sat: ["09:00-17:00"]', 'sat: ["09:00-13:00", "12:00-17:00"]', 1)
+           .replace("  context_accept: 0.8 ", "  context_accept: yes ", 1))
+    assert old.count("{caller}") == 1 and "12:00-17:00" in old and "context_accept: yes" in old
+    await redis.hset("{policy}:version:1", mapping={"yaml": old, "author": "old release", "comment": "",
+                                                    "created_at": time.time(), "source": "seed"})
+    await redis.set("{policy}:seq", 1)
+    await redis.set("{policy}:current", 1)
+    watcher = PolicyWatcher(redis, poll_s=5.0)
+    await watcher.start()
+    try:
+        version, policy = watcher.current()
+        assert version == 1 and policy.thresholds.context_accept == 1.0
+    finally:
+        await watcher.stop()
+    store = PolicyStore(redis)
+    with pytest.raises(PolicyInvalid) as exc:
+        await store.publish(old, 1, ALICE)
+    assert {i.path for i in exc.value.issues} == {"escalation.agent_request.prompt", "thresholds.context_accept",
+                                                   "queues.general.hours.weekly.sat"}  # all three at once
+    with pytest.raises(PolicyInvalid):
+        await store.rollback(1, 1, ALICE)
+    assert await store.current_version() == 1 and await redis.get("{policy}:seq") == "1"
+

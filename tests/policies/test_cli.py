@@ -89,6 +89,12 @@ def test_tune_cli_bad_input(tmp_path: Path) -> None:
     p = bot("tune", "--outputs", str(bad))
     assert p.returncode == 2 and "bad.jsonl:1" in p.stderr
     assert bot("tune").returncode == 2
+    # a NaN cost made every comparison false: the "recommendation" was the loosest grid row, cost NaN
+    good = tmp_path / "outputs.jsonl"
+    write_outputs(good, small_eval())
+    for cost in ("nan", "inf"):
+        p = bot("tune", "--outputs", str(good), "--cost-wrong", cost, "--json")
+        assert p.returncode == 2 and p.stdout == "" and "finite" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_validate_and_schema_cli(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ CASES = [
      "queues.general.hours", "    hours:", "out_of_hours"),
     ("bad timezone", ("timezone: America/New_York", "timezone: Mars/Olympus"), "queues.general.hours.timezone",
      "timezone: Mars/Olympus", "unknown timezone"),
-    ("bad opening span", ('mon: ["08:00-20:00"]', 'mon: ["20:00-08:00"]'), "queues.general.hours.weekly",
+    ("bad opening span", ('mon: ["08:00-20:00"]', 'mon: ["20:00-08:00"]'), "queues.general.hours.weekly.mon.0",
      "weekly: {mon", "opening span"),
     ("unknown action type", ("{type: answer, prompt: outage}", "{type: anwser, prompt: outage}"),
      "intents.report_outage.action.type", "{type: anwser", "Input should be"),
