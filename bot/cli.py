@@ -29,9 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bot.config import ConfigError
+    from ops.logs import configure_logging
+
+    # before any command runs: a module that logs (the engine) would otherwise get structlog's default, console
+    # lines on stdout, in the middle of `bot engine eval --json`'s output
+    configure_logging()
+
     try:
         rc = args.func(args)
         sys.stdout.flush()
+    except ConfigError as exc:
+        # a bad environment variable: one clear line naming it (and a JSON log event on stderr: stdout
+        # carries only a command's output), no traceback
+        from ops.logs import configure_logging, get_logger
+
+        configure_logging()
+        get_logger("bot.cli").error("invalid_setting", command=args.command, error=str(exc))
+        print(f"bot {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # `bot policy schema | head`: the reader left; that is no error. Point stdout at devnull so the
         # interpreter's own flush at exit does not raise again.

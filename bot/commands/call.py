@@ -1,5 +1,5 @@
 """`bot call WAV... [--url URL] [--record out.wav] [--token T]`: a simulated caller over the Twilio
-Media Streams protocol (or SIP with --sip, provided by telephony/sip). Prints one JSON object."""
+Media Streams protocol (or SIP with --sip HOST:PORT, provided by telephony/sip). Prints one JSON object."""
 
 from __future__ import annotations
 
@@ -23,12 +23,58 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--redis-url", default=None,
                    help="read the bot's decisions from this Redis (default REDIS_URL, else the embedded Redis of a bot "
                         "running under BOT_DATA_DIR)")
-    p.add_argument("--reply-timeout", type=float, default=12.0)
-    p.add_argument("--sip", default=None, metavar="SIP_URI", help="call over SIP instead (telephony/sip)")
+    p.add_argument("--reply-timeout", type=float, default=12.0, metavar="S",
+                   help="seconds to wait for the bot's reply to each turn (default 12)")
+    p.add_argument("--sip", default=None, metavar="HOST[:PORT]|sip:USER@HOST[:PORT]",
+                   help="call over SIP/RTP instead (port default 5060; digest auth from BOT_SIP_USER/PASSWORD); "
+                        "WAVs must then be 16-bit PCM")
     p.set_defaults(func=run)
 
 
+def _check_inputs(args: argparse.Namespace) -> str | None:
+    """Why the call cannot be placed (a bad --sip target, a missing or unreadable WAV), before any
+    network traffic: a typo gets one line naming it, not a traceback half-way through a call."""
+    import wave
+
+    import soundfile as sf
+
+    if args.sip:
+        try:
+            from telephony.sip.uac import parse_target
+        except ImportError:
+            return None  # run() says the SIP caller is missing
+        try:
+            host, port, _user = parse_target(args.sip)
+        except ValueError:
+            host, port = "", -1
+        if not host or not 0 < port < 65536:
+            return f"--sip {args.sip!r}: expected HOST[:PORT] or sip:USER@HOST[:PORT]"
+    elif args.url and not args.url.lower().startswith(("http://", "https://")):
+        return f"--url {args.url!r}: expected http(s)://HOST[:PORT] (the bot's webhook base)"
+    if args.reply_timeout <= 0:
+        return "--reply-timeout must be > 0"
+    for w in args.wavs:
+        if not os.path.isfile(w):
+            return f"no such file {w}"
+        try:
+            sf.info(w)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            return f"{w}: not a readable audio file ({exc})"
+        if args.sip:  # the SIP caller reads WAVs with the wave module: 16-bit PCM only
+            try:
+                with wave.open(w, "rb") as f:
+                    width = f.getsampwidth()
+            except (wave.Error, EOFError) as exc:
+                return f"{w}: --sip needs a 16-bit PCM WAV ({exc})"
+            if width != 2:
+                return f"{w}: --sip needs a 16-bit PCM WAV, got {8 * width}-bit"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if (problem := _check_inputs(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.sip:
         # hook for the SIP engineer: telephony.sip.uac.run_sip_call(args) -> exit code
         try:
@@ -42,10 +88,6 @@ def run(args: argparse.Namespace) -> int:
 
     url = args.url or f"http://127.0.0.1:{os.environ.get('BOT_HTTP_PORT', '8080')}"
     token = args.token if args.token is not None else os.environ.get("TWILIO_AUTH_TOKEN", "")
-    for w in args.wavs:
-        if not os.path.exists(w):
-            print(f"error: no such file {w}", file=sys.stderr)
-            return 2
     try:
         sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
         res = asyncio.run(run_call(url, args.wavs, auth_token=token, record=args.record, account_sid=sid,

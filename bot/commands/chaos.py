@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ops.chaos.harness import SCENARIOS, format_findings, run_chaos
 
     if args.lines < 1:
-        print("bot chaos: --lines must be >= 1")
+        print("bot chaos: error: --lines must be >= 1", file=sys.stderr)  # stdout may be parsed (--json)
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="bot-chaos-"))
     findings = asyncio.run(run_chaos(work, tuple(args.scenario) or SCENARIOS, args.lines))

@@ -201,6 +201,18 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type for counts: `--limit -1` silently dropped the last clip (a slice) and `--limit 0` reported
+    an accuracy of 0.0 over no clips; both are refused instead."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
     from engine.training.compare import compare
 
@@ -459,15 +471,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--model", default=None, help="model dir (default: packaged)")
     v.add_argument("--json", action="store_true", help="print one JSON object only")
     v.add_argument("--report-dir", dest="report_dir", default=None, help="markdown + PNG report (default DIR/report)")
-    v.add_argument("--limit", type=int, default=None)
+    v.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N manifest rows")
     v.set_defaults(func=cmd_eval)
 
     cp = sub.add_parser("compare", help="two models on the same clips: paired differences with bootstrap 95%% intervals")
     cp.add_argument("dir")
     cp.add_argument("--a", default=None, help="baseline model dir (default: packaged)")
     cp.add_argument("--b", required=True, help="candidate model dir")
-    cp.add_argument("--reps", type=int, default=2000, help="bootstrap resamples (default %(default)s)")
-    cp.add_argument("--limit", type=int, default=None)
+    cp.add_argument("--reps", type=_positive_int, default=2000, help="bootstrap resamples (default %(default)s)")
+    cp.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N manifest rows")
     cp.add_argument("--json", action="store_true", help="print one JSON object only")
     cp.set_defaults(func=cmd_compare)
 
