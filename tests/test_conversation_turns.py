@@ -4,62 +4,24 @@ talking over it: yes)."""
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
 
 from bot.conversation_audio import level_dbfs
-from bot.turns import TurnDetector, TurnEvent, TurnParams
-from bot.turns_vad import BatchedVad
+from bot.turns import TurnDetector
 from tests.helpers.audio import attenuate, cough, noise_burst, silence, synth
-
-PARAMS = TurnParams(threshold=0.5, start_ms=96, barge_ms=288, echo_margin_db=12, min_speech_ms=200,
-                    min_silence_ms=250, max_silence_ms=1000, eot_threshold=0.5, max_turn_s=15)
-
+from tests.helpers.turns import PARAMS, bot_voice_pcm, turn_events
 
 @pytest.fixture(scope="module")
 def bot_voice() -> np.ndarray:
-    return synth("Thanks for calling. How can I help you today? You can pay a bill or report an outage.",
-                 voice="en-gb", level_dbfs=-18)
-
-
-async def _run(pcm: np.ndarray, bot_level: float | None) -> list[TurnEvent]:
-    vad = BatchedVad()
-    await vad.start()
-    det = TurnDetector(PARAMS)
-    det.bot_level_db = bot_level
-    events: list[TurnEvent] = []
-    done = asyncio.Event()
-    n_windows = (len(pcm) // 160) * 160 // 256
-    seen = 0
-
-    def on_prob(p: float, db: float, t: float) -> None:
-        nonlocal seen
-        ev = det.update(p, db, t)
-        if ev is not None:
-            events.append(ev)
-        seen += 1
-        if seen >= n_windows:
-            done.set()
-
-    stream = vad.open(on_prob)
-    pos = 0
-    for i in range(0, len(pcm) - 159, 160):
-        pos += 160
-        stream.push(pcm[i : i + 160], pos / 8000)
-        if i % 3200 == 0:
-            await asyncio.sleep(0)  # let the batch loop run, as on a live call
-    await asyncio.wait_for(done.wait(), 30)
-    stream.close()
-    await vad.stop()
-    return events
+    return bot_voice_pcm()
 
 
 async def test_caller_turn_ends_after_silence() -> None:
     speech = synth("I want to pay my bill please")
     pcm = np.concatenate([silence(500), speech, silence(1300)])
-    events = await _run(pcm, None)
+    events = await turn_events(pcm, None)
     kinds = [e.kind for e in events]
     assert kinds == ["speech_started", "check_eot", "turn_end"], kinds
     end = events[-1]
@@ -85,7 +47,7 @@ async def test_eot_head_high_probability_ends_turn_early() -> None:
 
 async def test_echo_of_bot_voice_does_not_barge_in(bot_voice: np.ndarray) -> None:
     echo = attenuate(bot_voice, -20)
-    events = await _run(echo, level_dbfs(bot_voice))
+    events = await turn_events(echo, level_dbfs(bot_voice))
     assert [e.kind for e in events if e.kind == "barge_in"] == []
 
 
@@ -96,7 +58,7 @@ async def test_cough_or_noise_burst_does_not_barge_in(bot_voice: np.ndarray, sou
     mix = echo.astype(np.int32)
     at = 8000  # 1 s into the bot's sentence
     mix[at : at + len(burst)] += burst
-    events = await _run(np.clip(mix, -32768, 32767).astype(np.int16), level_dbfs(bot_voice))
+    events = await turn_events(np.clip(mix, -32768, 32767).astype(np.int16), level_dbfs(bot_voice))
     assert [e.kind for e in events if e.kind == "barge_in"] == []
 
 
@@ -105,7 +67,7 @@ async def test_caller_talking_over_bot_barges_in_fast(bot_voice: np.ndarray) -> 
     mix = attenuate(bot_voice, -20).astype(np.int32)
     at = 8000
     mix[at : at + len(caller)] += caller[: len(mix) - at]
-    events = await _run(np.clip(mix, -32768, 32767).astype(np.int16), level_dbfs(bot_voice))
+    events = await turn_events(np.clip(mix, -32768, 32767).astype(np.int16), level_dbfs(bot_voice))
     barge = [e for e in events if e.kind == "barge_in"]
     assert len(barge) == 1
     # sustained-speech rule: detected after ~288 ms of speech, never before; VAD onset lag on top

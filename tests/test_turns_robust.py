@@ -4,19 +4,15 @@ Real audio through the real (batched) Silero VAD; no timing assertions."""
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
 
 from bot.conversation_audio import level_dbfs
-from bot.turns import TurnDetector, TurnEvent, TurnParams
-from bot.turns_vad import BatchedVad, rms_dbfs
+from bot.turns import TurnDetector, TurnEvent
+from bot.turns_vad import rms_dbfs
 from tests.helpers.audio import attenuate, silence, synth
-
-PARAMS = TurnParams(threshold=0.5, start_ms=96, barge_ms=288, echo_margin_db=12, min_speech_ms=200,
-                    min_silence_ms=250, max_silence_ms=1000, eot_threshold=0.5, max_turn_s=15)
-
+from tests.helpers.turns import PARAMS, bot_voice_pcm, feed_vad, turn_events
 
 def with_dc(pcm: np.ndarray, offset: int) -> np.ndarray:
     return np.clip(pcm.astype(np.int32) + offset, -32768, 32767).astype(np.int16)
@@ -24,40 +20,7 @@ def with_dc(pcm: np.ndarray, offset: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def bot_voice() -> np.ndarray:
-    return synth("Thanks for calling. How can I help you today? You can pay a bill or report an outage.",
-                 voice="en-gb", level_dbfs=-18)
-
-
-async def _run(pcm: np.ndarray, bot_level: float | None) -> list[TurnEvent]:
-    vad = BatchedVad()
-    await vad.start()
-    det = TurnDetector(PARAMS)
-    det.bot_level_db = bot_level
-    events: list[TurnEvent] = []
-    done = asyncio.Event()
-    n_windows = (len(pcm) // 160) * 160 // 256
-    seen = 0
-
-    def on_prob(p: float, db: float, t: float) -> None:
-        nonlocal seen
-        ev = det.update(p, db, t)
-        if ev is not None:
-            events.append(ev)
-        seen += 1
-        if seen >= n_windows:
-            done.set()
-
-    stream = vad.open(on_prob)
-    pos = 0
-    for i in range(0, len(pcm) - 159, 160):
-        pos += 160
-        stream.push(pcm[i : i + 160], pos / 8000)
-        if i % 3200 == 0:
-            await asyncio.sleep(0)  # let the batch loop run, as on a live call
-    await asyncio.wait_for(done.wait(), 60)
-    stream.close()
-    await vad.stop()
-    return events
+    return bot_voice_pcm()
 
 
 def test_window_level_ignores_a_dc_offset() -> None:
@@ -71,7 +34,7 @@ async def test_bot_echo_on_a_line_with_dc_offset_does_not_barge_in(bot_voice: np
     """The echo (-20 dB) plus a DC offset of ~-21 dBFS: the offset used to count as level, lifting the echo
     inside the 12 dB margin, and the bot interrupted itself."""
     echo = with_dc(attenuate(bot_voice, -20), 3000)
-    events = await _run(echo, level_dbfs(bot_voice))
+    events = await turn_events(echo, level_dbfs(bot_voice))
     assert [e.kind for e in events if e.kind == "barge_in"] == []
 
 
@@ -79,30 +42,27 @@ async def test_caller_on_a_line_with_dc_offset_still_barges_in_and_ends_turns(bo
     caller = synth("no wait I need to talk to an agent", level_dbfs=-18)
     mix = attenuate(bot_voice, -20).astype(np.int32)
     mix[8000 : 8000 + len(caller)] += caller[: len(mix) - 8000]
-    events = await _run(with_dc(np.clip(mix, -32768, 32767).astype(np.int16), 3000), level_dbfs(bot_voice))
+    events = await turn_events(with_dc(np.clip(mix, -32768, 32767).astype(np.int16), 3000), level_dbfs(bot_voice))
     assert [e.kind for e in events].count("barge_in") == 1
     turn = with_dc(np.concatenate([silence(500), synth("I want to pay my bill please"), silence(1300)]), 3000)
-    assert [e.kind for e in await _run(turn, None)] == ["speech_started", "check_eot", "turn_end"]
+    assert [e.kind for e in await turn_events(turn, None)] == ["speech_started", "check_eot", "turn_end"]
+
+
+def _windows(det: TurnDetector, t: float, n: int, prob: float, db: float) -> tuple[float, list[TurnEvent]]:
+    evs = []
+    for _ in range(n):
+        t += 0.032
+        if (ev := det.update(prob, db, t)) is not None:
+            evs.append(ev)
+    return t, evs
 
 
 def _speech(det: TurnDetector, t: float, windows: int) -> tuple[float, list[TurnEvent]]:
-    evs = []
-    for _ in range(windows):
-        t += 0.032
-        ev = det.update(0.9, -20, t)
-        if ev is not None:
-            evs.append(ev)
-    return t, evs
+    return _windows(det, t, windows, 0.9, -20)
 
 
 def _quiet(det: TurnDetector, t: float, windows: int) -> tuple[float, list[TurnEvent]]:
-    evs = []
-    for _ in range(windows):
-        t += 0.032
-        ev = det.update(0.02, -60, t)
-        if ev is not None:
-            evs.append(ev)
-    return t, evs
+    return _windows(det, t, windows, 0.02, -60)
 
 
 def test_end_of_turn_answer_after_the_caller_resumed_is_ignored() -> None:
@@ -148,18 +108,11 @@ def model():
 async def _turns_with_engine(pcm: np.ndarray, model) -> list[str]:
     """The live path's end-of-turn loop: at check_eot the engine scores the turn so far (200 ms pre-roll,
     up to now), a high answer ends the turn at once."""
-    vad = BatchedVad()
-    await vad.start()
     det = TurnDetector(PARAMS)
     out: list[str] = []
-    done = asyncio.Event()
-    n_windows = (len(pcm) // 160) * 160 // 256
-    seen = 0
 
-    def on_prob(p: float, db: float, t: float) -> None:
-        nonlocal seen
+    def on_window(p: float, db: float, t: float) -> None:
         ev = det.update(p, db, t)
-        seen += 1
         if ev is not None and ev.kind == "check_eot":
             a = max(0, int(det.speech_start_t * 8000) - 1600)
             if det.set_eot(model.end_of_turn_batch([pcm[a : int(t * 8000)]])[0]):
@@ -167,19 +120,8 @@ async def _turns_with_engine(pcm: np.ndarray, model) -> list[str]:
                 det.reset()
         elif ev is not None:
             out.append(ev.kind)
-        if seen >= n_windows:
-            done.set()
 
-    stream = vad.open(on_prob)
-    pos = 0
-    for i in range(0, len(pcm) - 159, 160):
-        pos += 160
-        stream.push(pcm[i : i + 160], pos / 8000)
-        if i % 3200 == 0:
-            await asyncio.sleep(0)
-    await asyncio.wait_for(done.wait(), 60)
-    stream.close()
-    await vad.stop()
+    await feed_vad(pcm, on_window)
     return out
 
 
@@ -206,6 +148,6 @@ async def test_a_quiet_caller_is_one_turn_not_pieces(level: float) -> None:
     too short, an end-of-turn check at the comma). Right after speech the gate now follows the caller."""
     speech = synth("I want to pay my bill please, I think it is a bit too high this month", level_dbfs=level)
     pcm = np.concatenate([silence(500), speech, silence(1500)])
-    events = await _run(pcm, None)
+    events = await turn_events(pcm, None)
     assert [e.kind for e in events] == ["speech_started", "check_eot", "turn_end"], [(e.kind, e.t) for e in events]
     assert events[-1].speech_start_t < 1.0  # "I want ..." is part of the turn

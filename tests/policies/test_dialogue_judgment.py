@@ -18,6 +18,7 @@ from policies.decide import REASONS, CallStart, CallState, DtmfDigit, Input, NoI
 from policies.decision import Decision
 from policies.schema import Policy, load_policy, parse_policy
 from tests.helpers.policy_text import DEFAULT_TEXT
+from tests.helpers.dialogue_inputs import understandings
 
 POLICY = load_policy()
 UTC = dt.timezone.utc
@@ -180,22 +181,10 @@ INTENTS = [*POLICY.intents, "not_in_catalog", None]
 IDENTIFIER = re.compile(r"\b[a-z]+_[a-z_]+\b")
 
 
-@st.composite
-def understandings(draw: st.DrawFn) -> Understanding:
-    top = draw(st.sampled_from(INTENTS))
-    conf = draw(st.floats(0.0, 1.0))
-    second = draw(st.sampled_from(INTENTS))
-    p2 = draw(st.floats(0.0, 1.0 - conf))
-    slots = draw(st.sampled_from([{}, {"amount": 40.0}, {"amount": 12.5}, {"day": "friday"}, {"day": "tomorrow"},
-                                  {"account_number": "1234"}, {"amount": 40.0, "day": "monday"}]))
-    frustration = draw(st.sampled_from([0.0, 0.3, 0.95]))
-    error = draw(st.sampled_from([None, None, None, "too_short"]))
-    return Understanding(top, conf, [(top, conf), (second, p2)], slots=slots,
-                         caller_state={"frustration": frustration}, error=error)
 
 
 KEYS = ["0", "1", "2", "3", "4", "5", "9", "*", "#", "12#", "50#", "50*25#"]
-inputs = st.one_of(understandings(), st.just(NoInput()), st.sampled_from([DtmfDigit(k) for k in KEYS]))
+inputs = st.one_of(understandings(INTENTS), st.just(NoInput()), st.sampled_from([DtmfDigit(k) for k in KEYS]))
 
 
 @settings(max_examples=300, deadline=None)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from engine.types import Understanding
 from policies.decide import CallStart, CallState, DtmfDigit, NoInput, step
 from policies.schema import load_policy
+from tests.helpers.dialogue_inputs import understandings
 
 POLICY = load_policy()
 K = POLICY.escalation.max_failures.max_stalled_turns  # the bound the loop guard promises
@@ -18,20 +19,9 @@ INTENTS = [*POLICY.intents, "not_in_catalog", None]
 TIMES = [dt.datetime(2026, 11, 23, h, 0, tzinfo=dt.timezone.utc) for h in (3, 13, 15, 22)]
 
 
-@st.composite
-def understandings(draw: st.DrawFn) -> Understanding:
-    top = draw(st.sampled_from(INTENTS))
-    conf = draw(st.floats(0.0, 1.0))
-    second = draw(st.sampled_from(INTENTS))
-    p2 = draw(st.floats(0.0, 1.0 - conf))
-    slots = draw(st.sampled_from([{}, {"amount": 40.0}, {"day": "friday"}, {"account_number": "1234"}]))
-    frustration = draw(st.sampled_from([0.0, 0.3, 0.95]))
-    error = draw(st.sampled_from([None, None, None, "too_short"]))
-    return Understanding(top, conf, [(top, conf), (second, p2)], slots=slots,
-                         caller_state={"frustration": frustration}, error=error)
 
 
-inputs = st.one_of(understandings(), st.just(NoInput()), st.sampled_from([DtmfDigit(d) for d in "0123456789*#"]))
+inputs = st.one_of(understandings(INTENTS), st.just(NoInput()), st.sampled_from([DtmfDigit(d) for d in "0123456789*#"]))
 
 
 @settings(max_examples=300, deadline=None)
