@@ -319,15 +319,54 @@ def _route(policy: Policy, state: CallState, queue: str, reason: str, prompt_key
         if system_error:  # no callback question when the engine or Redis is down: say sorry, end
             return Decision("hangup", policy.prompts.get("apology_closed", policy.prompts["apology"]), target=q,
                             reason=reason, intent=intent, style="calm")
-        text = policy.prompts[ooh.prompt or "goodbye"]
+        text = _closed_prompt(policy, ooh.prompt or "goodbye", q, state.now)
         if ooh.action == "callback":  # a yes/no question; intent None + target marks it as a callback
             asked = state.pending_confirm is not None and state.pending_confirm.intent is None
             if asked or state.stalls + 1 >= policy.escalation.max_failures.max_stalled_turns:
-                return Decision("hangup", policy.prompts.get("callback_declined", policy.prompts["goodbye"]),
+                return Decision("hangup", _closed_prompt(policy, "callback_declined", q, state.now),
                                 target=q, reason="out_of_hours", style=style)
             return Decision("confirm", text, target=q, reason="out_of_hours", style=style)
         return Decision("hangup", text, target=q, reason="out_of_hours", intent=intent, style=style)
     raise AssertionError("out-of-hours cycle passed validation")  # schema rejects cycles
+
+
+def _closed_prompt(policy: Policy, key: str, queue: str | None, now: dt.datetime) -> str:
+    """A prompt said because `queue` is closed (`goodbye` if the policy lacks `key`), {opens} filled."""
+    text = policy.prompts.get(key, policy.prompts["goodbye"])
+    if "{opens}" not in text:
+        return text
+    spec = policy.queues.get(queue or "")
+    nxt = spec.hours.next_opening(now) if spec is not None and spec.hours is not None else None
+    text = render(text, {"opens": say_opening(nxt, now) if nxt is not None else "later"})
+    return re.sub(r"([ap]\.m\.)\.", r"\1", text)  # "We open at 8 a.m.." when {opens} ends a sentence
+
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+
+
+def say_opening(opens: dt.datetime, now: dt.datetime) -> str:
+    """When a closed queue opens, as a caller should hear it, in the queue's zone (`opens`'s tzinfo):
+    "today at 5 p.m.", "tomorrow at 8:30 a.m.", "on Monday at 9 a.m.", "on Monday, January 5 at 9 a.m."."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.timezone.utc)
+    today = now.astimezone(opens.tzinfo).date()
+    h = opens.hour % 12 or 12
+    clock = f"{h}:{opens.minute:02d}" if opens.minute else str(h)
+    clock += " a.m." if opens.hour < 12 else " p.m."
+    if (opens.hour, opens.minute) == (12, 0):
+        clock = "noon"
+    days = (opens.date() - today).days
+    if days == 1 and (opens.hour, opens.minute) == (0, 0):  # "tomorrow at 12 a.m." is heard as the wrong night
+        return "at midnight tonight"
+    if days == 0:
+        return f"today at {clock}"
+    if days == 1:
+        return f"tomorrow at {clock}"
+    weekday = _DAYS[opens.weekday()].capitalize()
+    if days < 7:
+        return f"on {weekday} at {clock}"
+    return f"on {weekday}, {_MONTHS[opens.month - 1]} {opens.day} at {clock}"
 
 
 def _system_error(policy: Policy, state: CallState, reason: str) -> Decision:
@@ -464,14 +503,14 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
                 return _read_back(policy, pc.intent, {**pc.slots, **fixed})
         if top == affirm and conf >= ctx:
             if pc.intent is None:  # a callback offer accepted
-                return Decision("hangup", policy.prompts.get("callback_done", policy.prompts["goodbye"]),
+                return Decision("hangup", _closed_prompt(policy, "callback_done", pc.queue, state.now),
                                 target=pc.queue, reason="callback")
             if pc.read_back:
                 return _done(policy, pc.intent, pc.slots, "confirmed")
             return _act(policy, state, pc.intent, pc.slots, "confirmed")
         if top == deny and conf >= ctx:
             if pc.intent is None:
-                return Decision("hangup", policy.prompts.get("callback_declined", policy.prompts["goodbye"]),
+                return Decision("hangup", _closed_prompt(policy, "callback_declined", pc.queue, state.now),
                                 reason="goodbye")
             if pc.read_back:  # the intent stands; the values were misheard: ask for them again
                 return _reask_values(policy, state, pc.intent, pc.slots)

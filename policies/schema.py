@@ -8,15 +8,17 @@ A load never touches a policy already in use: every load builds new objects.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
 
 from ops.logs import get_logger
 from ops.metrics import ERRORS
@@ -170,13 +172,21 @@ class Dtmf(_Model):
 def _span_minutes(s: str) -> tuple[int, int]:
     m = _SPAN.match(s)
     assert m is not None  # validated by _check_span
-    return int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    start, end = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    # "...-23:59" is how admins write "until the end of the day": a caller at 23:59:30 on a queue written
+    # "00:00-23:59" must not be told it is closed (23:59 exactly is never a real closing time)
+    return start, 24 * 60 if end == 23 * 60 + 59 else end
 
 
 def _check_span(s: str) -> str:
     m = _SPAN.match(s)
-    if not m or (int(m[3]), int(m[4])) <= (int(m[1]), int(m[2])) or (m[3] == "24" and m[4] != "00"):
-        raise ValueError(f"{s!r} is not an opening span like '08:00-17:30' (start before end, 00:00-24:00)")
+    if m and (int(m[3]), int(m[4])) <= (int(m[1]), int(m[2])):
+        raise ValueError(f"{s!r} is not an opening span: it ends before it starts (a span over midnight is "
+                         f"written as two, e.g. '{m[1]}:{m[2]}-24:00' on one day and '00:00-{m[3]}:{m[4]}' "
+                         "on the next)")
+    if not m or (m[3] == "24" and m[4] != "00"):
+        raise ValueError(f"{s!r} is not an opening span like '08:00-17:30' (HH:MM-HH:MM, 24-hour clock, "
+                         "start before end, 00:00-24:00)")
     return s
 
 
@@ -191,29 +201,79 @@ def _check_day(spans: list[str], info: ValidationInfo) -> list[str]:
     return spans
 
 
+def _spans_list(v: Any) -> Any:
+    if isinstance(v, str):  # `mon: "08:00-17:00"`: pydantic would only say "Input should be a valid list"
+        raise ValueError(f"a day's opening spans are a list: write [{v!r}]")
+    return v
+
+
+def _holiday(v: Any, info: ValidationInfo) -> Any:
+    # YAML reads 2026-12-25 as a date; anything else reaching here was written some other way
+    if isinstance(v, dt.datetime) and v.time() != dt.time(0):
+        raise ValueError(f"a holiday is a whole day: write the date alone ({v.date().isoformat()})")
+    if isinstance(v, str) and not _lenient(info) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v.strip()):
+        raise ValueError(f"holiday {v!r} is not a date written YYYY-MM-DD (e.g. 2026-12-25); a holiday that "
+                         "comes back every year is listed once per year")
+    return v
+
+
+def _holidays_list(v: Any) -> Any:
+    if isinstance(v, (dt.date, str)):  # `holidays: 2026-12-25`
+        raise ValueError(f"holidays are a list of dates: write [{v}]")
+    return v
+
+
 Span = Annotated[str, AfterValidator(_check_span)]
-DaySpans = Annotated[list[Span], AfterValidator(_check_day)]
+DaySpans = Annotated[list[Span], BeforeValidator(_spans_list), AfterValidator(_check_day)]
+Holidays = Annotated[list[Annotated[dt.date, BeforeValidator(_holiday)]], BeforeValidator(_holidays_list)]
 
 
+@functools.lru_cache(maxsize=1)
+def _zone_names() -> dict[str, str]:
+    """IANA zone names by lower-case spelling (for "did you mean"); read once, only when a zone is wrong."""
+    return {n.lower(): n for n in available_timezones()}
+
+
+def _zone_hint(name: str) -> str:
+    near = _zone_names().get(name.strip().lower().replace(" ", "_"))
+    if near is not None and near != name:
+        return f" (did you mean {near!r}?)"
+    return " (use an IANA zone name like 'America/New_York', 'Europe/London' or 'Australia/Sydney')"
+
+
+# Zone names that exist on disk but are no place: "localtime" is whatever the host is set to.
+_NOT_PLACES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+# Opening hours are wall-clock times of `timezone`: a span means the same local times all year, across DST
+# changes (an hour skipped in spring is never open; an hour repeated in autumn is open both times). No spans
+# at all (`weekly: {}`) is a queue closed every day, e.g. a line shut for now: its out-of-hours plan answers.
+# A comment, not a docstring: a docstring would change the committed JSON schema (policies/policy.schema.json).
 class Hours(_Model):
     timezone: str = "UTC"
     weekly: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], DaySpans] = Field(default_factory=dict)
-    holidays: list[dt.date] = Field(default_factory=list)
+    holidays: Holidays = Field(default_factory=list)  # whole days closed, as dates in `timezone`
 
     @field_validator("timezone")
     @classmethod
-    def _tz(cls, v: str) -> str:
+    def _tz(cls, v: str, info: ValidationInfo) -> str:
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown timezone {v!r}") from exc
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a folder such as "America"
+            raise ValueError(f"unknown timezone {v!r}{_zone_hint(v)}") from exc
+        if v in _NOT_PLACES and not _lenient(info):
+            raise ValueError(f"timezone {v!r} is not a place (it follows whatever the server is set to); "
+                             "use an IANA zone name like 'America/New_York'")
         return v
+
+    def _local(self, now: dt.datetime) -> dt.datetime:
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=dt.timezone.utc)
+        return now.astimezone(ZoneInfo(self.timezone))
 
     def is_open(self, now: dt.datetime) -> bool:
         """Open at `now` (an aware datetime; naive ones are taken as UTC)."""
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=dt.timezone.utc)
-        local = now.astimezone(ZoneInfo(self.timezone))
+        local = self._local(now)
         if local.date() in self.holidays:
             return False
         minute = local.hour * 60 + local.minute
@@ -222,6 +282,28 @@ class Hours(_Model):
             if start <= minute < end:
                 return True
         return False
+
+    def next_opening(self, now: dt.datetime, horizon_days: int = 400) -> dt.datetime | None:
+        """The first moment after `now` at which the queue is open, in the queue's zone (None: never within
+        `horizon_days`). A span starting in a skipped DST hour opens when the clocks jump; one starting in a
+        repeated hour opens at its first occurrence still ahead of `now`."""
+        local = self._local(now)
+        now = local.astimezone(dt.timezone.utc)
+        tz = ZoneInfo(self.timezone)
+        for i in range(horizon_days):
+            day = local.date() + dt.timedelta(days=i)
+            if day in self.holidays:
+                continue
+            for start in sorted(_span_minutes(s)[0] for s in self.weekly.get(WEEKDAYS[day.weekday()], [])):
+                wall = dt.datetime(day.year, day.month, day.day, start // 60, start % 60)
+                first, second = sorted((wall.replace(tzinfo=tz, fold=f).astimezone(dt.timezone.utc) for f in (0, 1)))
+                # Folds differ only around a DST change (a gap or a repeat): walk its minutes for the real opening.
+                t = first
+                while t <= second:
+                    if t > now and self.is_open(t):
+                        return t.astimezone(tz)
+                    t += dt.timedelta(minutes=1)
+        return None
 
 
 class OutOfHours(_Model):
@@ -486,8 +568,11 @@ def _semantic_errors(p: Policy, lenient: bool = False) -> list[tuple[Path_, str]
 
 # Prompts decide() says exactly as written (policies/decide.py renders only action, read-back, confirm,
 # clarify and transfer prompts): a {placeholder} in one of them would reach the caller unfilled.
+# apology_closed stays raw: it is pre-rendered, so a system failure hitting every call never waits for the voice.
 _RAW_PROMPTS = ("filler", "apology", "apology_closed", "reprompt", "denied", "no_context", "out_of_scope",
-                "still_there", "slot_retry", "dtmf_invalid", "callback_done", "callback_declined", "value_denied")
+                "still_there", "slot_retry", "dtmf_invalid", "value_denied")
+# Said after a callback offer, with its closed queue known: {opens} is filled ("tomorrow at 8 a.m.").
+_CLOSED_PROMPTS = ("callback_done", "callback_declined")
 
 
 def _placeholder_errors(p: Policy, errs: list[tuple[Path_, str]]) -> None:
@@ -506,6 +591,8 @@ def _placeholder_errors(p: Policy, errs: list[tuple[Path_, str]]) -> None:
     check(p.greeting, ("greeting",), set(), raw)
     for key in _RAW_PROMPTS:
         check(key, ("prompts", key), set(), raw)
+    for key in _CLOSED_PROMPTS:
+        check(key, ("prompts", key), {"opens"}, "but only {opens} (when the closed queue opens) is filled here")
     check(p.no_input.prompt, ("no_input", "prompt"), set(), raw)
     check(p.no_input.final_prompt, ("no_input", "final_prompt"), set(), raw)
     if p.dtmf.enabled:
@@ -530,9 +617,12 @@ def _placeholder_errors(p: Policy, errs: list[tuple[Path_, str]]) -> None:
     for qname, q in p.queues.items():
         check(q.prompt, ("queues", qname, "prompt"), all_slots, "which are not slots")
         o = q.out_of_hours
-        if o is not None:  # a message or callback offer is said as written; a move to a queue announces it
-            check(o.prompt, ("queues", qname, "out_of_hours", "prompt"),
-                  all_slots if o.action == "queue" else set(), raw if o.action != "queue" else "which are not slots")
+        if o is not None:  # a message or callback offer fills only {opens}; a move to a queue announces it
+            if o.action == "queue":
+                check(o.prompt, ("queues", qname, "out_of_hours", "prompt"), all_slots, "which are not slots")
+            else:
+                check(o.prompt, ("queues", qname, "out_of_hours", "prompt"), {"opens"},
+                      "but only {opens} (when this queue opens) is filled in an out-of-hours message")
 
 
 def _duplicate_keys(root: yaml.Node | None) -> list[PolicyIssue]:
