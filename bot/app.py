@@ -14,7 +14,6 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-import httpx
 import numpy as np
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
@@ -24,6 +23,7 @@ from bot.config import Settings, load_settings
 from bot.conversation import APOLOGY_TEXT, FILLER_TEXT, ConversationConfig, Services
 from bot.conversation_manager import CallManager
 from bot.conversation_policy import CallPolicy, load_local_policy
+from bot.escalation_webhook import EscalationWebhook
 from bot.sip_listener import SipListener
 from bot.state import CallStore, connect
 from bot.turns import TurnParams
@@ -120,7 +120,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         vad = BatchedVad(gate_dbfs=float(os.environ.get("BOT_VAD_GATE_DBFS", -50)))
         await vad.start()
         app.state.vad = vad
-        webhook = _escalation_poster(settings.escalation_webhook)
+        webhook = _escalation_webhook(settings)
+        app.state.escalation_webhook = webhook
 
         def new_policy(info: Any) -> CallPolicy:
             version, policy = policy_holder()
@@ -144,7 +145,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             state["ready"] = False
             resources.cancel()
+            t_stop = time.monotonic()
             await calls.drain(settings.shutdown_grace_s)  # no-op when the server drained already
+            if webhook is not None:
+                # hand-offs still being delivered get what is left of the grace, and at least one attempt's
+                # time (bounded by the grace) for the transfers the last calls made as the grace ran out
+                left = settings.shutdown_grace_s - (time.monotonic() - t_stop)
+                await webhook.close(max(left, min(settings.shutdown_grace_s, settings.escalation_webhook_timeout_s)))
             if sip is not None:
                 await sip.stop()
             watcher = getattr(app.state, "policy_watcher", None)
@@ -252,18 +259,10 @@ async def _start_sip(calls: CallManager, settings: Settings) -> SipListener | No
     return sip
 
 
-def _escalation_poster(url: str) -> Any:
-    if not url:
+def _escalation_webhook(settings: Settings) -> EscalationWebhook | None:
+    if not settings.escalation_webhook:
         return None
-
-    async def post(context: dict[str, Any]) -> None:
-        try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
-                r = await client.post(url, json=context)
-                if r.status_code >= 300:
-                    raise RuntimeError(f"status {r.status_code}")
-        except Exception as exc:  # noqa: BLE001
-            metrics.ERRORS.labels("escalation_webhook", "post_failed").inc()
-            log.warning("escalation_webhook_failed", call_id=context.get("call_id", ""), error=repr(exc))
-
-    return post
+    return EscalationWebhook(settings.escalation_webhook, settings.escalation_webhook_secret,
+                             timeout_s=settings.escalation_webhook_timeout_s,
+                             max_attempts=settings.escalation_webhook_attempts,
+                             max_pending=settings.escalation_webhook_max_pending)

@@ -43,6 +43,14 @@ def _int(name: str, default: int, lo: int | None = None, hi: int | None = None) 
     return int(_number(name, default, int, lo, hi))
 
 
+def _http_url(name: str, raw: str) -> str:
+    raw = raw.strip()
+    if raw and not raw.lower().startswith(("http://", "https://")):
+        # without this, a typo'd URL fails every hand-off at call time instead of at start
+        raise ConfigError(f"{name}={raw!r}: expected an http:// or https:// URL")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     http_host: str = field(default_factory=lambda: _env("BOT_HTTP_HOST", "0.0.0.0"))
@@ -66,7 +74,15 @@ class Settings:
     engine_backend: str = field(default_factory=lambda: _env("BOT_ENGINE_BACKEND", "onnx"))
     engine_threads: int = field(default_factory=lambda: _int("BOT_ENGINE_THREADS", 1, 1))
     worker_id: str = field(default_factory=lambda: _env("BOT_WORKER_ID", f"{os.uname().nodename}-{os.getpid()}"))
-    escalation_webhook: str = field(default_factory=lambda: _env("BOT_ESCALATION_WEBHOOK", ""))
+    escalation_webhook: str = field(  # http(s) URL; empty: no webhook
+        default_factory=lambda: _http_url("BOT_ESCALATION_WEBHOOK", _env("BOT_ESCALATION_WEBHOOK", "")))
+    escalation_webhook_secret: str = field(default_factory=lambda: _env("BOT_ESCALATION_WEBHOOK_SECRET", ""))
+    escalation_webhook_timeout_s: float = field(
+        default_factory=lambda: _float("BOT_ESCALATION_WEBHOOK_TIMEOUT_S", 5.0, 0.1))
+    escalation_webhook_attempts: int = field(
+        default_factory=lambda: _int("BOT_ESCALATION_WEBHOOK_ATTEMPTS", 5, 1, 20))
+    escalation_webhook_max_pending: int = field(
+        default_factory=lambda: _int("BOT_ESCALATION_WEBHOOK_MAX_PENDING", 1000, 1))
 
 
 def load_settings() -> Settings:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Coroutine
 
 import numpy as np
+import structlog
 
 from bot.conversation_audio import CallerAudio, level_dbfs, render
 from bot.conversation_policy import CallPolicy
@@ -131,6 +132,8 @@ class Conversation:
     async def run(self) -> str:
         s = self.s
         started_t = float(getattr(self.bridge, "started_t", self._t0))
+        # library log lines (httpx, websockets) logged in this call's task and the tasks it starts carry its id
+        structlog.contextvars.bind_contextvars(call_id=self.call_id)
         metrics.CALLS_STARTED.labels(self.transport).inc()
         metrics.ACTIVE_CALLS.labels(self.transport).inc()
         s.store.start_call(self.call_id, self.transport, self.info.caller, self.info.called,
@@ -177,7 +180,8 @@ class Conversation:
                              turns=self._turn_n)
             metrics.ACTIVE_CALLS.labels(self.transport).dec()
             metrics.CALLS_TOTAL.labels(self.transport, outcome).inc()
-            self.log.info("call_ended", outcome=outcome, turns=self._turn_n)
+            self.log.info("call_ended", outcome=outcome, turns=self._turn_n,
+                          duration_s=round(time.monotonic() - self._t0, 3))
         return self.outcome or "unknown"
 
     def _set_outcome(self, outcome: str) -> None:
@@ -479,17 +483,21 @@ class Conversation:
         if self._bridge_ended.is_set():
             return  # the caller hung up during the announcement: nobody to move
         ok = False
+        error: dict[str, str] = {}
         self._transferring = True
         try:
             ok = await asyncio.wait_for(self.bridge.transfer(target, context), timeout=10)
         except Exception as exc:  # noqa: BLE001
             metrics.ERRORS.labels(self.transport, "transfer").inc()
             self.log.warning("transfer_error", error=type(exc).__name__)
+            error = {"error": f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__}
+        if not ok and not error:
+            error = {"error": "refused by the transport (see its warning just before: unconfigured queue, REST or REFER failure)"}
         self.s.store.update(self.call_id, handoff=context, transfer_target=target)
-        self.s.store.event(self.call_id, "transfer", target=target, ok=ok, reason=d.reason, context=context)
-        self.log.info("transfer", target=target, ok=ok, reason=d.reason)
-        if self.s.notify_escalation is not None:
-            self._spawn(self.s.notify_escalation(context))
+        self.s.store.event(self.call_id, "transfer", target=target, ok=ok, reason=d.reason, context=context, **error)
+        self.log.info("transfer", target=target, ok=ok, reason=d.reason, **error)
+        if self.s.notify_escalation is not None:  # queued, delivered (signed, retried) off the call's path
+            self._spawn(self.s.notify_escalation({**context, "transfer_ok": ok}))
         if ok:
             self._set_outcome("transferred")
             # the transport ends the stream once the call has moved; don't hold it open forever
@@ -516,6 +524,8 @@ class Conversation:
         self.s.store.update(self.call_id, handoff=context, callback_queue=d.target or "")
         self.s.store.event(self.call_id, "callback", queue=d.target, context=context)
         self.log.info("callback_requested", queue=d.target, intent=context.get("intent"))
+        if self.s.notify_escalation is not None:  # the team that calls back learns of it now, not from Redis
+            self._spawn(self.s.notify_escalation(context))
 
     async def _wait_heard(self, u: _Utterance) -> None:
         """Until the caller heard the utterance (bounded by its length + slack)."""
@@ -563,7 +573,9 @@ class Conversation:
                                            voice_to_voice_ms=round((now - t_end + eot_wait_s) * 1000, 1))
                     if started_t is not None:
                         metrics.GREETING_LATENCY.labels(self.transport).observe(now - started_t)
-                        self.s.store.event(self.call_id, "greeting_started", latency_ms=round((now - started_t) * 1000, 1))
+                        latency_ms = round((now - started_t) * 1000, 1)
+                        self.s.store.event(self.call_id, "greeting_started", latency_ms=latency_ms)
+                        self.log.info("greeting", latency_ms=latency_ms)
                     await self._send_marked(u, chunk[MARK_EVERY_SAMPLES:], len(chunk[:MARK_EVERY_SAMPLES]))
                 else:
                     await self._send_marked(u, chunk, 0)

@@ -60,7 +60,14 @@ class CallPolicy:
         return self._step(pd.NoInput())
 
     def on_dtmf(self, digits: str) -> Decision:
-        return self._step(pd.DtmfDigit(digits))
+        collecting = self.state.pending_collect is not None  # keys typed as a value (an amount), not a menu choice
+        d = self._step(pd.DtmfDigit(digits))
+        chosen = self.policy.dtmf.options.get(digits.rstrip("#"))
+        if not collecting and chosen in self.policy.intents:
+            # a menu key says what the call is about as words do ("press 0: agent"), also when the decision
+            # itself carries no intent (the queue is closed: a callback offer)
+            self.heard_intent = chosen
+        return d
 
     def dtmf_complete(self, digits: str) -> bool:
         """Keys typed so far already make a whole answer: a menu key (menu keys are single digits) while

@@ -68,6 +68,13 @@ ERRORS = Counter("voicebot_errors_total", "Errors by component and kind", ["comp
 BARGE_INS = Counter("voicebot_barge_ins_total", "Caller speech that interrupted the bot", ["transport"])
 AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["transport", "direction"])
 LATE_FRAMES = Counter("voicebot_late_frames_total", "Outbound frames sent later than their pacing deadline", ["transport"])
+# Escalation webhook (bot/escalation_webhook.py): ok (delivered), retried (an attempt failed, another follows),
+# failed (gave up), dropped (never finished: overflow or shutdown).
+WEBHOOK_DELIVERIES = Counter("voicebot_webhook_deliveries_total", "Escalation webhook deliveries and retries",
+                             ["event", "result"])
+WEBHOOK_DELIVERY_LATENCY = Histogram("voicebot_webhook_delivery_seconds",
+                                     "Hand-off to the receiver's 2xx, retries included", ["event"],
+                                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0))
 FILLERS = Counter("voicebot_fillers_total", "Fillers or apologies played to avoid dead air", ["kind"])
 REDIS_UP = Gauge("voicebot_redis_up", "1 when the last Redis operation succeeded", multiprocess_mode="liveall")
 SIP_LISTENING = Gauge("voicebot_sip_listening", "1 while this worker's SIP server is bound; 0 while it retries the bind",

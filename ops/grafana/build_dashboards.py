@@ -133,7 +133,11 @@ def voicebot() -> Board:
             w=8, unit="cpm")
     b.panel("Barge-ins / min", [_q("sum by (transport) (rate(voicebot_barge_ins_total[5m])) * 60", "{{transport}}")],
             w=8, unit="cpm")
-    b.panel("Policy version per worker", [_q("voicebot_policy_version", "{{instance}} {{pid}}")], "stat", w=8)
+    b.panel("Policy version per worker", [_q("voicebot_policy_version", "{{instance}} {{pid}}")], "stat", w=4)
+    b.panel("Hand-offs to the escalation webhook / min", [_q(
+        "sum by (event, result) (rate(voicebot_webhook_deliveries_total[5m])) * 60", "{{event}} {{result}}")],
+        w=4, unit="cpm", desc="Transfer contexts and accepted callbacks sent to BOT_ESCALATION_WEBHOOK; "
+        "failed/dropped ones never reached it (alert EscalationWebhookFailing)")
 
     b.row("Errors and media")
     b.panel("Errors / min by component", [_q(

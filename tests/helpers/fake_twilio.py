@@ -1,13 +1,20 @@
 """A local HTTP server that speaks Twilio's REST wire format for call updates (transfer):
 POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json with form `Twiml`, basic auth
 SID:token. It checks the auth, records each request and answers like Twilio (JSON call resource).
-The only fake the house rules allow: Twilio REST itself."""
+The only fake the house rules allow: Twilio REST itself.
+
+It also hosts a contact center's escalation receiver at POST /escalations (BOT_ESCALATION_WEBHOOK): no
+Twilio auth; each delivery is recorded with its headers and parsed body, its signature checked with
+`webhook_secret` when set (a bad one gets 401), and `escalation_statuses` scripts the answers
+(e.g. [500] fails the first delivery attempt once, then 200)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import hashlib
+import hmac
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +33,9 @@ class FakeTwilioApi:
         # stop the call's Media Stream (it moved the call) before its HTTP answer reaches the bot
         self.before_update: Callable[[str], None] | None = None
         self.requests: list[dict[str, Any]] = []
+        self.webhook_secret = ""
+        self.escalation_statuses: list[int] = []
+        self.escalations: list[dict[str, Any]] = []  # {"headers", "body", "signature_ok", "status"}
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,7 +43,10 @@ class FakeTwilioApi:
                 pass
 
             def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path == "/escalations":
+                    return self._escalation(raw)
+                body = raw.decode()
                 form = {k: v[0] for k, v in parse_qs(body).items()}
                 m = _PATH.match(self.path)
                 auth = self.headers.get("authorization", "")
@@ -49,6 +62,21 @@ class FakeTwilioApi:
                     return self._send(500, {"code": 20500, "message": "Internal Server Error", "status": 500})
                 self._send(200, {"sid": m.group(2), "account_sid": m.group(1), "status": "in-progress",
                                  "api_version": "2010-04-01", "uri": self.path})
+
+            def _escalation(self, raw: bytes) -> None:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                ts = headers.get("x-voicebot-timestamp", "")
+                sig_ok = None
+                if api.webhook_secret:  # what a receiver does (docs/twilio.md): HMAC of "<timestamp>.<raw body>"
+                    mac = hmac.new(api.webhook_secret.encode(), ts.encode() + b"." + raw, hashlib.sha256).hexdigest()
+                    sig_ok = hmac.compare_digest(f"sha256={mac}", headers.get("x-voicebot-signature", ""))
+                status = api.escalation_statuses.pop(0) if api.escalation_statuses else 200
+                if sig_ok is False:
+                    status = 401
+                api.requests.append({"path": self.path, "form": {}, "auth_ok": True})
+                api.escalations.append({"headers": headers, "body": json.loads(raw or b"null"),
+                                        "signature_ok": sig_ok, "status": status})
+                self._send(status, {"ok": 200 <= status < 300})
 
             def _send(self, code: int, obj: dict[str, Any]) -> None:
                 data = json.dumps(obj).encode()
