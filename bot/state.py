@@ -232,11 +232,18 @@ class CallStore:
         events = []
         for eid, f in raw:
             eid, f = _s(eid), _decode(f)
+            # a garbled entry (written by hand, by an old release) is shown as it is, never a 500 for the whole call
             try:
                 data = json.loads(f.get("data", "{}"))
             except ValueError:
                 data = {"raw": f.get("data")}
-            events.append({"id": eid, "type": f.get("type"), "t": float(f.get("t", 0)), **data})
+            if not isinstance(data, dict):
+                data = {"raw": data}
+            try:
+                t = float(f.get("t", 0))
+            except (TypeError, ValueError):
+                t = 0.0
+            events.append({**data, "id": eid, "type": f.get("type"), "t": t})
         return {"record": rec, "events": events}
 
     async def live_calls(self) -> list[dict[str, Any]]:

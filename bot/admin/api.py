@@ -24,6 +24,7 @@ from bot.admin import live, simulate
 from bot.admin.auth import Principal, principal, require
 from bot.admin.context import MAX_UPLOAD_BYTES, get_call_store, get_engine, get_redis, get_store, log
 from ops import metrics
+from ops.logs import mask_digits
 from policies.store import (Actor, DraftConflict, NotFound, PolicyInvalid, PolicyStore, PublishConflict, side_by_side,
                             unified_diff)
 
@@ -384,7 +385,32 @@ async def call_detail(call_id: str, request: Request, _: Principal = Depends(req
     got = await get_call_store(request).get_call(call_id)
     if got is None:
         raise _err(404, "not_found", f"call {call_id} not found")
-    return got
+    return _without_caller_number(got)
+
+
+def _without_caller_number(got: dict[str, Any]) -> dict[str, Any]:
+    """The console shows the caller masked, as logs and `bot calls show` do: a viewer watching calls has no need
+    of the raw number (the record keeps it for the callback team, which gets it through the webhook)."""
+    import json
+
+    rec = dict(got["record"])
+    if rec.get("caller"):
+        rec["caller"] = rec.get("caller_masked") or mask_digits(rec["caller"])
+    if isinstance(rec.get("handoff"), str):
+        try:
+            handoff = json.loads(rec["handoff"])
+        except ValueError:
+            handoff = None
+        if isinstance(handoff, dict) and handoff.get("caller"):
+            handoff["caller"] = mask_digits(str(handoff["caller"]))
+            rec["handoff"] = json.dumps(handoff)
+    events = []
+    for e in got["events"]:
+        ctx = e.get("context")
+        if isinstance(ctx, dict) and ctx.get("caller"):
+            e = {**e, "context": {**ctx, "caller": mask_digits(str(ctx["caller"]))}}
+        events.append(e)
+    return {"record": rec, "events": events}
 
 
 @router.get(f"{API}/stats/today", tags=["live"], summary="Today's (UTC) automation, clarification and escalation rates")

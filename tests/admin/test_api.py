@@ -388,6 +388,11 @@ async def test_live_calls_and_today_rates(client: httpx.AsyncClient, redis: aior
         assert calls[0]["policy_version"] == "2" and calls[0]["caller"].endswith("23") and "4155550123" not in calls[0]["caller"]
         ev = (await client.get("/admin/api/calls/CA-live", headers=auth("viewer"))).json()
         assert [e["type"] for e in ev["events"]] == ["call_started", "turn"]
+        # the console shows the caller masked, as the logs do; a garbled event is shown, not a 500
+        assert "4155550123" not in json.dumps(ev) and ev["record"]["caller"].endswith("23")
+        await redis.xadd("call:CA-live:events", {"type": "odd", "t": "not-a-time", "data": "[1, 2]"})
+        ev = (await client.get("/admin/api/calls/CA-live", headers=auth("viewer"))).json()
+        assert ev["events"][-1] == {"id": ev["events"][-1]["id"], "type": "odd", "t": 0.0, "raw": [1, 2]}
         assert (await client.get("/admin/api/calls/nope", headers=auth("viewer"))).status_code == 404
         s = (await client.get("/admin/api/stats/today", headers=auth("viewer"))).json()
         assert (s["calls"], s["ended"], s["in_progress"], s["turns"]) == (3, 2, 1, 3)

@@ -1,0 +1,136 @@
+"""`bot calls show` as an on-call engineer reads it: a timeline relative to the call's start with what the bot
+said, what the caller said and was understood as, and why it transferred; and it still works for a call in
+progress, a call whose events are missing or garbled, an unknown id, non-ASCII transcripts on an ASCII
+terminal; `bot calls` lists the recent calls. Real Redis, the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from bot.state import CallStore, connect, events_key
+from tests.conftest import ROOT
+
+
+def _cli(redis_url: str, *args: str, ascii_terminal: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REDIS_URL": redis_url}
+    if ascii_terminal:  # cron, ssh without LANG: stdout cannot encode "é"
+        env |= {"PYTHONIOENCODING": "ascii", "LC_ALL": "C", "LANG": "C"}
+    return subprocess.run([sys.executable, "-m", "bot.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT), encoding="utf-8", errors="replace")
+
+
+def _write(redis_url: str, fn) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> None:
+        store = CallStore(connect(redis_url), worker="story-test", ttl_s=600)
+        await store.start()
+        try:
+            fn(store)
+            assert await store.flush()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def _decision(action: str, reason: str, target: str | None = None) -> dict[str, object]:
+    return {"action": action, "prompt": "", "target": target, "reason": reason, "intent": None, "slots": {}}
+
+
+def test_a_finished_call_reads_as_a_story(redis_url: str) -> None:
+    cid = "CA" + uuid.uuid4().hex
+
+    def story(s: CallStore) -> None:
+        s.start_call(cid, "twilio", "+14155550134", "+15550100999", "3")
+        s.event(cid, "prompt_heard", utt=1, kind="greeting", text="Thanks for calling.", duration_ms=900,
+                heard_ms=900, interrupted=False)
+        s.event(cid, "turn", n=1, intent=None, confidence=0.97, slots={"account_number": "42719938"},
+                transcript="my account number is four two seven one nine nine three eight",
+                decision=_decision("reprompt", "no_context"))
+        s.event(cid, "turn", n=2, intent="billing_question", confidence=0.91, slots={},
+                transcript="j'ai une question sur ma facture, ça ne va pas",
+                decision=_decision("transfer", "intent_action", "billing"))
+        s.event(cid, "transfer", target="billing", ok=False, reason="intent_action", context={})
+        s.end_call(cid, "transfer_failed", duration_s=12.5, turns=2)
+
+    _write(redis_url, story)
+    r = _cli(redis_url, "calls", "show", cid)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "ended: transfer_failed after 12.5 s, 2 turns" in out
+    assert "4155550134" not in out and "*********34" in out  # the caller, masked
+    # what the bot said, what the caller said (digits masked, spoken or not), what was understood and why
+    assert 'bot said (greeting): "Thanks for calling."' in out
+    assert "42719938" not in out and "four two seven" not in out
+    assert 'caller turn 1: "my account number is ******38"' in out
+    assert "understood no intent (0.97) account_number=******38 -> reprompt (no_context)" in out
+    assert "ça ne va pas" in out  # non-ASCII as such, not \u00e7 escapes
+    assert "understood billing_question (0.91) -> transfer billing (intent_action)" in out
+    assert "transfer to billing: FAILED, asked for by intent_action" in out
+    # times are relative to the start, in order
+    rel = [line.split()[0] for line in out.splitlines() if line.strip().startswith("+")]
+    assert float(rel[0][1:-1]) < 1 and len(rel) == 6
+    assert [float(x[1:-1]) for x in rel] == sorted(float(x[1:-1]) for x in rel)
+    # --json stays the machine contract: raw events, caller masked
+    j = json.loads(_cli(redis_url, "calls", "show", cid, "--json").stdout)
+    assert [e["type"] for e in j["events"]][-1] == "call_ended" and j["record"]["caller"] == "*********34"
+    # an ASCII-only terminal gets escapes, not a UnicodeEncodeError traceback
+    a = _cli(redis_url, "calls", "show", cid, ascii_terminal=True)
+    assert a.returncode == 0 and "Traceback" not in a.stderr and "\\xe7a ne va pas" in a.stdout
+    aj = _cli(redis_url, "calls", "show", cid, "--json", ascii_terminal=True)
+    assert aj.returncode == 0 and "Traceback" not in aj.stderr
+    # the listing names it
+    ls = _cli(redis_url, "calls", "-n", "50")
+    assert ls.returncode == 0, ls.stderr
+    line = next(x for x in ls.stdout.splitlines() if cid in x)
+    assert "transfer_failed" in line and "*********34" in line and "4155550134" not in ls.stdout
+
+
+def test_a_live_call_shows_as_in_progress(redis_url: str) -> None:
+    cid = "CA" + uuid.uuid4().hex
+
+    def live(s: CallStore) -> None:
+        s.start_call(cid, "sip", "sip:+15551234567@10.0.0.9", "+15550100999", "3")
+        s.event(cid, "turn", n=1, intent="pay_bill", confidence=0.5, slots={"amount": 50},
+                transcript="i want to pay fifty dollars", decision=_decision("confirm", "low_confidence"))
+
+    _write(redis_url, live)
+    r = _cli(redis_url, "calls", "show", cid)
+    assert r.returncode == 0, r.stderr
+    assert "in progress" in r.stdout and "call still in progress" in r.stdout
+    assert "understood pay_bill (0.50) amount=50 -> confirm (low_confidence)" in r.stdout
+    assert "5551234567" not in r.stdout
+
+
+def test_missing_and_garbled_events_are_shown_not_fatal(redis_url: str) -> None:
+    cid = "CA" + uuid.uuid4().hex
+    import redis
+
+    r0 = redis.Redis.from_url(redis_url)
+    key = events_key(cid)
+    # no call record at all (expired), and events a crashed or foreign writer left
+    r0.xadd(key, {"type": "turn", "t": "1796097069.5", "data": json.dumps({"n": 1, "intent": "pay_bill"})})
+    r0.xadd(key, {"type": "turn", "t": "not-a-time", "data": "{truncated"})
+    r0.xadd(key, {"t": "1796097070", "data": "[1, 2]"})
+    r0.xadd(key, {"type": "prompt_heard", "data": json.dumps({"text": "Hello"})})
+    r0.expire(key, 600)
+    r = _cli(redis_url, "calls", "show", cid)
+    assert r.returncode == 0, r.stderr
+    assert "cannot read Redis" not in r.stderr
+    out = r.stdout
+    assert "no call record" in out
+    assert "+0.000s  caller turn 1" in out and "understood pay_bill (?)" in out
+    assert f"call     {cid}" in out
+    assert "turn (unreadable payload): {truncated" in out and "(event without a type)" in out and '"Hello"' in out
+    j = _cli(redis_url, "calls", "show", cid, "--json")
+    assert j.returncode == 0 and len(json.loads(j.stdout)["events"]) == 4
+
+
+def test_an_unknown_call_is_a_clear_error(redis_url: str) -> None:
+    r = _cli(redis_url, "calls", "show", "CAnope" + uuid.uuid4().hex[:6])
+    assert r.returncode == 1 and "no call CAnope" in r.stderr and r.stdout == ""
+    assert "Traceback" not in r.stderr
