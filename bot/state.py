@@ -78,6 +78,16 @@ def _decode(d: dict[Any, Any]) -> dict[str, str]:
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
+def finite_float(v: Any) -> float | None:
+    """A number read back from Redis (an event time, a duration); None for a missing, garbled or NaN one (shown as
+    unknown, never a failed read)."""
+    try:
+        t = float(v)
+    except (TypeError, ValueError):
+        return None
+    return t if t == t else None
+
+
 class CallStore:
     def __init__(self, client: aioredis.Redis, worker: str, ttl_s: int, max_buffer: int = 100_000) -> None:
         self.r = client
@@ -239,11 +249,7 @@ class CallStore:
                 data = {"raw": f.get("data")}
             if not isinstance(data, dict):
                 data = {"raw": data}
-            try:
-                t = float(f.get("t", 0))
-            except (TypeError, ValueError):
-                t = 0.0
-            events.append({**data, "id": eid, "type": f.get("type"), "t": t})
+            events.append({**data, "id": eid, "type": f.get("type"), "t": finite_float(f.get("t"))})
         return {"record": rec, "events": events}
 
     async def live_calls(self) -> list[dict[str, Any]]:

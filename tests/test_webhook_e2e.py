@@ -15,6 +15,7 @@ import httpx
 import pytest
 import yaml
 
+from bot.simulator import TwilioCaller
 from tests.helpers.audio import synth
 from tests.helpers.bot import open_policy, place_call, twilio_env, wait_outcome
 from tests.helpers.fake_twilio import FakeTwilioApi
@@ -63,14 +64,20 @@ async def _hooks(fake_api: FakeTwilioApi, call_id: str, n: int, timeout_s: float
         await asyncio.sleep(0.1)
 
 
-async def test_transfer_hand_off_is_signed_and_retried_after_a_500(bot: BotServer, fake_api: FakeTwilioApi) -> None:
-    fake_api.escalation_statuses = [500]  # the agent desktop hiccups once
-    caller = await place_call(bot.url)
+async def _transferred_to_billing(url: str) -> TwilioCaller:
+    """A call that keys 5# (a billing dispute: transferred to the open billing queue), until the bot ends it."""
+    caller = await place_call(url)
     await asyncio.sleep(0.4)
     await caller.send_dtmf("5")
     await caller.send_dtmf("#")
     assert await caller.wait_ended(20)
     await caller.close()
+    return caller
+
+
+async def test_transfer_hand_off_is_signed_and_retried_after_a_500(bot: BotServer, fake_api: FakeTwilioApi) -> None:
+    fake_api.escalation_statuses = [500]  # the agent desktop hiccups once
+    caller = await _transferred_to_billing(bot.url)
     got = await wait_outcome(bot.redis_url, caller.call_sid)
     assert got["record"]["outcome"] == "transferred", got["record"]
     hooks = await _hooks(fake_api, caller.call_sid, 2)
@@ -124,12 +131,7 @@ async def test_shutdown_gives_a_pending_hand_off_the_grace(redis_url: str, tmp_p
     server = BotServer(isolated_redis_url(redis_url), tmp, env).start()
     try:
         fake_api.escalation_statuses = [500, 500, 500]  # backoff >= 0.5 + 1 + 2 s before the 4th attempt
-        caller = await place_call(server.url)
-        await asyncio.sleep(0.4)
-        await caller.send_dtmf("5")
-        await caller.send_dtmf("#")
-        assert await caller.wait_ended(20)
-        await caller.close()
+        caller = await _transferred_to_billing(server.url)
         assert len(await _hooks(fake_api, caller.call_sid, 1)) >= 1  # the first attempt failed
     finally:
         rc = await asyncio.get_running_loop().run_in_executor(None, server.stop, 60.0)

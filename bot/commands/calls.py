@@ -52,6 +52,18 @@ async def _with_store(url: str, fn: Any) -> Any:
         await store.r.aclose()
 
 
+def _query(args: argparse.Namespace, fn: Any) -> tuple[int, Any]:
+    """fn(store) on the Redis the command names: (0, its result), or (exit code, None) after one error line."""
+    url = _url(args)
+    if not url:
+        return 2, None
+    try:
+        return 0, asyncio.run(_with_store(url, fn))
+    except Exception as exc:  # noqa: BLE001 - unreachable Redis, a bad URL: a message, not a traceback
+        print(f"error: cannot read Redis at {url}: {exc}", file=sys.stderr)
+        return 3, None
+
+
 def _masked(rec: dict[str, Any]) -> dict[str, Any]:
     """The CLI prints what a support person may see: the caller number masked."""
     out = dict(rec)
@@ -65,46 +77,15 @@ def _s(v: Any) -> str:
 
 
 def _float(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if f == f else None  # NaN: as good as missing
+    from bot.state import finite_float  # imported when a command runs, not by every `bot` start-up
 
-
-async def _read_call(store: Any, call_id: str) -> dict[str, Any] | None:
-    """The record and events, tolerating what a crashed or foreign writer left: an event with no or a garbled
-    time, type or payload is shown as such instead of failing the whole read (it was reported as an
-    unreachable Redis)."""
-    from bot.state import call_key, events_key
-
-    rec = {_s(k): _s(v) for k, v in (await store.r.hgetall(call_key(call_id))).items()}
-    raw = await store.r.xrange(events_key(call_id))
-    if not rec and not raw:
-        return None
-    events: list[dict[str, Any]] = []
-    for eid, fields in raw:
-        f = {_s(k): _s(v) for k, v in fields.items()}
-        try:
-            data = json.loads(f.get("data", "{}"))
-        except ValueError:
-            data = {"raw": f.get("data")}
-        if not isinstance(data, dict):
-            data = {"raw": data}
-        data = {k: v for k, v in data.items() if k not in ("id", "type", "t")}
-        events.append({"id": _s(eid), "type": f.get("type"), "t": _float(f.get("t")), **data})
-    return {"record": rec, "events": events}
+    return finite_float(v)
 
 
 def run_show(args: argparse.Namespace) -> int:
-    url = _url(args)
-    if not url:
-        return 2
-    try:
-        got = asyncio.run(_with_store(url, lambda s: _read_call(s, args.call_id)))
-    except Exception as exc:  # noqa: BLE001
-        print(f"error: cannot read Redis at {url}: {exc}", file=sys.stderr)
-        return 3
+    rc, got = _query(args, lambda s: s.get_call(args.call_id))
+    if rc:
+        return rc
     if got is None:
         print(f"error: no call {args.call_id} (unknown id, or its record expired; `bot calls` lists recent calls)",
               file=sys.stderr)
@@ -271,14 +252,9 @@ def render_story(rec: dict[str, Any], events: list[dict[str, Any]], now: float |
 
 
 def run_live(args: argparse.Namespace) -> int:
-    url = _url(args)
-    if not url:
-        return 2
-    try:
-        live = asyncio.run(_with_store(url, lambda s: s.live_calls()))
-    except Exception as exc:  # noqa: BLE001 - unreachable Redis, a bad URL: a message, not a traceback
-        print(f"error: cannot read Redis at {url}: {exc}", file=sys.stderr)
-        return 3
+    rc, live = _query(args, lambda s: s.live_calls())
+    if rc:
+        return rc
     print(json.dumps(live, indent=2))
     return 0
 
@@ -295,14 +271,9 @@ async def _recent(store: Any, limit: int) -> list[dict[str, str]]:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    url = _url(args)
-    if not url:
-        return 2
-    try:
-        calls = asyncio.run(_with_store(url, lambda s: _recent(s, args.limit)))
-    except Exception as exc:  # noqa: BLE001
-        print(f"error: cannot read Redis at {url}: {exc}", file=sys.stderr)
-        return 3
+    rc, calls = _query(args, lambda s: _recent(s, args.limit))
+    if rc:
+        return rc
     _tolerant_stdout()
     if not calls:
         print("no calls")

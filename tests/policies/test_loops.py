@@ -4,40 +4,51 @@ or a hang-up within K inputs, and a caller who keeps failing is always transferr
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.types import Understanding
-from policies.decide import CallStart, CallState, DtmfDigit, NoInput, step
+from policies.decide import REASONS, CallStart, CallState, DtmfDigit, NoInput, step
 from policies.schema import load_policy
-from tests.helpers.dialogue_inputs import understandings
+from tests.helpers.dialogue_inputs import caller_inputs
 
 POLICY = load_policy()
 K = POLICY.escalation.max_failures.max_stalled_turns  # the bound the loop guard promises
 INTENTS = [*POLICY.intents, "not_in_catalog", None]
-TIMES = [dt.datetime(2026, 11, 23, h, 0, tzinfo=dt.timezone.utc) for h in (3, 13, 15, 22)]
+# 2026-11-23 is a Monday: New York 22:00 the day before, 08:00, 10:00 (every queue open), 17:00 and 22:00
+# (general closed: callback offered), 08:30
+TIMES = [dt.datetime(2026, 11, 23, h, m, tzinfo=dt.timezone.utc) for h, m in ((3, 0), (13, 0), (13, 30), (15, 0),
+                                                                                (22, 0))] + \
+    [dt.datetime(2026, 11, 24, 3, 0, tzinfo=dt.timezone.utc)]
+IDENTIFIER = re.compile(r"\b[a-z]+_[a-z_]+\b")  # an intent or prompt name read to the caller
 
-
-
-
-inputs = st.one_of(understandings(INTENTS), st.just(NoInput()), st.sampled_from([DtmfDigit(d) for d in "0123456789*#"]))
+inputs = caller_inputs(INTENTS)
 
 
 @settings(max_examples=300, deadline=None)
 @given(seq=st.lists(inputs, min_size=1, max_size=60), now=st.sampled_from(TIMES))
 def test_any_sequence_reaches_an_outcome_within_k_inputs(seq: list, now: dt.datetime) -> None:
+    """...and every prompt on the way is words: rendered, no identifier, no "None"."""
     d, state = step(POLICY, CallState(now=now), CallStart())
     since_outcome = 0
     for inp in seq:
         d, state = step(POLICY, state, inp)
+        assert d.reason in REASONS, d
         assert d.prompt, f"silence after {inp!r}"
+        assert "{" not in d.prompt and "}" not in d.prompt, d.prompt
+        assert not IDENTIFIER.search(d.prompt), f"an identifier read to the caller: {d.prompt!r}"
+        assert "None" not in d.prompt, d.prompt
+        if d.action == "clarify":
+            assert len(d.options) == 2 and all(o in POLICY.intents for o in d.options)
         if d.action in ("answer", "transfer", "hangup") and d.reason != "repeat":
             since_outcome = 0
         else:
             since_outcome += 1
             assert since_outcome < K, f"{K} inputs without an outcome: {state}"
         if state.ended:
+            assert d.action in ("transfer", "hangup")
             break
 
 
