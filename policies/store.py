@@ -159,15 +159,31 @@ def prompt_texts(policy_yaml: str, policy: Any = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _lines(text: str) -> list[str]:
+    """Lines as the console's editor and the validator number them: split at "\n" only (str.splitlines also
+    splits at \x0c, \x1c, \u2028..., which shifted every line number after one of them)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def unified_diff(a: str, b: str, a_name: str, b_name: str) -> str:
-    return "".join(
-        difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True), a_name, b_name, n=3)
-    )
+    """A unified diff that `patch` accepts: every line ends with a newline, and a last line without one is
+    marked as GNU diff does (it used to run into the next line: "-a: 1+a: 2")."""
+
+    def lines(text: str) -> list[str]:
+        out = [x + "\n" for x in _lines(text)]
+        if out and not text.endswith("\n"):
+            out[-1] += "\\ No newline at end of file\n"
+        return out
+
+    return "".join(difflib.unified_diff(lines(a), lines(b), a_name, b_name, n=3))
 
 
 def side_by_side(a: str, b: str) -> list[dict[str, Any]]:
     """Rows for a two-column diff view: {op, a_line, a, b_line, b}; op in equal|replace|delete|insert."""
-    al, bl = a.splitlines(), b.splitlines()
+    al, bl = _lines(a), _lines(b)
     rows: list[dict[str, Any]] = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, al, bl, autojunk=False).get_opcodes():
         n = max(i2 - i1, j2 - j1)

@@ -6,6 +6,9 @@ upsampled to 48 kHz and handed to aiortc's Opus encoder by an outbound track tha
 at one 20 ms frame per 20 ms (silence when the bot is quiet, so the RTP clock never stalls).
 Marks fire when the frame before them has been sent to the browser. No DTMF, no transfer (a
 browser is not on the phone network): transfer() returns False and the conversation falls back.
+Offers a browser would not send (no audio from the caller, no codec in common, over 64 KB or 100 ICE
+candidates) are refused with a SignallingError and counted; video and extra audio sections are answered
+inactive.
 Imports nothing from bot/, policies/ or engine/.
 """
 
@@ -18,7 +21,7 @@ import os
 import secrets
 import time
 from collections import deque
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import soxr
@@ -33,6 +36,12 @@ from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, MarkIn, QueuedCal
 WEB_RATE = 48000
 BOT_RATE = 8000
 WEB_FRAME = WEB_RATE // 50  # 960 samples = 20 ms at 48 kHz
+# A browser's offer is 2-8 KB with a handful of candidates. aiortc pairs remote candidates on the event
+# loop in quadratic time (2,000 candidates stall every call in the worker for seconds), so an offer
+# far past a browser's is refused before aiortc sees it.
+MAX_OFFER_BYTES = 64 * 1024
+MAX_OFFER_CANDIDATES = 100
+CLOSE_TIMEOUT_S = 5.0  # aiortc's close waits on its transports; never let one hold a call's task forever
 
 
 def _lowpass(cutoff_hz: float, rate: int, taps: int = 121) -> np.ndarray:
@@ -92,6 +101,17 @@ def _downsampler(rate: int) -> "_Down6 | _Passthrough | _Soxr":
     return _Down6() if rate == WEB_RATE else _Passthrough() if rate == BOT_RATE else _Soxr(rate)
 
 
+async def wait_first(events: tuple[asyncio.Event, ...], timeout_s: float) -> bool:
+    """Wait until any of `events` is set or `timeout_s` passes; True when one was set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    return bool(done)
+
+
 class SignallingError(ValueError):
     """The browser's offer could not be used (malformed SDP, no audio)."""
 
@@ -121,7 +141,12 @@ class _BotTrack(MediaStreamTrack):
             elif wait < -0.02:
                 metrics.LATE_FRAMES.labels("webrtc").inc()
         pcm48 = self._up(self._bridge._next_out_frame())
-        frame = AudioFrame.from_ndarray(pcm48.reshape(1, -1), format="s16", layout="mono")
+        if self._bridge._stereo_out:
+            # aiortc's Opus encoder is stereo: a mono frame would be upmixed by libswresample at -3 dB
+            # per channel (pan law), so the caller heard every prompt 3 dB quieter than rendered
+            frame = AudioFrame.from_ndarray(np.repeat(pcm48, 2).reshape(1, -1), format="s16", layout="stereo")
+        else:
+            frame = AudioFrame.from_ndarray(pcm48.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = WEB_RATE
         frame.pts = self._pts
         frame.time_base = fractions.Fraction(1, WEB_RATE)
@@ -176,13 +201,20 @@ class WebRTCCallBridge(QueuedCallBridge):
         self.media_timeout_s = media_timeout_s
         self.started_t = time.monotonic()  # reset when media starts flowing (greeting latency)
         self.connected = asyncio.Event()
+        self.finished = asyncio.Event()  # set by end(): whoever waits for `connected` can stop waiting
         self.log = get_logger("telephony.webrtc", call_id=self.info.call_id)
         self._track = _BotTrack(self)
 
+        self._reader: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._stereo_out = True  # Opus, what browsers pick; G.711/G.722 encoders are mono (see accept)
+
         @self.pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio":
-                self._spawn(self._read(track))
+            # one caller, one voice: only the first audio track is read (the others are answered
+            # inactive in accept(), so nothing is sent on them)
+            if track.kind == "audio" and self._reader is None:
+                self._reader = self._spawn(self._read(track))
 
         @self.pc.on("connectionstatechange")
         async def _on_state() -> None:
@@ -198,35 +230,71 @@ class WebRTCCallBridge(QueuedCallBridge):
     async def accept(self, sdp: str, sdp_type: str = "offer") -> RTCSessionDescription:
         """Apply the browser's offer and return our answer (ICE candidates included: no trickle)."""
         if sdp_type != "offer":
-            raise SignallingError(f"expected an SDP offer, got {sdp_type!r}")
+            self._reject("not_offer", f"expected an SDP offer, got {sdp_type!r}")
+        if len(sdp) > MAX_OFFER_BYTES:
+            self._reject("offer_too_large",
+                         f"the offer is {len(sdp)} bytes; a browser's is a few KB (at most {MAX_OFFER_BYTES})")
+        n_cand = sdp.count("a=candidate:")
+        if n_cand > MAX_OFFER_CANDIDATES:
+            self._reject("offer_too_large", f"the offer has {n_cand} ICE candidates (at most {MAX_OFFER_CANDIDATES})")
         if "m=audio" not in sdp:
-            raise SignallingError("the offer has no audio m-line")
+            self._reject("no_audio", "the offer has no audio m-line")
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
+            # the first audio section is the caller's microphone (addTrack below pairs our voice with it)
+            if not audio:
+                raise SignallingError("the offer has no audio m-line")
+            # aiortc keeps the offer's direction from our side: recvonly = the caller only sends
+            ours = getattr(audio[0], "_offerDirection", None) or "sendrecv"
+            if ours not in ("sendrecv", "recvonly"):
+                theirs = {"sendonly": "recvonly", "inactive": "inactive"}.get(ours, ours)
+                raise SignallingError(f"the offer sends no audio (a={theirs}): the bot needs the caller's microphone")
+            for t in self.pc.getTransceivers():
+                if t is not audio[0]:
+                    # video, a second microphone: answered inactive, so the browser sends nothing that
+                    # aiortc would decode (video costs CPU) and queue unread for the whole call
+                    t.direction = "inactive"
             self.pc.addTrack(self._track)
             await self.pc.setLocalDescription(await self.pc.createAnswer())
+            codecs = getattr(audio[0], "_codecs", None)
+            self._stereo_out = not codecs or codecs[0].mimeType.lower() == "audio/opus"
         except Exception as exc:  # noqa: BLE001 - aiortc raises assorted errors on bad SDP
-            metrics.ERRORS.labels("webrtc", "bad_offer").inc()
-            self.log.warning("webrtc_bad_offer", error=repr(exc))
-            await self.pc.close()
             self._ended = True
-            raise SignallingError(f"could not use the SDP offer: {exc}") from exc
+            await self.pc.close()
+            if isinstance(exc, SignallingError):
+                self._reject("no_audio", str(exc))
+            if "description send parameters" in str(exc):  # aiortc's words for "no codec in common"
+                self._reject("no_common_codec", "could not use the SDP offer: no audio codec in common "
+                             "(the bot takes Opus, G.722, PCMU or PCMA)")
+            self.log.info("webrtc_offer_parse_error", error=repr(exc))
+            self._reject("bad_offer", f"could not use the SDP offer: {str(exc) or 'malformed SDP'}")
         self._spawn(self._watchdog())
         return self.pc.localDescription
 
-    async def _watchdog(self) -> None:
-        try:
-            await asyncio.wait_for(self.connected.wait(), self.connect_timeout_s)
-        except asyncio.TimeoutError:
-            metrics.ERRORS.labels("webrtc", "connect_timeout").inc()
-            self.log.warning("webrtc_connect_timeout")
-            self.end("error:connect_timeout")
-            await self.pc.close()
+    def _reject(self, kind: str, message: str) -> NoReturn:
+        """A refused offer: counted, logged with the call id, and no call (nothing was started yet,
+        so there is no conversation and no call record to end)."""
+        metrics.ERRORS.labels("webrtc", kind).inc()
+        self.log.warning("webrtc_bad_offer", kind=kind, error=message[:300])
+        self._ended = True
+        self._track.stop()
+        raise SignallingError(message)
 
-    def _spawn(self, coro: Any) -> None:
+    async def _watchdog(self) -> None:
+        # ends early when the call ends some other way (closed, failed, hung up before connecting),
+        # rather than lingering and then reporting a timeout for a call that is already over
+        if not await wait_first((self.connected, self.finished), self.connect_timeout_s) and not self._ended:
+            metrics.ERRORS.labels("webrtc", "connect_timeout").inc()
+            self.log.warning("webrtc_connect_timeout", timeout_s=self.connect_timeout_s)
+            self.end("error:connect_timeout")
+            await self.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     # ---- inbound ----
     async def _read(self, track: MediaStreamTrack) -> None:
@@ -291,6 +359,7 @@ class WebRTCCallBridge(QueuedCallBridge):
     # ---- CallBridge ----
     def _on_end(self) -> None:
         self._out.clear()
+        self.finished.set()
 
     async def send_audio(self, pcm: np.ndarray) -> None:
         if self._ended or len(pcm) == 0:
@@ -327,8 +396,26 @@ class WebRTCCallBridge(QueuedCallBridge):
         await self.close()
 
     async def close(self) -> None:
+        """End the call and close the peer connection (idempotent; safe to cancel)."""
+        self.end("hangup")  # no-op when already ended; wakes the connect watchdog and the softphone runner
         self._track.stop()
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            # aiortc ends the caller's track only if its receiver ever started: for a peer that never
+            # connected, recv() waits forever, holding the reader task, this bridge and its peer connection
+            self._reader.cancel()
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close_pc())
+        # Shielded: hangup() runs in the conversation's turn task, which the conversation cancels as soon
+        # as the CallEnded that end() queued reaches it. A pc.close() cancelled half-way never finishes
+        # (and every later close() waits on it forever): the browser stayed "connected" with its
+        # microphone live and the softphone runner never returned.
+        await asyncio.shield(self._closing)
+
+    async def _close_pc(self) -> None:
         try:
-            await self.pc.close()
-        except Exception:  # noqa: BLE001 - already closed
-            pass
+            await asyncio.wait_for(self.pc.close(), CLOSE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            metrics.ERRORS.labels("webrtc", "close_timeout").inc()
+            self.log.warning("webrtc_close_timeout", timeout_s=CLOSE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a transport that failed may fail to stop too
+            self.log.info("webrtc_close_error", error=repr(exc))

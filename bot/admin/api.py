@@ -9,15 +9,19 @@ softphone calls; publisher also publishes and rolls back. Every route is in the 
 from __future__ import annotations
 
 import asyncio
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterator
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
 from bot.admin import live, simulate
@@ -32,19 +36,43 @@ STATIC = Path(__file__).with_name("static")
 API = "/api"  # the app mounts this router under /admin
 
 
+# Everything the console loads comes from this server; no framing (clickjacking), no plugins.
+_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+# On every admin answer (errors too, and the console's files however they are reached): the console must not be
+# framed (X-Frame-Options for browsers that ignore frame-ancestors), nothing is sniffed into another type, no
+# admin URL leaks to another site, and API answers (policies, transcripts) stay out of shared caches.
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 class _CappedRoute(APIRoute):
     """Request bodies over MAX_UPLOAD_BYTES get 413 while they are read: a declared Content-Length is
     refused before a byte is read, and a chunked body (no Content-Length) is cut off at the limit
-    instead of being buffered whole and then parsed. Redis out of reach is a JSON 503, not a 500."""
+    instead of being buffered whole and then parsed. Redis out of reach is a JSON 503, not a 500.
+    Every refused request (4xx) is logged and counted, and every answer carries the security headers."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def capped(request: Request) -> Response:
             try:
-                return await _capped(request)
+                response = await _capped(request)
             except RedisError as exc:
-                return _redis_down(request, exc)
+                response = _redis_down(request, exc)
+            except RequestValidationError as exc:
+                response = _bad_request(request, exc)
+            except StarletteHTTPException as exc:
+                _log_refused(request, exc)
+                response = await http_exception_handler(request, exc)
+            for k, v in _SECURITY_HEADERS.items():
+                response.headers.setdefault(k, v)
+            if "/api/" in request.url.path:
+                response.headers["Cache-Control"] = "no-store"
+            return response
 
         async def _capped(request: Request) -> Response:
             if request.method in ("POST", "PUT", "PATCH"):
@@ -66,6 +94,36 @@ class _CappedRoute(APIRoute):
         return capped
 
 
+def _log_refused(request: Request, exc: StarletteHTTPException) -> None:
+    """401/403/429 are logged and counted where they are decided (auth.py), with who; the rest here, with what
+    (counted here unless _err already did)."""
+    if exc.status_code in (401, 403, 429) or exc.status_code < 400:
+        return
+    if not getattr(exc, "counted", False):
+        metrics.ERRORS.labels("admin", {404: "not_found", 503: "unavailable"}.get(exc.status_code, "refused")).inc()
+    detail = exc.detail.get("message", "") if isinstance(exc.detail, dict) else str(exc.detail)
+    log.info("admin_request_refused", status=exc.status_code, method=request.method, path=request.url.path,
+             reason=str(detail)[:200])
+
+
+def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A malformed request body or parameter: the documented error shape ({message, errors}), logged and
+    counted, instead of FastAPI's bare list (which the console could only show as "HTTP 422")."""
+    errors = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":  # its loc is a character offset, not a field
+            why = (e.get("ctx") or {}).get("error", "")
+            errors.append({"line": None, "column": None, "path": "",
+                           "message": f"the body is not valid JSON ({why}, at character {e['loc'][-1]})"})
+            continue
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path")]
+        errors.append({"line": None, "column": None, "path": ".".join(loc), "message": str(e.get("msg", ""))})
+    summary = "; ".join(f"{e['path']}: {e['message']}" if e["path"] else e["message"] for e in errors[:3])
+    metrics.ERRORS.labels("admin", "bad_request").inc()
+    log.info("admin_request_refused", status=422, method=request.method, path=request.url.path, reason=summary[:200])
+    return JSONResponse({"detail": {"message": f"invalid request: {summary}", "errors": errors}}, status_code=422)
+
+
 def _redis_down(request: Request, exc: RedisError) -> JSONResponse:
     """The policy store is out of reach. Publish and rollback are one Lua script each, so nothing is
     half-written; the live policy stays what the workers already have."""
@@ -83,15 +141,20 @@ router = APIRouter(route_class=_CappedRoute)
 
 
 # ---- models ----
+# Comments land in the audit stream (10 000 entries) and the versions list: a megabyte each is a mistake.
+MAX_COMMENT = 1000
+MAX_TRY_TEXT = 500  # try-it: one caller turn, spoken by the bot's voice
+
+
 class DraftIn(BaseModel):
     yaml: str = Field(description="Policy YAML text")
-    comment: str = ""
+    comment: str = Field("", max_length=MAX_COMMENT)
     base_version: int | None = Field(None, description="Version the draft started from (default: current)")
 
 
 class DraftUpdate(BaseModel):
     yaml: str
-    comment: str | None = None
+    comment: str | None = Field(None, max_length=MAX_COMMENT)
     rev: int | None = Field(None, description="Revision the editor loaded; 409 if the draft was saved since (no lost edits)")
 
 
@@ -104,13 +167,13 @@ class PublishIn(BaseModel):
     draft_rev: int | None = Field(None, description="Revision of the draft the publisher reviewed; 409 if it was saved since")
     yaml: str | None = Field(None, description="...or publish this YAML text directly")
     expected_version: int = Field(description="The current version the publisher saw; 409 if it changed")
-    comment: str = ""
+    comment: str = Field("", max_length=MAX_COMMENT)
 
 
 class RollbackIn(BaseModel):
     version: int
     expected_version: int
-    comment: str = ""
+    comment: str = Field("", max_length=MAX_COMMENT)
 
 
 class OfferIn(BaseModel):
@@ -122,13 +185,18 @@ class OfferIn(BaseModel):
 
 
 # ---- helpers ----
+_VERSION_REF = re.compile(r"[0-9]{1,15}")
+
+
 def _actor(p: Principal) -> Actor:
     return Actor(p.name, p.role, p.ip)
 
 
 def _err(status: int, kind: str, message: str, **extra: Any) -> HTTPException:
     metrics.ERRORS.labels("admin", kind).inc()
-    return HTTPException(status, {"message": message, **extra})
+    exc = HTTPException(status, {"message": message, **extra})
+    exc.counted = True  # type: ignore[attr-defined] - _log_refused must not count it twice
+    return exc
 
 
 def _invalid(exc: PolicyInvalid) -> HTTPException:
@@ -177,14 +245,11 @@ async def _policy_text(store: PolicyStore, draft_id: str | None, yaml_text: str 
 
 
 # ---- console ----
-# Everything the console loads comes from this server; no framing (clickjacking), no plugins.
-_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
 @router.get("", include_in_schema=False)
 async def console() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html",
-                        headers={"Cache-Control": "no-store", "Content-Security-Policy": _CSP})
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/", include_in_schema=False)
@@ -198,7 +263,10 @@ async def static(name: str) -> FileResponse:
     if path.parent != STATIC.resolve() or not path.is_file():
         raise HTTPException(404, "no such file")
     types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".svg": "image/svg+xml"}
-    return FileResponse(path, media_type=types.get(path.suffix, "application/octet-stream"))
+    # no-cache: without it browsers cached the modules heuristically (by Last-Modified), so after an upgrade
+    # the console could run yesterday's app.js against today's API (a few dozen KB per load is nothing here).
+    return FileResponse(path, media_type=types.get(path.suffix, "application/octet-stream"),
+                        headers={"Cache-Control": "no-cache"})
 
 
 # ---- who am I ----
@@ -231,8 +299,8 @@ async def diff(
         with _store_errors():
             if ref.startswith("draft:"):
                 return (await store.get_draft(ref[6:]))["yaml"]
-            if not ref.isdigit():
-                raise _err(422, "bad_request", f"not a version or draft reference: {ref!r}")
+            if not _VERSION_REF.fullmatch(ref):  # not str.isdigit: '²' or 5000 digits made int() raise (500)
+                raise _err(422, "bad_request", f"not a version or draft reference: {ref[:40]!r}")
             return (await store.get_version(int(ref))).yaml
 
     ta, tb = await text(a), await text(b)
@@ -360,6 +428,9 @@ async def simulate_turn(
             raise _err(415, "not_wav", str(exc)) from exc
         source = "audio"
     elif text and text.strip():
+        if len(text) > MAX_TRY_TEXT:  # one caller turn; a pasted page would hold the engine for minutes
+            raise _err(422, "bad_request", f"the utterance is longer than {MAX_TRY_TEXT} characters; "
+                       "type what a caller says in one turn")
         pcm, source = None, "text"
     else:
         raise _err(422, "bad_request", "give an utterance text or a WAV file")
@@ -442,3 +513,19 @@ async def softphone_offer(body: OfferIn, request: Request, p: Principal = Depend
     except softphone.SoftphoneError as exc:
         raise _err(exc.status, exc.kind, str(exc)) from exc
     return JSONResponse(answer)
+
+
+
+# ---- anything else under /admin/api ----
+# Registered last: a path no route above serves (a typo, a scanner) is refused like every other request here:
+# logged, counted and with the security headers. A known path with the wrong method is a 405 that says which.
+@router.api_route(f"{API}/{{rest:path}}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_endpoint(rest: str, request: Request) -> Response:
+    path, ours = request.url.path, f"{API}/{rest}"  # the path as this router's own routes spell it (no mount prefix)
+    methods = sorted({m for r in router.routes
+                      if isinstance(r, APIRoute) and r.endpoint is not unknown_endpoint and r.path_regex.fullmatch(ours)
+                      for m in (r.methods or ())})
+    if methods:
+        raise HTTPException(405, {"message": f"{request.method} is not allowed here; use {', '.join(methods)}"},
+                            headers={"Allow": ", ".join(methods)})
+    raise _err(404, "not_found", f"no admin API endpoint {request.method} {path[:120]}")

@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,9 @@ class TokenRegistry:
     def empty(self) -> bool:
         return not self._tokens
 
+    def __len__(self) -> int:
+        return len(self._tokens)
+
     def lookup(self, presented: str) -> _Token | None:
         """Constant time per configured token, and every token is compared (no early exit)."""
         got = presented.encode()
@@ -159,31 +163,119 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
+def _file_signature(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+RELOAD_CHECK_S = 1.0  # how often a request may stat the tokens file (a stat is microseconds; once a second is plenty)
+
+
+def _load_registry() -> TokenRegistry:
+    try:
+        return TokenRegistry.from_env()
+    except (TokenConfigError, OSError) as exc:
+        # A broken token file locks the console (fail closed) but keeps the bot answering calls.
+        metrics.ERRORS.labels("admin", "token_config").inc()
+        log.error("admin_tokens_invalid", error=str(exc))
+        return TokenRegistry([])
+
+
 def registry_of(request: Request) -> TokenRegistry:
-    reg = getattr(request.app.state, "admin_tokens", None)
-    if reg is None:
-        try:
-            reg = TokenRegistry.from_env()
-        except (TokenConfigError, OSError) as exc:
-            # A broken token file locks the console (fail closed) but keeps the bot answering calls.
-            metrics.ERRORS.labels("admin", "token_config").inc()
-            log.error("admin_tokens_invalid", error=str(exc))
-            reg = TokenRegistry([])
-        request.app.state.admin_tokens = reg
+    """The app's tokens. Built from the environment on first use; a BOT_ADMIN_TOKENS_FILE that changes on disk
+    is read again (checked at most once a second), so a leaked token is revoked by editing the file, without
+    restarting the workers and dropping their calls. A registry set on app.state by its owner is kept as is."""
+    st = request.app.state
+    reg = getattr(st, "admin_tokens", None)
+    path = os.environ.get("BOT_ADMIN_TOKENS_FILE", "")
+    if reg is not None:
+        watched = getattr(st, "admin_tokens_watch", None)
+        if watched is None or not path:
+            return reg
+        now = time.monotonic()
+        if now - watched["checked"] < RELOAD_CHECK_S:
+            return reg
+        watched["checked"] = now
+        sig = _file_signature(path)
+        if watched["path"] == path and sig == watched["sig"]:
+            return reg
+        reg = _load_registry()
+        log.info("admin_tokens_reloaded", path=path, tokens=len(reg))
+        st.admin_tokens, st.admin_tokens_watch = reg, {"path": path, "sig": sig, "checked": now}
+        return reg
+    sig = _file_signature(path) if path else None  # before reading: a change meanwhile is seen next time
+    reg = _load_registry()
+    st.admin_tokens = reg
+    st.admin_tokens_watch = {"path": path, "sig": sig, "checked": time.monotonic()}
     return reg
+
+
+class FailureThrottle:
+    """Bad tokens per client address in a fixed window: past `limit`, that address gets 429 (before its token
+    is even looked at, so guessing gains nothing) until the window ends. Per worker process, bounded memory."""
+
+    def __init__(self, limit: int, window_s: float = 60.0, max_addresses: int = 10_000) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self.max_addresses = max_addresses
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def retry_after(self, ip: str, now: float) -> float:
+        """Seconds until `ip` may try again; 0 when it is not blocked."""
+        start, n = self._seen.get(ip, (0.0, 0))
+        if now - start >= self.window_s:
+            return 0.0
+        return self.window_s - (now - start) if n >= self.limit else 0.0
+
+    def fail(self, ip: str, now: float) -> bool:
+        """Count one bad token; True when this one reached the limit (log it once, not per request)."""
+        start, n = self._seen.get(ip, (now, 0))
+        if now - start >= self.window_s:
+            start, n = now, 0
+        if ip not in self._seen and len(self._seen) >= self.max_addresses:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window_s}
+            if len(self._seen) >= self.max_addresses:  # a flood of addresses: forget the oldest half
+                self._seen = dict(sorted(self._seen.items(), key=lambda kv: kv[1][0])[self.max_addresses // 2:])
+        self._seen[ip] = (start, n + 1)
+        return n + 1 == self.limit
+
+
+def _throttle_of(request: Request) -> FailureThrottle:
+    st = request.app.state
+    t = getattr(st, "admin_auth_throttle", None)
+    if t is None:
+        t = st.admin_auth_throttle = FailureThrottle(int(os.environ.get("BOT_ADMIN_MAX_BAD_TOKENS_PER_MIN", 20)))
+    return t
 
 
 async def principal(
     request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)
 ) -> Principal:
+    ip, path = client_ip(request), request.url.path
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        # Not a guess (a console before sign-in, a misconfigured script), so it does not count towards the
+        # lockout; it is still a refused request: counted and logged.
+        metrics.ERRORS.labels("admin", "no_token").inc()
+        log.info("admin_auth_missing", ip=ip, method=request.method, path=path)
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    throttle, now = _throttle_of(request), time.monotonic()
+    wait = throttle.retry_after(ip, now)
+    if wait > 0:
+        metrics.ERRORS.labels("admin", "auth_throttled").inc()
+        log.info("admin_auth_throttled", ip=ip, method=request.method, path=path, retry_after_s=round(wait))
+        raise HTTPException(429, f"too many invalid tokens from this address; try again in {int(wait) + 1} s",
+                            headers={"Retry-After": str(int(wait) + 1)})
     tok = registry_of(request).lookup(creds.credentials)
     if tok is None:
         metrics.ERRORS.labels("admin", "bad_token").inc()
-        log.warning("admin_auth_failed", ip=client_ip(request), path=request.url.path)
+        log.warning("admin_auth_failed", ip=ip, method=request.method, path=path)
+        if throttle.fail(ip, now):
+            log.warning("admin_auth_locked_out", ip=ip, failures=throttle.limit, window_s=throttle.window_s)
         raise HTTPException(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
-    return Principal(tok.name, tok.role, client_ip(request))
+    return Principal(tok.name, tok.role, ip)
 
 
 def require(role: str):  # noqa: ANN201 - a FastAPI dependency factory

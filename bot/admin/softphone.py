@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from bot.admin.auth import Principal
 from ops import metrics
 from ops.logs import get_logger
-from telephony.webrtc import SignallingError, WebRTCCallBridge, ice_servers
+from telephony.webrtc import SignallingError, WebRTCCallBridge, ice_servers, wait_first
 
 log = get_logger("bot.admin.softphone")
 
@@ -54,10 +54,11 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
     async def _run() -> None:
         try:
             # The conversation starts once media flows, so the greeting is neither lost nor timed
-            # from before ICE/DTLS finished. A peer that never connects is ended by the bridge.
-            try:
-                await asyncio.wait_for(bridge.connected.wait(), bridge.connect_timeout_s + 1)
-            except asyncio.TimeoutError:
+            # from before ICE/DTLS finished. A peer that never connects is ended by the bridge (its
+            # watchdog); one that fails or hangs up first ends the wait at once.
+            await wait_first((bridge.connected, bridge.finished), bridge.connect_timeout_s + 1)
+            if not bridge.connected.is_set():
+                log.info("softphone_call_not_connected", call_id=bridge.info.call_id)
                 return
             await run(bridge, policy_override=(label, policy))
         except Exception as exc:  # noqa: BLE001 - one broken call never takes the worker down

@@ -24,8 +24,12 @@ pytestmark = pytest.mark.slow
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotServer]:
     url = isolated_redis_url(redis_url)
     env = {"BOT_ADMIN_TOKEN": TOKEN, "BOT_NO_INPUT_S": "20"}
-    with BotServer(url, tmp_path_factory.mktemp("softphone"), env=env) as srv:
+    srv = BotServer(url, tmp_path_factory.mktemp("softphone"), env=env)
+    srv.start(timeout_s=400)  # prompts are rendered at start: minutes on a busy 2-core box (90 s failed there)
+    try:
         yield srv
+    finally:
+        srv.stop()
 
 
 def call_events(bot: BotServer, call_id: str) -> dict | None:

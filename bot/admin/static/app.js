@@ -59,6 +59,7 @@ function confirmDialog({ title, text, rows, labels, okLabel }) {
   $("#confirm-ok").textContent = okLabel || "Confirm";
   const box = $("#confirm-diff");
   if (rows) renderDiff(box, rows, { labels }); else box.replaceChildren();
+  dlg.returnValue = ""; // a dialog closed any other way than OK must never read as the last dialog's "ok"
   dlg.showModal();
   return new Promise((resolve) => {
     dlg.addEventListener("close", () => resolve(dlg.returnValue === "ok" ? $("#confirm-comment").value : null), { once: true });
@@ -66,7 +67,7 @@ function confirmDialog({ title, text, rows, labels, okLabel }) {
 }
 
 function handleError(e, where) {
-  if (e instanceof ApiError && e.status === 401) { logout("Your token was rejected; sign in again."); return; }
+  if (e instanceof ApiError && e.status === 401) { logout("Your token was rejected; sign in again.", { keepEdits: true }); return; }
   const msg = e instanceof ApiError ? `${where}: ${e.message} (HTTP ${e.status})` : `${where}: ${e.message || e}`;
   toast(msg, "error");
 }
@@ -90,6 +91,7 @@ async function login(t) {
   try {
     await refreshVersions();
     await loadCurrent();
+    restoreUnsaved();
     showTab("policy");
   } finally {
     // Reveal the console only now: a tab picked while the policy was still loading would be
@@ -104,7 +106,14 @@ async function login(t) {
   }
 }
 
-function logout(msg) {
+const UNSAVED = "voicebot.admin.unsaved";
+
+// A rejected token (rotated, revoked) signs the admin out; the editor's unsaved text is kept in this tab and
+// offered back after signing in again, instead of vanishing with the reload.
+function logout(msg, { keepEdits = false } = {}) {
+  if (state.dirty && keepEdits && editor) {
+    sessionStorage.setItem(UNSAVED, JSON.stringify({ yaml: editor.value, base: state.base, draftId: state.draftId, draftRev: state.draftRev }));
+  }
   token.clear();
   state.dirty = false;
   stopPolling();
@@ -113,9 +122,31 @@ function logout(msg) {
   location.reload();
 }
 
+function restoreUnsaved() {
+  const raw = sessionStorage.getItem(UNSAVED);
+  if (!raw) return;
+  sessionStorage.removeItem(UNSAVED);
+  let u;
+  try { u = JSON.parse(raw); } catch { return; }
+  if (!u || typeof u.yaml !== "string" || !can("editor")) return;
+  editor.value = u.yaml;
+  state.base = u.base || state.current;
+  state.draftId = u.draftId || null;
+  state.draftRev = u.draftRev ?? null;
+  state.dirty = true;
+  $("#editing").textContent = state.draftId
+    ? `Editing draft ${state.draftId} (from v${state.base}) · unsaved changes restored`
+    : `Editing a new draft from v${state.base} · unsaved changes restored`;
+  toast("Your unsaved changes from before you were signed out are back in the editor; save them as a draft.", "ok");
+  validate();
+}
+
 // ---------------------------------------------------------------- tabs
 function showTab(name) {
-  for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.classList.toggle("active", b.dataset.tab === name);
+    b.setAttribute("aria-selected", String(b.dataset.tab === name));
+  }
   for (const s of document.querySelectorAll(".tab")) s.hidden = s.id !== `tab-${name}`;
   stopPolling();
   if (name === "versions") refreshVersions();
@@ -143,9 +174,11 @@ async function refreshVersions() {
     actions.className = "actions";
     const open = document.createElement("button");
     open.textContent = "Open";
+    open.setAttribute("aria-label", `Open v${v.version} in the editor`);
     open.onclick = () => openVersion(v.version);
     const diff = document.createElement("button");
     diff.textContent = "Diff vs live";
+    diff.setAttribute("aria-label", `Diff v${v.version} against the live version`);
     diff.onclick = () => { $("#diff-a").value = String(v.version); $("#diff-b").value = String(data.current); showDiff(); };
     actions.append(open, diff);
     if (v.version === data.current) {
@@ -157,19 +190,23 @@ async function refreshVersions() {
       const rb = document.createElement("button");
       rb.className = "danger rollback";
       rb.textContent = "Roll back to this";
+      rb.setAttribute("aria-label", `Roll back to v${v.version}`);
       rb.onclick = () => rollback(v.version);
       actions.append(rb);
     }
     tr.append(td(`v${v.version}`), td(v.author), td(when(v.created_at)), td(v.comment), actions);
     tbody.appendChild(tr);
   }
-  for (const sel of [$("#diff-a"), $("#diff-b")]) {
+  // Compare defaults to "the version before the live one → live"; it used to default both sides to the newest
+  // version (a select always has a value, so the old "no value yet" check never fired): "No differences".
+  const defaults = [data.versions.find((v) => v.version !== data.current), { version: data.current }];
+  [$("#diff-a"), $("#diff-b")].forEach((sel, i) => {
     const keep = sel.value;
     sel.replaceChildren(...data.versions.map((v) => new Option(`v${v.version}${v.version === data.current ? " (live)" : ""}`, String(v.version))));
     if (state.draftId) sel.append(new Option("editor draft", `draft:${state.draftId}`));
     if (keep && [...sel.options].some((o) => o.value === keep)) sel.value = keep;
-  }
-  if (!$("#diff-a").value && data.versions[1]) $("#diff-a").value = String(data.versions[1].version);
+    else if (defaults[i]) sel.value = String(defaults[i].version);
+  });
   return data;
 }
 
@@ -185,7 +222,8 @@ async function showDiff() {
 
 async function openVersion(v) {
   if (state.dirty && !window.confirm("Discard the unsaved changes in the editor?")) return;
-  const info = await api(`/policies/${v}`);
+  let info;
+  try { info = await api(`/policies/${v}`); } catch (e) { handleError(e, "Open"); return; }
   editor.value = info.yaml;
   state.base = state.current; // publishing this text replaces whatever is live now
   state.draftId = null;
@@ -197,7 +235,8 @@ async function openVersion(v) {
 }
 
 async function rollback(v) {
-  const d = await api(`/policies/diff?a=${state.current}&b=${v}`);
+  let d;
+  try { d = await api(`/policies/diff?a=${state.current}&b=${v}`); } catch (e) { handleError(e, "Rollback"); return; }
   const comment = await confirmDialog({
     title: `Roll back to v${v}?`,
     text: `New calls will start with v${v} instead of v${state.current}. Calls in progress keep their version.`,
@@ -257,7 +296,10 @@ async function listDrafts() {
 }
 
 async function openDraft(id) {
-  const d = await api(`/drafts/${id}`);
+  // Opening a draft replaced the editor's text without a word: the same question as every other way out.
+  if (state.dirty && !window.confirm("Discard the unsaved changes in the editor?")) return;
+  let d;
+  try { d = await api(`/drafts/${encodeURIComponent(id)}`); } catch (e) { handleError(e, "Open draft"); return; }
   editor.value = d.yaml;
   state.base = d.base_version;
   state.draftId = id;
@@ -331,7 +373,8 @@ async function saveDraft() {
 async function publish() {
   if (!(await validate())) { toast("Fix the errors marked in the editor before publishing.", "error"); return; }
   if (!(await saveDraft())) return;
-  const d = await api(`/policies/diff?a=${state.base}&b=draft:${state.draftId}`);
+  let d;
+  try { d = await api(`/policies/diff?a=${state.base}&b=draft:${state.draftId}`); } catch (e) { handleError(e, "Publish"); return; }
   const comment = await confirmDialog({
     title: `Publish as v${Math.max(...state.versions.map((v) => v.version), 0) + 1}?`,
     text: `Every worker switches to it within a second; calls in progress keep their version. Changes against v${state.base}:`,
@@ -451,11 +494,17 @@ async function pollLive() {
     $("#s-escalation").textContent = pct(stats.escalation_rate);
     $("#s-calls").textContent = String(stats.calls);
     const tbody = $("#calls-table tbody");
+    // The rows are rebuilt every 2 s: keep keyboard focus on the call it was on.
+    const focused = document.activeElement && document.activeElement.closest && document.activeElement.closest("#calls-table tr");
+    const focusedId = focused ? focused.dataset.callId : null;
     tbody.replaceChildren(...calls.calls.map((c) => {
       const tr = document.createElement("tr");
       tr.dataset.callId = c.call_id;
       tr.className = "clickable" + (c.call_id === state.selectedCall ? " selected" : "");
+      tr.tabIndex = 0; // keyboard: Tab to a call, Enter or Space shows its events
+      tr.setAttribute("aria-label", `Show the events of call ${c.call_id}`);
       tr.onclick = () => { state.selectedCall = c.call_id; pollLive(); };
+      tr.onkeydown = (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); tr.onclick(); } };
       tr.append(td(c.call_id, "mono"), td(c.transport), td(c.caller), td(c.policy_version), td(`${Math.round(c.duration_s)} s`), td(c.worker), td(c.events));
       return tr;
     }));
@@ -466,6 +515,7 @@ async function pollLive() {
       tr.appendChild(c);
       tbody.appendChild(tr);
     }
+    if (focusedId) for (const tr of tbody.rows) if (tr.dataset.callId === focusedId) tr.focus();
     $("#live-updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     if (state.selectedCall) await showCall(state.selectedCall);
   } catch (e) { handleError(e, "Live view"); stopPolling(); }
@@ -494,7 +544,14 @@ async function showCall(id, target = $("#cd-events tbody")) {
 // ---------------------------------------------------------------- softphone
 let phone = null;
 let phonePoll = null;
+let phonePollUntil = Infinity; // after the line closes, poll a little longer for the record's outcome, then stop
+function spStopPolling() {
+  clearInterval(phonePoll);
+  phonePoll = null;
+}
 async function spCall() {
+  spStopPolling(); // a previous call's poll must not run on (and pile up) under the new one
+  phonePollUntil = Infinity;
   $("#sp-call").disabled = true;
   $("#sp-hangup").disabled = false;
   phone = new Softphone({
@@ -528,13 +585,16 @@ async function spEvents(id) {
       else li.textContent = `${e.type}${e.outcome ? `: ${e.outcome}` : ""}${e.policy_version ? ` (policy ${e.policy_version})` : ""}`;
       return li;
     }));
-    if (data.record && data.record.status === "ended") { clearInterval(phonePoll); $("#sp-status").textContent = `ended: ${data.record.outcome}`; spEnded(); }
+    if (data.record && data.record.status === "ended") { spStopPolling(); $("#sp-status").textContent = `ended: ${data.record.outcome}`; spEnded(); }
   } catch (e) { if (!(e instanceof ApiError && e.status === 404)) handleError(e, "Softphone events"); }
+  // a call that never connected has no record: its 404s must not be polled forever
+  if (Date.now() > phonePollUntil) spStopPolling();
 }
 
 function spEnded() {
   $("#sp-call").disabled = false;
   $("#sp-hangup").disabled = true;
+  if (phonePoll !== null && phonePollUntil === Infinity) phonePollUntil = Date.now() + 10000;
 }
 
 // ---------------------------------------------------------------- audit
@@ -560,7 +620,10 @@ function init() {
     timer = setTimeout(validate, 700);
   });
   $("#login-form").addEventListener("submit", (e) => { e.preventDefault(); login($("#token").value.trim()); });
-  $("#logout").onclick = () => logout();
+  $("#logout").onclick = () => {
+    if (state.dirty && !window.confirm("Sign out and discard the unsaved changes in the editor?")) return;
+    logout();
+  };
   for (const b of document.querySelectorAll("#tabs button")) b.onclick = () => showTab(b.dataset.tab);
   $("#btn-validate").onclick = validate;
   $("#btn-save").onclick = saveDraft;
@@ -590,7 +653,7 @@ function init() {
   $("#btn-record").onclick = toggleRecord;
   $("#sp-call").onclick = spCall;
   $("#sp-hangup").onclick = () => { if (phone) phone.hangup(); };
-  window.addEventListener("beforeunload", (e) => { if (state.dirty) e.preventDefault(); });
+  window.addEventListener("beforeunload", (e) => { if (state.dirty) { e.preventDefault(); e.returnValue = ""; } });
 
   const msg = sessionStorage.getItem("voicebot.admin.msg");
   if (msg) { sessionStorage.removeItem("voicebot.admin.msg"); const el = $("#login-error"); el.textContent = msg; el.hidden = false; }

@@ -38,25 +38,61 @@ export class Recorder {
   }
 }
 
+// getUserMedia's DOMException names, as a sentence an admin can act on
+const MIC_ERRORS = {
+  NotAllowedError: "Microphone access was denied. Allow the microphone for this site (the icon in the address bar) and call again.",
+  SecurityError: "Microphone access was denied. Allow the microphone for this site (the icon in the address bar) and call again.",
+  NotFoundError: "No microphone was found. Connect one and call again.",
+  NotReadableError: "The microphone is in use by another application or could not be started.",
+  OverconstrainedError: "The microphone cannot be used with the requested settings.",
+};
+
+export class MicrophoneError extends Error {
+  constructor(cause) {
+    super(MIC_ERRORS[cause && cause.name] || `The microphone could not be used: ${(cause && cause.message) || cause}`);
+    this.name = "MicrophoneError";
+    this.cause = cause;
+  }
+}
+
 export class Softphone {
   constructor({ audioEl, onState }) {
     this.audioEl = audioEl;
     this.onState = onState || (() => {});
     this.pc = null;
     this.callId = null;
+    this.ended = false;
+    this.onPageHide = () => this.end("ended");  // tab closed or navigated away mid-call: hang up properly
   }
 
   async call(policyRef) {
     this.onState("getting microphone");
-    this.stream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      // browsers only offer the microphone to https:// pages (and http://localhost)
+      throw new MicrophoneError({ name: "SecurityError", message: "this page is not served over https" });
+    }
+    try {
+      this.stream = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true, noiseSuppression: true } });
+    } catch (e) {
+      throw new MicrophoneError(e);
+    }
+    if (this.ended) { this.cleanup(); throw new Error("hung up before the call started"); }
     const { iceServers } = await api("/softphone/config");  // the bot's STUN/TURN (none: LAN only)
     const pc = new RTCPeerConnection({ iceServers });
     this.pc = pc;
+    window.addEventListener("pagehide", this.onPageHide);
     this.stream.getTracks().forEach((t) => pc.addTrack(t, this.stream));
     pc.ontrack = (e) => { this.audioEl.srcObject = e.streams[0] || new MediaStream([e.track]); };
     pc.onconnectionstatechange = () => {
-      this.onState(pc.connectionState);
-      if (["failed", "closed", "disconnected"].includes(pc.connectionState)) this.cleanup();
+      if (this.pc !== pc || this.ended) return;
+      const s = pc.connectionState;
+      // "disconnected" is a network blip that ICE may recover from: keep the microphone and the call
+      // (the bot ends it as abandoned if its audio stops for good). Reporting it under its own name
+      // would read as the end of the call, so it is shown as reconnecting.
+      if (s === "disconnected") this.onState("reconnecting (network interrupted)");
+      else if (s === "failed") this.end("failed");
+      else if (s === "closed") this.end("ended");
+      else this.onState(s);
     };
     await pc.setLocalDescription(await pc.createOffer());
     this.onState("gathering network candidates");
@@ -67,21 +103,45 @@ export class Softphone {
         if (pc.iceGatheringState === "complete") { clearTimeout(t); resolve(); }
       });
     });
+    if (this.ended) throw new Error("hung up before the call started");
     this.onState("connecting");
     const answer = await api("/softphone/offer", { method: "POST", json: { sdp: pc.localDescription.sdp, type: "offer", ...policyRef } });
     this.callId = answer.call_id;
+    // hung up while the offer was in flight: no media will flow, the bot's connect timeout ends its side
+    if (this.ended) throw new Error("hung up before the call connected");
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+    // The bot hanging up closes its DTLS session (close_notify): the DTLS transport goes "closed" while
+    // the peer connection itself may stay "connected" for a while, microphone still live.
+    const dtls = pc.getSenders().map((s) => s.transport).find(Boolean);
+    if (dtls) dtls.addEventListener("statechange", () => {
+      if (this.pc === pc && (dtls.state === "closed" || dtls.state === "failed")) this.end(dtls.state === "failed" ? "failed" : "ended");
+    });
     return answer.call_id;
   }
 
   hangup() {
-    if (this.pc) this.pc.close();
+    this.end("ended");
+  }
+
+  // One way out for every ending (hang-up button, the bot hanging up, a failed network): the peer
+  // connection is closed and the microphone released, once.
+  end(state) {
+    if (this.ended) return;
+    this.ended = true;
+    window.removeEventListener("pagehide", this.onPageHide);
+    if (this.pc) {
+      // Chrome's close() sends neither RTCP BYE nor a DTLS close: the bot heard silence and ended the call
+      // 10 s later as "abandoned". Stopping the transceivers first sends the BYE: a caller hang-up, at once.
+      for (const t of this.pc.getTransceivers()) { try { t.stop(); } catch { /* already stopped */ } }
+      this.pc.close();
+    }
     this.cleanup();
-    this.onState("ended");
+    this.onState(state);
   }
 
   cleanup() {
     if (this.stream) this.stream.getTracks().forEach((t) => t.stop());
     this.stream = null;
+    if (this.audioEl) this.audioEl.srcObject = null;
   }
 }
