@@ -16,11 +16,12 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from ops import metrics
-from ops.logs import get_logger
+from ops.logs import get_logger, mask_digits
 from telephony import g711
 from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, DtmfIn, MarkIn, QueuedCallBridge
 from telephony.twilio import protocol
 from telephony.twilio.rest import TwilioRest
+from telephony.twilio.twiml import DialOptions
 
 SendText = Callable[[str], Awaitable[None]]
 CloseFn = Callable[[int], Awaitable[None]]
@@ -37,6 +38,7 @@ class TwilioCallBridge(QueuedCallBridge):
         close: CloseFn,
         rest: TwilioRest | None,
         lead_ms: int = 120,
+        dial: DialOptions | None = None,
     ) -> None:
         custom = start.custom
         self.info = CallInfo(
@@ -52,6 +54,7 @@ class TwilioCallBridge(QueuedCallBridge):
         self._send_text = send_text
         self._close = close
         self._rest = rest
+        self._dial = dial  # action URL (agent never answered: apology), caller id, ring time
         self._lead = lead_ms * 8  # samples
         self._init_queue()
         self._partial = bytearray()  # inbound mu-law not yet a whole 20 ms frame
@@ -133,16 +136,35 @@ class TwilioCallBridge(QueuedCallBridge):
             await self._safe_send(protocol.clear_msg(self.stream_sid))
 
     async def transfer(self, target: str, context: dict[str, Any]) -> bool:
+        label = mask_digits(target)  # a dialed number is a person's: never a raw metric label
         if self._rest is None:
-            self.log.warning("transfer_unavailable", reason="no TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN")
-            metrics.TRANSFERS.labels("twilio", target, "unconfigured").inc()
+            self.log.warning("transfer_unavailable", target=target,
+                             reason="Twilio REST not configured (TWILIO_AUTH_TOKEN / TWILIO_ACCOUNT_SID)")
+            metrics.TRANSFERS.labels("twilio", label, "unconfigured").inc()
+            metrics.ERRORS.labels("twilio", "transfer_unconfigured").inc()
             return False
-        ok, detail = await self._rest.transfer(self.info.call_id, target, self.account_sid)
-        metrics.TRANSFERS.labels("twilio", target, "ok" if ok else "failed").inc()
-        if not ok:
-            self.log.warning("transfer_failed", target=target, detail=detail)
-            metrics.ERRORS.labels("twilio", "transfer_failed").inc()
-        return ok
+        res = await self._rest.transfer(self.info.call_id, target, self.account_sid,
+                                        still_live=lambda: not self._ended, dial=self._dial)
+        if res.ok:
+            result = "ok"
+        elif res.result == "unconfigured":
+            result = "unconfigured"
+        elif self._ended:
+            result = "caller_hangup"  # the same values as SIP: nobody left to move
+        # (call_gone with our stream still up is a wrong account SID / URL, not a hang-up: "failed")
+        else:
+            result = "failed"
+        metrics.TRANSFERS.labels("twilio", label, result).inc()
+        if res.ok:
+            if res.attempts > 1:
+                self.log.info("transfer_retried_ok", target=target, attempts=res.attempts)
+            return True
+        # why, for the on-call engineer: Twilio's status and error code (20003: credentials, 21220: call over, ...)
+        self.log.warning("transfer_failed", target=target, result=res.result, status=res.status,
+                         twilio_code=res.code, twilio_message=res.message, attempts=res.attempts,
+                         caller_gone=self._ended)
+        metrics.ERRORS.labels("twilio", f"transfer_{res.result}").inc()
+        return False
 
     async def hangup(self, reason: str = "completed") -> None:
         """With <Connect><Stream> and nothing after it, closing the socket ends the call."""
@@ -163,7 +185,10 @@ class TwilioCallBridge(QueuedCallBridge):
             await self._send_text(text)
             return True
         except Exception as exc:  # noqa: BLE001 - a vanished socket ends the call, never the worker
-            self.log.info("send_failed", error=type(exc).__name__)
+            if not self._ended:
+                # counted here when a send notices the vanished socket before the receive loop does
+                metrics.ERRORS.labels("twilio", "disconnected").inc()
+                self.log.warning("stream_vanished", error=type(exc).__name__, noticed_by="send")
             self.end("disconnected")
             return False
 

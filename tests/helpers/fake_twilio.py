@@ -3,6 +3,11 @@ POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json with form `Twiml`, b
 SID:token. It checks the auth, records each request and answers like Twilio (JSON call resource).
 The only fake the house rules allow: Twilio REST itself.
 
+Failure modes are scripted the way Twilio shows them: `script` answers the next call updates in order (an
+int status, or a dict with `status`, optional `headers` such as Retry-After, `body`, `delay_s` before the
+answer, or `drop`: close the connection without one); `completed` holds CallSids whose call is over (400 with
+Twilio's 21220 "Call is not in-progress. Cannot redirect."); an unknown AccountSid in the path is 404 (20404).
+
 It also hosts a contact center's escalation receiver at POST /escalations (BOT_ESCALATION_WEBHOOK): no
 Twilio auth; each delivery is recorded with its headers and parsed body, its signature checked with
 `webhook_secret` when set (a bad one gets 401), and `escalation_statuses` scripts the answers
@@ -16,6 +21,7 @@ import re
 import hashlib
 import hmac
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -33,6 +39,9 @@ class FakeTwilioApi:
         # stop the call's Media Stream (it moved the call) before its HTTP answer reaches the bot
         self.before_update: Callable[[str], None] | None = None
         self.requests: list[dict[str, Any]] = []
+        self.script: list[int | dict[str, Any]] = []
+        self.completed: set[str] = set()
+        self.accounts: set[str] = {account_sid}  # accounts the credentials may act on (subaccounts too)
         self.webhook_secret = ""
         self.escalation_statuses: list[int] = []
         self.escalations: list[dict[str, Any]] = []  # {"headers", "body", "signature_ok", "status"}
@@ -51,13 +60,29 @@ class FakeTwilioApi:
                 m = _PATH.match(self.path)
                 auth = self.headers.get("authorization", "")
                 expected = "Basic " + base64.b64encode(f"{api.account_sid}:{api.auth_token}".encode()).decode()
-                api.requests.append({"path": self.path, "form": form, "auth_ok": auth == expected})
+                api.requests.append({"path": self.path, "form": form, "auth_ok": auth == expected,
+                                     "auth": auth, "t": time.monotonic()})
                 if auth != expected:
                     return self._send(401, {"code": 20003, "message": "Authenticate", "status": 401})
-                if not m:
-                    return self._send(404, {"code": 20404, "message": "not found", "status": 404})
+                if not m or m.group(1) not in api.accounts:
+                    return self._send(404, {"code": 20404, "message": "The requested resource was not found",
+                                            "status": 404})
                 if api.before_update is not None:
                     api.before_update(m.group(2))
+                if api.script:
+                    step = api.script.pop(0)
+                    step = {"status": step} if isinstance(step, int) else step
+                    time.sleep(step.get("delay_s", 0))
+                    if step.get("drop"):
+                        self.close_connection = True
+                        return
+                    st = step["status"]
+                    if st >= 300:
+                        return self._send(st, step.get("body", {"code": 20000 + st, "message": "scripted",
+                                                                "status": st}), step.get("headers"))
+                if m.group(2) in api.completed:
+                    return self._send(400, {"code": 21220, "message": "Call is not in-progress. Cannot redirect.",
+                                            "status": 400})
                 if api.fail:
                     return self._send(500, {"code": 20500, "message": "Internal Server Error", "status": 500})
                 self._send(200, {"sid": m.group(2), "account_sid": m.group(1), "status": "in-progress",
@@ -78,9 +103,11 @@ class FakeTwilioApi:
                                         "signature_ok": sig_ok, "status": status})
                 self._send(status, {"ok": 200 <= status < 300})
 
-            def _send(self, code: int, obj: dict[str, Any]) -> None:
+            def _send(self, code: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(obj).encode()
                 self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
