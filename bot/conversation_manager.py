@@ -20,6 +20,9 @@ class CallManager:
         self.s = services
         self.active: dict[str, Conversation] = {}
         self.draining = False
+        # called once when draining starts: listeners that can refuse a call before answering it (SIP's 503,
+        # which lets a trunk or Kamailio try another worker) do so instead of answering and hanging up
+        self.on_drain: list[Callable[[], None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -61,6 +64,12 @@ class CallManager:
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking calls, let live ones finish for up to grace_s, then end the rest."""
+        if not self.draining:
+            for hook in self.on_drain:
+                try:
+                    hook()
+                except Exception:  # noqa: BLE001 - the drain itself must go on
+                    log.exception("drain_hook_failed")
         self.draining = True
         n = len(self.active)
         log.info("draining", live_calls=n, grace_s=grace_s)

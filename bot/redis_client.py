@@ -5,6 +5,9 @@ Accepted forms (docs/ops.md):
   rediss://host:6380/0?ssl_cert_reqs=none    TLS (query options go to redis-py)
   unix:///run/redis.sock?db=0                local socket
   redis+sentinel://[:pass@]h1:26379,h2:26379/mymaster[/db]   master via Sentinel (follows failover)
+      options: ?sentinel_password=...&sentinel_username=... (Sentinels that require auth), TLS options
+      (rediss+sentinel: ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname) and
+      socket_timeout / socket_connect_timeout (seconds); any other option is an error
   redis://host:7000?cluster=true  or  redis+cluster://host:7000   Redis Cluster
 
 Parsing is a pure function (`parse_url`) so it is testable without a server; `connect` builds the
@@ -30,6 +33,11 @@ class RedisUrlError(ValueError):
     """REDIS_URL is malformed or uses an unsupported scheme."""
 
 
+_SENTINEL_AUTH = ("sentinel_password", "sentinel_username")
+_TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_TIMEOUT_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+
+
 @dataclass(frozen=True)
 class RedisTarget:
     kind: str  # "single" | "sentinel" | "cluster"
@@ -40,6 +48,8 @@ class RedisTarget:
     username: str | None = None
     password: str | None = None
     ssl: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # sentinel: TLS and timeout options, for every connection
+    sentinel_auth: dict[str, str] = field(default_factory=dict)  # sentinel: username/password of the Sentinels
 
 
 def _split_hosts(netloc: str, default_port: int) -> tuple[str | None, str | None, list[tuple[str, int]]]:
@@ -82,13 +92,34 @@ def parse_url(url: str) -> RedisTarget:
         segs = [s for s in parts.path.split("/") if s]
         if not segs:
             raise RedisUrlError("redis+sentinel:// URL needs the master name: redis+sentinel://host:26379/mymaster")
+        if len(segs) > 2:
+            raise RedisUrlError(f"redis+sentinel:// URL path is /master[/db], got {parts.path!r}")
         db = 0
         if len(segs) > 1:
             if not segs[1].isdigit():
                 raise RedisUrlError(f"sentinel DB must be a number, got {segs[1]!r}")
             db = int(segs[1])
+        ssl = scheme.startswith("rediss")
+        options: dict[str, Any] = {}
+        auth: dict[str, str] = {}
+        for k, v in query:
+            # redis-py's Sentinel takes no URL: an option it would never see must not be dropped silently (a
+            # TLS setting ignored fails the handshake with an unrelated-looking error)
+            if k in _SENTINEL_AUTH:
+                auth["password" if k == "sentinel_password" else "username"] = v
+            elif k in _TLS_OPTIONS and ssl:
+                options[k] = v.lower() in _TRUE if k == "ssl_check_hostname" else v
+            elif k in _TIMEOUT_OPTIONS:
+                try:
+                    options[k] = float(v)
+                except ValueError as exc:
+                    raise RedisUrlError(f"REDIS_URL option {k} must be a number of seconds, got {v!r}") from exc
+            else:
+                allowed = ", ".join(_SENTINEL_AUTH + (_TLS_OPTIONS if ssl else ()) + _TIMEOUT_OPTIONS)
+                raise RedisUrlError(f"unsupported redis+sentinel:// option {k!r} (allowed: {allowed}"
+                                    f"{'' if ssl else '; TLS options need rediss+sentinel://'})")
         return RedisTarget("sentinel", sentinels=hosts, service=segs[0], db=db, username=user,
-                           password=password, ssl=scheme.startswith("rediss"))
+                           password=password, ssl=ssl, options=options, sentinel_auth=auth)
     if scheme in ("redis+cluster", "rediss+cluster"):
         base = scheme.split("+", 1)[0]
         _split_hosts(parts.netloc, 6379)  # validate
@@ -98,6 +129,10 @@ def parse_url(url: str) -> RedisTarget:
         if cluster_flag:  # cluster has a single DB: drop any /db path
             return RedisTarget("cluster", url=urlunsplit((scheme, parts.netloc, "", rest_query, "")),
                                ssl=scheme == "rediss")
+        db_path = parts.path.strip("/")
+        if db_path and not db_path.isdigit():
+            # redis-py ignores a DB it cannot parse and uses DB 0: a typo would share another app's DB
+            raise RedisUrlError(f"REDIS_URL DB must be a number (redis://host:6379/0), got {parts.path!r}")
         return RedisTarget("single", url=urlunsplit((scheme, parts.netloc, parts.path, rest_query, "")),
                            ssl=scheme == "rediss")
     if scheme == "unix":
@@ -117,13 +152,17 @@ def connect(url: str, **overrides: Any) -> Any:
         return aioredis.from_url(t.url, **kw)
     if t.kind == "cluster":
         return RedisCluster.from_url(t.url, **kw)
-    conn_kw: dict[str, Any] = {"db": t.db, **kw}
+    conn_kw: dict[str, Any] = {"db": t.db, **kw, **t.options}
     if t.password is not None:
         conn_kw["password"] = t.password
     if t.username is not None:
         conn_kw["username"] = t.username
     if t.ssl:
         conn_kw["ssl"] = True
-    # the sentinels themselves usually carry no auth; their timeouts matter just as much
-    sentinel = Sentinel(t.sentinels, sentinel_kwargs={**DEFAULT_TIMEOUTS, "ssl": t.ssl} if t.ssl else dict(DEFAULT_TIMEOUTS))
+    # the sentinels usually carry no auth (sentinel_password= when they do); their timeouts and TLS settings
+    # matter just as much as the master's
+    sentinel_kw: dict[str, Any] = {**DEFAULT_TIMEOUTS, **t.options, **t.sentinel_auth}
+    if t.ssl:
+        sentinel_kw["ssl"] = True
+    sentinel = Sentinel(t.sentinels, sentinel_kwargs=sentinel_kw)
     return sentinel.master_for(t.service, **conn_kw)

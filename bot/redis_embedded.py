@@ -98,6 +98,9 @@ class EmbeddedRedis:
              "--logfile", str((self.data_dir / "redis.log").resolve())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            # its own session: a Ctrl-C in the terminal reaches the bot only, which drains its calls into Redis
+            # and then stops it (the parent-death signal still covers a killed bot)
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

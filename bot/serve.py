@@ -8,6 +8,10 @@ one Redis and write Prometheus metrics in multiprocess mode (PROMETHEUS_MULTIPRO
 worker's /metrics shows the sum. Without REDIS_URL the supervisor starts an embedded
 redis-server (AOF under BOT_DATA_DIR) and hands its URL to the workers.
 
+A worker that dies is replaced under the same id (`<host>-w<i>`); the calls it held are closed at once
+(outcome worker_lost) by a one-shot `python -m bot.reaper` for that id and pid, so neither its replacement's
+calls nor a 30-45 s wait for stale heartbeats are involved (docs/state.md).
+
 Shutdown (SIGTERM/SIGINT): each worker stops listening, refuses new calls, lets live calls run for
 up to BOT_SHUTDOWN_GRACE_S, ends the rest, flushes call state, then exits. A second signal forces.
 """
@@ -94,11 +98,29 @@ def run_worker(settings: Settings, sock: socket.socket | None = None) -> int:
     # no permessage-deflate: 20 ms mu-law frames do not compress, and zlib per frame cost measurable CPU
     config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, ws_max_size=1 << 20,
                             ws_per_message_deflate=False,
-                            timeout_graceful_shutdown=10, proxy_headers=True, forwarded_allow_ips="*")
+                            timeout_graceful_shutdown=10, proxy_headers=True,
+                            forwarded_allow_ips=settings.forwarded_allow_ips)
     server = DrainingServer(config, settings.shutdown_grace_s)
     sock = sock or inherited_socket() or bind_socket(settings.http_host, settings.http_port)
     server.run(sockets=[sock])
     return 0
+
+
+def unused_embedded_data(settings: Settings) -> Path | None:
+    """With REDIS_URL set, the data an embedded redis-server left under BOT_DATA_DIR (a bot first run without
+    REDIS_URL, then pointed at a real Redis) is used by nothing: its calls and the policy versions published
+    there are not in REDIS_URL. Said at start, once, instead of policies seeming to have been rolled back."""
+    d = Path(settings.data_dir) / "redis"
+    found = [p for p in (d / "appendonlydir", d / "appendonly.aof", d / "dump.rdb") if p.exists()]
+    if not settings.redis_url or not found:
+        return None
+    if all(p.is_file() and p.stat().st_size == 0 for p in found):
+        return None
+    log.warning("embedded_redis_data_unused", dir=str(d), redis_url_set=True,
+                hint="calls and published policy versions in this embedded Redis are not in REDIS_URL: start it "
+                     f"(redis-server --dir {d} --appendonly yes --port 6390) and copy what you need over "
+                     "(e.g. redis-cli MIGRATE, or re-publish the policy), then remove the directory")
+    return d
 
 
 def serve(workers: int | None = None) -> int:
@@ -106,6 +128,7 @@ def serve(workers: int | None = None) -> int:
     settings = load_settings()
     workers = workers or settings.workers
     embedded: EmbeddedRedis | None = None
+    unused_embedded_data(settings)
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.data_dir, int(os.environ.get("BOT_EMBEDDED_REDIS_PORT", 0)))
         os.environ["REDIS_URL"] = embedded.start()
@@ -143,6 +166,20 @@ def _replaceable(procs: list[subprocess.Popen[bytes]]) -> bool:
     return any(p.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGINT) for p in procs)
 
 
+def _reap_dead_worker(worker: str, pid: int, settings: Settings) -> subprocess.Popen[bytes] | None:
+    """Close a dead worker's calls now (outcome worker_lost), instead of when their heartbeats go stale
+    30-45 s later; only that process's calls (id and pid): its replacement takes the same id. In a child
+    process, so the supervisor loop never waits on Redis and the calls are counted in the shared metrics."""
+    if not os.environ.get("REDIS_URL"):
+        return None
+    try:
+        return subprocess.Popen([sys.executable, "-m", "bot.reaper", "--worker", worker, "--pid", str(pid),
+                                 "--reaper", f"{os.uname().nodename}-supervisor", "--ttl-s", str(settings.call_ttl_s)])
+    except OSError as exc:  # the heartbeat reaper of the other workers still closes them
+        log.warning("dead_worker_reap_failed", worker=worker, worker_pid=pid, error=repr(exc))
+        return None
+
+
 def _supervise(workers: int, settings: Settings) -> int:
     mp = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not mp:
@@ -156,8 +193,11 @@ def _supervise(workers: int, settings: Settings) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     sock = bind_socket(settings.http_host, settings.http_port)
 
+    def worker_id(i: int) -> str:
+        return f"{node}-w{i}"
+
     def spawn(i: int) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": f"{node}-w{i}",
+        env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": worker_id(i),
                LISTEN_FD_ENV: str(sock.fileno())}
         return subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env,
                                 pass_fds=(sock.fileno(),))
@@ -166,6 +206,8 @@ def _supervise(workers: int, settings: Settings) -> int:
     started = [time.monotonic()] * workers
     crashes = [0] * workers  # quick deaths in a row per slot: a worker that cannot start backs off
     respawn_at: dict[int, float] = {}  # slot -> when its replacement starts
+    reapers: list[subprocess.Popen[bytes]] = []  # one-shot reaps of dead workers' calls
+    handled: set[subprocess.Popen[bytes]] = set()  # dead workers already handed to a reaper (not pids: reused)
     log.info("supervisor_started", workers=workers, port=settings.http_port, multiproc_dir=mp)
 
     stopping = False
@@ -180,7 +222,23 @@ def _supervise(workers: int, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = 0
+
+    def reap_exited() -> None:
+        for i, p in enumerate(procs):
+            if p.poll() is None or p in handled:
+                continue
+            handled.add(p)
+            # a worker that stopped cleanly ended its calls; any other death (SIGKILL, OOM, crash), even
+            # while stopping, leaves them `active`
+            if p.returncode not in (0, -signal.SIGTERM, -signal.SIGINT):
+                if (rp := _reap_dead_worker(worker_id(i), p.pid, settings)) is not None:
+                    reapers.append(rp)
+        for rp in [rp for rp in reapers if rp.poll() is not None]:
+            reapers.remove(rp)
+            _forget_metrics(rp.pid)
+
     while True:
+        reap_exited()
         alive = [p for p in procs if p.poll() is None]
         if not alive and (stopping or not respawn_at and not _replaceable(procs)):
             break
@@ -193,7 +251,8 @@ def _supervise(workers: int, settings: Settings) -> int:
                     # restart loop that burns the CPU the live workers need and floods the log
                     crashes[i] = crashes[i] + 1 if now - started[i] < RESTART_STABLE_S else 1
                     delay = 0.0 if crashes[i] <= 1 else min(RESTART_MAX_DELAY_S, 2.0 ** (crashes[i] - 2))
-                    log.error("worker_died", index=i, rc=p.returncode, crashes_in_a_row=crashes[i],
+                    log.error("worker_died", index=i, worker=worker_id(i), pid=p.pid, rc=p.returncode,
+                              crashes_in_a_row=crashes[i],
                               restart_in_s=delay)
                     _forget_metrics(p.pid)
                     respawn_at[i] = now + delay
@@ -206,6 +265,14 @@ def _supervise(workers: int, settings: Settings) -> int:
             # closes, so new connections are refused rather than queued with nobody to accept them
             sock.close()
         time.sleep(0.2)
+    reap_exited()
+    for rp in reapers:  # bounded: the reaper gives up after its own timeout
+        try:
+            rp.wait(timeout=25)
+        except subprocess.TimeoutExpired:
+            rp.kill()
+            rp.wait()
+        _forget_metrics(rp.pid)
     for p in procs:
         # a worker still starting when the stop came dies of the forwarded signal: that is a clean stop
         code = p.returncode or 0

@@ -55,6 +55,13 @@ class SipListener:
             if await self._try():
                 return
 
+    def refuse_new_calls(self) -> None:
+        """Draining: new INVITEs get 503 (a bind still being retried is given up: no new SIP calls here)."""
+        if self._task is not None:
+            self._task.cancel()
+        if self.server is not None:
+            self.server.refuse_new_calls()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

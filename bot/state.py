@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable
@@ -24,10 +25,10 @@ from ops.logs import get_logger, mask_digits
 
 log = get_logger("bot.state")
 
-LIVE = "calls:live"  # zset call_id -> last heartbeat (unix s)
-LIVE_INFO = "calls:live:info"  # hash call_id -> json {worker, transport, started_at, caller_masked}
+LIVE = "calls:live"  # zset call_id -> last heartbeat (unix s, Redis's clock)
+LIVE_INFO = "calls:live:info"  # hash call_id -> json {worker, pid, transport, started_at, caller_masked}
 RECENT = "calls:recent"  # zset call_id -> start time (unix s), trimmed
-WORKERS = "workers"  # zset worker id -> last heartbeat
+WORKERS = "workers"  # zset worker id -> last heartbeat (Redis's clock)
 RECENT_MAX = 10000
 HEARTBEAT_S = 5.0
 LIVE_STALE_S = 30.0
@@ -101,6 +102,9 @@ class CallStore:
         self._task: asyncio.Task[None] | None = None
         self._hb_task: asyncio.Task[None] | None = None
         self._active: set[str] = set()
+        # live call id -> (its start record, its live-index entry): rewritten when Redis comes back without them
+        self._base: dict[str, tuple[dict[str, str], str]] = {}
+        self._server_id: str | None = None  # Redis run_id(s) last seen: a change = restart or failover
         self.healthy = True
         self._listeners: dict[str, Callable[[bool], None]] = {}
         self._closing = False
@@ -111,9 +115,17 @@ class CallStore:
         # must neither reuse an id nor leave an entry behind for every call the worker ever had
         self._ended_ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._dropped = 0  # ops dropped from the head of the queue on overflow
+        # this process: a worker restarted by its supervisor keeps its slot's id, so the pid tells the dead
+        # incarnation's calls from the live one's (bot/reaper.py reap_worker)
+        self.pid = os.getpid()
+        # Redis's clock minus ours: heartbeats are scored in Redis's time, so a worker whose clock is off by
+        # more than the stale limit neither has its live calls reaped nor reaps other workers' live calls
+        self._clock_offset = 0.0
 
     # ---- lifecycle ----
     async def start(self) -> None:
+        await self._sync_clock()
+        await self._check_server()
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._writer())
         self._hb_task = loop.create_task(self._heartbeat())
@@ -136,6 +148,60 @@ class CallStore:
             await self.r.aclose()
         except Exception:  # noqa: BLE001
             pass
+
+    def redis_now(self) -> float:
+        """Now on Redis's clock (as last measured): the time base of calls:live and workers."""
+        return time.time() + self._clock_offset
+
+    async def _sync_clock(self, timeout_s: float = 1.0) -> None:
+        from bot.reaper import redis_time  # bot.reaper imports this module's key schema
+
+        try:
+            t0 = time.time()
+            remote = await asyncio.wait_for(redis_time(self.r), timeout_s)
+            t1 = time.time()
+        except (RedisError, OSError, asyncio.TimeoutError, ValueError, TypeError) as exc:
+            log.debug("clock_sync_failed", error=repr(exc))  # Redis down: the writer reports that; keep the last offset
+            return
+        offset = remote - (t0 + t1) / 2
+        if abs(offset) > LIVE_STALE_S / 3 and abs(offset - self._clock_offset) > 1.0:
+            log.warning("clock_skew", worker=self.worker, offset_s=round(offset, 3),
+                        hint="this host's clock disagrees with Redis's: check NTP; heartbeats use Redis's clock")
+        self._clock_offset = offset
+
+    async def _check_server(self, timeout_s: float = 1.0) -> None:
+        """A Redis restarted without persistence (or a failover to a replica that had not caught up) has lost
+        the start records and live-index entries of calls in progress: their records would end up without
+        caller, start time or worker, `bot calls live` would not say which worker holds them, and the reaper
+        would not know whose they were. On a new run_id, rewrite what this worker's live calls started with
+        (unchanged values: harmless when nothing was lost) and note it in each call's events."""
+        try:
+            # a cluster: every node (each may restart or fail over on its own); otherwise the one server
+            kw = {"target_nodes": self.r.ALL_NODES} if hasattr(self.r, "get_nodes") else {}
+            info = await asyncio.wait_for(self.r.info("server", **kw), timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            log.debug("server_check_failed", error=repr(exc))
+            return
+        if not isinstance(info, dict):
+            return
+        if "run_id" in info:
+            sid = str(info["run_id"])
+        else:  # a cluster answers per node
+            sid = ",".join(sorted(str(v.get("run_id", "")) for v in info.values() if isinstance(v, dict)))
+        previous, self._server_id = self._server_id, sid
+        if previous is None or previous == sid:
+            return
+        log.warning("redis_server_changed", worker=self.worker, previous=previous[:12], now=sid[:12],
+                    live_calls=len(self._base),
+                    hint="Redis restarted or failed over: live calls' start records rewritten")
+        now, rnow = time.time(), self.redis_now()
+        for cid, (rec, live_info) in list(self._base.items()):
+            self._push("hset", call_key(cid), mapping=rec)
+            self._push("expire", call_key(cid), self.ttl_s)
+            self._push("zadd", LIVE, {cid: rnow})
+            self._push("hset", LIVE_INFO, cid, live_info)
+            self._push("zadd", RECENT, {cid: now}, nx=True)
+            self.event(cid, "state_restored", reason="redis_server_changed")
 
     async def _flush_wait(self, timeout_s: float) -> None:
         try:
@@ -174,22 +240,26 @@ class CallStore:
     def start_call(self, call_id: str, transport: str, caller: str, called: str, policy_version: str,
                    extra: dict[str, Any] | None = None) -> None:
         now = time.time()
+        rnow = self.redis_now()
         rec = {
             "call_id": call_id, "transport": transport, "caller": caller, "caller_masked": mask_digits(caller),
             "called": called, "started_at": f"{now:.3f}", "status": "active", "outcome": "",
-            "policy_version": policy_version, "worker": self.worker,
+            "policy_version": policy_version, "worker": self.worker, "worker_pid": str(self.pid),
         }
         for k, v in (extra or {}).items():
             rec[k] = v if isinstance(v, str) else json.dumps(v)
+        info = json.dumps({"worker": self.worker, "pid": self.pid, "transport": transport, "started_at": rnow,
+                           "caller_masked": mask_digits(caller)})
         self._active.add(call_id)
+        self._base[call_id] = (rec, info)
         self._push("hset", call_key(call_id), mapping=rec)
         self._push("expire", call_key(call_id), self.ttl_s)
-        self._push("zadd", LIVE, {call_id: now})
-        self._push("hset", LIVE_INFO, call_id, json.dumps(
-            {"worker": self.worker, "transport": transport, "started_at": now, "caller_masked": mask_digits(caller)}))
+        self._push("zadd", LIVE, {call_id: rnow})
+        self._push("hset", LIVE_INFO, call_id, info)
         self._push("zadd", RECENT, {call_id: now})
         self._push("zremrangebyrank", RECENT, 0, -RECENT_MAX - 1)
-        self.event(call_id, "call_started", transport=transport, worker=self.worker, policy_version=policy_version)
+        self.event(call_id, "call_started", transport=transport, worker=self.worker, worker_pid=self.pid,
+                   policy_version=policy_version)
 
     def update(self, call_id: str, **fields: Any) -> None:
         self._push("hset", call_key(call_id), mapping={k: v if isinstance(v, str) else json.dumps(v)
@@ -211,6 +281,12 @@ class CallStore:
             self._remember_ended(call_id, (ms, seq))
         self._push("xadd", events_key(call_id), fields, id=f"{ms}-{seq}")
 
+    def late_event(self, call_id: str, etype: str, **data: Any) -> None:
+        """An event that may come after the call ended, on any worker (Twilio's report of how a transfer's
+        <Dial>/<Enqueue> went): recorded, and the stream keeps a TTL even if it had already expired."""
+        self.event(call_id, etype, **data)
+        self._push("expire", events_key(call_id), self.ttl_s)
+
     def end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
         now = time.time()
         self.event(call_id, "call_ended", outcome=outcome, **fields)
@@ -222,6 +298,7 @@ class CallStore:
         self._push("zrem", LIVE, call_id)
         self._push("hdel", LIVE_INFO, call_id)
         self._active.discard(call_id)
+        self._base.pop(call_id, None)
         self._listeners.pop(call_id, None)
         last = self._last_id.pop(call_id, None)
         if last is not None:
@@ -253,7 +330,7 @@ class CallStore:
         return {"record": rec, "events": events}
 
     async def live_calls(self) -> list[dict[str, Any]]:
-        cutoff = time.time() - LIVE_STALE_S
+        cutoff = self.redis_now() - LIVE_STALE_S
         ids = [_s(i) for i in await self.r.zrangebyscore(LIVE, cutoff, "+inf")]
         if not ids:
             return []
@@ -331,16 +408,19 @@ class CallStore:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            now = time.time()
+            if self.healthy:
+                await self._sync_clock()
+                await self._check_server()
+            now = self.redis_now()
             if self._active:
                 self._push("zadd", LIVE, {cid: now for cid in self._active})
             self._push("zadd", WORKERS, {self.worker: now})
             # workers silent for a day are gone (SIGKILLed ones never remove themselves): keep the set small
             self._push("zremrangebyscore", WORKERS, "-inf", now - 86400)
-            await self._reap(now)
+            await self._reap(time.time())  # local clock: paces reaping, compared with _healthy_since
 
     async def _reap(self, now: float) -> None:
-        """Close calls of workers that died (SIGKILL, OOM): every worker reaps, HSETNX makes it once."""
+        """Close calls of workers that died (SIGKILL, OOM): every worker reaps, a claim makes it once."""
         if now - self._last_reap < REAP_EVERY_S or not self.healthy:
             return
         if now - self._healthy_since < LIVE_STALE_S:
@@ -359,7 +439,5 @@ class CallStore:
             metrics.ERRORS.labels("state", "reap_failed").inc()
             log.warning("reap_failed", error=repr(exc))
             return
-        # index entries the reaper left (claimed by another reaper that died before its ZREM). Pruned only
-        # right after a reap, never while reaping is held back (an outage): a dead worker's call pruned
-        # unreaped would stay `active` forever
-        self._push("zremrangebyscore", LIVE, "-inf", now - 4 * LIVE_STALE_S)
+        # no pruning of old index entries here: one left by a reaper that died mid-close is the reaper's to
+        # finish (its claim lease runs out); pruned unreaped, its call would stay `active` forever

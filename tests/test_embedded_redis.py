@@ -91,3 +91,26 @@ def test_a_killed_bot_leaves_no_redis_server_and_two_never_share_an_aof(tmp_path
     er = EmbeddedRedis(tmp_path)
     er.start()  # and the next bot starts normally on the same data dir
     er.stop()
+
+
+def test_data_left_by_the_embedded_redis_is_flagged_once_redis_url_is_set(tmp_path: Path, monkeypatch) -> None:
+    """First `make run` (embedded Redis: calls and published policy versions in its AOF), then REDIS_URL set:
+    that data silently stopped counting (the console's published policy seemed rolled back to the file's)."""
+    import redis
+
+    from bot.config import load_settings
+    from bot.serve import unused_embedded_data
+
+    monkeypatch.setenv("BOT_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    er = EmbeddedRedis(tmp_path)
+    url = er.start()
+    try:
+        redis.Redis.from_url(url).set("{policy}:current", "7")
+        assert unused_embedded_data(load_settings()) is None  # embedded in use: nothing to say
+    finally:
+        er.stop()
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert unused_embedded_data(load_settings()) == tmp_path / "redis"
+    monkeypatch.setenv("BOT_DATA_DIR", str(tmp_path / "fresh"))
+    assert unused_embedded_data(load_settings()) is None  # never ran embedded here

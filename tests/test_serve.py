@@ -14,16 +14,28 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.bot import open_policy, place_call, wait_outcome
-from tests.helpers.server import BotServer, free_port, isolated_redis_url
+from tests.helpers.bot import call_record, open_policy, place_call, wait_outcome
+from tests.helpers.server import BotServer, free_port, isolated_redis_url, metric_value
 
 pytestmark = pytest.mark.slow
+
+
+def _warm_voice_cache(data_dir: Path) -> None:
+    """Start from the ops harness's rendered prompts (same voice, same default prompts): rendering them all
+    cold takes minutes on a busy 2-core box, longer than a start-up timeout."""
+    import shutil
+
+    from ops.load.spawn import SHARED_VOICE_CACHE
+
+    if SHARED_VOICE_CACHE.exists() and not (data_dir / "voice-cache").exists():
+        shutil.copytree(SHARED_VOICE_CACHE, data_dir / "voice-cache")
 
 
 async def test_graceful_shutdown_drains_calls(redis_url: str, tmp_path: Path,
                                               tmp_path_factory: pytest.TempPathFactory) -> None:
     env = {"BOT_SHUTDOWN_GRACE_S": "4", "BOT_NO_INPUT_S": "60", "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
            "BOT_DATA_DIR": str(tmp_path_factory.getbasetemp() / "shared-data"), "TWILIO_AUTH_TOKEN": ""}
+    _warm_voice_cache(tmp_path_factory.getbasetemp() / "shared-data")
     server = BotServer(isolated_redis_url(redis_url), tmp_path, env).start()
     try:
         a = await place_call(server.url, token="")
@@ -65,7 +77,8 @@ async def test_workers_share_port_with_embedded_redis(tmp_path: Path, tmp_path_f
         import shutil
 
         shutil.copytree(shared, data / "voice-cache")
-    server.start(timeout_s=150)
+    _warm_voice_cache(data)
+    server.start(timeout_s=300)  # a cold voice cache on a busy 2-core box: prerendering takes minutes
     try:
         workers: set[str] = set()
         for _ in range(60):
@@ -95,8 +108,21 @@ async def test_workers_share_port_with_embedded_redis(tmp_path: Path, tmp_path_f
         pids = _worker_pids(server.metrics())
         assert len(pids) == 2, pids
         assert all(cpu > 0 and rss > 20e6 for cpu, rss in pids.values()), pids
-        victim = min(pids)
+        # the worker holding a live call is SIGKILLed: its supervisor closes that call at once (worker_lost,
+        # naming the dead process), not 30-45 s later when its heartbeat goes stale
+        live = await place_call(server.url, token="")
+        assert await live.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+        rec = call_record(url, live.call_sid)["record"]
+        victim = int(rec["worker_pid"])
+        assert victim in pids and rec["status"] == "active"
+        t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
+        got = await wait_outcome(url, live.call_sid, 25)
+        assert got["record"]["outcome"] == "worker_lost", got["record"]
+        (ended,) = [e for e in got["events"] if e["type"] == "call_ended"]
+        assert ended["reaper"].endswith("-supervisor") and ended["worker_pid"] == victim, ended
+        assert ended["worker"] == rec["worker"] and time.monotonic() - t_kill < 25
+        await live.close()
         deadline = time.monotonic() + 120
         now: dict[int, tuple[float, float]] = {}
         while time.monotonic() < deadline:  # the supervisor replaces it; the new worker reports in
@@ -110,7 +136,12 @@ async def test_workers_share_port_with_embedded_redis(tmp_path: Path, tmp_path_f
                 break
             await asyncio.sleep(0.5)
         assert victim not in now and len(now) == 2 and all(rss > 0 for _, rss in now.values()), (victim, now)
-        assert f'voicebot_redis_up{{pid="{victim}"}}' not in server.metrics()
+        text = server.metrics()
+        assert f'voicebot_redis_up{{pid="{victim}"}}' not in text
+        # counted like any reaped call; the one-shot reaper process left no live gauge (a redis_up of 0) behind
+        assert metric_value(text, "voicebot_calls_total", {"outcome": "worker_lost"}) == 1, text
+        ups = re.findall(r'^voicebot_redis_up\{pid="(\d+)"\} (\S+)', text, re.M)
+        assert len(ups) == 2 and all(v == "1.0" for _, v in ups), ups
     finally:
         rc = server.stop()
     assert rc == 0, server.logs()[-3000:]

@@ -172,6 +172,13 @@ class SipServer:
             if self.port == 0:
                 self.port = self._tcp.sockets[0].getsockname()[1]
 
+    def refuse_new_calls(self) -> None:
+        """Answer new INVITEs 503 + Retry-After from now on (a draining worker): the trunk or proxy fails
+        over to another worker instead of getting a 200 OK and an immediate BYE. Live calls carry on."""
+        if self._accepting:
+            log.info("sip_refusing_new_calls", calls=len(self.calls))
+        self._accepting = False
+
     async def stop(self, grace_s: float = 0.0) -> None:
         """Refuse new calls (503), let calls finish for up to `grace_s`, then BYE the rest."""
         self._accepting = False

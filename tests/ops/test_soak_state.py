@@ -35,7 +35,7 @@ async def test_per_call_bookkeeping_is_released(redis_url: str, monkeypatch: pyt
             s.event(cid, "error", component="twilio", kind="unknown_event", detail="late")
             s.event(cid, "error", component="twilio", kind="unknown_event", detail="late")
         assert await s.flush(timeout_s=30)
-        assert not s._active and not s._listeners and not s._last_id
+        assert not s._active and not s._listeners and not s._last_id and not s._base
         assert len(s._ended_ids) <= 50  # bounded, whatever the number of calls
         assert await r.zcard(LIVE) == 0 and await r.hlen(LIVE_INFO) == 0
         got = await s.get_call("CAsoak0199")

@@ -607,3 +607,30 @@ def test_bot_call_sip_adds_the_bots_decisions_from_redis(redis_url: str) -> None
     other: dict = {"call_id": "no-such-call", "answered": True}
     _add_decisions(other, redis_url)
     assert other == {"call_id": "no-such-call", "answered": True}
+
+
+async def test_a_draining_worker_refuses_new_invites_while_its_calls_go_on(make_server, sip_settings,
+                                                                            prompt_pcm) -> None:
+    """SIGTERM starts the drain: from then on an INVITE gets 503 + Retry-After (a trunk or Kamailio tries
+    another worker), not a 200 OK and an immediate BYE; the call already up is not touched."""
+    from bot.conversation_manager import CallManager
+    from bot.sip_listener import SipListener
+
+    handler = RecordingHandler(prompt_pcm)
+    srv = await make_server(handler, sip_settings)
+    listener = SipListener(lambda: srv)
+    listener.server = srv  # started by the fixture
+    calls = CallManager(None)  # type: ignore[arg-type] - no call of its own: only the drain hooks are used
+    calls.on_drain.append(listener.refuse_new_calls)
+    live, late = SipCaller("127.0.0.1", srv.port), RawUdp()
+    await live.open()
+    try:
+        assert await live.invite() == 200
+        await calls.drain(0.1)
+        resp = await late.exchange(late.request("INVITE", srv.port, call_id="late-1"), srv.port)
+        assert resp is not None and resp.status == 503 and resp.get("Retry-After")
+        await asyncio.sleep(0.3)
+        assert not live.ended.is_set()  # the live call carries on through the drain
+    finally:
+        live.close()
+        late.close()
