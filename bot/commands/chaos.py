@@ -1,5 +1,6 @@
-"""`bot chaos`: restart/stall Redis, SIGKILL a worker, make the engine throw, all while simulated
-callers talk to local `bot serve` workers; prints what held and what did not."""
+"""`bot chaos`: restart/stall Redis, SIGKILL a worker, make the engine throw, lose SIP callers' RTP, all
+while simulated callers (Twilio Media Streams or SIP) talk to local `bot serve` workers; prints what held
+and what did not."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from ops.chaos.harness import SCENARIOS
 
-    p = sub.add_parser("chaos", help="fault injection while calls run: Redis restart/stall, worker kill, engine fault")
+    p = sub.add_parser("chaos", help="fault injection while calls run: Redis restart/stall, worker kill, engine fault, "
+                       "SIP calls through a Redis restart or RTP loss")
     p.add_argument("--scenario", action="append", choices=SCENARIOS, default=[],
                    help="scenario to run (repeat); default: all")
     p.add_argument("--lines", type=int, default=2, help="simulated callers per scenario")

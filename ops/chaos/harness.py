@@ -5,10 +5,13 @@ Scenarios (each verified and reported):
   redis-stall    redis-server frozen for 5 s (SIGSTOP/SIGCONT): every Redis call hangs.
   worker-kill    one of two workers SIGKILLed while it holds calls.
   engine-fault   the engine throws on every understand() (BOT_ENGINE_FAULT=understand).
+  sip-redis-restart  redis-restart with SIP callers (telephony/sip/uac.py) on worker 0's SIP server.
+  sip-rtp-loss   SIP callers lose a share of the RTP they send (dropped at the caller's socket) mid-call.
 Checks: no call event lost (per call, the events the bot logged writing -- call_started, turn,
 state_degraded, transfer, call_ended -- are all in its Redis stream, none twice), callers never left in silence (every turn gets bot audio; engine failures
 get an apology + transfer), calls on the surviving worker unaffected, the killed worker's calls
-closed with a clear outcome (bot/reaper.py, which every worker runs). Each fault is also checked to
+closed with a clear outcome (under `bot serve --workers N` the supervisor reaps a dead worker's calls by its
+pid within about a second; every worker's heartbeat reaper, bot/reaper.py, is the fallback). Each fault is also checked to
 have happened where it counts (restart: a new redis-server pid and the AOF data back; stall: the process
 really stopped; a call in progress when it hit): a scenario whose fault missed every call fails instead of
 passing on nothing.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import time
 from collections import Counter
@@ -35,7 +39,9 @@ from ops.load.spawn import BotProcess, RedisProc
 from ops.logs import get_logger
 
 log = get_logger("ops.chaos")
-SCENARIOS = ("redis-restart", "redis-stall", "worker-kill", "engine-fault")
+SCENARIOS = ("redis-restart", "redis-stall", "worker-kill", "engine-fault", "sip-redis-restart", "sip-rtp-loss")
+SIP_SCENARIOS = frozenset(s for s in SCENARIOS if s.startswith("sip-"))
+RTP_LOSS = 0.15  # share of the caller's RTP packets dropped in sip-rtp-loss
 
 
 @dataclass
@@ -124,6 +130,99 @@ class Line:
             finally:
                 tr.t_end = time.monotonic()
                 self.current = None
+
+
+class _LossyRtp:
+    """A simulated SIP caller's RTP socket that drops a share of what it sends while its line's `loss` is
+    set: to the bot this is network loss. Counts what it sent and dropped, so the finding can show the
+    loss was injected (and compare it with what the bot counted as received)."""
+
+    def __init__(self, inner: Any, line: "SipLine") -> None:
+        self._inner, self._line = inner, line
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        ln = self._line
+        ln.rtp_sent += 1
+        if ln.loss:
+            ln.rtp_sent_lossy += 1
+            if ln.rng.random() < ln.loss:
+                ln.rtp_dropped += 1
+                return
+        self._inner.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class SipLine:
+    """One simulated SIP caller (telephony/sip/uac.py, RTP on the shared media clock) placing calls back to
+    back against worker 0's SIP server and speaking turns until stopped; same trace as a Twilio Line."""
+
+    def __init__(self, host: str, port: int, pcms: list[np.ndarray], idx: int, max_turns: int = 6) -> None:
+        self.host, self.port, self.pcms, self.idx, self.max_turns = host, port, pcms, idx, max_turns
+        self.calls: list[CallTrace] = []
+        self.stop = asyncio.Event()
+        self.current: Any = None
+        self.loss = 0.0  # set mid-call by sip-rtp-loss
+        self.rng = random.Random(idx)  # reproducible drops
+        self.rtp_sent = self.rtp_sent_lossy = self.rtp_dropped = 0
+
+    async def run(self) -> None:
+        from telephony.sip.uac import SipCaller, trailing_silence_s
+
+        while not self.stop.is_set():
+            c = SipCaller(self.host, self.port)
+            tr = CallTrace(c.call_id, time.monotonic())
+            self.calls.append(tr)
+            try:
+                await c.open()
+                c.media._rtp = _LossyRtp(c.media._rtp, self)  # type: ignore[assignment]
+                status = await c.invite(timeout=10)
+                if status != 200:
+                    tr.error = f"status_{status}"
+                    await asyncio.sleep(0.5)
+                    continue
+                self.current = c
+                await c.wait_bot_quiet(0.5, 10)
+                n = 0
+                while not c.ended.is_set() and not self.stop.is_set() and n < self.max_turns:
+                    pcm = self.pcms[(self.idx + n) % len(self.pcms)]
+                    _, end = await c.play(pcm, f"turn{n}")
+                    if c.ended.is_set():  # the bot ended the call while the caller was still talking
+                        break
+                    speech_end = end - trailing_silence_s(pcm)
+                    await c.wait_bot_quiet(0.6, 10)
+                    voiced = [t for t in c.stats.voiced_rx if t >= speech_end]
+                    v2v = round((voiced[0] - speech_end) * 1000, 1) if voiced else None
+                    tr.turns.append((time.monotonic(), v2v, len(voiced) * 20))
+                    n += 1
+                    await asyncio.sleep(0.3)
+                if not c.ended.is_set():
+                    await c.bye()
+                    tr.ended_by = "caller"
+                else:
+                    tr.ended_by = c.hangup_by or "bot"
+            except Exception as exc:  # noqa: BLE001 - a failed call is a finding
+                tr.error = type(exc).__name__
+                await asyncio.sleep(0.5)
+            finally:
+                if c.transfer_call is not None:  # followed a REFER: leave the transfer target's leg too
+                    try:
+                        await c.transfer_call.bye()
+                    except OSError:
+                        pass
+                    c.transfer_call.close()
+                c.close()
+                tr.t_end = time.monotonic()
+                self.current = None
+
+
+def metric_sum(text: str, name: str, labels: dict[str, str]) -> float:
+    """Sum of the samples of `name` whose labels include `labels` in a /metrics exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 @dataclass
@@ -226,9 +325,10 @@ async def verify_events(r: Any, call_ids: list[str], log_text: str) -> dict[str,
 
 
 class Chaos:
-    def __init__(self, work: Path, lines: int = 2) -> None:
+    def __init__(self, work: Path, lines: int = 2, sip: bool = False) -> None:
         self.work = work
         self.n_lines = lines
+        self.sip = sip  # worker 0 serves SIP (for the sip-* scenarios)
         self.redis: RedisProc | None = None
         self.bot: BotProcess | None = None
         self.pcms: list[np.ndarray] = []
@@ -241,9 +341,12 @@ class Chaos:
 
         self.pcms = [load_wav_8k(w) for w in synth_wavs(self.work / "wavs")[:4]]
         self.policy = open_hours_policy(self.work / "policy.yaml")
-        self.redis = RedisProc(self.work / "redis").start()
-        self.bot = BotProcess(self.work / "bot", redis_url=self.redis.url, workers=workers,
-                              env={"BOT_NO_INPUT_S": "30", "BOT_POLICY": str(self.policy)}).start()
+        # assigned before starting, so stop() cleans up after a start that fails half-way
+        self.redis = RedisProc(self.work / "redis")
+        self.redis.start()
+        self.bot = BotProcess(self.work / "bot", redis_url=self.redis.url, workers=workers, sip=self.sip,
+                              env={"BOT_NO_INPUT_S": "30", "BOT_POLICY": str(self.policy)})
+        self.bot.start()
 
     def stop(self) -> None:
         if self.bot is not None:
@@ -257,11 +360,20 @@ class Chaos:
         assert self.redis is not None
         return connect(self.redis.url)
 
-    async def _with_lines(self, url: str, fault: Any, settle_s: float = 6.0) -> list[Line]:
+    def _new_line(self, i: int, sip: bool) -> Line | SipLine:
+        assert self.bot is not None
+        if sip:
+            return SipLine("127.0.0.1", self.bot.sip_port, self.pcms, i)
+        return Line(self.bot.url, self.pcms, i)
+
+    async def _with_lines(self, url: str, fault: Any, settle_s: float = 6.0, sip: bool = False) -> list[Any]:
         """Callers talk; once each has an answered turn, inject `fault`; keep talking `settle_s`.
         Records whether the callers were warmed up and how many calls were live when the fault hit: a
         fault injected into no call proves nothing, and the finding must say so instead of passing."""
-        lines = [Line(url, self.pcms, i) for i in range(self.n_lines)]
+        lines = [self._new_line(i, sip) for i in range(self.n_lines)]
+        return await self._run_lines(lines, fault, settle_s)
+
+    async def _run_lines(self, lines: list[Any], fault: Any, settle_s: float) -> list[Any]:
         tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
         await asyncio.sleep(0.5)
         self.warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) for ln in lines), 40)
@@ -275,7 +387,7 @@ class Chaos:
         await asyncio.sleep(1.0)
         return lines
 
-    def _silent_turns(self, lines: list[Line]) -> int:
+    def _silent_turns(self, lines: list[Any]) -> int:
         return sum(1 for ln in lines for c in ln.calls for _, v, a in c.turns if v is None or a <= 0)
 
     async def _flushed(self, r: Any, traces: list[CallTrace], timeout_s: float = 20.0) -> dict[str, Any]:
@@ -291,7 +403,8 @@ class Chaos:
         return res
 
     # ---- scenarios ----
-    async def redis_fault(self, kind: str) -> Finding:
+    async def redis_fault(self, kind: str, sip: bool = False) -> Finding:
+        """redis-restart / redis-stall under Twilio callers, or (sip) SIP callers on worker 0."""
         assert self.redis is not None and self.bot is not None
         redis = self.redis
         loop = asyncio.get_running_loop()
@@ -316,7 +429,7 @@ class Chaos:
                 os.kill(redis.pid, signal.SIGCONT)
 
         try:
-            lines = await self._with_lines(self.bot.url, restart if kind == "redis-restart" else stall)
+            lines = await self._with_lines(self.bot.url, restart if kind == "redis-restart" else stall, sip=sip)
         finally:
             await probe.aclose()
         traces = [c for ln in lines for c in ln.calls]
@@ -330,6 +443,9 @@ class Chaos:
                   "warmed_up": self.warmed_up, "calls_live_at_fault": self.live_at_fault, "injected": injected}
         fault_hit = (injected.get("restarted") is True and injected.get("aof_kept_data") is True
                      if kind == "redis-restart" else injected.get("stopped") is True)
+        if sip:
+            checks["transport"] = "sip"
+            kind = f"sip-{kind}"
         ok = (fault_hit and self.live_at_fault >= 1 and ev["events_written"] > 0
               and ev["events_found"] == ev["events_written"] and not ev["duplicates"] and not ev["calls_not_ended"]
               and checks["silent_turns"] == 0 and not checks["call_errors"])
@@ -415,9 +531,10 @@ class Chaos:
             for c in survivors) if survivors else None
         # the killed worker's calls: the caller side saw the line drop
         dropped = all(traces[c].ended_by in ("bot", "caller") or traces[c].error for c in killed)
-        # the workers close them (bot/reaper.py from every worker's heartbeat) once their heartbeat is
-        # stale: LIVE_STALE_S after the kill, at the next reap tick. The harness only watches: it used to
-        # reap them itself, so a broken in-worker reaper still passed.
+        # the bot closes them: the supervisor reaps the dead process's calls by pid (bot.reaper --pid) within
+        # about a second, the workers' heartbeat reaper once the heartbeat is stale (LIVE_STALE_S after the
+        # kill) if that failed. The harness only watches: it used to reap them itself, so a broken reaper
+        # still passed.
         from bot.state import HEARTBEAT_S, LIVE_STALE_S, REAP_EVERY_S
 
         try:
@@ -494,12 +611,68 @@ class Chaos:
         return Finding("engine-fault", ok, checks)
 
 
+    async def sip_rtp_loss(self, loss: float = RTP_LOSS) -> Finding:
+        """SIP callers talk clean, then lose `loss` of the RTP they send for the rest of their calls. The bot must
+        keep answering every turn (jitter buffer + concealment), and lose no call event. Evidence of the fault:
+        the callers' drop counts, and the bot's own count of RTP packets received (its /metrics) short of what
+        the callers sent by about what they dropped."""
+        assert self.bot is not None
+        bot = self.bot
+        loop = asyncio.get_running_loop()
+        rx = {"direction": "in", "result": "ok"}
+        before = metric_sum(await loop.run_in_executor(None, bot.metrics), "voicebot_rtp_packets_total", rx)
+        lines = [SipLine("127.0.0.1", bot.sip_port, self.pcms, i) for i in range(self.n_lines)]
+
+        async def start_loss() -> None:
+            for ln in lines:
+                ln.loss = loss
+
+        # the loss must reach several turns: keep talking 15 s after it starts
+        await self._run_lines(lines, start_loss, settle_s=15.0)
+        after = metric_sum(await loop.run_in_executor(None, bot.metrics), "voicebot_rtp_packets_total", rx)
+        traces = [c for ln in lines for c in ln.calls]
+        r = self._client()
+        try:
+            ev = await self._flushed(r, traces)
+        finally:
+            await r.aclose()
+        sent = sum(ln.rtp_sent for ln in lines)
+        dropped = sum(ln.rtp_dropped for ln in lines)
+        lossy = sum(ln.rtp_sent_lossy for ln in lines)
+        received = int(after - before)
+        t_fault = self.t_fault
+        turns_under_loss = sum(1 for c in traces for t, _, _ in c.turns if t >= t_fault)
+        injected = {"loss": loss, "caller_rtp_sent": sent, "caller_rtp_sent_under_loss": lossy,
+                    "caller_rtp_dropped": dropped, "bot_rtp_received_ok": received,
+                    "bot_rtp_missing": sent - received}
+        checks = {**ev, "transport": "sip", "calls": len(traces), "turns": sum(len(c.turns) for c in traces),
+                  "turns_under_loss": turns_under_loss,
+                  "turns_unanswered_under_loss": sum(1 for c in traces for t, v, a in c.turns
+                                                     if t >= t_fault and (v is None or a <= 0)),
+                  "silent_turns": self._silent_turns(lines), "call_errors": [c.error for c in traces if c.error],
+                  "warmed_up": self.warmed_up, "calls_live_at_fault": self.live_at_fault, "injected": injected}
+        # the drop rate is what was asked (binomial: well within +-40 % of it over 1,000s of packets) and the
+        # bot really missed those packets: it counted about what the callers let through (a few packets may
+        # arrive after a call is gone and be refused)
+        fault_hit = (lossy > 0 and abs(dropped / lossy - loss) <= 0.4 * loss
+                     and dropped * 0.8 <= sent - received <= dropped + 0.05 * sent + 50)
+        ok = (fault_hit and self.warmed_up and self.live_at_fault >= 1 and turns_under_loss >= 1
+              and ev["events_written"] > 0 and ev["events_found"] == ev["events_written"] and not ev["duplicates"]
+              and not ev["calls_not_ended"] and checks["silent_turns"] == 0 and not checks["call_errors"])
+        return Finding("sip-rtp-loss", ok, checks)
+
+
 async def run_chaos(work: Path, scenarios: tuple[str, ...] = SCENARIOS, lines: int = 2) -> list[Finding]:
-    chaos = Chaos(work, lines)
+    chaos = Chaos(work, lines, sip=bool(SIP_SCENARIOS & set(scenarios)))
     loop = asyncio.get_running_loop()
     findings: list[Finding] = []
-    await loop.run_in_executor(None, chaos.start)
     try:
+        # inside the try: a bot that never gets ready must not leave the chaos redis-server running
+        try:
+            await loop.run_in_executor(None, chaos.start)
+        except Exception as exc:  # noqa: BLE001 - no bot, no scenario: each reported failed, with why
+            log.exception("chaos_setup_failed")
+            return [Finding(s, False, {"exception": f"setup failed: {exc!r}"[:3000]}) for s in scenarios]
         for s in scenarios:
             t0 = time.monotonic()
             try:
@@ -509,6 +682,10 @@ async def run_chaos(work: Path, scenarios: tuple[str, ...] = SCENARIOS, lines: i
                     f = await chaos.worker_kill()
                 elif s == "engine-fault":
                     f = await chaos.engine_fault()
+                elif s == "sip-redis-restart":
+                    f = await chaos.redis_fault("redis-restart", sip=True)
+                elif s == "sip-rtp-loss":
+                    f = await chaos.sip_rtp_loss()
                 else:
                     raise ValueError(f"unknown scenario {s!r} (one of {', '.join(SCENARIOS)})")
             except Exception as exc:  # noqa: BLE001 - report the scenario as failed, run the others

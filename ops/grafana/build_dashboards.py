@@ -138,6 +138,10 @@ def voicebot() -> Board:
         "sum by (event, result) (rate(voicebot_webhook_deliveries_total[5m])) * 60", "{{event}} {{result}}")],
         w=4, unit="cpm", desc="Transfer contexts and accepted callbacks sent to BOT_ESCALATION_WEBHOOK; "
         "failed/dropped ones never reached it (alert EscalationWebhookFailing)")
+    b.panel("Escalation webhook delivery p95 (retries included)", [_q(
+        "histogram_quantile(0.95, sum by (le, event) (rate(voicebot_webhook_delivery_seconds_bucket[5m])))",
+        "{{event}}")], w=8, unit="s", desc="Hand-off to the receiver's 2xx; a climb means the receiver is slow or "
+        "answers with retries (5xx/429) before it fails outright")
 
     b.row("Errors and media")
     b.panel("Errors / min by component", [_q(
@@ -169,6 +173,12 @@ def voicebot() -> Board:
             w=12, unit="short", desc="1.0 = one full core (sampled by each worker every 5 s)")
     b.panel("Resident memory per worker", [_q('voicebot_worker_resident_memory_bytes{job="voicebot"}', "{{instance}} {{pid}}")],
             w=12, unit="bytes")
+    b.panel("Open FDs, threads and asyncio tasks per worker", [
+        _q('voicebot_worker_open_fds{job="voicebot"}', "{{instance}} {{pid}} fds", "A"),
+        _q('voicebot_worker_threads{job="voicebot"}', "{{instance}} {{pid}} threads", "B"),
+        _q('voicebot_worker_asyncio_tasks{job="voicebot"}', "{{instance}} {{pid}} tasks", "C")], w=12,
+        desc="Leak detectors: each returns to its idle level when the calls are gone; one that climbs with the "
+        "call count and never comes back down is a leak (compare with Calls now)")
     return b
 
 
