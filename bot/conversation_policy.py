@@ -72,8 +72,10 @@ class CallPolicy:
     def dtmf_complete(self, digits: str) -> bool:
         """Keys typed so far already make a whole answer: a menu key (menu keys are single digits) while
         no slot question is pending (the caller may be typing a number: "100#"). Then the bot acts at once
-        instead of leaving the caller in silence for the inter-digit timeout."""
-        return len(digits) == 1 and digits in self.policy.dtmf.options and self.state.pending_collect is None
+        instead of leaving the caller in silence for the inter-digit timeout. Not while an amount is read back:
+        the caller may be typing the right one."""
+        return (len(digits) == 1 and digits in self.policy.dtmf.options and self.state.pending_collect is None
+                and not pd.reads_back_keys(self.policy, self.state))
 
     def on_failure(self, reason: str) -> Decision:
         """Engine error/timeout or internal error -> EngineFailure; Redis down -> RedisFailure:

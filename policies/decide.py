@@ -55,6 +55,7 @@ Reason = Literal[
     "out_of_hours",  # the queue is closed: message, callback offer or another queue
     "callback",  # caller accepted a callback: goodbye
     "goodbye",  # the caller is done (or declined a callback)
+    "anything_else",  # "yes" to "Anything else?": asked what else, not a failed turn
 ]
 REASONS: tuple[str, ...] = get_args(Reason)
 
@@ -219,6 +220,8 @@ def is_failure(state: CallState, d: Decision) -> bool:
     """A failed turn: no-match, "no" to a confirmation, silence, a wrong key, a slot question unanswered."""
     if d.reason in FAILURE_REASONS:
         return True
+    if d.reason == "repeat":  # "say that again" is no failed answer (the stall count still bounds it)
+        return False
     p = state.pending_collect
     return d.action == "collect" and p is not None and p.intent == d.intent and len(d.slots) <= len(p.slots)
 
@@ -346,8 +349,10 @@ _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augu
 
 
 def say_opening(opens: dt.datetime, now: dt.datetime) -> str:
-    """When a closed queue opens, as a caller should hear it, in the queue's zone (`opens`'s tzinfo):
-    "today at 5 p.m.", "tomorrow at 8:30 a.m.", "on Monday at 9 a.m.", "on Monday, January 5 at 9 a.m."."""
+    """When a closed queue opens, as a caller should hear it, in the queue's zone (`opens`'s tzinfo), which is
+    named: a caller in another zone (or a team answering for several) must know whose 8:30 it is.
+    "today at 5 p.m. Eastern time", "tomorrow at 8:30 a.m. UK time", "on Monday at 9 a.m. Pacific time",
+    "on Monday, January 5 at 9 a.m. Eastern time"."""
     if now.tzinfo is None:
         now = now.replace(tzinfo=dt.timezone.utc)
     today = now.astimezone(opens.tzinfo).date()
@@ -357,8 +362,10 @@ def say_opening(opens: dt.datetime, now: dt.datetime) -> str:
     if (opens.hour, opens.minute) == (12, 0):
         clock = "noon"
     days = (opens.date() - today).days
+    zone = say_zone(opens)
     if days == 1 and (opens.hour, opens.minute) == (0, 0):  # "tomorrow at 12 a.m." is heard as the wrong night
-        return "at midnight tonight"
+        return f"at midnight tonight, {zone}"
+    clock = f"{clock} {zone}"
     if days == 0:
         return f"today at {clock}"
     if days == 1:
@@ -367,6 +374,63 @@ def say_opening(opens: dt.datetime, now: dt.datetime) -> str:
     if days < 7:
         return f"on {weekday} at {clock}"
     return f"on {weekday}, {_MONTHS[opens.month - 1]} {opens.day} at {clock}"
+
+
+# How a contact center names a zone's local time. Keyed by the abbreviation the zone uses at that moment
+# (so EST and EDT are both "Eastern time": callers know the name, not whether DST is on), for zones of the
+# regions that use it ("CST" is also China's and Cuba's); zones whose abbreviations are ambiguous or numeric
+# ("IST", "+04") are named by zone, then by their city.
+_AMERICAS = ("America/", "US/", "Canada/", "Pacific/Honolulu", "EST5EDT", "CST6CDT", "MST7MDT", "PST8PDT")
+_EUROPE = ("Europe/", "Africa/", "Atlantic/", "CET", "EET", "WET", "MET")
+_ZONE_ABBR_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    **{a: ("Eastern time", _AMERICAS) for a in ("EST", "EDT")},
+    **{a: ("Central time", _AMERICAS) for a in ("CST", "CDT")},
+    **{a: ("Mountain time", _AMERICAS) for a in ("MST", "MDT")},
+    **{a: ("Pacific time", _AMERICAS) for a in ("PST", "PDT")},
+    **{a: ("Alaska time", _AMERICAS) for a in ("AKST", "AKDT")},
+    **{a: ("Hawaii time", _AMERICAS) for a in ("HST", "HDT")},
+    **{a: ("Atlantic time", _AMERICAS) for a in ("AST", "ADT")},
+    **{a: ("Newfoundland time", _AMERICAS) for a in ("NST", "NDT")},
+    **{a: ("Central European time", _EUROPE) for a in ("CET", "CEST", "MET", "MEST")},
+    **{a: ("Eastern European time", _EUROPE) for a in ("EET", "EEST")},
+    **{a: ("Western European time", _EUROPE) for a in ("WET", "WEST")},
+    **{a: ("Australian Eastern time", ("Australia/",)) for a in ("AEST", "AEDT")},
+    **{a: ("Australian Central time", ("Australia/",)) for a in ("ACST", "ACDT")},
+    "AWST": ("Australian Western time", ("Australia/",)),
+    **{a: ("New Zealand time", ("Pacific/Auckland", "NZ", "Antarctica/")) for a in ("NZST", "NZDT")},
+    "JST": ("Japan time", ("Asia/Tokyo", "Japan")), "KST": ("Korea time", ("Asia/Seoul", "ROK")),
+    "SAST": ("South Africa time", ("Africa/",)),
+}
+_ZONE_NAMES = {
+    "Europe/London": "UK time", "Europe/Belfast": "UK time", "GB": "UK time", "Europe/Dublin": "Irish time",
+    "Eire": "Irish time", "Asia/Kolkata": "India time", "Asia/Calcutta": "India time",
+    "Asia/Jerusalem": "Israel time", "Asia/Tel_Aviv": "Israel time", "Israel": "Israel time",
+    "America/Phoenix": "Arizona time",  # Mountain Standard all year: "Mountain time" misleads half the year
+    "Asia/Manila": "Philippine time", "Asia/Shanghai": "China time", "Asia/Hong_Kong": "Hong Kong time",
+    "Asia/Singapore": "Singapore time", "America/Havana": "Cuba time", "Cuba": "Cuba time",
+    "UTC": "UTC", "Etc/UTC": "UTC", "Etc/UCT": "UTC", "Etc/Universal": "UTC", "Etc/Zulu": "UTC", "Universal": "UTC",
+    "Zulu": "UTC", "UCT": "UTC", "Etc/GMT": "GMT", "GMT": "GMT", "Etc/Greenwich": "GMT", "Greenwich": "GMT",
+}
+
+
+def say_zone(when: dt.datetime) -> str:
+    """The zone of `when` as a caller should hear it after a clock time: "Eastern time", "UK time",
+    "Dubai time" (a zone with no common name: its city), "UTC plus 4" (a bare offset)."""
+    key = str(getattr(when.tzinfo, "key", "") or "")
+    if key in _ZONE_NAMES:
+        return _ZONE_NAMES[key]
+    named = _ZONE_ABBR_NAMES.get(when.tzname() or "")
+    if named is not None and key.startswith(named[1]):
+        return named[0]
+    city = key.rsplit("/", 1)[-1].replace("_", " ") if "/" in key and not key.startswith("Etc/") else ""
+    if city:
+        return f"{city} time"
+    off = when.utcoffset() or dt.timedelta(0)
+    minutes = int(off.total_seconds() // 60)
+    if minutes == 0:
+        return "UTC"
+    h, m = divmod(abs(minutes), 60)
+    return f"UTC {'plus' if minutes > 0 else 'minus'} {h}" + (f":{m:02d}" if m else "")
 
 
 def _system_error(policy: Policy, state: CallState, reason: str) -> Decision:
@@ -446,6 +510,13 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
         value = _keypad_value(slot.type, keys) if slot is not None else None
         if value is not None:
             return _collect(policy, state, p.intent, {**p.slots, missing[0]: value}, "slot_filled")
+    pc = state.pending_confirm
+    if pc is not None and pc.read_back and pc.intent is not None and _keys_are_a_value(policy, digits):
+        # "That's 15 dollars, is that right?" -> 50#: the caller typed the right value (as "no, fifty" says it)
+        slot = _keypad_slot(policy, pc.intent)
+        value = _keypad_value(policy.slots[slot].type, keys) if slot is not None else None
+        if slot is not None and value is not None:
+            return _read_back(policy, pc.intent, {**pc.slots, slot: value})
     target = policy.dtmf.options.get(keys[:1]) if len(keys) == 1 else None
     if target is not None:
         return _act(policy, state, target, {}, "dtmf_selection")
@@ -456,6 +527,25 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
         return _escalate_failures(policy, state)
     return Decision("dtmf_menu", _join(sorry, policy.prompts[policy.dtmf.prompt]), reason="dtmf_invalid",
                     options=tuple(policy.dtmf.options))
+
+
+def _keys_are_a_value(policy: Policy, digits: str) -> bool:
+    """Keys typed at a read-back are a value unless they are one menu key on its own (no '#')."""
+    return digits.endswith("#") or len(digits) > 1 or digits not in policy.dtmf.options
+
+
+def _keypad_slot(policy: Policy, intent: str) -> str | None:
+    """The one value of `intent` that keys can type (an amount, a number), or None (several, or days only)."""
+    typed = [s for s in policy.intents[intent].action.collect
+             if s in policy.slots and policy.slots[s].type in ("money", "digits")]
+    return typed[0] if len(typed) == 1 else None
+
+
+def reads_back_keys(policy: Policy, state: CallState) -> bool:
+    """A read-back is pending whose value the keypad can type: keys are an answer being typed, not a menu key
+    to act on at once (the conversation waits for '#' or the inter-digit pause)."""
+    pc = state.pending_confirm
+    return pc is not None and pc.read_back and pc.intent is not None and _keypad_slot(policy, pc.intent) is not None
 
 
 _KEYPAD_MONEY = re.compile(r"(\d{1,7})(?:\*(\d{1,2}))?")
@@ -486,7 +576,14 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
     # here) who answers yes or no gets what they answered, not "please call back" after a yes.
     callback_answer = (state.pending_confirm is not None and state.pending_confirm.intent is None
                        and top in (affirm, deny) and conf >= ctx)
-    if u.caller_state.get("frustration", 0.0) >= esc.frustration.threshold and not callback_answer:
+    # Likewise a frustrated "yes" to a read-back ("That's 50 dollars, right?" - "YES!") completes what the caller
+    # just confirmed; handing them to a person instead would throw the finished payment away.
+    read_back_yes = (state.pending_confirm is not None and state.pending_confirm.read_back
+                     and state.pending_confirm.intent is not None and top == affirm and conf >= ctx
+                     and not any(k in policy.intents[state.pending_confirm.intent].action.collect
+                                 and state.pending_confirm.slots.get(k) != v for k, v in u.slots.items()))
+    frustrated = u.caller_state.get("frustration", 0.0) >= esc.frustration.threshold
+    if frustrated and not callback_answer and not read_back_yes:
         return _route(policy, state, esc.frustration.queue, "frustration", esc.frustration.prompt, style="calm")
     if u.error is not None:
         return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence",
@@ -541,17 +638,31 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
         # "agent" said in its confirm band while a value is asked for: the caller asked for a person, so they
         # are asked whether they want one (as anywhere else), never told "Sorry, I didn't get that"
         asks_agent = not new and top == esc.agent_request.intent and conf >= policy.confirm_for(top)
+        # "Actually, I want to cancel" heard clearly but under that intent's (stricter) accept: the caller
+        # changed their mind, so they are asked whether they want that, as anywhere else; "Sorry, I didn't get
+        # that. How much would you like to pay?" ignores them and counts a failed turn
+        # (not a goodbye: digits read slowly have been heard as one, and "end the call?" would confuse them)
+        switches = (not new and top in policy.intents and top not in (pcol.intent, affirm, deny)
+                    and policy.intents[top].action.type in ("answer", "collect", "transfer")
+                    and conf >= max(policy.confirm_for(top), ctx))
         if new and not elsewhere:
             return _collect(policy, state, pcol.intent, {**pcol.slots, **new}, "slot_filled")
-        if not elsewhere and not asks_agent and top != policy.intent_of_type("repeat"):  # repeat: handled below
+        if (not elsewhere and not asks_agent and not switches
+                and top != policy.intent_of_type("repeat")):  # repeat: handled below
             again = _reask(policy, state, "slot_missing", "slot_retry")
             if again is not None:
                 return again
 
-    if top == deny and conf >= ctx and not u.slots and _asked_anything_else(state):
-        # "Anything else?" -> "No, thanks": the caller is done; a "What can I help you with?" here would
-        # count their goodbye as a failed turn and, said a few times, send them to an agent
+    done = _asked_anything_else(state) or _asked_what_else(policy, state)
+    if top == deny and conf >= ctx and not u.slots and done:
+        # "Anything else?" -> "No, thanks" (also "What else?" -> "No"): the caller is done; a "What can I help
+        # you with?" here would count their goodbye as a failed turn and, said a few times, send them to an agent
         return _goodbye(policy)
+    if top == affirm and conf >= ctx and _asked_anything_else(state):
+        # "Anything else?" -> "Yes": they have another request. "Sorry, what can I help you with?" as a failed
+        # turn would send a caller with three requests to an agent for saying yes each time.
+        return Decision("answer", policy.prompts.get("anything_else") or policy.prompts["no_context"],
+                        reason="anything_else")
     if top is None:  # only slot values, with no question asking for them
         if u.slots and conf >= ctx:
             return _fail(policy, state, "no_context", "no_context")
@@ -585,6 +696,14 @@ def _asked_anything_else(state: CallState) -> bool:
     last = state.last
     return (last is not None and last.action == "answer" and last.intent is not None
             and last.prompt.rstrip().endswith("?"))
+
+
+def _asked_what_else(policy: Policy, state: CallState) -> bool:
+    """The bot asked "What else can I help you with?" after a "yes" to "Anything else?" (or said it again)."""
+    last = state.last
+    return (last is not None and last.action == "answer" and last.intent is None
+            and (last.reason == "anything_else" or (last.reason == "repeat" and last.prompt == (
+                policy.prompts.get("anything_else") or policy.prompts["no_context"]))))
 
 
 def _goodbye(policy: Policy) -> Decision:

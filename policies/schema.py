@@ -7,6 +7,7 @@ A load never touches a policy already in use: every load builds new objects.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import functools
 import os
@@ -570,7 +571,7 @@ def _semantic_errors(p: Policy, lenient: bool = False) -> list[tuple[Path_, str]
 # clarify and transfer prompts): a {placeholder} in one of them would reach the caller unfilled.
 # apology_closed stays raw: it is pre-rendered, so a system failure hitting every call never waits for the voice.
 _RAW_PROMPTS = ("filler", "apology", "apology_closed", "reprompt", "denied", "no_context", "out_of_scope",
-                "still_there", "slot_retry", "dtmf_invalid", "value_denied")
+                "still_there", "slot_retry", "dtmf_invalid", "value_denied", "anything_else")
 # Said after a callback offer, with its closed queue known: {opens} is filled ("tomorrow at 8 a.m.").
 _CLOSED_PROMPTS = ("callback_done", "callback_declined")
 
@@ -781,6 +782,123 @@ def _capped(issues: list[PolicyIssue], total: int) -> list[PolicyIssue]:
     return issues[:MAX_ISSUES] + [PolicyIssue(None, None, "", f"... and {total - MAX_ISSUES} more problems (fix these first)")]
 
 
+_MISSING = object()
+_SALVAGE_ROUNDS = 8  # each round drops what failed; a nested required field costs a round per level
+
+
+def _prune(doc: Any, loc: tuple[Any, ...]) -> Path_ | None:
+    """Delete from `doc` the deepest value `loc` reaches (for a missing field: the mapping that lacks it; inside
+    a list: the whole list, so the indices of the errors that remain still match the text). Returns the path
+    deleted, or None when it would be the document itself."""
+    node, parent, key, path = doc, None, _MISSING, ()
+    for part in loc:
+        if isinstance(node, dict):
+            k = part if part in node else next((k for k in node if str(k) == str(part)), _MISSING)
+            if k is _MISSING:
+                break
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            k = part
+        else:
+            break
+        parent, key, node, path = node, k, node[k], path + (part,)
+    if isinstance(parent, list):  # drop the list from its own parent (one level up)
+        return _prune(doc, path[:-1])
+    if parent is None or key is _MISSING:
+        return None
+    del parent[key]
+    return path
+
+
+def _fill(doc: Any, loc: Path_) -> bool:
+    """Put an empty text where a required field is missing; False when its mapping is not there."""
+    node = doc
+    for part in loc[:-1]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    if not isinstance(node, dict) or not loc:
+        return False
+    node[loc[-1]] = ""
+    return True
+
+
+def _salvaged_semantic_errors(doc: dict[str, Any], strict: list[Any]) -> list[tuple[Path_, str]]:
+    """Cross-reference problems of a document that failed type checks: the values that failed are dropped (they
+    are reported already), the rest is validated leniently and checked. A problem that only exists because of
+    a drop (an intent, queue or prompt the admin did write; a field next to one that failed, such as a band
+    floor compared with a default `accept`) is not reported. [] when too little survives to check."""
+    work = copy.deepcopy(doc)
+    pruned: list[Path_] = []
+    filled: set[Path_] = set()
+    # what failed the strict checks goes first, also where a lenient load would accept it: `confirm: yes` read
+    # as 1.0 would be reported again as "confirm band floor 1.0 is above accept"
+    for err in strict:
+        if err["type"] != "missing":
+            path = _prune(work, tuple(x for x in err["loc"] if x != "[key]"))
+            if path is not None:
+                pruned.append(path)
+    loose: Policy | None = None
+    for _ in range(_SALVAGE_ROUNDS):
+        try:
+            loose = Policy.model_validate(work, context={"lenient": True})
+            break
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(x for x in err["loc"] if x != "[key]")
+                if err["type"] == "missing" and loc not in filled and _fill(work, loc):
+                    # a required field left out (a rule's `queue`): a stand-in keeps the rest of its section
+                    # checkable; problems with the stand-in are dropped below with the path
+                    filled.add(loc)
+                    pruned.append(loc)
+                    continue
+                path = _prune(work, loc[:-1] if err["type"] == "missing" else loc)
+                if path is None:
+                    return []  # a whole required section failed: nothing to cross-check against
+                pruned.append(path)
+    if loose is None:
+        return []
+
+    def written(section: str) -> set[str]:
+        v = doc.get(section)
+        return {str(k) for k in v} if isinstance(v, dict) else set()
+
+    names = {"intent": (written("intents"), set(loose.intents)), "queue": (written("queues"), set(loose.queues)),
+             "prompt": (written("prompts"), set(loose.prompts)), "slot": (written("slots"), set(loose.slots))}
+    ref = re.compile(r"(?:unknown|unreachable|missing) (intent|queue|prompt|slot) '([^']*)'")
+
+    pruned = [tuple(str(x) for x in p) for p in pruned]  # an unquoted menu key is 1 in the error, "1" in the model
+
+    def caused_by_drop(path: Path_, msg: str) -> bool:
+        path = tuple(str(x) for x in path)
+        if (m := ref.search(msg)) is not None:
+            have, kept = names[m[1]]
+            if m[2] in have and m[2] not in kept:
+                return True
+        if msg.startswith("no intent with action type") and any(p[:1] == ("intents",) for p in pruned):
+            return True
+        if "needs `out_of_hours`" in msg:
+            q = doc.get("queues", {}).get(path[1]) if len(path) > 1 and isinstance(doc.get("queues"), dict) else None
+            if isinstance(q, dict) and "out_of_hours" in q:
+                return True
+        for p in pruned:
+            if path[:len(p)] == p or p[:len(path)] == path:  # inside what was dropped, or around it
+                return True
+            # a band floor compared with a default that stands in for a dropped `accept`/`confirm`
+            if "confirm band" in msg and p[-1] in ("accept", "confirm") and (
+                    p[:-1] == path[:-1] or p[:-1] == ("thresholds",)):
+                return True
+            # anything else in the same intent or queue (its slots, prompts, collect list judged without the
+            # dropped part would be guesses)
+            if len(p) >= 3 and p[0] in ("intents", "queues") and path[:2] == p[:2]:
+                return True
+        return False
+
+    return [(path, msg) for path, msg in _semantic_errors(loose) if not caused_by_drop(path, msg)]
+
+
 def parse_policy(text: str, source: str = "<policy>", *, lenient: bool = False) -> Policy:
     """Validate policy YAML text into a new frozen Policy, or raise PolicyError with line numbers.
 
@@ -800,16 +918,13 @@ def parse_policy(text: str, source: str = "<policy>", *, lenient: bool = False) 
         issues = [_issue(root, tuple(x for x in err["loc"] if x != "[key]"), _pydantic_message(err))
                   for err in exc.errors()[:MAX_ISSUES]]  # dict keys' errors point at the key itself
         total = exc.error_count()
-        if not lenient:  # when only lint checks failed, the cross-reference problems are listed in the same go
-            try:
-                loose = Policy.model_validate(doc, context={"lenient": True})
-            except ValidationError:
-                pass
-            else:
-                errs = _semantic_errors(loose)
-                issues += [_issue(root, path, msg) for path, msg in errs[:MAX_ISSUES]]
-                total += len(errs)
-                issues.sort(key=lambda i: (i.line or 0, i.column or 0))
+        if not lenient:
+            # The cross-reference problems are listed in the same go, also after a type error elsewhere: an admin
+            # who fixes `accept: "high"` must not find an unknown intent only on the next try.
+            errs = _salvaged_semantic_errors(doc, exc.errors())
+            issues += [_issue(root, path, msg) for path, msg in errs[:MAX_ISSUES]]
+            total += len(errs)
+            issues.sort(key=lambda i: (i.line or 0, i.column or 0))
         raise PolicyError(_capped(issues, total), source) from None
     errs = _semantic_errors(policy, lenient)
     if errs:

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from engine.textnorm import DAYS
+from engine.types import Understanding
 from policies.decide import CallStart, CallState, DtmfDigit, EngineFailure, Input, NoInput, RedisFailure, step
 from policies.replay import ReplayError, read_wav, understanding_from_dict
 from policies.schema import Policy
@@ -105,6 +108,9 @@ class _Inputs:
         if not isinstance(turn, dict):
             raise ScriptError(f"{where}: a turn is a mapping (understanding | wav | event | dtmf)")
         if "understanding" in turn:
+            if not isinstance(turn["understanding"], dict):
+                raise ScriptError(f"{where}: understanding must be a mapping ({{intent: pay_bill, confidence: 0.9}}), "
+                                  f"got {turn['understanding']!r}"[:200])
             try:
                 u = understanding_from_dict({"alternatives": None, **turn["understanding"]})
             except (ReplayError, TypeError, ValueError) as exc:
@@ -139,6 +145,28 @@ class _Inputs:
         raise ScriptError(f"{where}: a turn needs one of understanding, wav, event, dtmf")
 
 
+_DAY_WORDS = frozenset(DAYS)  # the day values the engine gives
+
+
+def _check_slots(policy: Policy, slots: dict[str, Any], where: str) -> None:
+    """Slot values as the engine gives them (a positive amount, a weekday/today/tomorrow, a digit string): a
+    hand-written `{amount: forty}` would otherwise be read back as "a payment of forty dollars" and "paid"."""
+    for name, value in slots.items():
+        spec = policy.slots.get(name)
+        if spec is None:
+            raise ScriptError(f"{where}: unknown slot {name!r} (the policy's slots: {sorted(policy.slots)})")
+        ok = {
+            "money": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                and 0 < v < 10_000_000),
+            "day": lambda v: isinstance(v, str) and v.lower() in _DAY_WORDS,
+            "digits": lambda v: isinstance(v, str) and v.isdigit(),
+        }[spec.type](value)
+        if not ok:
+            want = {"money": "a positive number (40 or 12.5)", "day": "a weekday, today or tomorrow",
+                    "digits": 'a string of digits in quotes ("1234")'}[spec.type]
+            raise ScriptError(f"{where}: slot {name!r} ({spec.type}) must be {want}, got {value!r}"[:200])
+
+
 def _matches(steps: list[TraceStep], expected: list[str]) -> bool:
     """`expect` entries are actions ("confirm") or action/reason pairs ("confirm/confirm_requested")."""
     if len(steps) != len(expected):
@@ -160,7 +188,10 @@ def simulate(policy: Policy, script: dict[str, Any], base: Path, model_loader: C
         for n, turn in enumerate(dlg["turns"], 1):
             if state.ended:
                 break
-            inp, label = to_input(turn, f"dialogues[{i}].turns[{n - 1}]")
+            where = f"dialogues[{i}].turns[{n - 1}]"
+            inp, label = to_input(turn, where)
+            if isinstance(inp, Understanding):
+                _check_slots(policy, inp.slots, where)
             d, state = step(policy, state, inp)
             steps.append(TraceStep(n, label, d.action, d.reason, d.prompt, d.target, d.intent, dict(d.slots)))
         expected = dlg.get("expect")

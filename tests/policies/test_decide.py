@@ -116,6 +116,8 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
     ("no input keeps the pending question", [U("report_outage", 0.7), NoInput()], OPEN,
      ("confirm", "no_input", None, "report_outage")),
     ("repeat", [U("check_balance", 0.97), U("repeat", 0.9)], OPEN, ("answer", "repeat", None, "check_balance")),
+    ("yes to 'Anything else?': asked what else", [U("check_balance", 0.97), YES], OPEN,
+     ("answer", "anything_else", None, None)),
     ("repeat keeps confirm", [U("report_outage", 0.7), U("repeat", 0.9)], OPEN, ("confirm", "repeat", None, "report_outage")),
     ("agent requested", [U("speak_to_agent", 0.9)], OPEN, ("transfer", "agent_requested", "general", "speak_to_agent")),
     ("agent requested mid-confirm", [U("report_outage", 0.7), U("speak_to_agent", 0.8)], OPEN,

@@ -170,25 +170,25 @@ assert GENERAL is not None
 
 # hours, UTC instant, spoken next opening
 OPENS: list[tuple[Hours, str, str]] = [
-    (GENERAL, "2026-11-24 03:00", "tomorrow at 8 a.m."),  # Mon 22:00 EST
-    (GENERAL, "2026-11-23 12:00", "today at 8 a.m."),  # Mon 07:00 EST
-    (GENERAL, "2026-11-28 23:00", "on Monday at 8 a.m."),  # Sat 18:00 EST
-    (GENERAL, "2026-11-27 01:30", "tomorrow at 8 a.m."),  # Thu 20:30 EST (UTC says Friday)
-    (hours("Europe/London", mon=["08:30-17:00"]), "2026-11-23 07:00", "today at 8:30 a.m."),
-    (hours("Europe/London", tue=["13:00-17:00"]), "2026-11-23 07:00", "tomorrow at 1 p.m."),
-    (hours("UTC", mon=["12:00-13:00"]), "2026-11-24 07:00", "on Monday at noon"),
+    (GENERAL, "2026-11-24 03:00", "tomorrow at 8 a.m. Eastern time"),  # Mon 22:00 EST
+    (GENERAL, "2026-11-23 12:00", "today at 8 a.m. Eastern time"),  # Mon 07:00 EST
+    (GENERAL, "2026-11-28 23:00", "on Monday at 8 a.m. Eastern time"),  # Sat 18:00 EST
+    (GENERAL, "2026-11-27 01:30", "tomorrow at 8 a.m. Eastern time"),  # Thu 20:30 EST (UTC says Friday)
+    (hours("Europe/London", mon=["08:30-17:00"]), "2026-11-23 07:00", "today at 8:30 a.m. UK time"),
+    (hours("Europe/London", tue=["13:00-17:00"]), "2026-11-23 07:00", "tomorrow at 1 p.m. UK time"),
+    (hours("UTC", mon=["12:00-13:00"]), "2026-11-24 07:00", "on Monday at noon UTC"),
     (Hours.model_validate({"timezone": "UTC", "holidays": ["2026-11-30"], "weekly": {"mon": ["12:30-13:00"]}}),
-     "2026-11-24 07:00", "on Monday, December 7 at 12:30 p.m."),  # a week or more away: the date too
-    (hours("America/New_York", tue=["00:00-06:00"]), "2026-11-24 03:00", "at midnight tonight"),  # Mon 22:00
-    (hours("America/New_York", mon=["18:00-22:00"]), "2026-11-23 14:00", "today at 6 p.m."),
+     "2026-11-24 07:00", "on Monday, December 7 at 12:30 p.m. UTC"),  # a week or more away: the date too
+    (hours("America/New_York", tue=["00:00-06:00"]), "2026-11-24 03:00", "at midnight tonight, Eastern time"),  # Mon 22:00
+    (hours("America/New_York", mon=["18:00-22:00"]), "2026-11-23 14:00", "today at 6 p.m. Eastern time"),
     # spring forward: a span starting in the skipped hour opens when the clocks jump
-    (hours("America/New_York", sun=["02:30-05:00"]), "2026-03-08 06:00", "today at 3 a.m."),
+    (hours("America/New_York", sun=["02:30-05:00"]), "2026-03-08 06:00", "today at 3 a.m. Eastern time"),
     # fall back: 01:30-02:30 was open 01:30-02:00 EDT; at 01:10 EST it opens again at 01:30 EST
-    (hours("America/New_York", sun=["01:30-02:30"]), "2026-11-01 06:10", "today at 1:30 a.m."),
+    (hours("America/New_York", sun=["01:30-02:30"]), "2026-11-01 06:10", "today at 1:30 a.m. Eastern time"),
     # Christmas in Sydney: Friday is a holiday there although it is still Thursday in UTC
     (Hours.model_validate({"timezone": "Australia/Sydney", "holidays": ["2026-12-25"],
                            "weekly": {d: ["09:00-17:00"] for d in ("mon", "tue", "wed", "thu", "fri")}}),
-     "2026-12-24 13:30", "on Monday at 9 a.m."),
+     "2026-12-24 13:30", "on Monday at 9 a.m. Australian Eastern time"),
 ]
 
 
@@ -228,14 +228,14 @@ NIGHT = T("2026-11-24 03:00")  # Mon 22:00 New York: every queue but repair clos
 def test_the_callback_offer_says_when_the_team_opens() -> None:
     d = run(DEFAULT, [U("speak_to_agent")], NIGHT)[-1]
     assert (d.action, d.reason, d.target) == ("confirm", "out_of_hours", "general")
-    assert d.prompt.endswith("when we open tomorrow at 8 a.m.?")
+    assert d.prompt.endswith("when we open tomorrow at 8 a.m. Eastern time?")
 
 
 def test_chain_closed_queue_to_closed_queue_to_callback() -> None:
     """billing (closed) -> general (closed) -> callback: the offer names general's opening, not billing's."""
     d = run(DEFAULT, [U("billing_dispute")], T("2026-11-28 23:00"))[-1]  # Sat 18:00
     assert (d.action, d.reason, d.target) == ("confirm", "out_of_hours", "general")
-    assert "on Monday at 8 a.m." in d.prompt
+    assert "on Monday at 8 a.m. Eastern time" in d.prompt
     d = run(DEFAULT, [U("billing_dispute")], T("2026-11-28 15:00"))[-1]  # Sat 10:00: general open
     assert (d.action, d.reason, d.target) == ("transfer", "out_of_hours", "general")
 
@@ -263,12 +263,12 @@ def test_opens_in_a_message_and_after_the_callback_answer() -> None:
     doc["prompts"]["callback_declined"] = "Okay. We open {opens}. Goodbye."
     p = _policy(doc)
     done = run(p, [U("speak_to_agent"), U("affirm")], NIGHT)[-1]
-    assert done.prompt == "Great, we'll call you tomorrow at 8 a.m. Goodbye."
-    assert run(p, [U("speak_to_agent"), U("deny")], NIGHT)[-1].prompt == "Okay. We open tomorrow at 8 a.m. Goodbye."
+    assert done.prompt == "Great, we'll call you tomorrow at 8 a.m. Eastern time. Goodbye."
+    assert run(p, [U("speak_to_agent"), U("deny")], NIGHT)[-1].prompt == "Okay. We open tomorrow at 8 a.m. Eastern time. Goodbye."
     doc["queues"]["general"]["out_of_hours"] = {"action": "message", "prompt": "closed_msg"}
     d = run(_policy(doc), [U("speak_to_agent")], NIGHT)[-1]
     assert (d.action, d.reason) == ("hangup", "out_of_hours")
-    assert d.prompt == "Our team is closed. We open tomorrow at 8 a.m."  # not "8 a.m.."
+    assert d.prompt == "Our team is closed. We open tomorrow at 8 a.m. Eastern time."
 
 
 @pytest.mark.parametrize("where,field", [
