@@ -39,8 +39,10 @@ USER voicebot:voicebot
 EXPOSE 8080/tcp 5060/udp 5060/tcp
 VOLUME ["/var/lib/voicebot"]
 
-# /healthz is liveness (the process answers); /readyz gates traffic (compose depends_on, k8s)
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+# /healthz is liveness (the process answers); /readyz gates traffic (compose depends_on, k8s). The HTTP
+# port answers only once start-up is done, and a fresh BOT_DATA_DIR volume renders every prompt first
+# (~100 s on 2 busy cores): a shorter start period marks a healthy first start unhealthy.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=180s --retries=3 \
   CMD curl -fsS "http://127.0.0.1:${BOT_HTTP_PORT}/healthz" || exit 1
 
 # SIGTERM drains live calls for BOT_SHUTDOWN_GRACE_S (compose stop_grace_period is longer)

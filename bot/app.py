@@ -84,6 +84,8 @@ async def prerender(engine: Any, policy: Any, cache: dict[tuple[str, str], np.nd
     keys += [(prompts[k], "calm") for k in sorted(calm) if k in prompts]
     from engine.types import SpeechStyle
 
+    for stale in set(cache) - set(keys):  # prompts an earlier version had: bounded by the live policy
+        del cache[stale]
     for text, style in keys:
         if text and (text, style) not in cache:
             try:
@@ -111,6 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         engine = await loop.run_in_executor(None, load_engine)  # model load is disk/CPU work
         app.state.engine = engine
+        wait_voice = getattr(engine, "wait_ready", None)
+        if wait_voice is not None:  # no voice (espeak-ng missing) would answer every call with silence:
+            await wait_voice()      # fail start-up with the voice's error instead of going ready
         cache: dict[tuple[str, str], np.ndarray] = {}
         await prerender(engine, policy_holder()[1], cache)
         watcher = getattr(app.state, "policy_watcher", None)
@@ -136,6 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rest = rest
         sip = await _start_sip(calls, settings)
         app.state.sip = sip
+        if sip is not None:
+            calls.on_drain.append(sip.refuse_new_calls)
         metrics.WORKER_INFO.labels(settings.worker_id, VERSION).set(1)
         resources = asyncio.create_task(process_metrics.run(), name="process-metrics")
         state["ready"] = True
@@ -169,19 +176,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("worker_stopped", worker=settings.worker_id)
 
     app = FastAPI(title="voicebot", version=VERSION, lifespan=lifespan)
-    rest = (TwilioRest(settings.twilio_api_base, settings.twilio_account_sid, settings.twilio_auth_token)
-            if settings.twilio_auth_token else None)
+    rest = (TwilioRest(settings.twilio_api_base, settings.twilio_account_sid, settings.twilio_auth_token,
+                       api_key=settings.twilio_api_key, api_secret=settings.twilio_api_secret)
+            if settings.twilio_auth_token or settings.twilio_api_key else None)
 
     async def on_twilio_call(bridge: Any) -> None:
         await app.state.calls.run_call(bridge)
 
     cfg = TwilioRouteConfig(
-        checker=SignatureChecker(settings.twilio_auth_token, settings.public_url),
+        checker=SignatureChecker(settings.twilio_auth_token, settings.public_url, settings.twilio_webhook_shared_key),
         rest=rest,
         public_url=settings.public_url,
         lead_ms=int(os.environ.get("BOT_TWILIO_LEAD_MS", 120)),
         max_bad_messages=int(os.environ.get("BOT_TWILIO_MAX_BAD_MESSAGES", 0)),
         is_draining=lambda: (not state["ready"]) or app.state.calls.draining,
+        dial_caller_id=settings.twilio_dial_caller_id,
+        dial_timeout_s=settings.twilio_dial_timeout_s,
+        on_transfer_outcome=lambda sid, status, reached: _record_transfer_outcome(app, sid, status, reached),
     )
     app.include_router(make_router(on_twilio_call, cfg))
 
@@ -197,7 +208,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "draining": bool(calls and calls.draining), "active_calls": len(calls.active) if calls else 0,
                 "redis": bool(store and store.healthy),
                 "sip": sip.status if (sip := getattr(app.state, "sip", None)) is not None else "off",
-                "understanding": bool(getattr(getattr(app.state, "engine", None), "has_understanding", False))}
+                "understanding": bool(getattr(getattr(app.state, "engine", None), "has_understanding", False)),
+                "voice": bool(getattr(getattr(app.state, "engine", None), "ready", False))}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/metrics")
@@ -243,6 +255,13 @@ async def _start_policy(app: FastAPI, redis: Any, settings: Settings) -> Any:
         log.warning("policy_store_unavailable", error=repr(exc))
         policy = load_local_policy(settings.policy_path)
         return lambda: ("file", policy)
+
+
+def _record_transfer_outcome(app: FastAPI, call_sid: str, status: str, reached_agent: bool) -> None:
+    """Twilio's report on a transfer (agent reached, or no answer / busy / queue full) in the call's story."""
+    store = getattr(app.state, "call_store", None)
+    if store is not None and call_sid:
+        store.late_event(call_sid, "transfer_outcome", status=status or "unknown", reached_agent=reached_agent)
 
 
 async def _start_sip(calls: CallManager, settings: Settings) -> SipListener | None:

@@ -26,10 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_error(command: str, exc: Exception) -> int:
+    """A bad environment variable: one clear line naming it (and a JSON log event on stderr: stdout carries
+    only a command's output), no traceback; exit 2 like any other usage error."""
+    from ops.logs import configure_logging, get_logger
+
+    configure_logging()
+    get_logger("bot.cli").error("invalid_setting", command=command, error=str(exc))
+    print(f"{'bot ' + command if command else 'bot'}: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     from bot.config import ConfigError
+
+    try:
+        # a subcommand's defaults may come from the environment (BOT_ENGINE_THREADS=abc): one line, not a traceback
+        parser = build_parser()
+    except ConfigError as exc:
+        return _config_error("", exc)
+    args = parser.parse_args(argv)
     from ops.logs import configure_logging
 
     # before any command runs: a module that logs (the engine) would otherwise get structlog's default, console
@@ -40,14 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
         sys.stdout.flush()
     except ConfigError as exc:
-        # a bad environment variable: one clear line naming it (and a JSON log event on stderr: stdout
-        # carries only a command's output), no traceback
-        from ops.logs import configure_logging, get_logger
-
-        configure_logging()
-        get_logger("bot.cli").error("invalid_setting", command=args.command, error=str(exc))
-        print(f"bot {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(args.command, exc)
+    except KeyboardInterrupt:
+        # Ctrl-C in `bot call`, `bot engine eval`, ...: the user asked for it; say so, no traceback.
+        # 130 = 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
+        print(f"bot {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `bot policy schema | head`: the reader left; that is no error. Point stdout at devnull so the
         # interpreter's own flush at exit does not raise again.

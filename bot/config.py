@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,13 @@ class Settings:
     twilio_auth_token: str = field(default_factory=lambda: _env("TWILIO_AUTH_TOKEN", ""))
     twilio_account_sid: str = field(default_factory=lambda: _env("TWILIO_ACCOUNT_SID", ""))
     twilio_api_base: str = field(default_factory=lambda: _env("TWILIO_API_BASE", "https://api.twilio.com"))
+    twilio_api_key: str = field(default_factory=lambda: _env("TWILIO_API_KEY", ""))  # SK...: REST auth instead
+    twilio_api_secret: str = field(default_factory=lambda: _env("TWILIO_API_SECRET", ""))  # of the auth token
+    twilio_webhook_shared_key: str = field(default_factory=lambda: _env("TWILIO_WEBHOOK_SHARED_KEY", ""))
+    twilio_dial_caller_id: str = field(default_factory=lambda: _env("BOT_TWILIO_DIAL_CALLER_ID", ""))
+    twilio_dial_timeout_s: int = field(default_factory=lambda: _int("BOT_TWILIO_DIAL_TIMEOUT_S", 0, 0, 600))
+    # proxies whose X-Forwarded-For/-Proto are believed (client address for the admin audit and lockout)
+    forwarded_allow_ips: str = field(default_factory=lambda: _env("BOT_FORWARDED_ALLOW_IPS", "127.0.0.1"))
     admin_token: str = field(default_factory=lambda: _env("BOT_ADMIN_TOKEN", ""))
     admin_tokens_file: str = field(default_factory=lambda: _env("BOT_ADMIN_TOKENS_FILE", ""))
     call_ttl_s: int = field(default_factory=lambda: _int("BOT_CALL_TTL_S", 7 * 24 * 3600, 1))
@@ -87,3 +95,93 @@ class Settings:
 
 def load_settings() -> Settings:
     return Settings()
+
+
+# Settings other modules read with a bare int()/float() (telephony/ and engine/ may not import this module):
+# checked here when `bot serve` starts, so a typo is one line naming the variable instead of a traceback
+# from deep inside the app's start-up (or an abort) a minute later. (kind, lowest, highest); None: unbounded.
+_NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
+    "BOT_EMBEDDED_REDIS_PORT": (int, 0, 65535),
+    "BOT_MAX_CALL_S": (float, 1, None), "BOT_NO_INPUT_S": (float, 0.1, None),
+    "BOT_FILLER_AFTER_S": (float, 0, None), "BOT_SILENCE_BUDGET_S": (float, 0, None),
+    "BOT_ENGINE_TIMEOUT_S": (float, 0.01, None), "BOT_EOT_TIMEOUT_S": (float, 0.01, None),
+    "BOT_TRANSFER_WAIT_S": (float, 0, None),
+    "BOT_VAD_THRESHOLD": (float, 0, 1), "BOT_VAD_GATE_DBFS": (float, None, 0),
+    "BOT_SPEECH_START_MS": (float, 0, None), "BOT_BARGE_IN_MS": (float, 0, None),
+    "BOT_ECHO_MARGIN_DB": (float, None, None), "BOT_MIN_TURN_SPEECH_MS": (float, 0, None),
+    "BOT_MAX_TURN_S": (float, 0.1, None), "BOT_EOT_MIN_SILENCE_MS": (float, 0, None),
+    "BOT_EOT_MAX_SILENCE_MS": (float, 0, None), "BOT_EOT_THRESHOLD": (float, 0, 1),
+    "BOT_TWILIO_LEAD_MS": (int, 0, None), "BOT_TWILIO_MAX_BAD_MESSAGES": (int, 0, None),
+    "BOT_ENGINE_FEATURE_THREADS": (int, 0, None), "BOT_ENGINE_WORKERS": (int, 1, None),
+    "BOT_ENGINE_BATCH_WAIT_MS": (float, 0, None), "BOT_ENGINE_MAX_BATCH": (int, 1, None),
+    "BOT_ENGINE_MAX_QUEUE": (int, 1, None),
+    "BOT_VOICE_THREADS": (int, 1, None), "BOT_VOICE_WORKERS": (int, 1, None), "BOT_VOICE_CACHE_SIZE": (int, 0, None),
+    "BOT_VOICE_MAX_CHARS": (int, 1, None), "BOT_VOICE_DISK_CACHE_MAX": (int, 0, None),
+    "BOT_TRITON_TIMEOUT_S": (float, 0.01, None),
+    "BOT_RTP_PORT_MIN": (int, 1, 65535), "BOT_RTP_PORT_MAX": (int, 1, 65535), "BOT_RTP_TIMEOUT_S": (float, 0.1, None),
+    "BOT_SIP_JITTER_FRAMES": (int, 0, None), "BOT_SIP_INVITE_RATE": (float, 0, None),
+    "BOT_SIP_INVITE_BURST": (float, 0, None), "BOT_SIP_MAX_CALLS": (int, 0, None),
+    "BOT_SIP_TRANSFER_TIMEOUT_S": (float, 0, None), "BOT_SIP_RING_S": (float, 0, None),
+    "BOT_ADMIN_MAX_UPLOAD_BYTES": (int, 1, None), "BOT_ADMIN_MAX_BAD_TOKENS_PER_MIN": (int, 0, None),
+}
+# settings with a fixed set of values (compared case-insensitively, as their readers do)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "BOT_LOG_LEVEL": ("debug", "info", "warning", "error", "critical"),
+    "BOT_ENGINE_BACKEND": ("onnx", "torch", "tensorrt", "triton", "auto"),  # engine.backends.BACKENDS
+    "BOT_VOICE": ("piper", "espeak"),
+    "BOT_ENGINE_FAULT": ("none", "understand", "end_of_turn", "speak", "all"),
+    "BOT_SIP_SCANNER_REPLY": ("drop", "403"),
+}
+_FLAGS = ("BOT_SIP_ENABLED", "BOT_VOICE_DISK_CACHE", "BOT_ENGINE_ADAPTIVE_BATCH")
+_FLAG_WORDS = ("1", "0", "true", "false", "yes", "no", "on", "off")
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why the bot could not keep its data under `path` (None if it can); creates it, as the bot would."""
+    if path.exists() and not path.is_dir():
+        return "not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create it ({exc.strerror or exc})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable by this user"
+    return None
+
+
+def validate_environment() -> Settings:
+    """Every BOT_* setting `bot serve` uses, checked before anything starts: ConfigError naming the first bad one."""
+    settings = load_settings()
+    for name, (kind, lo, hi) in _NUMBERS.items():
+        _number(name, 0, kind, lo, hi)
+    for name, allowed in _CHOICES.items():
+        raw = os.environ.get(name, "").strip()
+        if raw and raw.lower() not in allowed:
+            raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+    for name in _FLAGS:
+        raw = os.environ.get(name, "").strip()
+        if raw and raw.lower() not in _FLAG_WORDS:
+            raise ConfigError(f"{name}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+    lo, hi = _int("BOT_RTP_PORT_MIN", 20000), _int("BOT_RTP_PORT_MAX", 30000)
+    if lo > hi:
+        raise ConfigError(f"BOT_RTP_PORT_MIN={lo} is above BOT_RTP_PORT_MAX={hi}")
+    for name, path in (("BOT_POLICY", settings.policy_path), ("BOT_ADMIN_TOKENS_FILE", settings.admin_tokens_file)):
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"{name}={path!r}: not a readable file")
+    if settings.engine_model_dir and not os.path.isdir(settings.engine_model_dir):
+        raise ConfigError(f"BOT_ENGINE_MODEL_DIR={settings.engine_model_dir!r}: not a directory")
+    if not settings.redis_url.strip() and shutil.which("redis-server") is None:
+        # e.g. `docker run voicebot` alone: the image has no redis-server, compose gives it REDIS_URL
+        raise ConfigError("REDIS_URL is empty and there is no redis-server on PATH to embed: set REDIS_URL "
+                          "(redis://HOST:6379/0) or install redis-server (scripts/setup.sh)")
+    from telephony.twilio.rest import TwilioConfigError, check_api_base
+
+    try:
+        check_api_base(settings.twilio_api_base)
+    except TwilioConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if bool(settings.twilio_api_key) != bool(settings.twilio_api_secret):
+        raise ConfigError("TWILIO_API_KEY and TWILIO_API_SECRET go together: set both or neither")
+    if (why := _writable_dir(settings.data_dir)) is not None:
+        raise ConfigError(f"BOT_DATA_DIR={str(settings.data_dir)!r}: {why}")
+    return settings

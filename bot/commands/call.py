@@ -71,6 +71,18 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _why(exc: BaseException, url: str) -> str:
+    """The failure in words a newcomer can act on: most often nothing listens at the URL yet."""
+    import httpx
+
+    if isinstance(exc, (httpx.ConnectError, ConnectionRefusedError)):
+        return (f"no bot answers at {url} ({exc or type(exc).__name__}): start one with `make run` (or "
+                "`.venv/bin/bot serve`) and wait for 'ready', or point --url at it")
+    if isinstance(exc, httpx.TimeoutException):
+        return f"the bot at {url} did not answer in time ({type(exc).__name__}): is it still starting?"
+    return repr(exc)
+
+
 def run(args: argparse.Namespace) -> int:
     if (problem := _check_inputs(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -86,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from bot.redis_embedded import cli_redis_url
     from bot.simulator import run_call, turn_decisions
 
-    url = args.url or f"http://127.0.0.1:{os.environ.get('BOT_HTTP_PORT', '8080')}"
+    url = args.url or f"http://127.0.0.1:{os.environ.get('BOT_HTTP_PORT', '8080').strip() or '8080'}"  # "": default
     token = args.token if args.token is not None else os.environ.get("TWILIO_AUTH_TOKEN", "")
     try:
         sid = args.account_sid or os.environ.get("TWILIO_ACCOUNT_SID") or None
@@ -94,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
                                    redis_url=cli_redis_url(args.redis_url) or None,
                                    reply_timeout_s=args.reply_timeout))
     except Exception as exc:  # noqa: BLE001
-        print(f"error: call failed: {exc!r}", file=sys.stderr)
+        from ops.logs import get_logger
+
+        get_logger("bot.call").warning("call_failed", url=url, error=repr(exc))
+        print(f"error: call failed: {_why(exc, url)}", file=sys.stderr)
         return 1
     out = res.summary()
     decisions = {d["n"]: d for d in turn_decisions(res.record)}

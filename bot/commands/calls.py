@@ -10,6 +10,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from bot.commands import int_between
 from ops.logs import mask_digits
 
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("calls", help="inspect calls stored in Redis (alone: the most recent calls)")
     p.add_argument("--redis-url", default=None,
                    help="default: REDIS_URL, else the embedded Redis of a bot running under BOT_DATA_DIR")
-    p.add_argument("-n", "--limit", type=int, default=20, help="how many recent calls to list (default 20)")
+    p.add_argument("-n", "--limit", type=int_between(1), default=20, help="how many recent calls to list (default 20)")
     p.set_defaults(func=run_list)
     csub = p.add_subparsers(dest="calls_cmd")
     show = csub.add_parser("show", help="a call's record and event stream")
@@ -29,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     live = csub.add_parser("live", help="calls in progress on any worker")
     live.add_argument("--redis-url", default=None, help="as for show")
     live.set_defaults(func=run_live)
+
+
 
 
 def _url(args: argparse.Namespace) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from bot.commands import int_between
+
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
 
 
@@ -201,16 +203,26 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """argparse type for counts: `--limit -1` silently dropped the last clip (a slice) and `--limit 0` reported
-    an accuracy of 0.0 over no clips; both are refused instead."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
+
+
+
+
+def _guard(fn):  # type: ignore[no-untyped-def]
+    """A handler whose input files are missing (a --run without best.pt, a model dir without config.json):
+    one line naming the file and exit 2, instead of a traceback from deep inside torch or pathlib."""
+    def run(a: argparse.Namespace) -> int:
+        try:
+            return fn(a)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            from ops.logs import get_logger
+
+            get_logger("bot.engine").warning("engine_cli_missing_input", command=a.engine_command, error=str(exc))
+            detail = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+            print(f"error: bot engine {a.engine_command}: {detail} (a --run DIR holds best.pt, a model dir "
+                  "model.onnx and config.json, a data dir SPLIT/manifest.jsonl)", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -368,6 +380,11 @@ def cmd_build_trt(a: argparse.Namespace) -> int:
     return build_engine(onnx, a.out, fp16=not a.fp32)
 
 
+# handlers whose missing input files would otherwise end in a traceback
+_GUARDED = ("synth", "train", "wise", "refreeze", "soup", "import-model", "calibrate", "export", "make-asterisk-eval",
+            "readouts")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("engine", help="speech engine: data, training, evaluation, export")
     sub = p.add_subparsers(dest="engine_command", required=True)
@@ -375,11 +392,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("synth", help="synthesize train/val/test sets from the policy's intent catalog")
     s.add_argument("--policy", default=None)
     s.add_argument("--out", default="data/synth")
-    s.add_argument("--train", type=int, default=12000)
-    s.add_argument("--val", type=int, default=1200)
-    s.add_argument("--test", type=int, default=1500)
-    s.add_argument("--test-eot", dest="test_eot", type=int, default=800)
-    s.add_argument("--calib", type=int, default=0,
+    s.add_argument("--train", type=int_between(0), default=12000)
+    s.add_argument("--val", type=int_between(0), default=1200)
+    s.add_argument("--test", type=int_between(0), default=1500)
+    s.add_argument("--test-eot", dest="test_eot", type=int_between(0), default=800)
+    s.add_argument("--calib", type=int_between(0), default=0,
                    help="clips of the calibration split (validation voices, phrasings no other split holds); "
                         "`bot engine calibrate --split calib` fits the temperature on it")
     s.add_argument("--workers", type=int, default=2)
@@ -400,7 +417,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--kokoro-share", dest="kokoro_share", type=float, default=0.0,
                    help="share of training clips said by a train Kokoro voice (neural, human-like; needs the train "
                         "extra; ~0.5x real time per worker); 0 keeps older plans identical")
-    s.add_argument("--test-neural", dest="test_neural", type=int, default=0,
+    s.add_argument("--test-neural", dest="test_neural", type=int_between(0), default=0,
                    help="clips of the test_neural split: test phrasings said by held-out Kokoro voices")
     s.set_defaults(func=cmd_synth)
 
@@ -471,15 +488,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--model", default=None, help="model dir (default: packaged)")
     v.add_argument("--json", action="store_true", help="print one JSON object only")
     v.add_argument("--report-dir", dest="report_dir", default=None, help="markdown + PNG report (default DIR/report)")
-    v.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N manifest rows")
+    v.add_argument("--limit", type=int_between(1), default=None, metavar="N", help="only the first N manifest rows")
     v.set_defaults(func=cmd_eval)
 
     cp = sub.add_parser("compare", help="two models on the same clips: paired differences with bootstrap 95%% intervals")
     cp.add_argument("dir")
     cp.add_argument("--a", default=None, help="baseline model dir (default: packaged)")
     cp.add_argument("--b", required=True, help="candidate model dir")
-    cp.add_argument("--reps", type=_positive_int, default=2000, help="bootstrap resamples (default %(default)s)")
-    cp.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N manifest rows")
+    cp.add_argument("--reps", type=int_between(1), default=2000, help="bootstrap resamples (default %(default)s)")
+    cp.add_argument("--limit", type=int_between(1), default=None, metavar="N", help="only the first N manifest rows")
     cp.add_argument("--json", action="store_true", help="print one JSON object only")
     cp.set_defaults(func=cmd_compare)
 
@@ -492,7 +509,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m = sub.add_parser("make-asterisk-eval", help="build a real-speech eval set from asterisk-core-sounds-en-wav")
     m.add_argument("out")
     m.add_argument("--policy", default=None)
-    m.add_argument("-n", type=int, default=200)
+    m.add_argument("-n", type=int_between(1), default=200)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--long", action="store_true",
                    help="only account numbers of 9-14 digits read in groups with pauses (8-16 s, longer than the model's window)")
@@ -503,7 +520,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ro.add_argument("out")
     ro.add_argument("--policy", default=None)
     ro.add_argument("--split", default="val", choices=["train", "val", "test"])
-    ro.add_argument("-n", type=int, default=150)
+    ro.add_argument("-n", type=int_between(1), default=150)
     ro.add_argument("--seed", type=int, default=0)
     ro.set_defaults(func=cmd_readouts)
 
@@ -548,9 +565,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--fp32", action="store_true", help="FP32 plan (only with --out)")
     b.set_defaults(func=cmd_build_trt)
 
+    for name, sp in sub.choices.items():  # the pipeline's file-reading handlers (bench registers its own)
+        if name in _GUARDED:
+            sp.set_defaults(func=_guard(sp.get_default("func")))
+
     try:
         import engine.bench as bench  # written by the runtime engineer
     except ImportError:
         bench = None
     if bench is not None and hasattr(bench, "register"):
+        from bot.config import _int
+
+        _int("BOT_ENGINE_THREADS", 1, 1)  # bench's --threads default: a bad value is a ConfigError naming it
         bench.register(sub)

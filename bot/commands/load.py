@@ -13,7 +13,8 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("load", help="load test: N concurrent simulated callers, latency/CPU report, CSV + PNG")
-    p.add_argument("--url", default="http://127.0.0.1:8080", help="bot HTTP base URL (Twilio webhook/stream)")
+    p.add_argument("--url", default=None,
+                   help="bot HTTP base URL (Twilio webhook/stream; default http://127.0.0.1:$BOT_HTTP_PORT, as bot call)")
     p.add_argument("--sip", default="", help="SIP server host:port (callers with --sip-fraction dial it)")
     p.add_argument("--calls", type=int, default=4, help="concurrent callers at full load")
     p.add_argument("--ramp-s", type=float, default=10.0, help="seconds to bring all callers up")
@@ -67,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"bot load: not a readable WAV: {w} ({exc})", file=sys.stderr)
             return 2
     server = None
-    url, sip, pids, redis_url = args.url, args.sip, list(args.pid), args.redis_url
+    import os
+
+    # the same default as `bot call`: a bot moved off a taken 8080 with BOT_HTTP_PORT is found by both
+    url = args.url or f"http://127.0.0.1:{os.environ.get('BOT_HTTP_PORT', '8080').strip() or '8080'}"
+    sip, pids, redis_url = args.sip, list(args.pid), args.redis_url
     if args.spawn:
         try:
             server = BotProcess(Path(tempfile.mkdtemp(prefix="bot-load-")), workers=args.workers,

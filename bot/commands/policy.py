@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bot.commands import int_between
 from ops.logs import configure_logging, get_logger
 from ops.metrics import ERRORS
 
@@ -169,13 +170,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--policy", help="policy file (default: BOT_POLICY or policies/default.yaml)")
     t.add_argument("--model-dir", help="engine model directory (default: the engine's)")
     t.add_argument("--cache", help="cache file for engine outputs (default under BOT_TUNE_CACHE_DIR)")
-    t.add_argument("--limit", type=int, help="only the first N manifest rows (not cached unless --cache)")
+    t.add_argument("--limit", type=int_between(1), metavar="N", help="only the first N manifest rows (not cached unless --cache)")
     t.add_argument("--cost-wrong", type=float, default=10.0, help="cost of acting on the wrong intent")
     t.add_argument("--cost-clarify", type=float, default=1.0, help="cost of a confirm/clarify question")
     t.add_argument("--cost-escalate", type=float, default=4.0, help="cost of a failed turn (reprompt / escalation)")
     t.add_argument("--with-caller-state", action="store_true", help="keep frustration cues (transfers) in the replay")
     t.add_argument("--json", action="store_true", help="print one JSON object: table, recommendation, current")
     t.set_defaults(func=_wrap(cmd_tune))
+
+
 
 
 def _wrap(fn: Any) -> Any:

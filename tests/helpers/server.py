@@ -31,7 +31,7 @@ class BotServer(BotProcess):
         self.redis_url = redis_url
         self.flush_db = flush_db
 
-    def start(self, timeout_s: float = 90.0) -> "BotServer":
+    def start(self, timeout_s: float = 180.0) -> "BotServer":  # it renders every prompt: ~95 s on a loaded box
         if self.flush_db:
             import redis
 
