@@ -36,6 +36,11 @@ class Allowlist:
             addr = addr.ipv4_mapped
         return any(addr.version == n.version and addr in n for n in self.nets)
 
+    @property
+    def is_open(self) -> bool:
+        """Admits the whole internet (the default with a password): being allowed says nothing of who it is."""
+        return any(n.prefixlen == 0 for n in self.nets)
+
 
 class TokenBucket:
     """Per-source INVITE rate limit; idle buckets are pruned so the table stays bounded."""
@@ -106,9 +111,6 @@ class DigestAuth:
         if not p:
             return "missing"
         nonce = p.get("nonce", "")
-        ts, _, sig = nonce.partition(".")
-        if not hmac.compare_digest(sig, self._sign(ts)) or not ts.isdigit():
-            return "bad"
         if p.get("username") != self.user or p.get("realm") != self.realm:
             return "bad"
         algorithm = p.get("algorithm", "MD5")
@@ -118,9 +120,72 @@ class DigestAuth:
                                    nonce, p.get("qop", ""), p.get("nc", ""), p.get("cnonce", ""))
         if not hmac.compare_digest(expected, p.get("response", "")):
             return "bad"
+        # The password is right. A nonce we did not sign (one from before a restart, or from another
+        # instance behind the same proxy) or an expired one is 'stale' (RFC 2617 3.2.1): re-challenge,
+        # do not count a trunk with the right password as a failed (or brute-forcing) login.
+        ts, _, sig = nonce.partition(".")
+        if not ts.isdigit() or not hmac.compare_digest(sig, self._sign(ts)):
+            return "stale"
         if time.time() - int(ts) > self.nonce_ttl_s:
             return "stale"
         return "ok"
+
+
+class AuthFailures:
+    """Digest brute-force guard: a source with `limit` wrong answers within `window_s` is refused for
+    `block_s`. Keyed by source IP; the table is bounded so a distributed attack cannot grow it forever."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0, block_s: float = 300.0,
+                 max_sources: int = 10000) -> None:
+        self.limit, self.window_s, self.block_s, self.max_sources = limit, window_s, block_s, max_sources
+        self._fails: dict[str, list[float]] = {}  # source -> times of recent failures (at most `limit`)
+        self._blocked: dict[str, float] = {}  # source -> monotonic time the block ends
+
+    @property
+    def enabled(self) -> bool:
+        return self.limit > 0 and self.block_s > 0
+
+    def blocked(self, key: str, now: float | None = None) -> bool:
+        until = self._blocked.get(key)
+        if until is None:
+            return False
+        if (time.monotonic() if now is None else now) < until:
+            return True
+        del self._blocked[key]
+        return False
+
+    def failed(self, key: str, now: float | None = None) -> bool:
+        """Record one wrong answer; True when this one starts a block."""
+        if not self.enabled:
+            return False
+        now = time.monotonic() if now is None else now
+        recent = [t for t in self._fails.get(key, []) if now - t < self.window_s]
+        recent.append(now)
+        if len(recent) < self.limit:
+            self._fails[key] = recent[-self.limit:]
+            self._prune(now)
+            return False
+        self._fails.pop(key, None)
+        self._blocked[key] = now + self.block_s
+        self._prune(now)
+        return True
+
+    def succeeded(self, key: str) -> None:
+        self._fails.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        # down to 90 % so a distributed attack pays for one scan per max_sources/10 sources, not per failure
+        keep = int(self.max_sources * 0.9)
+        if len(self._fails) > self.max_sources:
+            for k in [k for k, ts in self._fails.items() if not ts or now - ts[-1] >= self.window_s]:
+                del self._fails[k]
+            while len(self._fails) > keep:  # all recent: forget the oldest entries
+                del self._fails[next(iter(self._fails))]
+        if len(self._blocked) > self.max_sources:
+            for k in [k for k, until in self._blocked.items() if until <= now]:
+                del self._blocked[k]
+            while len(self._blocked) > keep:
+                del self._blocked[next(iter(self._blocked))]
 
 
 def authorization_header(challenge: str, user: str, password: str, method: str, uri: str) -> str:

@@ -45,5 +45,14 @@ class SipSettings:
     transfer_fallback: str = field(default_factory=lambda: _env("BOT_SIP_TRANSFER_FALLBACK", ""))
     transfer_timeout_s: float = field(default_factory=lambda: float(_env("BOT_SIP_TRANSFER_TIMEOUT_S", "8")))
     ring_s: float = field(default_factory=lambda: float(_env("BOT_SIP_RING_S", "0")))  # 180 -> 200 delay
+    # Digest brute-force guard: this many wrong answers from one source within the window -> its INVITEs
+    # are dropped for block_s (0 disables)
+    auth_fail_limit: int = field(default_factory=lambda: int(_env("BOT_SIP_AUTH_FAIL_LIMIT", "10")))
+    auth_fail_window_s: float = field(default_factory=lambda: float(_env("BOT_SIP_AUTH_FAIL_WINDOW_S", "60")))
+    auth_block_s: float = field(default_factory=lambda: float(_env("BOT_SIP_AUTH_BLOCK_S", "300")))
+    # TCP from the internet: a started message must be complete within this (slowloris), and a connection
+    # carrying no call is closed after this long without a complete message
+    tcp_message_timeout_s: float = field(default_factory=lambda: float(_env("BOT_SIP_TCP_MESSAGE_TIMEOUT_S", "10")))
+    tcp_idle_s: float = field(default_factory=lambda: float(_env("BOT_SIP_TCP_IDLE_S", "180")))
     scanner_reply: str = field(default_factory=lambda: _env("BOT_SIP_SCANNER_REPLY", "drop"))  # drop | 403
     user_agent: str = "voicebot-sip/0.1"

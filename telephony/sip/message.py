@@ -279,6 +279,8 @@ def parse_message(data: bytes, stream: bool = False) -> SipMessage:
             raise SipParseError("header_too_long")
         if line[:1] in (" ", "\t") and raw:
             raw[-1] += " " + line.strip()
+            if len(raw[-1]) > MAX_HEADER_LINE:  # folding must not build the long line the limit refuses
+                raise SipParseError("header_too_long")
         elif line:
             raw.append(line)
     if len(raw) > MAX_HEADER_COUNT:

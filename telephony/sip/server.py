@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from ops.logs import get_logger
 from ops.metrics import ERRORS, SIP_MESSAGES
-from telephony.sip.auth import Allowlist, DigestAuth, TokenBucket, is_scanner
+from telephony.sip.auth import Allowlist, AuthFailures, DigestAuth, TokenBucket, is_scanner
 from telephony.sip.call import SipCall
 from telephony.sip.config import SipSettings
 from telephony.sip.clock import MediaClock
@@ -42,6 +42,18 @@ OnCall = Callable[[SipCall], Awaitable[None]]
 
 
 MAX_SERVER_TX = 20000
+MAX_SERVER_TX_BYTES = 32 << 20  # cached responses copy the request's Vias: bound the bytes, not just entries
+KNOWN_SOURCE_TTL_S = 24 * 3600.0  # a source that had a call admitted is a trunk, not a stranger, this long
+MAX_KNOWN_SOURCES = 10000
+# TCP from the internet: a peer must finish a message it started within settings.tcp_message_timeout_s
+# (slowloris), a connection carrying no call and no complete message for settings.tcp_idle_s is closed, and
+# the number of connections is capped per source and in all (each holds a descriptor calls need for RTP).
+# Out-of-dialog OPTIONS (trunk keep-alives, one a few seconds at most) per source: a flood past this is dropped,
+# so one host cannot make us spend the event loop that paces every call's media answering it, nor reflect off us
+OPTIONS_RATE, OPTIONS_BURST = 10.0, 50.0
+TCP_MAX_CONNS = 512
+TCP_MAX_WRITE_BUFFER = 512 * 1024  # unsent bytes to one peer that does not read its answers: then it is dropped
+TCP_MAX_CONNS_PER_SOURCE = 32
 
 
 def tx_key(msg: SipMessage) -> tuple[str, ...]:
@@ -125,6 +137,7 @@ class SipServer:
         self.auth = (DigestAuth(self.settings.user, self.settings.password, self.settings.realm)
                      if self.settings.password else None)
         self.bucket = TokenBucket(self.settings.invite_rate, self.settings.invite_burst)
+        self.options_bucket = TokenBucket(OPTIONS_RATE, OPTIONS_BURST)
         self.calls: dict[tuple[str, str], SipCall] = {}
         self._pending: dict[str, SipCall] = {}  # INVITE branch -> call not yet answered (for CANCEL)
         self._srv_tx: dict[tuple[str, ...], _TxEntry] = {}
@@ -136,6 +149,10 @@ class SipServer:
         self._accepting = False
         self._janitor: asyncio.Task[None] | None = None
         self._bad_logged: dict[str, float] = {}
+        self._srv_tx_bytes = 0
+        self.auth_failures = AuthFailures(self.settings.auth_fail_limit, self.settings.auth_fail_window_s,
+                                          self.settings.auth_block_s)
+        self._known_sources: dict[str, float] = {}  # source IP -> last time it had a call admitted
 
     # Lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -223,22 +240,55 @@ class SipServer:
             await asyncio.sleep(5)
             now = time.monotonic()
             for k in [k for k, e in self._srv_tx.items() if e.expires < now]:
-                del self._srv_tx[k]
+                self._srv_tx_bytes -= len(self._srv_tx.pop(k).data)
 
     # TCP --------------------------------------------------------------------------------------------
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")[:2]
+        ip = addr[0]
+        per_source = sum(1 for a in self._tcp_conns if a[0] == ip)
+        if len(self._tcp_conns) >= TCP_MAX_CONNS or per_source >= TCP_MAX_CONNS_PER_SOURCE:
+            # Each connection holds a descriptor that calls need for RTP: refuse rather than run out.
+            kind = "stranger_tcp_refused" if self.is_stranger(ip) else "tcp_refused"
+            ERRORS.labels("sip", kind).inc()
+            if self._log_due(f"tcp_refused:{kind}"):
+                log.warning("sip_tcp_refused", source=ip, from_source=per_source, total=len(self._tcp_conns))
+            writer.close()
+            return
         conn = _TcpConn(writer, (addr[0], addr[1]))
         self._tcp_conns[conn.addr] = conn
         await self._read_stream(reader, conn)
 
+    def _conn_has_call(self, conn: _TcpConn) -> bool:
+        return any(c.peer.conn is conn for c in list(self.calls.values()) + list(self._pending.values()))
+
     async def _read_stream(self, reader: asyncio.StreamReader, conn: _TcpConn) -> None:
         buf = bytearray()
+        loop = asyncio.get_running_loop()
+        started = last_msg = loop.time()  # first byte of the pending message / last complete message
         try:
             while True:
-                chunk = await reader.read(65536)
+                now = loop.time()
+                if buf:  # a message has begun: it must be complete soon, however slowly the bytes drip
+                    wait = started + self.settings.tcp_message_timeout_s - now
+                else:
+                    wait = last_msg + self.settings.tcp_idle_s - now
+                if wait <= 0:
+                    if buf:
+                        self._bad("tcp_message_timeout", Peer("TCP", conn.addr, conn), bytes(buf[:16384]))
+                        return
+                    if not self._conn_has_call(conn):
+                        log.debug("sip_tcp_idle_closed", source=conn.addr[0])
+                        return
+                    last_msg, wait = now, self.settings.tcp_idle_s  # a live call's connection stays up
+                try:
+                    chunk = await asyncio.wait_for(reader.read(65536), wait)
+                except asyncio.TimeoutError:
+                    continue
                 if not chunk:
                     break
+                if not buf:
+                    started = loop.time()
                 buf += chunk
                 while True:
                     while buf[:2] == b"\r\n":  # CRLF keep-alives (RFC 5626 ping)
@@ -253,6 +303,7 @@ class SipServer:
                     _, total = found
                     data = bytes(buf[:total])
                     del buf[:total]
+                    started = last_msg = loop.time()
                     self.on_data(data, Peer("TCP", conn.addr, conn), stream=True)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -275,6 +326,16 @@ class SipServer:
     def _send(self, data: bytes, peer: Peer) -> None:
         if peer.proto == "TCP":
             if peer.conn is not None and not peer.conn.closed:
+                transport = peer.conn.writer.transport
+                if transport.get_write_buffer_size() + len(data) > TCP_MAX_WRITE_BUFFER:
+                    # The peer sends requests but never reads our answers (each 400/503 copies its Vias):
+                    # buffering for it would grow without bound, so the connection goes.
+                    kind = "stranger_tcp_not_reading" if self.is_stranger(peer.addr[0]) else "tcp_not_reading"
+                    ERRORS.labels("sip", kind).inc()
+                    log.warning("sip_tcp_not_reading", source=peer.addr[0], unsent=transport.get_write_buffer_size())
+                    peer.conn.closed = True
+                    transport.abort()
+                    return
                 peer.conn.send(data)
             else:
                 self._spawn(self._send_tcp_new(data, peer.addr))
@@ -299,9 +360,15 @@ class SipServer:
         data = resp.encode()
         if req.method != "ACK":
             if not (req.method == "OPTIONS" and not req.to_tag):  # stateless keep-alives: nothing to replay
-                if len(self._srv_tx) >= MAX_SERVER_TX:  # bounded under floods: forget the oldest
-                    self._srv_tx.pop(next(iter(self._srv_tx)))
-                self._srv_tx[tx_key(req)] = _TxEntry(data, peer, time.monotonic() + TX_LINGER_S)
+                key = tx_key(req)
+                if (old := self._srv_tx.pop(key, None)) is not None:
+                    self._srv_tx_bytes -= len(old.data)
+                # bounded under floods (in entries and bytes): forget the oldest
+                while self._srv_tx and (len(self._srv_tx) >= MAX_SERVER_TX
+                                        or self._srv_tx_bytes + len(data) > MAX_SERVER_TX_BYTES):
+                    self._srv_tx_bytes -= len(self._srv_tx.pop(next(iter(self._srv_tx))).data)
+                self._srv_tx[key] = _TxEntry(data, peer, time.monotonic() + TX_LINGER_S)
+                self._srv_tx_bytes += len(data)
         if peer.proto == "TCP" and (peer.conn is None or peer.conn.closed):
             peer = self._via_peer(req, peer)
         self._send(data, peer)
@@ -410,15 +477,36 @@ class SipServer:
         self._bad_logged[key] = now
         return True
 
+    def note_known_source(self, ip: str) -> None:
+        """`ip` had a call admitted: from now on its failures are a trunk's problems, not internet noise."""
+        self._known_sources.pop(ip, None)
+        self._known_sources[ip] = time.monotonic()
+        while len(self._known_sources) > MAX_KNOWN_SOURCES:
+            del self._known_sources[next(iter(self._known_sources))]
+
+    def is_stranger(self, ip: str) -> bool:
+        """A source we have no reason to think is a trunk: outside the allowlist, or (the allowlist admitting
+        the whole internet) one that has not had a call admitted in the last KNOWN_SOURCE_TTL_S."""
+        if not self.allow.allows(ip):
+            return True
+        if not self.allow.is_open:
+            return False  # the admin listed it: its junk is a real trunk's or phone's
+        seen = self._known_sources.get(ip)
+        return seen is None or time.monotonic() - seen > KNOWN_SOURCE_TTL_S
+
+    def _in_live_dialog(self, call_id: str, peer: Peer) -> bool:
+        if peer.conn is not None and any(c.peer.conn is peer.conn for c in self.calls.values()):
+            return True
+        return bool(call_id) and (any(k[0] == call_id for k in self.calls)
+                                  or any(c.call_id == call_id for c in self._pending.values()))
+
     def _bad(self, kind: str, peer: Peer, data: bytes | None) -> None:
-        """Count and log; answer 400 when the request is intact enough to route a response (8.2)."""
-        ERRORS.labels("sip", kind).inc()
-        SIP_MESSAGES.labels("invalid", "bad_request").inc()
-        if self._log_due(kind):
-            log.warning("sip_bad_message", kind=kind, source=peer.addr[0], size=len(data) if data else None)
-        if not data or data.startswith(b"SIP/"):
-            return
-        head = data.split(b"\r\n\r\n", 1)[0][:16384].decode("utf-8", errors="replace")
+        """Count and log; answer 400 when the request is intact enough to route a response (8.2).
+
+        Junk from strangers outside any dialog (internet probes, fuzzers) is counted as
+        `stranger_malformed`, which does not page; a malformed message in a live call's dialog or from a
+        known trunk keeps its parse kind, since a real caller's phone or trunk is misbehaving."""
+        head = (data or b"").split(b"\r\n\r\n", 1)[0][:16384].decode("utf-8", errors="replace")
         lines = head.split("\r\n")
         req = SipMessage(method=(lines[0].split(" ", 1)[0] or "X")[:20], uri="sip:x")
         for line in lines[1:]:
@@ -428,6 +516,16 @@ class SipServer:
                     req.add(name.strip(), value.strip())
                 except Exception:
                     continue
+        call_id = req.get("Call-ID")[:200]
+        in_dialog = self._in_live_dialog(call_id, peer)
+        counted = kind if in_dialog or not self.is_stranger(peer.addr[0]) else "stranger_malformed"
+        ERRORS.labels("sip", counted).inc()
+        SIP_MESSAGES.labels("invalid", "bad_request").inc()
+        if self._log_due(f"bad:{counted}:{kind}"):
+            log.warning("sip_bad_message", kind=kind, counted_as=counted, in_dialog=in_dialog, source=peer.addr[0],
+                        call_id=call_id[:80] or None, size=len(data) if data else None)
+        if not data or data.startswith(b"SIP/"):
+            return
         try:
             parse_via(req.top_via)
         except SipParseError:
@@ -480,6 +578,11 @@ class SipServer:
         elif method == "CANCEL":
             self._on_cancel(msg, peer)
         elif method == "OPTIONS" and not msg.to_tag:
+            if not self.options_bucket.allow(peer.addr[0]):
+                SIP_MESSAGES.labels("OPTIONS", "rate_limited").inc()
+                if self._log_due("options_flood"):
+                    log.warning("sip_options_flood", source=peer.addr[0], rate=OPTIONS_RATE, burst=OPTIONS_BURST)
+                return
             self.respond(msg, peer, 200, to_tag=new_tag(), extra=self._caps())
         elif method == "INVITE" and not msg.to_tag:
             self._spawn(self._on_invite(msg, peer))
@@ -495,22 +598,45 @@ class SipServer:
                 ("Supported", ", ".join(sorted(SUPPORTED)))]
 
     # INVITE -----------------------------------------------------------------------------------------
+    def _auth_failed(self, msg: SipMessage, peer: Peer) -> None:
+        """One wrong digest answer. A known trunk's failures count as `auth_failed` (its calls fail: page);
+        a stranger's as `stranger_auth_failed` (password guessing hurts no caller). Too many in a row
+        blocks the source (AuthFailures), logged once per block."""
+        ip = peer.addr[0]
+        stranger = self.is_stranger(ip)
+        kind = "stranger_auth_failed" if stranger else "auth_failed"
+        ERRORS.labels("sip", kind).inc()
+        self._refused(msg, peer, 401, kind)
+        if self.auth_failures.failed(ip):
+            ERRORS.labels("sip", "stranger_auth_blocked" if stranger else "auth_blocked").inc()
+            log.warning("sip_source_blocked", source=ip, known_trunk=not stranger, call_id=msg.call_id,
+                        failures=self.auth_failures.limit, window_s=self.auth_failures.window_s,
+                        block_s=self.auth_failures.block_s, user_agent=msg.get("User-Agent")[:80],
+                        hint="wrong digest answers; its INVITEs are dropped until the block ends "
+                             "(BOT_SIP_AUTH_FAIL_LIMIT / _WINDOW_S / BOT_SIP_AUTH_BLOCK_S)")
+
     async def _on_invite(self, msg: SipMessage, peer: Peer) -> None:
+        if self.auth is not None and self.auth_failures.blocked(peer.addr[0]):
+            SIP_MESSAGES.labels("INVITE", "auth_blocked").inc()
+            return  # silently: a password guesser learns nothing more and costs us nothing
         if not self._accepting:
             self._refused(msg, peer, 503, "shutting_down")
             self.respond(msg, peer, 503, extra=[("Retry-After", "5")])
             return
         if not self.bucket.allow(peer.addr[0]):
-            ERRORS.labels("sip", "rate_limited").inc()
-            self._refused(msg, peer, 503, "rate_limited")
+            # a stranger's INVITE flood (before any credentials) hurts no caller: not a paging error
+            kind = "stranger_rate_limited" if self.is_stranger(peer.addr[0]) else "rate_limited"
+            ERRORS.labels("sip", kind).inc()
+            self._refused(msg, peer, 503, kind)
             self.respond(msg, peer, 503, reason="Rate Limited", extra=[("Retry-After", "2")])
             return
         if self.auth is not None:
             verdict = self.auth.verify(msg.get("Authorization"), "INVITE")
-            if verdict != "ok":
+            if verdict == "ok":
+                self.auth_failures.succeeded(peer.addr[0])
+            else:
                 if verdict == "bad":
-                    ERRORS.labels("sip", "auth_failed").inc()
-                    self._refused(msg, peer, 401, "auth_failed")
+                    self._auth_failed(msg, peer)
                 self.respond(msg, peer, 401, to_tag=new_tag(),
                              extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
                 return
@@ -576,6 +702,7 @@ class SipServer:
             body = call.sdp_session.offer(call.media.local_port)
             call.awaiting_answer = True
         self.calls[(call.call_id, tag)] = call
+        self.note_known_source(peer.addr[0])
         call.state = "confirmed"
         ok = self.respond(msg, peer, 200, to_tag=tag, body=body,
                           extra=[("Contact", self.contact(local_ip, peer.proto)), ("Allow", ALLOW),

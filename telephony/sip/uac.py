@@ -34,6 +34,14 @@ from telephony.sip.server import T1, T2, local_ip_for
 
 log = get_logger("telephony.sip.uac")
 VOICE_RMS = 300.0  # int16 RMS above which a received frame counts as speech
+# A server that sends nothing back, not even 100 Trying (which the bot sends at once), within this many
+# seconds is given up on (408): RFC 3261's Timer B (32 s) only makes sense once someone answers.
+INVITE_NO_RESPONSE_S = 8.0
+
+
+class SipTransportError(OSError):
+    """A fatal transport error (ICMP port unreachable on our connected UDP socket): RFC 3261 8.1.3.1 treats
+    it as a 503 from the server."""
 _clocks: dict[int, MediaClock] = {}
 
 
@@ -87,6 +95,9 @@ class _Proto(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         self.ua.on_data(data, (addr[0], addr[1]))
 
+    def error_received(self, exc: Exception) -> None:
+        self.ua.on_transport_error(exc)
+
 
 @dataclass
 class TurnTiming:
@@ -138,6 +149,7 @@ class SipCaller:
         self.refer_dial_timeout_s = 6.0
         self.answered = asyncio.Event()
         self.final_status = 0
+        self.error = ""  # why the call failed, in words (nothing listening, no answer at all)
         self._ok_response: SipMessage | None = None
         self._invite: SipMessage | None = None
         self._ack_body = b""
@@ -151,7 +163,11 @@ class SipCaller:
     # Transport ---------------------------------------------------------------------------------------
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), local_addr=(self.local_ip, 0))
+        # Connected to the server: the kernel then reports an ICMP port unreachable (nothing listening) to us
+        # as a refused connection, so a wrong port fails at once instead of after 32 s of retransmissions.
+        # All our signaling goes to, and comes from, that one address.
+        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), local_addr=(self.local_ip, 0),
+                                                           remote_addr=(self.host, self.port))
         self.sip_port = self._udp.get_extra_info("sockname")[1]
         await self.media.open(self.local_ip, 30000, 40000)
         self._consumer = loop.create_task(self._consume())
@@ -165,8 +181,18 @@ class SipCaller:
             self._consumer.cancel()
 
     def _send(self, msg: SipMessage, addr: tuple[str, int] | None = None) -> None:
-        if self._udp is not None:
-            self._udp.sendto(msg.encode(), addr or self.remote_addr)
+        if self._udp is not None and not self._udp.is_closing():
+            self._udp.sendto(msg.encode())  # connected: only the server's address is reachable
+
+    def on_transport_error(self, exc: Exception) -> None:
+        if not isinstance(exc, ConnectionRefusedError):
+            return
+        self.error = (f"nothing is listening for SIP on udp {self.host}:{self.port} (ICMP port unreachable): "
+                      "is the bot running (`bot serve`) and is BOT_SIP_PORT that port?")
+        log.warning("sip_uac_unreachable", call_id=self.call_id, target=f"{self.host}:{self.port}")
+        for fut in self._tx.values():
+            if not fut.done():
+                fut.set_exception(SipTransportError(self.error))
 
     def on_data(self, data: bytes, addr: tuple[str, int]) -> None:
         try:
@@ -204,15 +230,27 @@ class SipCaller:
         req.body = body
         return req
 
-    async def _transact(self, req: SipMessage, timeout: float = 32.0) -> SipMessage | None:
+    async def _transact(self, req: SipMessage, timeout: float = 32.0,
+                        no_response_s: float | None = None) -> SipMessage | None:
+        """Send with UDP retransmissions; the final response, or None on timeout / a fatal transport error.
+        no_response_s: give up sooner when not even a provisional response has come back."""
         fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
         self._tx[(req.branch, req.method)] = fut
+        start = time.monotonic()
         self._send(req)
-        interval, deadline = T1, time.monotonic() + timeout
+        interval, deadline = T1, start + timeout
         try:
             while time.monotonic() < deadline:
+                if (no_response_s is not None and time.monotonic() - start >= no_response_s
+                        and not self._provisional.get(req.branch)):
+                    return None
+                wait = min(interval, deadline - time.monotonic())
+                if no_response_s is not None:
+                    wait = max(0.01, min(wait, start + no_response_s - time.monotonic()))
                 try:
-                    return await asyncio.wait_for(asyncio.shield(fut), min(interval, deadline - time.monotonic()))
+                    return await asyncio.wait_for(asyncio.shield(fut), wait)
+                except SipTransportError:
+                    return None
                 except asyncio.TimeoutError:
                     provisional = bool(self._provisional.get(req.branch))
                     if not (req.method == "INVITE" and provisional):
@@ -223,14 +261,16 @@ class SipCaller:
             self._tx.pop((req.branch, req.method), None)
 
     async def invite(self, timeout: float = 32.0, cancel_after_s: float | None = None,
-                     late_offer: bool = False) -> int:
+                     late_offer: bool = False, no_response_s: float = INVITE_NO_RESPONSE_S) -> int:
         """Dial; returns the final status (200 when answered). Handles one 401 challenge.
-        late_offer: send no SDP; the 200 carries the bot's offer and our ACK the answer."""
+        late_offer: send no SDP; the 200 carries the bot's offer and our ACK the answer.
+        Nothing listening (ICMP port unreachable) -> 503 at once; no response at all within
+        `no_response_s` -> 408; `self.error` then says why in words."""
         body = b"" if late_offer else self.sdp.offer(self.media.local_port, self.codecs)
         sdp_hdr = [] if late_offer else [("Content-Type", "application/sdp")]
         req = self._request("INVITE", body, sdp_hdr)
         self._invite = req
-        task = asyncio.get_running_loop().create_task(self._transact(req, timeout))
+        task = asyncio.get_running_loop().create_task(self._transact(req, timeout, no_response_s))
         if cancel_after_s is not None:
             await asyncio.sleep(cancel_after_s)
             cancel = self._request("CANCEL", cseq=req.cseq[0], branch=req.branch)
@@ -243,8 +283,15 @@ class SipCaller:
             hdr = authorization_header(challenge, self.auth[0], self.auth[1], "INVITE", req.uri)
             req = self._request("INVITE", body, sdp_hdr + [("Authorization", hdr)])
             self._invite = req
-            resp = await self._transact(req, timeout)
+            resp = await self._transact(req, timeout, no_response_s)
         if resp is None:
+            if self.error:  # on_transport_error: nothing listens there
+                self.final_status = 503
+                return 503
+            waited = no_response_s if not self._provisional.get(req.branch) else timeout
+            self.error = (f"no answer from {self.host}:{self.port} within {min(waited, timeout):g} s"
+                          + (" (not even 100 Trying): is the bot running there, and does no firewall drop UDP?"
+                             if not self._provisional.get(req.branch) else ""))
             self.final_status = 408
             return 408
         self.final_status = resp.status
@@ -448,7 +495,10 @@ async def run_sip_call(host: str, port: int, wavs: list[str | Path] | list[np.nd
     try:
         status = await caller.invite()
         if status != 200:
-            return {"call_id": caller.call_id, "status": status, "answered": False}
+            out: dict[str, Any] = {"call_id": caller.call_id, "status": status, "answered": False}
+            if caller.error:
+                out["error"] = caller.error
+            return out
         t_answer = time.monotonic()
         await caller.wait_bot_quiet(quiet_s, greeting_wait_s)
         greeting_s = (caller.stats.voiced_rx[0] - t_answer) if caller.stats.voiced_rx else None
@@ -532,7 +582,10 @@ def cli_main(args: Any) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: SIP call failed: {exc!r}", file=sys.stderr)
         return 1
-    _add_decisions(summary, getattr(args, "redis_url", None))
+    if summary.get("error"):
+        print(f"error: SIP call failed: {summary['error']}", file=sys.stderr)
+    else:
+        _add_decisions(summary, getattr(args, "redis_url", None))
     print(json.dumps(summary, indent=2))
     return 0 if summary.get("answered") else 1
 
