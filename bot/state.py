@@ -34,6 +34,7 @@ HEARTBEAT_S = 5.0
 LIVE_STALE_S = 30.0
 REAP_EVERY_S = 10.0  # how often each worker looks for calls orphaned by a dead worker
 ENDED_IDS_MAX = 1024  # ended calls whose last event id is kept, for events that arrive after call_ended
+ENDS_REPLAY_S = 120.0  # calls ended this recently have their end written again when the Redis server changes
 
 # Refusals that say "Redis cannot take writes right now", not "this command is wrong": maxmemory reached
 # (OOM), AOF/RDB write failing (MISCONF: disk full), a demoted master (READONLY), loading the AOF after a
@@ -115,6 +116,11 @@ class CallStore:
         # must neither reuse an id nor leave an entry behind for every call the worker ever had
         self._ended_ids: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._dropped = 0  # ops dropped from the head of the queue on overflow
+        # the writes that ended recent calls (call id -> (time, ops)): a failover to a replica that had not
+        # caught up loses the last seconds of writes, and a call that ended in them would stay "active" until
+        # the reaper closed it as worker_lost (and counted it twice); replayed when the server changes
+        self._recent_ends: OrderedDict[str, tuple[float, list[Op]]] = OrderedDict()
+        self._capture: list[Op] | None = None
         # this process: a worker restarted by its supervisor keeps its slot's id, so the pid tells the dead
         # incarnation's calls from the live one's (bot/reaper.py reap_worker)
         self.pid = os.getpid()
@@ -191,9 +197,13 @@ class CallStore:
         previous, self._server_id = self._server_id, sid
         if previous is None or previous == sid:
             return
+        # counted, not just logged: after a forced/manual failover this is the only signal (the old master took
+        # writes until demoted, then dropped them; voicebot_redis_up never left 1). Alert RedisServerChanged
+        metrics.REDIS_SERVER_CHANGES.inc()
         log.warning("redis_server_changed", worker=self.worker, previous=previous[:12], now=sid[:12],
                     live_calls=len(self._base),
-                    hint="Redis restarted or failed over: live calls' start records rewritten")
+                    hint="Redis restarted or failed over: live calls' start records rewritten; events written "
+                         "just before may be lost (runbook RedisFailingOver)")
         now, rnow = time.time(), self.redis_now()
         for cid, (rec, live_info) in list(self._base.items()):
             self._push("hset", call_key(cid), mapping=rec)
@@ -202,6 +212,17 @@ class CallStore:
             self._push("hset", LIVE_INFO, cid, live_info)
             self._push("zadd", RECENT, {cid: now}, nx=True)
             self.event(cid, "state_restored", reason="redis_server_changed")
+        # calls that ended just before: their end may be among the lost writes (same stream ids: a repeat of an
+        # end Redis kept is refused as a duplicate, a lost one is written again)
+        cutoff = time.monotonic() - ENDS_REPLAY_S
+        replayed = 0
+        for _cid, (t_end, ops) in list(self._recent_ends.items()):
+            if t_end >= cutoff:
+                replayed += 1
+                for op, args, kw in ops:
+                    self._push(op, *args, **kw)
+        if replayed:
+            log.info("recent_call_ends_rewritten", calls=replayed)
 
     async def _flush_wait(self, timeout_s: float) -> None:
         try:
@@ -234,6 +255,8 @@ class CallStore:
             self._dropped += 1
             metrics.ERRORS.labels("state", "buffer_overflow").inc()
         self._q.append((op, args, kw))
+        if self._capture is not None:
+            self._capture.append((op, args, kw))
         self._idle.clear()
         self._wake.set()
 
@@ -288,6 +311,17 @@ class CallStore:
         self._push("expire", events_key(call_id), self.ttl_s)
 
     def end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
+        self._capture = []
+        try:
+            self._end_call(call_id, outcome, **fields)
+            self._recent_ends[call_id] = (time.monotonic(), self._capture)
+            self._recent_ends.move_to_end(call_id)
+            while len(self._recent_ends) > ENDED_IDS_MAX:
+                self._recent_ends.popitem(last=False)
+        finally:
+            self._capture = None
+
+    def _end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
         now = time.time()
         self.event(call_id, "call_ended", outcome=outcome, **fields)
         rec = {"status": "ended", "outcome": outcome, "ended_at": f"{now:.3f}"}
@@ -406,6 +440,11 @@ class CallStore:
             self._set_health(True)
 
     async def _heartbeat(self) -> None:
+        # runs once per worker at start: the series alerts take increase() of exist at 0 before the first call
+        try:
+            metrics.init_series()
+        except Exception:  # noqa: BLE001 - metrics bookkeeping must never stop the heartbeat
+            log.exception("metrics_init_failed")
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self.healthy:

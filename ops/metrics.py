@@ -79,6 +79,11 @@ FILLERS = Counter("voicebot_fillers_total", "Fillers or apologies played to avoi
 REDIS_UP = Gauge("voicebot_redis_up", "1 when the last Redis operation succeeded", multiprocess_mode="liveall")
 SIP_LISTENING = Gauge("voicebot_sip_listening", "1 while this worker's SIP server is bound; 0 while it retries the bind",
                       multiprocess_mode="liveall")
+# A failover or restart behind the connection: the only trace of a forced/manual Sentinel failover, where the old
+# master acknowledges (and then discards) writes until it is demoted and voicebot_redis_up never drops
+REDIS_SERVER_CHANGES = Counter("voicebot_redis_server_changes_total",
+                               "Times the Redis server behind this worker's connection changed (a new run_id: failover "
+                               "or restart); writes acknowledged just before it may be lost")
 REDIS_LATENCY = Histogram(
     "voicebot_redis_op_seconds", "Redis call-state operation latency", ["op"],
     buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
@@ -102,3 +107,28 @@ WORKER_TASKS = Gauge("voicebot_worker_asyncio_tasks", "asyncio tasks alive in th
                      multiprocess_mode="liveall")
 SIP_MESSAGES = Counter("voicebot_sip_messages_total", "SIP messages received", ["method", "result"])
 RTP_PACKETS = Counter("voicebot_rtp_packets_total", "RTP packets", ["direction", "result"])
+
+
+# Series the alerts' increase()/rate() read. prometheus-client creates a labelled series on its first increment,
+# and increase() needs a sample before the event: without a 0 scraped first, the first call or error of each
+# label set after a deploy is never counted (NoCallsInBusinessHours, ErrorRateHigh, EscalationWebhookFailing).
+TRANSPORTS = ("twilio", "sip", "webrtc")
+MAIN_OUTCOMES = ("completed", "caller_hangup", "transferred", "transfer_failed", "no_input", "out_of_hours",
+                 "callback", "system_error", "disconnected", "abandoned")
+ALERTED_ERRORS = (
+    ("state", "redis_unavailable"), ("engine", "understand"), ("engine", "timeout"), ("engine", "speak"),
+    ("conversation", "exception"), ("conversation", "turn"), ("sip", "start_failed"),
+    ("escalation_webhook", "failed"), ("escalation_webhook", "rejected"), ("escalation_webhook", "dropped"),
+    ("escalation_webhook", "bad_context"), ("escalation_webhook", "internal"),
+)
+
+
+def init_series() -> None:
+    """Export the series above at 0 (idempotent; values already counted are kept). Called when a worker starts,
+    not at import: tools and tests that import this module get no extra series."""
+    for transport in TRANSPORTS:
+        CALLS_STARTED.labels(transport)
+        for outcome in MAIN_OUTCOMES:
+            CALLS_TOTAL.labels(transport, outcome)
+    for component, kind in ALERTED_ERRORS:
+        ERRORS.labels(component, kind)

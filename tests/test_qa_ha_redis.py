@@ -174,6 +174,40 @@ async def test_redis_restarted_without_its_data_gets_live_calls_back(tmp_path: P
         _stop(proc)
 
 
+async def test_a_call_that_ended_just_before_the_data_was_lost_keeps_its_end(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call ended, its end written, then Redis lost its last writes (a restart without persistence, a failover
+    to a replica that had not caught up): without a replay the call would sit in the live index as active until
+    the reaper closed it as worker_lost, counted a second time. The worker writes recent ends again."""
+    monkeypatch.setattr(state, "HEARTBEAT_S", 0.2)
+    port = free_port()
+    proc = _redis(port, tmp_path / "r")
+    s = CallStore(connect(f"redis://127.0.0.1:{port}/0"), worker="w-re", ttl_s=600)
+    await s.start()
+    try:
+        s.start_call("CAre", "sip", "+15551234567", "+15550000000", "4")
+        s.event("CAre", "turn", n=1)
+        s.end_call("CAre", "completed", turns=1)
+        assert await s.flush()
+        _stop(proc)
+        proc = _redis(port, tmp_path / "r")  # empty: the end is gone
+        fresh = connect(f"redis://127.0.0.1:{port}/0")
+
+        async def ended_again() -> bool:
+            return await fresh.hget(call_key("CAre"), "outcome") == "completed"
+
+        try:
+            assert await _until(ended_again, 30)
+            assert await fresh.zscore(LIVE, "CAre") is None and 0 < await fresh.ttl(call_key("CAre")) <= 600
+            events = await fresh.xrange(f"call:CAre:events")
+            assert [f["type"] for _id, f in events][-1:] == ["call_ended"]
+        finally:
+            await fresh.aclose()
+    finally:
+        await s.close(timeout_s=2)
+        _stop(proc)
+
+
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(200):

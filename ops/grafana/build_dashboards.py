@@ -80,7 +80,7 @@ def voicebot() -> Board:
         "sum(increase(voicebot_escalations_total[1h])) / clamp_min(sum(increase(voicebot_calls_started_total[1h])), 1)",
         "escalated")], "stat", w=6, unit="percentunit", desc="Transfers to humans per answered call")
     b.panel("Clarification rate (1h)", [_q(
-        'sum(increase(voicebot_policy_decisions_total{action=~"clarify|confirm|reprompt",reason!~"read_back|out_of_hours"}[1h])) / '
+        'sum(increase(voicebot_policy_decisions_total{action=~"clarify|confirm|reprompt",reason!~"read_back|out_of_hours|resumed"}[1h])) / '
         "clamp_min(sum(increase(voicebot_policy_decisions_total[1h])), 1)", "clarify")], "stat", w=6,
         unit="percentunit", desc="Decisions that ask the caller again because the bot was unsure (read-backs and callback offers not counted)")
     b.panel("Greeting latency p95", [_q(
@@ -167,6 +167,10 @@ def voicebot() -> Board:
     b.panel("Redis op latency p99", [_q(
         "histogram_quantile(0.99, sum by (le, op) (rate(voicebot_redis_op_seconds_bucket[5m])))", "{{op}}")],
         w=8, unit="s")
+    b.panel("Redis server changes (10 min)", [_q(
+        "sum by (instance) (increase(voicebot_redis_server_changes_total[10m]))", "{{instance}}")], "stat", w=4,
+        desc="Failovers or restarts behind each worker's Redis connection (alert RedisServerChanged). A forced "
+        "Sentinel failover shows only here (Redis up stays 1): events written just before it may be lost")
     b.panel("Workers up", [_q('up{job="voicebot"}', "{{instance}}"),
                            _q("count by (instance) (voicebot_worker_info)", "{{instance}} workers", "B")], w=8)
     b.panel("CPU per worker (cores)", [_q('rate(voicebot_worker_cpu_seconds{job="voicebot"}[1m])', "{{instance}} {{pid}}")],
