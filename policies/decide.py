@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Union, get_args
 
 from engine.types import Understanding
-from policies.decision import Decision
+from policies.decision import Decision, Resume
 from policies.schema import Policy
 
 Reason = Literal[
@@ -56,6 +56,7 @@ Reason = Literal[
     "callback",  # caller accepted a callback: goodbye
     "goodbye",  # the caller is done (or declined a callback)
     "anything_else",  # "yes" to "Anything else?": asked what else, not a failed turn
+    "resumed",  # "no" to a new request that interrupted a collection: its question asked again, values kept
 ]
 REASONS: tuple[str, ...] = get_args(Reason)
 
@@ -131,6 +132,8 @@ class CallState:
     pending_confirm: Pending | None = None
     pending_clarify: tuple[str, str] | None = None
     pending_collect: Pending | None = None
+    # the collection (or read-back) a pending confirm/clarify about another request interrupted: a "no" resumes it
+    interrupted: Resume | None = None
     collected: Mapping[str, Any] = field(default_factory=dict)  # slot values acted on this call
     # values the caller said before anything asked for them ("fifty dollars", an account number first):
     # kept, so the intent that needs them does not ask again, and handed to a human agent
@@ -198,6 +201,10 @@ def decide(policy: Policy, state: CallState, inp: Input) -> Decision:
         d = _understood(policy, state, inp)
     else:  # a caller passing something else is a programming error, not caller input
         raise TypeError(f"decide() got {type(inp).__name__}")
+    # Failure guard: whatever path re-asked (a menu key choosing the request whose value is being asked for
+    # restarts its question), the failed turn that reaches max_failures goes to a person.
+    if d.action not in ENDING_ACTIONS and is_failure(state, d) and _reaches_failure_limit(policy, state):
+        return _escalate_failures(policy, state)
     # Loop guard: too many turns in a row without an outcome -> a human takes over.
     outcome = d.action in FINAL_ACTIONS and d.reason != "repeat"
     if not outcome and state.stalls + 1 >= policy.escalation.max_failures.max_stalled_turns:
@@ -258,6 +265,7 @@ def next_state(state: CallState, inp: Input, d: Decision) -> CallState:
         if d.action == "confirm" else None,
         pending_clarify=(d.options[0], d.options[1]) if d.action == "clarify" and len(d.options) == 2 else None,
         pending_collect=Pending(d.intent, dict(d.slots)) if d.action == "collect" else None,
+        interrupted=d.resume if d.action in ("confirm", "clarify") else None,
         collected={**state.collected, **d.slots} if final and d.slots else state.collected,
         offered=_offered(state, inp, d),
         dtmf_digits=state.dtmf_digits + inp.digits if isinstance(inp, DtmfDigit) else state.dtmf_digits,
@@ -281,7 +289,7 @@ def _offered(state: CallState, inp: Input, d: Decision) -> Mapping[str, Any]:
 def _reads_back(state: CallState, d: Decision) -> bool:
     """A read-back question, asked now or asked again (after silence, "say that again", an unclear answer:
     _reask repeats the same question under another reason)."""
-    if d.reason == "read_back":
+    if d.reason == "read_back" or (d.reason == "resumed" and d.action == "confirm"):
         return True
     pc = state.pending_confirm
     return pc is not None and pc.read_back and d.intent == pc.intent and dict(d.slots) == dict(pc.slots)
@@ -517,9 +525,28 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
         value = _keypad_value(policy.slots[slot].type, keys) if slot is not None else None
         if slot is not None and value is not None:
             return _read_back(policy, pc.intent, {**pc.slots, slot: value})
+    if (back := state.interrupted) is not None and _keys_are_a_value(policy, digits):
+        # "How much would you like to pay?" -> "cancel?" -> "You'd like to cancel?" -> 40#: the keys answer the
+        # interrupted question (as a "no" would resume it), not a menu
+        slot = _keypad_slot(policy, back.intent)
+        value = _keypad_value(policy.slots[slot].type, keys) if slot is not None else None
+        if slot is not None and value is not None:
+            if back.read_back:
+                return _read_back(policy, back.intent, {**back.slots, slot: value})
+            if slot in _missing_slots(policy, back.intent, back.slots):
+                return _collect(policy, state, back.intent, {**back.slots, slot: value}, "slot_filled")
     target = policy.dtmf.options.get(keys[:1]) if len(keys) == 1 else None
     if target is not None:
-        return _act(policy, state, target, {}, "dtmf_selection")
+        if pc is not None and pc.read_back and pc.intent == target:
+            # the key for the request being read back (1 = pay a bill, at "That's 15 dollars, is that right?") is
+            # no yes: the read-back is asked again (a failed turn), its values kept; restarting the request
+            # dropped the amount and asked for it again
+            again = _reask(policy, state, "low_confidence", "slot_retry")
+            if again is not None:
+                return again
+        # the key for the request whose values are being asked for keeps the values it has
+        return _act(policy, state, target, dict(p.slots) if p is not None and p.intent == target else {},
+                    "dtmf_selection")
     sorry = policy.prompts.get("dtmf_invalid", policy.prompts["reprompt"])
     if not policy.dtmf.enabled:
         return _fail(policy, state, "dtmf_invalid", "reprompt")
@@ -545,7 +572,10 @@ def reads_back_keys(policy: Policy, state: CallState) -> bool:
     """A read-back is pending whose value the keypad can type: keys are an answer being typed, not a menu key
     to act on at once (the conversation waits for '#' or the inter-digit pause)."""
     pc = state.pending_confirm
-    return pc is not None and pc.read_back and pc.intent is not None and _keypad_slot(policy, pc.intent) is not None
+    if pc is not None and pc.read_back and pc.intent is not None and _keypad_slot(policy, pc.intent) is not None:
+        return True
+    back = state.interrupted  # a question about another request interrupted an amount: "40#" may be its answer
+    return back is not None and _keypad_slot(policy, back.intent) is not None
 
 
 _KEYPAD_MONEY = re.compile(r"(\d{1,7})(?:\*(\d{1,2}))?")
@@ -565,6 +595,48 @@ def _keypad_value(slot_type: str, keys: str) -> Any:
 
 
 def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
+    d = _heard(policy, state, u)
+    back = _interrupted(state)
+    if (d.action == "hangup" and d.reason == "goodbye" and d.intent is not None and back is not None
+            and back.read_back and "goodbye_unconfirmed" in policy.prompts):
+        # "That's a payment of 15 dollars, is that right?" -> "bye": nothing was paid, and the caller must not
+        # hang up believing it was ("Thanks for calling. Goodbye." sounds like a done deal)
+        d = dataclasses.replace(d, prompt=policy.prompts["goodbye_unconfirmed"])
+    if (back is not None and d.resume is None and d.reason in ("confirm_requested", "ambiguous")
+            and back.intent not in (d.intent, *d.options)):
+        # a question about another request, asked in the middle of a collection: a "no" to it goes back to
+        # the interrupted question with its values ("What can I help you with?" would lose the payment)
+        d = dataclasses.replace(d, resume=back)
+    return d
+
+
+def _interrupted(state: CallState) -> Resume | None:
+    """The collection a new request would interrupt now: a value asked for, a read-back, or the one an
+    earlier question about another request already interrupted."""
+    if (p := state.pending_collect) is not None and p.intent is not None:
+        return Resume(p.intent, dict(p.slots))
+    if (pc := state.pending_confirm) is not None and pc.read_back and pc.intent is not None:
+        return Resume(pc.intent, dict(pc.slots), read_back=True)
+    return state.interrupted
+
+
+def _resume(policy: Policy, state: CallState, back: Resume, values: Mapping[str, Any] | None = None) -> Decision:
+    """Back to the interrupted question, its values kept: no failed turn (the caller answered the question
+    they were asked), and no new request either (the run of failures and stalls goes on). `values`: what the
+    caller said with the "no" ("No, sixty dollars"), taken as that question's answer."""
+    slots = {**back.slots, **(values or {})}
+    if back.read_back:
+        d = _read_back(policy, back.intent, slots)
+        return d if slots != dict(back.slots) else dataclasses.replace(d, reason="resumed")
+    missing = _missing_slots(policy, back.intent, slots)
+    if values or not missing:
+        return _collect(policy, state, back.intent, slots, "slot_filled")
+    action = policy.intents[back.intent].action
+    return Decision("collect", policy.prompts[action.ask[missing[0]]], reason="resumed", intent=back.intent,
+                    slots=slots)
+
+
+def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
     esc = policy.escalation
     top, conf = u.intent, u.confidence
     if top == esc.agent_request.intent and conf >= policy.accept_for(top):
@@ -591,6 +663,18 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
     probs = {name: p for name, p in u.alternatives}
     probs.setdefault(top, conf)
 
+    back = state.interrupted
+    if back is not None and top is not None and top == back.intent and conf >= policy.confirm_for(top):
+        # "You'd like to check your balance?" -> "No, I want to pay my bill": back to the payment, its values kept
+        # (accepting pay_bill afresh would ask for the amount again)
+        return _resume(policy, state, back, {k: v for k, v in u.slots.items()
+                                             if k in policy.intents[back.intent].action.collect})
+    if back is not None and top in (None, deny) and conf >= ctx:
+        # "You'd like to cancel?" -> "(no,) sixty dollars": the answer to the question the new request interrupted
+        values = {k: v for k, v in u.slots.items() if k in policy.intents[back.intent].action.collect}
+        if values:
+            return _resume(policy, state, back, values)
+
     if (pc := state.pending_confirm) is not None:
         if pc.read_back and pc.intent is not None:
             # "No, fifty two dollars": a new value for a read-back slot is read back in its turn
@@ -604,24 +688,38 @@ def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
                                 target=pc.queue, reason="callback")
             if pc.read_back:
                 return _done(policy, pc.intent, pc.slots, "confirmed")
-            return _act(policy, state, pc.intent, pc.slots, "confirmed")
+            # "Yes, sixty dollars" to "You'd like to pay your bill?": the value comes with the yes
+            return _act(policy, state, pc.intent, {**pc.slots, **u.slots}, "confirmed")
         if top == deny and conf >= ctx:
             if pc.intent is None:
                 return Decision("hangup", _closed_prompt(policy, "callback_declined", pc.queue, state.now),
                                 reason="goodbye")
             if pc.read_back:  # the intent stands; the values were misheard: ask for them again
                 return _reask_values(policy, state, pc.intent, pc.slots)
+            if state.interrupted is not None:  # "No, I don't want to cancel": back to the amount
+                return _resume(policy, state, state.interrupted)
             return _fail(policy, state, "denied", "denied")
-        if pc.intent is not None and top == pc.intent and conf >= policy.confirm_for(top):
+        # a read-back is about the values: restating its intent confirms them only when heard as surely as a yes
+        # (a mumble heard as pay_bill at 0.25 must not move money)
+        restate_at = max(policy.confirm_for(top), ctx) if pc.read_back else policy.confirm_for(top)
+        if pc.intent is not None and top == pc.intent and conf >= restate_at:
             # "Yes, I want to pay my bill": restating the intent answers the question.
             if pc.read_back:
                 return _done(policy, pc.intent, pc.slots, "confirmed")
             return _act(policy, state, pc.intent, {**pc.slots, **u.slots}, "confirmed")
+        if pc.read_back and top == pc.intent and conf >= policy.confirm_for(top):
+            # the request heard again, not surely enough to pay on: the read-back is asked again (not "You'd like
+            # to pay your bill?", which it already is)
+            again = _reask(policy, state, "low_confidence", "slot_retry")
+            if again is not None:
+                return again
     if (pair := state.pending_clarify) is not None:
         pick = max(pair, key=lambda n: probs.get(n, 0.0))
         if probs.get(pick, 0.0) >= ctx:
             return _act(policy, state, pick, u.slots, "clarified")
         if top == deny and conf >= ctx:  # "neither"
+            if state.interrupted is not None:
+                return _resume(policy, state, state.interrupted)
             return _fail(policy, state, "denied", "denied")
         if top == affirm and conf >= ctx:  # "yes" to "A, or B?" picks neither: ask the choice again
             again = _reask(policy, state, "low_confidence", "slot_retry")

@@ -12,6 +12,17 @@ ACTIONS = ("answer", "confirm", "clarify", "reprompt", "collect", "transfer", "d
 
 
 @dataclass(frozen=True)
+class Resume:
+    """A question the caller interrupted with another request ("How much would you like to pay?" ->
+    "actually, I want to cancel"): the request being collected, its values so far, and whether its values
+    were being read back. A "no" to "You'd like to cancel?" goes back to it."""
+
+    intent: str
+    slots: dict[str, Any] = field(default_factory=dict)
+    read_back: bool = False
+
+
+@dataclass(frozen=True)
 class Decision:
     action: str
     prompt: str  # rendered text the voice will say (may be "")
@@ -21,6 +32,7 @@ class Decision:
     slots: dict[str, Any] = field(default_factory=dict)
     style: str = "neutral"  # voice style (calm for frustrated callers)
     options: tuple[str, ...] = ()  # clarify: the two intents offered, in order; dtmf_menu: the digits offered
+    resume: Resume | None = None  # confirm/clarify about a new request: the collection it interrupted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -161,7 +161,8 @@ def test_every_escalation_hands_the_agent_the_request_in_progress(tmp_path) -> N
     assert (ctx["reason"], ctx["intent"], ctx["failures"], ctx["tries"]) == ("max_failures", "pay_bill", limit, limit + 1)
     assert len(ctx["transcript"]) == limit + 1 and ctx["policy_version"] == "7"
 
-    cp, d = call(read_back, says("affirm", caller_state={"frustration": 0.95}))
+    # a frustrated "no" at the read-back (a frustrated "yes" completes the payment the caller just confirmed)
+    cp, d = call(read_back, says("deny", caller_state={"frustration": 0.95}))
     ctx = cp.handoff_context(d)
     assert (ctx["reason"], ctx["intent"], ctx["slots"]) == ("frustration", "pay_bill", {"amount": 40.0})
     assert ctx["caller_state"] == {"frustration": 0.95}

@@ -32,3 +32,24 @@ def understandings(draw: st.DrawFn, intents: Sequence[str | None]) -> Understand
 def caller_inputs(intents: Sequence[str | None]) -> st.SearchStrategy[Any]:
     """One caller turn: words (as the engine understood them), silence, or keys."""
     return st.one_of(understandings(intents), st.just(NoInput()), st.sampled_from([DtmfDigit(k) for k in KEYS]))
+
+
+
+def sure_turns(intents: Sequence[str]) -> st.SearchStrategy[Any]:
+    """Turns of a caller who is mostly heard well: confident yes/no (also with a value: "no, sixty"), a request
+    heard in its confirm band or above (a change of mind), two requests heard close, a bare value, "say that
+    again", keys, silence. Confidences are picked from the bands that matter (under confirm, in the band, between
+    accept and a stricter override, above all), so the read-back, change-of-mind and resume paths are reached far
+    more often than with uniform confidences. Several request draws weight the mix toward requests."""
+    bands = [0.3, 0.5, 0.85, 0.92, 0.98]
+    yes_no = st.builds(lambda i, c, s: Understanding(i, c, [(i, c)], slots=dict(s)),
+                       st.sampled_from(["affirm", "deny"]), st.sampled_from([0.5, 0.85, 0.95]),
+                       st.sampled_from(SLOT_SETS))
+    request = st.builds(lambda i, c, s: Understanding(i, c, [(i, c)], slots=dict(s)),
+                        st.sampled_from(list(intents)), st.sampled_from(bands), st.sampled_from(SLOT_SETS))
+    close = st.builds(lambda a, b: Understanding(a, 0.5, [(a, 0.5), (b, 0.45)]),
+                      st.sampled_from(list(intents)), st.sampled_from(list(intents)))
+    value = st.builds(lambda s: Understanding(None, 0.9, [(None, 0.9)], slots=dict(s)), st.sampled_from(SLOT_SETS[1:]))
+    return st.one_of(request, yes_no, request, yes_no, value, close,
+                     st.just(Understanding("repeat", 0.95, [("repeat", 0.95)])),
+                     st.just(NoInput()), st.sampled_from([DtmfDigit(k) for k in KEYS]))

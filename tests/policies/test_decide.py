@@ -67,6 +67,8 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
      OPEN, ("answer", "confirmed", None, "pay_bill")),
     ("read-back denied: amount asked again", [U("pay_bill", 0.95, slots={"amount": 40.0}), NO], OPEN,
      ("collect", "value_denied", None, "pay_bill")),
+    ("changed mind mid-collection, then no: back to the amount", [U("pay_bill", 0.95), U("cancel_service", 0.92), NO],
+     OPEN, ("collect", "resumed", None, "pay_bill")),
     ("read-back corrected: new amount read back", [U("pay_bill", 0.95, slots={"amount": 40.0}),
                                                    U("deny", 0.9, slots={"amount": 14.0})], OPEN,
      ("confirm", "read_back", None, "pay_bill")),

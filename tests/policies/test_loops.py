@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from engine.types import Understanding
 from policies.decide import REASONS, CallStart, CallState, DtmfDigit, NoInput, step
 from policies.schema import load_policy
-from tests.helpers.dialogue_inputs import caller_inputs
+from tests.helpers.dialogue_inputs import caller_inputs, sure_turns
 
 POLICY = load_policy()
 K = POLICY.escalation.max_failures.max_stalled_turns  # the bound the loop guard promises
@@ -24,7 +24,8 @@ TIMES = [dt.datetime(2026, 11, 23, h, m, tzinfo=dt.timezone.utc) for h, m in ((3
     [dt.datetime(2026, 11, 24, 3, 0, tzinfo=dt.timezone.utc)]
 IDENTIFIER = re.compile(r"\b[a-z]+_[a-z_]+\b")  # an intent or prompt name read to the caller
 
-inputs = caller_inputs(INTENTS)
+# uniform confidences, and a caller heard well (read-backs, changes of mind, "no" back to the question)
+inputs = st.one_of(caller_inputs(INTENTS), sure_turns(list(POLICY.intents)))
 
 
 @settings(max_examples=300, deadline=None)
