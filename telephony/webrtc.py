@@ -4,8 +4,12 @@ The browser sends Opus at 48 kHz; aiortc decodes it to PCM, which is downmixed, 
 and decimated 6:1 to the bot's 8 kHz and cut into 20 ms frames. Bot audio goes the other way: 8 kHz frames are
 upsampled to 48 kHz and handed to aiortc's Opus encoder by an outbound track that paces itself
 at one 20 ms frame per 20 ms (silence when the bot is quiet, so the RTP clock never stalls).
-Marks fire when the frame before them has been sent to the browser. No DTMF, no transfer (a
-browser is not on the phone network): transfer() returns False and the conversation falls back.
+Marks fire when the frame before them has been sent to the browser. No transfer (a browser is not on
+the phone network): transfer() returns False and the conversation falls back. Keypad: aiortc negotiates no
+telephone-event, so the console sends keys as text on an RTCDataChannel labelled "dtmf"; they become DtmfIn
+like RFC 4733 digits on SIP (only 0-9*#, rate-limited, bad input refused on the channel, counted and logged).
+It rides the call's own peer connection, so it reaches the worker that holds the call with any number of
+workers, and only the caller of that call can press keys on it.
 Offers a browser would not send (no audio from the caller, no codec in common, over 64 KB or 100 ICE
 candidates) are refused with a SignallingError and counted; video and extra audio sections are answered
 inactive.
@@ -31,7 +35,7 @@ from av import AudioFrame
 
 from ops import metrics
 from ops.logs import get_logger
-from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, MarkIn, QueuedCallBridge
+from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, DtmfIn, MarkIn, QueuedCallBridge
 
 WEB_RATE = 48000
 BOT_RATE = 8000
@@ -42,6 +46,14 @@ WEB_FRAME = WEB_RATE // 50  # 960 samples = 20 ms at 48 kHz
 MAX_OFFER_BYTES = 64 * 1024
 MAX_OFFER_CANDIDATES = 100
 CLOSE_TIMEOUT_S = 5.0  # aiortc's close waits on its transports; never let one hold a call's task forever
+DTMF_CHANNEL = "dtmf"  # the console's keypad channel (any other data channel is refused)
+DTMF_KEYS = frozenset("0123456789*#")
+# A person presses a few keys a second; a script must not flood the conversation's DTMF handling (each key
+# interrupts the bot's prompt and restarts the inter-digit timer). Messages (bad ones included) and keys
+# each draw on a bucket: DTMF_BURST at once, then DTMF_RATE_PER_S.
+DTMF_RATE_PER_S = 10.0
+DTMF_BURST = 20.0
+DTMF_MAX_KEYS = int(DTMF_BURST)  # one message: a key, or a typed string like "50#" (never more than a burst)
 
 
 def _lowpass(cutoff_hz: float, rate: int, taps: int = 121) -> np.ndarray:
@@ -114,6 +126,22 @@ async def wait_first(events: tuple[asyncio.Event, ...], timeout_s: float) -> boo
 
 class SignallingError(ValueError):
     """The browser's offer could not be used (malformed SDP, no audio)."""
+
+
+class _Bucket:
+    """Token bucket: take(n) is True when n tokens were there."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.t = rate, burst, burst, time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True
 
 
 class _BotTrack(MediaStreamTrack):
@@ -208,6 +236,25 @@ class WebRTCCallBridge(QueuedCallBridge):
         self._reader: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._stereo_out = True  # Opus, what browsers pick; G.711/G.722 encoders are mono (see accept)
+        self.end_reason: str | None = None  # why the call ended (CallEnded.reason), once it has
+        self.dtmf_keys = 0  # keys delivered to the conversation
+        self._dtmf_msgs = _Bucket(DTMF_RATE_PER_S, DTMF_BURST)
+        self._dtmf_keys = _Bucket(DTMF_RATE_PER_S, DTMF_BURST)
+        self._dtmf_limited_logged = False
+
+        @self.pc.on("datachannel")
+        def _on_datachannel(channel: Any) -> None:
+            if channel.label != DTMF_CHANNEL:
+                metrics.ERRORS.labels("webrtc", "bad_datachannel").inc()
+                self.log.warning("webrtc_datachannel_refused", label=str(channel.label)[:40])
+                channel.close()
+                return
+
+            @channel.on("message")
+            def _on_message(msg: str | bytes) -> None:
+                error = self.press(msg)
+                if channel.readyState == "open":  # the page shows a refusal next to the keypad
+                    channel.send(json.dumps({"error": error} if error else {"ok": True}))
 
         @self.pc.on("track")
         def _on_track(track: MediaStreamTrack) -> None:
@@ -223,6 +270,16 @@ class WebRTCCallBridge(QueuedCallBridge):
             if state == "connected":
                 self.started_t = time.monotonic()
                 self.connected.set()
+            elif state == "failed" and not self.connected.is_set():
+                # ICE found no working candidate pair: the call never connected (the softphone records it)
+                metrics.ERRORS.labels("webrtc", "ice_failed").inc()
+                self.log.warning("webrtc_ice_failed", waited_s=round(time.monotonic() - self.started_t, 3))
+                self.end("error:ice_failed")
+            elif state == "closed" and self._closing is None:
+                # not our close(): the peer closed its DTLS session (aiortc then closes the connection), a
+                # hang-up. Chrome does so on close() when the call has a data channel (the keypad), often
+                # before the RTCP BYE of its stopped microphone is read: the hang-up was recorded "disconnected".
+                self.end("hangup")
             elif state in ("failed", "closed"):
                 self.end("disconnected")
 
@@ -339,6 +396,38 @@ class WebRTCCallBridge(QueuedCallBridge):
             metrics.AUDIO_FRAMES.labels("webrtc", "in").inc(n_frames)
         self.end(reason)
 
+    # ---- keypad (the console's data channel) ----
+    def press(self, keys: Any) -> str | None:
+        """Keys from the caller's keypad into the conversation, as DTMF digits. None when delivered,
+        else why they were refused (nothing of a refused message is delivered)."""
+        if not self._dtmf_msgs.take():
+            return self._dtmf_refused("dtmf_rate_limited", "too many keys: at most "
+                                      f"{DTMF_RATE_PER_S:g} a second", keys)
+        if not isinstance(keys, str):
+            return self._dtmf_refused("bad_dtmf", "keys must be text (0-9, * and #)", keys)
+        if not keys or len(keys) > DTMF_MAX_KEYS:
+            return self._dtmf_refused("bad_dtmf", f"send 1 to {DTMF_MAX_KEYS} keys at a time", keys)
+        bad = sorted({c for c in keys if c not in DTMF_KEYS})
+        if bad:
+            return self._dtmf_refused("bad_dtmf", f"not a keypad key: {''.join(bad)[:8]!r} (only 0-9, * and #)", keys)
+        if self._ended or not self.connected.is_set():
+            return self._dtmf_refused("dtmf_not_connected", "the call is not connected", keys)
+        if not self._dtmf_keys.take(len(keys)):
+            return self._dtmf_refused("dtmf_rate_limited", "too many keys: at most "
+                                      f"{DTMF_RATE_PER_S:g} a second", keys)
+        t = time.monotonic()
+        for k in keys:
+            self._inbox.put_nowait(DtmfIn(k, t))
+        self.dtmf_keys += len(keys)
+        return None
+
+    def _dtmf_refused(self, kind: str, message: str, keys: Any) -> str:
+        metrics.ERRORS.labels("webrtc", kind).inc()
+        if kind != "dtmf_rate_limited" or not self._dtmf_limited_logged:  # a flood logs once per call
+            self._dtmf_limited_logged = self._dtmf_limited_logged or kind == "dtmf_rate_limited"
+            self.log.warning("webrtc_dtmf_refused", kind=kind, error=message, keys=repr(keys)[:40])
+        return message
+
     # ---- outbound (pulled by _BotTrack) ----
     def _next_out_frame(self) -> np.ndarray:
         frame: np.ndarray | None = None
@@ -357,6 +446,11 @@ class WebRTCCallBridge(QueuedCallBridge):
         return frame
 
     # ---- CallBridge ----
+    def end(self, reason: str) -> None:
+        if not self._ended:
+            self.end_reason = reason
+        super().end(reason)
+
     def _on_end(self) -> None:
         self._out.clear()
         self.finished.set()

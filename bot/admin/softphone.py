@@ -1,9 +1,12 @@
 """Softphone signalling: a browser's WebRTC offer becomes a telephony.webrtc bridge that runs the
-same conversation as Twilio and SIP calls, under the policy the admin picked (draft or version)."""
+same conversation as Twilio and SIP calls, under the policy the admin picked (draft or version).
+Keypad keys travel on the call's own data channel (see telephony/webrtc.py), not through this API.
+A call that never connects gets a call record of its own (no conversation) and is counted."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -51,6 +54,8 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
     except SignallingError as exc:
         raise SoftphoneError(400, "bad_offer", str(exc)) from exc
 
+    t0 = time.monotonic()
+
     async def _run() -> None:
         try:
             # The conversation starts once media flows, so the greeting is neither lost nor timed
@@ -58,7 +63,7 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
             # watchdog); one that fails or hangs up first ends the wait at once.
             await wait_first((bridge.connected, bridge.finished), bridge.connect_timeout_s + 1)
             if not bridge.connected.is_set():
-                log.info("softphone_call_not_connected", call_id=bridge.info.call_id)
+                _record_not_connected(app, bridge, label, who, t0)
                 return
             await run(bridge, policy_override=(label, policy))
         except Exception as exc:  # noqa: BLE001 - one broken call never takes the worker down
@@ -74,3 +79,23 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
     t.add_done_callback(tasks.discard)
     log.info("softphone_call", call_id=bridge.info.call_id, admin=who.name, policy=label)
     return {"sdp": answer.sdp, "type": answer.type, "call_id": bridge.info.call_id}
+
+
+def _record_not_connected(app: FastAPI, bridge: WebRTCCallBridge, label: str, who: Principal, t0: float) -> None:
+    """A softphone call whose media never flowed (ICE failed, no answer from the browser within the connect
+    timeout): like SIP's error:no_ack, a call record with that outcome and a voicebot_calls_total entry, so
+    the admin's console and the dashboards see it; no conversation ran."""
+    reason = bridge.end_reason or "error:connect_timeout"
+    outcome = reason if reason.startswith("error:") else "error:not_connected"
+    info = bridge.info
+    waited = round(time.monotonic() - t0, 3)
+    state = getattr(getattr(app.state, "calls", None), "s", None)
+    store = getattr(state, "store", None)
+    if store is not None:
+        store.start_call(info.call_id, info.transport, info.caller, info.called, label,
+                         extra={"admin": who.name})
+        store.event(info.call_id, "connect_failed", reason=reason, waited_s=waited)
+        store.end_call(info.call_id, outcome, duration_s=waited, turns=0)
+    metrics.CALLS_TOTAL.labels(info.transport, outcome).inc()
+    log.warning("softphone_call_not_connected", call_id=info.call_id, outcome=outcome, waited_s=waited,
+                admin=who.name)

@@ -554,12 +554,15 @@ async function spCall() {
   phonePollUntil = Infinity;
   $("#sp-call").disabled = true;
   $("#sp-hangup").disabled = false;
+  $("#sp-keys").textContent = "–";
   phone = new Softphone({
     audioEl: $("#sp-audio"),
     onState: (s) => {
       $("#sp-status").textContent = s;
       if (["failed", "closed", "disconnected", "ended"].includes(s)) spEnded();
     },
+    onKeyError: (msg) => toast(`Keypad: ${msg}`, "error"),
+    onKeypad: spKeypad,
   });
   window.voicebotSoftphone = phone; // lets tests and curious admins read pc.getStats()
   try {
@@ -576,25 +579,46 @@ async function spEvents(id) {
   try {
     const data = await api(`/calls/${encodeURIComponent(id)}`);
     const ol = $("#sp-events");
-    ol.replaceChildren(...data.events.filter((e) => ["turn", "prompt_heard", "transfer", "call_ended", "call_started"].includes(e.type)).map((e) => {
+    ol.replaceChildren(...data.events.filter((e) => ["turn", "dtmf", "prompt_heard", "transfer", "connect_failed", "call_ended", "call_started"].includes(e.type)).map((e) => {
       const li = document.createElement("li");
       li.dataset.type = e.type;
-      if (e.type === "turn" && e.error) li.textContent = `you: (not understood: ${e.error}) → ${e.decision?.action}`;
+      if (e.type === "dtmf") li.textContent = `you pressed ${e.digit}`;
+      else if (e.type === "connect_failed") li.textContent = `the call never connected (${e.reason}, after ${e.waited_s} s): check the network path (ICE) or BOT_WEBRTC_ICE_SERVERS`;
+      else if (e.type === "turn" && e.error) li.textContent = `you: (not understood: ${e.error}) → ${e.decision?.action}`;
       else if (e.type === "turn") li.textContent = `you: “${e.transcript || ""}” → ${e.intent || "–"} (${(e.confidence * 100).toFixed(0)}%) → ${e.decision?.action}: ${e.decision?.prompt || ""}`;
       else if (e.type === "prompt_heard") li.textContent = `bot: ${e.text}`;
+      // a browser is not on the phone network: the transfer the policy chose is shown, not completed
+      else if (e.type === "transfer") li.textContent = `transfer to ${e.target}: ${e.ok ? "done" : "not possible from a browser call (the policy's choice is what to check)"}`;
       else li.textContent = `${e.type}${e.outcome ? `: ${e.outcome}` : ""}${e.policy_version ? ` (policy ${e.policy_version})` : ""}`;
       return li;
     }));
     if (data.record && data.record.status === "ended") { spStopPolling(); $("#sp-status").textContent = `ended: ${data.record.outcome}`; spEnded(); }
   } catch (e) { if (!(e instanceof ApiError && e.status === 404)) handleError(e, "Softphone events"); }
-  // a call that never connected has no record: its 404s must not be polled forever
+  // a call whose offer never got an answer has no record: its 404s must not be polled forever
   if (Date.now() > phonePollUntil) spStopPolling();
 }
 
+// keypad buttons work only while media flows (the data channel is up with the call)
+function spKeypad(on) {
+  for (const b of document.querySelectorAll("#sp-keypad button")) b.disabled = !on;
+}
+
+function spKey(key) {
+  if (!phone) return;
+  try {
+    phone.sendKeys(key);
+    const el = $("#sp-keys");
+    el.textContent = (el.textContent === "–" ? "" : el.textContent) + key;
+  } catch (e) { handleError(e, "Keypad"); }
+}
+
 function spEnded() {
+  spKeypad(false);
   $("#sp-call").disabled = false;
   $("#sp-hangup").disabled = true;
-  if (phonePoll !== null && phonePollUntil === Infinity) phonePollUntil = Date.now() + 10000;
+  // a call that never connected gets its record (error:connect_timeout) only when the bot's 20 s connect
+  // timeout runs out: keep polling past that, so the page can say so
+  if (phonePoll !== null && phonePollUntil === Infinity) phonePollUntil = Date.now() + 30000;
 }
 
 // ---------------------------------------------------------------- audit
@@ -653,6 +677,7 @@ function init() {
   $("#btn-record").onclick = toggleRecord;
   $("#sp-call").onclick = spCall;
   $("#sp-hangup").onclick = () => { if (phone) phone.hangup(); };
+  for (const b of document.querySelectorAll("#sp-keypad button")) b.onclick = () => spKey(b.dataset.key);
   window.addEventListener("beforeunload", (e) => { if (state.dirty) { e.preventDefault(); e.returnValue = ""; } });
 
   const msg = sessionStorage.getItem("voicebot.admin.msg");

@@ -55,11 +55,17 @@ export class MicrophoneError extends Error {
   }
 }
 
+// keys the bot takes (telephony/webrtc.py refuses anything else)
+export const KEYPAD_KEYS = "123456789*0#";
+
 export class Softphone {
-  constructor({ audioEl, onState }) {
+  constructor({ audioEl, onState, onKeyError, onKeypad }) {
     this.audioEl = audioEl;
+    this.onKeypad = onKeypad || (() => {});
     this.onState = onState || (() => {});
+    this.onKeyError = onKeyError || (() => {});
     this.pc = null;
+    this.dc = null;
     this.callId = null;
     this.ended = false;
     this.onPageHide = () => this.end("ended");  // tab closed or navigated away mid-call: hang up properly
@@ -82,6 +88,18 @@ export class Softphone {
     this.pc = pc;
     window.addEventListener("pagehide", this.onPageHide);
     this.stream.getTracks().forEach((t) => pc.addTrack(t, this.stream));
+    // The keypad: aiortc negotiates no telephone-event, so keys go as text on a data channel of this
+    // call (it reaches the worker that holds the call); the bot answers each message {ok} or {error}.
+    const dc = pc.createDataChannel("dtmf", { ordered: true });
+    this.dc = dc;
+    // usable once the call's DTLS/SCTP is up (a moment after "connected"), until the call ends
+    dc.onopen = () => { if (this.dc === dc && !this.ended) this.onKeypad(true); };
+    dc.onclose = () => { if (this.dc === dc) this.onKeypad(false); };
+    dc.onmessage = (e) => {
+      let reply = null;
+      try { reply = JSON.parse(e.data); } catch { /* not ours */ }
+      if (reply && reply.error) this.onKeyError(reply.error);
+    };
     pc.ontrack = (e) => { this.audioEl.srcObject = e.streams[0] || new MediaStream([e.track]); };
     pc.onconnectionstatechange = () => {
       if (this.pc !== pc || this.ended) return;
@@ -119,6 +137,13 @@ export class Softphone {
     return answer.call_id;
   }
 
+  // Keys typed on the keypad (one, or a run like "50#") to the bot as DTMF.
+  sendKeys(keys) {
+    if (!keys || [...keys].some((k) => !KEYPAD_KEYS.includes(k))) throw new Error(`Not a keypad key: ${keys}`);
+    if (!this.dc || this.dc.readyState !== "open" || this.ended) throw new Error("The keypad works while the call is connected.");
+    this.dc.send(keys);
+  }
+
   hangup() {
     this.end("ended");
   }
@@ -129,6 +154,7 @@ export class Softphone {
     if (this.ended) return;
     this.ended = true;
     window.removeEventListener("pagehide", this.onPageHide);
+    this.onKeypad(false);
     if (this.pc) {
       // Chrome's close() sends neither RTCP BYE nor a DTLS close: the bot heard silence and ended the call
       // 10 s later as "abandoned". Stopping the transceivers first sends the BYE: a caller hang-up, at once.

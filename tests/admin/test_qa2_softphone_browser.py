@@ -1,0 +1,193 @@
+"""The softphone's keypad and its never-connected calls, against a live `bot serve` (queues open around the
+clock): in Debian's Chromium an admin presses keys on the Softphone tab and the conversation acts on them
+(the default policy's keypad menu: 0 = an agent, so a transfer attempt, which a browser call cannot
+complete); a bad key sent on the page's keypad channel is refused with a clear message and counted; and an
+aiortc peer whose ICE never completes leaves a call record with outcome error:connect_timeout and a
+voicebot_calls_total entry, without a conversation having run."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from aiortc import RTCPeerConnection
+
+from tests.admin.browser import launch, run_async, shot
+from tests.admin.test_webrtc_bridge import Tone
+from tests.helpers.bot import open_policy
+from tests.helpers.server import BotServer, isolated_redis_url, metric_value
+
+TOKEN = "softphone-qa2-publisher-token"
+FAKE_MIC = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotServer]:
+    tmp = tmp_path_factory.mktemp("qa2-softphone")
+    env = {"BOT_ADMIN_TOKEN": TOKEN, "BOT_NO_INPUT_S": "30", "BOT_POLICY": str(open_policy(tmp / "open.yaml"))}
+    srv = BotServer(isolated_redis_url(redis_url), tmp, env=env)
+    srv.start(timeout_s=400)  # prompts are rendered at start: minutes on a busy 2-core box
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def silence_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("qa2-softphone-audio") / "silence.wav"
+    subprocess.run(["sox", "-n", "-r", "48000", "-c", "1", "-b", "16", str(path), "trim", "0", "3"],
+                   check=True, capture_output=True)
+    return path
+
+
+def call(bot: BotServer, call_id: str) -> dict | None:
+    from bot.simulator import fetch_call
+
+    return run_async(fetch_call(bot.url, call_id, bot.redis_url))
+
+
+def wait_ended(bot: BotServer, call_id: str, timeout_s: float = 60.0) -> dict:
+    rec = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rec = call(bot, call_id)
+        if rec and rec["record"].get("status") == "ended":
+            return rec
+        time.sleep(0.25)
+    raise AssertionError(f"call {call_id} not ended: {rec}")
+
+
+def webrtc_metric(bot: BotServer, name: str, **labels: str) -> float:
+    return metric_value(bot.metrics(), name, {"transport": "webrtc", **labels} if name != "voicebot_errors_total"
+                        else {"component": "webrtc", **labels})
+
+
+def open_softphone(browser: Any, bot: BotServer) -> Any:
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900})
+    page.goto(f"{bot.url}/admin")
+    page.fill("#token", TOKEN)
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#who")).to_contain_text("publisher")
+    page.click('#tabs button[data-tab="softphone"]')
+    page.select_option("#sp-policy", "v1")
+    return page
+
+
+def test_keypad_keys_reach_the_conversation(bot: BotServer, silence_wav: Path) -> None:
+    """The softphone had no keypad: an admin could not try the policy's keypad menu from the console. The
+    keypad's keys now reach the conversation as DTMF; 0 (agent) is acted on at once: a transfer attempt,
+    which a browser call cannot complete (outcome transfer_failed). A key the bot does not take, sent on
+    the keypad channel by a script, is refused with a message on the page, counted, and the call goes on."""
+    from playwright.sync_api import expect, sync_playwright
+
+    bad0 = webrtc_metric(bot, "voicebot_errors_total", kind="bad_dtmf")
+    with sync_playwright() as pw:
+        browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"])
+        page = open_softphone(browser, bot)
+        key0 = page.locator('#sp-keypad button[data-key="0"]')
+        expect(key0).to_be_disabled()  # no call, no keypad
+        page.click("#sp-call")
+        expect(page.locator("#sp-status")).to_have_text("connected", timeout=30_000)
+        expect(key0).to_be_enabled(timeout=30_000)  # the keypad channel is open
+        call_id = page.inner_text("#sp-callid")
+
+        page.evaluate("() => window.voicebotSoftphone.dc.send('A')")  # past the page's own check
+        expect(page.locator("#toast")).to_contain_text("not a keypad key", timeout=10_000)
+        expect(page.locator("#sp-status")).to_have_text("connected")
+
+        key0.click()
+        expect(page.locator("#sp-keys")).to_have_text("0")
+        expect(page.locator('#sp-events li[data-type="dtmf"]')).to_contain_text("pressed 0", timeout=20_000)
+        expect(page.locator('#sp-events li[data-type="transfer"]')).to_contain_text("transfer to general",
+                                                                                    timeout=30_000)
+        shot(page, "qa2-softphone-keypad")
+        expect(page.locator("#sp-status")).to_contain_text("ended", timeout=60_000)
+        expect(key0).to_be_disabled()
+        browser.close()
+
+    rec = wait_ended(bot, call_id)
+    types = [e["type"] for e in rec["events"]]
+    assert [e["digit"] for e in rec["events"] if e["type"] == "dtmf"] == ["0"], types  # 'A' never got there
+    transfer = next(e for e in rec["events"] if e["type"] == "transfer")
+    assert transfer["target"] == "general" and transfer["ok"] is False, transfer
+    assert rec["record"]["outcome"] == "transfer_failed", rec["record"]
+    assert webrtc_metric(bot, "voicebot_errors_total", kind="bad_dtmf") == bad0 + 1
+    assert any("webrtc_dtmf_refused" in line and call_id in line for line in bot.logs().splitlines())
+
+
+async def test_a_call_that_never_connects_leaves_a_record(bot: BotServer) -> None:
+    """A softphone call whose ICE never completes (firewall, NAT without TURN) used to leave nothing: no call
+    record for the admin to look up and no voicebot_calls_total entry, only an error counter. It now has a
+    record with outcome error:connect_timeout (like SIP's error:no_ack) and is counted; no conversation ran
+    (no greeting, not counted as started)."""
+    outcome = {"outcome": "error:connect_timeout"}
+    ended0 = webrtc_metric(bot, "voicebot_calls_total", **outcome)
+    started0 = webrtc_metric(bot, "voicebot_calls_started_total")
+    peer = RTCPeerConnection()
+    peer.addTrack(Tone(1000.0))
+    peer.createDataChannel("dtmf")
+    await peer.setLocalDescription(await peer.createOffer())
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(f"{bot.url}/admin/api/softphone/offer", headers={"Authorization": f"Bearer {TOKEN}"},
+                              json={"sdp": peer.localDescription.sdp, "type": "offer", "version": 1})
+    assert r.status_code == 200, r.text
+    call_id = r.json()["call_id"]
+    # the peer never applies the answer: no ICE checks answered, nothing connects; the bot gives up after 20 s
+    rec = None
+    for _ in range(240):
+        rec = await asyncio.to_thread(call, bot, call_id)
+        if rec and rec["record"].get("status") == "ended":
+            break
+        await asyncio.sleep(0.25)
+    await peer.close()
+    assert rec is not None and rec["record"].get("status") == "ended", rec
+    r_ = rec["record"]
+    assert r_["outcome"] == "error:connect_timeout" and r_["transport"] == "webrtc", r_
+    assert r_["policy_version"] == "v1" and float(r_["duration_s"]) >= 15, r_
+    assert [e["type"] for e in rec["events"]] == ["call_started", "connect_failed", "call_ended"], rec["events"]
+    assert webrtc_metric(bot, "voicebot_calls_total", **outcome) == ended0 + 1
+    assert webrtc_metric(bot, "voicebot_calls_started_total") == started0
+
+
+def test_console_says_when_a_call_never_connects(bot: BotServer, silence_wav: Path) -> None:
+    """The console's view of a call whose ICE cannot complete (here: the answer's ICE password is garbled on
+    its way to the browser, so neither side accepts the other's checks). The page used to stop polling 10 s
+    after its side gave up, while the bot's side ends only at its 20 s connect timeout (and left no record
+    anyway): the admin saw a bare "failed" or nothing. It now shows the call's outcome and why."""
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"])
+        page = open_softphone(browser, bot)
+
+        def garble(route: Any) -> None:
+            resp = route.fetch()
+            body = resp.json()
+            body["sdp"] = re.sub(r"a=ice-pwd:(\S+)", lambda m: "a=ice-pwd:" + "x" * len(m.group(1)), body["sdp"])
+            route.fulfill(response=resp, json=body)
+
+        page.route("**/admin/api/softphone/offer", garble)
+        page.click("#sp-call")
+        expect(page.locator("#sp-callid")).to_contain_text("webrtc-", timeout=30_000)
+        call_id = page.inner_text("#sp-callid")
+        expect(page.locator("#sp-status")).to_contain_text("ended: error:", timeout=90_000)
+        expect(page.locator('#sp-events li[data-type="connect_failed"]')).to_contain_text("never connected")
+        expect(page.locator('#sp-keypad button[data-key="1"]')).to_be_disabled()
+        expect(page.locator("#sp-call")).to_be_enabled()
+        shot(page, "qa2-softphone-never-connected")
+        browser.close()
+    rec = wait_ended(bot, call_id)
+    assert rec["record"]["outcome"] in ("error:connect_timeout", "error:ice_failed"), rec["record"]
+    assert "call_ended" in [e["type"] for e in rec["events"]]
