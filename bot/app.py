@@ -1,14 +1,17 @@
 """The FastAPI app of one `bot serve` worker: Twilio webhook + Media Streams WebSocket, /metrics,
 /healthz, /readyz, the admin console (when installed), and the SIP server (worker 0, when enabled).
 
-Start-up order: Redis (call state) -> policy (seeded into Redis, watched) -> engine + pre-rendered
-prompts -> batched VAD -> routes ready. /readyz answers 200 only once all of that is up and the
-worker is not draining.
+Start-up order: Redis (call state) -> policy (seeded into Redis, watched) -> engine + the prompts of a
+call's first seconds (greeting, filler, apology, calm escalations) -> batched VAD -> routes ready. /readyz
+answers 200 only once all of that is up and the worker is not draining. The policy's other prompts are
+rendered after ready, in the background at low priority (`prompts_prerendered` logged when done); one a
+caller needs first is rendered on demand. A Ctrl-C/SIGTERM during start-up stops it (startup_aborted).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from contextlib import asynccontextmanager
@@ -64,12 +67,9 @@ def load_engine() -> Any:
     return Engine.load()
 
 
-async def prerender(engine: Any, policy: Any, cache: dict[tuple[str, str], np.ndarray]) -> None:
-    """Prompts known in advance go to the engine's cache and ours (greeting/filler/apology in RAM
-    so the first frame leaves within milliseconds of the stream's start)."""
-    texts = list(policy.static_prompts()) if hasattr(policy, "static_prompts") else []
-    if texts and hasattr(engine, "prerender"):
-        await engine.prerender(texts)
+def first_second_keys(policy: Any) -> list[tuple[str, str]]:
+    """(text, style) of what a call may say in its first seconds: greeting, filler, apology and the calm
+    escalation prompts. These are rendered before the worker goes ready; everything else after."""
     prompts = getattr(policy, "prompts", {}) or {}
     keys = [(prompts.get(getattr(policy, "greeting", "greeting")), "neutral"),
             (prompts.get("filler") or FILLER_TEXT, "neutral"), (FILLER_TEXT, "neutral"), (APOLOGY_TEXT, "calm")]
@@ -82,6 +82,13 @@ async def prerender(engine: Any, policy: Any, cache: dict[tuple[str, str], np.nd
         if key:
             calm.add(key)
     keys += [(prompts[k], "calm") for k in sorted(calm) if k in prompts]
+    return keys
+
+
+async def prerender(engine: Any, policy: Any, cache: dict[tuple[str, str], np.ndarray]) -> None:
+    """The prompts of a call's first seconds (first_second_keys) into our RAM cache, so the first frame
+    leaves within milliseconds of the stream's start. The policy's other prompts: prerender_rest."""
+    keys = first_second_keys(policy)
     from engine.types import SpeechStyle
 
     for stale in set(cache) - set(keys):  # prompts an earlier version had: bounded by the live policy
@@ -95,36 +102,96 @@ async def prerender(engine: Any, policy: Any, cache: dict[tuple[str, str], np.nd
                 log.warning("prerender_failed", text=text[:40], error=repr(exc))
 
 
+async def prerender_rest(engine: Any, policy: Any) -> None:
+    """Every other prompt known in advance into the engine's caches, at low priority while calls are taken
+    (rendering them all cold took ~105 s on a 2-core box before the first call could be answered). A prompt
+    a caller needs before its turn here is rendered on demand (streamed), as any uncached sentence."""
+    texts = list(policy.static_prompts()) if hasattr(policy, "static_prompts") else []
+    fn = getattr(engine, "prerender", None)
+    if not texts or fn is None:
+        return
+    t0 = time.monotonic()
+    try:
+        background = "background" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        background = False
+    rendered = await (fn(texts, background=True) if background else fn(texts))
+    log.info("prompts_prerendered", prompts=len(texts), rendered=rendered if isinstance(rendered, int) else None,
+             background=background, seconds=round(time.monotonic() - t0, 2))
+
+
+class Prerenderer:
+    """One worker's prompt rendering: the first seconds' prompts now, the rest in one background task that
+    a newer policy version replaces and shutdown cancels."""
+
+    def __init__(self, engine: Any, cache: dict[tuple[str, str], np.ndarray]) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.task: asyncio.Task[None] | None = None
+
+    async def switch(self, policy: Any) -> None:
+        """A newly published version (from another worker): its first prompts now, the rest later."""
+        await prerender(self.engine, policy, self.cache)
+        self.start_rest(policy)
+
+    def start_rest(self, policy: Any) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # an older version's prompts: not worth the CPU any more
+        self.task = asyncio.create_task(self._rest(policy), name="prerender-rest")
+
+    async def _rest(self, policy: Any) -> None:
+        try:
+            await prerender_rest(self.engine, policy)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - those prompts are then rendered on demand
+            metrics.ERRORS.labels("engine", "prerender").inc()
+            log.warning("prerender_rest_failed", error=repr(exc))
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     configure_logging()
-    state: dict[str, Any] = {"ready": False}
+    state: dict[str, Any] = {"ready": False, "abort": asyncio.Event()}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        t0 = time.monotonic()
+    async def start(app: FastAPI) -> Prerenderer:
         redis = connect(settings.redis_url)
         store = CallStore(redis, settings.worker_id, settings.call_ttl_s)
-        await store.start()
         app.state.redis = redis
         app.state.call_store = store
+        await store.start()
 
         policy_holder = await _start_policy(app, redis, settings)
-        loop = asyncio.get_running_loop()
-        engine = await loop.run_in_executor(None, load_engine)  # model load is disk/CPU work
+        app.state.policy_holder = policy_holder
+        loading = asyncio.get_running_loop().run_in_executor(None, load_engine)  # model load is disk/CPU work
+        try:
+            engine = await asyncio.shield(loading)
+        except asyncio.CancelledError:  # stopped mid-load: keep the engine (its threads) for stop() to close
+            app.state.engine = await loading
+            raise
         app.state.engine = engine
         wait_voice = getattr(engine, "wait_ready", None)
         if wait_voice is not None:  # no voice (espeak-ng missing) would answer every call with silence:
             await wait_voice()      # fail start-up with the voice's error instead of going ready
         cache: dict[tuple[str, str], np.ndarray] = {}
+        prompts = Prerenderer(engine, cache)
+        app.state.prerenderer = prompts
         await prerender(engine, policy_holder()[1], cache)
         watcher = getattr(app.state, "policy_watcher", None)
         if watcher is not None:  # a version published from another worker: render its prompts here too
-            watcher.on_change = lambda _v, policy, _text: prerender(engine, policy, cache)
+            watcher.on_change = lambda _v, policy, _text: prompts.switch(policy)
 
         vad = BatchedVad(gate_dbfs=float(os.environ.get("BOT_VAD_GATE_DBFS", -50)))
-        await vad.start()
         app.state.vad = vad
+        await vad.start()
         webhook = _escalation_webhook(settings)
         app.state.escalation_webhook = webhook
 
@@ -143,39 +210,98 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sip = sip
         if sip is not None:
             calls.on_drain.append(sip.refuse_new_calls)
+        return prompts
+
+    async def stop(app: FastAPI) -> None:
+        """Everything start() got to, in reverse; also after a start-up cut short by Ctrl-C."""
+        st = app.state
+        t_stop = time.monotonic()
+        prompts: Prerenderer | None = getattr(st, "prerenderer", None)
+        if prompts is not None:
+            await prompts.stop()
+        calls: CallManager | None = getattr(st, "calls", None)
+        if calls is not None:
+            await calls.drain(settings.shutdown_grace_s)  # no-op when the server drained already
+        webhook: EscalationWebhook | None = getattr(st, "escalation_webhook", None)
+        if webhook is not None:
+            # hand-offs still being delivered get what is left of the grace, and at least one attempt's
+            # time (bounded by the grace) for the transfers the last calls made as the grace ran out
+            left = settings.shutdown_grace_s - (time.monotonic() - t_stop)
+            await webhook.close(max(left, min(settings.shutdown_grace_s, settings.escalation_webhook_timeout_s)))
+        if (sip := getattr(st, "sip", None)) is not None:
+            await sip.stop()
+        if (watcher := getattr(st, "policy_watcher", None)) is not None:
+            await watcher.stop()
+        if (vad := getattr(st, "vad", None)) is not None:
+            await vad.stop()
+        if rest is not None:
+            await rest.aclose()
+        if (store := getattr(st, "call_store", None)) is not None:
+            await store.close()
+        engine = getattr(st, "engine", None)
+        wait_voice = getattr(engine, "wait_ready", None)
+        if wait_voice is not None and not getattr(engine, "ready", True):
+            # start-up stopped while the voice loads on its thread: onnxruntime aborts the process (SIGABRT,
+            # exit 134) if the interpreter exits mid-load, so let it finish (about a second)
+            try:
+                await asyncio.wait_for(wait_voice(), 30)
+            except Exception as exc:  # noqa: BLE001 - failed or slow: it was logged where it happened
+                log.info("voice_not_loaded_at_stop", error=repr(exc))
+        close = getattr(engine, "close", None)
+        if close is not None:
+            res = close()
+            if asyncio.iscoroutine(res):
+                await res
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        t0 = time.monotonic()
+        # start-up runs for seconds (a cold voice cache: the first prompts); a Ctrl-C meanwhile
+        # (bot.serve.DrainingServer -> abort_startup) cuts it short instead of waiting for it to end
+        starting = asyncio.create_task(start(app), name="worker-startup")
+        abort = asyncio.create_task(state["abort"].wait(), name="worker-startup-abort")
+        try:
+            await asyncio.wait({starting, abort}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+        if not starting.done():
+            starting.cancel()
+            try:
+                await starting
+            except BaseException as exc:  # noqa: BLE001 - what it was doing when stopped: not an error
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.info("startup_stopped_with", error=repr(exc))
+            log.info("startup_aborted", worker=settings.worker_id, after_s=round(time.monotonic() - t0, 2))
+            try:
+                await stop(app)
+            finally:
+                log.info("worker_stopped", worker=settings.worker_id)
+            yield  # uvicorn sees should_exit and shuts down at once
+            return
+        try:
+            prompts = starting.result()  # a failed start-up raises here, as before: uvicorn exits 3
+        except BaseException:
+            try:  # release what it started (Redis connections, the engine's threads) before exiting
+                await stop(app)
+            except Exception as exc:  # noqa: BLE001 - the start-up error is the one to report
+                log.warning("stop_after_failed_startup", error=repr(exc))
+            raise
         metrics.WORKER_INFO.labels(settings.worker_id, VERSION).set(1)
+        metrics.init_series()  # the series alerts take increase() of exist at 0 before the first call
         resources = asyncio.create_task(process_metrics.run(), name="process-metrics")
         state["ready"] = True
         log.info("worker_ready", worker=settings.worker_id, startup_s=round(time.monotonic() - t0, 2))
+        prompts.start_rest(app.state.policy_holder()[1])  # after ready: the rest at low priority
         try:
             yield
         finally:
             state["ready"] = False
             resources.cancel()
-            t_stop = time.monotonic()
-            await calls.drain(settings.shutdown_grace_s)  # no-op when the server drained already
-            if webhook is not None:
-                # hand-offs still being delivered get what is left of the grace, and at least one attempt's
-                # time (bounded by the grace) for the transfers the last calls made as the grace ran out
-                left = settings.shutdown_grace_s - (time.monotonic() - t_stop)
-                await webhook.close(max(left, min(settings.shutdown_grace_s, settings.escalation_webhook_timeout_s)))
-            if sip is not None:
-                await sip.stop()
-            watcher = getattr(app.state, "policy_watcher", None)
-            if watcher is not None:
-                await watcher.stop()
-            await vad.stop()
-            if rest is not None:
-                await rest.aclose()
-            await store.close()
-            close = getattr(engine, "close", None)
-            if close is not None:
-                res = close()
-                if asyncio.iscoroutine(res):
-                    await res
+            await stop(app)
             log.info("worker_stopped", worker=settings.worker_id)
 
     app = FastAPI(title="voicebot", version=VERSION, lifespan=lifespan)
+    app.state.abort_startup = state["abort"].set  # on the event loop: bot.serve.DrainingServer on Ctrl-C
     rest = (TwilioRest(settings.twilio_api_base, settings.twilio_account_sid, settings.twilio_auth_token,
                        api_key=settings.twilio_api_key, api_secret=settings.twilio_api_secret)
             if settings.twilio_auth_token or settings.twilio_api_key else None)

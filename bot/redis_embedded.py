@@ -47,10 +47,11 @@ def running_url(data_dir: Path) -> str | None:
     return url if _pong(port) else None
 
 
-def _die_with_parent() -> None:
-    """In the redis-server child before exec (Linux): SIGTERM it when the bot that started it dies, even by
-    SIGKILL, so a killed bot leaves no redis-server behind still appending to the AOF (the next bot would
-    start a second one on the same files). SIGTERM: redis fsyncs the AOF and exits."""
+def die_with_parent() -> None:
+    """In a child before exec (Linux): SIGTERM it when the process that started it dies, even by SIGKILL.
+    A killed bot leaves no redis-server behind still appending to the AOF (the next bot would start a second
+    one on the same files; SIGTERM: redis fsyncs the AOF and exits), and a killed supervisor no worker still
+    holding the HTTP port (SIGTERM: the worker drains its calls)."""
     try:
         import ctypes
 
@@ -97,7 +98,7 @@ class EmbeddedRedis:
              "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--protected-mode", "yes",
              "--logfile", str((self.data_dir / "redis.log").resolve())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
             # its own session: a Ctrl-C in the terminal reaches the bot only, which drains its calls into Redis
             # and then stops it (the parent-death signal still covers a killed bot)
             start_new_session=True,

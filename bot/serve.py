@@ -32,7 +32,7 @@ from types import FrameType
 import uvicorn
 
 from bot.config import Settings, load_settings
-from bot.redis_embedded import EmbeddedRedis
+from bot.redis_embedded import EmbeddedRedis, die_with_parent
 from ops.logs import configure_logging, get_logger
 
 log = get_logger("bot.serve")
@@ -56,7 +56,9 @@ def inherited_socket() -> socket.socket | None:
 
 
 class DrainingServer(uvicorn.Server):
-    """First signal: drain calls (bounded), then the normal uvicorn shutdown. Second: force."""
+    """First signal: drain calls (bounded), then the normal uvicorn shutdown. Second: force.
+    A first signal during the app's start-up (engine, first prompts: seconds, more on a cold voice cache)
+    stops the start-up at once (app.state.abort_startup) instead of being held until it ends."""
 
     def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
         super().__init__(config)
@@ -66,6 +68,8 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.should_exit:  # a signal came while uvicorn was loading the app
+            self._abort_startup()
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -74,19 +78,33 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = self._draining
             return
         self._draining = True
+        if not self.started:  # still in the lifespan start-up: nothing to drain, stop it
+            self.should_exit = True
+            self._loop.call_soon_threadsafe(self._abort_startup, sig)
+            return
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
+
+    def _app_state(self, name: str) -> object | None:
+        app = self.config.loaded_app if self.config.loaded else None
+        while app is not None:
+            st = getattr(app, "state", None)
+            if st is not None and getattr(st, name, None) is not None:
+                return getattr(st, name)
+            app = getattr(app, "app", None)  # unwrap middleware to reach FastAPI
+        return None
+
+    def _abort_startup(self, sig: int = 0) -> None:
+        log.info("startup_interrupted", signal=signal.Signals(sig).name if sig else None)
+        abort = self._app_state("abort_startup")
+        if callable(abort):
+            abort()
 
     async def _drain(self) -> None:
         for server in getattr(self, "servers", []):
             server.close()  # stop accepting; live WebSockets carry on
-        app = self.config.loaded_app
-        calls = None
-        while app is not None and calls is None:
-            st = getattr(app, "state", None)
-            calls = getattr(st, "calls", None) if st is not None else None
-            app = getattr(app, "app", None)  # unwrap middleware to reach FastAPI
+        calls = self._app_state("calls")
         if calls is not None:
-            await calls.drain(self.grace_s)
+            await calls.drain(self.grace_s)  # type: ignore[attr-defined]
         self.should_exit = True
 
 
@@ -199,8 +217,12 @@ def _supervise(workers: int, settings: Settings) -> int:
     def spawn(i: int) -> subprocess.Popen[bytes]:
         env = {**os.environ, "BOT_WORKER_INDEX": str(i), "BOT_WORKER_ID": worker_id(i),
                LISTEN_FD_ENV: str(sock.fileno())}
+        # a process group of its own: a Ctrl-C in the terminal reaches the whole foreground group, so each
+        # worker got it twice (from the terminal and forwarded below) and took the second as "force": live
+        # calls were cut without the drain and their state never flushed. Now only our forward reaches it.
         return subprocess.Popen([sys.executable, "-m", "bot.cli", "serve", "--worker-child"], env=env,
-                                pass_fds=(sock.fileno(),))
+                                pass_fds=(sock.fileno(),), process_group=0,
+                                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
 
     procs = [spawn(i) for i in range(workers)]
     started = [time.monotonic()] * workers
@@ -221,6 +243,8 @@ def _supervise(workers: int, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # the terminal closing: the workers are not in its process group any more, so stop them (drained) here
+    signal.signal(signal.SIGHUP, lambda _sig, frame: forward(signal.SIGTERM, frame))
     rc = 0
 
     def reap_exited() -> None:

@@ -440,11 +440,6 @@ class CallStore:
             self._set_health(True)
 
     async def _heartbeat(self) -> None:
-        # runs once per worker at start: the series alerts take increase() of exist at 0 before the first call
-        try:
-            metrics.init_series()
-        except Exception:  # noqa: BLE001 - metrics bookkeeping must never stop the heartbeat
-            log.exception("metrics_init_failed")
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self.healthy:

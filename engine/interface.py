@@ -19,5 +19,6 @@ class SpeechEngine(Protocol):
     async def speak(self, text: str, style: SpeechStyle | None = None) -> np.ndarray:
         """8 kHz mono int16 speech for `text`; cached for known prompts."""
 
-    async def prerender(self, texts: list[str], style: SpeechStyle | None = None) -> None:
-        """Render and cache these prompts ahead of time (policy load)."""
+    async def prerender(self, texts: list[str], style: SpeechStyle | None = None, *, background: bool = False) -> int:
+        """Render and cache these prompts ahead of time (policy load); background: at the lowest priority,
+        yielding to callers' speech. Returns how many were rendered."""

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import math
 import os
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -97,6 +98,51 @@ def _load_understanding(model_dir: str | None, backend: str, threads: int) -> Ba
     return attach_backend(model, backend, threads)
 
 
+class _IdleRenderer:
+    """Renders prompts nobody is waiting for (pre-rendering after the worker went ready) on one daemon thread
+    at the lowest CPU priority, outside the speak scheduler: a caller's speech never queues behind it, and
+    on a busy box the kernel gives the CPU to the call threads first. Daemon, so an engine never closed
+    cannot keep the process alive; close() stops it and waits for the render in progress."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self._jobs: queue.SimpleQueue[tuple[Future, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, *args: Any) -> "asyncio.Future[Any]":
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="engine-speak-idle", daemon=True)
+                self._thread.start()
+        fut: Future = Future()
+        self._jobs.put((fut, args))
+        return asyncio.wrap_future(fut)
+
+    def _run(self) -> None:
+        try:  # Linux: nice is per thread; espeak-ng children forked from here inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError) as exc:
+            log().info("idle renderer keeps normal priority", error=repr(exc))
+        while (job := self._jobs.get()) is not None:
+            fut, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue  # its awaiter was cancelled (shutdown, a newer policy)
+            try:
+                fut.set_result(self._fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - delivered to the awaiting coroutine
+                fut.set_exception(exc)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop after the render in progress, waiting for it (bounded): onnxruntime aborts the whole process
+        (SIGABRT) when the interpreter exits under a session still running on a daemon thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join(timeout_s)
+
+
 class Engine:
     """Async speech engine. Build with Engine.load(); share one per process across all calls."""
 
@@ -123,6 +169,7 @@ class Engine:
         speak_cfg = BatchConfig(max_batch=1, wait_ms=0, max_queue=self.config.max_queue,
                                 workers=max(1, int(os.environ.get("BOT_VOICE_WORKERS", "1"))))
         self._speak = BatchScheduler("speak", self._speak_batch, backend="voice-cpu", config=speak_cfg)
+        self._idle = _IdleRenderer(self._render_idle)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -196,6 +243,13 @@ class Engine:
         return [self.voice.render_chunk(t, s) if kind == "chunk" else self.voice.render(t, s, dynamic=kind == "dynamic")
                 for t, s, kind in items]
 
+    def _render_idle(self, text: str, style: SpeechStyle) -> bool:
+        """True when the voice rendered it, False when it came from the disk cache."""
+        if self.voice.cached(text, style) is not None:
+            return False
+        self.voice.render(text, style)
+        return True
+
     # ---- helpers -------------------------------------------------------------------------------
     def _check_fault(self, op: str) -> None:
         fault = (self.fault or os.environ.get("BOT_ENGINE_FAULT", "none")).lower()
@@ -232,8 +286,9 @@ class Engine:
         return self._voice.done() and self._voice.exception() is None
 
     async def wait_ready(self) -> None:
-        """Wait for the background voice load (raises EngineError if it failed)."""
-        await asyncio.wrap_future(self._voice)
+        """Wait for the background voice load (raises EngineError if it failed). A waiter that is cancelled
+        (start-up stopped by Ctrl-C) must not cancel the load itself: the shared future would never be set."""
+        await asyncio.shield(asyncio.wrap_future(self._voice))
 
     @property
     def has_understanding(self) -> bool:
@@ -289,15 +344,46 @@ class Engine:
                 t.cancel()
         self.voice.remember(text, style, np.concatenate(parts))
 
-    async def prerender(self, texts: list[str], style: SpeechStyle | None = None) -> None:
-        """Render and cache prompts ahead of time; bad prompts are logged and skipped, not fatal."""
+    async def prerender(self, texts: list[str], style: SpeechStyle | None = None, *,
+                        background: bool = False) -> int:
+        """Render and cache prompts ahead of time; bad prompts are logged and skipped, not fatal. Returns how
+        many the voice rendered (in neither cache; foreground: not in memory).
+
+        background: for prompts no caller waits for yet (a worker that is already taking calls): one at a
+        time on the idle renderer (lowest CPU priority, not in the speak queue), yielding while callers'
+        speech is queued. A caller who needs one of them first has it rendered on demand as usual."""
+        rendered = 0
+        if background and texts:
+            try:
+                await self.wait_ready()
+            except EngineError as exc:  # logged and counted where the voice failed to load
+                log().warning("prerender skipped: no voice", error=str(exc), prompts=len(texts))
+                return 0
         for text in texts:
             try:
-                await self.speak(text, style)
+                if not background:
+                    hit = self.voice.cached(self._text(text), style or SpeechStyle(), memory_only=True) \
+                        if self.ready else None
+                    if hit is None:
+                        rendered += 1
+                    await self.speak(text, style)
+                    continue
+                self._check_fault("speak")
+                clean, st = self._text(text), style or SpeechStyle()
+                if self.voice.cached(clean, st, memory_only=True) is not None:
+                    continue
+                while self._speak.queued:  # callers' speech first: it is rendered at normal priority
+                    await asyncio.sleep(0.05)
+                rendered += bool(await self._idle.submit(clean, st))
             except EngineError as exc:
                 log().warning("prerender skipped a prompt", error=str(exc))
+            except (VoiceError, OSError, RuntimeError, ValueError) as exc:  # the idle renderer's own failures
+                ERRORS.labels(component="engine", kind="prerender_failed").inc()
+                log().warning("prerender skipped a prompt", error=repr(exc), text=text[:40])
+        return rendered
 
     async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._idle.close)
         for sched in (self._understand, self._eot, self._speak):
             await sched.close()
 

@@ -96,32 +96,24 @@ async def test_redis_restart_is_counted_and_a_steady_server_is_not(tmp_path: Pat
 
 
 _WORKER = textwrap.dedent("""
-    import asyncio, sys
     from ops import metrics
-    from bot.state import CallStore, connect
 
     def samples():
         return {s.name + repr(sorted(s.labels.items())) for m in metrics.CALLS_STARTED.collect() for s in m.samples}
 
-    async def main():
-        assert not any("sip" in s for s in samples()), "import created labelled series"
-        s = CallStore(connect(sys.argv[1]), worker="w-init", ttl_s=60)
-        await s.start()
-        await asyncio.sleep(0.2)  # the heartbeat task's first step
-        await s.close(timeout_s=2)
-
-    asyncio.run(main())
+    assert not any("sip" in s for s in samples()), "import created labelled series"
+    metrics.init_series()  # what bot/app.py runs at worker start (a real bot serve: tests/ops/test_qa2_series_at_start.py)
 """)
 
 
-def test_worker_start_exports_alerted_series_at_zero(redis_url: str, tmp_path: Path) -> None:
+def test_worker_start_exports_alerted_series_at_zero(tmp_path: Path) -> None:
     """Multiprocess mode, as `bot serve --workers N` runs: a worker that has taken no call yet already exports
     calls started per transport, the main outcomes and the error kinds alerts read, all 0."""
     mp = tmp_path / "prom"
     mp.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    r = subprocess.run([sys.executable, "-c", _WORKER, redis_url], env=env, cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", _WORKER], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     reg = CollectorRegistry()

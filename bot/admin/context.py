@@ -71,7 +71,8 @@ def get_store(request: Request) -> PolicyStore:
         async def prerender(texts: list[str]) -> None:
             eng = getattr(st, "engine", None)
             if eng is not None and texts:
-                await eng.prerender(texts)
+                # at the lowest priority, yielding to callers: a publish must not make live callers' speech wait
+                await eng.prerender(texts, background=True)
 
         store = PolicyStore(get_redis(request), prerender=prerender)
         st.policy_store = store

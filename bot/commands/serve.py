@@ -73,8 +73,8 @@ def _announce_when_ready(settings: Settings, stop: threading.Event, progress_s: 
         if time.monotonic() >= next_note:
             next_note += progress_s
             print(f"bot serve: still starting ({time.monotonic() - t0:.0f} s): the first start renders the "
-                  f"policy's prompts into {settings.data_dir / 'voice-cache'}; later starts reuse them",
-                  file=sys.stderr, flush=True)
+                  f"greeting and first prompts into {settings.data_dir / 'voice-cache'} (the rest follow in the "
+                  "background); later starts reuse them. Ctrl-C stops it", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
