@@ -366,10 +366,10 @@ async def _start_policy(app: FastAPI, redis: Any, settings: Settings) -> Any:
     """Seed the policy into Redis (versioned) and follow publishes; a file-only fallback keeps the
     bot answering calls when the policy store is unavailable at start."""
     try:
+        from bot.admin.context import background_prerender
         from policies.store import PolicyStore, PolicyWatcher
 
-        pstore = PolicyStore(redis, prerender=lambda texts: app.state.engine.prerender(texts)
-                             if getattr(app.state, "engine", None) else asyncio.sleep(0))
+        pstore = PolicyStore(redis, prerender=background_prerender(lambda: getattr(app.state, "engine", None)))
         await pstore.ensure_seeded(path=settings.policy_path or None)
         watcher = PolicyWatcher(redis)
         await watcher.start()

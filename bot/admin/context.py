@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import redis.asyncio as aioredis
 from fastapi import HTTPException, Request
@@ -64,17 +64,34 @@ async def get_engine(request: Request) -> Any:
     return eng
 
 
+def background_prerender(get_engine: Callable[[], Any]) -> Callable[[list[str]], Awaitable[None]]:
+    """The policy store's `prerender` for a publish: started, not awaited. After a fresh start most prompts are
+    still unrendered (a worker goes ready after the first seconds' prompts), and the admin would wait for all of
+    them, tens of seconds, before "Published". They render at the lowest priority, yielding to callers; a
+    caller who needs one first has it rendered on demand."""
+    pending: set[asyncio.Task[Any]] = set()
+
+    def done(task: asyncio.Task[Any]) -> None:
+        pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("publish_prerender_failed", error=repr(task.exception()))
+
+    async def prerender(texts: list[str]) -> None:
+        eng = get_engine()
+        if eng is None or not texts:
+            return
+        task = asyncio.create_task(eng.prerender(texts, background=True), name="publish-prerender")
+        pending.add(task)  # a task nobody references may be collected mid-run
+        task.add_done_callback(done)
+
+    return prerender
+
+
 def get_store(request: Request) -> PolicyStore:
     st = _state(request)
     store = getattr(st, "policy_store", None)
     if store is None:
-        async def prerender(texts: list[str]) -> None:
-            eng = getattr(st, "engine", None)
-            if eng is not None and texts:
-                # at the lowest priority, yielding to callers: a publish must not make live callers' speech wait
-                await eng.prerender(texts, background=True)
-
-        store = PolicyStore(get_redis(request), prerender=prerender)
+        store = PolicyStore(get_redis(request), prerender=background_prerender(lambda: getattr(st, "engine", None)))
         st.policy_store = store
     return store
 
