@@ -126,8 +126,11 @@ async def test_shutdown_gives_a_pending_hand_off_the_grace(redis_url: str, tmp_p
     delivers it before it exits instead of losing it with the process."""
     tmp = tmp_path_factory.mktemp("bot-webhook-stop")
     fake_api.webhook_secret = SECRET
+    # a grace the retries fit in: the 3rd backoff is jittered up to ~4 s, and a 5 s grace that began mid-way
+    # through the 2nd dropped the hand-off about once in ten runs (CI saw it)
     env = twilio_env(fake_api.url, _policy(tmp / "policy.yaml"), tmp_path_factory.getbasetemp(),
-                     BOT_ESCALATION_WEBHOOK=f"{fake_api.url}/escalations", BOT_ESCALATION_WEBHOOK_SECRET=SECRET)
+                     BOT_ESCALATION_WEBHOOK=f"{fake_api.url}/escalations", BOT_ESCALATION_WEBHOOK_SECRET=SECRET,
+                     BOT_SHUTDOWN_GRACE_S="20")
     server = BotServer(isolated_redis_url(redis_url), tmp, env).start()
     try:
         fake_api.escalation_statuses = [500, 500, 500]  # backoff >= 0.5 + 1 + 2 s before the 4th attempt
