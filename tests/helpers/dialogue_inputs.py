@@ -1,14 +1,18 @@
 """Hypothesis strategies for what a caller (and the engine) can throw at decide(): any intent (also one
-the catalog lacks, or none) at any confidence, a runner-up, slot values, frustration, unusable audio."""
+the catalog lacks, or none) at any confidence, a runner-up, slot values, frustration, unusable audio; and
+`play`, which runs a scripted call through decide() turn by turn."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Sequence
 
 from hypothesis import strategies as st
 
 from engine.types import Understanding
-from policies.decide import DtmfDigit, NoInput
+from policies.decide import CallStart, CallState, DtmfDigit, Input, NoInput, step
+from policies.decision import Decision
+from policies.schema import Policy
 
 # menu keys, and numbers typed as a value (an amount: "50#", "50*25#")
 KEYS = [*"0123456789*#", "12#", "50#", "50*25#"]
@@ -53,3 +57,15 @@ def sure_turns(intents: Sequence[str]) -> st.SearchStrategy[Any]:
     return st.one_of(request, yes_no, request, yes_no, value, close,
                      st.just(Understanding("repeat", 0.95, [("repeat", 0.95)])),
                      st.just(NoInput()), st.sampled_from([DtmfDigit(k) for k in KEYS]))
+
+
+def play(policy: Policy, inputs: list[Input], now: dt.datetime) -> tuple[list[Decision], CallState]:
+    """A call from its start through `inputs` (stopping where the call ends): every decision, and the last state."""
+    state = CallState(now=now)
+    out = []
+    for inp in [CallStart(), *inputs]:
+        if state.ended:
+            break
+        d, state = step(policy, state, inp)
+        out.append(d)
+    return out, state

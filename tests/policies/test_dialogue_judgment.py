@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.types import Understanding
-from policies.decide import CallStart, CallState, DtmfDigit, Input, NoInput, step
+from policies.decide import CallState, DtmfDigit, Input, NoInput
 from policies.decision import Decision
 from policies.schema import Policy, load_policy, parse_policy
-from tests.helpers.dialogue_inputs import caller_inputs
+from tests.helpers.dialogue_inputs import caller_inputs, play
 from tests.helpers.policy_text import DEFAULT_TEXT
 
 POLICY = load_policy()
@@ -37,14 +37,7 @@ AMBIGUOUS = U("pay_bill", 0.45, [("pay_bill", 0.45), ("check_balance", 0.4)])
 
 
 def run(inputs: list[Input], now: dt.datetime = OPEN, policy: Policy = POLICY) -> tuple[list[Decision], CallState]:
-    state = CallState(now=now)
-    out = []
-    for inp in [CallStart(), *inputs]:
-        if state.ended:
-            break
-        d, state = step(policy, state, inp)
-        out.append(d)
-    return out, state
+    return play(policy, inputs, now)
 
 
 def trace(decisions: list[Decision]) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from policies.decide import REASONS, CallStart, CallState, DtmfDigit, Input, NoI
 from policies.decision import Decision
 from policies.schema import Policy, load_policy
 from tests.helpers.bot import open_policy
-from tests.helpers.dialogue_inputs import caller_inputs, sure_turns
+from tests.helpers.dialogue_inputs import caller_inputs, play, sure_turns
 
 POLICY = load_policy()
 UTC = dt.timezone.utc
@@ -43,14 +43,7 @@ ASK_AMOUNT = POLICY.prompts["ask_amount"]
 
 
 def run(inputs: list[Input], now: dt.datetime = OPEN, policy: Policy = POLICY) -> tuple[list[Decision], CallState]:
-    state = CallState(now=now)
-    out = []
-    for inp in [CallStart(), *inputs]:
-        if state.ended:
-            break
-        d, state = step(policy, state, inp)
-        out.append(d)
-    return out, state
+    return play(policy, inputs, now)
 
 
 def last(inputs: list[Input], now: dt.datetime = OPEN) -> Decision:

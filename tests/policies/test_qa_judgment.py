@@ -22,7 +22,7 @@ from policies.decide import (FAILURE_REASONS, CallStart, CallState, DtmfDigit, I
 from policies.decision import Decision
 from policies.schema import Policy, load_policy
 from tests.helpers.bot import open_policy
-from tests.helpers.dialogue_inputs import caller_inputs
+from tests.helpers.dialogue_inputs import caller_inputs, play
 
 POLICY = load_policy()
 UTC = dt.timezone.utc
@@ -42,14 +42,7 @@ PAY15 = U("pay_bill", slots={"amount": 15.0})
 
 
 def run(inputs: list[Input], now: dt.datetime = OPEN, policy: Policy = POLICY) -> tuple[list[Decision], CallState]:
-    state = CallState(now=now)
-    out = []
-    for inp in [CallStart(), *inputs]:
-        if state.ended:
-            break
-        d, state = step(policy, state, inp)
-        out.append(d)
-    return out, state
+    return play(policy, inputs, now)
 
 
 def last(inputs: list[Input], now: dt.datetime = OPEN) -> Decision:
