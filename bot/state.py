@@ -182,18 +182,16 @@ class CallStore:
         would not know whose they were. On a new run_id, rewrite what this worker's live calls started with
         (unchanged values: harmless when nothing was lost) and note it in each call's events."""
         try:
-            # a cluster: every node (each may restart or fail over on its own); otherwise the one server
-            kw = {"target_nodes": self.r.ALL_NODES} if hasattr(self.r, "get_nodes") else {}
-            info = await asyncio.wait_for(self.r.info("server", **kw), timeout_s)
+            if hasattr(self.r, "get_nodes"):
+                sid = await self._cluster_primaries_id(timeout_s)
+            else:
+                info = await asyncio.wait_for(self.r.info("server"), timeout_s)
+                sid = str(info["run_id"]) if isinstance(info, dict) and "run_id" in info else None
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.debug("server_check_failed", error=repr(exc))
             return
-        if not isinstance(info, dict):
+        if sid is None:
             return
-        if "run_id" in info:
-            sid = str(info["run_id"])
-        else:  # a cluster answers per node
-            sid = ",".join(sorted(str(v.get("run_id", "")) for v in info.values() if isinstance(v, dict)))
         previous, self._server_id = self._server_id, sid
         if previous is None or previous == sid:
             return
@@ -223,6 +221,28 @@ class CallStore:
                     self._push(op, *args, **kw)
         if replayed:
             log.info("recent_call_ends_rewritten", calls=replayed)
+
+    async def _cluster_primaries_id(self, timeout_s: float) -> str | None:
+        """The run_ids of a cluster's primaries (each may restart or fail over on its own). The client's map of
+        the cluster only changes when one of our writes is redirected, so after a failover in a shard that none
+        of the last writes touched it would still list the demoted primary (same run_id: no change seen). A
+        listed primary that answers as a replica, or one that cannot be reached, means the map is stale:
+        refresh it from the cluster and ask again."""
+        for attempt in range(2):
+            try:
+                info = await asyncio.wait_for(
+                    self.r.execute_command("INFO", "server", "replication", target_nodes=self.r.PRIMARIES), timeout_s)
+                stale = not isinstance(info, dict) or any(
+                    not isinstance(v, dict) or v.get("role") != "master" for v in info.values())
+            except (RedisError, OSError, asyncio.TimeoutError):
+                if attempt:
+                    raise
+                stale, info = True, None
+            if not stale and isinstance(info, dict):
+                return ",".join(sorted(str(v.get("run_id", "")) for v in info.values()))
+            if attempt == 0:
+                await asyncio.wait_for(self.r.nodes_manager.initialize(), timeout_s * 2)
+        return None  # still mid-failover: the next heartbeat looks again
 
     async def _flush_wait(self, timeout_s: float) -> None:
         try:
