@@ -123,6 +123,7 @@ _NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "BOT_SIP_INVITE_BURST": (float, 0, None), "BOT_SIP_MAX_CALLS": (int, 0, None),
     "BOT_SIP_TRANSFER_TIMEOUT_S": (float, 0, None), "BOT_SIP_RING_S": (float, 0, None),
     "BOT_ADMIN_MAX_UPLOAD_BYTES": (int, 1, None), "BOT_ADMIN_MAX_BAD_TOKENS_PER_MIN": (int, 0, None),
+    "BOT_AUDIT_MAXLEN": (int, 100, None),
 }
 # settings with a fixed set of values (compared case-insensitively, as their readers do)
 _CHOICES: dict[str, tuple[str, ...]] = {

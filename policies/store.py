@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,16 @@ from ops.logs import get_logger
 
 PREFIX = "{policy}"
 CHANNEL = "policy:published"
-AUDIT_MAXLEN = 10_000
+
+
+def _audit_maxlen() -> int:
+    try:  # a bad value is refused with a clear line by bot.config at start; importing must not fail on it
+        return max(100, int(os.environ.get("BOT_AUDIT_MAXLEN", "10000")))
+    except ValueError:
+        return 10_000
+
+
+AUDIT_MAXLEN = _audit_maxlen()  # entries kept (trimmed approximately, oldest first), ~250 bytes each
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default.yaml")
 
 Prerender = Callable[[list[str]], Awaitable[None]]
