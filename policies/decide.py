@@ -283,6 +283,13 @@ def _offered(state: CallState, inp: Input, d: Decision) -> Mapping[str, Any]:
     left = {k: v for k, v in state.offered.items() if k not in d.slots}
     if d.reason == "no_context" and isinstance(inp, Understanding) and inp.intent is None and inp.slots:
         left.update(inp.slots)
+    last = state.last
+    if (isinstance(inp, Understanding) and inp.slots and last is not None and d.action == last.action
+            and d.action in ("collect", "confirm", "clarify") and d.intent == last.intent
+            and d.reason in ("slot_missing", "low_confidence") and dict(d.slots) == dict(last.slots)):
+        # a value the pending question did not ask for ("How much?" -> an account number), the question asked
+        # again: kept for the request that needs it and for the human agent, not dropped with the re-ask
+        left.update({k: v for k, v in inp.slots.items() if k not in d.slots})
     return left
 
 
@@ -336,7 +343,11 @@ def _route(policy: Policy, state: CallState, queue: str, reason: str, prompt_key
             if asked or state.stalls + 1 >= policy.escalation.max_failures.max_stalled_turns:
                 return Decision("hangup", _closed_prompt(policy, "callback_declined", q, state.now),
                                 target=q, reason="out_of_hours", style=style)
-            return Decision("confirm", text, target=q, reason="out_of_hours", style=style)
+            # asked for by the caller (a person, frustration, a request that goes to a team) in the middle of a
+            # collection: a "no" to the callback goes back to it (the caller still wants to pay). Not when the
+            # failure or silence rules escalate: the bot could not get the value, asking again restarts the loop
+            back = _interrupted(state) if reason not in ("max_failures", "no_input") else None
+            return Decision("confirm", text, target=q, reason="out_of_hours", style=style, resume=back)
         return Decision("hangup", text, target=q, reason="out_of_hours", intent=intent, style=style)
     raise AssertionError("out-of-hours cycle passed validation")  # schema rejects cycles
 
@@ -473,7 +484,9 @@ def _fail(policy: Policy, state: CallState, reason: str, prompt_key: str) -> Dec
 
 # openings a question may carry from the turn that asked it; a re-ask says its own opening instead
 # ("Sorry about that." after a read-back denied is no answer to an unclear amount)
-_REASK_PREFIXES = ("slot_retry", "still_there", "reprompt", "value_denied")
+# said before the interrupted question when a caller declines a callback ("Okay, let's pick up where we left off.")
+RESUME_PROMPT = "resume_after_callback"
+_REASK_PREFIXES = ("slot_retry", "still_there", "reprompt", "value_denied", RESUME_PROMPT)
 
 
 def _reask(policy: Policy, state: CallState, reason: str, prefix_key: str) -> Decision | None:
@@ -597,10 +610,12 @@ def _keypad_value(slot_type: str, keys: str) -> Any:
 def _understood(policy: Policy, state: CallState, u: Understanding) -> Decision:
     d = _heard(policy, state, u)
     back = _interrupted(state)
+    given = back is not None and any(k in policy.intents[back.intent].action.collect for k in back.slots)
     if (d.action == "hangup" and d.reason == "goodbye" and d.intent is not None and back is not None
-            and back.read_back and "goodbye_unconfirmed" in policy.prompts):
+            and (back.read_back or given) and "goodbye_unconfirmed" in policy.prompts):
         # "That's a payment of 15 dollars, is that right?" -> "bye": nothing was paid, and the caller must not
-        # hang up believing it was ("Thanks for calling. Goodbye." sounds like a done deal)
+        # hang up believing it was ("Thanks for calling. Goodbye." sounds like a done deal). Likewise part way
+        # through a request that takes several values (the amount given, the day asked for)
         d = dataclasses.replace(d, prompt=policy.prompts["goodbye_unconfirmed"])
     if (back is not None and d.resume is None and d.reason in ("confirm_requested", "ambiguous")
             and back.intent not in (d.intent, *d.options)):
@@ -646,8 +661,10 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
     ctx = policy.thresholds.context_accept
     # A frustrated caller offered a callback (the queue is closed: the frustration rule already routed them
     # here) who answers yes or no gets what they answered, not "please call back" after a yes.
+    # An unsure yes/no (under context_accept, in its confirm band) gets the offer asked again, as any caller's
+    # would: letting them go with "please call back" may be the opposite of the "yes" they said.
     callback_answer = (state.pending_confirm is not None and state.pending_confirm.intent is None
-                       and top in (affirm, deny) and conf >= ctx)
+                       and top in (affirm, deny) and top is not None and conf >= min(ctx, policy.confirm_for(top)))
     # Likewise a frustrated "yes" to a read-back ("That's 50 dollars, right?" - "YES!") completes what the caller
     # just confirmed; handing them to a person instead would throw the finished payment away.
     read_back_yes = (state.pending_confirm is not None and state.pending_confirm.read_back
@@ -656,7 +673,17 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
                                  and state.pending_confirm.slots.get(k) != v for k, v in u.slots.items()))
     frustrated = u.caller_state.get("frustration", 0.0) >= esc.frustration.threshold
     if frustrated and not callback_answer and not read_back_yes:
-        return _route(policy, state, esc.frustration.queue, "frustration", esc.frustration.prompt, style="calm")
+        d = _route(policy, state, esc.frustration.queue, "frustration", esc.frustration.prompt, style="calm")
+        if d.resume is not None and d.resume.read_back and top == deny and conf >= ctx:
+            # "That's 40 dollars, right?" -> "NO!" (a callback offered): declining the callback must not read back
+            # the amount the caller just said was wrong: back to asking for it, or to reading back the one they
+            # said instead ("No, fifty!")
+            collect = policy.intents[d.resume.intent].action.collect
+            said = {k: v for k, v in u.slots.items() if k in collect}
+            back = (Resume(d.resume.intent, {**d.resume.slots, **said}, read_back=True) if said else
+                    Resume(d.resume.intent, {k: v for k, v in d.resume.slots.items() if k not in collect}))
+            d = dataclasses.replace(d, resume=back)
+        return d
     if u.error is not None:
         return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence",
                                                                               "reprompt")
@@ -682,6 +709,14 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
                      if k in policy.intents[pc.intent].action.collect and pc.slots.get(k) != v}
             if fixed:
                 return _read_back(policy, pc.intent, {**pc.slots, **fixed})
+        spec = policy.intents.get(pc.intent or "")
+        if (spec is not None and not pc.read_back and top is None and conf >= ctx and spec.action.type == "collect"
+                and spec.action.read_back):
+            # "You'd like to pay your bill?" -> "forty dollars": the value answers yes (as "yes, forty dollars"
+            # does); "What can I help you with today?" dropped the request. Its read-back still asks before acting.
+            values = {k: v for k, v in u.slots.items() if k in spec.action.collect}
+            if values:
+                return _act(policy, state, pc.intent, {**pc.slots, **values}, "confirmed")
         if top == affirm and conf >= ctx:
             if pc.intent is None:  # a callback offer accepted
                 return Decision("hangup", _closed_prompt(policy, "callback_done", pc.queue, state.now),
@@ -692,6 +727,11 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
             return _act(policy, state, pc.intent, {**pc.slots, **u.slots}, "confirmed")
         if top == deny and conf >= ctx:
             if pc.intent is None:
+                if state.interrupted is not None:
+                    # "How much would you like to pay?" -> "agent" -> "...call you back?" -> "no": the caller
+                    # declined the callback, not the payment: back to it, its values kept
+                    d = _resume(policy, state, state.interrupted)
+                    return dataclasses.replace(d, prompt=_join(policy.prompts.get(RESUME_PROMPT, ""), d.prompt))
                 return Decision("hangup", _closed_prompt(policy, "callback_declined", pc.queue, state.now),
                                 reason="goodbye")
             if pc.read_back:  # the intent stands; the values were misheard: ask for them again
@@ -747,7 +787,11 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
             return _collect(policy, state, pcol.intent, {**pcol.slots, **new}, "slot_filled")
         if (not elsewhere and not asks_agent and not switches
                 and top != policy.intent_of_type("repeat")):  # repeat: handled below
-            again = _reask(policy, state, "slot_missing", "slot_retry")
+            # heard well, just not the value asked for (the request said again, an account number when asked the
+            # amount): the question again without "Sorry, I didn't get that", which tells them they were not heard
+            heard = ((top == pcol.intent and conf >= policy.confirm_for(top))
+                     or (top is None and bool(u.slots) and conf >= ctx))
+            again = _reask(policy, state, "slot_missing", "" if heard else "slot_retry")
             if again is not None:
                 return again
 
@@ -763,7 +807,10 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
                         reason="anything_else")
     if top is None:  # only slot values, with no question asking for them
         if u.slots and conf >= ctx:
-            return _fail(policy, state, "no_context", "no_context")
+            # a value that answers none of the pending question (an account number at "You'd like to pay your
+            # bill?" or at a read-back): that question again; "What can I help you with today?" dropped it
+            again = _reask(policy, state, "low_confidence", "")
+            return again or _fail(policy, state, "no_context", "no_context")
         return _reask(policy, state, "low_confidence", "slot_retry") or _fail(policy, state, "low_confidence",
                                                                               "reprompt")
     # Two task intents almost equally likely: ask which one rather than guess.
