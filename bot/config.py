@@ -116,7 +116,7 @@ _NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "BOT_ENGINE_BATCH_WAIT_MS": (float, 0, None), "BOT_ENGINE_MAX_BATCH": (int, 1, None),
     "BOT_ENGINE_MAX_QUEUE": (int, 1, None),
     "BOT_VOICE_THREADS": (int, 1, None), "BOT_VOICE_WORKERS": (int, 1, None), "BOT_VOICE_CACHE_SIZE": (int, 0, None),
-    "BOT_VOICE_MAX_CHARS": (int, 1, None), "BOT_VOICE_DISK_CACHE_MAX": (int, 0, None),
+    "BOT_VOICE_MAX_CHARS": (int, 1, None), "BOT_VOICE_CLAUSE_CACHE": (int, 0, None), "BOT_VOICE_DISK_CACHE_MAX": (int, 0, None),
     "BOT_TRITON_TIMEOUT_S": (float, 0.01, None),
     "BOT_RTP_PORT_MIN": (int, 1, 65535), "BOT_RTP_PORT_MAX": (int, 1, 65535), "BOT_RTP_TIMEOUT_S": (float, 0.1, None),
     "BOT_SIP_JITTER_FRAMES": (int, 0, None), "BOT_SIP_INVITE_RATE": (float, 0, None),

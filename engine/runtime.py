@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
@@ -36,6 +37,17 @@ def log() -> Any:
 __all__ = ["Engine", "EngineError", "EngineOverloaded", "EngineFault", "EngineUnavailable", "EngineInputError"]
 
 MAX_SECONDS = 60.0  # longer input is refused here; the model itself only looks at the last 8 s
+
+
+# ~1-3 s clauses of ~16-48 KB each: about 6 MB at most
+def _clause_cache_size() -> int:
+    try:  # a bad value is refused with a clear line by bot.config at start; importing must not fail on it
+        return max(0, int(os.environ.get("BOT_VOICE_CLAUSE_CACHE", "128")))
+    except ValueError:
+        return 128
+
+
+CLAUSE_CACHE_SIZE = _clause_cache_size()
 
 
 class EngineFault(EngineError):
@@ -170,6 +182,11 @@ class Engine:
                                 workers=max(1, int(os.environ.get("BOT_VOICE_WORKERS", "1"))))
         self._speak = BatchScheduler("speak", self._speak_batch, backend="voice-cpu", config=speak_cfg)
         self._idle = _IdleRenderer(self._render_idle)
+        # clauses of dynamic sentences that carry no digits ("That's a payment of", ", is that right?"): the
+        # same template words start every read-back, so the caller's wait for first audio is the render only
+        # the first time. Memory only, per worker; clauses with digits (amounts, account numbers) never kept.
+        self._clauses: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.clause_cache_size = CLAUSE_CACHE_SIZE
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -330,19 +347,36 @@ class Engine:
         # One clause in flight per call: the next renders while this one plays. Queueing two up front put
         # every caller's second clause ahead of the next caller's first (6 calls at once: first audio p50
         # 4.1 s -> 1.7 s with one in flight, measured on this 2-core box under load).
-        tasks = [asyncio.ensure_future(self._speak.submit((chunks[0], style, "chunk")))]
+        tasks = [asyncio.ensure_future(self._clause(chunks[0], style))]
         parts: list[np.ndarray] = []
         try:
             for i in range(len(chunks)):
                 part = await tasks[i]
                 if i + 1 < len(chunks):
-                    tasks.append(asyncio.ensure_future(self._speak.submit((chunks[i + 1], style, "chunk"))))
+                    tasks.append(asyncio.ensure_future(self._clause(chunks[i + 1], style)))
                 parts.append(part)
                 yield part
         finally:
             for t in tasks:
                 t.cancel()
         self.voice.remember(text, style, np.concatenate(parts))
+
+    async def _clause(self, text: str, style: SpeechStyle) -> np.ndarray:
+        keep = self.clause_cache_size > 0 and self.ready and not any(ch.isdigit() for ch in text)
+        key = self.voice.key(text, style) if keep else ""
+        if keep and (hit := self._clauses.get(key)) is not None:
+            self._clauses.move_to_end(key)
+            return hit
+        pcm: np.ndarray = await self._speak.submit((text, style, "chunk"))
+        if keep:
+            self._clauses[key] = pcm
+            while len(self._clauses) > self.clause_cache_size:
+                self._clauses.popitem(last=False)
+        return pcm
+
+    def clear_clause_cache(self) -> None:
+        """Benchmarks: first audio of a sentence whose clauses were never heard."""
+        self._clauses.clear()
 
     async def prerender(self, texts: list[str], style: SpeechStyle | None = None, *,
                         background: bool = False) -> int:

@@ -8,6 +8,7 @@ Through the real `Engine.speak_stream` (the path every dynamic prompt takes), on
 - the whole-sentence time, and the worst gap between chunks: how long the caller would wait
   mid-sentence because a chunk finished rendering after the one before it finished playing (0 when
   streaming keeps up);
+- the payment read-back once its words were heard before (the clause cache: only the amount renders);
 - `--callers` calls starting a sentence at the same moment (first audio p50/p95 of all of them: the
   speak worker is shared);
 - a pre-rendered prompt's duration and leading silence, and the calm style vs neutral.
@@ -89,6 +90,7 @@ async def run(n: int, callers: int, voice_kind: str) -> dict[str, Any]:
             for kind, texts in KINDS.items():
                 for text in texts:
                     text = text.replace("?", "?" if r % 2 == 0 else " today?")  # never a cached repeat
+                    engine.clear_clause_cache()  # a sentence whose clauses no caller has heard yet
                     first, total, gap, sound = await _one(engine, text)
                     k = per_kind.setdefault(kind, {"first": [], "total": [], "gap": [], "sound": []})
                     k["first"].append(first)
@@ -100,6 +102,12 @@ async def run(n: int, callers: int, voice_kind: str) -> dict[str, Any]:
         out["first_sound_ms"] = _ms([x for k in per_kind.values() for x in k["sound"]])
         out["by_kind"] = {kind: {"first_audio_ms": _ms(v["first"]), "sentence_ms": _ms(v["total"]),
                                  "worst_gap_ms": round(max(v["gap"]) * 1000, 1)} for kind, v in per_kind.items()}
+        # the read-back as callers meet it all day: its words heard before, only the amount is new
+        engine.clear_clause_cache()
+        await _one(engine, "That's a payment of 9 dollars, is that right?")
+        warm = [(await _one(engine, f"That's a payment of {d} dollars, is that right?"))[0] for d in range(11, 35)]
+        out["read_back_heard_before_first_audio_ms"] = _ms(warm)
+        engine.clear_clause_cache()
         together = await asyncio.gather(*[_one(engine, f"That's a payment of {300 + i} dollars, is that right?")
                                           for i in range(callers)])
         out["concurrent"] = {"callers": callers, "first_audio_ms": _ms([r[0] for r in together]),
@@ -140,6 +148,9 @@ def main() -> None:
     for kind, v in res["by_kind"].items():
         print(f"  {kind:16s} first {v['first_audio_ms']['p50']:7.1f} / {v['first_audio_ms']['p95']:7.1f} ms   "
               f"sentence {v['sentence_ms']['p50']:7.1f} ms   worst mid-sentence gap {v['worst_gap_ms']} ms")
+    w = res["read_back_heard_before_first_audio_ms"]
+    print(f"read-back whose words were heard before (only the amount new): first audio p50 {w['p50']} / p95 "
+          f"{w['p95']} ms")
     c = res["concurrent"]
     print(f"{c['callers']} callers at once: first audio p50 {c['first_audio_ms']['p50']} / p95 "
           f"{c['first_audio_ms']['p95']} ms, worst gap {c['worst_gap_ms']} ms")

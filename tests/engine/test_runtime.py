@@ -17,7 +17,7 @@ from engine.batching import BatchConfig
 from engine.bench import SmartTurnReference, speech_clips
 from engine.runtime import Engine, EngineError, EngineFault, EngineInputError, EngineOverloaded, EngineUnavailable
 from engine.types import SpeechStyle, Understanding
-from engine.voice import PiperVoice, Voice
+from engine.voice import PiperVoice, Voice, split_chunks
 from ops.metrics import ENGINE_BATCH_SIZE, ERRORS
 
 MODELS = Path(__file__).resolve().parents[2] / "engine" / "models"
@@ -178,6 +178,36 @@ async def test_speak_cache_stream_and_prerender(voice) -> None:
             await engine.speak("")
         with pytest.raises(EngineUnavailable):
             await engine.understand(np.zeros(8000, np.int16))
+    finally:
+        await engine.close()
+
+
+async def test_template_clauses_are_rendered_once_and_digits_never_kept(voice) -> None:
+    """Every read-back starts with the same words: the second caller's head comes from memory, not the
+    renderer; clauses with an amount or account number are rendered every time and never kept."""
+    engine = Engine(None, voice)
+    try:
+        async def stream(text: str) -> list[np.ndarray]:
+            return [c async for c in engine.speak_stream(text)]
+
+        first = await stream("That's a payment of 42 dollars, is that right?")
+        kept = dict(engine._clauses)
+        assert kept
+        heads = split_chunks("That's a payment of 42 dollars, is that right?")
+        assert any(ch.isdigit() for ch in heads[1]) and not any(ch.isdigit() for ch in heads[0])
+        assert engine.voice.key(heads[0], SpeechStyle()) in kept
+        assert engine.voice.key(heads[1], SpeechStyle()) not in kept
+        second = await stream("That's a payment of 57 dollars, is that right?")
+        assert np.array_equal(second[0], first[0])  # the same head, from memory
+        assert not np.array_equal(second[1], first[1])  # the amount was rendered
+        engine.clause_cache_size = 2
+        await stream("Your technician will come on Monday morning, and you will get a text the day before.")
+        assert len(engine._clauses) <= 2  # bounded
+        engine.clear_clause_cache()
+        assert not engine._clauses
+        engine.clause_cache_size = 0
+        await stream("That's a payment of 61 dollars, is that right?")
+        assert not engine._clauses  # off
     finally:
         await engine.close()
 
