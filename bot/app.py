@@ -330,8 +330,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def readyz() -> Response:
         calls = getattr(app.state, "calls", None)
         store = getattr(app.state, "call_store", None)
-        body = {"ready": bool(state["ready"]) and not (calls and calls.draining), "worker": settings.worker_id,
-                "draining": bool(calls and calls.draining), "active_calls": len(calls.active) if calls else 0,
+        # draining from the signal on (bot.serve marks it before waiting for just-answered calls' streams),
+        # not only once the calls themselves start draining
+        draining = bool(getattr(app.state, "draining", False)) or bool(calls and calls.draining)
+        body = {"ready": bool(state["ready"]) and not draining, "worker": settings.worker_id,
+                "draining": draining, "active_calls": len(calls.active) if calls else 0,
                 "redis": bool(store and store.healthy),
                 "sip": sip.status if (sip := getattr(app.state, "sip", None)) is not None else "off",
                 "understanding": bool(getattr(getattr(app.state, "engine", None), "has_understanding", False)),

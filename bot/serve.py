@@ -12,8 +12,10 @@ A worker that dies is replaced under the same id (`<host>-w<i>`); the calls it h
 (outcome worker_lost) by a one-shot `python -m bot.reaper` for that id and pid, so neither its replacement's
 calls nor a 30-45 s wait for stale heartbeats are involved (docs/state.md).
 
-Shutdown (SIGTERM/SIGINT): each worker stops listening, refuses new calls, lets live calls run for
-up to BOT_SHUTDOWN_GRACE_S, ends the rest, flushes call state, then exits. A second signal forces.
+Shutdown (SIGTERM/SIGINT): each worker refuses new calls (Twilio webhook: 503), keeps listening until the
+streams of calls it answered just before have opened (at most STREAM_WAIT_S), stops listening, lets live calls
+run for up to BOT_SHUTDOWN_GRACE_S (the wait included), ends the rest, flushes call state, then exits. A second
+signal forces.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ from bot.redis_embedded import EmbeddedRedis, die_with_parent
 from ops.logs import configure_logging, get_logger
 
 log = get_logger("bot.serve")
+
+# how long a draining worker keeps listening for the streams of calls it answered just before (Twilio opens
+# one well under a second after fetching the TwiML; a caller who hangs up while it connects never opens it)
+STREAM_WAIT_S = 5.0
 
 
 LISTEN_FD_ENV = "BOT_LISTEN_FD"  # set by the supervisor for its workers; not a user setting
@@ -84,6 +90,14 @@ class DrainingServer(uvicorn.Server):
             return
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))  # type: ignore[union-attr]
 
+    def _mark_draining(self) -> None:
+        app = self.config.loaded_app if self.config.loaded else None
+        while app is not None:
+            if hasattr(app, "router") and hasattr(app, "state"):  # FastAPI itself, under any middleware
+                app.state.draining = True
+                return
+            app = getattr(app, "app", None)  # unwrap middleware
+
     def _app_state(self, name: str) -> object | None:
         app = self.config.loaded_app if self.config.loaded else None
         while app is not None:
@@ -100,11 +114,26 @@ class DrainingServer(uvicorn.Server):
             abort()
 
     async def _drain(self) -> None:
+        from telephony.twilio import server as twilio_server  # the worker's (the supervisor never drains)
+
+        t0 = time.monotonic()
+        # new Twilio calls get 503 from now on (Twilio's Fallback URL -> a healthy worker). Calls this worker
+        # already answered with TwiML open their stream a moment later, on a new connection: keep listening
+        # until they have (bounded), or the caller who was answered would hear silence and be dropped
+        twilio_server.begin_drain()
+        self._mark_draining()  # /readyz 503 from now on: the load balancer stops sending calls during the wait
+        sip = self._app_state("sip")  # SIP's INVITEs get 503 now too, not only once the wait below is over
+        if callable(refuse := getattr(sip, "refuse_new_calls", None)):
+            refuse()
+        left = await twilio_server.wait_pending_streams(min(STREAM_WAIT_S, self.grace_s))
+        if left:
+            log.warning("twilio_streams_not_opened", calls=left, waited_s=round(time.monotonic() - t0, 2))
         for server in getattr(self, "servers", []):
             server.close()  # stop accepting; live WebSockets carry on
         calls = self._app_state("calls")
         if calls is not None:
-            await calls.drain(self.grace_s)  # type: ignore[attr-defined]
+            # the wait above is part of the grace: the orchestrator's kill timeout is sized from it
+            await calls.drain(max(self.grace_s - (time.monotonic() - t0), 0.0))  # type: ignore[attr-defined]
         self.should_exit = True
 
 
@@ -192,7 +221,9 @@ def _reap_dead_worker(worker: str, pid: int, settings: Settings) -> subprocess.P
         return None
     try:
         return subprocess.Popen([sys.executable, "-m", "bot.reaper", "--worker", worker, "--pid", str(pid),
-                                 "--reaper", f"{os.uname().nodename}-supervisor", "--ttl-s", str(settings.call_ttl_s)])
+                                 "--reaper", f"{os.uname().nodename}-supervisor", "--ttl-s", str(settings.call_ttl_s)],
+                                # its own process group: a Ctrl-C in the terminal must not cut a reap half-done
+                                process_group=0)
     except OSError as exc:  # the heartbeat reaper of the other workers still closes them
         log.warning("dead_worker_reap_failed", worker=worker, worker_pid=pid, error=repr(exc))
         return None

@@ -185,13 +185,14 @@ def test_shared_key_signatures() -> None:
     assert any(e.get("reason") == "bad_signature:shared_key_not_configured" for e in logs)
 
 
-def test_draining_worker_answers_busy_not_a_stream_or_a_500() -> None:
+def test_draining_worker_answers_503_with_retry_after_not_busy() -> None:
+    """Twilio tries the number's Fallback URL (the load balancer: a healthy worker) on a 5xx; <Reject busy> played
+    a busy tone to a caller while other workers were up."""
     client, _ = _app(draining=True)
     before = _count(metrics.CALLS_TOTAL, "twilio", "refused_draining")
     r = _post(client, "/twilio/voice", FORM, {"X-Twilio-Signature": sign("http://127.0.0.1:8080/twilio/voice", FORM)})
-    assert r.status_code == 200 and r.headers["content-type"].startswith("application/xml")
-    doc = ElementTree.fromstring(r.text)
-    assert doc.find("Connect") is None and doc.find("Reject").get("reason") == "busy"  # type: ignore[union-attr]
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "<Reject" not in r.text and "<Connect" not in r.text
     assert _count(metrics.CALLS_TOTAL, "twilio", "refused_draining") == before + 1
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections import Counter
+import weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping
 from urllib.parse import parse_qsl
@@ -38,6 +39,73 @@ MAX_RECORDED_UNKNOWN = 20  # unknown-event / wrong-stream messages recorded per 
 # coroutine and a file descriptor for as long as its peer keeps answering pings, i.e. forever.
 START_TIMEOUT_S = 10.0
 MAX_WEBHOOK_BYTES = 64 * 1024
+# Twilio opens the stream a moment (well under a second, a few on a bad day) after it fetched the TwiML: a stream
+# whose token is at most this old belongs to a call that was answered, and a draining worker still takes it
+HANDSHAKE_WINDOW_S = 30.0
+MAX_PENDING_HANDSHAKES = 10_000  # bounds the bookkeeping if streams never come (callers hanging up while ringing)
+# a draining worker's answer to a new call's webhook: Twilio then requests the number's Fallback URL (the load
+# balancer: a healthy worker answers) instead of playing busy to a caller that other workers could take
+DRAINING_RETRY_AFTER_S = 1
+
+
+class StreamHandshakes:
+    """Which calls this worker answered with TwiML whose stream has not started yet, and whether the worker is
+    draining. Draining turns away new calls (webhook 503) but never the stream of a call already answered,
+    whichever worker of the deployment answered it (the token is keyed from configuration all workers share)."""
+
+    def __init__(self) -> None:
+        self.draining_since: float | None = None  # time.monotonic() of begin_drain()
+        self._pending: OrderedDict[str, float] = OrderedDict()  # call_sid -> time.monotonic() TwiML was served
+        # sockets accepted whose `start` has not been handled yet: possibly another worker's answered call (the
+        # workers share one accept queue), so the drain waits for them too before refusing calls
+        self.opening = 0
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def begin_drain(self) -> None:
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def answered(self, call_sid: str) -> None:
+        self._pending[call_sid] = time.monotonic()
+        self._pending.move_to_end(call_sid)
+        self.pending()  # drops the expired ones
+        while len(self._pending) > MAX_PENDING_HANDSHAKES:
+            self._pending.popitem(last=False)
+
+    def started(self, call_sid: str) -> bool:
+        """The stream of `call_sid` started; True when this worker served its TwiML recently."""
+        t = self._pending.pop(call_sid, None)
+        return t is not None and time.monotonic() - t <= HANDSHAKE_WINDOW_S
+
+    def pending(self) -> int:
+        """Answered calls whose stream may still come (older ones: the caller hung up before it did)."""
+        cutoff = time.monotonic() - HANDSHAKE_WINDOW_S
+        while self._pending and next(iter(self._pending.values())) < cutoff:
+            self._pending.popitem(last=False)
+        return len(self._pending)
+
+
+_HANDSHAKES: "weakref.WeakSet[StreamHandshakes]" = weakref.WeakSet()  # every router of this process
+
+
+def begin_drain() -> None:
+    """This process is draining (bot.serve, on SIGTERM): new Twilio calls get 503, answered ones still stream."""
+    for h in list(_HANDSHAKES):
+        h.begin_drain()
+
+
+async def wait_pending_streams(timeout_s: float) -> int:
+    """Wait (bounded) until every call this process answered has opened its stream, so the listener is not
+    closed under a caller who already got TwiML. Returns how many never came."""
+    deadline = time.monotonic() + max(timeout_s, 0.0)
+    while True:
+        left = sum(h.pending() + h.opening for h in list(_HANDSHAKES))
+        if not left or time.monotonic() >= deadline:
+            return left
+        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -98,6 +166,12 @@ async def _signed_form(request: Request, cfg: TwilioRouteConfig, what: str) \
 
 def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
     router = APIRouter()
+    handshakes = StreamHandshakes()
+    _HANDSHAKES.add(handshakes)
+    router.twilio_handshakes = handshakes  # type: ignore[attr-defined] - keeps it alive as long as the routes
+
+    def draining() -> bool:
+        return handshakes.draining or cfg.is_draining()
 
     if not cfg.checker.enabled:
         # anyone who can reach the port can place calls and use engine capacity
@@ -111,14 +185,19 @@ def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
             return refused
         form = dict(items)
         call_id = form.get("CallSid", "")
-        if cfg.is_draining():
-            # busy: Twilio plays a busy tone and the caller can dial again (another worker/instance answers)
+        if draining():
+            # not <Reject reason="busy">: that tells the caller "busy" although other workers are up. On a 5xx
+            # Twilio requests the number's Fallback URL (point it at the load balancer, which has taken this
+            # worker out of rotation: /readyz is 503), so the call lands on a healthy worker.
             metrics.CALLS_TOTAL.labels("twilio", "refused_draining").inc()
-            log.info("webhook_rejected_draining", call_id=call_id)
-            return Response(twiml.reject(), media_type="application/xml")
+            log.info("webhook_refused_draining", call_id=call_id, status=503, retry_after_s=DRAINING_RETRY_AFTER_S)
+            return Response("draining: this worker takes no new calls\n", status_code=503, media_type="text/plain",
+                            headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
         stream_url = cfg.checker.stream_url(_host(request.headers, request.url.netloc), STREAM_PATH, "")
         params = {k: form.get(k, "") for k in ("From", "To", "CallSid", "Direction")}
         params[STREAM_TOKEN_PARAM] = cfg.checker.stream_token(call_id)  # comes back in the stream's `start`
+        if call_id:
+            handshakes.answered(call_id)  # a drain starting now still waits for (and takes) this call's stream
         log.info("webhook", call_id=call_id, caller=mask_digits(form.get("From", "")))
         return Response(twiml.connect_stream(stream_url, params), media_type="application/xml")
 
@@ -155,18 +234,32 @@ def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
             log.warning("stream_forbidden", reason=f"bad_signature:{reason}", checked_url=url)
             await ws.close(code=1008)  # before accept: the upgrade is answered with HTTP 403
             return
-        if cfg.is_draining():
-            await ws.close(code=1013)
-            return
+        # while draining the socket is still accepted: only `start` says (by its token) whether this is a call
+        # already answered, which must go on, or a new one, which is refused there (1013)
         await ws.accept()
         dial = twiml.DialOptions(action_url=cfg.checker.public_url("https", host, TRANSFER_STATUS_PATH, ""),
                                  caller_id=cfg.dial_caller_id, timeout_s=cfg.dial_timeout_s)
-        await _run_stream(ws, on_call, cfg, dial)
+        await _run_stream(ws, on_call, cfg, dial, handshakes, draining)
 
     return router
 
 
-async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, dial: twiml.DialOptions) -> None:
+def _answered_call(cfg: TwilioRouteConfig, token: str | None, served_here: bool) -> bool:
+    """A draining worker's test of a stream: its call was answered (TwiML served) moments ago, by this worker
+    or another one of the deployment (the token is valid on any of them), so the caller is already on the line."""
+    if served_here:
+        return True
+    if not cfg.checker.enabled:
+        return False  # no tokens to tell an answered call from a new one: only the calls this worker answered
+    age = cfg.checker.stream_token_age(token)
+    return age is not None and age <= HANDSHAKE_WINDOW_S
+
+
+async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, dial: twiml.DialOptions,
+                      handshakes: StreamHandshakes | None = None,
+                      draining: Callable[[], bool] | None = None) -> None:
+    handshakes = handshakes or StreamHandshakes()
+    draining = draining or cfg.is_draining
     bridge: TwilioCallBridge | None = None
     call_task: asyncio.Task[None] | None = None
     early_media = 0
@@ -184,6 +277,8 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, di
             log.warning("bad_messages_suppressed", call_id=b.info.call_id, kind=kind, after=MAX_RECORDED_UNKNOWN)
     reason = "disconnected"
     opened = time.monotonic()
+    handshakes.opening += 1
+    opening = True
 
     async def close(code: int) -> None:
         await ws.close(code=code)
@@ -259,18 +354,35 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, di
                     continue
                 assert m.start is not None
                 custom = dict(m.start.custom)
-                why = cfg.checker.check_stream_token(m.start.call_sid, custom.pop(STREAM_TOKEN_PARAM, None))
+                token = custom.pop(STREAM_TOKEN_PARAM, None)
+                served_here = handshakes.started(m.start.call_sid)
+                why = cfg.checker.check_stream_token(m.start.call_sid, token)
                 if why:  # not a call our webhook admitted (a replayed handshake, a stranger): no call, no engine
                     _err("bad_stream_token")
                     log.warning("stream_forbidden", call_id=m.start.call_sid, reason=f"bad_stream_token:{why}")
                     reason = "error:bad_stream_token"
                     await ws.close(code=1008)
                     break
+                if draining():
+                    if not _answered_call(cfg, token, served_here):
+                        # not a call answered moments ago: a draining worker starts nothing new (1013: try again
+                        # later, elsewhere)
+                        _err("stream_refused_draining")
+                        metrics.CALLS_TOTAL.labels("twilio", "refused_draining").inc()
+                        log.warning("stream_refused_draining", call_id=m.start.call_sid,
+                                    token_age_s=cfg.checker.stream_token_age(token))
+                        reason = "error:refused_draining"
+                        await ws.close(code=1013)
+                        break
+                    # answered before the drain (or by another worker): the caller is on the line, keep the call
+                    log.info("stream_admitted_draining", call_id=m.start.call_sid, served_here=served_here)
                 start = dataclasses.replace(m.start, custom=custom)
                 bridge = TwilioCallBridge(start, ws.send_text, close, cfg.rest, cfg.lead_ms, dial)
                 if early_media:
                     bridge.report_error("media_before_start", f"{early_media} frames")
                 call_task = asyncio.get_running_loop().create_task(on_call(bridge))
+                handshakes.opening -= 1  # the call is handed over: a drain may start refusing others now
+                opening = False
             elif m.event == "stop":
                 reason = "stream_stopped"
                 break
@@ -283,6 +395,8 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, di
         _err("stream_exception")
         log.exception("stream_exception", call_id=bridge.info.call_id if bridge else "", error=str(exc))
         reason = "error:exception"
+    if opening:
+        handshakes.opening -= 1
     if bridge is not None:
         if reason == "disconnected" and not bridge.ended:
             _err("disconnected")

@@ -114,6 +114,17 @@ class SignatureChecker:
         expires = int((time.time() if now is None else now) + STREAM_TOKEN_TTL_S)
         return f"{expires}.{self._token_mac(call_sid, expires)}"
 
+    @staticmethod
+    def stream_token_age(token: str | None, now: float | None = None) -> float | None:
+        """Seconds since the webhook issued this token (None: not a token). Only meaningful once
+        check_stream_token() has accepted it: the issue time is read from its (MAC-covered) expiry."""
+        exp_raw, _, _ = (token or "").partition(".")
+        try:
+            expires = int(exp_raw)
+        except ValueError:
+            return None
+        return (time.time() if now is None else now) - (expires - STREAM_TOKEN_TTL_S)
+
     def check_stream_token(self, call_sid: str, token: str | None, now: float | None = None) -> str:
         """'' when `start` carries this call's unexpired token, else why not: missing | expired | invalid."""
         if not self._token_key:
