@@ -1,11 +1,21 @@
 """Softphone signalling: a browser's WebRTC offer becomes a telephony.webrtc bridge that runs the
 same conversation as Twilio and SIP calls, under the policy the admin picked (draft or version).
 Keypad keys travel on the call's own data channel (see telephony/webrtc.py), not through this API.
-A call that never connects gets a call record of its own (no conversation) and is counted."""
+A call that never connects gets a call record of its own (no conversation) and is counted.
+
+An admin who hangs up (or closes the tab) before media flows has nothing to tell the bot over the media
+path: Chrome sends no BYE or DTLS close for a peer connection that never connected, so the bot used to wait
+out its 20 s connect timeout and record error:connect_timeout. The console withdraws its offer instead: the
+same endpoint with type "rollback" (WebRTC's word for withdrawing an offer) and the offer's SDP. Its ICE
+credentials name the call and prove the sender made the offer; the call ends as caller_hangup. The rollback
+may reach another worker than the one holding the call (or arrive before the offer does), so it is also left
+in Redis for a minute, where the holding worker looks while it waits for the call to connect."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import re
 import time
 from typing import Any
 
@@ -17,6 +27,21 @@ from ops.logs import get_logger
 from telephony.webrtc import SignallingError, WebRTCCallBridge, ice_servers, wait_first
 
 log = get_logger("bot.admin.softphone")
+
+ROLLBACK_KEY = "softphone:rollback:{}"  # + offer_key(): a withdrawn offer, for the worker holding its call
+ROLLBACK_TTL_S = 60  # past any connect timeout: the call is connected or over by then
+ROLLBACK_POLL_S = 0.5  # how often a call waiting to connect looks for its rollback in Redis
+_UFRAG = re.compile(r"^a=ice-ufrag:(\S+)", re.M)
+_PWD = re.compile(r"^a=ice-pwd:(\S+)", re.M)
+
+
+def offer_key(sdp: str) -> str | None:
+    """The offer's identity: a hash of its first ICE ufrag and password (the password is a secret only the
+    browser and the bot hold, so a rollback that names it comes from the offerer). None without them."""
+    ufrag, pwd = _UFRAG.search(sdp), _PWD.search(sdp)
+    if ufrag is None or pwd is None:
+        return None
+    return hashlib.sha256(f"{ufrag.group(1)}:{pwd.group(1)}".encode()).hexdigest()[:32]
 
 
 class SoftphoneError(Exception):
@@ -44,14 +69,27 @@ def browser_config() -> dict[str, Any]:
         raise SoftphoneError(503, "softphone_misconfigured", str(exc)) from exc
 
 
+def _redis(app: FastAPI) -> Any:
+    r = getattr(app.state, "redis", None)
+    return r if r is not None else getattr(getattr(app.state, "call_store", None), "r", None)
+
+
 async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: str, who: Principal) -> dict[str, Any]:
+    if sdp_type == "rollback":  # may reach a worker other than the call's (or one running no calls)
+        return await rollback(app, sdp, who)
     run = _call_runner(app)
     servers = browser_config()["iceServers"]
     bridge = WebRTCCallBridge(caller=f"softphone:{who.name}", params={"policy": label, "admin": who.name},
                               servers=servers)
+    key = offer_key(sdp) if sdp_type == "offer" else None
+    pending: dict[str, WebRTCCallBridge] = _pending(app)
+    if key is not None:
+        pending[key] = bridge  # before accept(): a rollback sent while the offer is in flight finds it
     try:
         answer = await bridge.accept(sdp, sdp_type)
     except SignallingError as exc:
+        if key is not None and pending.get(key) is bridge:
+            del pending[key]
         raise SoftphoneError(400, "bad_offer", str(exc)) from exc
 
     t0 = time.monotonic()
@@ -60,8 +98,8 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
         try:
             # The conversation starts once media flows, so the greeting is neither lost nor timed
             # from before ICE/DTLS finished. A peer that never connects is ended by the bridge (its
-            # watchdog); one that fails or hangs up first ends the wait at once.
-            await wait_first((bridge.connected, bridge.finished), bridge.connect_timeout_s + 1)
+            # watchdog); one that fails, hangs up or withdraws its offer first ends the wait at once.
+            await _wait_connected(app, bridge, key)
             if not bridge.connected.is_set():
                 _record_not_connected(app, bridge, label, who, t0)
                 return
@@ -70,6 +108,8 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
             metrics.ERRORS.labels("softphone", "call_failed").inc()
             log.error("softphone_call_failed", call_id=bridge.info.call_id, error=repr(exc))
         finally:
+            if key is not None and pending.get(key) is bridge:
+                del pending[key]
             await bridge.close()
 
     tasks: set[asyncio.Task[None]] = getattr(app.state, "softphone_tasks", None) or set()
@@ -81,12 +121,87 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
     return {"sdp": answer.sdp, "type": answer.type, "call_id": bridge.info.call_id}
 
 
+def _pending(app: FastAPI) -> dict[str, WebRTCCallBridge]:
+    """This worker's softphone calls that have not connected yet, by offer_key()."""
+    pending: dict[str, WebRTCCallBridge] | None = getattr(app.state, "softphone_pending", None)
+    if pending is None:
+        pending = app.state.softphone_pending = {}
+    return pending
+
+
+async def _wait_connected(app: FastAPI, bridge: WebRTCCallBridge, key: str | None) -> None:
+    """Until the call connects or ends (the bridge's connect watchdog bounds it), looking in Redis for a
+    rollback of its offer that another worker took."""
+    deadline = time.monotonic() + bridge.connect_timeout_s + 1
+    r = _redis(app) if key is not None else None
+    warned = False
+    while time.monotonic() < deadline:
+        if await wait_first((bridge.connected, bridge.finished), ROLLBACK_POLL_S if r is not None else
+                            deadline - time.monotonic()):
+            return
+        if r is None:
+            continue
+        try:
+            by = await r.get(ROLLBACK_KEY.format(key))
+            if by is not None:
+                by = by.decode() if isinstance(by, bytes) else str(by)
+                if by == bridge.info.params.get("admin"):
+                    _withdraw(bridge)
+                    return
+                metrics.ERRORS.labels("softphone", "bad_rollback").inc()  # the ICE password matched: not expected
+                log.warning("softphone_rollback_refused", call_id=bridge.info.call_id, admin=by)
+                r = None
+        except Exception as exc:  # noqa: BLE001 - Redis down: the local rollback and the watchdog still work
+            if not warned:
+                warned = True
+                log.warning("softphone_rollback_check_failed", call_id=bridge.info.call_id, error=repr(exc))
+
+
+def _withdraw(bridge: WebRTCCallBridge) -> None:
+    """The caller withdrew the offer before media flowed: a caller hang-up (no conversation ran)."""
+    log.info("softphone_offer_withdrawn", call_id=bridge.info.call_id, connected=bridge.connected.is_set())
+    bridge.end("hangup")
+
+
+async def rollback(app: FastAPI, sdp: str, who: Principal) -> dict[str, Any]:
+    """The console withdraws its offer (hung up, tab closed): its call ends as a caller hang-up, here or on
+    the worker that holds it. A call that has connected meanwhile is ended by the browser's own hang-up."""
+    key = offer_key(sdp)
+    if key is None:
+        metrics.ERRORS.labels("softphone", "bad_rollback").inc()
+        log.warning("softphone_bad_rollback", admin=who.name)
+        raise SoftphoneError(400, "bad_offer", "a rollback carries the SDP of the offer it withdraws "
+                             "(with its a=ice-ufrag and a=ice-pwd)")
+    bridge = _pending(app).get(key)
+    if bridge is not None:
+        if bridge.info.params.get("admin") != who.name:  # the ICE password matched: not expected, but refuse
+            metrics.ERRORS.labels("softphone", "bad_rollback").inc()
+            log.warning("softphone_rollback_refused", call_id=bridge.info.call_id, admin=who.name)
+            raise SoftphoneError(403, "forbidden", "that call was placed by another admin")
+        if not bridge.connected.is_set():
+            _withdraw(bridge)
+        return {"type": "rollback", "call_id": bridge.info.call_id, "status": "ended"}
+    r = _redis(app)
+    if r is None:
+        return {"type": "rollback", "call_id": None, "status": "unknown"}
+    try:
+        await r.set(ROLLBACK_KEY.format(key), who.name, ex=ROLLBACK_TTL_S)
+    except Exception as exc:  # noqa: BLE001 - the call then ends at its connect timeout, as before
+        metrics.ERRORS.labels("softphone", "rollback_failed").inc()
+        log.warning("softphone_rollback_failed", admin=who.name, error=repr(exc))
+        raise SoftphoneError(503, "state_unavailable", "could not reach Redis to end the call") from exc
+    log.info("softphone_rollback_relayed", admin=who.name)
+    return {"type": "rollback", "call_id": None, "status": "requested"}
+
+
 def _record_not_connected(app: FastAPI, bridge: WebRTCCallBridge, label: str, who: Principal, t0: float) -> None:
     """A softphone call whose media never flowed (ICE failed, no answer from the browser within the connect
     timeout): like SIP's error:no_ack, a call record with that outcome and a voicebot_calls_total entry, so
-    the admin's console and the dashboards see it; no conversation ran."""
+    the admin's console and the dashboards see it; no conversation ran. The caller hanging up first (the
+    offer withdrawn, or a DTLS close before "connected") is a caller_hangup, as on any other call."""
     reason = bridge.end_reason or "error:connect_timeout"
-    outcome = reason if reason.startswith("error:") else "error:not_connected"
+    outcome = (reason if reason.startswith("error:") else "caller_hangup" if reason == "hangup"
+               else "error:not_connected")
     info = bridge.info
     waited = round(time.monotonic() - t0, 3)
     state = getattr(getattr(app.state, "calls", None), "s", None)

@@ -1,5 +1,6 @@
 """Browser-test helpers: Debian's Chromium driven by Playwright (no downloaded browsers), screenshots
-under test-results/admin/, and a one-shot Twilio-protocol call that reports its policy version."""
+under test-results/admin/, a one-shot Twilio-protocol call that reports its policy version, and what the
+softphone tests share: a `bot serve` to call, the console's Softphone tab, fake-microphone audio, call records."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-results" / "admin"
 CHROMIUM = "/usr/bin/chromium"
+# Chromium's fake microphone (playing --use-file-for-fake-audio-capture), granted without a prompt
+FAKE_MIC = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required"]
 BASE_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -82,3 +86,60 @@ def espeak_wav_48k(text: str, path: Path, lead_s: float = 0.0, tail_s: float = 0
     subprocess.run(["sox", str(raw), "-r", "48000", "-c", "1", "-b", "16", str(path), "pad", str(lead_s), str(tail_s)],
                    check=True, capture_output=True)
     return path
+
+
+def silence_wav_48k(path: Path, seconds: float = 3.0) -> Path:
+    """A silent caller for Chromium's fake microphone (48 kHz mono; the fake device loops it)."""
+    assert shutil.which("sox"), "sox is required"
+    import subprocess
+
+    subprocess.run(["sox", "-n", "-r", "48000", "-c", "1", "-b", "16", str(path), "trim", "0", str(seconds)],
+                   check=True, capture_output=True)
+    return path
+
+
+def start_softphone_bot(redis_url: str, tmp: Path, token: str, env: dict[str, str] | None = None) -> Any:
+    """`bot serve` for softphone tests: its own Redis DB, `token` as the publisher's. A worker is ready about
+    14 s after a cold start (prompts render in the background after that); the helper's 180 s default leaves
+    a busy 2-core box room."""
+    from tests.helpers.server import BotServer, isolated_redis_url
+
+    return BotServer(isolated_redis_url(redis_url), tmp, env={"BOT_ADMIN_TOKEN": token, **(env or {})}).start()
+
+
+def open_softphone(browser: Any, bot: Any, token: str, policy: str | None = "v1",
+                   viewport: dict[str, int] | None = None, init_script: str | None = None) -> Any:
+    """A new page logged in to the console as the publisher `token`, on the Softphone tab with `policy`
+    picked (None: the picker's default); `init_script` runs in the page before the console's own scripts."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport=viewport or {"width": 1360, "height": 900})
+    if init_script:
+        page.add_init_script(init_script)
+    page.goto(f"{bot.url}/admin")
+    page.fill("#token", token)
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#who")).to_contain_text("publisher")
+    page.click('#tabs button[data-tab="softphone"]')
+    if policy is not None:
+        page.select_option("#sp-policy", policy)
+    return page
+
+
+def fetch_record(bot: Any, call_id: str) -> dict[str, Any] | None:
+    """A call's record and events from the bot's Redis (None until it has one)."""
+    from bot.simulator import fetch_call
+
+    return run_async(fetch_call(bot.url, call_id, bot.redis_url))
+
+
+def wait_ended(bot: Any, call_id: str, timeout_s: float = 40.0) -> dict[str, Any]:
+    """The call's record and events once its record says ended; fails after `timeout_s`."""
+    rec = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rec = fetch_record(bot, call_id)
+        if rec and rec["record"].get("status") == "ended":
+            return rec
+        time.sleep(0.25)
+    raise AssertionError(f"call {call_id} not ended within {timeout_s} s: {rec}")

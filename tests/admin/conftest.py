@@ -13,9 +13,16 @@ from fastapi import FastAPI
 
 from bot.admin.auth import TokenRegistry
 from policies.store import DEFAULT_POLICY_PATH, PolicyStore
+from tests.admin.browser import silence_wav_48k
 
 TOKENS = {"viewer": "view-token-123", "editor": "edit-token-456", "publisher": "publish-token-789"}
 _db = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def silence_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A silent caller for the softphone tests' fake microphone (3 s, 48 kHz, looped by Chromium)."""
+    return silence_wav_48k(tmp_path_factory.mktemp("softphone-audio") / "silence.wav")
 
 
 @pytest.fixture

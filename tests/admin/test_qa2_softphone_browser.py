@@ -8,8 +8,6 @@ voicebot_calls_total entry, without a conversation having run."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,70 +15,29 @@ import httpx
 import pytest
 from aiortc import RTCPeerConnection
 
-from tests.admin.browser import launch, run_async, shot
-from tests.admin.test_webrtc_bridge import Tone
+from tests.admin.browser import FAKE_MIC, launch, open_softphone, shot, start_softphone_bot, wait_ended
+from tests.helpers.webrtc_tone import Tone
 from tests.helpers.bot import open_policy
-from tests.helpers.server import BotServer, isolated_redis_url, metric_value
+from tests.helpers.server import BotServer, metric_value
 
 TOKEN = "softphone-qa2-publisher-token"
-FAKE_MIC = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            "--autoplay-policy=no-user-gesture-required"]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotServer]:
     tmp = tmp_path_factory.mktemp("qa2-softphone")
-    env = {"BOT_ADMIN_TOKEN": TOKEN, "BOT_NO_INPUT_S": "30", "BOT_POLICY": str(open_policy(tmp / "open.yaml"))}
-    srv = BotServer(isolated_redis_url(redis_url), tmp, env=env)
-    srv.start(timeout_s=400)  # prompts are rendered at start: minutes on a busy 2-core box
+    env = {"BOT_NO_INPUT_S": "30", "BOT_POLICY": str(open_policy(tmp / "open.yaml"))}
+    srv = start_softphone_bot(redis_url, tmp, TOKEN, env)
     try:
         yield srv
     finally:
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def silence_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qa2-softphone-audio") / "silence.wav"
-    subprocess.run(["sox", "-n", "-r", "48000", "-c", "1", "-b", "16", str(path), "trim", "0", "3"],
-                   check=True, capture_output=True)
-    return path
-
-
-def call(bot: BotServer, call_id: str) -> dict | None:
-    from bot.simulator import fetch_call
-
-    return run_async(fetch_call(bot.url, call_id, bot.redis_url))
-
-
-def wait_ended(bot: BotServer, call_id: str, timeout_s: float = 60.0) -> dict:
-    rec = None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        rec = call(bot, call_id)
-        if rec and rec["record"].get("status") == "ended":
-            return rec
-        time.sleep(0.25)
-    raise AssertionError(f"call {call_id} not ended: {rec}")
-
-
 def webrtc_metric(bot: BotServer, name: str, **labels: str) -> float:
     return metric_value(bot.metrics(), name, {"transport": "webrtc", **labels} if name != "voicebot_errors_total"
                         else {"component": "webrtc", **labels})
-
-
-def open_softphone(browser: Any, bot: BotServer) -> Any:
-    from playwright.sync_api import expect
-
-    page = browser.new_page(viewport={"width": 1360, "height": 900})
-    page.goto(f"{bot.url}/admin")
-    page.fill("#token", TOKEN)
-    page.click("#login-form button[type=submit]")
-    expect(page.locator("#who")).to_contain_text("publisher")
-    page.click('#tabs button[data-tab="softphone"]')
-    page.select_option("#sp-policy", "v1")
-    return page
 
 
 def test_keypad_keys_reach_the_conversation(bot: BotServer, silence_wav: Path) -> None:
@@ -93,7 +50,7 @@ def test_keypad_keys_reach_the_conversation(bot: BotServer, silence_wav: Path) -
     bad0 = webrtc_metric(bot, "voicebot_errors_total", kind="bad_dtmf")
     with sync_playwright() as pw:
         browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"])
-        page = open_softphone(browser, bot)
+        page = open_softphone(browser, bot, TOKEN)
         key0 = page.locator('#sp-keypad button[data-key="0"]')
         expect(key0).to_be_disabled()  # no call, no keypad
         page.click("#sp-call")
@@ -115,7 +72,7 @@ def test_keypad_keys_reach_the_conversation(bot: BotServer, silence_wav: Path) -
         expect(key0).to_be_disabled()
         browser.close()
 
-    rec = wait_ended(bot, call_id)
+    rec = wait_ended(bot, call_id, timeout_s=60)
     types = [e["type"] for e in rec["events"]]
     assert [e["digit"] for e in rec["events"] if e["type"] == "dtmf"] == ["0"], types  # 'A' never got there
     transfer = next(e for e in rec["events"] if e["type"] == "transfer")
@@ -143,14 +100,10 @@ async def test_a_call_that_never_connects_leaves_a_record(bot: BotServer) -> Non
     assert r.status_code == 200, r.text
     call_id = r.json()["call_id"]
     # the peer never applies the answer: no ICE checks answered, nothing connects; the bot gives up after 20 s
-    rec = None
-    for _ in range(240):
-        rec = await asyncio.to_thread(call, bot, call_id)
-        if rec and rec["record"].get("status") == "ended":
-            break
-        await asyncio.sleep(0.25)
-    await peer.close()
-    assert rec is not None and rec["record"].get("status") == "ended", rec
+    try:
+        rec = await asyncio.to_thread(wait_ended, bot, call_id, 60)
+    finally:
+        await peer.close()
     r_ = rec["record"]
     assert r_["outcome"] == "error:connect_timeout" and r_["transport"] == "webrtc", r_
     assert r_["policy_version"] == "v1" and float(r_["duration_s"]) >= 15, r_
@@ -170,7 +123,7 @@ def test_console_says_when_a_call_never_connects(bot: BotServer, silence_wav: Pa
 
     with sync_playwright() as pw:
         browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"])
-        page = open_softphone(browser, bot)
+        page = open_softphone(browser, bot, TOKEN)
 
         def garble(route: Any) -> None:
             resp = route.fetch()
@@ -188,6 +141,6 @@ def test_console_says_when_a_call_never_connects(bot: BotServer, silence_wav: Pa
         expect(page.locator("#sp-call")).to_be_enabled()
         shot(page, "qa2-softphone-never-connected")
         browser.close()
-    rec = wait_ended(bot, call_id)
+    rec = wait_ended(bot, call_id, timeout_s=60)
     assert rec["record"]["outcome"] in ("error:connect_timeout", "error:ice_failed"), rec["record"]
     assert "call_ended" in [e["type"] for e in rec["events"]]

@@ -14,7 +14,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from ops import metrics
 from telephony.bridge import DtmfIn
 from telephony.webrtc import DTMF_BURST, DTMF_MAX_KEYS, WebRTCCallBridge
-from tests.admin.test_webrtc_bridge import Tone
+from tests.helpers.webrtc_tone import Tone
 
 
 def errors(kind: str) -> float:

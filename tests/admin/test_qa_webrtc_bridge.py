@@ -19,7 +19,7 @@ from aiortc.mediastreams import MediaStreamError
 from ops import metrics
 from telephony.bridge import AudioIn, CallEnded, MarkIn
 from telephony.webrtc import MAX_OFFER_BYTES, MAX_OFFER_CANDIDATES, SignallingError, WebRTCCallBridge
-from tests.admin.test_webrtc_bridge import Tone
+from tests.helpers.webrtc_tone import Tone
 
 
 def errors(kind: str) -> float:

@@ -5,60 +5,27 @@ with a clear error."""
 
 from __future__ import annotations
 
-import subprocess
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
 
-from tests.admin.browser import launch, run_async, shot
-from tests.helpers.server import BotServer, isolated_redis_url, metric_value
+from tests.admin.browser import FAKE_MIC, launch, open_softphone, shot, start_softphone_bot, wait_ended
+from tests.helpers.server import BotServer, metric_value
 
 TOKEN = "softphone-qa-publisher-token"
-FAKE_MIC = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            "--autoplay-policy=no-user-gesture-required"]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotServer]:
     # a silent caller meets two short no-input prompts and the goodbye: the bot hangs up in ~15 s
-    env = {"BOT_ADMIN_TOKEN": TOKEN, "BOT_NO_INPUT_S": "2"}
-    srv = BotServer(isolated_redis_url(redis_url), tmp_path_factory.mktemp("qa-softphone"), env=env)
-    srv.start(timeout_s=400)  # prompts are rendered at start: minutes on a busy 2-core box
+    srv = start_softphone_bot(redis_url, tmp_path_factory.mktemp("qa-softphone"), TOKEN, {"BOT_NO_INPUT_S": "2"})
     try:
         yield srv
     finally:
         srv.stop()
-
-
-@pytest.fixture(scope="module")
-def silence_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("qa-softphone-audio") / "silence.wav"
-    subprocess.run(["sox", "-n", "-r", "48000", "-c", "1", "-b", "16", str(path), "trim", "0", "3"],
-                   check=True, capture_output=True)
-    return path
-
-
-def record(bot: BotServer, call_id: str) -> dict | None:
-    from bot.simulator import fetch_call
-
-    return run_async(fetch_call(bot.url, call_id, bot.redis_url))
-
-
-def open_softphone(browser: Any, bot: BotServer) -> Any:
-    from playwright.sync_api import expect
-
-    page = browser.new_page(viewport={"width": 1360, "height": 860})
-    page.goto(f"{bot.url}/admin")
-    page.fill("#token", TOKEN)
-    page.click("#login-form button[type=submit]")
-    expect(page.locator("#who")).to_contain_text("publisher")
-    page.click('#tabs button[data-tab="softphone"]')
-    page.select_option("#sp-policy", "v1")
-    return page
 
 
 PHONE = """() => { const p = window.voicebotSoftphone; return p && {
@@ -102,7 +69,7 @@ def test_bot_hangs_up_on_two_browsers_at_once(bot: BotServer, silence_wav: Path)
     ended0 = metric_value(bot.metrics(), "voicebot_calls_total", {"transport": "webrtc", "outcome": "no_input"})
     with sync_playwright() as pw:
         browsers = [launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"]) for _ in range(2)]
-        pages = [open_softphone(b, bot) for b in browsers]
+        pages = [open_softphone(b, bot, TOKEN, viewport={"width": 1360, "height": 860}) for b in browsers]
         for page in pages:
             page.click("#sp-call")
         ids = []
@@ -125,13 +92,7 @@ def test_bot_hangs_up_on_two_browsers_at_once(bot: BotServer, silence_wav: Path)
             b.close()
 
     for call_id in ids:
-        rec = None
-        for _ in range(40):
-            rec = record(bot, call_id)
-            if rec and rec["record"].get("status") == "ended":
-                break
-            time.sleep(0.25)
-        assert rec is not None
+        rec = wait_ended(bot, call_id, timeout_s=15)
         r = rec["record"]
         assert r["status"] == "ended" and r["transport"] == "webrtc" and r["outcome"] == "no_input", r
         assert float(r["duration_s"]) > 2
@@ -154,7 +115,7 @@ def test_network_blip_keeps_the_call_and_hang_up_is_a_caller_hangup(bot: BotServ
 
     with sync_playwright() as pw:
         browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"])
-        page = open_softphone(browser, bot)
+        page = open_softphone(browser, bot, TOKEN, viewport={"width": 1360, "height": 860})
         page.click("#sp-call")
         expect(page.locator("#sp-status")).to_have_text("connected", timeout=30_000)
         page.evaluate("""() => { const pc = window.voicebotSoftphone.pc;
@@ -195,16 +156,6 @@ def test_signalling_refuses_bad_offers_clearly(bot: BotServer) -> None:
     assert httpx.get(f"{bot.url}/readyz", timeout=10).status_code == 200  # the worker is unharmed
 
 
-def wait_ended(bot: BotServer, call_id: str) -> dict:
-    rec = None
-    for _ in range(160):
-        rec = record(bot, call_id)
-        if rec and rec["record"].get("status") == "ended":
-            return rec
-        time.sleep(0.25)
-    raise AssertionError(f"call {call_id} not ended: {rec}")
-
-
 def test_tab_closed_mid_call_ends_the_call(bot: BotServer, silence_wav: Path) -> None:
     """The admin closes the console tab mid-call. Chrome tells the bot nothing when a peer connection goes
     away with its page (no RTCP BYE, no DTLS close), so the bot talked on to silence until its media timeout
@@ -214,7 +165,7 @@ def test_tab_closed_mid_call_ends_the_call(bot: BotServer, silence_wav: Path) ->
 
     with sync_playwright() as pw:
         browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={silence_wav}"])
-        page = open_softphone(browser, bot)
+        page = open_softphone(browser, bot, TOKEN, viewport={"width": 1360, "height": 860})
         page.click("#sp-call")
         expect(page.locator("#sp-status")).to_have_text("connected", timeout=30_000)
         call_id = page.inner_text("#sp-callid")

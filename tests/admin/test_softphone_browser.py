@@ -12,9 +12,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.admin.browser import launch, run_async, shot
-from tests.admin.browser import espeak_wav_48k
-from tests.helpers.server import BotServer, isolated_redis_url
+from tests.admin.browser import (FAKE_MIC, espeak_wav_48k, fetch_record, launch, open_softphone, shot,
+                                 start_softphone_bot, wait_ended)
+from tests.helpers.server import BotServer
 
 TOKEN = "softphone-publisher-token"
 pytestmark = pytest.mark.slow
@@ -22,20 +22,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bot(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotServer]:
-    url = isolated_redis_url(redis_url)
-    env = {"BOT_ADMIN_TOKEN": TOKEN, "BOT_NO_INPUT_S": "20"}
-    srv = BotServer(url, tmp_path_factory.mktemp("softphone"), env=env)
-    srv.start(timeout_s=400)  # prompts are rendered at start: minutes on a busy 2-core box (90 s failed there)
+    srv = start_softphone_bot(redis_url, tmp_path_factory.mktemp("softphone"), TOKEN, {"BOT_NO_INPUT_S": "20"})
     try:
         yield srv
     finally:
         srv.stop()
-
-
-def call_events(bot: BotServer, call_id: str) -> dict | None:
-    from bot.simulator import fetch_call
-
-    return run_async(fetch_call(bot.url, call_id, bot.redis_url))
 
 
 def test_softphone_call_runs_the_conversation(bot: BotServer, tmp_path: Path) -> None:
@@ -43,17 +34,9 @@ def test_softphone_call_runs_the_conversation(bot: BotServer, tmp_path: Path) ->
 
     # greeting plays first (~3 s), then the caller speaks; the fake device loops the file
     wav = espeak_wav_48k("I want to pay my bill", tmp_path / "caller.wav", lead_s=4.5, tail_s=8.0)
-    args = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"]
     with sync_playwright() as pw:
-        browser = launch(pw, args)
-        page = browser.new_page(viewport={"width": 1360, "height": 860})
-        page.goto(f"{bot.url}/admin")
-        page.fill("#token", TOKEN)
-        page.click("#login-form button[type=submit]")
-        expect(page.locator("#who")).to_contain_text("publisher")
-        page.click('#tabs button[data-tab="softphone"]')
-        page.select_option("#sp-policy", "v1")
+        browser = launch(pw, FAKE_MIC + [f"--use-file-for-fake-audio-capture={wav}"])
+        page = open_softphone(browser, bot, TOKEN, viewport={"width": 1360, "height": 860})
         page.click("#sp-call")
         expect(page.locator("#sp-callid")).to_contain_text("webrtc-", timeout=20_000)
         call_id = page.inner_text("#sp-callid")
@@ -63,7 +46,7 @@ def test_softphone_call_runs_the_conversation(bot: BotServer, tmp_path: Path) ->
         deadline = time.monotonic() + 60
         turn = None
         while time.monotonic() < deadline and turn is None:
-            rec = call_events(bot, call_id)
+            rec = fetch_record(bot, call_id)
             if rec:
                 turn = next((e for e in rec["events"] if e["type"] == "turn"), None)
             time.sleep(0.5)
@@ -105,10 +88,5 @@ def test_softphone_call_runs_the_conversation(bot: BotServer, tmp_path: Path) ->
         browser.close()
 
     # hanging up ends the call in Redis
-    for _ in range(40):
-        rec = call_events(bot, call_id)
-        if rec and rec["record"].get("status") == "ended":
-            break
-        time.sleep(0.25)
-    assert rec and rec["record"]["status"] == "ended"
+    rec = wait_ended(bot, call_id, timeout_s=15)
     assert turn.get("intent") == "pay_bill", turn  # understood over WebRTC: 48 kHz Opus -> 8 kHz -> engine

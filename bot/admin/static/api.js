@@ -20,7 +20,8 @@ export const token = {
   clear: () => sessionStorage.removeItem(KEY),
 };
 
-export async function api(path, { method = "GET", json, form } = {}) {
+// keepalive: the request outlives the page (sent from pagehide: a tab closed mid-call)
+export async function api(path, { method = "GET", json, form, keepalive = false } = {}) {
   const headers = { Authorization: `Bearer ${token.get() || ""}` };
   let body;
   if (json !== undefined) {
@@ -29,7 +30,7 @@ export async function api(path, { method = "GET", json, form } = {}) {
   } else if (form) {
     body = form;
   }
-  const res = await fetch(`/admin/api${path}`, { method, headers, body });
+  const res = await fetch(`/admin/api${path}`, { method, headers, body, keepalive });
   if (res.status === 204) return null;
   let data = null;
   const text = await res.text();

@@ -164,6 +164,9 @@ async function refreshVersions() {
   state.current = data.current;
   state.versions = data.versions;
   $("#live-version").textContent = `live: v${data.current}`;
+  // the try-it and softphone pickers offer the versions too: one published elsewhere (another admin) used to
+  // be missing, and "(live)" stayed on the old one, until the admin switched tabs (the selection is kept)
+  fillPolicyPickers();
   const tbody = $("#versions-table tbody");
   tbody.replaceChildren();
   for (const v of data.versions) {
@@ -569,8 +572,11 @@ async function spCall() {
     const id = await phone.call(policyRef($("#sp-policy")));
     $("#sp-callid").textContent = id;
     phonePoll = setInterval(() => spEvents(id), 1000);
+    // hung up while the offer was in flight: the line is already closed, poll only for the record's outcome
+    if (phone.ended && phonePollUntil === Infinity) phonePollUntil = Date.now() + 30000;
   } catch (e) {
-    handleError(e, "Softphone");
+    // hung up before the offer went out: the admin's own doing, not an error to show
+    if (!phone.ended) handleError(e, "Softphone");
     phone.hangup();
   }
 }
@@ -583,6 +589,7 @@ async function spEvents(id) {
       const li = document.createElement("li");
       li.dataset.type = e.type;
       if (e.type === "dtmf") li.textContent = `you pressed ${e.digit}`;
+      else if (e.type === "connect_failed" && e.reason === "hangup") li.textContent = `you hung up before the call connected (after ${e.waited_s} s)`;
       else if (e.type === "connect_failed") li.textContent = `the call never connected (${e.reason}, after ${e.waited_s} s): check the network path (ICE) or BOT_WEBRTC_ICE_SERVERS`;
       else if (e.type === "turn" && e.error) li.textContent = `you: (not understood: ${e.error}) → ${e.decision?.action}`;
       else if (e.type === "turn") li.textContent = `you: “${e.transcript || ""}” → ${e.intent || "–"} (${(e.confidence * 100).toFixed(0)}%) → ${e.decision?.action}: ${e.decision?.prompt || ""}`;

@@ -1,6 +1,6 @@
 // Microphone recording to a 16-bit mono WAV Blob, and the WebRTC softphone.
 
-import { api } from "./api.js";
+import { api, ApiError } from "./api.js";
 
 function wavBlob(chunks, rate) {
   const n = chunks.reduce((a, c) => a + c.length, 0);
@@ -68,7 +68,9 @@ export class Softphone {
     this.dc = null;
     this.callId = null;
     this.ended = false;
-    this.onPageHide = () => this.end("ended");  // tab closed or navigated away mid-call: hang up properly
+    this.connected = false;  // media has flowed at least once
+    this.offerSdp = null;  // the offer sent to the bot: withdrawn ("rollback") on a hang-up before media flows
+    this.onPageHide = () => this.end("ended", true);  // tab closed or navigated away mid-call: hang up properly
   }
 
   async call(policyRef) {
@@ -107,6 +109,7 @@ export class Softphone {
       // "disconnected" is a network blip that ICE may recover from: keep the microphone and the call
       // (the bot ends it as abandoned if its audio stops for good). Reporting it under its own name
       // would read as the end of the call, so it is shown as reconnecting.
+      if (s === "connected") this.connected = true;
       if (s === "disconnected") this.onState("reconnecting (network interrupted)");
       else if (s === "failed") this.end("failed");
       else if (s === "closed") this.end("ended");
@@ -123,10 +126,18 @@ export class Softphone {
     });
     if (this.ended) throw new Error("hung up before the call started");
     this.onState("connecting");
-    const answer = await api("/softphone/offer", { method: "POST", json: { sdp: pc.localDescription.sdp, type: "offer", ...policyRef } });
+    this.offerSdp = pc.localDescription.sdp;
+    let answer;
+    try {
+      answer = await api("/softphone/offer", { method: "POST", json: { sdp: this.offerSdp, type: "offer", ...policyRef } });
+    } catch (e) {
+      if (e instanceof ApiError) this.offerSdp = null;  // refused: there is no call to withdraw
+      throw e;
+    }
     this.callId = answer.call_id;
-    // hung up while the offer was in flight: no media will flow, the bot's connect timeout ends its side
-    if (this.ended) throw new Error("hung up before the call connected");
+    // hung up while the offer was in flight: end() withdrew it, the bot records the call as the caller's
+    // hang-up; the page still gets the call id to show that record
+    if (this.ended) return answer.call_id;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     // The bot hanging up closes its DTLS session (close_notify): the DTLS transport goes "closed" while
     // the peer connection itself may stay "connected" for a while, microphone still live.
@@ -145,16 +156,23 @@ export class Softphone {
   }
 
   hangup() {
-    this.end("ended");
+    this.end("ended", true);
   }
 
   // One way out for every ending (hang-up button, the bot hanging up, a failed network): the peer
-  // connection is closed and the microphone released, once.
-  end(state) {
+  // connection is closed and the microphone released, once. byCaller: the admin hung up (button, tab closed).
+  end(state, byCaller = false) {
     if (this.ended) return;
     this.ended = true;
     window.removeEventListener("pagehide", this.onPageHide);
     this.onKeypad(false);
+    if (byCaller && !this.connected && this.offerSdp) {
+      // Before media flows, closing the peer connection tells the bot nothing (no BYE, no DTLS close): it
+      // would wait out its connect timeout and record error:connect_timeout. Withdraw the offer instead
+      // (keepalive: it is sent even when the tab is closing); failing that, the bot's timeout still ends it.
+      api("/softphone/offer", { method: "POST", json: { sdp: this.offerSdp, type: "rollback" }, keepalive: true })
+        .catch((e) => console.warn("softphone: could not withdraw the offer", e));
+    }
     if (this.pc) {
       // Chrome's close() sends neither RTCP BYE nor a DTLS close: the bot heard silence and ended the call
       // 10 s later as "abandoned". Stopping the transceivers first sends the BYE: a caller hang-up, at once.
