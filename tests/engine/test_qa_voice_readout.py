@@ -88,7 +88,7 @@ def test_espeak_reads_it_as_a_person_would(text: str, absent: list[str], present
 
 def test_chunks_never_split_digit_groups_or_a_minus() -> None:
     assert split_chunks("Account 4411-2233.") == ["Account 4 4 1 1,", "2 2 3 3."]
-    assert split_chunks("Ext. 1234") == ["Ext. 1 2 3 4"]
+    assert split_chunks("Ext. 1234") == ["extension 1 2 3 4"]
     assert split_chunks("Your balance is -$42.50.") == ["Your balance is", "minus 42 dollars and 50 cents."]
 
 
