@@ -104,7 +104,7 @@ def test_long_clauses_are_cut_so_streaming_keeps_up() -> None:
     assert len(chunks[1].split()) <= SECOND_CHUNK_MAX_WORDS + 2  # renders while the head plays
     assert all(2 <= len(c.split()) <= MAX_CHUNK_WORDS + 2 for c in chunks)
     assert split_chunks("That's a payment of 100 dollars, is that right?") == [
-        "That's a payment of", "100 dollars,", "is that right?"]
+        "That's a payment", "of 100 dollars,", "is that right?"]
 
 
 def test_garbled_admin_text_never_crashes_and_normalises_once() -> None:

@@ -102,14 +102,17 @@ def test_split_chunks_first_clause_short() -> None:
     assert len(chunks[0].split()) <= 4 and chunks[0] == "Your payment of"
     assert " ".join(chunks).split() == text.split()
     assert split_chunks("Hello.") == ["Hello."]
-    # the read-back every payment hears: a 6-word first clause is cut too, the number kept with its unit
+    # the read-back every payment hears: a 6-word first clause is cut too, the number kept with its unit, and
+    # the head is at most 18 letters (its render time follows its sound, not its words)
     assert split_chunks("That's a payment of 100 dollars, is that right?") == [
-        "That's a payment of", "100 dollars,", "is that right?"]
+        "That's a payment", "of 100 dollars,", "is that right?"]
+    assert all(len(split_chunks(t)[0]) <= 18 for t in ("Your account number is 12345678, is that right?",
+                                                        "We open tomorrow at 8:30 a.m. Eastern time."))
     assert split_chunks("I can see your account.") == ["I can see", "your account."]  # never one word alone
     assert split_chunks("Are you still there?") == ["Are you still there?"]
     # money is read as words ("$1,042.50" would be "dollar one thousand forty two point five zero") and
     # "1042" stays with its unit
-    assert split_chunks("You owe $1,042.50 today. Thanks!") == ["You owe 1042 dollars", "and 50 cents today.", "Thanks!"]
+    assert split_chunks("You owe $1,042.50 today. Thanks!") == ["You owe", "1042 dollars and 50 cents today.", "Thanks!"]
 
 
 def test_split_chunks_keeps_abbreviations_with_what_follows() -> None:
