@@ -76,7 +76,10 @@ class Phonemizer:
     def _start(self) -> None:
         self._kill()
         self._proc = subprocess.Popen([self.exe, "-q", "--ipa", "-v", self.voice], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0,
+                                      # not the terminal's Ctrl-C: a draining worker still speaks; it exits when
+                                      # our end of its stdin closes (also when this process is killed)
+                                      process_group=0)
         self._pid, self._buf = os.getpid(), b""
         self._write(_SENTINEL)
         got = self._read_line(time.monotonic() + self.timeout_s)
