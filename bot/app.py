@@ -51,6 +51,8 @@ def _conv_config(settings: Settings) -> ConversationConfig:
         fallback_queue=os.environ.get("BOT_FALLBACK_QUEUE", "general"),
         transfer_wait_s=float(os.environ.get("BOT_TRANSFER_WAIT_S", 5.0)),
         max_call_s=float(os.environ.get("BOT_MAX_CALL_S", 1800)),
+        shutdown_action=os.environ.get("BOT_SHUTDOWN_ACTION", "transfer").strip().lower(),
+        shutdown_end_s=float(os.environ.get("BOT_SHUTDOWN_END_S", 8.0)),
     )
 
 
@@ -223,11 +225,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if calls is not None:
             await calls.drain(settings.shutdown_grace_s)  # no-op when the server drained already
         webhook: EscalationWebhook | None = getattr(st, "escalation_webhook", None)
+        store_early = getattr(st, "call_store", None)
+        if webhook is not None and store_early is not None:
+            # the calls' ends first: a receiver that is down must not keep them unwritten until the orchestrator
+            # kills the worker (its kill timeout is sized to the grace plus the shutdown endings, not more)
+            await store_early.flush(timeout_s=5.0)
         if webhook is not None:
-            # hand-offs still being delivered get what is left of the grace, and at least one attempt's
-            # time (bounded by the grace) for the transfers the last calls made as the grace ran out
-            left = settings.shutdown_grace_s - (time.monotonic() - t_stop)
-            await webhook.close(max(left, min(settings.shutdown_grace_s, settings.escalation_webhook_timeout_s)))
+            # hand-offs still being delivered get what is left of the grace and the shutdown endings, counted
+            # from the drain's start (bot.serve drains before this), and at least one attempt's time (at most
+            # 5 s) for the transfers the last calls made as the grace ran out
+            since = getattr(calls, "drain_started", None) or t_stop
+            end_s = _conv_config(settings).shutdown_end_s
+            left = settings.shutdown_grace_s + end_s - (time.monotonic() - since)
+            await webhook.close(max(left, min(5.0, settings.shutdown_grace_s, settings.escalation_webhook_timeout_s)))
         if (sip := getattr(st, "sip", None)) is not None:
             await sip.stop()
         if (watcher := getattr(st, "policy_watcher", None)) is not None:

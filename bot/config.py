@@ -109,7 +109,7 @@ _NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "BOT_VAD_THRESHOLD": (float, 0, 1), "BOT_VAD_GATE_DBFS": (float, None, 0),
     "BOT_SPEECH_START_MS": (float, 0, None), "BOT_BARGE_IN_MS": (float, 0, None),
     "BOT_ECHO_MARGIN_DB": (float, None, None), "BOT_MIN_TURN_SPEECH_MS": (float, 0, None),
-    "BOT_MAX_TURN_S": (float, 0.1, None), "BOT_EOT_MIN_SILENCE_MS": (float, 0, None),
+    "BOT_MAX_TURN_S": (float, 0.1, None), "BOT_SHUTDOWN_END_S": (float, 0, None), "BOT_EOT_MIN_SILENCE_MS": (float, 0, None),
     "BOT_EOT_MAX_SILENCE_MS": (float, 0, None), "BOT_EOT_THRESHOLD": (float, 0, 1),
     "BOT_TWILIO_LEAD_MS": (int, 0, None), "BOT_TWILIO_MAX_BAD_MESSAGES": (int, 0, None),
     "BOT_ENGINE_FEATURE_THREADS": (int, 0, None), "BOT_ENGINE_WORKERS": (int, 1, None),
@@ -132,6 +132,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "BOT_VOICE": ("piper", "espeak"),
     "BOT_ENGINE_FAULT": ("none", "understand", "end_of_turn", "speak", "all"),
     "BOT_SIP_SCANNER_REPLY": ("drop", "403"),
+    "BOT_SHUTDOWN_ACTION": ("transfer", "goodbye", "hangup"),  # bot.conversation.SHUTDOWN_ACTIONS
 }
 _FLAGS = ("BOT_SIP_ENABLED", "BOT_VOICE_DISK_CACHE", "BOT_ENGINE_ADAPTIVE_BATCH")
 _FLAG_WORDS = ("1", "0", "true", "false", "yes", "no", "on", "off")

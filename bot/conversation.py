@@ -11,9 +11,10 @@ Every step lands in the call's Redis event stream (bot/state.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Coroutine
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 
 import numpy as np
 import structlog
@@ -38,6 +39,14 @@ MARK_SLACK_S = 2.0
 FILLER_TEXT = "One moment."
 APOLOGY_TEXT = "I'm sorry, I'm having trouble right now. Let me transfer you to someone who can help."
 TRANSFER_FAILED_TEXT = "I'm sorry, I couldn't transfer you. Please call back later. Goodbye."
+# Said to a call still live when the worker's shutdown grace runs out (rolling deploy, scale-in). Short: they are
+# rendered ahead (CallManager) and played within ConversationConfig.shutdown_end_s. A policy may word them itself
+# with the prompts `shutdown`, `shutdown_transfer` and `shutdown_transfer_failed`. (Calm voice: 4.4, 2.4, 3.5 s.)
+SHUTDOWN_TEXT = "I'm sorry, I have to end this call now. Please call us back."
+SHUTDOWN_TRANSFER_TEXT = "Sorry, I have to transfer you now."
+SHUTDOWN_TRANSFER_FAILED_TEXT = "Sorry, I couldn't transfer you. Please call back."
+SHUTDOWN_STYLE = "calm"
+SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
 
 # How a bridge's end reason reads as a call outcome (an RTP timeout means the caller vanished).
@@ -62,6 +71,20 @@ class ConversationConfig:
     fallback_queue: str = "support"
     transfer_wait_s: float = 5.0  # after a transfer, wait this long for the transport to end the call
     max_call_s: float = 1800.0
+    # A call still live when the shutdown grace runs out: "transfer" hands it to the policy's system_error
+    # queue with its context (reason `shutdown`) when that queue is open, else says goodbye; "goodbye" only
+    # says the short goodbye; "hangup" ends it in silence (the old behaviour).
+    shutdown_action: str = "transfer"
+    # How long those calls may take to end after the grace (prompt, transfer in flight, REST/REFER): the
+    # orchestrator's kill timeout must cover BOT_SHUTDOWN_GRACE_S + this + the state/webhook flush.
+    shutdown_end_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.shutdown_action not in SHUTDOWN_ACTIONS:
+            raise ValueError(f"shutdown_action must be one of {', '.join(SHUTDOWN_ACTIONS)}, "
+                             f"not {self.shutdown_action!r}")
+        if not self.shutdown_end_s >= 0:
+            raise ValueError(f"shutdown_end_s must be >= 0, not {self.shutdown_end_s!r}")
 
 
 @dataclass
@@ -482,22 +505,7 @@ class Conversation:
             await self._wait_heard(u)
         if self._bridge_ended.is_set():
             return  # the caller hung up during the announcement: nobody to move
-        ok = False
-        error: dict[str, str] = {}
-        self._transferring = True
-        try:
-            ok = await asyncio.wait_for(self.bridge.transfer(target, context), timeout=10)
-        except Exception as exc:  # noqa: BLE001
-            metrics.ERRORS.labels(self.transport, "transfer").inc()
-            self.log.warning("transfer_error", error=type(exc).__name__)
-            error = {"error": f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__}
-        if not ok and not error:
-            error = {"error": "refused by the transport (see its warning just before: unconfigured queue, REST or REFER failure)"}
-        self.s.store.update(self.call_id, handoff=context, transfer_target=target)
-        self.s.store.event(self.call_id, "transfer", target=target, ok=ok, reason=d.reason, context=context, **error)
-        self.log.info("transfer", target=target, ok=ok, reason=d.reason, **error)
-        if self.s.notify_escalation is not None:  # queued, delivered (signed, retried) off the call's path
-            self._spawn(self.s.notify_escalation({**context, "transfer_ok": ok}))
+        ok = await self._hand_over(target, context, d.reason, timeout_s=10)
         if ok:
             self._set_outcome("transferred")
             # the transport ends the stream once the call has moved; don't hold it open forever
@@ -513,6 +521,178 @@ class Conversation:
             u = self._say(TRANSFER_FAILED_TEXT, "calm", "transfer_failed")
             await self._wait_heard(u)
             await self.bridge.hangup("transfer_failed")
+        self._q.put_nowait(("stop", None))
+
+    async def _hand_over(self, target: str, context: dict[str, Any], reason: str, timeout_s: float) -> bool:
+        """Ask the transport to move the call (bounded) and record it: handoff, event, log, escalation webhook."""
+        ok = False
+        error: dict[str, str] = {}
+        self._transferring = True
+        try:
+            ok = await asyncio.wait_for(self.bridge.transfer(target, context), timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            metrics.ERRORS.labels(self.transport, "transfer").inc()
+            self.log.warning("transfer_error", error=type(exc).__name__)
+            error = {"error": f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__}
+        if not ok and not error:
+            error = {"error": "refused by the transport (see its warning just before: unconfigured queue, REST or REFER failure)"}
+        self.s.store.update(self.call_id, handoff=context, transfer_target=target)
+        self.s.store.event(self.call_id, "transfer", target=target, ok=ok, reason=reason, context=context, **error)
+        self.log.info("transfer", target=target, ok=ok, reason=reason, **error)
+        if self.s.notify_escalation is not None:  # queued, delivered (signed, retried) off the call's path
+            self._spawn(self.s.notify_escalation({**context, "transfer_ok": ok}))
+        return ok
+
+    # ------------------------------------------------------------------ worker shutdown
+    def shutdown_prompts(self) -> list[tuple[str, str]]:
+        """(text, style) of what this call may say if it is still live when the shutdown grace runs out."""
+        action = self.cfg.shutdown_action
+        if action == "hangup":
+            return []
+        keys = [(self._policy_prompt("shutdown", SHUTDOWN_TEXT), SHUTDOWN_STYLE)]
+        if action == "transfer":
+            keys += [(self._policy_prompt("shutdown_transfer", SHUTDOWN_TRANSFER_TEXT), SHUTDOWN_STYLE),
+                     (self._policy_prompt("shutdown_transfer_failed", SHUTDOWN_TRANSFER_FAILED_TEXT), SHUTDOWN_STYLE)]
+        return keys
+
+    def _policy_prompt(self, key: str, default: str) -> str:
+        prompts = getattr(self.policy.policy, "prompts", None) or {}
+        text = prompts.get(key) if isinstance(prompts, Mapping) else None
+        return text if isinstance(text, str) and text.strip() else default
+
+    @property
+    def transferring(self) -> bool:
+        return self._transferring
+
+    def end_for_shutdown(self, audio: Mapping[tuple[str, str], np.ndarray], deadline: float) -> str:
+        """The shutdown grace is over and this call is still live: end it by `deadline` (loop time). A call
+        already ending by itself (a transfer announced or in flight, a goodbye) is left to finish, and keeps its
+        own outcome (transferred / transfer_failed / completed). Any other is told (pre-rendered `audio` only:
+        never waiting on the voice) and, by the configured action, handed to a human or said goodbye to, then
+        ended with outcome `shutdown`. Returns what was done, for the drain's log."""
+        if self._bridge_ended.is_set():
+            return "already_ended"
+        if self._ending:
+            self.log.info("shutdown_left_to_finish", transferring=self._transferring)
+            self.s.store.event(self.call_id, "shutdown", action="left_to_finish", transferring=self._transferring)
+            return "transfer_in_flight" if self._transferring else "finishing"
+        self._ending = True  # no new turn from here on: _main ignores caller input
+        self._set_outcome("shutdown")
+        self._cancel_no_input()
+        if self._dtmf_timer is not None:
+            self._dtmf_timer.cancel()
+        if self._turn_task is not None and not self._turn_task.done():
+            self._turn_task.cancel()  # a turn still being understood would only start a new prompt
+        self._turn_task = asyncio.get_running_loop().create_task(self._shutdown(audio, deadline))
+        return "ended_by_bot"
+
+    async def _shutdown(self, audio: Mapping[tuple[str, str], np.ndarray], deadline: float) -> None:
+        try:
+            await self._stop_speaking("shutdown")
+            d: Decision | None = None
+            if self.cfg.shutdown_action == "transfer":
+                try:
+                    # the policy's system-error route: its queue if open (or the queue its hours send on to)
+                    got = self.policy.on_failure("shutdown")
+                    d = dataclasses.replace(got, reason="shutdown") if got.action == "transfer" else None
+                except Exception as exc:  # noqa: BLE001 - a policy bug must not leave the caller in silence
+                    metrics.ERRORS.labels("conversation", "shutdown_policy").inc()
+                    self.log.warning("shutdown_policy_failed", error=repr(exc))
+            if d is not None:
+                action = "transfer"
+            else:  # "goodbye", or "transfer" to a queue that is closed now
+                action = "hangup" if self.cfg.shutdown_action == "hangup" else "goodbye"
+            self.s.store.event(self.call_id, "shutdown", action=action)
+            self.log.info("shutdown_ending_call", action=action)
+            if d is not None:
+                await self._shutdown_transfer(d, audio, deadline)
+            else:
+                if action == "goodbye":
+                    await self._say_prerendered(self._policy_prompt("shutdown", SHUTDOWN_TEXT), audio, deadline)
+                await self._hangup_quietly("shutdown")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the call still ends
+            metrics.ERRORS.labels("conversation", "exception").inc()
+            self.log.exception("shutdown_failed", error=str(exc))
+            await self._hangup_quietly("shutdown")
+        finally:
+            self._q.put_nowait(("stop", None))
+
+    async def _shutdown_transfer(self, d: Decision, audio: Mapping[tuple[str, str], np.ndarray],
+                                 deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        target = self.policy.transfer_target(d) or self.cfg.fallback_queue
+        context = self.policy.handoff_context(d)
+        context.update(call_id=self.call_id, transport=self.transport, target=target)
+        metrics.ESCALATIONS.labels("shutdown").inc()
+        await self._say_prerendered(self._policy_prompt("shutdown_transfer", SHUTDOWN_TRANSFER_TEXT), audio, deadline)
+        if self._bridge_ended.is_set():
+            return  # the caller hung up on the announcement
+        # leave a moment of the budget for the goodbye-less hang-up after a failed transfer
+        ok = await self._hand_over(target, context, "shutdown", timeout_s=max(0.1, deadline - loop.time() - 0.5))
+        if ok:
+            try:  # the transport ends the leg once the call has moved (as after any transfer, bounded)
+                await asyncio.wait_for(self._bridge_ended.wait(),
+                                       max(0.0, min(self.cfg.transfer_wait_s, deadline - loop.time())))
+            except asyncio.TimeoutError:
+                pass
+        elif not self._bridge_ended.is_set():
+            await self._say_prerendered(self._policy_prompt("shutdown_transfer_failed", SHUTDOWN_TRANSFER_FAILED_TEXT),
+                                        audio, deadline)
+        await self._hangup_quietly("shutdown")
+
+    async def _say_prerendered(self, text: str, audio: Mapping[tuple[str, str], np.ndarray], deadline: float) -> None:
+        """Say a shutdown prompt from its pre-rendered audio, if there is some and time to play it all;
+        else nothing (the call ends without it, as it did before there were any)."""
+        if self._bridge_ended.is_set():
+            return  # the caller is gone
+        pcm = audio.get((text, SHUTDOWN_STYLE))
+        left = deadline - asyncio.get_running_loop().time()
+        if pcm is None or len(pcm) / 8000 + 0.5 > left:
+            metrics.ERRORS.labels("conversation", "shutdown_prompt_skipped").inc()
+            self.log.warning("shutdown_prompt_skipped", reason="not_rendered" if pcm is None else "no_time",
+                             left_s=round(left, 2))
+            return
+        metrics.FILLERS.labels("apology").inc()
+        u = self._say(text, SHUTDOWN_STYLE, "shutdown", pcm=pcm)
+        try:
+            await asyncio.wait_for(self._wait_heard(u), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            pass
+
+    async def _stop_speaking(self, why: str) -> None:
+        """Cut what the bot is saying now (a read-back mid-sentence): recorded as heard so far."""
+        u = self._speaking
+        if self._play_task is not None and not self._play_task.done():
+            self._play_task.cancel()
+        if u is None or u.heard_all.is_set() or u.interrupted:
+            return
+        u.interrupted = True
+        self._speaking = None
+        self._drop_watchdog(u)
+        try:
+            await self.bridge.clear()
+        except Exception as exc:  # noqa: BLE001 - the leg may be gone
+            self.log.warning("clear_failed", error=type(exc).__name__)
+        self._playout_end = time.monotonic()
+        self._record_heard(u, interrupted=True, by=why)
+
+    async def _hangup_quietly(self, reason: str) -> None:
+        try:
+            await self.bridge.hangup(reason)
+        except Exception as exc:  # noqa: BLE001 - the leg may be gone already
+            self.log.warning("hangup_failed", reason=reason, error=str(exc))
+
+    def abort(self, outcome: str) -> None:
+        """The shutdown's time is up: stop whatever the call is doing now; run() records `outcome` unless the
+        call already has one (a transfer that completed, a goodbye said). The caller's leg is hung up by the
+        caller of this."""
+        self._set_outcome(outcome)
+        self._ending = True
+        for t in (self._turn_task, self._play_task):
+            if t is not None and not t.done():
+                t.cancel()
         self._q.put_nowait(("stop", None))
 
     def _record_callback(self, d: Decision) -> None:
@@ -538,17 +718,19 @@ class Conversation:
 
     # ------------------------------------------------------------------ speaking
     def _say(self, text: str, style: str, kind: str, t_end: float | None = None,
-             started_t: float | None = None, eot_wait_s: float = 0.0) -> _Utterance:
+             started_t: float | None = None, eot_wait_s: float = 0.0, pcm: np.ndarray | None = None) -> _Utterance:
+        """Queue an utterance; `pcm`: its audio, already rendered (else the prompt cache or the voice)."""
         self._utt_seq += 1
         u = _Utterance(self._utt_seq, kind, text)
         self._utts[u.uid] = u
         prev = self._play_task
         self._play_task = asyncio.get_running_loop().create_task(self._play(u, style, prev, t_end, started_t,
-                                                                                  eot_wait_s))
+                                                                                  eot_wait_s, pcm))
         return u
 
     async def _play(self, u: _Utterance, style: str, prev: asyncio.Task[None] | None,
-                    t_end: float | None, started_t: float | None, eot_wait_s: float = 0.0) -> None:
+                    t_end: float | None, started_t: float | None, eot_wait_s: float = 0.0,
+                    pcm: np.ndarray | None = None) -> None:
         if prev is not None and not prev.done():
             try:
                 await prev  # utterances play in order (filler, then the answer)
@@ -556,7 +738,8 @@ class Conversation:
                 pass
         self._cancel_no_input()
         try:
-            async for chunk in render(self.s.engine, self.s.prompt_audio, u.text, style):
+            chunks = _once(pcm) if pcm is not None else render(self.s.engine, self.s.prompt_audio, u.text, style)
+            async for chunk in chunks:
                 if u.first_audio_t is None:
                     self._speaking = u
                     self.detector.bot_level_db = level_dbfs(chunk)
@@ -689,6 +872,10 @@ class Conversation:
         if self._no_input is not None:
             self._no_input.cancel()
             self._no_input = None
+
+
+async def _once(pcm: np.ndarray) -> AsyncIterator[np.ndarray]:
+    yield pcm
 
 
 def _ms(meta: dict[str, Any]) -> dict[str, Any]:
