@@ -46,6 +46,8 @@ SHUTDOWN_TEXT = "I'm sorry, I have to end this call now. Please call us back."
 SHUTDOWN_TRANSFER_TEXT = "Sorry, I have to transfer you now."
 SHUTDOWN_TRANSFER_FAILED_TEXT = "Sorry, I couldn't transfer you. Please call back."
 SHUTDOWN_STYLE = "calm"
+# said when a call reaches BOT_MAX_CALL_S (a policy may word it: prompt `max_duration`); it used to end in silence
+MAX_DURATION_TEXT = "I'm sorry, this call has reached its time limit. Please call us back. Goodbye."
 SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
 
@@ -176,6 +178,7 @@ class Conversation:
             await asyncio.wait_for(self._main(), timeout=self.cfg.max_call_s)
         except asyncio.TimeoutError:
             self._set_outcome("max_duration")
+            await self._say_last(self._policy_prompt("max_duration", MAX_DURATION_TEXT), "max_duration")
             await self.bridge.hangup("max_duration")
         except Exception as exc:  # noqa: BLE001 - one call's bug must not reach the worker
             metrics.ERRORS.labels("conversation", "exception").inc()
@@ -660,6 +663,18 @@ class Conversation:
             await asyncio.wait_for(self._wait_heard(u), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
         except asyncio.TimeoutError:
             pass
+
+    async def _say_last(self, text: str, kind: str, timeout_s: float = 10.0) -> None:
+        """The bot's last words before it hangs up (the call's own loop is over): cut what it was saying, say
+        this, wait (bounded) until it was heard. Never raises: the hang-up follows whatever happened."""
+        if self._bridge_ended.is_set():
+            return
+        try:
+            await self._stop_speaking(kind)
+            u = self._say(text, SHUTDOWN_STYLE, kind)
+            await asyncio.wait_for(self._wait_heard(u), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a voice or transport failure: hang up without it
+            self.log.warning("last_words_failed", kind=kind, error=repr(exc))
 
     async def _stop_speaking(self, why: str) -> None:
         """Cut what the bot is saying now (a read-back mid-sentence): recorded as heard so far."""
