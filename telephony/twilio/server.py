@@ -395,8 +395,10 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, di
         _err("stream_exception")
         log.exception("stream_exception", call_id=bridge.info.call_id if bridge else "", error=str(exc))
         reason = "error:exception"
-    if opening:
-        handshakes.opening -= 1
+    finally:
+        if opening:  # also when the handler is cancelled (server shutdown): a leaked count would hold the drain
+            handshakes.opening -= 1
+            opening = False
     if bridge is not None:
         if reason == "disconnected" and not bridge.ended:
             _err("disconnected")
