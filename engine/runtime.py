@@ -213,7 +213,8 @@ class Engine:
             t_voice = time.perf_counter()
             try:
                 renderer = load_renderer(str(voice or os.environ.get("BOT_VOICE", "piper")),
-                                         int(os.environ.get("BOT_VOICE_THREADS", "1")))
+                                         int(os.environ.get("BOT_VOICE_THREADS", "1")),
+                                         int(os.environ.get("BOT_VOICE_BURST_THREADS", "2")))
                 voice_future.set_result(Voice(renderer, int(os.environ.get("BOT_VOICE_CACHE_SIZE", "256")),
                                               Path(cache_dir) if cache_dir else None))
                 log().info("voice loaded", voice=renderer.name, seconds=round(time.perf_counter() - t_voice, 3))

@@ -2,7 +2,8 @@
 
     nice -n 10 .venv/bin/python -m ops.bench.voice_latency [--n 24] [--callers 8] [--json] [--out FILE]
 
-Through the real `Engine.speak_stream` (the path every dynamic prompt takes), one sentence at a time:
+Through the real `Engine.speak_stream` (the path every dynamic prompt takes), one sentence at a time, a second
+apart (a caller's next sentence comes after this one played and they answered: seconds):
 - first audio p50/p95 per kind of sentence (the payment read-back, long sentences, digit read-backs,
   dates and times), and first *sound* (plus the silence the first chunk starts with);
 - the whole-sentence time, and the worst gap between chunks: how long the caller would wait
@@ -77,11 +78,16 @@ async def run(n: int, callers: int, voice_kind: str) -> dict[str, Any]:
     from engine.voice import Voice, load_renderer
 
     t_load = time.perf_counter()
-    renderer = load_renderer(voice_kind, int(os.environ.get("BOT_VOICE_THREADS", "1")))
+    renderer = load_renderer(voice_kind, int(os.environ.get("BOT_VOICE_THREADS", "1")),
+                             int(os.environ.get("BOT_VOICE_BURST_THREADS", "2")))
+    burst = getattr(renderer, "burst_threads", 0)
+    while burst and getattr(renderer, "_burst", None) is None and time.perf_counter() - t_load < 30:
+        time.sleep(0.05)  # as in a worker that has been up a few seconds
     load_s = time.perf_counter() - t_load
     voice = Voice(renderer, cache_size=4, cache_dir=None)  # tiny cache: every sentence is rendered
     engine = Engine(None, voice)
-    out: dict[str, Any] = {"voice": renderer.name, "load_s": round(load_s, 2), "loadavg": os.getloadavg()[0]}
+    out: dict[str, Any] = {"voice": renderer.name, "load_s": round(load_s, 2), "loadavg": os.getloadavg()[0],
+                           "threads": int(os.environ.get("BOT_VOICE_THREADS", "1")), "burst_threads": burst}
     try:
         await engine.speak("Warm up, please.")
         per_kind: dict[str, dict[str, list[float]]] = {}
@@ -91,6 +97,7 @@ async def run(n: int, callers: int, voice_kind: str) -> dict[str, Any]:
                 for text in texts:
                     text = text.replace("?", "?" if r % 2 == 0 else " today?")  # never a cached repeat
                     engine.clear_clause_cache()  # a sentence whose clauses no caller has heard yet
+                    await asyncio.sleep(1.0)  # one caller's sentences are seconds apart (it plays, they answer)
                     first, total, gap, sound = await _one(engine, text)
                     k = per_kind.setdefault(kind, {"first": [], "total": [], "gap": [], "sound": []})
                     k["first"].append(first)
