@@ -553,7 +553,7 @@ class Conversation:
         if action == "hangup":
             return []
         keys = [(self._policy_prompt("shutdown", SHUTDOWN_TEXT), SHUTDOWN_STYLE)]
-        if action == "transfer":
+        if action == "transfer" and self.bridge.can_transfer:
             keys += [(self._policy_prompt("shutdown_transfer", SHUTDOWN_TRANSFER_TEXT), SHUTDOWN_STYLE),
                      (self._policy_prompt("shutdown_transfer_failed", SHUTDOWN_TRANSFER_FAILED_TEXT), SHUTDOWN_STYLE)]
         return keys
@@ -593,7 +593,10 @@ class Conversation:
         try:
             await self._stop_speaking("shutdown")
             d: Decision | None = None
-            if self.cfg.shutdown_action == "transfer":
+            if self.cfg.shutdown_action == "transfer" and not self.bridge.can_transfer:
+                # "I have to transfer you" then "I couldn't" on a line that cannot be moved: the goodbye instead
+                self.log.info("shutdown_transfer_unavailable", transport=self.transport)
+            elif self.cfg.shutdown_action == "transfer":
                 try:
                     # the policy's system-error route: its queue if open (or the queue its hours send on to)
                     got = self.policy.on_failure("shutdown")

@@ -95,6 +95,12 @@ class CallBridge(abc.ABC):
         """End the call from the bot's side."""
 
     @property
+    def can_transfer(self) -> bool:
+        """Whether transfer() can move this call at all (Twilio without REST credentials, a browser softphone:
+        no). A caller is not told "I'm transferring you" on a line that cannot be transferred."""
+        return True
+
+    @property
     def on_hold(self) -> bool:
         """The caller put the call on hold (SIP re-INVITE sendonly/inactive): nothing we send is heard, and
         silence from the caller is expected. Transports without hold say False."""

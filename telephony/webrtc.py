@@ -480,6 +480,10 @@ class WebRTCCallBridge(QueuedCallBridge):
         for m in marks:
             self._inbox.put_nowait(MarkIn(m, now))
 
+    @property
+    def can_transfer(self) -> bool:
+        return False  # a browser softphone has no human queue behind it
+
     async def transfer(self, target: str, context: dict[str, Any]) -> bool:
         metrics.TRANSFERS.labels("webrtc", target, "unsupported").inc()
         self.log.info("transfer_unsupported", target=target)

@@ -183,3 +183,33 @@ async def test_grace_end_with_the_queue_closed_says_a_short_goodbye(
         assert not [r for r in fake_api.requests[n_req:] if caller.call_sid in r["path"]]  # no redirect tried
     finally:
         server.stop()
+
+
+async def test_grace_end_on_a_line_that_cannot_be_transferred_says_goodbye_not_transfer(
+        redis_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, fake_api: FakeTwilioApi) -> None:
+    """Twilio without REST credentials (a dev setup: unsigned webhooks, no TWILIO_AUTH_TOKEN) cannot move a live
+    call: the caller hears the goodbye, not "I have to transfer you" followed by "I couldn't"."""
+    base = tmp_path_factory.getbasetemp()
+    data = base / "shared-data"
+    if SHARED_VOICE_CACHE.exists() and not (data / "voice-cache").exists():
+        shutil.copytree(SHARED_VOICE_CACHE, data / "voice-cache")
+    env = twilio_env(fake_api.url, open_policy(tmp_path / "p.yaml"), base, BOT_SHUTDOWN_GRACE_S="1",
+                     TWILIO_AUTH_TOKEN="", TWILIO_ACCOUNT_SID="")
+    server = BotServer(isolated_redis_url(redis_url), tmp_path, env).start(timeout_s=300)
+    try:
+        caller = await place_call(server.url, token="")
+        assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=30)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        assert await caller.wait_ended(1 + END_S + 10)
+        await caller.close()
+        assert await _exit_code(server) == 0, server.logs()[-3000:]
+        got = await wait_outcome(server.redis_url, caller.call_sid, 5)
+        assert got["record"]["outcome"] == "shutdown", got["record"]
+        said = [e["text"] for e in _heard(got, "shutdown")]
+        assert said == [SHUTDOWN_TEXT], got["events"]
+        assert [e["action"] for e in got["events"] if e["type"] == "shutdown"] == ["goodbye"]
+        assert not [e for e in got["events"] if e["type"] == "transfer"]
+        assert "shutdown_transfer_unavailable" in server.logs()
+    finally:
+        server.stop()

@@ -135,6 +135,10 @@ class TwilioCallBridge(QueuedCallBridge):
         if not self._ended:
             await self._safe_send(protocol.clear_msg(self.stream_sid))
 
+    @property
+    def can_transfer(self) -> bool:
+        return self._rest is not None  # the live call is moved with a REST update
+
     async def transfer(self, target: str, context: dict[str, Any]) -> bool:
         label = mask_digits(target)  # a dialed number is a person's: never a raw metric label
         if self._rest is None:
