@@ -275,6 +275,13 @@ _STATES = {"AL": "Alabama", "AK": "Alaska", "AZ": "Arizona", "AR": "Arkansas", "
 # "Springfield, IL 62704": a state code only where a ZIP follows it ("IN", "OR", "ME" are words elsewhere)
 _STATE_ZIP_RE = re.compile(r"(?<=[\w.'’])(?P<sep>,?\s+)(?P<st>" + "|".join(_STATES) + r")(?=\s+\d{5}(?:-\d{4})?\b)")
 _DAY_ABBR_RE = re.compile(r"\b(?P<d>Mon|Tue|Tues|Thu|Thur|Thurs|Fri|MON|TUE|THU|FRI)\b(?P<dot>\.)?")
+# "Wed", "Sat", "Sun" are words too ("the sun sat low"): a day only in a schedule's context, see _ambiguous_day
+_AMBIG_DAY_RE = re.compile(r"\b(?P<d>Wed|Sat|Sun|WED|SAT|SUN)\b(?P<dot>\.)?")
+_ANY_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_DAY_AFTER_RE = re.compile(r"\s*(?::?\s*\d|(?:,|&|/|and|or|to|through|[-–])\s*" + _ANY_DAY + r"|(?:closed|only)\b)",
+                           re.IGNORECASE)
+_DAY_BEFORE = {"on", "and", "or", "&", "closed", "open", "until", "till", "through", "every", "except", "from", "by",
+               "next", "this", "to", "including", "weekdays", "weekends", "hours"}
 _MONTH_ABBR = {m[:3].lower(): m for m in _MONTH_NAMES}
 # "Jan. 5" / "March 3": "January 5th" (espeak: "jan five"); not "March 9:00", "May 5 dollars", "May 6 2 7 0 4"
 _MONTH_DAY_RE = re.compile(r"\b(?P<m>" + "|".join(_MONTH_NAMES) + r"|(?:Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|"
@@ -361,10 +368,21 @@ def _spoken_words(text: str) -> str:
     return _TITLE_RE.sub(r"\g<t>.", text)
 
 
+def _ambiguous_day(m: re.Match) -> str:
+    """"Sat 9 to 1", "Sat & Sun", "closed Sun.", "Fri, Sat": a day. "The Sun Valley office": a name, kept."""
+    before, after = m.string[:m.start()].rstrip(), m.string[m.end():]
+    prev = before.rsplit(None, 1)[-1].lower().strip("(\"'") if before else ""
+    ends = re.match(r"\s*(?:[,.;:!?)]|$)", after) is not None or bool(m["dot"])
+    if _DAY_AFTER_RE.match(after) or (ends and (prev in _DAY_BEFORE or before.endswith((",", ":")))):
+        return _DAY_ABBR[m["d"].lower()] + (_dot_after(m.string, m.end()) if m["dot"] else "")
+    return m[0]
+
+
 def _spoken_pauses(text: str) -> str:
     """Day abbreviations (after _DAY_RANGE_RE took "Mon-Fri") and dashes/ellipses as pauses."""
     text = _DAY_ABBR_RE.sub(lambda m: _DAY_ABBR[m["d"].lower()] + (
         _dot_after(m.string, m.end()) if m["dot"] else ""), text)
+    text = _AMBIG_DAY_RE.sub(_ambiguous_day, text)
     text = _DASH_RE.sub(", ", re.sub(r"(?<=[\w\"'”’)])…", "...", text))  # a lone "…" says nothing: left alone
     return text
 
@@ -438,8 +456,20 @@ def _cut(words: list[str], lo: int, hi: int) -> int:
     after "minus"; 0 if there is no such place."""
     ok = [i for i in range(hi, lo - 1, -1) if 0 < i < len(words) and not (
         any(ch.isdigit() for ch in words[i - 1]) or words[i - 1].lower() in _ABBREV_ALWAYS
-        or words[i - 1].lower() == "minus")]
+        or words[i - 1].lower() == "minus" or _in_range(words, i))]
     return next((i for i in ok if words[i].lower() in _BREAK_WORDS), ok[0] if ok else 0)
+
+
+_RANGE_ENDS = {d.lower() for d in _DAY_ABBR.values()} | {"a.m.", "p.m.", "noon", "midnight"}
+
+
+def _in_range(words: list[str], i: int) -> bool:
+    """words[i] joins the two ends of a range ("Monday | to Friday", "9 a.m. | to 5 p.m.", "Saturday | and
+    Sunday"): a cut there sounds like two statements."""
+    def joins(j: int) -> bool:
+        return j >= 1 and words[j].lower() in ("to", "through", "and", "or") and words[j - 1].lower() in _RANGE_ENDS
+
+    return joins(i) or joins(i - 1)
 
 
 def _merge_abbreviations(chunks: list[str]) -> list[str]:

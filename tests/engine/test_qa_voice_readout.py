@@ -41,7 +41,13 @@ ROOT = Path(__file__).resolve().parents[2]
     ("Open 9am-5pm Mon-Fri.", "Open 9 a.m. to 5 p.m. Monday to Friday."),
     ("Call back at 12:00.", "Call back at 12 o'clock."),
     ("Open 9:00-17:00.", "Open 9 a.m. to 5 p.m."),
-    ("Open 11-2 p.m. on Sat.", "Open 11 a.m. to 2 p.m. on Sat."),
+    ("Open 11-2 p.m. on Sat.", "Open 11 a.m. to 2 p.m. on Saturday."),
+    # "Wed", "Sat", "Sun" are days only in a schedule's context
+    ("Hours: Mon-Fri 8-6, Sat 9-1, Sun closed.", "Hours: Monday to Friday 8 to 6, Saturday 9 to 1, Sunday closed."),
+    ("Open Sat. and Sun. from 10.", "Open Saturday and Sunday from 10."),
+    ("We are closed Wed.", "We are closed Wednesday."),
+    ("The sun sat low.", "The sun sat low."),
+    ("Visit our Sun Valley office.", "Visit our Sun Valley office."),
     ("Support 22:00-06:00.", "Support 10 p.m. to 6 a.m."),
     ("We're open 9-5.", "We're open 9 to 5."),
     # dates

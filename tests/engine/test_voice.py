@@ -212,3 +212,13 @@ def test_a_process_that_exits_while_the_burst_session_loads_exits_cleanly() -> N
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text", ["Open Monday to Friday 9 to 5.", "Open 11 a.m. to 2 p.m. on Saturday.",
+                                  "We are open Saturday and Sunday from ten until four in the afternoon."])
+def test_a_range_is_never_cut_in_two(text: str) -> None:
+    """"Open Monday | to Friday" sounded like two statements: the first chunk is cut elsewhere or not at all."""
+    for a, b in zip(split_chunks(text), split_chunks(text)[1:]):
+        left, right = a.split()[-1].lower(), b.split()[0].lower()
+        assert not (right in ("to", "and") and left in ("monday", "saturday", "p.m.", "a.m.")), (a, b)
+        assert left not in ("to", "and"), (a, b)
