@@ -73,8 +73,8 @@ class CallPolicy:
         """Keys typed so far already make a whole answer: a menu key (menu keys are single digits) while
         no slot question is pending (the caller may be typing a number: "100#"). Then the bot acts at once
         instead of leaving the caller in silence for the inter-digit timeout. Not while an amount is read back,
-        nor while a question about another request interrupted one ("You'd like to cancel?"): the caller may be
-        typing the amount ("40#")."""
+        nor at "You'd like to pay your bill?" (its amount not given yet), nor while a question about another
+        request interrupted one ("You'd like to cancel?"): the caller may be typing the amount ("40#")."""
         return (len(digits) == 1 and digits in self.policy.dtmf.options and self.state.pending_collect is None
                 and not pd.reads_back_keys(self.policy, self.state))
 

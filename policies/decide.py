@@ -538,6 +538,12 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
         value = _keypad_value(policy.slots[slot].type, keys) if slot is not None else None
         if slot is not None and value is not None:
             return _read_back(policy, pc.intent, {**pc.slots, slot: value})
+    if pc is not None and pc.intent is not None and (slot := _confirm_takes_keys(policy, state)) is not None \
+            and _keys_are_a_value(policy, digits):
+        # "You'd like to pay your bill?" -> 40#: a yes with the amount, as "yes, forty dollars" is (read back next)
+        value = _keypad_value(policy.slots[slot].type, keys)
+        if value is not None:
+            return _collect(policy, state, pc.intent, {**pc.slots, slot: value}, "slot_filled")
     if (back := state.interrupted) is not None and _keys_are_a_value(policy, digits):
         # "How much would you like to pay?" -> "cancel?" -> "You'd like to cancel?" -> 40#: the keys answer the
         # interrupted question (as a "no" would resume it), not a menu
@@ -569,6 +575,16 @@ def _dtmf(policy: Policy, state: CallState, digits: str) -> Decision:
                     options=tuple(policy.dtmf.options))
 
 
+def _confirm_takes_keys(policy: Policy, state: CallState) -> str | None:
+    """At "You'd like to pay your bill?" (a request not yet confirmed, its amount not yet given) the keypad
+    slot keys may type ("40#": yes, and that much); None when there is none."""
+    pc = state.pending_confirm
+    if pc is None or pc.read_back or pc.intent is None or pc.intent not in policy.intents:
+        return None
+    slot = _keypad_slot(policy, pc.intent)
+    return slot if slot is not None and slot in _missing_slots(policy, pc.intent, pc.slots) else None
+
+
 def _keys_are_a_value(policy: Policy, digits: str) -> bool:
     """Keys typed at a read-back are a value unless they are one menu key on its own (no '#')."""
     return digits.endswith("#") or len(digits) > 1 or digits not in policy.dtmf.options
@@ -586,6 +602,8 @@ def reads_back_keys(policy: Policy, state: CallState) -> bool:
     to act on at once (the conversation waits for '#' or the inter-digit pause)."""
     pc = state.pending_confirm
     if pc is not None and pc.read_back and pc.intent is not None and _keypad_slot(policy, pc.intent) is not None:
+        return True
+    if _confirm_takes_keys(policy, state):
         return True
     back = state.interrupted  # a question about another request interrupted an amount: "40#" may be its answer
     return back is not None and _keypad_slot(policy, back.intent) is not None

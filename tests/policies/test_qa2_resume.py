@@ -375,3 +375,16 @@ def test_no_to_a_question_that_interrupted_a_collection_always_goes_back_to_it(s
                 else:
                     assert after.pending_collect is not None and after.pending_collect.intent == back.intent
         _, state = step(POLICY, state, inp)
+
+
+def test_keys_typed_at_a_confirm_wait_for_the_amount_and_answer_it(tmp_path: Path) -> None:
+    """'You'd like to pay your bill, is that right?' -> 40#: a yes with the amount (read back next), not menu
+    key 4 acted on at once (it booked a technician)."""
+    cp = CallPolicy(load_policy(open_policy(tmp_path / "policy.yaml")), "1")
+    cp.greeting()
+    assert cp.on_turn(U("pay_bill", 0.7)).action == "confirm"
+    assert not cp.dtmf_complete("4")
+    d = cp.on_dtmf("40#")
+    assert (d.action, d.reason, d.intent, dict(d.slots)) == ("confirm", "read_back", "pay_bill", {"amount": 40.0})
+    d = cp.on_turn(U("affirm"))
+    assert (d.action, d.reason, dict(d.slots)) == ("answer", "confirmed", {"amount": 40.0})

@@ -229,6 +229,9 @@ def test_silence_after_a_read_back_asks_it_again_then_lets_go() -> None:
     ([U("report_outage", 0.7)], "2", ("answer", "dtmf_selection", "check_balance")),  # a menu key chooses
     ([U("pay_bill", 0.45, [("pay_bill", 0.45), ("check_balance", 0.4)])], "1", ("collect", "slot_missing", "pay_bill")),
     ([U("pay_bill")], "40#", ("confirm", "read_back", "pay_bill")),  # the asked-for amount, typed
+    ([U("pay_bill", 0.7)], "40#", ("confirm", "read_back", "pay_bill")),  # "pay your bill?" -> yes, and that much
+    ([U("pay_bill", 0.7)], "4", ("collect", "slot_missing", "schedule_technician")),  # a menu key alone is one
+    ([U("report_outage", 0.7)], "40#", ("dtmf_menu", "dtmf_invalid", None)),  # nothing there to type
     ([U("report_outage", 0.7)], "0", ("transfer", "agent_requested", "speak_to_agent")),
 ])
 def test_keys_pressed_during_a_spoken_question(before: list[Input], key: str, expected: tuple[str, str, str]) -> None:
