@@ -335,8 +335,11 @@ def _address(m: re.Match) -> str:
 
 
 def _named_street(m: re.Match) -> str:
-    if m["abbr"].lower() in ("st", "dr") and (re.match(r"\s+[A-Z]", m.string[m.end():])
-                                             or m["name"].lower() in _SENTENCE_STARTS):
+    nxt = re.match(r"\s+[\"'“‘(]*([A-Z][A-Za-z]*)", m.string[m.end():])
+    # "We moved to Main St. Please update...": the next sentence, not a name ("Saint Please")
+    starts_sentence = bool(m["dot"]) and nxt is not None and nxt[1].lower() in _SENTENCE_STARTS | {"then"}
+    if m["abbr"].lower() in ("st", "dr") and (m["name"].lower() in _SENTENCE_STARTS
+                                             or nxt is not None and not starts_sentence):
         return m[0]  # a title: "East St. Louis", "Call Dr. Smith", "Please ask your Dr about it"
     dot = _dot_after(m.string, m.end()) if m["dot"] else ""
     return f"{m['name']} {_STREET_TYPES[m['abbr'].lower()]}{dot}"

@@ -40,6 +40,10 @@ from engine.voice import VoiceError, clean_text, espeak_phonemes, split_chunks
     ("12 Oak Ave.", "12 Oak Avenue."),
     ("34 Elm Rd. is closed.", "34 Elm Road is closed."),
     ("100 Sunset Blvd.", "100 Sunset Boulevard."),
+    # no house number, the next sentence after it: a street, not "Saint Please"
+    ("We moved to Main St. Please update your records.", "We moved to Main Street. Please update your records."),
+    ("Go to Market St. Then turn left.", "Go to Market Street. Then turn left."),
+    ("Ask Dr. Please.", "Ask Dr. Please."),
     ("3 Cherry Ln.", "3 Cherry Lane."),
     ("9 Kings Ct.", "9 Kings Court."),
     ("1600 Pennsylvania Ave. NW, Washington", "1600 Pennsylvania Avenue Northwest, Washington"),
