@@ -619,14 +619,14 @@ class PiperVoice:
         # A second session with more threads, used while its extra cores sat idle (the last second) and no other
         # render runs on it: a sentence's first piece renders sooner (first audio p95 100 -> 89 ms on a quiet 2-core
         # box, 170 -> 135 ms on a busier one). Under load the extra thread would only compete with the calls' own
-        # work, so then the one-thread session renders. Loaded off the caller's path (~1 s, ~110 MB).
+        # work, so then the one-thread session renders. Costs ~0.4 s of start-up and ~110 MB.
         self.burst_threads = burst_threads if burst_threads > threads and _cores() > 1 else 0
         self._burst: Any = None
         self._burst_busy = threading.Lock()
         if self.burst_threads:
-            # not a daemon: a worker stopped while this thread is inside onnxruntime would abort at exit
-            # (SIGABRT, seen as a supervisor exit status of 250); the interpreter waits the ~1 s for it instead
-            threading.Thread(target=self._load_burst, name="voice-burst-load").start()
+            # loaded here, not in a thread of its own: a worker stopped during its start-up exited while that
+            # thread was inside onnxruntime and aborted (SIGABRT: "terminate called without an active exception")
+            self._load_burst()
 
     def _session(self, threads: int) -> Any:
         import onnxruntime as ort

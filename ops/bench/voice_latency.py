@@ -81,8 +81,6 @@ async def run(n: int, callers: int, voice_kind: str) -> dict[str, Any]:
     renderer = load_renderer(voice_kind, int(os.environ.get("BOT_VOICE_THREADS", "1")),
                              int(os.environ.get("BOT_VOICE_BURST_THREADS", "2")))
     burst = getattr(renderer, "burst_threads", 0)
-    while burst and getattr(renderer, "_burst", None) is None and time.perf_counter() - t_load < 30:
-        time.sleep(0.05)  # as in a worker that has been up a few seconds
     load_s = time.perf_counter() - t_load
     voice = Voice(renderer, cache_size=4, cache_dir=None)  # tiny cache: every sentence is rendered
     engine = Engine(None, voice)
