@@ -19,6 +19,7 @@ from ops.logs import get_logger
 from telephony.bridge import CallBridge
 
 log = get_logger("bot.calls")
+MIN_LATE_CALL_S = 3.0  # an answered call whose stream comes this close to the grace's end is not started
 
 
 class CallManager:
@@ -38,10 +39,18 @@ class CallManager:
         self._shutdown_wanted: set[tuple[str, str]] = set()
         self._shutdown_unrenderable: set[tuple[str, str]] = set()  # the voice refused: not retried per call
         self._shutdown_render: asyncio.Task[None] | None = None
+        self._grace_end = 0.0  # time.monotonic() when the drain's grace runs out
+
+    def _grace_left(self) -> float:
+        return self._grace_end - time.monotonic() if self.draining else 0.0
 
     async def run_call(self, bridge: CallBridge, policy_override: Any = None) -> str:
         """Run one call to its end (the bridges' on_call callback). Returns the outcome."""
-        if self.draining:
+        if self.draining and bridge.answered_before_drain and self._grace_left() > MIN_LATE_CALL_S:
+            # its stream came after the drain's wait for streams (bot.serve): the drain takes it along (the
+            # grace's end treats it as any live call) instead of hanging up on an answered caller in silence
+            log.info("call_admitted_draining", call_id=bridge.info.call_id, grace_left_s=round(self._grace_left(), 1))
+        elif self.draining:
             log.info("call_refused_draining", call_id=bridge.info.call_id)
             metrics.CALLS_TOTAL.labels(bridge.info.transport, "refused_draining").inc()
             await bridge.hangup("shutting_down")
@@ -117,6 +126,7 @@ class CallManager:
         config's shutdown_end_s, then hung up)."""
         if not self.draining:
             self.drain_started = time.monotonic()
+            self._grace_end = self.drain_started + grace_s
             for hook in self.on_drain:
                 try:
                     hook()
@@ -133,6 +143,7 @@ class CallManager:
         except asyncio.TimeoutError:
             pass
         finally:
+            self._grace_end = 0.0  # from here no late call is started: the worker is ending the others or exiting
             if self._idle.is_set() and self._shutdown_render is not None:
                 self._shutdown_render.cancel()
         left = list(self.active.values())

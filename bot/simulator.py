@@ -150,7 +150,9 @@ class TwilioCaller:
         scheme = "wss" if base.scheme == "https" else "ws"
         return urlunsplit((scheme, base.netloc, parts.path, parts.query, ""))
 
-    async def connect(self, signature: str | None = None, sign_url: str | None = None) -> None:
+    async def connect(self, signature: str | None = None, sign_url: str | None = None,
+                      start_delay_s: float = 0.0) -> None:
+        """Webhook, then the stream: `connected` and `start` (start_delay_s after it: a slow Twilio edge)."""
         async with httpx.AsyncClient(timeout=10) as client:
             resp = await self.webhook(client)
         resp.raise_for_status()
@@ -162,6 +164,8 @@ class TwilioCaller:
             headers["X-Twilio-Signature"] = self.sign(sign_url or twiml_url, {})
         self._ws = await websockets.connect(self.ws_url(twiml_url), additional_headers=headers, max_size=2**20)
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        if start_delay_s > 0:
+            await asyncio.sleep(start_delay_s)
         self._t0 = time.monotonic()
         await self._send({"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid, "start": {
             "accountSid": self.account_sid, "streamSid": self.stream_sid, "callSid": self.call_sid,

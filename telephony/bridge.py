@@ -69,6 +69,9 @@ class CallBridge(abc.ABC):
     """One live call on one transport."""
 
     info: CallInfo
+    # the caller was answered (TwiML served) before this worker began draining and the stream came late: the
+    # drain runs the call (within its grace) rather than hang up on a caller who hears nothing yet
+    answered_before_drain: bool = False
 
     @abc.abstractmethod
     def events(self) -> AsyncIterator[InboundEvent]:

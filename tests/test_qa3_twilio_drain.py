@@ -332,3 +332,54 @@ async def test_sigterm_to_a_two_worker_supervisor_keeps_answered_calls(
             assert rec["record"].get("outcome") == "caller_hangup", (c.call_sid, rec["record"])
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+async def test_a_stream_that_starts_after_the_wait_for_streams_still_gets_the_bot(
+        redis_url: str, tmp_path: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The stream of a call answered before the SIGTERM connects, but its `start` comes only after bot.serve's
+    wait for streams (STREAM_WAIT_S) while another call keeps the worker up: the call joins the drain (greeted,
+    live) instead of a hang-up in silence."""
+    import signal
+
+    from bot.serve import STREAM_WAIT_S
+    from bot.simulator import TwilioCaller
+    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, wait_outcome
+    from tests.helpers.server import BotServer, isolated_redis_url
+    from tests.test_serve import _warm_voice_cache
+
+    data = tmp_path_factory.getbasetemp() / "shared-data"
+    _warm_voice_cache(data)
+    env = {"BOT_SHUTDOWN_GRACE_S": "25", "BOT_NO_INPUT_S": "60", "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
+           "BOT_DATA_DIR": str(data), "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+           "TWILIO_API_BASE": "http://127.0.0.1:9"}
+    server = BotServer(isolated_redis_url(redis_url), tmp_path, env).start()
+    try:
+        live = await place_call(server.url)  # a call in progress: the worker drains it for the grace
+        assert await live.wait_bot_quiet(quiet_s=0.3, timeout_s=30)
+        caller = TwilioCaller(server.url, AUTH_TOKEN, account_sid=ACCOUNT_SID)
+        import httpx
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await caller.webhook(client)
+        assert answer.status_code == 200, answer.text
+
+        async def replay(_client: Any, signature: str | None = None) -> Any:
+            return answer
+
+        caller.webhook = replay  # type: ignore[method-assign]
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        await caller.connect(start_delay_s=STREAM_WAIT_S + 1.5)
+        assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=20)
+        assert caller.play.played_samples > 8000 and not caller.ended  # greeted, not hung up on
+        for c in (caller, live):
+            await c.hangup()
+            await c.close()
+        rc = await asyncio.get_running_loop().run_in_executor(None, server.proc.wait, 40)
+        assert rc == 0, server.logs()[-3000:]
+        rec = await wait_outcome(server.redis_url, caller.call_sid, 5)
+        assert rec["record"].get("outcome") == "caller_hangup", rec["record"]
+        assert "call_admitted_draining" in server.logs() and "call_refused_draining" not in server.logs()
+    finally:
+        server.stop()

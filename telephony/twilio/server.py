@@ -380,6 +380,7 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, di
                 bridge = TwilioCallBridge(start, ws.send_text, close, cfg.rest, cfg.lead_ms, dial)
                 if early_media:
                     bridge.report_error("media_before_start", f"{early_media} frames")
+                bridge.answered_before_drain = draining()
                 call_task = asyncio.get_running_loop().create_task(on_call(bridge))
                 handshakes.opening -= 1  # the call is handed over: a drain may start refusing others now
                 opening = False
