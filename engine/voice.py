@@ -371,12 +371,22 @@ def _spoken_words(text: str) -> str:
     return _TITLE_RE.sub(r"\g<t>.", text)
 
 
+_DAY_NAME = r"(?:" + "|".join(sorted(set(_DAY_ABBR.values()))) + r")"
+_DAY_LIST_RE = re.compile(_DAY_NAME + r"(?:\s?/\s?" + _DAY_NAME + r")+")
+
+
+def _day_list(m: re.Match) -> str:
+    days = [d.strip() for d in m[0].split("/")]
+    return f"{', '.join(days[:-1])} and {days[-1]}"
+
+
 def _ambiguous_day(m: re.Match) -> str:
     """"Sat 9 to 1", "Sat & Sun", "closed Sun.", "Fri, Sat": a day. "The Sun Valley office": a name, kept."""
     before, after = m.string[:m.start()].rstrip(), m.string[m.end():]
     prev = before.rsplit(None, 1)[-1].lower().strip("(\"'") if before else ""
     ends = re.match(r"\s*(?:[,.;:!?)]|$)", after) is not None or bool(m["dot"])
-    if _DAY_AFTER_RE.match(after) or (ends and (prev in _DAY_BEFORE or before.endswith((",", ":")))):
+    after_day = re.search(r"\b(?:" + "|".join(_DAY_ABBR.values()) + r")\s*[/&]$", before) is not None  # "Mon/Wed"
+    if _DAY_AFTER_RE.match(after) or after_day or (ends and (prev in _DAY_BEFORE or before.endswith((",", ":")))):
         return _DAY_ABBR[m["d"].lower()] + (_dot_after(m.string, m.end()) if m["dot"] else "")
     return m[0]
 
@@ -386,6 +396,7 @@ def _spoken_pauses(text: str) -> str:
     text = _DAY_ABBR_RE.sub(lambda m: _DAY_ABBR[m["d"].lower()] + (
         _dot_after(m.string, m.end()) if m["dot"] else ""), text)
     text = _AMBIG_DAY_RE.sub(_ambiguous_day, text)
+    text = _DAY_LIST_RE.sub(_day_list, text)  # "Monday/Wednesday/Friday": no "slash"
     text = _DASH_RE.sub(", ", re.sub(r"(?<=[\w\"'”’)])…", "...", text))  # a lone "…" says nothing: left alone
     return text
 

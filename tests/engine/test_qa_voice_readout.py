@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[2]
     ("We are closed Wed.", "We are closed Wednesday."),
     ("The sun sat low.", "The sun sat low."),
     ("Visit our Sun Valley office.", "Visit our Sun Valley office."),
+    ("Classes Mon/Wed/Fri at 6.", "Classes Monday, Wednesday and Friday at 6."),  # no "slash"
+    ("Open Wed/Sat 10-4.", "Open Wednesday and Saturday 10 to 4."),
     ("Support 22:00-06:00.", "Support 10 p.m. to 6 a.m."),
     ("We're open 9-5.", "We're open 9 to 5."),
     # dates
