@@ -564,7 +564,8 @@ def _cores() -> int:
 
 
 class _IdleCpu:
-    """How many cores sat idle over the last ~second (/proc/stat; else from the 1-minute load average)."""
+    """How many of this process's cores sat idle since the last look (~a second while renders come; /proc/stat;
+    else from the 1-minute load average)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -573,12 +574,25 @@ class _IdleCpu:
         self.idle_cores = 0.0
 
     def _stat(self) -> tuple[float, float] | None:
+        """Idle and total jiffies of the cores this process may run on (a container's cpuset, not the host's
+        idle cores), and how many those are."""
+        try:
+            mine = {f"cpu{i}".encode() for i in os.sched_getaffinity(0)}
+        except (AttributeError, OSError):
+            mine = set()
+        idle = total = 0.0
         try:
             with open("/proc/stat", "rb") as f:
-                fields = [float(x) for x in f.readline().split()[1:9]]
-        except (OSError, ValueError):
+                for line in f:
+                    name, *rest = line.split()
+                    if not name.startswith(b"cpu"):
+                        break
+                    if (name in mine) if mine else name == b"cpu":
+                        fields = [float(x) for x in rest[:8]]
+                        idle, total = idle + fields[3] + fields[4], total + sum(fields)  # idle + iowait, all
+        except (OSError, ValueError, IndexError):
             return None
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+        return (idle, total) if total else None
 
     def get(self) -> float:
         now = time.monotonic()
@@ -593,7 +607,7 @@ class _IdleCpu:
                     self.idle_cores = 0.0
             elif self._last is not None and cur[1] > self._last[1]:
                 share = (cur[0] - self._last[0]) / (cur[1] - self._last[1])
-                self.idle_cores = share * (os.cpu_count() or 1)
+                self.idle_cores = share * _cores()
             self._last = cur if cur is not None else self._last
             return self.idle_cores
 

@@ -218,3 +218,17 @@ def test_a_range_is_never_cut_in_two(text: str) -> None:
         left, right = a.split()[-1].lower(), b.split()[0].lower()
         assert not (right in ("to", "and") and left in ("monday", "saturday", "p.m.", "a.m.")), (a, b)
         assert left not in ("to", "and"), (a, b)
+
+
+def test_idle_cores_are_counted_on_this_process_cores_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container pinned to one core of a big idle host, the host's idle cores must not open the burst."""
+    import os
+    import time
+
+    import engine.voice as voice
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    idle = voice._IdleCpu()
+    idle.get()
+    time.sleep(0.6)
+    assert 0.0 <= idle.get() <= 1.0
