@@ -194,6 +194,21 @@ async def test_serve_waits_for_answered_calls_streams_bounded(monkeypatch: pytes
         twilio_server._HANDSHAKES.discard(h)
 
 
+def _bot_serve(redis_url: str, tmp_path: Any, tmp_path_factory: pytest.TempPathFactory, grace_s: float,
+               workers: int = 1) -> Any:
+    """A real `bot serve` (Twilio credentials, REST unreachable: no transfer here), its voice cache warm."""
+    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy
+    from tests.helpers.server import BotServer, isolated_redis_url
+    from tests.test_serve import _warm_voice_cache
+
+    data = tmp_path_factory.getbasetemp() / "shared-data"
+    _warm_voice_cache(data)
+    env = {"BOT_SHUTDOWN_GRACE_S": str(grace_s), "BOT_NO_INPUT_S": "60",
+           "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")), "BOT_DATA_DIR": str(data),
+           "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_BASE": "http://127.0.0.1:9"}
+    return BotServer(isolated_redis_url(redis_url), tmp_path, env, workers=workers).start()
+
+
 def _until(cond: Any, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -243,16 +258,10 @@ async def test_sigterm_between_twiml_and_stream_keeps_the_answered_call(
     import httpx
 
     from bot.simulator import TwilioCaller
-    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, wait_outcome
-    from tests.helpers.server import BotServer, isolated_redis_url, metric_value
-    from tests.test_serve import _warm_voice_cache
+    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, wait_outcome
+    from tests.helpers.server import metric_value
 
-    data = tmp_path_factory.getbasetemp() / "shared-data"
-    _warm_voice_cache(data)
-    env = {"BOT_SHUTDOWN_GRACE_S": "20", "BOT_NO_INPUT_S": "60", "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
-           "BOT_DATA_DIR": str(data), "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-           "TWILIO_API_BASE": "http://127.0.0.1:9"}
-    server = BotServer(isolated_redis_url(redis_url), tmp_path, env).start()
+    server = _bot_serve(redis_url, tmp_path, tmp_path_factory, grace_s=20)
     try:
         caller = TwilioCaller(server.url, AUTH_TOKEN, account_sid=ACCOUNT_SID)
         async with httpx.AsyncClient(timeout=10) as client:
@@ -295,16 +304,9 @@ async def test_sigterm_to_a_two_worker_supervisor_keeps_answered_calls(
     import httpx
 
     from bot.simulator import TwilioCaller
-    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, wait_outcome
-    from tests.helpers.server import BotServer, isolated_redis_url
-    from tests.test_serve import _warm_voice_cache
+    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, wait_outcome
 
-    data = tmp_path_factory.getbasetemp() / "shared-data"
-    _warm_voice_cache(data)
-    env = {"BOT_SHUTDOWN_GRACE_S": "20", "BOT_NO_INPUT_S": "60", "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
-           "BOT_DATA_DIR": str(data), "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-           "TWILIO_API_BASE": "http://127.0.0.1:9"}
-    server = BotServer(isolated_redis_url(redis_url), tmp_path, env, workers=2).start()
+    server = _bot_serve(redis_url, tmp_path, tmp_path_factory, grace_s=20, workers=2)
     try:
         callers = [TwilioCaller(server.url, AUTH_TOKEN, account_sid=ACCOUNT_SID) for _ in range(4)]
         async with httpx.AsyncClient(timeout=10) as client:
@@ -344,16 +346,9 @@ async def test_a_stream_that_starts_after_the_wait_for_streams_still_gets_the_bo
 
     from bot.serve import STREAM_WAIT_S
     from bot.simulator import TwilioCaller
-    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, open_policy, place_call, wait_outcome
-    from tests.helpers.server import BotServer, isolated_redis_url
-    from tests.test_serve import _warm_voice_cache
+    from tests.helpers.bot import ACCOUNT_SID, AUTH_TOKEN, place_call, wait_outcome
 
-    data = tmp_path_factory.getbasetemp() / "shared-data"
-    _warm_voice_cache(data)
-    env = {"BOT_SHUTDOWN_GRACE_S": "25", "BOT_NO_INPUT_S": "60", "BOT_POLICY": str(open_policy(tmp_path / "p.yaml")),
-           "BOT_DATA_DIR": str(data), "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-           "TWILIO_API_BASE": "http://127.0.0.1:9"}
-    server = BotServer(isolated_redis_url(redis_url), tmp_path, env).start()
+    server = _bot_serve(redis_url, tmp_path, tmp_path_factory, grace_s=25)
     try:
         live = await place_call(server.url)  # a call in progress: the worker drains it for the grace
         assert await live.wait_bot_quiet(quiet_s=0.3, timeout_s=30)
