@@ -334,10 +334,13 @@ def _address(m: re.Match) -> str:
     return f"{m['house']} {direction}{m['name']}{_STREET_TYPES[m['abbr'].lower()]}{post}{dot}"
 
 
+_STARTS_AFTER_STREET = _SENTENCE_STARTS | {"then"}  # "Go to Market St. Then turn left."
+
+
 def _named_street(m: re.Match) -> str:
     nxt = re.match(r"\s+[\"'“‘(]*([A-Z][A-Za-z]*)", m.string[m.end():])
     # "We moved to Main St. Please update...": the next sentence, not a name ("Saint Please")
-    starts_sentence = bool(m["dot"]) and nxt is not None and nxt[1].lower() in _SENTENCE_STARTS | {"then"}
+    starts_sentence = bool(m["dot"]) and nxt is not None and nxt[1].lower() in _STARTS_AFTER_STREET
     if m["abbr"].lower() in ("st", "dr") and (m["name"].lower() in _SENTENCE_STARTS
                                              or nxt is not None and not starts_sentence):
         return m[0]  # a title: "East St. Louis", "Call Dr. Smith", "Please ask your Dr about it"
@@ -373,6 +376,12 @@ def _spoken_words(text: str) -> str:
 
 _DAY_NAME = r"(?:" + "|".join(sorted(set(_DAY_ABBR.values()))) + r")"
 _DAY_LIST_RE = re.compile(_DAY_NAME + r"(?:\s?/\s?" + _DAY_NAME + r")+")
+_DAY_JOINED_RE = re.compile(r"\b" + _DAY_NAME + r"\s*[/&]$")  # "Monday/" before "Wed"
+
+
+def _say_day(m: re.Match) -> str:
+    """A day abbreviation (group `d`) said in full, its period kept only where it may end the sentence."""
+    return _DAY_ABBR[m["d"].lower()] + (_dot_after(m.string, m.end()) if m["dot"] else "")
 
 
 def _day_list(m: re.Match) -> str:
@@ -385,16 +394,15 @@ def _ambiguous_day(m: re.Match) -> str:
     before, after = m.string[:m.start()].rstrip(), m.string[m.end():]
     prev = before.rsplit(None, 1)[-1].lower().strip("(\"'") if before else ""
     ends = re.match(r"\s*(?:[,.;:!?)]|$)", after) is not None or bool(m["dot"])
-    after_day = re.search(r"\b(?:" + "|".join(_DAY_ABBR.values()) + r")\s*[/&]$", before) is not None  # "Mon/Wed"
-    if _DAY_AFTER_RE.match(after) or after_day or (ends and (prev in _DAY_BEFORE or before.endswith((",", ":")))):
-        return _DAY_ABBR[m["d"].lower()] + (_dot_after(m.string, m.end()) if m["dot"] else "")
+    if _DAY_AFTER_RE.match(after) or _DAY_JOINED_RE.search(before) or (
+            ends and (prev in _DAY_BEFORE or before.endswith((",", ":")))):
+        return _say_day(m)
     return m[0]
 
 
 def _spoken_pauses(text: str) -> str:
     """Day abbreviations (after _DAY_RANGE_RE took "Mon-Fri") and dashes/ellipses as pauses."""
-    text = _DAY_ABBR_RE.sub(lambda m: _DAY_ABBR[m["d"].lower()] + (
-        _dot_after(m.string, m.end()) if m["dot"] else ""), text)
+    text = _DAY_ABBR_RE.sub(_say_day, text)
     text = _AMBIG_DAY_RE.sub(_ambiguous_day, text)
     text = _DAY_LIST_RE.sub(_day_list, text)  # "Monday/Wednesday/Friday": no "slash"
     text = _DASH_RE.sub(", ", re.sub(r"(?<=[\w\"'”’)])…", "...", text))  # a lone "…" says nothing: left alone
@@ -667,7 +675,8 @@ class PiperVoice:
     def _load_burst(self) -> None:
         try:
             sess = self._session(self.burst_threads)
-            self._run(sess, self.phoneme_ids(espeak_phonemes("Hello.", self.espeak_voice)), SpeechStyle())
+            self._run(sess, self.phoneme_ids(espeak_phonemes("Hello.", self.espeak_voice)),
+                      np.array([self.noise_scale, self.length_scale, self.noise_w], dtype=np.float32))
             self._burst = sess
         except Exception as exc:  # noqa: BLE001 - the one-thread session still renders everything
             ERRORS.labels(component="voice", kind="burst_load_failed").inc()
@@ -701,16 +710,14 @@ class PiperVoice:
         burst = (self._burst is not None and _idle_cores(self.burst_threads - self.threads)
                  and self._burst_busy.acquire(blocking=False))
         try:
-            out = (self._burst if burst else self.session).run(
-                None, {"input": np.array([ids], dtype=np.int64), "input_lengths": np.array([len(ids)], dtype=np.int64),
-                       "scales": scales})[0]
+            out = self._run(self._burst if burst else self.session, ids, scales)
         finally:
             if burst:
                 self._burst_busy.release()
         return _to_int16(out.reshape(-1), self.rate * pitch)
 
-    def _run(self, sess: Any, ids: list[int], style: SpeechStyle) -> Any:
-        scales = np.array([self.noise_scale, self.length_scale, self.noise_w], dtype=np.float32)
+    @staticmethod
+    def _run(sess: Any, ids: list[int], scales: np.ndarray) -> Any:
         return sess.run(None, {"input": np.array([ids], dtype=np.int64),
                                "input_lengths": np.array([len(ids)], dtype=np.int64), "scales": scales})[0]
 
