@@ -130,6 +130,7 @@ _NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "BOT_LOG_LEVEL": ("debug", "info", "warning", "error", "critical"),
     "BOT_ENGINE_BACKEND": ("onnx", "torch", "tensorrt", "triton", "auto"),  # engine.backends.BACKENDS
+    "BOT_ENGINE_INT8_GRAPH": ("auto", "portable", "vnni"),  # engine.graphs.CHOICES
     "BOT_VOICE": ("piper", "espeak"),
     "BOT_ENGINE_FAULT": ("none", "understand", "end_of_turn", "speak", "all"),
     "BOT_SIP_SCANNER_REPLY": ("drop", "403"),

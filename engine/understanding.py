@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.features import SR_IN, bucket_seconds, log_mel, prepare_pcm
+from engine.graphs import PORTABLE_FILE, select_graph
 from engine.long_turns import SR, WINDOW_S, turn_pieces
 from engine.textnorm import SLOT_MERGE_GAP, SLOT_TOKENS, UNITS, chars_to_text, ctc_greedy, parse_slots
 from engine.types import Understanding
@@ -66,7 +67,9 @@ class UnderstandingModel:
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.graph = select_graph(model_dir)  # 8-bit weights on CPUs with VNNI, 7-bit elsewhere (engine/graphs.py)
+        self.session = ort.InferenceSession(str(self.graph), so, providers=["CPUExecutionProvider"])
+        log.info("understanding_model_loaded", model=model_dir.name, graph=self.graph.name)
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._features: ThreadPoolExecutor | bool | None = None  # created on first GPU-sized batch
         self._features_lock = threading.Lock()
@@ -74,8 +77,8 @@ class UnderstandingModel:
     @classmethod
     def load(cls, model_dir: str | None = None, threads: int = 1) -> "UnderstandingModel":
         d = Path(model_dir) if model_dir else default_model_dir()
-        if not (d / "model.onnx").exists() or not (d / "config.json").exists():
-            raise FileNotFoundError(f"no understanding model in {d} (expected model.onnx and config.json)")
+        if not (d / PORTABLE_FILE).exists() or not (d / "config.json").exists():
+            raise FileNotFoundError(f"no understanding model in {d} (expected {PORTABLE_FILE} and config.json)")
         return cls(d, threads)
 
     # ---- input checks ----

@@ -168,6 +168,12 @@ def _model_fingerprint(model_dir: str | None) -> str:
             if p.is_file():
                 st = p.stat()
                 parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    try:  # which int8 graph runs depends on the CPU and BOT_ENGINE_INT8_GRAPH, not only on the files
+        from engine.graphs import cpu_has_vnni, graph_choice
+
+        parts.append(f"graph:{graph_choice()}:{cpu_has_vnni()}")
+    except (ImportError, ValueError):
+        pass
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:12]
 
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -196,10 +197,17 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     rows = read_eval_dir(Path(a.data) / "val")[:8]
     mel, _ = features_batch([prepare_pcm(load_wav(Path(a.data) / "val" / r["audio"])) for r in rows[:1]])
-    pt, ox = torch_outputs(full, mel), onnx_outputs(out / "model.onnx", mel)
-    par = {"max_abs_intent_prob_diff": float(np.abs(pt[0] - ox[0]).max()),
-           "same_top_intent": bool((pt[0].argmax(-1) == ox[0].argmax(-1)).all())}
-    print(json.dumps({"model_dir": str(out), "size_mb": round((out / "model.onnx").stat().st_size / 1e6, 2), "parity": par}))
+    from engine.graphs import cpu_has_vnni
+
+    pt = torch_outputs(full, mel)
+    report: dict[str, Any] = {"model_dir": str(out), "cpu_has_vnni": cpu_has_vnni(), "graphs": {}}
+    for graph in sorted(out.glob("model*.onnx")):  # the 8-bit graph is only faithful on a VNNI CPU
+        ox = onnx_outputs(graph, mel)
+        report["graphs"][graph.name] = {
+            "size_mb": round(graph.stat().st_size / 1e6, 2),
+            "parity": {"max_abs_intent_prob_diff": float(np.abs(pt[0] - ox[0]).max()),
+                       "same_top_intent": bool((pt[0].argmax(-1) == ox[0].argmax(-1)).all())}}
+    print(json.dumps(report))
     return 0
 
 
@@ -365,7 +373,7 @@ def cmd_latency(a: argparse.Namespace) -> int:
         lat.append((time.perf_counter() - t) * 1000)
         feat.append(u.timings["features"]); model.append(u.timings["model"])
     pct = lambda v, q: round(float(np.percentile(v, q)), 2)  # noqa: E731
-    print(json.dumps({"load_s": round(load_s, 3), "seconds": a.seconds, "threads": a.threads, "n": a.n,
+    print(json.dumps({"load_s": round(load_s, 3), "graph": m.graph.name, "seconds": a.seconds, "threads": a.threads, "n": a.n,
                       "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
                       "features_ms": {"p50": pct(feat, 50), "p95": pct(feat, 95)},
                       "model_ms": {"p50": pct(model, 50), "p95": pct(model, 95)}}))
@@ -373,10 +381,11 @@ def cmd_latency(a: argparse.Namespace) -> int:
 
 
 def cmd_build_trt(a: argparse.Namespace) -> int:
+    from engine.graphs import finest_graph
     from engine.training.trt import build_engine
     from engine.understanding import default_model_dir
 
-    onnx = a.onnx or str(default_model_dir() / "model.onnx")
+    onnx = a.onnx or finest_graph(default_model_dir() / "model.onnx")  # the graph the tensorrt backend builds from
     return build_engine(onnx, a.out, fp16=not a.fp32)
 
 

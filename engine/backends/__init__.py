@@ -20,6 +20,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from engine.graphs import finest_graph
 from ops.logs import get_logger
 from ops.metrics import ENGINE_BACKEND, ERRORS
 
@@ -129,7 +130,9 @@ def attach_backend(model: Any, name: str | None, threads: int = 1) -> Any:
         _set_name(model, "onnx", name)
         return model
     try:
-        swapped = swap_sessions(model, lambda path: backend.session(path, threads))
+        # torch and TensorRT run the dequantized weights in float: the 8-bit graph's are the finer ones
+        pick = finest_graph if backend.name in ("torch", "tensorrt") else str
+        swapped = swap_sessions(model, lambda path: backend.session(pick(path), threads))
     except Exception as exc:  # noqa: BLE001 - a failing GPU build must not take the bot down
         ERRORS.labels(component="engine", kind="backend_fallback").inc()
         log().warning("backend session failed; serving with ONNX Runtime CPU", backend=backend.name, error=repr(exc))

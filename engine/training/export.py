@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.graphs import PORTABLE_FILE as MODEL_FILE
+from engine.graphs import VNNI_FILE
 from engine.textnorm import CHARS, SLOT_TOKENS
 from engine.training.model import OUTPUT_NAMES, FullModel
 
-MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 
 
@@ -36,11 +37,12 @@ def export_onnx(model: FullModel, path: str | Path, seconds: int = 2) -> None:
         model.encoder.stem_as_matmul = False
 
 
-# what quantize() does to the weights, recorded in each exported model's config.json
+# what quantize() does to the weights of each graph, recorded in each exported model's config.json
 WEIGHT_QUANTIZATION = "int8 per-channel, 7-bit range (reduce_range): no int16 saturation on CPUs without VNNI"
+WEIGHT_QUANTIZATION_VNNI = "int8 per-channel, full 8-bit range: for x86 CPUs with VNNI (int32 accumulation)"
 
 
-def quantize(src: str | Path, dst: str | Path) -> None:
+def quantize(src: str | Path, dst: str | Path, reduce_range: bool = True) -> None:
     """Dynamic int8 for the encoder's weight MatMuls/Gemms, the conv stem's included (3x smaller, ~3x faster
     on CPU).
 
@@ -59,9 +61,10 @@ def quantize(src: str | Path, dst: str | Path) -> None:
     # ONNX Runtime's u8 x s8 kernel (vpmaddubsw) sums pairs of products into int16 and saturates with full
     # 8-bit weights: there the 8-bit graph agreed with its own float weights on only 80 % of test clips
     # (intent 0.783 vs 0.870 on 300 clips), the 7-bit one read 0.863, at the same speed (u8 x u8 weights
-    # read 0.873 but ran 1.5x slower). VNNI CPUs never saturate, so they lose only the 8th bit.
+    # read 0.873 but ran 1.5x slower). VNNI CPUs never saturate and lose the 8th bit for nothing, so the
+    # export also writes a full 8-bit graph (reduce_range=False) that engine.graphs picks on them.
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     per_channel=True, reduce_range=True, nodes_to_exclude=heads,
+                     per_channel=True, reduce_range=reduce_range, nodes_to_exclude=heads,
                      extra_options={"MatMulConstBOnly": True})
 
 
@@ -88,8 +91,10 @@ def write_model_dir(model: FullModel, out_dir: str | Path, intents: list[str], i
         export_onnx(model, fp32)
         if quantized:
             quantize(fp32, out / MODEL_FILE)
+            quantize(fp32, out / VNNI_FILE, reduce_range=False)
         else:
             shutil.copy(fp32, out / MODEL_FILE)
+            (out / VNNI_FILE).unlink(missing_ok=True)  # a float dir has one graph, for every CPU
     cfg = {
         "format": 1,
         "intents": intents,  # last one is "<null>": a slot-only answer
@@ -100,7 +105,8 @@ def write_model_dir(model: FullModel, out_dir: str | Path, intents: list[str], i
         "temperature": float(model.temperature),
         "slot_blank_penalty": float(model.slot_blank_penalty[0]),
         "quantized": quantized,
-        "weight_quantization": WEIGHT_QUANTIZATION if quantized else "float32",
+        "weight_quantization": WEIGHT_QUANTIZATION if quantized else "float32",  # of MODEL_FILE
+        **({"vnni_weight_quantization": WEIGHT_QUANTIZATION_VNNI} if quantized else {}),  # of VNNI_FILE
         **(extra or {}),
     }
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.graphs import finest_graph
 from engine.training.cache import FROZEN_LAYERS
 from engine.training.model import FullModel, TopModel
 from engine.training.whisper import pretrained_encoder
@@ -64,7 +65,7 @@ def import_model(model_dir: str | Path, out_run: str | Path) -> dict:
     top = TopModel(enc, len(intents), frozen)
     full = FullModel(enc, top)
     ref = full.state_dict()
-    state = onnx_state_dict(model_dir / "model.onnx")
+    state = onnx_state_dict(finest_graph(model_dir / "model.onnx"))  # the 8-bit graph's weights are the finer
     if "slot_blank_penalty" not in state:  # graphs before the penalty (or with it folded away): config says it
         state["slot_blank_penalty"] = ref["slot_blank_penalty"].numpy().copy()
         state["slot_blank_penalty"][0] = float(cfg.get("slot_blank_penalty", 0.0))

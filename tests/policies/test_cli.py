@@ -169,7 +169,7 @@ def test_tune_runs_the_real_engine_on_a_few_wavs(tmp_path: Path) -> None:
         write_wav(eval_dir / f"t{i}.wav", synth(text))
         rows.append({"audio": f"t{i}.wav", "intent": intent, "slots": {}, "text": text})
     (eval_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = {"BOT_TUNE_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"BOT_TUNE_CACHE_DIR": str(tmp_path / "cache"), "BOT_ENGINE_INT8_GRAPH": "auto"}
     first = bot("tune", str(eval_dir), "--json", env=env)
     assert first.returncode == 0, first.stderr
     doc = json.loads(first.stdout)
@@ -178,6 +178,10 @@ def test_tune_runs_the_real_engine_on_a_few_wavs(tmp_path: Path) -> None:
     assert cache.exists() and len(read_outputs(cache)) == len(rows)
     again = bot("tune", str(eval_dir), "--json", env=env)  # served from the cache
     assert json.loads(again.stdout)["table"] == doc["table"]
+    # the other int8 graph is another model: its outputs are never served from this one's cache
+    other = bot("tune", str(eval_dir), "--json", env={**env, "BOT_ENGINE_INT8_GRAPH": "portable"})
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout)["cache"] != doc["cache"]
 
 
 def test_turning_a_request_down_is_a_failed_turn_not_a_wrong_action() -> None:
