@@ -27,7 +27,7 @@ from engine.long_turns import SR, WINDOW_S, turn_pieces
 from engine.textnorm import SLOT_MERGE_GAP, SLOT_TOKENS, UNITS, chars_to_text, ctc_greedy, parse_slots
 from engine.types import Understanding
 from ops.logs import get_logger
-from ops.metrics import ERRORS
+from ops.metrics import ENGINE_MODEL, ERRORS
 
 DEFAULT_MODEL = "understand-v11"
 MIN_SECONDS = 0.2
@@ -70,6 +70,8 @@ class UnderstandingModel:
         self.graph = select_graph(model_dir)  # 8-bit weights on CPUs with VNNI, 7-bit elsewhere (engine/graphs.py)
         self.session = ort.InferenceSession(str(self.graph), so, providers=["CPUExecutionProvider"])
         log.info("understanding_model_loaded", model=model_dir.name, graph=self.graph.name)
+        # a fleet of mixed CPUs runs two graphs with different accuracy (engine/graphs.py): visible per worker
+        ENGINE_MODEL.labels(model=model_dir.name, graph=self.graph.name).set(1)
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._features: ThreadPoolExecutor | bool | None = None  # created on first GPU-sized batch
         self._features_lock = threading.Lock()

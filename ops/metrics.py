@@ -91,6 +91,9 @@ REDIS_LATENCY = Histogram(
 ENGINE_BACKEND = Gauge("voicebot_engine_backend", "1 for the backend this worker's engine runs on: requested is "
                        "BOT_ENGINE_BACKEND, serving what could run (onnx when a GPU backend fell back)",
                        ["requested", "serving"], multiprocess_mode="liveall")
+ENGINE_MODEL = Gauge("voicebot_engine_model", "1 for the understanding model and int8 graph this worker loaded: graph "
+                     "model.vnni.onnx (8-bit weights, x86 CPUs with VNNI) or model.onnx (7-bit, every CPU)",
+                     ["model", "graph"], multiprocess_mode="liveall")
 POLICY_VERSION = Gauge("voicebot_policy_version", "Policy version this worker serves new calls with", multiprocess_mode="liveall")
 WORKER_INFO = Gauge("voicebot_worker_info", "Static worker info", ["worker", "version"], multiprocess_mode="liveall")
 # prometheus_client's process_* metrics are not exported in multiprocess mode (--workers N), so each worker

@@ -164,6 +164,10 @@ def voicebot() -> Board:
             "(BOT_SIP_ENABLED=0); Twilio unaffected. Only worker 0 serves SIP, so the instance shows the max")
     b.panel("Engine backend", [_q('sum by (requested, serving) (voicebot_engine_backend)', "{{requested}} → {{serving}}")],
             "stat", w=4, desc="workers per requested → serving backend; a GPU backend → onnx is a fallback (alert EngineGpuFallback)")
+    b.panel("Engine model / graph", [_q("sum by (model, graph) (voicebot_engine_model)", "{{model}} {{graph}}")],
+            "stat", w=4, desc="workers per understanding model and int8 graph: model.vnni.onnx (8-bit weights) on x86 "
+            "CPUs with VNNI, model.onnx (7-bit) elsewhere. Two graphs in one fleet read callers slightly differently "
+            "(docs/engine.md: held-out test 0.867 vs 0.849); BOT_ENGINE_INT8_GRAPH pins one")
     b.panel("Redis op latency p99", [_q(
         "histogram_quantile(0.99, sum by (le, op) (rate(voicebot_redis_op_seconds_bucket[5m])))", "{{op}}")],
         w=8, unit="s")

@@ -92,6 +92,10 @@ def test_the_graph_run_here_reads_like_its_float_weights() -> None:
     model = UnderstandingModel.load()
     assert model.graph == select_graph(default_model_dir())
     assert model.graph.name == (VNNI_FILE if cpu_has_vnni() else PORTABLE_FILE)
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("voicebot_engine_model", {"model": default_model_dir().name,
+                                                               "graph": model.graph.name}) == 1  # per worker
     texts = ["I need to reset my password", "my internet is down", "I want to pay forty dollars",
              "can you send someone out on friday", "cancel my service please", "why was I charged twice",
              "what do I owe", "I moved to a new address"]
