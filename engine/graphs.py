@@ -44,7 +44,7 @@ def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
 
 
 def graph_choice(value: str | None = None) -> str:
-    choice = (value if value is not None else os.environ.get("BOT_ENGINE_INT8_GRAPH", "")).strip().lower() or "auto"
+    choice = (value if value is not None else os.environ.get("BOT_ENGINE_INT8_GRAPH", "auto")).strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"BOT_ENGINE_INT8_GRAPH={choice!r}: expected one of {', '.join(CHOICES)}")
     return choice
