@@ -445,6 +445,7 @@ class Conversation:
                 alternatives=u.to_dict()["alternatives"], slots=u.slots, transcript=u.transcript,
                 caller_state=u.caller_state, understanding_error=u.error, decision=d.to_dict(),
                 understand_ms=round(understand_ms, 1), decide_ms=round(decide_ms, 2), **_ms(meta),
+                **({"slot_candidates": u.slot_candidates} if u.slot_candidates else {}),
             )
             self.log.info("turn", n=n, intent=u.intent, confidence=round(u.confidence, 3), action=d.action,
                           reason=d.reason, understand_ms=round(understand_ms, 1))

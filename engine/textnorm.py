@@ -192,7 +192,29 @@ def parse_slots(token_ids: list[int]) -> dict[str, object]:
         # a lone "one" / "zero" / "oh" is a word ("oh, yes", "that one"), not an amount; nothing costs 0
         if value and not (len(nums) == 1 and nums[0] in ("zero", "one", "oh")):
             out["money_bare"] = float(value)  # a bare number; counts as money only where the intent expects it
+    if not best and "cents" not in toks:  # "twenty five dollars and forty cents" is one amount
+        heard = _numbers_heard(toks)
+        if len(set(heard)) > 1:  # "no, fifty, not fifteen": which one is meant depends on the question
+            out["money_heard"] = heard
     return out
+
+
+def _numbers_heard(toks: list[str]) -> list[float]:
+    """Every whole number said in the turn, in order: runs of number words, each cut into the longest numbers
+    that read as one ("forty five fifteen" -> 45, 15). A lone zero/one/oh is a word, not an amount."""
+    heard: list[float] = []
+    run: list[str] = []
+    for t in toks + ["|"]:
+        if _is_num(t):
+            run.append(t)
+            continue
+        while run:
+            end = next(e for e in range(len(run), 0, -1) if e == 1 or _parse_number(run[:e]) is not None)
+            value = _parse_number(run[:end])
+            if value and not (end == 1 and run[0] in ("zero", "one", "oh")):
+                heard.append(float(value))
+            run = run[end:]
+    return heard
 
 
 def slots_from_text(text: str) -> dict[str, object]:

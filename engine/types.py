@@ -22,6 +22,9 @@ class Understanding:
     end_of_turn: probability the caller has finished (vs only paused).
     timings: milliseconds per stage, e.g. {"features": 1.2, "model": 9.8, "total": 11.5}.
     error: set when the input could not be understood (silence, too short, bad audio).
+    slot_candidates: every value heard for a slot when the turn said several ("no, fifty, not fifteen" ->
+           {"amount": [50, 15]}); `slots` holds a value only where the turn alone says which one is meant,
+           so the policy picks from these with what it asked (the value it read back is the wrong one).
     """
 
     intent: str | None
@@ -33,6 +36,7 @@ class Understanding:
     end_of_turn: float = 1.0
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    slot_candidates: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

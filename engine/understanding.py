@@ -48,6 +48,10 @@ _WORDS_AFTER_FRAMES = 12  # 240 ms of characters after the last slot word: the c
 log = get_logger("engine.understanding")
 
 
+def _amount(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def default_model_dir() -> Path:
     return Path(__file__).parent / "models" / DEFAULT_MODEL
 
@@ -161,10 +165,11 @@ class UnderstandingModel:
 
         return bool(self.config.get("quantized", True)) and isinstance(self.session, ort.InferenceSession)
 
-    def _slots(self, intent: str | None, slot_ids: list[np.ndarray]) -> dict[str, object]:
-        """Slots from the decoded slot tokens of all of a turn's pieces, read as one sequence (a digit
-        string may run across a cut)."""
+    def _slots(self, intent: str | None, slot_ids: list[np.ndarray]) -> tuple[dict[str, object], dict[str, list[Any]]]:
+        """Slots, and the candidates of a slot said with several values, from the decoded slot tokens of all
+        of a turn's pieces, read as one sequence (a digit string may run across a cut)."""
         found = parse_slots(sum((ctc_greedy(ids.tolist(), merge_gap=SLOT_MERGE_GAP) for ids in slot_ids), []))
+        heard = found.pop("money_heard", None)
         allowed_types = {self.slot_types[n] for n in self.intent_slots.get(intent or "", []) if n in self.slot_types}
         if intent is None:
             allowed_types = set(self.slot_types.values())
@@ -175,8 +180,12 @@ class UnderstandingModel:
         for typ, val in found.items():
             name = self._name_of_type.get(typ)
             if name and typ in allowed_types:
-                out[name] = int(val) if typ == "money" and float(val).is_integer() else val
-        return out
+                out[name] = _amount(val) if typ == "money" else val
+        candidates: dict[str, list[Any]] = {}
+        money = self._name_of_type.get("money")
+        if heard and money and "money" in allowed_types:
+            candidates[money] = [_amount(v) for v in heard]
+        return out, candidates
 
     @staticmethod
     def _reading_digits(slot_frames: np.ndarray, char_frames: np.ndarray) -> bool:
@@ -227,10 +236,10 @@ class UnderstandingModel:
                 order = np.argsort(-probs)[:TOP_K]
                 names = [None if self.intents[k] == NULL else self.intents[k] for k in order]
                 intent = names[0]
-                slots = self._slots(intent, [r[3] for r in rs])
+                slots, candidates = self._slots(intent, [r[3] for r in rs])
                 transcript = " ".join(t for t in (chars_to_text(ctc_greedy(r[4].tolist())) for r in rs) if t)
                 alternatives = [(n, float(probs[k])) for n, k in zip(names, order)]
-                if not transcript.strip() and not slots:
+                if not transcript.strip() and not slots and not candidates:
                     # Not one character or slot word heard: noise, not speech. The intent head was never
                     # trained on non-speech: 27 of 120 noise blips (30-300 ms, silence around) came back
                     # "affirm" at 0.80-0.90, a yes to a read-back (context_accept 0.8) nobody said. Measured
@@ -247,6 +256,7 @@ class UnderstandingModel:
                     confidence=float(probs[order[0]]),
                     alternatives=alternatives,
                     slots=slots,
+                    slot_candidates=candidates,
                     transcript=transcript,
                     caller_state={"frustration": round(float(frust), 4)},
                     end_of_turn=self._end_of_turn(float(eot), ran[-1]),

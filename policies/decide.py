@@ -229,8 +229,15 @@ def is_failure(state: CallState, d: Decision) -> bool:
         return True
     if d.reason == "repeat":  # "say that again" is no failed answer (the stall count still bounds it)
         return False
+    if _same_choice_again(state, d):
+        return True
     p = state.pending_collect
     return d.action == "collect" and p is not None and p.intent == d.intent and len(d.slots) <= len(p.slots)
+
+
+def _same_choice_again(state: CallState, d: Decision) -> bool:
+    """An either-or answered with another unclear either-or (the same two requests or not): no progress."""
+    return d.reason == "ambiguous" and state.pending_clarify is not None
 
 
 def is_success(state: CallState, d: Decision) -> bool:
@@ -725,6 +732,7 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
             # "No, fifty two dollars": a new value for a read-back slot is read back in its turn
             fixed = {k: v for k, v in u.slots.items()
                      if k in policy.intents[pc.intent].action.collect and pc.slots.get(k) != v}
+            fixed = fixed or _corrected(policy, pc, u)
             if fixed:
                 return _read_back(policy, pc.intent, {**pc.slots, **fixed})
         spec = policy.intents.get(pc.intent or "")
@@ -839,8 +847,12 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
     if (len(tasks) >= 2 and tasks[0][0] == top and tasks[0][1] < policy.accept_for(top)
             and tasks[0][1] - tasks[1][1] < t.ambiguity_margin and tasks[1][1] >= t.ambiguity_floor):
         a, b = tasks[0][0], tasks[1][0]
-        return Decision("clarify", render(policy.prompts["clarify"], {"a": policy.label(a), "b": policy.label(b)}),
-                        reason="ambiguous", options=(a, b))
+        d = Decision("clarify", render(policy.prompts["clarify"], {"a": policy.label(a), "b": policy.label(b)}),
+                     reason="ambiguous", options=(a, b))
+        if _same_choice_again(state, d) and _reaches_failure_limit(policy, state):
+            # asked which one, answered as unclearly again, turn after turn: a person sorts it out
+            return _escalate_failures(policy, state)
+        return d
     if conf >= policy.accept_for(top):
         return _act(policy, state, top, u.slots, "accepted")
     if conf >= policy.confirm_for(top) and top in policy.intents:
@@ -886,6 +898,20 @@ def _confirm(policy: Policy, intent: str, slots: Mapping[str, Any]) -> Decision:
 def _intent_slots(policy: Policy, intent: str, slots: Mapping[str, Any]) -> dict[str, Any]:
     allowed = policy.intents[intent].slots if intent in policy.intents else []
     return {k: v for k, v in slots.items() if k in allowed}
+
+
+def _corrected(policy: Policy, pc: Pending, u: Understanding) -> dict[str, Any]:
+    """"No, fifty, not fifteen" to "That's 15 dollars, right?": the turn named two values, one of them the
+    value read back, so the other one is the correction. Without the read-back value among them the turn says
+    nothing about which one is meant (the values are asked for again)."""
+    fixed: dict[str, Any] = {}
+    for k, heard in u.slot_candidates.items():
+        if k not in policy.intents[pc.intent or ""].action.collect or k not in pc.slots:
+            continue
+        others = {v for v in heard if v != pc.slots[k]}
+        if len(others) == 1 and len(others) < len(set(heard)):
+            fixed[k] = others.pop()
+    return fixed
 
 
 def _missing_slots(policy: Policy, intent: str, have: Mapping[str, Any]) -> list[str]:

@@ -87,7 +87,15 @@ def understanding_from_dict(d: dict[str, Any]) -> Understanding:
         end_of_turn=_number(d.get("end_of_turn", 1.0), "end_of_turn"),
         timings={str(k): _number(v, f"timings.{k}") for k, v in _mapping(d.get("timings"), "timings").items()},
         error=None if error is None else str(error),
+        slot_candidates={str(k): _values(v, f"slot_candidates.{k}")
+                         for k, v in _mapping(d.get("slot_candidates"), "slot_candidates").items()},
     )
+
+
+def _values(v: Any, where: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise ReplayError(f"{where} must be a list of the values heard, got {v!r}"[:200])
+    return list(v)
 
 
 def read_outputs(path: str | Path) -> list[Record]:

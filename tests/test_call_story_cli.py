@@ -97,12 +97,15 @@ def test_a_live_call_shows_as_in_progress(redis_url: str) -> None:
         s.start_call(cid, "sip", "sip:+15551234567@10.0.0.9", "+15550100999", "3")
         s.event(cid, "turn", n=1, intent="pay_bill", confidence=0.5, slots={"amount": 50},
                 transcript="i want to pay fifty dollars", decision=_decision("confirm", "low_confidence"))
+        s.event(cid, "turn", n=2, intent="deny", confidence=0.9, slots={}, slot_candidates={"amount": [15, 50]},
+                transcript="no fifteen not fifty", decision=_decision("confirm", "read_back"))
 
     _write(redis_url, live)
     r = _cli(redis_url, "calls", "show", cid)
     assert r.returncode == 0, r.stderr
     assert "in progress" in r.stdout and "call still in progress" in r.stdout
     assert "understood pay_bill (0.50) amount=50 -> confirm (low_confidence)" in r.stdout
+    assert "understood deny (0.90) heard amount 15 or 50 -> confirm (read_back)" in r.stdout
     assert "5551234567" not in r.stdout
 
 

@@ -129,6 +129,14 @@ def _slots(slots: Any) -> str:
     return " " + ", ".join(f"{k}={mask_digits(str(v))}" for k, v in slots.items())
 
 
+def _heard(candidates: Any) -> str:
+    """Several values said for one slot ("no, fifty, not fifteen"): what the policy chose from."""
+    if not isinstance(candidates, dict) or not candidates:
+        return ""
+    return " " + ", ".join(f"heard {k} " + " or ".join(mask_digits(str(v)) for v in vs)
+                           for k, vs in candidates.items() if isinstance(vs, list))
+
+
 def _conf(v: Any) -> str:
     f = _float(v)
     return f"{f:.2f}" if f is not None else "?"
@@ -173,7 +181,7 @@ def _describe(e: dict[str, Any]) -> list[str]:
         lines = [f"caller turn {n}: {_quote(e.get('transcript') or '')}"]
         intent = e.get("intent") or "no intent"
         lines.append(f"  understood {intent} ({_conf(e.get('confidence'))}){_slots(e.get('slots'))}"
-                     f"{_decision(e.get('decision'))}")
+                     f"{_heard(e.get('slot_candidates'))}{_decision(e.get('decision'))}")
         return lines
     if et == "first_audio":
         v2v = e.get("voice_to_voice_ms")

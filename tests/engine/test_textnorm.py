@@ -42,3 +42,14 @@ def test_slot_collapse_merges_a_word_fired_twice_but_keeps_real_repeats() -> Non
     assert ctc_greedy(twice, merge_gap=SLOT_MERGE_GAP) == [eight, eight, five]
     assert ctc_greedy(once, merge_gap=0) == [eight, eight, five]  # 0: plain greedy decoding
     assert ctc_greedy([eight, 0, five, 0, eight], merge_gap=SLOT_MERGE_GAP) == [eight, five, eight]  # only the same word merges
+
+
+def test_several_amounts_in_one_turn_are_all_heard() -> None:
+    """"no, fifty, not fifteen": no one amount, but both values, in order, for the policy to choose from."""
+    heard = slots_from_text("no fifty not fifteen")
+    assert heard["money_heard"] == [50.0, 15.0] and "money_bare" not in heard and "money" not in heard
+    assert slots_from_text("not fifteen dollars fifty dollars")["money_heard"] == [15.0, 50.0]
+    assert slots_from_text("forty five no fifteen")["money_heard"] == [45.0, 15.0]
+    for one in ("forty five dollars", "fifty fifty", "one hundred and twenty", "twenty five dollars and forty cents",
+                "four two one five", "one fifty", "pay fifty dollars on friday"):
+        assert "money_heard" not in slots_from_text(one), one

@@ -75,3 +75,14 @@ def test_bad_inputs_give_clear_results(model: UnderstandingModel) -> None:
     assert model.end_of_turn_batch([np.zeros(100, np.int16)]) == [0.0]
     with pytest.raises(ValueError):
         model.understand_batch("not a list")  # type: ignore[arg-type]
+
+
+def test_two_amounts_become_candidates_where_an_amount_is_expected(model: UnderstandingModel) -> None:
+    from engine.textnorm import SLOT_TOKENS
+
+    frames = [np.array([SLOT_TOKENS.index("fifty"), 0, 0, SLOT_TOKENS.index("fifteen")])]
+    assert model._slots("deny", frames) == ({}, {"amount": [50, 15]})  # "no, fifty, not fifteen"
+    assert model._slots(None, frames) == ({}, {"amount": [50, 15]})  # "fifty, not fifteen"
+    assert model._slots("check_balance", frames) == ({}, {})  # no amount asked for there
+    u = model.understand(_call(Voice("flite", "slt"), "I want to pay my bill", 7))
+    assert u.slot_candidates == {} and u.to_dict()["slot_candidates"] == {}

@@ -117,7 +117,7 @@ def test_validate_and_schema_cli(tmp_path: Path) -> None:
 def test_simulate_cli_example_and_errors(tmp_path: Path) -> None:
     p = bot("simulate", "policies/examples/demo_dialogues.yaml")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("[ok]") == 7 and "hangup/callback" in p.stdout
+    assert p.stdout.count("[ok]") == 8 and "hangup/callback" in p.stdout
     js = json.loads(bot("simulate", "policies/examples/demo_dialogues.yaml", "--json").stdout)
     assert [s["action"] for s in js[0]["steps"]] == ["answer", "collect", "confirm", "confirm", "answer", "hangup"]
     assert js[0]["steps"][-2]["prompt"].startswith("Okay, I've set up a payment of 50 dollars")
@@ -237,3 +237,14 @@ def test_output_piped_into_a_reader_that_leaves_is_no_error() -> None:
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(60) == 0 and "Traceback" not in err, err
+
+
+def test_outputs_keep_the_values_heard(tmp_path: Path) -> None:
+    from policies.replay import ReplayError, understanding_from_dict
+
+    u = U("deny", 0.9, slots={}, slot_candidates={"amount": [50, 15]})
+    path = tmp_path / "out.jsonl"
+    write_outputs(path, [Record("a.wav", "deny", u)])
+    assert read_outputs(path)[0].understanding == u
+    with pytest.raises(ReplayError, match="slot_candidates.amount must be a list"):
+        understanding_from_dict({"intent": "deny", "confidence": 0.9, "slot_candidates": {"amount": 50}})

@@ -72,6 +72,12 @@ CASES: list[tuple[str, list[Input], dt.datetime, tuple[str, str, str | None, str
     ("read-back corrected: new amount read back", [U("pay_bill", 0.95, slots={"amount": 40.0}),
                                                    U("deny", 0.9, slots={"amount": 14.0})], OPEN,
      ("confirm", "read_back", None, "pay_bill")),
+    ("read-back corrected with the wrong value named too: the other one read back",
+     [U("pay_bill", 0.95, slots={"amount": 15}), U("deny", 0.9, slot_candidates={"amount": [50, 15]})], OPEN,
+     ("confirm", "read_back", None, "pay_bill")),
+    ("two values heard, neither the one read back: asked again",
+     [U("pay_bill", 0.95, slots={"amount": 15}), U("deny", 0.9, slot_candidates={"amount": [50, 60]})], OPEN,
+     ("collect", "value_denied", None, "pay_bill")),
     ("max failures: every read-back denied", [U("pay_bill", 0.95, slots={"amount": 40.0}), NO,
                                               U(None, 0.9, slots={"amount": 40.0}), NO,
                                               U(None, 0.9, slots={"amount": 40.0}), NO], OPEN,
@@ -367,3 +373,23 @@ def test_a_question_asked_again_gets_one_apology_not_one_per_try() -> None:
     question = decisions[1].prompt
     assert decisions[2].prompt == f"{sorry} {question}" and decisions[3].prompt == f"{sorry} {question}"
     assert decisions[4].prompt == f"{still} {question}"
+
+
+def test_no_fifty_not_fifteen_reads_back_fifty() -> None:
+    """The caller names the right value and the wrong one; the wrong one is what was read back."""
+    for heard in ([50, 15], [15, 50], [15.0, 50.0, 15.0]):
+        decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
+                            U(None, 0.9, slot_candidates={"amount": heard})])
+        assert decisions[-1].reason == "read_back" and decisions[-1].slots == {"amount": 50}, heard
+        assert "50" in decisions[-1].prompt and "15" not in decisions[-1].prompt
+    # then "yes" pays the corrected amount
+    decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
+                        U("deny", 0.9, slot_candidates={"amount": [50, 15]}), YES])
+    assert (decisions[-1].reason, decisions[-1].slots) == ("confirmed", {"amount": 50})
+    # a value said outright wins over the candidates; candidates of a slot this request does not collect do nothing
+    decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
+                        U("deny", 0.9, slots={"amount": 40}, slot_candidates={"amount": [50, 15]})])
+    assert decisions[-1].slots == {"amount": 40}
+    decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
+                        U("deny", 0.9, slot_candidates={"day": ["monday", "friday"]})])
+    assert decisions[-1].reason == "value_denied"

@@ -75,3 +75,24 @@ def test_a_caller_who_never_gets_through_is_escalated(seq: list, now: dt.datetim
             break
     assert since_outcome <= K, f"{since_outcome} inputs since the last outcome: {state}"
     assert state.ended or since_outcome < K
+
+
+def test_an_either_or_answered_unclearly_again_and_again_reaches_a_person() -> None:
+    """Found by the property test in test_qa2_resume: "balance or bill?" asked five times in a row, because
+    an answer that was itself a close call between two requests never counted as a failed turn."""
+    def close(a: str, b: str) -> Understanding:
+        return Understanding(a, 0.5, [(a, 0.5), (b, 0.45)])
+
+    now = dt.datetime(2026, 11, 23, 15, 0, tzinfo=dt.timezone.utc)
+    _, state = step(POLICY, CallState(now=now), CallStart())
+    seq = [close("check_balance", "pay_bill"), NoInput(), close("check_balance", "pay_bill"),
+           close("check_balance", "report_outage"), close("check_balance", "pay_bill"),
+           close("pay_bill", "check_balance")]
+    clarifies = 0
+    for inp in seq:
+        d, state = step(POLICY, state, inp)
+        if d.action != "clarify":
+            break
+        clarifies += 1
+    assert (d.action, d.reason) == ("transfer", "max_failures")
+    assert clarifies == POLICY.escalation.max_failures.count  # the first question, then a failed turn each
