@@ -154,6 +154,8 @@ def parse_slots(token_ids: list[int]) -> dict[str, object]:
     days = [t for t in toks if t in DAYS]
     if days:
         out["day"] = days[-1]
+    if len(set(days)) > 1:  # "no, tuesday, not thursday": every day said, for the policy to choose from
+        out["day_heard"] = days
     # digit strings: runs of >= 4 single digits said one by one
     run: list[str] = []
     best = ""

@@ -169,7 +169,7 @@ class UnderstandingModel:
         """Slots, and the candidates of a slot said with several values, from the decoded slot tokens of all
         of a turn's pieces, read as one sequence (a digit string may run across a cut)."""
         found = parse_slots(sum((ctc_greedy(ids.tolist(), merge_gap=SLOT_MERGE_GAP) for ids in slot_ids), []))
-        heard = found.pop("money_heard", None)
+        heard = {typ: found.pop(typ + "_heard") for typ in ("money", "day") if typ + "_heard" in found}
         allowed_types = {self.slot_types[n] for n in self.intent_slots.get(intent or "", []) if n in self.slot_types}
         if intent is None:
             allowed_types = set(self.slot_types.values())
@@ -182,9 +182,10 @@ class UnderstandingModel:
             if name and typ in allowed_types:
                 out[name] = _amount(val) if typ == "money" else val
         candidates: dict[str, list[Any]] = {}
-        money = self._name_of_type.get("money")
-        if heard and money and "money" in allowed_types:
-            candidates[money] = [_amount(v) for v in heard]
+        for typ, values in heard.items():
+            name = self._name_of_type.get(typ)
+            if name and typ in allowed_types:
+                candidates[name] = [_amount(v) for v in values] if typ == "money" else values
         return out, candidates
 
     @staticmethod

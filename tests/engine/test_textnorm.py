@@ -50,6 +50,8 @@ def test_several_amounts_in_one_turn_are_all_heard() -> None:
     assert heard["money_heard"] == [50.0, 15.0] and "money_bare" not in heard and "money" not in heard
     assert slots_from_text("not fifteen dollars fifty dollars")["money_heard"] == [15.0, 50.0]
     assert slots_from_text("forty five no fifteen")["money_heard"] == [45.0, 15.0]
+    assert slots_from_text("no tuesday not thursday")["day_heard"] == ["tuesday", "thursday"]
+    assert "day_heard" not in slots_from_text("friday works friday")
     for one in ("forty five dollars", "fifty fifty", "one hundred and twenty", "twenty five dollars and forty cents",
                 "four two one five", "one fifty", "pay fifty dollars on friday"):
         assert "money_heard" not in slots_from_text(one), one

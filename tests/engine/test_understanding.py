@@ -84,5 +84,7 @@ def test_two_amounts_become_candidates_where_an_amount_is_expected(model: Unders
     assert model._slots("deny", frames) == ({}, {"amount": [50, 15]})  # "no, fifty, not fifteen"
     assert model._slots(None, frames) == ({}, {"amount": [50, 15]})  # "fifty, not fifteen"
     assert model._slots("check_balance", frames) == ({}, {})  # no amount asked for there
+    days = [np.array([SLOT_TOKENS.index("tuesday"), 0, SLOT_TOKENS.index("thursday")])]
+    assert model._slots("deny", days) == ({"day": "thursday"}, {"day": ["tuesday", "thursday"]})
     u = model.understand(_call(Voice("flite", "slt"), "I want to pay my bill", 7))
     assert u.slot_candidates == {} and u.to_dict()["slot_candidates"] == {}

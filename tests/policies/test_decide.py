@@ -393,3 +393,7 @@ def test_no_fifty_not_fifteen_reads_back_fifty() -> None:
     decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
                         U("deny", 0.9, slot_candidates={"day": ["monday", "friday"]})])
     assert decisions[-1].reason == "value_denied"
+    # days too: "no, Tuesday, not Thursday" (the engine's day is the last one said: Thursday)
+    decisions, _ = run([U("schedule_technician", 0.95, slots={"day": "thursday"}),
+                        U("deny", 0.9, slots={"day": "thursday"}, slot_candidates={"day": ["tuesday", "thursday"]})])
+    assert (decisions[-1].reason, decisions[-1].slots) == ("read_back", {"day": "tuesday"})
