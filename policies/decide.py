@@ -730,8 +730,10 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
     if (pc := state.pending_confirm) is not None:
         if pc.read_back and pc.intent is not None:
             # "No, fifty two dollars": a new value for a read-back slot is read back in its turn
-            fixed = {k: v for k, v in u.slots.items()
-                     if k in policy.intents[pc.intent].action.collect and pc.slots.get(k) != v}
+            # (a slot said with several values is read from its candidates: the engine's one value may be the
+            # one the caller rejected)
+            fixed = {k: v for k, v in u.slots.items() if k in policy.intents[pc.intent].action.collect
+                     and pc.slots.get(k) != v and k not in u.slot_candidates}
             fixed = fixed or _corrected(policy, pc, u)
             if fixed:
                 return _read_back(policy, pc.intent, {**pc.slots, **fixed})
@@ -903,7 +905,10 @@ def _intent_slots(policy: Policy, intent: str, slots: Mapping[str, Any]) -> dict
 def _corrected(policy: Policy, pc: Pending, u: Understanding) -> dict[str, Any]:
     """"No, fifty, not fifteen" to "That's 15 dollars, right?": the turn named two values, one of them the
     value read back, so the other one is the correction. Without the read-back value among them the turn says
-    nothing about which one is meant (the values are asked for again)."""
+    nothing about which one is meant (the values are asked for again). "Yes, Tuesday, not Thursday" to
+    "Tuesday, right?" is a yes."""
+    if u.intent is not None and u.intent == policy.intent_of_type("affirm"):
+        return {}
     fixed: dict[str, Any] = {}
     for k, heard in u.slot_candidates.items():
         if k not in policy.intents[pc.intent or ""].action.collect or k not in pc.slots:

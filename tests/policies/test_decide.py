@@ -386,10 +386,14 @@ def test_no_fifty_not_fifteen_reads_back_fifty() -> None:
     decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
                         U("deny", 0.9, slot_candidates={"amount": [50, 15]}), YES])
     assert (decisions[-1].reason, decisions[-1].slots) == ("confirmed", {"amount": 50})
-    # a value said outright wins over the candidates; candidates of a slot this request does not collect do nothing
+    # "no, forty dollars, not fifteen": the engine's one value and the candidates agree
     decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
-                        U("deny", 0.9, slots={"amount": 40}, slot_candidates={"amount": [50, 15]})])
+                        U("deny", 0.9, slots={"amount": 40}, slot_candidates={"amount": [40, 15]})])
     assert decisions[-1].slots == {"amount": 40}
+    # two new values and no word on which: asked again; candidates of a slot the request does not collect: nothing
+    decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
+                        U("deny", 0.9, slots={"amount": 40}, slot_candidates={"amount": [40, 50]})])
+    assert decisions[-1].reason == "value_denied"
     decisions, _ = run([U("pay_bill", 0.95, slots={"amount": 15}),
                         U("deny", 0.9, slot_candidates={"day": ["monday", "friday"]})])
     assert decisions[-1].reason == "value_denied"
@@ -397,3 +401,7 @@ def test_no_fifty_not_fifteen_reads_back_fifty() -> None:
     decisions, _ = run([U("schedule_technician", 0.95, slots={"day": "thursday"}),
                         U("deny", 0.9, slots={"day": "thursday"}, slot_candidates={"day": ["tuesday", "thursday"]})])
     assert (decisions[-1].reason, decisions[-1].slots) == ("read_back", {"day": "tuesday"})
+    # "yes, Tuesday, not Thursday" to "Tuesday, right?" is a yes, not a new day
+    decisions, _ = run([U("schedule_technician", 0.95, slots={"day": "tuesday"}),
+                        U("affirm", 0.9, slots={"day": "thursday"}, slot_candidates={"day": ["tuesday", "thursday"]})])
+    assert (decisions[-1].reason, decisions[-1].slots) == ("confirmed", {"day": "tuesday"})
