@@ -237,6 +237,8 @@ def evaluate(eval_dir: str | Path, model_dir: str | None = None, report_dir: str
         "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 2), "p95": round(float(np.percentile(lat, 95)), 2)} if lat else {},
         "per_intent": per,
         "errors": sum(1 for p in preds if p.error),
+        # the figures depend on the int8 graph this CPU runs (engine/graphs.py): recorded with them
+        "model": model.model_dir.name, "graph": model.graph.name,
     }
     if any("frustration" in r for r in rows):
         y = np.array([float(r.get("frustration", 0)) for r in rows])

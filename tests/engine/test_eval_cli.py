@@ -35,6 +35,9 @@ def test_eval_json_contract(tmp_path, capsys) -> None:
     assert res["n"] == 4 and 0.0 <= res["intent_accuracy"] <= 1.0 and 0.0 <= res["ece"] <= 1.0
     assert set(res["latency_ms"]) == {"p50", "p95"} and res["latency_ms"]["p95"] > 0
     assert set(res["per_intent"]) == {"cancel_service", "check_balance", "None", "deny"}
+    from engine.graphs import select_graph
+
+    assert (res["model"], res["graph"]) == (default_model_dir().name, select_graph(default_model_dir()).name)
     assert (tmp_path / "rep" / f"REPORT_{tmp_path.name}.md").exists()
     assert (tmp_path / "rep" / f"reliability_{tmp_path.name}.png").exists()
 
