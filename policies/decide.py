@@ -704,7 +704,9 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
             # the amount the caller just said was wrong: back to asking for it, or to reading back the one they
             # said instead ("No, fifty!")
             collect = policy.intents[d.resume.intent].action.collect
-            said = {k: v for k, v in u.slots.items() if k in collect}
+            said = {k: v for k, v in u.slots.items() if k in collect and k not in u.slot_candidates
+                    and d.resume.slots.get(k) != v}  # the value it said no to, heard again, is no new value
+            said = said or _corrected(policy, Pending(d.resume.intent, d.resume.slots, read_back=True), u)
             back = (Resume(d.resume.intent, {**d.resume.slots, **said}, read_back=True) if said else
                     Resume(d.resume.intent, {k: v for k, v in d.resume.slots.items() if k not in collect}))
             d = dataclasses.replace(d, resume=back)

@@ -287,7 +287,10 @@ def test_a_declined_offer_that_interrupted_a_request_always_goes_back(seq: list[
     (U("deny", slots={"amount": 50.0}, caller_state=FRUSTRATED),
      ("confirm", {"amount": 50.0}, f"{PICK_UP} That's a payment of 50 dollars, is that right?")),
     (U(None, 0.9, caller_state=FRUSTRATED), ("confirm", {"amount": 40.0}, f"{PICK_UP} {READ_BACK_40}")),
-], ids=["no", "no_fifty", "something_else"])
+    (U("deny", slot_candidates={"amount": [50, 40]}, caller_state=FRUSTRATED),
+     ("confirm", {"amount": 50}, f"{PICK_UP} That's a payment of 50 dollars, is that right?")),
+    (U("deny", slots={"amount": 40.0}, caller_state=FRUSTRATED), ("collect", {}, f"{PICK_UP} {ASK_AMOUNT}")),
+], ids=["no", "no_fifty", "something_else", "no_fifty_not_forty", "no_forty_heard_again"])
 def test_a_frustrated_no_to_the_read_back_does_not_come_back_to_the_wrong_amount(
         answer: Understanding, expected: tuple[str, dict[str, Any], str]) -> None:
     """ "That's 40 dollars, right?" -> "NO!" (frustrated: a callback offered) -> "no": the way back asks for the
