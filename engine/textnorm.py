@@ -211,8 +211,10 @@ def _numbers_heard(toks: list[str]) -> list[float]:
             run.append(t)
             continue
         while run:
-            end = next(e for e in range(len(run), 0, -1) if e == 1 or _parse_number(run[:e]) is not None)
-            value = _parse_number(run[:end])
+            for end in range(len(run), 0, -1):  # the longest prefix that is one number (one word always is)
+                value = _parse_number(run[:end])
+                if value is not None:
+                    break
             if value and not (end == 1 and run[0] in ("zero", "one", "oh")):
                 heard.append(float(value))
             run = run[end:]

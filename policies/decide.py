@@ -704,9 +704,7 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
             # the amount the caller just said was wrong: back to asking for it, or to reading back the one they
             # said instead ("No, fifty!")
             collect = policy.intents[d.resume.intent].action.collect
-            said = {k: v for k, v in u.slots.items() if k in collect and k not in u.slot_candidates
-                    and d.resume.slots.get(k) != v}  # the value it said no to, heard again, is no new value
-            said = said or _corrected(policy, Pending(d.resume.intent, d.resume.slots, read_back=True), u)
+            said = _values_instead(policy, Pending(d.resume.intent, d.resume.slots, read_back=True), u)
             back = (Resume(d.resume.intent, {**d.resume.slots, **said}, read_back=True) if said else
                     Resume(d.resume.intent, {k: v for k, v in d.resume.slots.items() if k not in collect}))
             d = dataclasses.replace(d, resume=back)
@@ -732,11 +730,7 @@ def _heard(policy: Policy, state: CallState, u: Understanding) -> Decision:
     if (pc := state.pending_confirm) is not None:
         if pc.read_back and pc.intent is not None:
             # "No, fifty two dollars": a new value for a read-back slot is read back in its turn
-            # (a slot said with several values is read from its candidates: the engine's one value may be the
-            # one the caller rejected)
-            fixed = {k: v for k, v in u.slots.items() if k in policy.intents[pc.intent].action.collect
-                     and pc.slots.get(k) != v and k not in u.slot_candidates}
-            fixed = fixed or _corrected(policy, pc, u)
+            fixed = _values_instead(policy, pc, u)
             if fixed:
                 return _read_back(policy, pc.intent, {**pc.slots, **fixed})
         spec = policy.intents.get(pc.intent or "")
@@ -904,16 +898,22 @@ def _intent_slots(policy: Policy, intent: str, slots: Mapping[str, Any]) -> dict
     return {k: v for k, v in slots.items() if k in allowed}
 
 
-def _corrected(policy: Policy, pc: Pending, u: Understanding) -> dict[str, Any]:
-    """"No, fifty, not fifteen" to "That's 15 dollars, right?": the turn named two values, one of them the
-    value read back, so the other one is the correction. Without the read-back value among them the turn says
+def _values_instead(policy: Policy, pc: Pending, u: Understanding) -> dict[str, Any]:
+    """The values this turn gives instead of the ones read back (pc), for the slots the request collects.
+
+    A value said once and different from the one read back ("No, fifty two dollars"); the rejected value heard
+    again is no new value. A slot said with several values is read from its candidates only (the engine's one
+    value may be the rejected one): "No, fifty, not fifteen" to "That's 15 dollars, right?" names the value
+    read back, so the other one is the correction; without the read-back value among them the turn says
     nothing about which one is meant (the values are asked for again). "Yes, Tuesday, not Thursday" to
     "Tuesday, right?" is a yes."""
-    if u.intent is not None and u.intent == policy.intent_of_type("affirm"):
-        return {}
-    fixed: dict[str, Any] = {}
+    collect = policy.intents[pc.intent or ""].action.collect
+    fixed = {k: v for k, v in u.slots.items()
+             if k in collect and k not in u.slot_candidates and pc.slots.get(k) != v}
+    if fixed or (u.intent is not None and u.intent == policy.intent_of_type("affirm")):
+        return fixed
     for k, heard in u.slot_candidates.items():
-        if k not in policy.intents[pc.intent or ""].action.collect or k not in pc.slots:
+        if k not in collect or k not in pc.slots:
             continue
         others = {v for v in heard if v != pc.slots[k]}
         if len(others) == 1 and len(others) < len(set(heard)):
