@@ -28,7 +28,7 @@ from bot.conversation_manager import CallManager
 from bot.conversation_policy import CallPolicy, load_local_policy
 from bot.escalation_webhook import EscalationWebhook
 from bot.sip_listener import SipListener
-from bot.state import CallStore, connect
+from bot.state import STREAM_LOST_OUTCOMES, CallStore, call_key, connect
 from bot.turns import TurnParams
 from bot.turns_vad import BatchedVad
 from ops import metrics, process_metrics
@@ -39,6 +39,9 @@ from telephony.twilio.signature import SignatureChecker
 
 log = get_logger("bot.app")
 VERSION = "0.1.0"
+# a Twilio stream's end with its call record still `active`: how long to wait for a worker that is ending the call
+# itself (its end record lands a few ms after the socket closed) before taking the stream as lost
+STREAM_END_SETTLE_S = 2.0
 
 
 def _conv_config(settings: Settings) -> ConversationConfig:
@@ -329,6 +332,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dial_caller_id=settings.twilio_dial_caller_id,
         dial_timeout_s=settings.twilio_dial_timeout_s,
         on_transfer_outcome=lambda sid, status, reached: _record_transfer_outcome(app, sid, status, reached),
+        stream_end=lambda sid: _stream_end(app, sid),
+        stream_lost_twiml=lambda sid, dial: _stream_lost_twiml(app, sid, dial),
     )
     app.include_router(make_router(on_twilio_call, cfg))
 
@@ -401,6 +406,50 @@ def _record_transfer_outcome(app: FastAPI, call_sid: str, status: str, reached_a
     store = getattr(app.state, "call_store", None)
     if store is not None and call_sid:
         store.late_event(call_sid, "transfer_outcome", status=status or "unknown", reached_agent=reached_agent)
+
+
+async def _stream_end(app: FastAPI, call_sid: str) -> str:
+    """Whether a Twilio call whose stream just ended is over ("hangup") or was lost with the caller still on the
+    line ("reconnect"), from its record in Redis, which every worker shares. A record still `active` is waited
+    for a moment: a worker that ended the call itself closed the socket a few milliseconds before its end
+    record landed; a dead worker's call stays active (or is reaped as worker_lost)."""
+    store = getattr(app.state, "call_store", None)
+    if store is None:
+        return "reconnect"
+    deadline = time.monotonic() + STREAM_END_SETTLE_S
+    while True:
+        status, outcome, ending = await asyncio.wait_for(
+            store.r.hmget(call_key(call_sid), "status", "outcome", "ending"), 2.0)
+        status, outcome, ending = _text(status), _text(outcome), _text(ending)
+        if not status:
+            return "reconnect"  # no call started on that stream: refused while draining, or lost before `start`
+        if status == "ended":
+            return "reconnect" if outcome in STREAM_LOST_OUTCOMES else "hangup"
+        if ending:
+            return "hangup"  # the bot is hanging up (recorded before it closed the socket)
+        if time.monotonic() >= deadline:
+            return "reconnect"
+        await asyncio.sleep(0.1)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else (v or "")
+
+
+def _stream_lost_twiml(app: FastAPI, call_sid: str, dial: Any) -> str:
+    """A call whose streams kept failing: the policy's system-error route in Twilio's voice (its queue with
+    the apology, or the apology and goodbye when it is closed), recorded in the call's story."""
+    from policies.decide import system_error_route
+    from telephony.twilio import twiml
+
+    policy = app.state.policy_holder()[1]
+    d = system_error_route(policy, "stream_lost")
+    store = getattr(app.state, "call_store", None)
+    if store is not None:
+        store.late_event(call_sid, "stream_lost", action=d.action, target=d.target or "")
+    if d.action == "transfer" and d.target:
+        return twiml.transfer(policy.queues[d.target].target, dial, say=d.prompt)
+    return twiml.apologize_and_hang_up(d.prompt or twiml.STREAM_LOST_TEXT)
 
 
 async def _start_sip(calls: CallManager, settings: Settings) -> SipListener | None:

@@ -47,6 +47,8 @@ SHUTDOWN_TRANSFER_TEXT = "Sorry, I have to transfer you now."
 SHUTDOWN_TRANSFER_FAILED_TEXT = "Sorry, I couldn't transfer you. Please call back."
 SHUTDOWN_STYLE = "calm"
 # said when a call reaches BOT_MAX_CALL_S (a policy may word it: prompt `max_duration`); it used to end in silence
+# a Twilio call back on a new stream after its previous one was lost (its worker died): instead of the greeting
+RECONNECTED_TEXT = "Sorry, we were cut off for a moment. How can I help you?"
 MAX_DURATION_TEXT = "I'm sorry, this call has reached its time limit. Please call us back. Goodbye."
 SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
@@ -161,25 +163,29 @@ class Conversation:
         structlog.contextvars.bind_contextvars(call_id=self.call_id)
         metrics.CALLS_STARTED.labels(self.transport).inc()
         metrics.ACTIVE_CALLS.labels(self.transport).inc()
+        leg = int(getattr(self.info, "leg", 1) or 1)
         s.store.start_call(self.call_id, self.transport, self.info.caller, self.info.called,
                            str(self.policy.version), extra={k: v for k, v in self.info.params.items()
-                                                            if k in ("stream_sid", "account_sid")})
+                                                            if k in ("stream_sid", "account_sid")}, leg=leg)
         s.store.subscribe(self.call_id, lambda ok: self._q.put_nowait(("state", ok)))
         set_sink = getattr(self.bridge, "set_error_sink", None)
         if set_sink is not None:
             set_sink(self._protocol_error)
-        self.log.info("call_started", transport=self.transport, caller=mask_digits(self.info.caller),
-                      policy_version=self.policy.version)
+        self.log.info("call_resumed" if leg > 1 else "call_started", transport=self.transport,
+                      caller=mask_digits(self.info.caller), policy_version=self.policy.version,
+                      **({"leg": leg} if leg > 1 else {}))
         vad_stream = s.vad.open(self._on_vad)
         reader = asyncio.get_running_loop().create_task(self._read(vad_stream))
         try:
             greeting = self.policy.greeting()
-            self._say(greeting.prompt, greeting.style, "greeting", started_t=started_t)
+            # a call back after its stream was lost: the caller was mid-conversation, not just dialling in
+            text = self._policy_prompt("reconnected", RECONNECTED_TEXT) if leg > 1 else greeting.prompt
+            self._say(text, greeting.style, "greeting", started_t=started_t)
             await asyncio.wait_for(self._main(), timeout=self.cfg.max_call_s)
         except asyncio.TimeoutError:
             self._set_outcome("max_duration")
             await self._say_last(self._policy_prompt("max_duration", MAX_DURATION_TEXT), "max_duration")
-            await self.bridge.hangup("max_duration")
+            await self._hang_up("max_duration")
         except Exception as exc:  # noqa: BLE001 - one call's bug must not reach the worker
             metrics.ERRORS.labels("conversation", "exception").inc()
             self.log.exception("conversation_failed", error=str(exc))
@@ -490,7 +496,7 @@ class Conversation:
             if end_reason == "callback":
                 self._record_callback(d)
             self._set_outcome(_HANGUP_OUTCOME.get(end_reason, "completed"))
-            await self.bridge.hangup("completed")
+            await self._hang_up("completed")
             self._q.put_nowait(("stop", None))
             return
         if d.prompt:
@@ -517,14 +523,14 @@ class Conversation:
                 await asyncio.wait_for(self._bridge_ended.wait(), self.cfg.transfer_wait_s)
             except asyncio.TimeoutError:
                 pass
-            await self.bridge.hangup("transferred")
+            await self._hang_up("transferred")
         elif self._bridge_ended.is_set():
             pass  # the caller is gone: no apology to play; the end reason is the outcome
         else:
             self._set_outcome("transfer_failed")
             u = self._say(TRANSFER_FAILED_TEXT, "calm", "transfer_failed")
             await self._wait_heard(u)
-            await self.bridge.hangup("transfer_failed")
+            await self._hang_up("transfer_failed")
         self._q.put_nowait(("stop", None))
 
     async def _hand_over(self, target: str, context: dict[str, Any], reason: str, timeout_s: float) -> bool:
@@ -697,9 +703,20 @@ class Conversation:
         self._playout_end = time.monotonic()
         self._record_heard(u, interrupted=True, by=why)
 
+    async def _hang_up(self, reason: str) -> None:
+        """The bot ends the call. Recorded (and flushed, briefly) before the line goes: the moment a Twilio stream
+        closes, Twilio asks any worker what next (<Connect action>), and the answer must be "hang up", not "the
+        stream was lost, reconnect" (bot/app.py reads `ending` from the record)."""
+        self.s.store.update(self.call_id, ending=reason)
+        try:
+            await asyncio.wait_for(self.s.store.flush(0.5), 0.6)
+        except Exception:  # noqa: BLE001 - Redis slow or down: hang up anyway; the record says so later
+            pass
+        await self.bridge.hangup(reason)
+
     async def _hangup_quietly(self, reason: str) -> None:
         try:
-            await self.bridge.hangup(reason)
+            await self._hang_up(reason)
         except Exception as exc:  # noqa: BLE001 - the leg may be gone already
             self.log.warning("hangup_failed", reason=reason, error=str(exc))
 

@@ -19,6 +19,7 @@ from ops.logs import get_logger
 from telephony.bridge import CallBridge
 
 log = get_logger("bot.calls")
+RESUME_WAIT_S = 5.0  # a reconnected stream waits this long for its lost leg's conversation to end on this worker
 MIN_LATE_CALL_S = 3.0  # an answered call whose stream comes this close to the grace's end is not started
 
 
@@ -56,6 +57,12 @@ class CallManager:
             await bridge.hangup("shutting_down")
             return "refused_draining"
         cid = bridge.info.call_id
+        if cid in self.active and getattr(bridge.info, "leg", 1) > 1:
+            # the call back on a new stream while its lost one is still ending here (the socket broke, the
+            # conversation is closing): the new leg waits for it rather than being refused as a duplicate
+            deadline = time.monotonic() + RESUME_WAIT_S
+            while cid in self.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         if cid in self.active:
             # a second stream/dialog with the id of a live call (a replayed `start`, a confused proxy): running
             # it would share the first one's record, heartbeat and bookkeeping, and the first to end would

@@ -29,9 +29,13 @@ OUTCOME = "worker_lost"
 # taken over. Far longer than a close takes (a few round trips on a 2 s socket timeout)
 CLAIM_LEASE_S = 40.0
 
-# one key: fine on Cluster. Claims the call unless it is ended or claimed by a reaper within the lease.
+# one key: fine on Cluster. Claims the call unless it is ended, claimed by a reaper within the lease, or now
+# held by another process than the dead one (ARGV[4], its pid; '' = unknown): a Twilio call whose stream was
+# lost with its worker comes back on a new stream, under the same call id, on a live worker
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'status') == 'ended' then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'worker_pid')
+if ARGV[4] ~= '' and owner and owner ~= ARGV[4] then return 0 end
 local t = tonumber(redis.call('HGET', KEYS[1], 'reaped_at'))
 if t and tonumber(ARGV[1]) - t < tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'reaped_at', ARGV[1], 'reaped_by', ARGV[3])
@@ -55,11 +59,8 @@ async def redis_time(r: Any) -> float:
 async def _close(r: Any, cid: str, now: float, last_seen: float | None, reaper: str, ttl_s: int | None) -> bool:
     """Close one orphaned call exactly once; False when it was ended or another reaper holds it."""
     key = call_key(cid)
-    if not int(await r.eval(_CLAIM, 1, key, f"{now:.3f}", str(CLAIM_LEASE_S), reaper)):
-        if _s(await r.hget(key, "status") or "") == "ended":
-            await r.zrem(LIVE, cid)  # index entry left over from a crash between writes
-            await r.hdel(LIVE_INFO, cid)
-        return False
+    # the owner as the live index names it, read before the claim: a call taken over by a new leg since (its
+    # record names the new process) is not closed, whichever of its writes has landed
     info = await r.hget(LIVE_INFO, cid)
     try:
         meta = json.loads(_s(info)) if info else {}
@@ -67,6 +68,12 @@ async def _close(r: Any, cid: str, now: float, last_seen: float | None, reaper: 
         meta = {}
     if not isinstance(meta, dict):
         meta = {}
+    owner = str(meta.get("pid", "")) if meta.get("pid") is not None else ""
+    if not int(await r.eval(_CLAIM, 1, key, f"{now:.3f}", str(CLAIM_LEASE_S), reaper, owner)):
+        if _s(await r.hget(key, "status") or "") == "ended":
+            await r.zrem(LIVE, cid)  # index entry left over from a crash between writes
+            await r.hdel(LIVE_INFO, cid)
+        return False
     worker, transport = meta.get("worker", ""), meta.get("transport", "unknown")
     rec = {"status": "ended", "outcome": OUTCOME, "ended_at": f"{now:.3f}"}
     started = finite_float(meta.get("started_at"))
@@ -107,6 +114,9 @@ async def reap_orphans(r: Any, stale_s: float = 30.0, reaper: str = "reaper", tt
     closed: list[str] = []
     for raw, last_seen in await r.zrangebyscore(LIVE, "-inf", now - stale_s, withscores=True):
         cid = _s(raw)
+        fresh = await r.zscore(LIVE, cid)
+        if fresh is not None and float(fresh) > now - stale_s:
+            continue  # heartbeat since the scan: a new leg of the call (a reconnected Twilio stream) holds it
         if await _close_one(r, cid, now, float(last_seen), reaper, ttl_s):
             closed.append(cid)
     return closed

@@ -69,6 +69,9 @@ class CallResult:
     bot_audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
     events: list[tuple[float, str]] = field(default_factory=list)  # (t since start, what)
     record: dict[str, Any] | None = None
+    reconnects: int = 0  # streams the bot gave the call again after one was lost (<Connect action>)
+    reconnect_played: list[int] = field(default_factory=list)  # bot samples played before each new stream
+    final_twiml: str = ""  # the TwiML the call ended on (after its stream): <Hangup/>, an apology, a transfer
 
     def summary(self) -> dict[str, Any]:
         return {"call_sid": self.call_sid, "greeting_ms": self.greeting_ms, "clears": self.clears,
@@ -95,7 +98,7 @@ class Playout:
 class TwilioCaller:
     def __init__(self, base_url: str, auth_token: str = "", account_sid: str = "AC" + "0" * 32,
                  from_number: str = "+15550100123", to_number: str = "+15550100999", call_sid: str | None = None,
-                 stream_url: str | None = None, echo_db: float | None = None) -> None:
+                 stream_url: str | None = None, echo_db: float | None = None, follow_action: bool = True) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = auth_token
         self.account_sid = account_sid
@@ -116,6 +119,11 @@ class TwilioCaller:
         self._mic: deque[bytes] = deque()  # caller frames queued to send
         self._mic_done = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        # as Twilio: when the stream ends, request <Connect action> and do what it says (hang up, or a new
+        # stream for the same call). False: the call ends with its stream (a replayed or hostile stream)
+        self.follow_action = follow_action
+        self._action = ""
+        self._leaving = False  # the caller hung up / dropped: no action is requested after that
 
     # ---- signaling ----
     def sign(self, url: str, params: dict[str, str]) -> str:
@@ -156,7 +164,20 @@ class TwilioCaller:
         async with httpx.AsyncClient(timeout=10) as client:
             resp = await self.webhook(client)
         resp.raise_for_status()
-        twiml_url, params = self.parse_twiml(resp.text)
+        await self._open_stream(resp.text, signature, sign_url, start_delay_s, first=True)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._receiver()), loop.create_task(self._clock())]
+
+    @staticmethod
+    def connect_action(xml: str) -> str:
+        """The <Connect action> URL of a TwiML document ('' if none)."""
+        connect = ElementTree.fromstring(xml).find("./Connect")
+        return "" if connect is None else connect.get("action", "")
+
+    async def _open_stream(self, xml: str, signature: str | None = None, sign_url: str | None = None,
+                           start_delay_s: float = 0.0, first: bool = False) -> None:
+        twiml_url, params = self.parse_twiml(xml)
+        self._action = self.connect_action(xml)
         headers = {}
         if signature is not None:
             headers["X-Twilio-Signature"] = signature
@@ -166,13 +187,39 @@ class TwilioCaller:
         await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
         if start_delay_s > 0:
             await asyncio.sleep(start_delay_s)
-        self._t0 = time.monotonic()
+        if first:
+            self._t0 = time.monotonic()
         await self._send({"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid, "start": {
             "accountSid": self.account_sid, "streamSid": self.stream_sid, "callSid": self.call_sid,
             "tracks": ["inbound"], "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
             "customParameters": params}})
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._receiver()), loop.create_task(self._clock())]
+
+    async def _after_stream(self) -> bool:
+        """The stream ended without the caller leaving: request <Connect action> as Twilio does. True when it
+        answered with a new stream (now open); otherwise the call is over (its TwiML kept in the result)."""
+        if not (self.follow_action and self._action) or self._leaving:
+            return False
+        form = {"CallSid": self.call_sid, "AccountSid": self.account_sid, "From": self.from_number,
+                "To": self.to_number, "Direction": "inbound", "CallStatus": "in-progress"}
+        url = self._action
+        headers = {"X-Twilio-Signature": self.sign(url, form)} if self.token else {}
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                resp = await client.post(url, data=form, headers=headers)
+        except httpx.HTTPError as exc:
+            self.result.final_twiml = f"action request failed: {exc!r}"  # Twilio: application error, call over
+            return False
+        self.result.final_twiml = resp.text
+        if resp.status_code != 200 or ElementTree.fromstring(resp.text).find("./Connect/Stream") is None:
+            return False
+        # Twilio stops playing what the lost stream had queued; a new stream has its own id
+        self.play.q.clear()
+        self.stream_sid = "MZ" + uuid.uuid4().hex
+        await self._open_stream(resp.text)
+        self.result.reconnects += 1
+        self.result.reconnect_played.append(self.play.played_samples)
+        self._ev("reconnected")
+        return True
 
     async def _send(self, obj: dict[str, Any] | str) -> None:
         await self._ws.send(obj if isinstance(obj, str) else json.dumps(obj))
@@ -201,9 +248,14 @@ class TwilioCaller:
                         frame = g711.ulaw_encode(np.clip(mix, -32768, 32767).astype(np.int16))
                     self.last_played = None
                     seq += 1
-                    await self._send('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":'
-                                     '{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"}}'
-                                     % (seq, self.stream_sid, seq, seq * 20, base64.b64encode(frame).decode()))
+                    try:
+                        await self._send('{"event":"media","sequenceNumber":"%d","streamSid":"%s","media":'
+                                         '{"track":"inbound","chunk":"%d","timestamp":"%d","payload":"%s"}}'
+                                         % (seq, self.stream_sid, seq, seq * 20, base64.b64encode(frame).decode()))
+                    except (websockets.ConnectionClosed, OSError):
+                        if not (self.follow_action and self._action):
+                            raise
+                        # the stream is down: the frame is lost, as on the real line while Twilio reconnects
                     self._play_one()
                     next_t += 0.02
                 await asyncio.sleep(max(0.0, next_t - time.monotonic()))
@@ -241,6 +293,17 @@ class TwilioCaller:
 
     async def _receiver(self) -> None:
         try:
+            while True:
+                await self._receive_stream()
+                if not await self._after_stream():
+                    break
+            self._closed_by_bot = True
+            self.result.ended_by = self.result.ended_by or "bot"
+        finally:
+            self._stopped.set()
+
+    async def _receive_stream(self) -> None:
+        try:
             async for raw in self._ws:
                 msg = json.loads(raw)
                 ev = msg.get("event")
@@ -259,13 +322,8 @@ class TwilioCaller:
                     self.play.q.clear()
                     for name in marks:
                         await self._echo_mark(name)
-            self._closed_by_bot = True
-            self.result.ended_by = "bot"
         except websockets.ConnectionClosed:
-            self._closed_by_bot = True
-            self.result.ended_by = "bot"
-        finally:
-            self._stopped.set()
+            pass
 
     # ---- caller actions ----
     @property
@@ -331,6 +389,7 @@ class TwilioCaller:
         await self._send({"event": "dtmf", "streamSid": self.stream_sid, "dtmf": {"track": "inbound_track", "digit": digit}})
 
     async def hangup(self) -> None:
+        self._leaving = True
         if self._ws is not None and not self.ended:
             try:
                 await self._send({"event": "stop", "streamSid": self.stream_sid,
@@ -342,13 +401,22 @@ class TwilioCaller:
 
     async def vanish(self) -> None:
         """Drop the TCP connection without a close handshake (a network failure)."""
+        self._leaving = True
         self._stopped.set()
         transport = getattr(self._ws, "transport", None)
         if transport is not None:
             transport.abort()
         await self.close()
 
+    def drop_stream(self) -> None:
+        """Break the media stream's TCP connection with the caller still on the line (the network between
+        Twilio and the bot failed, or the bot's worker died): Twilio then asks <Connect action> what next."""
+        transport = getattr(self._ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+
     async def close(self) -> None:
+        self._leaving = True
         self._stopped.set()
         for t in self._tasks:
             t.cancel()

@@ -34,6 +34,9 @@ HEARTBEAT_S = 5.0
 LIVE_STALE_S = 30.0
 REAP_EVERY_S = 10.0  # how often each worker looks for calls orphaned by a dead worker
 ENDED_IDS_MAX = 1024  # ended calls whose last event id is kept, for events that arrive after call_ended
+# ends that lost the caller's line with the caller still on it (their worker died, the socket vanished, the
+# conversation crashed): a Twilio call ended so is given a new stream (telephony/twilio/server.py)
+STREAM_LOST_OUTCOMES = frozenset({"worker_lost", "disconnected", "error:exception"})
 ENDS_REPLAY_S = 120.0  # calls ended this recently have their end written again when the Redis server changes
 
 # Refusals that say "Redis cannot take writes right now", not "this command is wrong": maxmemory reached
@@ -281,7 +284,10 @@ class CallStore:
         self._wake.set()
 
     def start_call(self, call_id: str, transport: str, caller: str, called: str, policy_version: str,
-                   extra: dict[str, Any] | None = None) -> None:
+                   extra: dict[str, Any] | None = None, leg: int = 1) -> None:
+        """`leg` 2+: the call came back on a new stream after its previous one was lost (its worker died, the
+        socket broke): the same record becomes active again on this worker, keeps its start time and story, and
+        its stream gets `call_resumed` instead of `call_started`."""
         now = time.time()
         rnow = self.redis_now()
         rec = {
@@ -289,11 +295,18 @@ class CallStore:
             "called": called, "started_at": f"{now:.3f}", "status": "active", "outcome": "",
             "policy_version": policy_version, "worker": self.worker, "worker_pid": str(self.pid),
         }
+        if leg > 1:
+            rec.update({"leg": str(leg), "resumed_at": f"{now:.3f}", "ended_at": "", "reaped_at": "", "ending": ""})
         for k, v in (extra or {}).items():
             rec[k] = v if isinstance(v, str) else json.dumps(v)
         info = json.dumps({"worker": self.worker, "pid": self.pid, "transport": transport, "started_at": rnow,
                            "caller_masked": mask_digits(caller)})
         self._active.add(call_id)
+        if leg > 1:
+            # the first leg's start time stays (the call's duration is the caller's); a record that never
+            # started (a stream refused while draining) gets this one
+            started = rec.pop("started_at")
+            self._push("hsetnx", call_key(call_id), "started_at", started)
         self._base[call_id] = (rec, info)
         self._push("hset", call_key(call_id), mapping=rec)
         self._push("expire", call_key(call_id), self.ttl_s)
@@ -301,8 +314,12 @@ class CallStore:
         self._push("hset", LIVE_INFO, call_id, info)
         self._push("zadd", RECENT, {call_id: now})
         self._push("zremrangebyrank", RECENT, 0, -RECENT_MAX - 1)
-        self.event(call_id, "call_started", transport=transport, worker=self.worker, worker_pid=self.pid,
-                   policy_version=policy_version)
+        if leg > 1:
+            self.event(call_id, "call_resumed", leg=leg, transport=transport, worker=self.worker,
+                       worker_pid=self.pid, policy_version=policy_version)
+        else:
+            self.event(call_id, "call_started", transport=transport, worker=self.worker, worker_pid=self.pid,
+                       policy_version=policy_version)
 
     def update(self, call_id: str, **fields: Any) -> None:
         self._push("hset", call_key(call_id), mapping={k: v if isinstance(v, str) else json.dumps(v)

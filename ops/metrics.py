@@ -64,6 +64,10 @@ INTENT_CONFIDENCE = Histogram(
 POLICY_DECISIONS = Counter("voicebot_policy_decisions_total", "Policy decisions", ["action", "reason"])
 ESCALATIONS = Counter("voicebot_escalations_total", "Transfers to humans, by reason", ["reason"])
 TRANSFERS = Counter("voicebot_transfers_total", "Transfers carried out by a bridge", ["transport", "queue", "result"])
+TWILIO_STREAM_ENDS = Counter("voicebot_twilio_stream_ends_total", "Twilio's reports that a call's stream ended "
+                             "(<Connect action>), by the answer: hangup (the bot or the caller ended the call), "
+                             "call_over, reconnect (stream lost with the caller on the line: a new stream), gave_up "
+                             "(lost too often: system-error route)", ["result"])
 ERRORS = Counter("voicebot_errors_total", "Errors by component and kind", ["component", "kind"])
 BARGE_INS = Counter("voicebot_barge_ins_total", "Caller speech that interrupted the bot", ["transport"])
 AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["transport", "direction"])
@@ -135,3 +139,5 @@ def init_series() -> None:
             CALLS_TOTAL.labels(transport, outcome)
     for component, kind in ALERTED_ERRORS:
         ERRORS.labels(component, kind)
+    for result in ("hangup", "call_over", "reconnect", "gave_up"):
+        TWILIO_STREAM_ENDS.labels(result)

@@ -459,6 +459,12 @@ def say_zone(when: dt.datetime) -> str:
     return f"UTC {'plus' if minutes > 0 else 'minus'} {h}" + (f":{m:02d}" if m else "")
 
 
+def system_error_route(policy: Policy, reason: str, now: dt.datetime | None = None) -> Decision:
+    """Where a call goes when the bot itself cannot carry it on (a Twilio call whose streams kept failing): the
+    escalation rule `system_error`'s queue with its apology, or the apology and goodbye when that queue is closed."""
+    return _system_error(policy, CallState(now=now or _utcnow()), reason)
+
+
 def _system_error(policy: Policy, state: CallState, reason: str) -> Decision:
     rule = policy.escalation.system_error
     return _route(policy, state, rule.queue, reason, rule.prompt or "apology", style="calm", system_error=True)

@@ -63,6 +63,9 @@ class CallInfo:
     caller: str = ""  # raw number; mask before logging
     called: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    # 2+: the same call back on a new stream after its previous one was lost (Twilio <Connect action>): the
+    # conversation resumes in the call's record instead of starting a new one
+    leg: int = 1
 
 
 class CallBridge(abc.ABC):

@@ -207,3 +207,23 @@ async def test_one_garbled_orphan_does_not_stop_the_reaper_for_the_others(redis_
         assert "duration_s" not in ended  # unknown, not a failed reap
     finally:
         await _done(r)
+
+
+async def test_a_call_taken_over_by_a_new_leg_is_not_reaped(redis_url: str) -> None:
+    """A Twilio call whose worker died comes back on a new stream, under the same call id, on a live worker
+    (telephony/twilio/server.py, <Connect action>). A reaper that read the dead worker's index entry a moment
+    before the new leg's start landed must not close the live call: the record names the new process."""
+    r = await _fresh(isolated_redis_url(redis_url))
+    try:
+        now = await redis_time(r)
+        # the record already names the new leg's process (pid 222); the index entry still the dead one (111)
+        await _orphan(r, "CAback", "host-w0", 111, now - 60, worker_pid="222")
+        assert await reap_worker(r, "host-w0", 111, reaper="host-supervisor", ttl_s=600) == []
+        assert await reap_orphans(r, stale_s=30, reaper="host-w1", ttl_s=600) == []
+        assert await r.hget(call_key("CAback"), "status") == "active"
+        assert await _ended_events(r, "CAback") == []
+        # the dead process's own call (its record names it) is still reaped as before
+        await _orphan(r, "CAgone", "host-w0", 111, now - 60, worker_pid="111")
+        assert await reap_worker(r, "host-w0", 111, reaper="host-supervisor", ttl_s=600) == ["CAgone"]
+    finally:
+        await _done(r)

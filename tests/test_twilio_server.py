@@ -334,3 +334,107 @@ async def test_caller_hanging_up_mid_prompt_is_recorded_with_what_they_heard(bot
     assert got["record"]["outcome"] == "caller_hangup"
     (greet,) = [e for e in got["events"] if e["type"] == "prompt_heard" and e["kind"] == "greeting"]
     assert greet["interrupted"] and greet["by"] == "call_ended" and greet["heard_ms"] < greet["duration_ms"]
+
+
+async def test_a_lost_stream_comes_back_and_the_call_goes_on(bot: BotServer) -> None:
+    """The stream's TCP connection breaks with the caller still on the line (a network failure, a worker that
+    died): Twilio requests <Connect action>, the bot answers with a new stream for the same call, and the caller
+    is told what happened and served, in the same call record, instead of hearing the line go dead."""
+    from bot.conversation import RECONNECTED_TEXT
+
+    before = metric_value(bot.metrics(), "voicebot_twilio_stream_ends_total", {"result": "reconnect"})
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.4, timeout_s=20)
+    first_stream = caller.stream_sid
+    caller.drop_stream()
+    deadline = time.monotonic() + 20
+    while caller.result.reconnects < 1 and not caller.ended and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert caller.result.reconnects == 1 and not caller.ended, caller.result.final_twiml
+    assert caller.stream_sid != first_stream
+    assert await caller.wait_bot_quiet(quiet_s=0.4, timeout_s=20)  # the bot speaks again on the new stream
+    turn = await caller.say(synth("what is my account balance"), wait_reply_s=12, quiet_s=0.3)
+    assert turn.v2v_ms is not None and turn.bot_audio_ms > 0, turn
+    await caller.hangup()
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    rec, events = got["record"], got["events"]
+    assert rec["status"] == "ended" and rec["outcome"] == "caller_hangup" and rec["leg"] == "2", rec
+    assert rec["stream_sid"] == caller.stream_sid  # the record follows the live stream
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "call_started" and kinds.count("call_resumed") == 1, kinds
+    ends = [e["outcome"] for e in events if e["type"] == "call_ended"]
+    assert ends == ["disconnected", "caller_hangup"], ends  # the lost leg, then the call's real end
+    resumed = kinds.index("call_resumed")
+    assert kinds.index("call_ended") < resumed
+    greetings = [e for e in events[resumed:] if e["type"] == "prompt_heard" and e["kind"] == "greeting"]
+    assert greetings and greetings[0]["text"] == RECONNECTED_TEXT  # not the first greeting again
+    assert any(e["type"] == "turn" for e in events[resumed:])
+    from bot.commands.calls import render_story
+
+    story = "\n".join(render_story(rec, events, call_id=caller.call_sid))
+    assert "call back on a new stream (leg 2" in story and "streams  2" in story, story
+    after = metric_value(bot.metrics(), "voicebot_twilio_stream_ends_total", {"result": "reconnect"})
+    assert after >= before + 1
+
+
+async def test_a_call_the_bot_ended_is_hung_up_not_reconnected(bot: BotServer) -> None:
+    """The bot closed the stream itself (here: a garbled message ends the call): Twilio's action request gets
+    <Hangup/>, never a new stream."""
+    caller = await place_call(bot.url)
+    await asyncio.sleep(0.3)
+    await caller.send_raw("{this is not json")
+    assert await caller.wait_ended(15)
+    await caller.close()
+    assert caller.result.reconnects == 0 and "<Hangup" in caller.result.final_twiml, caller.result.final_twiml
+    got = await wait_outcome(bot.redis_url, caller.call_sid)
+    assert got["record"]["outcome"] == "error:malformed_json"
+    assert not any(e["type"] == "call_resumed" for e in got["events"])
+
+
+async def test_stream_ended_answers(bot: BotServer) -> None:
+    """The <Connect action> endpoint on its own: signed only; a stream lost before any call started (refused by
+    a draining worker) gets a new one with the next leg number and a fresh token; a call whose streams failed
+    three times goes the policy's system-error way in Twilio's voice; a call Twilio reports over is hung up."""
+    import redis as redis_sync
+    from xml.etree import ElementTree
+
+    def signed(url: str, form: dict[str, str]) -> dict[str, str]:
+        return {"X-Twilio-Signature": TwilioCaller(bot.url, AUTH_TOKEN).sign(url, form)}
+
+    base = f"{bot.url}/twilio/stream-ended"
+    form = {"CallSid": "CAlost1", "AccountSid": ACCOUNT_SID, "From": "+15550100123", "To": "+15550100999",
+            "Direction": "inbound", "CallStatus": "in-progress"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.post(f"{base}?leg=1", data=form)).status_code == 403
+        res = await client.post(f"{base}?leg=1", data=form, headers=signed(f"{base}?leg=1", form))
+        assert res.status_code == 200
+        root = ElementTree.fromstring(res.text)
+        connect = root.find("./Connect")
+        assert connect is not None and connect.get("action") == f"{base}?leg=2", res.text
+        params = {p.get("name"): p.get("value") for p in root.findall("./Connect/Stream/Parameter")}
+        assert params["VoicebotLeg"] == "2" and params["CallSid"] == "CAlost1" and params["VoicebotStreamToken"]
+        # the third lost stream of a call: no fourth, the system-error route (open queue: apology, then queue)
+        r = redis_sync.Redis.from_url(bot.redis_url, decode_responses=True)
+        r.hset("call:CAlost3", mapping={"status": "ended", "outcome": "worker_lost"})
+        r.expire("call:CAlost3", 600)
+        form3 = {**form, "CallSid": "CAlost3"}
+        res = await client.post(f"{base}?leg=3", data=form3, headers=signed(f"{base}?leg=3", form3))
+        root = ElementTree.fromstring(res.text)
+        assert root.find("./Connect") is None and root.find("./Say") is not None, res.text
+        assert root.find("./Enqueue") is not None or root.find("./Dial") is not None, res.text
+        # a leg number that is not ours counts as the last one: no reconnection loop from a garbled URL
+        res = await client.post(f"{base}?leg=99", data=form, headers=signed(f"{base}?leg=99", form))
+        assert ElementTree.fromstring(res.text).find("./Connect") is None, res.text
+        # a call Twilio says is over, and a call the bot ended: hang up
+        over = {**form, "CallStatus": "completed"}
+        res = await client.post(f"{base}?leg=1", data=over, headers=signed(f"{base}?leg=1", over))
+        assert ElementTree.fromstring(res.text).find("./Hangup") is not None, res.text
+        r.hset("call:CAdone", mapping={"status": "ended", "outcome": "completed"})
+        r.expire("call:CAdone", 600)
+        done = {**form, "CallSid": "CAdone"}
+        res = await client.post(f"{base}?leg=1", data=done, headers=signed(f"{base}?leg=1", done))
+        assert ElementTree.fromstring(res.text).find("./Hangup") is not None, res.text
+    assert any(e["type"] == "stream_lost" for e in call_record(bot.redis_url, "CAlost3")["events"])
+    m = bot.metrics()
+    for result in ("reconnect", "gave_up", "call_over", "hangup"):
+        assert metric_value(m, "voicebot_twilio_stream_ends_total", {"result": result}) >= 1, result

@@ -166,6 +166,11 @@ def _describe(e: dict[str, Any]) -> list[str]:
     if et == "call_started":
         return [f"call started ({e.get('transport', '?')}, policy {e.get('policy_version', '?')}, "
                 f"worker {e.get('worker', '?')})"]
+    if et == "call_resumed":
+        return [f"call back on a new stream (leg {e.get('leg', '?')}, worker {e.get('worker', '?')}): "
+                "the previous stream was lost with the caller on the line"]
+    if et == "stream_lost":
+        return [f"stream lost again: no new stream, {e.get('action', '?')} {e.get('target') or ''}".rstrip()]
     if et == "greeting_started":
         return [f"greeting started ({e.get('latency_ms', '?')} ms after answer)"]
     if et == "prompt_heard":
@@ -247,6 +252,9 @@ def render_story(rec: dict[str, Any], events: list[dict[str, Any]], now: float |
            f"policy {rec.get('policy_version') or '?'}",
            f"started  {_when(t0)}",
            f"status   {status_line}"]
+    if rec.get("leg") and rec.get("leg") != "1":
+        out.append(f"streams  {rec['leg']} (the call came back after a lost stream; duration and turns are the "
+                   "last stream's)")
     if not rec:
         out.append("note     no call record (expired or never written): events only")
     out.append("")

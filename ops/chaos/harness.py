@@ -52,6 +52,9 @@ class CallTrace:
     ended_by: str = ""
     error: str = ""
     t_end: float = 0.0
+    reconnects: int = 0  # new streams the bot gave the call after one was lost (Twilio <Connect action>)
+    reconnected_t: list[float] = field(default_factory=list)  # time.monotonic() of each new stream
+    heard_after_reconnect_ms: int = 0  # bot audio the caller heard on the last new stream
 
     @property
     def answered(self) -> int:
@@ -128,6 +131,10 @@ class Line:
                 await c.close()
                 await asyncio.sleep(0.5)
             finally:
+                tr.reconnects = c.result.reconnects
+                tr.reconnected_t = [c._t0 + t for t, what in c.result.events if what == "reconnected"]
+                if c.result.reconnect_played:
+                    tr.heard_after_reconnect_ms = (c.play.played_samples - c.result.reconnect_played[-1]) // 8
                 tr.t_end = time.monotonic()
                 self.current = None
 
@@ -514,7 +521,7 @@ class Chaos:
             tasks.append(asyncio.get_running_loop().create_task(ln.run()))
             await _wait(lambda: any(c.answered for c in ln.calls) and ln.current is not None, 20)
         await kill()
-        await asyncio.sleep(6.0)
+        await asyncio.sleep(10.0)  # the killed calls' new streams (a second or two) and a turn on them
         for ln in lines:
             ln.stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 40)
@@ -529,8 +536,14 @@ class Chaos:
             traces[c].answered == len(traces[c].turns) and not traces[c].error
             and (any(t >= t_kill for t, _, _ in traces[c].turns) or traces[c].ended_by == "bot")
             for c in survivors) if survivors else None
-        # the killed worker's calls: the caller side saw the line drop
-        dropped = all(traces[c].ended_by in ("bot", "caller") or traces[c].error for c in killed)
+        # the killed worker's calls: Twilio asked what next (<Connect action>) and the bot gave each a new stream
+        # on a live worker, where the caller heard the bot again (the "cut off" prompt, then answers; a turn the
+        # caller was in the middle of when the line went may go unanswered: half of it was lost)
+        reconnected = {c: traces[c].reconnects >= 1 and not traces[c].error
+                       and traces[c].heard_after_reconnect_ms >= 1000 for c in killed}
+        answered_after = {c: sum(1 for t, v, _ in traces[c].turns if t >= t_kill and v is not None) for c in killed}
+        # kill -> the new stream open (the caller hears the bot again a greeting's latency later)
+        back_after = {c: round(min(traces[c].reconnected_t) - t_kill, 2) for c in killed if traces[c].reconnected_t}
         # the bot closes them: the supervisor reaps the dead process's calls by pid (bot.reaper --pid) within
         # about a second, the workers' heartbeat reaper once the heartbeat is stale (LIVE_STALE_S after the
         # kill) if that failed. The harness only watches: it used to reap them itself, so a broken reaper
@@ -546,22 +559,29 @@ class Chaos:
                 await asyncio.sleep(1.0)
             outcomes = {c: await r.hget(f"call:{c}", "outcome") for c in killed}
             reapers: dict[str, str] = {}
+            legs: dict[str, list[str]] = {}  # per killed call, its stream's ends in order (lost leg, then the new one)
             for c in killed:
                 ends = [json.loads(f.get("data") or "{}") for _, f in await r.xrange(f"call:{c}:events")
                         if f.get("type") == "call_ended"]
                 reapers[c] = next((e.get("reaper", "") for e in ends if e.get("outcome") == REAPED), "")
+                legs[c] = [str(e.get("outcome", "")) for e in ends]
             others = await verify_events(r, [c for c in traces if c not in killed], self.bot.logs())
         finally:
             await r.aclose()
         restarted = await _wait(lambda: victim["worker"] in self._worker_pids(), 60)
         checks = {"warmed_up": warmed_up, "killed_worker": victim["worker"], "calls_on_killed": len(killed),
                   "calls_on_survivor": len(survivors),
-                  "survivor_calls_unaffected": surv_ok, "killed_calls_dropped_at_caller": dropped,
+                  "survivor_calls_unaffected": surv_ok, "killed_calls_reconnected": reconnected,
+                  "killed_calls_back_after_s": back_after,
+                  "killed_calls_heard_after_reconnect_ms": {c: traces[c].heard_after_reconnect_ms for c in killed},
+                  "killed_calls_turns_answered_after_kill": answered_after,
+                  "killed_calls_turns": {c: [(round(t - t_kill, 2), v, a) for t, v, a in traces[c].turns] for c in killed},
+                  "killed_calls_ended_by": {c: traces[c].ended_by or traces[c].error for c in killed},
                   "killed_calls_status_before_reap": before,
                   "reaped": sum(1 for o in outcomes.values() if o == REAPED), "reaped_by": reapers,
-                  "killed_calls_outcome": outcomes, "worker_restarted": restarted,
+                  "killed_calls_outcome": outcomes, "killed_calls_ends": legs, "worker_restarted": restarted,
                   "other_calls_events": {k: others[k] for k in ("events_written", "events_found", "duplicates", "missing")}}
-        ok = (bool(killed) and surv_ok is not False and dropped and all(o for o in outcomes.values())
+        ok = (bool(killed) and surv_ok is not False and all(reconnected.values()) and all(o for o in outcomes.values())
               and all(reapers[c] for c, o in outcomes.items() if o == REAPED)
               and restarted and others["events_found"] == others["events_written"])
         return Finding("worker-kill", ok, checks)

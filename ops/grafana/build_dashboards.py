@@ -151,6 +151,11 @@ def voicebot() -> Board:
         "sum by (transport) (rate(voicebot_late_frames_total[5m]))", "{{transport}} late"),
         _q("sum by (transport, direction) (rate(voicebot_audio_frames_total[5m]))", "{{transport}} {{direction}}", "B")],
         w=12, unit="pps")
+    b.panel("Twilio streams ended / min by answer", [_q(
+        "sum by (result) (rate(voicebot_twilio_stream_ends_total[5m])) * 60", "{{result}}")], w=12, unit="cpm",
+        desc="Twilio's <Connect action> after each stream: hangup (the call was over), reconnect (the stream was "
+             "lost with the caller on the line, e.g. a worker died: a new stream on a live worker), gave_up (lost "
+             "three times: the system-error queue)")
     b.panel("SIP messages / s", [_q("sum by (method, result) (rate(voicebot_sip_messages_total[5m]))",
                                     "{{method}} {{result}}")], w=12, unit="reqps")
     b.panel("RTP packets / s", [_q("sum by (direction, result) (rate(voicebot_rtp_packets_total[5m]))",

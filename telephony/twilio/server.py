@@ -30,6 +30,15 @@ log = get_logger("telephony.twilio")
 
 STREAM_PATH = "/twilio/stream"
 TRANSFER_STATUS_PATH = "/twilio/transfer-status"  # a transfer's <Dial>/<Enqueue> action: how it ended
+# the stream's <Connect action>: Twilio asks what next once the stream has ended (the bot hung up, or the stream
+# was lost: a worker died, a draining worker turned it away, the socket broke)
+STREAM_ENDED_PATH = "/twilio/stream-ended"
+LEG_PARAM = "VoicebotLeg"  # <Parameter> on a reconnected stream: which stream of the call it is (2, 3)
+# a call's streams: the first and two reconnections. A call whose streams keep failing is not put through the
+# same failure again: the policy's system-error queue (or its apology when closed), in Twilio's own voice
+MAX_STREAM_LEGS = 3
+# Twilio hangs up once its call is over; its action request then changes nothing
+_CALL_OVER = {"completed", "canceled", "busy", "failed", "no-answer"}
 # <Dial> DialCallStatus / <Enqueue> QueueResult values after which the caller talked to (or left for) a person
 _CONNECTED = {"completed", "answered", "bridged", "bridging-in-process", "hangup", "redirected", "leave"}
 # media messages tolerated before `start` (a real Twilio never sends any) before we hang up
@@ -121,6 +130,13 @@ class TwilioRouteConfig:
     dial_timeout_s: int = 0  # <Dial timeout>: ringing before "no-answer" (0: Twilio's 30 s)
     # (call_sid, status, reached_agent) when Twilio reports how a transfer ended: for the call record
     on_transfer_outcome: Callable[[str, str, bool], None] | None = None
+    # whether a call whose stream ended is over ("hangup": the bot ended it, or the caller) or lost with the
+    # caller still on the line ("reconnect"). None: no call state to ask, and no <Connect action>: the call ends
+    # with its stream, as before
+    stream_end: Callable[[str], Awaitable[str]] | None = None
+    # TwiML for a call whose streams failed MAX_STREAM_LEGS times (the policy's system-error route): (call_sid,
+    # the dial options a transfer from there uses)
+    stream_lost_twiml: Callable[[str, twiml.DialOptions], str] | None = None
 
 
 def _err(kind: str) -> None:
@@ -199,7 +215,68 @@ def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
         if call_id:
             handshakes.answered(call_id)  # a drain starting now still waits for (and takes) this call's stream
         log.info("webhook", call_id=call_id, caller=mask_digits(form.get("From", "")))
-        return Response(twiml.connect_stream(stream_url, params), media_type="application/xml")
+        return Response(twiml.connect_stream(stream_url, params, _stream_ended_url(request, 1)),
+                        media_type="application/xml")
+
+    def _stream_ended_url(request: Request, leg: int) -> str:
+        if cfg.stream_end is None:
+            return ""
+        return cfg.checker.public_url(request.url.scheme, _host(request.headers, request.url.netloc),
+                                      STREAM_ENDED_PATH, f"leg={leg}")
+
+    @router.post(STREAM_ENDED_PATH)
+    async def stream_ended(request: Request) -> Response:
+        """Twilio's <Connect action>: the call's stream has ended. After the bot's own end (goodbye, a transfer,
+        the caller hanging up) the call is hung up; a stream lost with the caller still on the line (its worker
+        died, a draining worker refused it, the socket broke) gets a new one, on whichever worker takes it, up
+        to MAX_STREAM_LEGS: a caller is never dropped in silence because one process went away. Answered while
+        draining too: it is the call of a caller already on the line."""
+        items, refused = await _signed_form(request, cfg, "stream_ended")
+        if items is None:
+            assert refused is not None
+            return refused
+        form = dict(items)
+        call_id = form.get("CallSid", "")
+        leg = _leg(request.url.query)
+        call_status = (form.get("CallStatus") or "").strip().lower()
+        if call_status in _CALL_OVER or not call_id:
+            what = "call_over"
+        else:
+            try:
+                what = await cfg.stream_end(call_id) if cfg.stream_end is not None else "hangup"
+            except Exception as exc:  # noqa: BLE001 - without call state the caller still gets an answer
+                log.warning("stream_end_unknown", call_id=call_id, error=repr(exc)[:200])
+                what = "reconnect"
+        if what == "reconnect" and leg >= MAX_STREAM_LEGS:
+            what = "gave_up"
+        metrics.TWILIO_STREAM_ENDS.labels(what).inc()
+        if what == "reconnect":
+            _err("stream_lost")
+            host = _host(request.headers, request.url.netloc)
+            params = {k: form.get(k, "") for k in ("From", "To", "CallSid", "Direction")}
+            params[STREAM_TOKEN_PARAM] = cfg.checker.stream_token(call_id)
+            params[LEG_PARAM] = str(leg + 1)
+            handshakes.answered(call_id)
+            log.warning("stream_reconnecting", call_id=call_id, leg=leg + 1)
+            return Response(twiml.connect_stream(cfg.checker.stream_url(host, STREAM_PATH, ""), params,
+                                                 _stream_ended_url(request, leg + 1)),
+                            media_type="application/xml")
+        if what == "gave_up":
+            _err("stream_gave_up")
+            log.error("stream_lost_gave_up", call_id=call_id, legs=leg)
+            body = twiml.apologize_and_hang_up(twiml.STREAM_LOST_TEXT)
+            if cfg.stream_lost_twiml is not None:
+                host = _host(request.headers, request.url.netloc)
+                dial = twiml.DialOptions(action_url=cfg.checker.public_url(request.url.scheme, host,
+                                                                           TRANSFER_STATUS_PATH, ""),
+                                         caller_id=cfg.dial_caller_id, timeout_s=cfg.dial_timeout_s)
+                try:
+                    body = cfg.stream_lost_twiml(call_id, dial)
+                except Exception:  # noqa: BLE001 - the apology in Twilio's voice, never an error page
+                    log.exception("stream_lost_route_failed", call_id=call_id)
+            return Response(body, media_type="application/xml")
+        log.info("stream_ended", call_id=call_id, leg=leg, result=what)
+        return Response(twiml.hangup(), media_type="application/xml")
 
     @router.post(TRANSFER_STATUS_PATH)
     async def transfer_status(request: Request) -> Response:
@@ -242,6 +319,13 @@ def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
         await _run_stream(ws, on_call, cfg, dial, handshakes, draining)
 
     return router
+
+
+def _leg(query: str) -> int:
+    """Which stream of its call ended (the action URL's leg=N). Anything else counts as the last one: a URL
+    nobody signed cannot get here, so a garbled one is ours, and it must not start a reconnection loop."""
+    raw = dict(parse_qsl(query)).get("leg", "")
+    return int(raw) if raw.isdigit() and 1 <= int(raw) <= MAX_STREAM_LEGS else MAX_STREAM_LEGS
 
 
 def _answered_call(cfg: TwilioRouteConfig, token: str | None, served_here: bool) -> bool:
@@ -376,8 +460,11 @@ async def _run_stream(ws: WebSocket, on_call: OnCall, cfg: TwilioRouteConfig, di
                         break
                     # answered before the drain (or by another worker): the caller is on the line, keep the call
                     log.info("stream_admitted_draining", call_id=m.start.call_sid, served_here=served_here)
+                raw_leg = custom.pop(LEG_PARAM, "1")
                 start = dataclasses.replace(m.start, custom=custom)
                 bridge = TwilioCallBridge(start, ws.send_text, close, cfg.rest, cfg.lead_ms, dial)
+                # signed with the stream's token by our own TwiML: still bounded, a bad value is a first stream
+                bridge.info.leg = int(raw_leg) if raw_leg.isdigit() and 1 <= int(raw_leg) <= MAX_STREAM_LEGS else 1
                 if early_media:
                     bridge.report_error("media_before_start", f"{early_media} frames")
                 bridge.answered_before_drain = draining()

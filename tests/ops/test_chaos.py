@@ -45,6 +45,8 @@ def test_redis_faults_and_worker_kill_lose_no_events(tmp_path: Path) -> None:
     assert k["survivor_calls_unaffected"] is (None if k["calls_on_survivor"] == 0 else True), k
     assert k["calls_on_killed"] >= 1 and k["worker_restarted"], k
     assert all(o for o in k["killed_calls_outcome"].values()), k  # every killed call closed with an outcome
+    # ... and its caller was not dropped: Twilio's <Connect action> got a new stream on a live worker, answered
+    assert k["killed_calls_reconnected"] and all(k["killed_calls_reconnected"].values()), k
     # ... by the bot itself (the supervisor's reaper, or the workers' heartbeat reaper; the harness only watches)
     assert all(k["reaped_by"][c] for c, o in k["killed_calls_outcome"].items() if o == OUTCOME), k
     assert k["other_calls_events"]["events_found"] == k["other_calls_events"]["events_written"], k
