@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -21,7 +22,7 @@ import structlog
 
 from bot.conversation_audio import CallerAudio, level_dbfs, render
 from bot.conversation_policy import CallPolicy
-from bot.state import CallStore
+from bot.state import CallStore, call_key
 from bot.turns import TurnDetector, TurnEvent, TurnParams
 from bot.turns_vad import BatchedVad
 from engine.types import Understanding
@@ -49,6 +50,7 @@ SHUTDOWN_STYLE = "calm"
 # said when a call reaches BOT_MAX_CALL_S (a policy may word it: prompt `max_duration`); it used to end in silence
 # a Twilio call back on a new stream after its previous one was lost (its worker died): instead of the greeting
 RECONNECTED_TEXT = "Sorry, we were cut off for a moment. How can I help you?"
+RECONNECTED_PENDING_TEXT = "Sorry, we were cut off."  # ... then the question the caller had not answered yet
 MAX_DURATION_TEXT = "I'm sorry, this call has reached its time limit. Please call us back. Goodbye."
 SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
@@ -129,6 +131,9 @@ class Conversation:
         self.transport = self.info.transport
         self.log = get_logger("bot.conversation", call_id=self.call_id)
         self.policy = services.new_policy(self.info)
+        # the call's progress in its record after every decision: a new stream on another worker carries on
+        self.policy.on_change = lambda snap: self.s.store.update(self.call_id,
+                                                                 policy_state=json.dumps(snap, default=str))
         self.detector = TurnDetector(services.turn_params)
         self.audio = CallerAudio()
         self._q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -177,10 +182,18 @@ class Conversation:
         vad_stream = s.vad.open(self._on_vad)
         reader = asyncio.get_running_loop().create_task(self._read(vad_stream))
         try:
-            greeting = self.policy.greeting()
-            # a call back after its stream was lost: the caller was mid-conversation, not just dialling in
-            text = self._policy_prompt("reconnected", RECONNECTED_TEXT) if leg > 1 else greeting.prompt
-            self._say(text, greeting.style, "greeting", started_t=started_t)
+            if leg > 1 and await self._restore_progress():
+                # back after a lost stream, where the call was: the unanswered question asked again
+                q = self.policy.pending_question()
+                text, style = ((f"{self._policy_prompt('reconnected_pending', RECONNECTED_PENDING_TEXT)} {q.prompt}",
+                                q.style) if q is not None else
+                               (self._policy_prompt("reconnected", RECONNECTED_TEXT), "neutral"))
+            else:
+                greeting = self.policy.greeting()
+                # a call back after its stream was lost: the caller was mid-conversation, not just dialling in
+                text = self._policy_prompt("reconnected", RECONNECTED_TEXT) if leg > 1 else greeting.prompt
+                style = greeting.style
+            self._say(text, style, "greeting", started_t=started_t)
             await asyncio.wait_for(self._main(), timeout=self.cfg.max_call_s)
         except asyncio.TimeoutError:
             self._set_outcome("max_duration")
@@ -215,6 +228,23 @@ class Conversation:
             self.log.info("call_ended", outcome=outcome, turns=self._turn_n,
                           duration_s=round(time.monotonic() - self._t0, 3))
         return self.outcome or "unknown"
+
+    async def _restore_progress(self) -> bool:
+        """A resumed leg: the policy state, request and transcript the lost leg kept in the record. Bounded (the
+        caller is waiting for the bot to speak); anything unreadable or from a policy that no longer fits starts
+        the conversation afresh."""
+        try:
+            raw = await asyncio.wait_for(self.s.store.r.hget(call_key(self.call_id), "policy_state"), 0.5)
+            snap = json.loads(raw) if raw else None
+        except Exception as exc:  # noqa: BLE001 - Redis slow or down, a garbled value: start afresh
+            self.log.warning("progress_unreadable", error=repr(exc)[:200])
+            snap = None
+        ok = bool(snap) and self.policy.restore(snap)
+        q = self.policy.pending_question() if ok else None
+        self.s.store.event(self.call_id, "progress_restored", restored=ok, pending=q.action if q else None,
+                           turns_before=self.policy.state.turn if ok else 0)
+        self.log.info("progress_restored", restored=ok, pending=q.action if q else None)
+        return ok
 
     def _set_outcome(self, outcome: str) -> None:
         if self.outcome is None:

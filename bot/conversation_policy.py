@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Any
+from typing import Any, Callable
 
 from engine.types import Understanding
 from policies import decide as pd
 from policies.decision import Decision
+
+
+MAX_CARRIED = 20  # transcript lines carried to a resumed leg (the human agent's context), the latest
 
 
 def load_local_policy(path: str = "") -> Any:
@@ -31,6 +34,9 @@ class CallPolicy:
         self.last_decision: Decision | None = None
         self.request: tuple[str, dict[str, Any]] | None = None  # the unresolved request: intent, its values
         self.heard_intent: str | None = None  # the last catalog intent the caller's words carried (not yes/no)
+        # told the call's progress after every decision (kept in the call's record: a Twilio call whose stream is
+        # lost carries on where it was on the worker that takes its new stream)
+        self.on_change: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def no_input_s(self) -> float:
@@ -42,7 +48,47 @@ class CallPolicy:
         d, self.state = pd.step(self.policy, state, inp)
         self.last_decision = d
         self._track_request(d)
+        if self.on_change is not None:
+            self.on_change(self.snapshot())
         return d
+
+    def snapshot(self) -> dict[str, Any]:
+        """The call's progress as JSON-ready data: the policy state, the request in progress, what was said."""
+        return {"version": self.version, "state": self.state.to_dict(), "transcript": self.transcript[-MAX_CARRIED:],
+                "request": list(self.request) if self.request else None, "heard_intent": self.heard_intent}
+
+    def restore(self, snap: Any) -> bool:
+        """Carry on from another worker's snapshot of this call. Refused (False, fresh state kept) when it is not
+        one, or names an intent or queue this policy does not have (a publish since: the question cannot be
+        asked again as it was)."""
+        try:
+            state = pd.CallState.from_dict(snap["state"])
+            request = snap.get("request")
+            request = (str(request[0]), dict(request[1])) if request else None
+            transcript = [str(t) for t in (snap.get("transcript") or [])]
+            heard = snap.get("heard_intent")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            return False
+        intents = {i for i in (request[0] if request else None, heard, state.last.intent if state.last else None,
+                               *(p.intent for p in (state.pending_confirm, state.pending_collect) if p),
+                               state.interrupted.intent if state.interrupted else None,
+                               *(state.pending_clarify or ())) if i}
+        queues = {q for q in (state.pending_confirm.queue if state.pending_confirm else None,
+                              state.last.target if state.last else None) if q}
+        if not intents <= set(self.policy.intents) or not queues <= set(self.policy.queues):
+            return False
+        self.state, self.request, self.transcript, self.heard_intent = state, request, transcript, heard
+        self.last_decision = state.last
+        return True
+
+    def pending_question(self) -> Decision | None:
+        """The question the caller had been asked and not answered yet (a confirmation, a value, an either-or,
+        the keypad menu), to ask again after the line was lost; None when nothing was pending."""
+        st, last = self.state, self.state.last
+        waiting = st.pending_confirm or st.pending_collect or st.pending_clarify or st.menu_active
+        if last is None or not waiting or last.action not in ("confirm", "collect", "clarify", "dtmf_menu"):
+            return None
+        return last
 
     def greeting(self) -> Decision:
         return self._step(pd.CallStart())

@@ -153,6 +153,35 @@ class CallState:
         d["now"] = self.now.isoformat()
         return d
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CallState":
+        """Inverse of to_dict() (a JSON round trip: a Twilio call resumed on another worker carries on where
+        it was). Raises ValueError/TypeError/KeyError on a document that is not one."""
+
+        def pending(v: Any) -> Pending | None:
+            return None if v is None else Pending(v["intent"], dict(v.get("slots") or {}), v.get("queue"),
+                                                  bool(v.get("read_back")))
+
+        def resume(v: Any) -> Resume | None:
+            return None if v is None else Resume(str(v["intent"]), dict(v.get("slots") or {}), bool(v.get("read_back")))
+
+        last = d.get("last")
+        decision = None if last is None else Decision(
+            str(last["action"]), str(last.get("prompt") or ""), last.get("target"), str(last.get("reason") or ""),
+            last.get("intent"), dict(last.get("slots") or {}), str(last.get("style") or "neutral"),
+            tuple(last.get("options") or ()), resume(last.get("resume")))
+        clarify = d.get("pending_clarify")
+        return cls(
+            now=dt.datetime.fromisoformat(str(d["now"])), turn=int(d.get("turn", 0)),
+            failures=int(d.get("failures", 0)), stalls=int(d.get("stalls", 0)), no_inputs=int(d.get("no_inputs", 0)),
+            pending_confirm=pending(d.get("pending_confirm")),
+            pending_clarify=None if clarify is None else (str(clarify[0]), str(clarify[1])),
+            pending_collect=pending(d.get("pending_collect")), interrupted=resume(d.get("interrupted")),
+            collected=dict(d.get("collected") or {}), offered=dict(d.get("offered") or {}),
+            dtmf_digits=str(d.get("dtmf_digits") or ""), menu_active=bool(d.get("menu_active")), last=decision,
+            engine_error=bool(d.get("engine_error")), redis_error=bool(d.get("redis_error")),
+            ended=bool(d.get("ended")))
+
 
 # -- prompts ------------------------------------------------------------------------------------
 

@@ -438,3 +438,36 @@ async def test_stream_ended_answers(bot: BotServer) -> None:
     m = bot.metrics()
     for result in ("reconnect", "gave_up", "call_over", "hangup"):
         assert metric_value(m, "voicebot_twilio_stream_ends_total", {"result": result}) >= 1, result
+
+
+async def test_a_lost_stream_carries_on_where_the_call_was(bot: BotServer) -> None:
+    """The line goes while the bot waits for a yes to its read-back: on the new stream the caller hears that
+    question again (not "how can I help you"), and their "yes" pays exactly the amount read back."""
+    from bot.conversation import RECONNECTED_PENDING_TEXT
+
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.4, timeout_s=20)
+    turn = await caller.say(synth("I'd like to pay forty dollars"), wait_reply_s=12, quiet_s=0.4)
+    assert turn.v2v_ms is not None, turn
+    before = call_record(bot.redis_url, caller.call_sid)["events"]
+    asked = [e for e in before if e["type"] == "turn"][-1]["decision"]
+    assert (asked["action"], asked["reason"]) == ("confirm", "read_back"), asked
+    caller.drop_stream()
+    deadline = time.monotonic() + 20
+    while caller.result.reconnects < 1 and not caller.ended and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert caller.result.reconnects == 1, caller.result.final_twiml
+    assert await caller.wait_bot_quiet(quiet_s=0.4, timeout_s=20)
+    turn = await caller.say(synth("yes"), wait_reply_s=12, quiet_s=0.4)
+    assert turn.v2v_ms is not None, turn
+    await caller.hangup()
+    events = (await wait_outcome(bot.redis_url, caller.call_sid))["events"]
+    resumed = [e["type"] for e in events].index("call_resumed")
+    restored = [e for e in events[resumed:] if e["type"] == "progress_restored"]
+    assert restored and restored[0]["restored"] and restored[0]["pending"] == "confirm", restored
+    greeting = [e for e in events[resumed:] if e["type"] == "prompt_heard" and e["kind"] == "greeting"][0]
+    assert greeting["text"] == f"{RECONNECTED_PENDING_TEXT} {asked['prompt']}", greeting
+    yes = [e for e in events[resumed:] if e["type"] == "turn"][0]
+    assert yes["intent"] == "affirm", yes
+    assert (yes["decision"]["action"], yes["decision"]["reason"]) == ("answer", "confirmed"), yes
+    assert yes["decision"]["slots"] == asked["slots"]  # what was read back before the line went is what is paid
