@@ -428,6 +428,11 @@ async def _stream_end(app: FastAPI, call_sid: str) -> str:
         if ending:
             return "hangup"  # the bot is hanging up (recorded before it closed the socket)
         if time.monotonic() >= deadline:
+            # its worker never ended it: dead (or stuck). The lost leg is closed now, before the new one starts
+            from bot.reaper import close_lost_leg
+
+            await asyncio.wait_for(close_lost_leg(store.r, call_sid, reaper=f"{store.worker}-stream-end",
+                                                 ttl_s=store.ttl_s), 2.0)
             return "reconnect"
         await asyncio.sleep(0.1)
 

@@ -51,6 +51,9 @@ SHUTDOWN_STYLE = "calm"
 # a Twilio call back on a new stream after its previous one was lost (its worker died): instead of the greeting
 RECONNECTED_TEXT = "Sorry, we were cut off for a moment. How can I help you?"
 RECONNECTED_PENDING_TEXT = "Sorry, we were cut off."  # ... then the question the caller had not answered yet
+# a SIP call taken over by a new leg (INVITE with Replaces: attended transfer back to the bot, call pickup)
+RESUMED_TEXT = "Thanks for waiting. How can I help you?"
+RESUMED_PENDING_TEXT = "Thanks for waiting."  # ... then the question the caller had not answered yet
 MAX_DURATION_TEXT = "I'm sorry, this call has reached its time limit. Please call us back. Goodbye."
 SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
@@ -169,9 +172,12 @@ class Conversation:
         metrics.CALLS_STARTED.labels(self.transport).inc()
         metrics.ACTIVE_CALLS.labels(self.transport).inc()
         leg = int(getattr(self.info, "leg", 1) or 1)
+        replaces = str(getattr(self.info, "resumes", "") or "")
+        extra = {k: v for k, v in self.info.params.items() if k in ("stream_sid", "account_sid")}
+        if replaces:
+            extra["replaces"] = replaces
         s.store.start_call(self.call_id, self.transport, self.info.caller, self.info.called,
-                           str(self.policy.version), extra={k: v for k, v in self.info.params.items()
-                                                            if k in ("stream_sid", "account_sid")}, leg=leg)
+                           str(self.policy.version), extra=extra, leg=leg)
         s.store.subscribe(self.call_id, lambda ok: self._q.put_nowait(("state", ok)))
         set_sink = getattr(self.bridge, "set_error_sink", None)
         if set_sink is not None:
@@ -182,17 +188,7 @@ class Conversation:
         vad_stream = s.vad.open(self._on_vad)
         reader = asyncio.get_running_loop().create_task(self._read(vad_stream))
         try:
-            if leg > 1 and await self._restore_progress():
-                # back after a lost stream, where the call was: the unanswered question asked again
-                q = self.policy.pending_question()
-                text, style = ((f"{self._policy_prompt('reconnected_pending', RECONNECTED_PENDING_TEXT)} {q.prompt}",
-                                q.style) if q is not None else
-                               (self._policy_prompt("reconnected", RECONNECTED_TEXT), "neutral"))
-            else:
-                greeting = self.policy.greeting()
-                # a call back after its stream was lost: the caller was mid-conversation, not just dialling in
-                text = self._policy_prompt("reconnected", RECONNECTED_TEXT) if leg > 1 else greeting.prompt
-                style = greeting.style
+            text, style = await self._opening(leg, replaces)
             self._say(text, style, "greeting", started_t=started_t)
             await asyncio.wait_for(self._main(), timeout=self.cfg.max_call_s)
         except asyncio.TimeoutError:
@@ -229,12 +225,31 @@ class Conversation:
                           duration_s=round(time.monotonic() - self._t0, 3))
         return self.outcome or "unknown"
 
-    async def _restore_progress(self) -> bool:
-        """A resumed leg: the policy state, request and transcript the lost leg kept in the record. Bounded (the
-        caller is waiting for the bot to speak); anything unreadable or from a policy that no longer fits starts
-        the conversation afresh."""
+    async def _opening(self, leg: int, replaces: str) -> tuple[str, str]:
+        """What the bot says first: the greeting; or, for a call that was already under way (a Twilio call back
+        on a new stream, leg 2+; a SIP leg that replaced the bot's earlier leg), a word about it and the question
+        the caller had not answered yet, with the conversation carried on from where it was."""
+        if leg > 1:
+            keys = ("reconnected", RECONNECTED_TEXT, "reconnected_pending", RECONNECTED_PENDING_TEXT)
+        elif replaces:
+            keys = ("resumed", RESUMED_TEXT, "resumed_pending", RESUMED_PENDING_TEXT)
+        else:
+            greeting = self.policy.greeting()
+            return greeting.prompt, greeting.style
+        if await self._restore_progress(self.call_id if leg > 1 else replaces):
+            q = self.policy.pending_question()
+            if q is not None:
+                return f"{self._policy_prompt(keys[2], keys[3])} {q.prompt}", q.style
+            return self._policy_prompt(keys[0], keys[1]), "neutral"
+        greeting = self.policy.greeting()  # nothing to carry on from: a fresh conversation, said so
+        return self._policy_prompt(keys[0], keys[1]), greeting.style
+
+    async def _restore_progress(self, source: str) -> bool:
+        """The policy state, request and transcript the earlier leg (`source`: this call id for a Twilio leg, the
+        replaced call's for a SIP Replaces) kept in its record. Bounded (the caller is waiting for the bot to
+        speak); anything unreadable or from a policy that no longer fits starts the conversation afresh."""
         try:
-            raw = await asyncio.wait_for(self.s.store.r.hget(call_key(self.call_id), "policy_state"), 0.5)
+            raw = await asyncio.wait_for(self.s.store.r.hget(call_key(source), "policy_state"), 0.5)
             snap = json.loads(raw) if raw else None
         except Exception as exc:  # noqa: BLE001 - Redis slow or down, a garbled value: start afresh
             self.log.warning("progress_unreadable", error=repr(exc)[:200])
@@ -242,7 +257,8 @@ class Conversation:
         ok = bool(snap) and self.policy.restore(snap)
         q = self.policy.pending_question() if ok else None
         self.s.store.event(self.call_id, "progress_restored", restored=ok, pending=q.action if q else None,
-                           turns_before=self.policy.state.turn if ok else 0)
+                           turns_before=self.policy.state.turn if ok else 0, **({"from_call": source}
+                                                                                 if source != self.call_id else {}))
         self.log.info("progress_restored", restored=ok, pending=q.action if q else None)
         return ok
 

@@ -133,6 +133,17 @@ async def _close_one(r: Any, cid: str, now: float, last_seen: float | None, reap
         return False
 
 
+async def close_lost_leg(r: Any, cid: str, reaper: str, ttl_s: int | None = None) -> bool:
+    """Close a call whose Twilio stream Twilio reported gone while its worker never ended it (dead, or too stuck
+    to notice): answering Twilio with a new stream for the same call, the lost leg gets its own end first,
+    `worker_lost` as a reaper would write it, instead of waiting for one (or for none: a reaper looking after
+    the new leg has started refuses it). The TTL is set as for any ended call (the caller may hang up before
+    the new stream starts); a new leg sets it again."""
+    now = await redis_time(r)
+    last_seen = await r.zscore(LIVE, cid)
+    return await _close_one(r, cid, now, float(last_seen) if last_seen is not None else None, reaper, ttl_s)
+
+
 async def reap_worker(r: Any, worker: str, pid: int, reaper: str = "supervisor",
                       ttl_s: int | None = None) -> list[str]:
     """Close at once the calls of one worker process known to be dead (its supervisor saw it exit): those

@@ -573,7 +573,8 @@ def _semantic_errors(p: Policy, lenient: bool = False) -> list[tuple[Path_, str]
 _RAW_PROMPTS = ("filler", "apology", "apology_closed", "reprompt", "denied", "no_context", "out_of_scope",
                 "still_there", "slot_retry", "dtmf_invalid", "value_denied", "anything_else",
                 "goodbye_unconfirmed", "resume_after_callback", "shutdown", "shutdown_transfer",
-                "shutdown_transfer_failed", "max_duration", "reconnected", "reconnected_pending")
+                "shutdown_transfer_failed", "max_duration", "reconnected", "reconnected_pending",
+                "resumed", "resumed_pending")
 # Said after a callback offer, with its closed queue known: {opens} is filled ("tomorrow at 8 a.m.").
 _CLOSED_PROMPTS = ("callback_done", "callback_declined")
 

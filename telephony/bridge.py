@@ -66,6 +66,8 @@ class CallInfo:
     # 2+: the same call back on a new stream after its previous one was lost (Twilio <Connect action>): the
     # conversation resumes in the call's record instead of starting a new one
     leg: int = 1
+    # the call id whose conversation this leg takes over (SIP INVITE with Replaces: attended transfer, pickup)
+    resumes: str = ""
 
 
 class CallBridge(abc.ABC):

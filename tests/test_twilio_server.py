@@ -435,6 +435,22 @@ async def test_stream_ended_answers(bot: BotServer) -> None:
         res = await client.post(f"{base}?leg=1", data=done, headers=signed(f"{base}?leg=1", done))
         assert ElementTree.fromstring(res.text).find("./Hangup") is not None, res.text
     assert any(e["type"] == "stream_lost" for e in call_record(bot.redis_url, "CAlost3")["events"])
+    # a call still active on a worker that never ends it (dead): after the settle wait its lost leg is closed
+    # worker_lost right there, then the call gets its new stream
+    r.hset("call:CAorphan", mapping={"status": "active", "outcome": "", "worker": "gone-w0", "worker_pid": "999999"})
+    r.hset("calls:live:info", "CAorphan", json.dumps({"worker": "gone-w0", "pid": 999999, "transport": "twilio"}))
+    r.zadd("calls:live", {"CAorphan": time.time() - 3})
+    orphan = {**form, "CallSid": "CAorphan"}
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=10) as client:
+        res = await client.post(f"{base}?leg=1", data=orphan, headers=signed(f"{base}?leg=1", orphan))
+    assert ElementTree.fromstring(res.text).find("./Connect/Stream") is not None, res.text
+    assert time.monotonic() - t0 >= 1.9  # it waited for an end that never came
+    got = call_record(bot.redis_url, "CAorphan")
+    (ended,) = [e for e in got["events"] if e["type"] == "call_ended"]
+    assert ended["outcome"] == "worker_lost" and ended["reaper"].endswith("-stream-end"), ended
+    assert got["record"]["status"] == "ended" and r.zscore("calls:live", "CAorphan") is None
+    assert 0 < r.ttl("call:CAorphan") and 0 < r.ttl("call:CAorphan:events")  # expires if no new leg comes
     m = bot.metrics()
     for result in ("reconnect", "gave_up", "call_over", "hangup"):
         assert metric_value(m, "voicebot_twilio_stream_ends_total", {"result": result}) >= 1, result

@@ -676,6 +676,8 @@ class SipServer:
                                               local_ip_for(peer.addr[0]))
         tag = new_tag()
         call = SipCall(self, msg, peer, tag, local_ip)
+        if replaced is not None:
+            call.info.resumes = replaced.call_id  # the conversation carries on on the new leg
         self.respond(msg, peer, 100)
         self._pending[msg.branch] = call
         try:

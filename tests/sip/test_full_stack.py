@@ -163,3 +163,55 @@ async def test_caller_holding_the_bot_is_not_asked_are_you_still_there(redis_url
     assert got["record"]["outcome"] == "caller_hangup", got["record"]
     assert not [e for e in got["events"] if e["type"] == "no_input"]
     assert not [e for e in got["events"] if e.get("marks_missing")]
+
+
+async def test_a_replacing_leg_carries_on_the_conversation(redis_url: str, tmp_path: Path) -> None:
+    """Attended transfer or pickup onto a bot call (INVITE with Replaces naming the bot's dialog): the new leg
+    takes the conversation over where it was. The read-back the caller had not answered yet is asked again
+    ("Thanks for waiting. That's a payment of ... is that right?"), not the greeting; the old leg ends `replaced`
+    and the new record names it."""
+    from bot.conversation import RESUMED_PENDING_TEXT
+    from telephony.sip.uac import SipCaller
+
+    from .test_qa_media_dialogs import _ack, _final, _rtp_sock, _sdp
+    from .test_server import RawUdp
+
+    sip_port = free_port_both()
+    env = {"BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "60",
+           "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port)}
+    (tmp_path / "bot").mkdir()
+    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env)
+    server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")
+    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)
+    caller = SipCaller("127.0.0.1", sip_port)
+    await caller.open()
+    raw = RawUdp()
+    media = _rtp_sock("127.0.0.1")
+    try:
+        assert await caller.invite() == 200
+        await caller.wait_bot_quiet(quiet_s=0.6, max_s=20)
+        await caller.play(synth("I'd like to pay forty dollars"), "pay")
+        asked = (await _wait_events(server.redis_url, caller.call_id, "turn", 1, 40))[0]["decision"]
+        assert (asked["action"], asked["reason"]) == ("confirm", "read_back"), asked
+        extra = (f"Content-Type: application/sdp\r\nContact: <sip:raw@127.0.0.1:{raw.port}>\r\n"
+                 f"Replaces: {caller.call_id};to-tag={caller.to_tag};from-tag={caller.from_tag}\r\n"
+                 "Require: replaces\r\n")
+        raw.sock.sendto(raw.request("INVITE", sip_port, extra, _sdp("127.0.0.1", media.getsockname()[1]),
+                                    call_id="repl-e2e-1"), ("127.0.0.1", sip_port))
+        ok = await _final(raw, timeout=10)
+        assert ok.status == 200
+        _ack(raw, sip_port, ok, "repl-e2e-1", 1)
+        await asyncio.wait_for(caller.ended.wait(), 10)  # the replaced leg got the bot's BYE
+        restored = (await _wait_events(server.redis_url, "repl-e2e-1", "progress_restored", 1, 20))[0]
+        assert restored["restored"] and restored["pending"] == "confirm", restored
+        assert restored["from_call"] == caller.call_id
+        heard = await _wait_events(server.redis_url, "repl-e2e-1", "prompt_heard", 1, 30)
+        assert heard[0]["kind"] == "greeting" and heard[0]["text"] == f"{RESUMED_PENDING_TEXT} {asked['prompt']}"
+        old = await wait_outcome(server.redis_url, caller.call_id, timeout_s=20)
+        assert old["record"]["outcome"] == "replaced", old["record"]
+        assert call_record(server.redis_url, "repl-e2e-1")["record"]["replaces"] == caller.call_id
+    finally:
+        caller.close()
+        raw.close()
+        media.close()
+        server.stop()

@@ -170,6 +170,7 @@ async def test_invite_with_replaces_takes_over_the_call(make_server, sip_setting
         await wait_until(lambda: handler.calls[0]["ended"] is not None and len(handler.calls) == 2, 5)
         assert handler.calls[0]["ended"] == "replaced"
         assert handler.calls[1]["bridge"].state == "confirmed"
+        assert handler.calls[1]["bridge"].info.resumes == first.call_id  # the conversation carries on there
         # 420 is still the answer to extensions we do not have
         other = raw.request("INVITE", srv.port, extra + "Require: 100rel\r\n", sdp, call_id="qa-repl-2")
         resp = await raw.exchange(other, srv.port)
