@@ -47,13 +47,13 @@ SHUTDOWN_TEXT = "I'm sorry, I have to end this call now. Please call us back."
 SHUTDOWN_TRANSFER_TEXT = "Sorry, I have to transfer you now."
 SHUTDOWN_TRANSFER_FAILED_TEXT = "Sorry, I couldn't transfer you. Please call back."
 SHUTDOWN_STYLE = "calm"
-# said when a call reaches BOT_MAX_CALL_S (a policy may word it: prompt `max_duration`); it used to end in silence
 # a Twilio call back on a new stream after its previous one was lost (its worker died): instead of the greeting
 RECONNECTED_TEXT = "Sorry, we were cut off for a moment. How can I help you?"
 RECONNECTED_PENDING_TEXT = "Sorry, we were cut off."  # ... then the question the caller had not answered yet
 # a SIP call taken over by a new leg (INVITE with Replaces: attended transfer back to the bot, call pickup)
 RESUMED_TEXT = "Thanks for waiting. How can I help you?"
 RESUMED_PENDING_TEXT = "Thanks for waiting."  # ... then the question the caller had not answered yet
+# said when a call reaches BOT_MAX_CALL_S (a policy may word it: prompt `max_duration`); it used to end in silence
 MAX_DURATION_TEXT = "I'm sorry, this call has reached its time limit. Please call us back. Goodbye."
 SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
