@@ -449,6 +449,7 @@ def _stream_lost_twiml(app: FastAPI, call_sid: str, dial: Any) -> str:
 
     policy = app.state.policy_holder()[1]
     d = system_error_route(policy, "stream_lost")
+    metrics.POLICY_DECISIONS.labels(d.action, d.reason).inc()
     store = getattr(app.state, "call_store", None)
     if store is not None:
         store.late_event(call_sid, "stream_lost", action=d.action, target=d.target or "")

@@ -57,6 +57,7 @@ Reason = Literal[
     "goodbye",  # the caller is done (or declined a callback)
     "anything_else",  # "yes" to "Anything else?": asked what else, not a failed turn
     "resumed",  # "no" to a new request that interrupted a collection: its question asked again, values kept
+    "stream_lost",  # a Twilio call lost its media stream too often: system-error route (system_error_route)
 ]
 REASONS: tuple[str, ...] = get_args(Reason)
 
@@ -488,7 +489,7 @@ def say_zone(when: dt.datetime) -> str:
     return f"UTC {'plus' if minutes > 0 else 'minus'} {h}" + (f":{m:02d}" if m else "")
 
 
-def system_error_route(policy: Policy, reason: str, now: dt.datetime | None = None) -> Decision:
+def system_error_route(policy: Policy, reason: Reason, now: dt.datetime | None = None) -> Decision:
     """Where a call goes when the bot itself cannot carry it on (a Twilio call whose streams kept failing): the
     escalation rule `system_error`'s queue with its apology, or the apology and goodbye when that queue is closed."""
     return _system_error(policy, CallState(now=now or _utcnow()), reason)

@@ -22,6 +22,7 @@ from policies.decide import (
     decide,
     next_state,
     step,
+    system_error_route,
 )
 from policies.decision import ACTIONS, Decision
 from policies.schema import Policy, load_policy, parse_policy
@@ -188,8 +189,19 @@ def test_table_covers_every_action_and_reason() -> None:
         for d in run(inputs, now, policy)[0]:
             seen_actions.add(d.action)
             seen_reasons.add(d.reason)
+    # outside decide(): a Twilio call whose streams kept failing (telephony/twilio/server.py, bot/app.py)
+    seen_reasons.add(system_error_route(POLICY, "stream_lost", OPEN).reason)
     assert seen_actions == set(ACTIONS)
     assert seen_reasons == set(REASONS)
+
+
+def test_system_error_route_for_a_call_whose_stream_keeps_failing() -> None:
+    """The system_error rule's queue with its apology when open; closed, the apology and goodbye."""
+    rule = POLICY.escalation.system_error
+    d = system_error_route(POLICY, "stream_lost", OPEN)
+    assert (d.action, d.reason, d.target) == ("transfer", "stream_lost", rule.queue) and d.prompt, d
+    night = system_error_route(POLICY, "stream_lost", NIGHT)
+    assert night.action in ("hangup", "transfer") and night.prompt, night
 
 
 def test_prompts_render_slots_and_labels() -> None:
