@@ -22,7 +22,7 @@ import structlog
 
 from bot.conversation_audio import CallerAudio, level_dbfs, render
 from bot.conversation_policy import CallPolicy
-from bot.state import CallStore, call_key
+from bot.state import CallStore, call_key, finite_float
 from bot.turns import TurnDetector, TurnEvent, TurnParams
 from bot.turns_vad import BatchedVad
 from engine.types import Understanding
@@ -162,6 +162,7 @@ class Conversation:
         self._transferring = False  # the transport has been asked to move the call (REST / REFER in flight)
         self._bridge_ended = asyncio.Event()  # the transport's CallEnded has arrived
         self._t0 = time.monotonic()
+        self._first_started_at: float | None = None  # a resumed leg: when the call's first leg started (unix s)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> str:
@@ -217,8 +218,11 @@ class Conversation:
                     h.cancel()
             reader.cancel()
             outcome = self.outcome or "unknown"
-            s.store.end_call(self.call_id, outcome, duration_s=round(time.monotonic() - self._t0, 3),
-                             turns=self._turn_n)
+            leg_s = round(time.monotonic() - self._t0, 3)
+            # a resumed call's duration is the caller's, from its first leg; this leg's own is kept beside it
+            whole = {"duration_s": round(max(leg_s, time.time() - self._first_started_at), 3),
+                     "leg_duration_s": leg_s} if self._first_started_at is not None else {"duration_s": leg_s}
+            s.store.end_call(self.call_id, outcome, turns=self._turn_n, **whole)
             metrics.ACTIVE_CALLS.labels(self.transport).dec()
             metrics.CALLS_TOTAL.labels(self.transport, outcome).inc()
             self.log.info("call_ended", outcome=outcome, turns=self._turn_n,
@@ -249,7 +253,10 @@ class Conversation:
         replaced call's for a SIP Replaces) kept in its record. Bounded (the caller is waiting for the bot to
         speak); anything unreadable or from a policy that no longer fits starts the conversation afresh."""
         try:
-            raw = await asyncio.wait_for(self.s.store.r.hget(call_key(source), "policy_state"), 0.5)
+            raw, started = await asyncio.wait_for(
+                self.s.store.r.hmget(call_key(source), "policy_state", "started_at"), 0.5)
+            if source == self.call_id:
+                self._first_started_at = finite_float(started)  # unreadable: the leg's own duration
             snap = json.loads(raw) if raw else None
         except Exception as exc:  # noqa: BLE001 - Redis slow or down, a garbled value: start afresh
             self.log.warning("progress_unreadable", error=repr(exc)[:200])

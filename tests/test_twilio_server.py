@@ -360,6 +360,8 @@ async def test_a_lost_stream_comes_back_and_the_call_goes_on(bot: BotServer) -> 
     rec, events = got["record"], got["events"]
     assert rec["status"] == "ended" and rec["outcome"] == "caller_hangup" and rec["leg"] == "2", rec
     assert rec["stream_sid"] == caller.stream_sid  # the record follows the live stream
+    # the call's duration runs from its first leg; the last leg's own is beside it
+    assert float(rec["duration_s"]) > float(rec["leg_duration_s"]) > 0, rec
     kinds = [e["type"] for e in events]
     assert kinds[0] == "call_started" and kinds.count("call_resumed") == 1, kinds
     ends = [e["outcome"] for e in events if e["type"] == "call_ended"]

@@ -253,8 +253,7 @@ def render_story(rec: dict[str, Any], events: list[dict[str, Any]], now: float |
            f"started  {_when(t0)}",
            f"status   {status_line}"]
     if rec.get("leg") and rec.get("leg") != "1":
-        out.append(f"streams  {rec['leg']} (the call came back after a lost stream; duration and turns are the "
-                   "last stream's)")
+        out.append(f"streams  {rec['leg']} (the call came back after a lost stream; turns are the last stream's)")
     if not rec:
         out.append("note     no call record (expired or never written): events only")
     out.append("")
