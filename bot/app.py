@@ -416,6 +416,10 @@ async def _stream_end(app: FastAPI, call_sid: str) -> str:
     store = getattr(app.state, "call_store", None)
     if store is None:
         return "reconnect"
+    local = store.local_end(call_sid)  # this worker had the call: it knows, Redis or not
+    if local is not None:
+        kind, what = local
+        return "reconnect" if kind == "ended" and what in STREAM_LOST_OUTCOMES else "hangup"
     deadline = time.monotonic() + STREAM_END_SETTLE_S
     while True:
         status, outcome, ending = await asyncio.wait_for(

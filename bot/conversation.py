@@ -760,7 +760,7 @@ class Conversation:
         """The bot ends the call. Recorded (and flushed, briefly) before the line goes: the moment a Twilio stream
         closes, Twilio asks any worker what next (<Connect action>), and the answer must be "hang up", not "the
         stream was lost, reconnect" (bot/app.py reads `ending` from the record)."""
-        self.s.store.update(self.call_id, ending=reason)
+        self.s.store.mark_ending(self.call_id, reason)
         try:
             await asyncio.wait_for(self.s.store.flush(0.5), 0.6)
         except Exception:  # noqa: BLE001 - Redis slow or down: hang up anyway; the record says so later

@@ -123,6 +123,10 @@ class CallStore:
         # caught up loses the last seconds of writes, and a call that ended in them would stay "active" until
         # the reaper closed it as worker_lost (and counted it twice); replayed when the server changes
         self._recent_ends: OrderedDict[str, tuple[float, list[Op]]] = OrderedDict()
+        # how this worker's recent calls ended, as this worker knows it without Redis: ("ending", reason) once the
+        # bot decided to hang up, ("ended", outcome) once over. Twilio asks what next the moment a stream closes,
+        # possibly during a Redis outage; when it asks this worker, the answer needs no Redis
+        self._local_ends: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._capture: list[Op] | None = None
         # this process: a worker restarted by its supervisor keeps its slot's id, so the pid tells the dead
         # incarnation's calls from the live one's (bot/reaper.py reap_worker)
@@ -302,6 +306,7 @@ class CallStore:
         info = json.dumps({"worker": self.worker, "pid": self.pid, "transport": transport, "started_at": rnow,
                            "caller_masked": mask_digits(caller)})
         self._active.add(call_id)
+        self._local_ends.pop(call_id, None)  # live (again) on this worker
         if leg > 1:
             # the first leg's start time stays (the call's duration is the caller's); a record that never
             # started (a stream refused while draining) gets this one
@@ -347,7 +352,23 @@ class CallStore:
         self.event(call_id, etype, **data)
         self._push("expire", events_key(call_id), self.ttl_s)
 
+    def mark_ending(self, call_id: str, reason: str) -> None:
+        """The bot is about to hang up this call: recorded (field `ending`) and remembered here."""
+        self._remember_local(call_id, ("ending", reason))
+        self.update(call_id, ending=reason)
+
+    def local_end(self, call_id: str) -> tuple[str, str] | None:
+        """("ending", reason) or ("ended", outcome) for a recent call of this worker; None if it has none."""
+        return self._local_ends.get(call_id)
+
+    def _remember_local(self, call_id: str, what: tuple[str, str]) -> None:
+        self._local_ends[call_id] = what
+        self._local_ends.move_to_end(call_id)
+        while len(self._local_ends) > ENDED_IDS_MAX:
+            self._local_ends.popitem(last=False)
+
     def end_call(self, call_id: str, outcome: str, **fields: Any) -> None:
+        self._remember_local(call_id, ("ended", outcome))
         self._capture = []
         try:
             self._end_call(call_id, outcome, **fields)

@@ -51,6 +51,34 @@ async def test_call_record_events_live_index_and_ttl(redis_url: str) -> None:
         await s.close()
 
 
+async def test_how_a_call_ended_is_known_here_without_redis(redis_url: str) -> None:
+    """Twilio asks "what next" the moment a stream closes, possibly during a Redis outage: the worker that had
+    the call answers from what it remembers (the bot hanging up, then the outcome), and a leg back on this
+    worker is live again. A resumed leg keeps the first leg's start and gets call_resumed."""
+    url = isolated_redis_url(redis_url)
+    s = await _store(url)
+    try:
+        s.start_call("CAlocal", "twilio", "+15551234567", "+15550000000", "3")
+        assert s.local_end("CAlocal") is None
+        s.mark_ending("CAlocal", "completed")
+        assert s.local_end("CAlocal") == ("ending", "completed")
+        s.end_call("CAlocal", "completed")
+        assert s.local_end("CAlocal") == ("ended", "completed")
+        assert await s.flush()
+        started = await s.r.hget(call_key("CAlocal"), "started_at")
+        assert await s.r.hget(call_key("CAlocal"), "ending") == "completed"
+        s.start_call("CAlocal", "twilio", "+15551234567", "+15550000000", "3", leg=2)
+        assert s.local_end("CAlocal") is None
+        assert await s.flush()
+        rec = await s.r.hgetall(call_key("CAlocal"))
+        assert rec["status"] == "active" and rec["leg"] == "2" and rec["ending"] == "" and rec["outcome"] == ""
+        assert rec["started_at"] == started  # the call's start, not the new leg's
+        types = [f["type"] for _id, f in await s.r.xrange(events_key("CAlocal"))]
+        assert types == ["call_started", "call_ended", "call_resumed"], types
+    finally:
+        await s.close()
+
+
 def _start_redis(port: int, d: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
                              "127.0.0.1", "--dir", str(d), "--save", "", "--appendonly", "no"],
