@@ -307,6 +307,10 @@ class CallStore:
                            "caller_masked": mask_digits(caller)})
         self._active.add(call_id)
         self._local_ends.pop(call_id, None)  # live (again) on this worker
+        if call_id in self._ended_ids:
+            # a leg back on this worker: its events go on after the lost leg's in the same stream, and an id
+            # at or below the last one (the same millisecond) would be refused as a duplicate
+            self._last_id[call_id] = self._ended_ids[call_id]
         if leg > 1:
             # the first leg's start time stays (the call's duration is the caller's); a record that never
             # started (a stream refused while draining) gets this one

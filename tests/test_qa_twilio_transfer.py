@@ -79,14 +79,16 @@ async def test_429_honours_retry_after_and_503_is_retried(api: FakeTwilioApi) ->
 async def test_ambiguous_failures_are_retried_only_while_the_stream_is_up(api: FakeTwilioApi) -> None:
     """A 500 or a timeout may have moved the call: retrying would re-enqueue the caller. A redirect that took
     effect stops the stream, so a retry is safe only while it is still up."""
-    rest = _rest(api, timeout_s=0.5)
+    # a timeout well clear of connecting on a loaded 2-core box (0.5 s once read as "unreachable": the connect
+    # itself timed out), and a reply delayed well past it
+    rest = _rest(api, timeout_s=1.0)
     api.script = [500]
     res = await rest.transfer(CALL, "billing", still_live=lambda: False)
     assert (res.result, res.status, res.attempts) == ("server_error", 500, 1)
     api.script = [500]
     res = await rest.transfer(CALL, "billing", still_live=lambda: True)
     assert res.ok and res.attempts == 2
-    api.script = [{"status": 200, "delay_s": 1.5}]
+    api.script = [{"status": 200, "delay_s": 3.0}]
     res = await rest.transfer(CALL, "billing", still_live=lambda: False)
     assert (res.result, res.attempts) == ("timeout", 1)
     api.script = [{"status": 200, "drop": True}]
