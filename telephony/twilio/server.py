@@ -209,20 +209,24 @@ def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
             log.info("webhook_refused_draining", call_id=call_id, status=503, retry_after_s=DRAINING_RETRY_AFTER_S)
             return Response("draining: this worker takes no new calls\n", status_code=503, media_type="text/plain",
                             headers={"Retry-After": str(DRAINING_RETRY_AFTER_S)})
-        stream_url = cfg.checker.stream_url(_host(request.headers, request.url.netloc), STREAM_PATH, "")
+        log.info("webhook", call_id=call_id, caller=mask_digits(form.get("From", "")))
+        return _stream_twiml(request, form, call_id, 1)
+
+    def _stream_twiml(request: Request, form: dict[str, str], call_id: str, leg: int) -> Response:
+        """<Connect><Stream> for the call's leg `leg`: the caller's details and a fresh per-call token as stream
+        parameters (they come back in the stream's `start`), the leg number from the second on, and the
+        <Connect action> that asks what next when this stream ends."""
+        host = _host(request.headers, request.url.netloc)
         params = {k: form.get(k, "") for k in ("From", "To", "CallSid", "Direction")}
-        params[STREAM_TOKEN_PARAM] = cfg.checker.stream_token(call_id)  # comes back in the stream's `start`
+        params[STREAM_TOKEN_PARAM] = cfg.checker.stream_token(call_id)
+        if leg > 1:
+            params[LEG_PARAM] = str(leg)
         if call_id:
             handshakes.answered(call_id)  # a drain starting now still waits for (and takes) this call's stream
-        log.info("webhook", call_id=call_id, caller=mask_digits(form.get("From", "")))
-        return Response(twiml.connect_stream(stream_url, params, _stream_ended_url(request, 1)),
+        action = ("" if cfg.stream_end is None else
+                  cfg.checker.public_url(request.url.scheme, host, STREAM_ENDED_PATH, f"leg={leg}"))
+        return Response(twiml.connect_stream(cfg.checker.stream_url(host, STREAM_PATH, ""), params, action),
                         media_type="application/xml")
-
-    def _stream_ended_url(request: Request, leg: int) -> str:
-        if cfg.stream_end is None:
-            return ""
-        return cfg.checker.public_url(request.url.scheme, _host(request.headers, request.url.netloc),
-                                      STREAM_ENDED_PATH, f"leg={leg}")
 
     @router.post(STREAM_ENDED_PATH)
     async def stream_ended(request: Request) -> Response:
@@ -252,15 +256,8 @@ def make_router(on_call: OnCall, cfg: TwilioRouteConfig) -> APIRouter:
         metrics.TWILIO_STREAM_ENDS.labels(what).inc()
         if what == "reconnect":
             _err("stream_lost")
-            host = _host(request.headers, request.url.netloc)
-            params = {k: form.get(k, "") for k in ("From", "To", "CallSid", "Direction")}
-            params[STREAM_TOKEN_PARAM] = cfg.checker.stream_token(call_id)
-            params[LEG_PARAM] = str(leg + 1)
-            handshakes.answered(call_id)
             log.warning("stream_reconnecting", call_id=call_id, leg=leg + 1)
-            return Response(twiml.connect_stream(cfg.checker.stream_url(host, STREAM_PATH, ""), params,
-                                                 _stream_ended_url(request, leg + 1)),
-                            media_type="application/xml")
+            return _stream_twiml(request, form, call_id, leg + 1)
         if what == "gave_up":
             _err("stream_gave_up")
             log.error("stream_lost_gave_up", call_id=call_id, legs=leg)
