@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import numpy as np
 
@@ -37,6 +37,8 @@ MAX_QUEUED_EVENTS = 1500  # 30 s of 20 ms frames
 # this window is one key press. Once a call has sent RFC 4733 events, they are the source of truth and
 # INFO digits are dropped as duplicates (counted: voicebot_errors_total{component="sip",kind="dtmf_duplicate"}).
 DTMF_DUPLICATE_WINDOW_S = 1.0
+SNAPSHOT_VERSION = 1  # resume_state()'s layout (telephony/sip/resume.py reads it)
+MAX_SNAPSHOT_INVITE_BYTES = 16 * 1024  # a larger INVITE is not kept: that call is simply not resumable
 
 
 class SipCall(CallBridge):
@@ -81,6 +83,9 @@ class SipCall(CallBridge):
         # missing RTP is not an RTP timeout, or a failed setup would be recorded as a caller who went quiet.
         self.established = False
         self.media.timeout_armed = False
+        # told the new resume_state() when the dialog changes (a re-INVITE from the phone): the copy kept for a
+        # process that takes the call over must stay current (bot/sip_recovery.py)
+        self.on_dialog_change: Callable[[dict[str, Any]], None] | None = None
 
     # CallBridge ----------------------------------------------------------------------------------
     def events(self) -> AsyncIterator[InboundEvent]:
@@ -189,6 +194,32 @@ class SipCall(CallBridge):
                 self._refer.set_result(code)
             elif terminated:
                 self._refer.set_result(code or 487)
+
+    # Carrying the call on elsewhere ---------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any] | None:
+        """Our half of the dialog, for another process to re-INVITE the phone from if this one dies
+        (telephony/sip/resume.py). None when the call cannot be carried on (not set up, an oversized INVITE)."""
+        if self.state != "confirmed" or self.sdp_session is None or self.media.neg is None:
+            return None
+        raw = self.invite.encode()
+        if len(raw) > MAX_SNAPSHOT_INVITE_BYTES:
+            return None
+        neg = self.media.neg
+        return {
+            "v": SNAPSHOT_VERSION, "invite": raw.decode("utf-8", errors="replace"), "local_tag": self.local_tag,
+            "local_ip": self.local_ip, "proto": self.peer.proto, "peer": [self.peer.addr[0], self.peer.addr[1]],
+            "remote_target": self.remote_target, "local_cseq": self.local_cseq, "remote_cseq": self.remote_cseq,
+            "sdp": [self.sdp_session.sess_id, self.sdp_session.version], "codec": neg.codec,
+            "dtmf_pt": neg.dtmf_pt,
+        }
+
+    def dialog_changed(self) -> None:
+        """The dialog changed (a re-INVITE from the phone): the kept copy is brought up to date."""
+        if self.on_dialog_change is not None and (state := self.resume_state()) is not None:
+            try:
+                self.on_dialog_change(state)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must never break the call's signalling
+                self.log.warning("dialog_change_hook_failed", error=repr(exc)[:200])
 
     # Lifecycle ------------------------------------------------------------------------------------
     def confirm(self) -> None:

@@ -153,6 +153,19 @@ class SipServer:
         self.auth_failures = AuthFailures(self.settings.auth_fail_limit, self.settings.auth_fail_window_s,
                                           self.settings.auth_block_s)
         self._known_sources: dict[str, float] = {}  # source IP -> last time it had a call admitted
+        # ACKs we sent for 2xx answers to our re-INVITEs (telephony/sip/resume.py), by (Call-ID, CSeq): sent
+        # again when the phone retransmits its 200 because the first ACK was lost (13.2.2.4)
+        self._acks: dict[tuple[str, int], tuple[bytes, Peer, float]] = {}
+
+    def local_ip_toward(self, peer_ip: str) -> str:
+        """Our address as a peer at peer_ip sees it (SDP c=, Contact)."""
+        return self.settings.public_ip or (self.host if self.host not in ("0.0.0.0", "::", "") else
+                                           local_ip_for(peer_ip))
+
+    @property
+    def media_host(self) -> str:
+        """The address RTP sockets bind to."""
+        return self.host if self.host not in ("", "::") else "0.0.0.0"
 
     # Lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -443,13 +456,50 @@ class SipServer:
                     ERRORS.labels("sip", f"{req.method.lower()}_timeout").inc()
                     return None
                 try:
-                    return await asyncio.wait_for(asyncio.shield(tx.future), min(interval, remaining))
+                    resp = await asyncio.wait_for(asyncio.shield(tx.future), min(interval, remaining))
+                    if req.method == "INVITE" and resp.status >= 300:
+                        self._ack_non_2xx(req, resp, dest)
+                    return resp
                 except asyncio.TimeoutError:
-                    if dest.proto == "UDP":
+                    # an INVITE is not retransmitted once the far end said it is working on it (17.1.1.2)
+                    if dest.proto == "UDP" and not (req.method == "INVITE" and tx.provisional):
                         self._send(data, dest)
                     interval = T2 if tx.provisional else min(interval * 2, T2)
         finally:
             self._cli_tx.pop(branch, None)
+
+    def ack_2xx(self, call: SipCall, resp: SipMessage) -> None:
+        """ACK a 2xx answer to our in-dialog INVITE (a transaction of its own, new branch, 13.2.2.4); kept
+        32 s to answer retransmissions of that 200."""
+        ack = SipMessage(method="ACK", uri=call.remote_target)
+        ack.add("Via", self._via(call, new_branch()))
+        ack.add("Max-Forwards", "70")
+        ack.add("From", call.local_uri)
+        ack.add("To", resp.get("To") or call.remote_uri)
+        ack.add("Call-ID", call.call_id)
+        ack.add("CSeq", f"{resp.cseq[0]} ACK")
+        for r in call.route_set:
+            ack.add("Route", r)
+        data = ack.encode()
+        dest = self._dest_for(call)
+        now = time.monotonic()
+        for k in [k for k, (_, _, t) in self._acks.items() if t < now]:
+            del self._acks[k]
+        self._acks[(call.call_id, resp.cseq[0])] = (data, dest, now + TX_LINGER_S)
+        self._send(data, dest)
+
+    def _ack_non_2xx(self, req: SipMessage, resp: SipMessage, dest: Peer) -> None:
+        """The INVITE client transaction ACKs a failure itself: same branch, the response's To (17.1.1.3)."""
+        ack = SipMessage(method="ACK", uri=req.uri)
+        ack.add("Via", req.top_via)
+        ack.add("Max-Forwards", "70")
+        for name in ("From", "Call-ID"):
+            ack.add(name, req.get(name))
+        ack.add("To", resp.get("To"))
+        ack.add("CSeq", f"{req.cseq[0]} ACK")
+        for r in req.get_all("Route"):
+            ack.add("Route", r)
+        self._send(ack.encode(), dest)
 
     # Receiving --------------------------------------------------------------------------------------
     def on_data(self, data: bytes, peer: Peer, stream: bool = False) -> None:
@@ -550,6 +600,9 @@ class SipServer:
         SIP_MESSAGES.labels(_m(msg.cseq[1]), f"response_{msg.status // 100}xx").inc()
         tx = self._cli_tx.get(msg.branch)
         if tx is None:
+            acked = self._acks.get((msg.call_id, msg.cseq[0])) if msg.cseq[1] == "INVITE" else None
+            if acked is not None and 200 <= msg.status < 300:  # our ACK was lost: the phone repeats its 200
+                self._send(acked[0], acked[1])
             return  # stray or retransmitted response
         if msg.status < 200:
             tx.provisional = True
@@ -672,8 +725,7 @@ class SipServer:
             if (answered := self._negotiate_or_488(msg, peer)) is None:
                 return
             offer, neg, idx = answered
-        local_ip = self.settings.public_ip or (self.host if self.host not in ("0.0.0.0", "::", "") else
-                                              local_ip_for(peer.addr[0]))
+        local_ip = self.local_ip_toward(peer.addr[0])
         tag = new_tag()
         call = SipCall(self, msg, peer, tag, local_ip)
         if replaced is not None:
@@ -681,8 +733,7 @@ class SipServer:
         self.respond(msg, peer, 100)
         self._pending[msg.branch] = call
         try:
-            await call.media.open(self.host if self.host not in ("", "::") else "0.0.0.0",
-                                  self.settings.rtp_port_min, self.settings.rtp_port_max)
+            await call.media.open(self.media_host, self.settings.rtp_port_min, self.settings.rtp_port_max)
         except OSError:
             ERRORS.labels("sip", "no_rtp_port").inc()
             self._refused(msg, peer, 503, "no_rtp_port")
@@ -716,7 +767,7 @@ class SipServer:
             call.log.info("call_replaces", replaced_call_id=replaced.call_id)
             self._spawn(replaced.hangup("replaced"))
         if neg is not None:
-            self._media_up(call)
+            self.media_up(call)
 
     def _replaced_call(self, value: str) -> tuple[SipCall | None, int]:
         """The confirmed dialog a Replaces header names (RFC 3891: to-tag is our tag, from-tag the peer's),
@@ -730,7 +781,7 @@ class SipServer:
             return None, 486
         return call, 200
 
-    def _media_up(self, call: SipCall) -> None:
+    def media_up(self, call: SipCall) -> None:
         """Negotiation complete: start the call's media on the clock and hand the call to on_call."""
         neg = call.media.neg
         assert neg is not None
@@ -794,7 +845,7 @@ class SipServer:
             first = call.media.neg is None
             call.media.apply(neg)
             if first:
-                self._media_up(call)
+                self.media_up(call)
         # ACK for a non-2xx final response: absorbed (the transaction cache already answered).
 
     def _on_cancel(self, msg: SipMessage, peer: Peer) -> None:
@@ -876,6 +927,7 @@ class SipServer:
                                  ("Content-Type", "application/sdp")])
         self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
         call.log.info("reinvite", direction=neg.direction, codec=neg.codec)
+        call.dialog_changed()
 
     def _info(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
         if not msg.body:

@@ -143,6 +143,8 @@ class SipCaller:
         self.ended = asyncio.Event()
         self.hangup_by = ""
         self.refer_to: str | None = None
+        self.reinvites: list[float] = []  # when the bot re-INVITEd us with a new offer (monotonic)
+        self.refuse_reinvite = 0  # answer the bot's re-INVITEs with this status instead (tests: a phone that hung up)
         self.notify_status: int | None = None
         self.transfer_call: SipCaller | None = None  # the leg to the Refer-To target, once answered
         self.transfer_status: int | None = None
@@ -388,8 +390,30 @@ class SipCaller:
             asyncio.get_running_loop().create_task(self._notify_refer())
         elif msg.method == "ACK":
             return
+        elif msg.method == "INVITE" and self.refuse_reinvite:
+            self._send(make_response(msg, self.refuse_reinvite), addr)
+        elif msg.method == "INVITE" and msg.body:
+            self._answer_reinvite(msg, addr)
         else:
             self._send(make_response(msg, 200), addr)
+
+    def _answer_reinvite(self, msg: SipMessage, addr: tuple[str, int]) -> None:
+        """The bot's re-INVITE (a restarted worker carrying the call on from a new RTP port): answer it as a phone
+        does, and send our audio where the new offer says."""
+        try:
+            offer = parse_sdp(msg.body)
+            neg, idx = negotiate(offer, self.codecs)
+        except SdpError:
+            self._send(make_response(msg, 488), addr)
+            return
+        contact = msg.get("Contact")
+        if contact:
+            self.remote_target = addr_uri(contact)
+        self.media.apply(neg)
+        self.reinvites.append(time.monotonic())
+        answer = self.sdp.answer(offer, neg, idx, self.media.local_port)
+        self._send(make_response(msg, 200, extra=[("Contact", f"<sip:{self.user}@{self.local_ip}:{self.sip_port}>"),
+                                                   ("Content-Type", "application/sdp")], body=answer), addr)
 
     async def _notify_refer(self) -> None:
         """Transferee side of RFC 3515: dial the Refer-To target ourselves, report progress and the
