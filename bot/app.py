@@ -28,6 +28,7 @@ from bot.conversation_manager import CallManager
 from bot.conversation_policy import CallPolicy, load_local_policy
 from bot.escalation_webhook import EscalationWebhook
 from bot.sip_listener import SipListener
+from bot.sip_recovery import RESUME_TIMEOUT_S, resume_lost_calls
 from bot.state import STREAM_LOST_OUTCOMES, CallStore, call_key, connect
 from bot.turns import TurnParams
 from bot.turns_vad import BatchedVad
@@ -211,7 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.calls = calls
         app.state.services = services
         app.state.rest = rest
-        sip = await _start_sip(calls, settings)
+        sip = await _start_sip(calls, settings, store)
         app.state.sip = sip
         if sip is not None:
             calls.on_drain.append(sip.refuse_new_calls)
@@ -462,7 +463,7 @@ def _stream_lost_twiml(app: FastAPI, call_sid: str, dial: Any) -> str:
     return twiml.apologize_and_hang_up(d.prompt or twiml.STREAM_LOST_TEXT)
 
 
-async def _start_sip(calls: CallManager, settings: Settings) -> SipListener | None:
+async def _start_sip(calls: CallManager, settings: Settings, store: CallStore | None) -> SipListener | None:
     if not settings.sip_enabled or os.environ.get("BOT_WORKER_INDEX", "0") != "0":
         return None  # SIP dialogs live on one socket: only worker 0 serves them
     try:
@@ -470,8 +471,15 @@ async def _start_sip(calls: CallManager, settings: Settings) -> SipListener | No
     except ImportError:
         return None
     # a port that cannot be bound now is retried: SIP trouble must not take Twilio calls down
+
+    async def resume_lost(server: Any) -> None:
+        # the SIP calls this worker id's previous process lost (it died): re-INVITEd from here, carried on
+        if store is not None and settings.sip_resume_window_s > 0:
+            await asyncio.wait_for(resume_lost_calls(store, server, settings.sip_resume_window_s, settings.call_ttl_s),
+                                   RESUME_TIMEOUT_S)
+
     sip = SipListener(lambda: SipServer(settings.http_host, settings.sip_port, on_call=calls.run_call),
-                      settings.sip_retry_s)
+                      settings.sip_retry_s, on_listening=resume_lost)
     await sip.start()
     return sip
 

@@ -59,6 +59,8 @@ class Settings:
     sip_port: int = field(default_factory=lambda: _int("BOT_SIP_PORT", 5060, 0, 65535))
     sip_enabled: bool = field(default_factory=lambda: _flag("BOT_SIP_ENABLED", True))
     sip_retry_s: float = field(default_factory=lambda: _float("BOT_SIP_RETRY_S", 5.0, 0.1))  # retry a failed SIP bind
+    # a restarted worker 0 re-INVITEs the SIP calls its previous process lost this recently (0: never)
+    sip_resume_window_s: float = field(default_factory=lambda: _float("BOT_SIP_RESUME_WINDOW_S", 60.0, 0.0))
     public_url: str = field(default_factory=lambda: _env("BOT_PUBLIC_URL", ""))  # e.g. https://abc.ngrok.app
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))  # empty: embedded redis-server
     data_dir: Path = field(default_factory=lambda: Path(_env("BOT_DATA_DIR", "./var")))

@@ -180,6 +180,7 @@ class Conversation:
         s.store.start_call(self.call_id, self.transport, self.info.caller, self.info.called,
                            str(self.policy.version), extra=extra, leg=leg)
         s.store.subscribe(self.call_id, lambda ok: self._q.put_nowait(("state", ok)))
+        self._keep_resumable()
         set_sink = getattr(self.bridge, "set_error_sink", None)
         if set_sink is not None:
             set_sink(self._protocol_error)
@@ -228,6 +229,16 @@ class Conversation:
             self.log.info("call_ended", outcome=outcome, turns=self._turn_n,
                           duration_s=round(time.monotonic() - self._t0, 3))
         return self.outcome or "unknown"
+
+    def _keep_resumable(self) -> None:
+        """A SIP call keeps its dialog in its record, kept current, so that a restarted worker can re-INVITE the
+        phone and carry the call on if this process dies (bot/sip_recovery.py)."""
+        resume_state = getattr(self.bridge, "resume_state", None)
+        state = resume_state() if callable(resume_state) else None
+        if state is None:
+            return
+        self.s.store.keep_resumable(self.call_id, state)
+        self.bridge.on_dialog_change = lambda st: self.s.store.keep_resumable(self.call_id, st)  # type: ignore[attr-defined]
 
     async def _opening(self, leg: int, replaces: str) -> tuple[str, str]:
         """What the bot says first: the greeting; or, for a call that was already under way (a Twilio call back

@@ -6,7 +6,7 @@ be forgotten either: the bind is retried every BOT_SIP_RETRY_S, `voicebot_sip_li
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ops import metrics
 from ops.logs import get_logger
@@ -15,12 +15,16 @@ log = get_logger("bot.sip_listener")
 
 
 class SipListener:
-    def __init__(self, make_server: Callable[[], Any], retry_s: float = 5.0) -> None:
+    def __init__(self, make_server: Callable[[], Any], retry_s: float = 5.0,
+                 on_listening: Callable[[Any], Awaitable[Any]] | None = None) -> None:
         self._make = make_server
         self.retry_s = max(0.1, retry_s)
         self.server: Any = None
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        # run in the background once the port is bound (the calls a dead predecessor lost are carried on)
+        self._on_listening = on_listening
+        self._listening_task: asyncio.Task[Any] | None = None
 
     @property
     def status(self) -> str:
@@ -47,7 +51,19 @@ class SipListener:
         metrics.SIP_LISTENING.set(1)
         if self.failures:
             log.info("sip_started_after_retry", attempts=self.failures + 1)
+        if self._on_listening is not None:
+            self._listening_task = asyncio.create_task(self._listening(server), name="sip-on-listening")
         return True
+
+    async def _listening(self, server: Any) -> None:
+        assert self._on_listening is not None
+        try:
+            await self._on_listening(server)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never fatal to the listener
+            metrics.ERRORS.labels("sip", "resume_failed").inc()
+            log.error("sip_on_listening_failed", error=repr(exc)[:200])
 
     async def _retry(self) -> None:
         while True:
@@ -63,8 +79,10 @@ class SipListener:
             self.server.refuse_new_calls()
 
     async def stop(self) -> None:
+        for task in (self._task, self._listening_task):
+            if task is not None:
+                task.cancel()
         if self._task is not None:
-            self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:

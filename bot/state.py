@@ -37,6 +37,7 @@ ENDED_IDS_MAX = 1024  # ended calls whose last event id is kept, for events that
 # ends that lost the caller's line with the caller still on it (their worker died, the socket vanished, the
 # conversation crashed): a Twilio call ended so is given a new stream (telephony/twilio/server.py)
 STREAM_LOST_OUTCOMES = frozenset({"worker_lost", "disconnected", "error:exception"})
+RESUMABLE_MAX_AGE_S = 86400.0  # a listed call older than this is dropped from the list (a call lasts hours at most)
 ENDS_REPLAY_S = 120.0  # calls ended this recently have their end written again when the Redis server changes
 
 # Refusals that say "Redis cannot take writes right now", not "this command is wrong": maxmemory reached
@@ -54,6 +55,12 @@ def _retryable(res: Any) -> bool:
 
 def call_key(call_id: str) -> str:
     return f"call:{call_id}"
+
+
+def resumable_key(worker: str) -> str:
+    """zset call_id -> when its dialog was kept: this worker's calls another process of the same id can carry on
+    (SIP calls: bot/sip_recovery.py)."""
+    return f"calls:resumable:{worker}"
 
 
 def events_key(call_id: str) -> str:
@@ -106,6 +113,7 @@ class CallStore:
         self._task: asyncio.Task[None] | None = None
         self._hb_task: asyncio.Task[None] | None = None
         self._active: set[str] = set()
+        self._resumable: set[str] = set()  # calls listed under resumable_key(worker) (keep_resumable)
         # live call id -> (its start record, its live-index entry): rewritten when Redis comes back without them
         self._base: dict[str, tuple[dict[str, str], str]] = {}
         self._server_id: str | None = None  # Redis run_id(s) last seen: a change = restart or failover
@@ -356,6 +364,15 @@ class CallStore:
         self.event(call_id, etype, **data)
         self._push("expire", events_key(call_id), self.ttl_s)
 
+    def keep_resumable(self, call_id: str, state: dict[str, Any]) -> None:
+        """What a restarted process of this worker needs to carry the call on (a SIP dialog: field `sip_dialog`),
+        listed under this worker until the call ends."""
+        now = time.time()
+        self._resumable.add(call_id)
+        self._push("hset", call_key(call_id), "sip_dialog", json.dumps(state, separators=(",", ":")))
+        self._push("zadd", resumable_key(self.worker), {call_id: now})
+        self._push("zremrangebyscore", resumable_key(self.worker), "-inf", now - RESUMABLE_MAX_AGE_S)
+
     def mark_ending(self, call_id: str, reason: str) -> None:
         """The bot is about to hang up this call: recorded (field `ending`) and remembered here."""
         self._remember_local(call_id, ("ending", reason))
@@ -393,6 +410,10 @@ class CallStore:
         self._push("expire", events_key(call_id), self.ttl_s)
         self._push("zrem", LIVE, call_id)
         self._push("hdel", LIVE_INFO, call_id)
+        if call_id in self._resumable:  # over: nothing left for another process to carry on
+            self._resumable.discard(call_id)
+            self._push("zrem", resumable_key(self.worker), call_id)
+            self._push("hdel", call_key(call_id), "sip_dialog")
         self._active.discard(call_id)
         self._base.pop(call_id, None)
         self._listeners.pop(call_id, None)

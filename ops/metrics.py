@@ -68,6 +68,11 @@ TWILIO_STREAM_ENDS = Counter("voicebot_twilio_stream_ends_total", "Twilio's repo
                              "(<Connect action>), by the answer: hangup (the bot or the caller ended the call), "
                              "call_over, reconnect (stream lost with the caller on the line: a new stream), gave_up "
                              "(lost too often: system-error route)", ["result"])
+SIP_RESUMES = Counter("voicebot_sip_resumes_total", "SIP calls of a dead worker that its restarted process tried to "
+                      "carry on (re-INVITE from the new process, bot/sip_recovery.py), by result: resumed, hung_up (a BYE "
+                      "instead: the bot was hanging up, or the call was lost longer ago than BOT_SIP_RESUME_WINDOW_S), "
+                      "gone (the phone had hung up: 481/408), no_answer, refused, ended, expired, unreadable, "
+                      "bad_answer, no_rtp_port, error", ["result"])
 ERRORS = Counter("voicebot_errors_total", "Errors by component and kind", ["component", "kind"])
 BARGE_INS = Counter("voicebot_barge_ins_total", "Caller speech that interrupted the bot", ["transport"])
 AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["transport", "direction"])
@@ -141,3 +146,5 @@ def init_series() -> None:
         ERRORS.labels(component, kind)
     for result in ("hangup", "call_over", "reconnect", "gave_up"):
         TWILIO_STREAM_ENDS.labels(result)
+    for result in ("resumed", "hung_up", "gone", "no_answer"):
+        SIP_RESUMES.labels(result)

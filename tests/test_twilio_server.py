@@ -374,7 +374,7 @@ async def test_a_lost_stream_comes_back_and_the_call_goes_on(bot: BotServer) -> 
     from bot.commands.calls import render_story
 
     story = "\n".join(render_story(rec, events, call_id=caller.call_sid))
-    assert "call back on a new stream (leg 2" in story and "streams  2" in story, story
+    assert "call back on a new stream (leg 2" in story and "legs     2" in story, story
     after = metric_value(bot.metrics(), "voicebot_twilio_stream_ends_total", {"result": "reconnect"})
     assert after >= before + 1
 

@@ -7,6 +7,7 @@ Scenarios (each verified and reported):
   engine-fault   the engine throws on every understand() (BOT_ENGINE_FAULT=understand).
   sip-redis-restart  redis-restart with SIP callers (telephony/sip/uac.py) on worker 0's SIP server.
   sip-rtp-loss   SIP callers lose a share of the RTP they send (dropped at the caller's socket) mid-call.
+  sip-worker-kill  worker 0 (the SIP port) SIGKILLed while SIP callers talk: its replacement re-INVITEs them.
 Checks: no call event lost (per call, the events the bot logged writing -- call_started, turn,
 state_degraded, transfer, call_ended -- are all in its Redis stream, none twice), callers never left in silence (every turn gets bot audio; engine failures
 get an apology + transfer), calls on the surviving worker unaffected, the killed worker's calls
@@ -39,7 +40,8 @@ from ops.load.spawn import BotProcess, RedisProc
 from ops.logs import get_logger
 
 log = get_logger("ops.chaos")
-SCENARIOS = ("redis-restart", "redis-stall", "worker-kill", "engine-fault", "sip-redis-restart", "sip-rtp-loss")
+SCENARIOS = ("redis-restart", "redis-stall", "worker-kill", "engine-fault", "sip-redis-restart", "sip-rtp-loss",
+             "sip-worker-kill")
 SIP_SCENARIOS = frozenset(s for s in SCENARIOS if s.startswith("sip-"))
 RTP_LOSS = 0.15  # share of the caller's RTP packets dropped in sip-rtp-loss
 
@@ -220,6 +222,10 @@ class SipLine:
                         pass
                     c.transfer_call.close()
                 c.close()
+                tr.reconnects = len(c.reinvites)  # a restarted worker 0 carried the call on (re-INVITE)
+                tr.reconnected_t = list(c.reinvites)
+                if c.reinvites:
+                    tr.heard_after_reconnect_ms = 20 * sum(1 for t in c.stats.voiced_rx if t >= c.reinvites[-1])
                 tr.t_end = time.monotonic()
                 self.current = None
 
@@ -586,6 +592,59 @@ class Chaos:
               and restarted and others["events_found"] == others["events_written"])
         return Finding("worker-kill", ok, checks)
 
+    async def sip_worker_kill(self) -> Finding:
+        """SIGKILL worker 0 (the SIP port) while SIP callers talk. `bot serve` starts a new worker 0; once its SIP
+        server listens it re-INVITEs every phone its predecessor lost (bot/sip_recovery.py), and the callers hear
+        the bot again and get answers on the same call: one record, the lost leg's `worker_lost` then its real end."""
+        assert self.bot is not None
+        r = self._client()
+        lines = [SipLine("127.0.0.1", self.bot.sip_port, self.pcms, i, max_turns=40) for i in range(self.n_lines)]
+        tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
+        warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None
+                                            for ln in lines), 40)
+        killed = {ln.current.call_id: ln.current for ln in lines if ln.current is not None}
+        pids = self._worker_pids()
+        w0 = next((w for w in pids if w.endswith("-w0")), "")
+        t_kill = time.monotonic()
+        if w0:
+            os.kill(pids[w0], signal.SIGKILL)
+            log.warning("chaos_worker_killed", worker=w0, pid=pids[w0])
+        # the new worker 0 loads the engine and its prompts, then re-INVITEs; then a few turns on the resumed calls
+        back = await _wait(lambda: all(c.reinvites or c.ended.is_set() for c in killed.values()), 120)
+        await asyncio.sleep(15.0)
+        for ln in lines:
+            ln.stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 90)
+        traces = {c.call_id: c for ln in lines for c in ln.calls}
+        try:
+            await asyncio.sleep(1.0)
+            legs: dict[str, list[str]] = {}
+            for c in killed:
+                legs[c] = [str(json.loads(f.get("data") or "{}").get("outcome", ""))
+                           for _, f in await r.xrange(f"call:{c}:events") if f.get("type") == "call_ended"]
+            others = await verify_events(r, [c for c in traces if c not in killed], self.bot.logs())
+        finally:
+            await r.aclose()
+        restarted = await _wait(lambda: w0 in self._worker_pids() and self._worker_pids()[w0] != pids.get(w0), 30)
+        back_after = {c: round(traces[c].reconnected_t[0] - t_kill, 2) for c in killed if traces[c].reconnected_t}
+        heard = {c: traces[c].heard_after_reconnect_ms for c in killed}
+        answered_after = {c: sum(1 for t, v, _ in traces[c].turns if v is not None and traces[c].reconnected_t
+                                 and t >= traces[c].reconnected_t[0]) for c in killed}
+        resumed = metric_sum(self.bot.metrics(), "voicebot_sip_resumes_total", {"result": "resumed"})
+        checks = {"warmed_up": warmed_up, "killed_worker": w0, "calls_on_killed": len(killed),
+                  "killed_calls_reinvited": {c: bool(traces[c].reconnected_t) for c in killed},
+                  "killed_calls_back_after_s": back_after, "killed_calls_heard_after_reinvite_ms": heard,
+                  "killed_calls_turns_answered_after_reinvite": answered_after,
+                  "killed_calls_ended_by": {c: traces[c].ended_by or traces[c].error for c in killed},
+                  "killed_calls_ends": legs, "sip_resumes_resumed": resumed, "worker_restarted": restarted,
+                  "all_back_in_time": back,
+                  "other_calls_events": {k: others[k] for k in ("events_written", "events_found", "duplicates", "missing")}}
+        ok = (warmed_up and bool(killed) and bool(w0) and restarted and len(back_after) == len(killed)
+              and all(ms >= 1000 for ms in heard.values()) and all(n >= 1 for n in answered_after.values())
+              and all(e[:1] == [REAPED] and len(e) == 2 for e in legs.values()) and resumed >= len(killed)
+              and others["events_found"] == others["events_written"])
+        return Finding("sip-worker-kill", ok, checks)
+
     async def engine_fault(self) -> Finding:
         assert self.redis is not None
         bot = BotProcess(self.work / "bot-fault", redis_url=self.redis.url.rsplit("/", 1)[0] + "/1", workers=1,
@@ -706,6 +765,8 @@ async def run_chaos(work: Path, scenarios: tuple[str, ...] = SCENARIOS, lines: i
                     f = await chaos.redis_fault("redis-restart", sip=True)
                 elif s == "sip-rtp-loss":
                     f = await chaos.sip_rtp_loss()
+                elif s == "sip-worker-kill":
+                    f = await chaos.sip_worker_kill()
                 else:
                     raise ValueError(f"unknown scenario {s!r} (one of {', '.join(SCENARIOS)})")
             except Exception as exc:  # noqa: BLE001 - report the scenario as failed, run the others

@@ -160,6 +160,12 @@ def voicebot() -> Board:
                                     "{{method}} {{result}}")], w=12, unit="reqps")
     b.panel("RTP packets / s", [_q("sum by (direction, result) (rate(voicebot_rtp_packets_total[5m]))",
                                    "{{direction}} {{result}}")], w=12, unit="pps")
+    b.panel("SIP calls carried on after a worker died", [_q(
+        "sum by (result) (increase(voicebot_sip_resumes_total[15m]))", "{{result}}")], w=12,
+        desc="The restarted worker 0 re-INVITEs the phones of the SIP calls its previous process lost: resumed (the "
+             "call goes on from where it was), gone (the caller had hung up), no_answer / refused (the phone did not "
+             "take the re-INVITE), hung_up (a BYE instead: the bot was saying goodbye, or the call was lost longer ago "
+             "than BOT_SIP_RESUME_WINDOW_S)")
 
     b.row("Redis and workers")
     b.panel("Redis up (per worker)", [_q("min by (instance) (voicebot_redis_up)", "{{instance}}")], "stat", w=4,

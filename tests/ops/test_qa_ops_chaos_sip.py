@@ -77,3 +77,18 @@ def test_a_bot_that_cannot_start_is_reported_and_leaves_no_redis_behind(tmp_path
         except OSError:
             continue
     assert not left, left
+
+
+def test_sip_calls_of_a_killed_worker_0_come_back(tmp_path: Path) -> None:
+    """Worker 0 (the SIP port) SIGKILLed while SIP callers talk: its replacement re-INVITEs every phone, each
+    caller hears the bot again and gets answers, on the same call (lost leg `worker_lost`, then its real end)."""
+    (f,) = _chaos(tmp_path, "sip-worker-kill")
+    c = f["checks"]
+    assert "exception" not in c, c
+    assert c["warmed_up"] and c["calls_on_killed"] >= 1 and c["worker_restarted"], c
+    assert all(c["killed_calls_reinvited"].values()), c
+    assert all(ms >= 1000 for ms in c["killed_calls_heard_after_reinvite_ms"].values()), c
+    assert all(n >= 1 for n in c["killed_calls_turns_answered_after_reinvite"].values()), c
+    assert all(ends[0] == "worker_lost" and len(ends) == 2 for ends in c["killed_calls_ends"].values()), c
+    assert c["sip_resumes_resumed"] >= c["calls_on_killed"], c
+    assert f["ok"], json.dumps(f, indent=1)

@@ -34,24 +34,30 @@ async def agent(make_server, sip_settings) -> AsyncIterator[tuple[RecordingHandl
     yield handler, srv
 
 
+async def _sip_bot(redis_url: str, tmp_path: Path, workers: int = 1, **env: str) -> BotServer:
+    """`bot serve` with SIP on a free port (BOT_SIP_PORT in .env), the open test policy, the voice cache shared by
+    the test servers, started (a loaded box starts slowly)."""
+    sip_port = free_port_both()  # SIP listens on UDP and TCP
+    env = {"BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "60",
+           "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port), **env}
+    (tmp_path / "bot").mkdir()
+    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env, workers=workers)
+    server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")  # voice cache shared by test servers
+    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)
+    return server
+
+
 async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path: Path, agent) -> None:
     handler, agent_srv = agent
-    sip_port = free_port_both()  # SIP listens on UDP and TCP
-    env = {
-        "BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "60",
-        "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port), "BOT_TRANSFER_WAIT_S": "1",
-        "BOT_SIP_QUEUE_URIS": f"general=sip:general@127.0.0.1:{agent_srv.port}",
-    }
-    (tmp_path / "bot").mkdir()
-    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env)
-    server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")  # voice cache shared by test servers
     # Call 1 audio: quiet while the greeting plays, one request, then silence (aufile ends the call at EOF).
     speech_wav = tmp_path / "speech.wav"
     sf.write(str(speech_wav), np.concatenate([silence(6000), synth("I want to pay my bill"), silence(40000)]),
              8000, subtype="PCM_16")
     quiet_wav = tmp_path / "quiet.wav"
     sf.write(str(quiet_wav), silence(40000), 8000, subtype="PCM_16")
-    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)  # a loaded box starts slowly
+    server = await _sip_bot(redis_url, tmp_path, BOT_TRANSFER_WAIT_S="1",
+                            BOT_SIP_QUEUE_URIS=f"general=sip:general@127.0.0.1:{agent_srv.port}")
+    sip_port = int(server.env["BOT_SIP_PORT"])
     ready = httpx.get(f"{server.url}/readyz", timeout=5).json()
     assert ready["sip"] == "listening" and ready["ready"], ready
     ua1 = Baresip(tmp_path / "ua1", speech_wav)
@@ -133,19 +139,24 @@ async def _wait_events(redis_url: str, call_id: str, kind: str, n: int, timeout:
         await asyncio.sleep(0.2)
 
 
+async def _read_back_pending(server: BotServer, caller: Any) -> dict[str, Any]:
+    """Dial, let the greeting play, ask to pay 40 dollars: the bot's read-back ("That's a payment of ..., is that
+    right?") waits for the caller's yes. Returns that decision."""
+    assert await caller.invite() == 200
+    await caller.wait_bot_quiet(quiet_s=0.6, max_s=20)
+    await caller.play(synth("I'd like to pay forty dollars"), "pay")
+    asked = (await _wait_events(server.redis_url, caller.call_id, "turn", 1, 40))[0]["decision"]
+    assert (asked["action"], asked["reason"]) == ("confirm", "read_back"), asked
+    return asked
+
+
 async def test_caller_holding_the_bot_is_not_asked_are_you_still_there(redis_url: str, tmp_path: Path) -> None:
     """A caller who puts the bot on hold (re-INVITE sendonly) is silent by choice: no no-input reprompt or
     goodbye while on hold; after resuming, the call goes on and ends as the caller's hangup."""
     from telephony.sip.uac import SipCaller
 
-    sip_port = free_port_both()
-    env = {"BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "1.5",
-           "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port)}
-    (tmp_path / "bot").mkdir()
-    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env)
-    server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")
-    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)  # a loaded box starts slowly
-    caller = SipCaller("127.0.0.1", sip_port)
+    server = await _sip_bot(redis_url, tmp_path, BOT_NO_INPUT_S="1.5")
+    caller = SipCaller("127.0.0.1", int(server.env["BOT_SIP_PORT"]))
     await caller.open()
     try:
         assert await caller.invite() == 200
@@ -176,23 +187,14 @@ async def test_a_replacing_leg_carries_on_the_conversation(redis_url: str, tmp_p
     from .test_qa_media_dialogs import _ack, _final, _rtp_sock, _sdp
     from .test_server import RawUdp
 
-    sip_port = free_port_both()
-    env = {"BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "60",
-           "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port)}
-    (tmp_path / "bot").mkdir()
-    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env)
-    server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")
-    await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)
+    server = await _sip_bot(redis_url, tmp_path)
+    sip_port = int(server.env["BOT_SIP_PORT"])
     caller = SipCaller("127.0.0.1", sip_port)
     await caller.open()
     raw = RawUdp()
     media = _rtp_sock("127.0.0.1")
     try:
-        assert await caller.invite() == 200
-        await caller.wait_bot_quiet(quiet_s=0.6, max_s=20)
-        await caller.play(synth("I'd like to pay forty dollars"), "pay")
-        asked = (await _wait_events(server.redis_url, caller.call_id, "turn", 1, 40))[0]["decision"]
-        assert (asked["action"], asked["reason"]) == ("confirm", "read_back"), asked
+        asked = await _read_back_pending(server, caller)
         extra = (f"Content-Type: application/sdp\r\nContact: <sip:raw@127.0.0.1:{raw.port}>\r\n"
                  f"Replaces: {caller.call_id};to-tag={caller.to_tag};from-tag={caller.from_tag}\r\n"
                  "Require: replaces\r\n")
@@ -215,3 +217,56 @@ async def test_a_replacing_leg_carries_on_the_conversation(redis_url: str, tmp_p
         raw.close()
         media.close()
         server.stop()
+
+
+async def test_sip_call_of_a_killed_worker_comes_back_from_its_replacement(redis_url: str, tmp_path: Path) -> None:
+    """Worker 0 (the SIP port) is SIGKILLed mid-call, with a read-back waiting for the caller's answer. The
+    supervisor starts a new worker 0, which re-INVITEs the phone from its own RTP port: the caller hears "Sorry,
+    we were cut off." and the question again, says yes, and the payment read back is the one made. One record,
+    two legs."""
+    import os
+    import signal
+
+    from bot.conversation import RECONNECTED_PENDING_TEXT
+    from telephony.sip.uac import SipCaller
+
+    server = await _sip_bot(redis_url, tmp_path, workers=2)
+    caller = SipCaller("127.0.0.1", int(server.env["BOT_SIP_PORT"]))
+    await caller.open()
+    try:
+        asked = await _read_back_pending(server, caller)
+        await caller.wait_bot_quiet(quiet_s=0.6, max_s=20)
+        rec = call_record(server.redis_url, caller.call_id)["record"]
+        assert rec.get("sip_dialog") and rec["status"] == "active"
+        victim = int(rec["worker_pid"])
+        os.kill(victim, signal.SIGKILL)
+        t_kill = asyncio.get_running_loop().time()
+        lost = await wait_outcome(server.redis_url, caller.call_id, timeout_s=25)
+        assert lost["record"]["outcome"] == "worker_lost", lost["record"]
+        deadline = t_kill + 120  # a new worker 0 loads the engine and its prompts on a busy box
+        while not caller.reinvites and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert caller.reinvites, server.logs()[-3000:]
+        assert not caller.ended.is_set()
+        restored = (await _wait_events(server.redis_url, caller.call_id, "progress_restored", 1, 20))[0]
+        assert restored["restored"] and restored["pending"] == "confirm", restored
+        greeting = [e for e in await _wait_events(server.redis_url, caller.call_id, "prompt_heard", 3, 30)
+                    if e["kind"] == "greeting"][-1]
+        assert greeting["text"] == f"{RECONNECTED_PENDING_TEXT} {asked['prompt']}", greeting
+        await caller.wait_bot_quiet(quiet_s=0.6, max_s=20)
+        await caller.play(synth("yes"), "yes")
+        yes = (await _wait_events(server.redis_url, caller.call_id, "turn", 2, 40))[1]
+        assert yes["intent"] == "affirm", yes
+        assert (yes["decision"]["action"], yes["decision"]["reason"]) == ("answer", "confirmed"), yes
+        assert yes["decision"]["slots"] == asked["slots"]  # what was read back before the line went is what is paid
+        assert await caller.bye() == 200
+        got = await wait_outcome(server.redis_url, caller.call_id, timeout_s=20)
+        m = server.metrics()
+    finally:
+        caller.close()
+        server.stop()
+    rec = got["record"]
+    assert rec["outcome"] == "caller_hangup" and rec["leg"] == "2" and int(rec["worker_pid"]) != victim, rec
+    resumed = [e for e in got["events"] if e["type"] == "call_resumed"]
+    assert len(resumed) == 1 and resumed[0]["worker_pid"] != victim
+    assert metric_value(m, "voicebot_sip_resumes_total", {"result": "resumed"}) == 1

@@ -1,0 +1,203 @@
+"""A SIP call carried on by another process after the one that answered it died (telephony/sip/resume.py).
+
+Server A answers our UAC and then "dies" (its sockets close, no BYE is sent: what SIGKILL leaves); server B binds
+the same SIP port, rebuilds the call from A's `resume_state()` and re-INVITEs the phone. Real UDP, real RTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import numpy as np
+
+from telephony.sip.call import SipCall
+from telephony.sip.resume import resume
+from telephony.sip.server import SipServer
+from telephony.sip.uac import SipCaller
+from tests.sip.conftest import RecordingHandler, inbound_pcm, wait_until
+from tests.sip.test_server import voiced_fraction
+
+TONE = (6000 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.int16)
+
+
+async def _die(srv: SipServer) -> None:
+    """What a killed process leaves: its sockets gone, its calls silent, nobody told."""
+    for call in list(srv.calls.values()):
+        srv.clock.discard(call.media)
+        call.media.close()
+    srv.calls.clear()
+    for t in list(srv._tasks):
+        t.cancel()
+    if srv._janitor:
+        srv._janitor.cancel()
+    await srv.clock.stop()
+    if srv._udp:
+        srv._udp.close()
+    if srv._tcp:
+        srv._tcp.close()
+        await srv._tcp.wait_closed()
+    await asyncio.sleep(0.05)  # transports close on the loop's next turns
+
+
+async def _replaced(a: SipServer, sip_settings: Any, prompt_pcm: np.ndarray) -> tuple[SipServer, RecordingHandler]:
+    """A dies; B (a new process, as the restarted worker 0) binds the same SIP port."""
+    await _die(a)
+    handler = RecordingHandler(prompt_pcm)
+    b = SipServer("127.0.0.1", a.port, handler, sip_settings)
+    await b.start()
+    return b, handler
+
+
+async def _answered(make_server: Any, sip_settings: Any, prompt_pcm: np.ndarray) -> tuple[SipServer, SipCaller, dict[str, Any]]:
+    handler = RecordingHandler(prompt_pcm)
+    a = await make_server(handler, sip_settings)
+    caller = SipCaller("127.0.0.1", a.port, codecs=("PCMA",))
+    await caller.open()
+    assert await caller.invite() == 200
+    await asyncio.wait_for(handler.new_call.wait(), 5)
+    call: SipCall = handler.calls[0]["bridge"]
+    await wait_until(lambda: call.established, 5)
+    snap = call.resume_state()
+    assert snap is not None
+    return a, caller, json.loads(json.dumps(snap))  # as kept in Redis
+
+
+async def test_restarted_process_reinvites_the_phone_and_the_call_goes_on(make_server, sip_settings,
+                                                                           prompt_pcm) -> None:
+    a, caller, snap = await _answered(make_server, sip_settings, prompt_pcm)
+    try:
+        await caller.wait_bot_quiet(0.3, 5)
+        old_port = caller.media.remote
+        heard_before = len(caller.recording)
+        b, handler_b = await _replaced(a, sip_settings, prompt_pcm)
+        try:
+            call, result = await resume(b, snap, leg=2)
+            assert result == "resumed" and call is not None
+            assert call.info.leg == 2 and call.call_id == caller.call_id
+            assert len(caller.reinvites) == 1
+            assert caller.media.remote != old_port  # the phone's audio now goes to the new process's port
+            await asyncio.wait_for(handler_b.new_call.wait(), 5)
+            assert handler_b.calls[0]["bridge"] is call
+            await caller.play(TONE, "after")  # the caller is heard by the new process ...
+            await caller.wait_bot_quiet(0.5, 8)
+            assert voiced_fraction(inbound_pcm(handler_b.calls[0]), 1000) > 0.1
+            # ... and hears it (the prompt handler B plays on the resumed call)
+            assert voiced_fraction(np.concatenate(caller.recording[heard_before:])) > 0.05
+            assert call.state == "confirmed" and call.established and not call.on_hold
+            assert await caller.bye() == 200  # the phone's BYE ends the call in the new process
+            await asyncio.wait_for(handler_b.call_ended.wait(), 5)
+            assert handler_b.calls[0]["ended"] == "hangup"
+        finally:
+            await b.stop()
+    finally:
+        caller.close()
+
+
+async def test_a_phone_that_hung_up_answers_481_and_nothing_is_left(make_server, sip_settings, prompt_pcm) -> None:
+    a, caller, snap = await _answered(make_server, sip_settings, prompt_pcm)
+    try:
+        caller.refuse_reinvite = 481
+        b, handler_b = await _replaced(a, sip_settings, prompt_pcm)
+        try:
+            call, result = await resume(b, snap, leg=2)
+            assert (call, result) == (None, "gone")
+            assert not b.calls and not handler_b.calls
+        finally:
+            await b.stop()
+    finally:
+        caller.close()
+
+
+async def test_no_answer_and_unreadable_snapshots(make_server, sip_settings, prompt_pcm) -> None:
+    a, caller, snap = await _answered(make_server, sip_settings, prompt_pcm)
+    caller.close()  # the phone is gone without a word
+    b, _ = await _replaced(a, sip_settings, prompt_pcm)
+    try:
+        assert await resume(b, snap, leg=2, timeout_s=1.5) == (None, "no_answer")
+        assert not b.calls
+        for bad in ({**snap, "v": 99}, {**snap, "invite": "garbage"}, {k: v for k, v in snap.items() if k != "peer"}):
+            assert await resume(b, bad, leg=2) == (None, "unreadable")
+    finally:
+        await b.stop()
+
+
+async def test_resume_state_follows_a_reinvite(make_server, sip_settings, prompt_pcm) -> None:
+    """The phone moves its media (re-INVITE): the kept copy is told, so a takeover offers to the right place."""
+    a, caller, _snap = await _answered(make_server, sip_settings, prompt_pcm)
+    try:
+        call: SipCall = next(iter(a.calls.values()))
+        seen: list[dict[str, Any]] = []
+        call.on_dialog_change = seen.append
+        assert await caller.reinvite(codecs=("PCMU",)) == 200
+        assert seen and seen[-1]["codec"] == "PCMU" and seen[-1]["remote_cseq"] == caller.cseq
+    finally:
+        caller.close()
+
+
+async def test_a_restarted_worker_takes_over_its_predecessors_sip_calls(make_server, sip_settings, prompt_pcm,
+                                                                         redis_url: str) -> None:
+    """bot/sip_recovery.py against Redis: of four calls a dead process of worker id w0 left listed, the one still
+    `active` is closed `worker_lost` and re-INVITEd (leg 2), the one the bot was hanging up and the one lost too
+    long ago get a BYE, the one that ended normally is left alone; the list is emptied."""
+    import redis.asyncio as aioredis
+
+    from bot.sip_recovery import resume_lost_calls
+    from bot.state import CallStore, call_key, resumable_key
+    from tests.helpers.server import isolated_redis_url
+
+    url = isolated_redis_url(redis_url)
+    r = aioredis.from_url(url, decode_responses=True)
+    await r.flushdb()
+    handler_a = RecordingHandler(prompt_pcm)
+    a = await make_server(handler_a, sip_settings)
+    dead = CallStore(aioredis.from_url(url, decode_responses=True), worker="w0", ttl_s=3600)
+    dead.pid = 4_000_000  # the process that "died"
+    await dead.start()
+    callers = [SipCaller("127.0.0.1", a.port) for _ in range(4)]
+    ids = []
+    try:
+        for c in callers:
+            await c.open()
+            assert await c.invite() == 200
+            await wait_until(lambda: len(handler_a.calls) == len(ids) + 1, 5)
+            call: SipCall = handler_a.calls[-1]["bridge"]
+            dead.start_call(call.call_id, "sip", "caller", "bot", "1")
+            dead.keep_resumable(call.call_id, call.resume_state() or {})
+            ids.append(call.call_id)
+        await dead.flush()
+        live, ending, stale, done = ids
+        await r.hset(call_key(ending), mapping={"ending": "goodbye"})
+        now = float((await r.time())[0])
+        await r.hset(call_key(stale), mapping={"status": "ended", "outcome": "worker_lost", "ended_at": now - 600})
+        await r.hset(call_key(done), mapping={"status": "ended", "outcome": "caller_hangup", "ended_at": now})
+        b, handler_b = await _replaced(a, sip_settings, prompt_pcm)
+        store = CallStore(aioredis.from_url(url, decode_responses=True), worker="w0", ttl_s=3600)
+        await store.start()
+        try:
+            got = await resume_lost_calls(store, b, window_s=60, ttl_s=3600)
+            assert got == {live: "resumed", ending: "hung_up", stale: "hung_up", done: "ended"}, got
+            assert await r.zcard(resumable_key("w0")) == 0
+            rec = await r.hgetall(call_key(live))
+            assert rec["outcome"] == "worker_lost" and rec["reaped_by"] == "w0-sip-resume", rec
+            await asyncio.wait_for(handler_b.new_call.wait(), 5)
+            assert [c["bridge"].call_id for c in handler_b.calls] == [live]
+            assert handler_b.calls[0]["bridge"].info.leg == 2
+            by_id = dict(zip(ids, callers))
+            assert by_id[live].reinvites and not by_id[live].ended.is_set()
+            for cid in (ending, stale):  # released with a BYE, never re-INVITEd
+                await asyncio.wait_for(by_id[cid].ended.wait(), 5)
+                assert by_id[cid].hangup_by == "bot" and not by_id[cid].reinvites
+            assert not by_id[done].ended.is_set() and not by_id[done].reinvites
+            await store.flush()
+            events = [e[1]["type"] for e in await r.xrange(f"call:{stale}:events")]
+            assert "sip_takeover" in events
+        finally:
+            await store.close()
+            await b.stop()
+    finally:
+        for c in callers:
+            c.close()
+        await dead.close()
+        await r.aclose()
