@@ -210,7 +210,7 @@ class SipCall(CallBridge):
             "local_ip": self.local_ip, "proto": self.peer.proto, "peer": [self.peer.addr[0], self.peer.addr[1]],
             "remote_target": self.remote_target, "local_cseq": self.local_cseq, "remote_cseq": self.remote_cseq,
             "sdp": [self.sdp_session.sess_id, self.sdp_session.version], "codec": neg.codec,
-            "dtmf_pt": neg.dtmf_pt,
+            "dtmf_pt": neg.dtmf_pt, "rtp": [*self.media.outbound_position(), round(time.time(), 3)],
         }
 
     def dialog_changed(self) -> None:

@@ -117,6 +117,23 @@ class RtpSession:
             return port
         raise OSError("no free RTP port pair in range")
 
+    def outbound_position(self) -> tuple[int, int, int]:
+        """(SSRC, next sequence number, next timestamp) of what we send: another process can go on with them."""
+        return self.ssrc, self._seq, self._ts
+
+    def continue_stream(self, ssrc: int, seq: int, ts: int, elapsed_s: float) -> None:
+        """Send as the same RTP stream another process was sending elapsed_s ago (it died; this one carries the
+        call on): same SSRC, sequence and timestamp moved on by the frames that time held (and one second more, so
+        nothing already sent is repeated), the marker bit set. To the phone this is a gap, as after packet
+        loss. A new SSRC with a random timestamp is a new stream, and a phone may drop it: baresip 1.0 discarded
+        every frame as "old" for the rest of the call when the new timestamp happened to be behind the old one
+        (about one call in two), so the caller heard nothing more."""
+        frames = max(0, int(elapsed_s * 50)) + 50
+        self.ssrc = ssrc & 0xFFFFFFFF
+        self._seq = (seq + frames) & 0xFFFF
+        self._ts = (ts + frames * FRAME_SAMPLES) & 0xFFFFFFFF
+        self._first = True
+
     def apply(self, neg: Negotiated) -> None:
         """New offer/answer outcome (initial, hold/resume, codec change)."""
         hold_addr = neg.remote_ip in ("0.0.0.0", "::")

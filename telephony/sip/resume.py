@@ -12,6 +12,7 @@ new process will not carry on (the bot was saying goodbye when its process died)
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from ops.logs import get_logger
@@ -63,6 +64,10 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
         await call.media.open(server.media_host, server.settings.rtp_port_min, server.settings.rtp_port_max)
     except OSError:
         return None, "no_rtp_port"
+    rtp = snap.get("rtp")
+    if isinstance(rtp, list) and len(rtp) == 4 and all(isinstance(v, (int, float)) for v in rtp):
+        # the same RTP stream goes on, after a gap: the phone's jitter buffer sees loss, not a new stream
+        call.media.continue_stream(int(rtp[0]), int(rtp[1]), int(rtp[2]), max(0.0, time.time() - float(rtp[3])))
     codec = str(snap.get("codec") or "PCMU")
     codecs = (codec,) + tuple(c for c in SUPPORTED if c != codec) if codec in SUPPORTED else SUPPORTED
     dtmf_pt = snap.get("dtmf_pt")

@@ -270,3 +270,61 @@ async def test_sip_call_of_a_killed_worker_comes_back_from_its_replacement(redis
     resumed = [e for e in got["events"] if e["type"] == "call_resumed"]
     assert len(resumed) == 1 and resumed[0]["worker_pid"] != victim
     assert metric_value(m, "voicebot_sip_resumes_total", {"result": "resumed"}) == 1
+
+
+async def test_baresip_is_carried_on_by_the_replacement_of_a_killed_worker_0(redis_url: str, tmp_path: Path) -> None:
+    """A real SIP phone (baresip) on a call whose worker 0 is SIGKILLed after the greeting: the new worker 0
+    re-INVITEs it from a new RTP port, baresip takes the re-INVITE, hears the bot again ("Sorry, we were cut off
+    ...") and its request, said after that, is understood by the new process on the same call."""
+    import os
+    import signal
+
+    from bot.conversation import RECONNECTED_TEXT
+
+    request = synth("I want to pay my bill")
+    gap = silence(6000)
+    wav = tmp_path / "caller.wav"  # quiet through the greeting, the kill and the restart; then the request, thrice
+    sf.write(str(wav), np.concatenate([silence(14000), request, gap, request, gap, request, silence(20000)]),
+             8000, subtype="PCM_16")
+    server = await _sip_bot(redis_url, tmp_path, workers=2)
+    ua = Baresip(tmp_path / "ua", wav)
+    try:
+        await ua.start()
+        await ua.send(f"/dial sip:bot@127.0.0.1:{server.env['BOT_SIP_PORT']}")
+        await ua.wait_for(r"Call established", 15)
+        t_established = asyncio.get_running_loop().time()
+        cid = await _sip_call_id(server, set(), 15)
+        await _wait_events(server.redis_url, cid, "prompt_heard", 1, 30)  # the greeting went out
+        rec = call_record(server.redis_url, cid)["record"]
+        assert rec.get("sip_dialog"), rec
+        victim = int(rec["worker_pid"])
+        os.kill(victim, signal.SIGKILL)
+        killed_at_s = asyncio.get_running_loop().time() - t_established
+        resumed = (await _wait_events(server.redis_url, cid, "call_resumed", 1, 90))[0]
+        assert resumed["leg"] == 2 and resumed["worker_pid"] != victim, resumed
+        turns_before = len([e for e in call_record(server.redis_url, cid)["events"] if e["type"] == "turn"])
+        try:
+            await _wait_events(server.redis_url, cid, "turn", turns_before + 1, 60)
+        except TimeoutError as exc:
+            raise AssertionError("\n".join(ln for ln in ua.lines if "audio=" not in ln)[-4000:] + "\n"
+                                 + "\n".join(ln for ln in server.logs().splitlines() if "sip" in ln or "rtp" in ln
+                                             or "call" in ln)[-12000:]) from exc
+        await ua.send("/hangup")
+        got = await wait_outcome(server.redis_url, cid, timeout_s=30)
+        m = server.metrics()
+    finally:
+        await ua.stop()
+        server.stop()
+    events = got["events"]
+    after = events[[e["type"] for e in events].index("call_resumed"):]
+    greeting = next(e for e in after if e["type"] == "prompt_heard")
+    assert greeting["text"] == RECONNECTED_TEXT and not greeting.get("interrupted"), greeting
+    turn = next(e for e in after if e["type"] == "turn")
+    top2 = [a[0] for a in (turn.get("alternatives") or [])[:2]]
+    assert turn.get("intent") == "pay_bill" or "pay_bill" in top2, turn  # the caller heard on the new process
+    assert [e["outcome"] for e in events if e["type"] == "call_ended"] == ["worker_lost", "caller_hangup"], events
+    heard = ua.recording("dec")
+    # what the phone played after the kill: the bot's voice again, from the new process (the same RTP stream
+    # going on after a gap; a fresh SSRC and timestamp made baresip drop every frame as "old")
+    assert voiced_fraction(heard[int((killed_at_s + 1.0) * 8000):]) > 0.1
+    assert metric_value(m, "voicebot_sip_resumes_total", {"result": "resumed"}) == 1

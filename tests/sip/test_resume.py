@@ -70,6 +70,7 @@ async def test_restarted_process_reinvites_the_phone_and_the_call_goes_on(make_s
     try:
         await caller.wait_bot_quiet(0.3, 5)
         old_port = caller.media.remote
+        old_ssrc = caller.media._remote_ssrc
         heard_before = len(caller.recording)
         b, handler_b = await _replaced(a, sip_settings, prompt_pcm)
         try:
@@ -86,6 +87,7 @@ async def test_restarted_process_reinvites_the_phone_and_the_call_goes_on(make_s
             # ... and hears it (the prompt handler B plays on the resumed call)
             assert voiced_fraction(np.concatenate(caller.recording[heard_before:])) > 0.05
             assert call.state == "confirmed" and call.established and not call.on_hold
+            assert caller.media._remote_ssrc == old_ssrc  # the same RTP stream goes on (after a gap)
             assert await caller.bye() == 200  # the phone's BYE ends the call in the new process
             await asyncio.wait_for(handler_b.call_ended.wait(), 5)
             assert handler_b.calls[0]["ended"] == "hangup"
