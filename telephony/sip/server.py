@@ -54,6 +54,9 @@ OPTIONS_RATE, OPTIONS_BURST = 10.0, 50.0
 TCP_MAX_CONNS = 512
 TCP_MAX_WRITE_BUFFER = 512 * 1024  # unsent bytes to one peer that does not read its answers: then it is dropped
 TCP_MAX_CONNS_PER_SOURCE = 32
+# After the server starts listening, a request inside a dialog it does not know waits this long before its 481:
+# the dialog may be a dead predecessor's call that this process is about to take over (telephony/sip/resume.py)
+UNKNOWN_DIALOG_GRACE_S = 3.0
 
 
 def tx_key(msg: SipMessage) -> tuple[str, ...]:
@@ -128,8 +131,11 @@ def local_ip_for(peer_ip: str) -> str:
 
 class SipServer:
     def __init__(self, host: str, port: int, on_call: OnCall, settings: SipSettings | None = None,
-                 udp: bool = True, tcp: bool = True) -> None:
+                 udp: bool = True, tcp: bool = True, unknown_dialog_grace_s: float = UNKNOWN_DIALOG_GRACE_S) -> None:
         self.host, self.port, self.on_call = host, port, on_call
+        self.unknown_dialog_grace_s = unknown_dialog_grace_s
+        self._grace_until = 0.0  # time.monotonic() until which unknown dialogs' requests wait (set at start)
+        self._deferred: set[tuple[str, ...]] = set()  # transactions of those requests waiting
         self.settings = settings or SipSettings()
         self.udp_enabled, self.tcp_enabled = udp, tcp
         self.clock = MediaClock()
@@ -185,6 +191,7 @@ class SipServer:
         else:
             raise OSError("no port free for both UDP and TCP")
         self._accepting = True
+        self._grace_until = time.monotonic() + self.unknown_dialog_grace_s
         self._janitor = loop.create_task(self._expire_loop())
         log.info("sip_listening", host=self.host, port=self.port, udp=self.udp_enabled, tcp=self.tcp_enabled,
                  auth=bool(self.auth), allow=self.settings.allow)
@@ -864,6 +871,15 @@ class SipServer:
     # In-dialog requests -----------------------------------------------------------------------------
     def _in_dialog(self, msg: SipMessage, peer: Peer) -> None:
         call = self.calls.get((msg.call_id, msg.to_tag))
+        if call is None and (wait := self._grace_until - time.monotonic()) > 0:
+            # Just started: the dialog may be one a dead predecessor left, about to be taken over (bot/sip_recovery.py,
+            # a few ms away). A 481 would end the phone's call (RFC 3261 12.2.1.2), so the request waits out the
+            # grace once and is answered then; its retransmissions meanwhile are dropped.
+            key = tx_key(msg)
+            if key not in self._deferred:
+                self._deferred.add(key)
+                asyncio.get_running_loop().call_later(wait, self._undefer, key, msg, peer)
+            return
         if call is None:
             SIP_MESSAGES.labels(_m(msg.method), "no_dialog").inc()
             self.respond(msg, peer, 481)
@@ -888,6 +904,14 @@ class SipServer:
             self.respond(msg, peer, 200, extra=self._caps())
         else:  # REFER from the trunk: we are the one who transfers, not the transferee
             self.respond(msg, peer, 405, extra=[("Allow", ALLOW)])
+
+    def _undefer(self, key: tuple[str, ...], msg: SipMessage, peer: Peer) -> None:
+        self._deferred.discard(key)
+        try:
+            self._in_dialog(msg, peer)
+        except Exception as exc:  # a bug on one message must not take the listener down
+            ERRORS.labels("sip", "handler_exception").inc()
+            log.error("sip_handler_exception", error=repr(exc), method=msg.method)
 
     def _negotiate_or_488(self, msg: SipMessage, peer: Peer) -> tuple[SessionDesc, Negotiated, int] | None:
         """Parse and negotiate the SDP offer in msg; on failure answer 488 with the reason and return None."""

@@ -41,11 +41,12 @@ async def _die(srv: SipServer) -> None:
     await asyncio.sleep(0.05)  # transports close on the loop's next turns
 
 
-async def _replaced(a: SipServer, sip_settings: Any, prompt_pcm: np.ndarray) -> tuple[SipServer, RecordingHandler]:
+async def _replaced(a: SipServer, sip_settings: Any, prompt_pcm: np.ndarray,
+                    grace_s: float = 0.0) -> tuple[SipServer, RecordingHandler]:
     """A dies; B (a new process, as the restarted worker 0) binds the same SIP port."""
     await _die(a)
     handler = RecordingHandler(prompt_pcm)
-    b = SipServer("127.0.0.1", a.port, handler, sip_settings)
+    b = SipServer("127.0.0.1", a.port, handler, sip_settings, unknown_dialog_grace_s=grace_s)
     await b.start()
     return b, handler
 
@@ -203,3 +204,34 @@ async def test_a_restarted_worker_takes_over_its_predecessors_sip_calls(make_ser
             c.close()
         await dead.close()
         await r.aclose()
+
+
+async def test_a_request_in_the_lost_dialog_before_the_takeover_waits_instead_of_ending_the_call(
+        make_server, sip_settings, prompt_pcm) -> None:
+    """The phone sends something in its dialog (a key as SIP INFO) after the new process binds the port but before
+    the dialog is taken over: a 481 would end the phone's call (RFC 3261 12.2.1.2), so it waits out the new
+    server's grace and is answered by the taken-over call. A request for a dialog nobody takes over still gets
+    its 481, once the grace is over."""
+    from tests.sip.test_server import RawUdp
+
+    a, caller, snap = await _answered(make_server, sip_settings, prompt_pcm)
+    raw = RawUdp()
+    try:
+        b, handler_b = await _replaced(a, sip_settings, prompt_pcm, grace_s=1.5)
+        try:
+            key = asyncio.ensure_future(caller.info_dtmf("5"))
+            stray = raw.request("BYE", b.port, to_tag="nosuchtag")
+            assert await raw.exchange(stray, b.port, timeout=0.7) is None  # not answered during the grace ...
+            await asyncio.sleep(0.2)
+            call, result = await resume(b, snap, leg=2)
+            assert result == "resumed" and call is not None
+            assert await asyncio.wait_for(key, 10) == 200  # ... the key reaches the taken-over call
+            await wait_until(lambda: bool(handler_b.calls) and handler_b.calls[0]["dtmf"] == ["5"], 5)
+            resp = await raw.exchange(stray, b.port, timeout=3.0)  # ... and the stray gets its 481 after it
+            assert resp is not None and resp.status == 481
+            assert call.state == "confirmed"
+        finally:
+            await b.stop()
+    finally:
+        raw.close()
+        caller.close()
