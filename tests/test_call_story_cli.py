@@ -137,3 +137,25 @@ def test_an_unknown_call_is_a_clear_error(redis_url: str) -> None:
     r = _cli(redis_url, "calls", "show", "CAnope" + uuid.uuid4().hex[:6])
     assert r.returncode == 1 and "no call CAnope" in r.stderr and r.stdout == ""
     assert "Traceback" not in r.stderr
+
+
+def test_a_sip_call_carried_on_by_a_restarted_worker_reads_as_one_story(redis_url: str) -> None:
+    """A SIP call whose worker died and whose phone the restarted worker re-INVITEd: both legs in one story, told
+    as such; one the restarted worker only sent a BYE says so."""
+    cid, gone = "sip-" + uuid.uuid4().hex, "sip-" + uuid.uuid4().hex
+
+    def story(s: CallStore) -> None:
+        for c in (cid, gone):
+            s.start_call(c, "sip", "caller", "bot", "3")
+        s.event(cid, "call_ended", outcome="worker_lost", worker="vm-w0", reaper="vm-supervisor")
+        s.start_call(cid, "sip", "caller", "bot", "3", leg=2)
+        s.end_call(cid, "caller_hangup", duration_s=30.0, turns=1)
+        s.end_call(gone, "worker_lost")
+        s.late_event(gone, "sip_takeover", result="hung_up")
+
+    _write(redis_url, story)
+    out = _cli(redis_url, "calls", "show", cid).stdout
+    assert "call carried on by a restarted worker (leg 2" in out and "re-INVITEd" in out, out
+    assert "legs     2 (the phone was re-INVITEd after its worker died" in out, out
+    out = _cli(redis_url, "calls", "show", gone).stdout
+    assert "not carried on after its worker died: hung_up (the phone was sent a BYE)" in out, out
