@@ -470,7 +470,6 @@ async def _start_sip(calls: CallManager, settings: Settings, store: CallStore | 
         from telephony.sip.server import SipServer  # type: ignore[import-not-found]
     except ImportError:
         return None
-    # a port that cannot be bound now is retried: SIP trouble must not take Twilio calls down
 
     async def resume_lost(server: Any) -> None:
         # the SIP calls this worker id's previous process lost (it died): re-INVITEd from here, carried on
@@ -478,6 +477,7 @@ async def _start_sip(calls: CallManager, settings: Settings, store: CallStore | 
             await asyncio.wait_for(resume_lost_calls(store, server, settings.sip_resume_window_s, settings.call_ttl_s),
                                    RESUME_TIMEOUT_S)
 
+    # a port that cannot be bound now is retried: SIP trouble must not take Twilio calls down
     sip = SipListener(lambda: SipServer(settings.http_host, settings.sip_port, on_call=calls.run_call),
                       settings.sip_retry_s, on_listening=resume_lost)
     await sip.start()
