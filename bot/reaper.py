@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from bot.state import LIVE, LIVE_INFO, call_key, events_key, finite_float
+from bot.state import LIVE, LIVE_INFO, as_str, call_key, events_key, finite_float
 from ops import metrics
 from ops.logs import get_logger
 
@@ -43,10 +43,6 @@ return 1
 """
 
 
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
 async def redis_time(r: Any) -> float:
     """Redis's clock (unix s): the one clock every worker's heartbeats and every reaper agree on."""
     res = await r.time()
@@ -63,14 +59,14 @@ async def _close(r: Any, cid: str, now: float, last_seen: float | None, reaper: 
     # record names the new process) is not closed, whichever of its writes has landed
     info = await r.hget(LIVE_INFO, cid)
     try:
-        meta = json.loads(_s(info)) if info else {}
+        meta = json.loads(as_str(info)) if info else {}
     except ValueError:
         meta = {}
     if not isinstance(meta, dict):
         meta = {}
     owner = str(meta.get("pid", "")) if meta.get("pid") is not None else ""
     if not int(await r.eval(_CLAIM, 1, key, f"{now:.3f}", str(CLAIM_LEASE_S), reaper, owner)):
-        if _s(await r.hget(key, "status") or "") == "ended":
+        if as_str(await r.hget(key, "status") or "") == "ended":
             await r.zrem(LIVE, cid)  # index entry left over from a crash between writes
             await r.hdel(LIVE_INFO, cid)
         return False
@@ -89,7 +85,7 @@ async def _close(r: Any, cid: str, now: float, last_seen: float | None, reaper: 
     # a reaper that died after this XADD and before the HSET below is taken over after the lease: its
     # call_ended is already there and must not be written twice
     last = await r.xrevrange(events_key(cid), count=1)
-    if not (last and _s(_fields(last[0][1]).get("type", "")) == "call_ended"):
+    if not (last and as_str(_fields(last[0][1]).get("type", "")) == "call_ended"):
         await r.xadd(events_key(cid), {"type": "call_ended", "t": f"{now:.3f}", "data": json.dumps(data)})
     await r.hset(key, mapping=rec)
     if ttl_s:
@@ -104,7 +100,7 @@ async def _close(r: Any, cid: str, now: float, last_seen: float | None, reaper: 
 
 
 def _fields(f: Any) -> dict[str, Any]:
-    return {_s(k): v for k, v in f.items()} if isinstance(f, dict) else {}
+    return {as_str(k): v for k, v in f.items()} if isinstance(f, dict) else {}
 
 
 async def reap_orphans(r: Any, stale_s: float = 30.0, reaper: str = "reaper", ttl_s: int | None = None) -> list[str]:
@@ -113,7 +109,7 @@ async def reap_orphans(r: Any, stale_s: float = 30.0, reaper: str = "reaper", tt
     now = await redis_time(r)
     closed: list[str] = []
     for raw, last_seen in await r.zrangebyscore(LIVE, "-inf", now - stale_s, withscores=True):
-        cid = _s(raw)
+        cid = as_str(raw)
         fresh = await r.zscore(LIVE, cid)
         if fresh is not None and float(fresh) > now - stale_s:
             continue  # heartbeat since the scan: a new leg of the call (a reconnected Twilio stream) holds it
@@ -153,12 +149,12 @@ async def reap_worker(r: Any, worker: str, pid: int, reaper: str = "supervisor",
     closed: list[str] = []
     for raw_cid, raw in (await r.hgetall(LIVE_INFO)).items():
         try:
-            meta = json.loads(_s(raw))
+            meta = json.loads(as_str(raw))
         except ValueError:
             continue
         if not isinstance(meta, dict) or meta.get("worker") != worker or meta.get("pid") != pid:
             continue
-        cid = _s(raw_cid)
+        cid = as_str(raw_cid)
         last_seen = await r.zscore(LIVE, cid)
         if await _close_one(r, cid, now, float(last_seen) if last_seen is not None else None, reaper, ttl_s):
             closed.append(cid)

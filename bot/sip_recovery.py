@@ -23,16 +23,12 @@ import json
 from typing import Any
 
 from bot.reaper import close_lost_leg, redis_time
-from bot.state import CallStore, call_key, finite_float, resumable_key
+from bot.state import CallStore, as_str, call_key, decode_hash, finite_float, resumable_key
 from ops import metrics
 from ops.logs import get_logger
 
 log = get_logger("bot.sip_recovery")
 RESUME_TIMEOUT_S = 20.0  # the whole pass (reads, closes, every re-INVITE in parallel)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v or "")
 
 
 async def resume_lost_calls(store: CallStore, server: Any, window_s: float, ttl_s: int | None = None) -> dict[str, str]:
@@ -46,8 +42,8 @@ async def resume_lost_calls(store: CallStore, server: Any, window_s: float, ttl_
     results: dict[str, str] = {}
     todo: list[tuple[str, dict[str, Any], int]] = []  # leg 0: end the dialog with a BYE instead
     for raw in await r.zrange(key, 0, -1):
-        cid = _s(raw)
-        rec = {_s(k): _s(v) for k, v in (await r.hgetall(call_key(cid))).items()}
+        cid = as_str(raw)
+        rec = decode_hash(await r.hgetall(call_key(cid)))
         if rec.get("worker_pid") == me:
             continue  # a call of this process (listed since it started): nothing was lost
         if not await r.zrem(key, cid):
@@ -96,7 +92,7 @@ async def _check(r: Any, cid: str, rec: dict[str, str], now: float, window_s: fl
         # lost leg as a reaper would, then carry the call on
         if not await close_lost_leg(r, cid, f"{worker}-sip-resume", ttl_s):
             return "ended"
-        rec = {_s(k): _s(v) for k, v in (await r.hgetall(call_key(cid))).items()}
+        rec = decode_hash(await r.hgetall(call_key(cid)))
     if rec.get("outcome") != "worker_lost":
         return "ended"  # the call ended normally (its BYE was sent); its end just did not remove it from the list
     if rec.get("ending"):

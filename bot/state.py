@@ -78,13 +78,14 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
 
 
-def _s(v: Any) -> str:
+def as_str(v: Any) -> str:
+    """A value read from Redis as text, whether or not the client was built with decode_responses."""
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _decode(d: dict[Any, Any]) -> dict[str, str]:
-    """Works whether or not the client was built with decode_responses."""
-    return {_s(k): _s(v) for k, v in d.items()}
+def decode_hash(d: dict[Any, Any]) -> dict[str, str]:
+    """A hash read from Redis (HGETALL, a stream entry's fields) as text, whichever way the client decodes."""
+    return {as_str(k): as_str(v) for k, v in d.items()}
 
 
 Op = tuple[str, tuple[Any, ...], dict[str, Any]]
@@ -429,13 +430,13 @@ class CallStore:
 
     # ---- reads ----
     async def get_call(self, call_id: str) -> dict[str, Any] | None:
-        rec = _decode(await self.r.hgetall(call_key(call_id)))
+        rec = decode_hash(await self.r.hgetall(call_key(call_id)))
         raw = await self.r.xrange(events_key(call_id))
         if not rec and not raw:
             return None
         events = []
         for eid, f in raw:
-            eid, f = _s(eid), _decode(f)
+            eid, f = as_str(eid), decode_hash(f)
             # a garbled entry (written by hand, by an old release) is shown as it is, never a 500 for the whole call
             try:
                 data = json.loads(f.get("data", "{}"))
@@ -448,10 +449,10 @@ class CallStore:
 
     async def live_calls(self) -> list[dict[str, Any]]:
         cutoff = self.redis_now() - LIVE_STALE_S
-        ids = [_s(i) for i in await self.r.zrangebyscore(LIVE, cutoff, "+inf")]
+        ids = [as_str(i) for i in await self.r.zrangebyscore(LIVE, cutoff, "+inf")]
         if not ids:
             return []
-        infos = [_s(i) if i is not None else None for i in await self.r.hmget(LIVE_INFO, ids)]
+        infos = [as_str(i) if i is not None else None for i in await self.r.hmget(LIVE_INFO, ids)]
         return [{"call_id": cid, **(json.loads(i) if i else {})} for cid, i in zip(ids, infos)]
 
     # ---- background ----
