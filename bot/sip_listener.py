@@ -82,10 +82,9 @@ class SipListener:
         for task in (self._task, self._listening_task):
             if task is not None:
                 task.cancel()
-        if self._task is not None:
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         if self.server is not None:
             await self.server.stop()

@@ -17,7 +17,7 @@ from typing import Any
 
 from ops.logs import get_logger
 from telephony.sip.call import SNAPSHOT_VERSION, SipCall
-from telephony.sip.message import SipParseError, addr_uri, parse_message
+from telephony.sip.message import SipMessage, SipParseError, addr_uri, parse_message
 from telephony.sip.sdp import SUPPORTED, SdpError, SdpSession, negotiate_answer, parse_sdp
 from telephony.sip.server import ALLOW, Peer, SipServer
 
@@ -54,10 +54,8 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
     """Re-INVITE the phone of a snapshotted call from this process. Returns (the call, "resumed"), handed to the
     server's on_call with `info.leg` = leg, or (None, why): "unreadable", "no_rtp_port", "no_answer" (timeout),
     "gone" (481/408: the phone hung up), "refused" (another final status), "bad_answer"."""
-    try:
-        call = restore(server, snap)
-    except ValueError as exc:
-        log.warning("sip_resume_unreadable", error=str(exc))
+    call = _restored(server, snap)
+    if call is None:
         return None, "unreadable"
     call.info.leg = leg
     try:
@@ -76,16 +74,11 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
     # in the table before the offer goes: a BYE the phone sends meanwhile finds its dialog
     call.state = "confirmed"
     server.calls[(call.call_id, call.local_tag)] = call
-    try:
-        resp = await asyncio.wait_for(
-            server.send_in_dialog(call, "INVITE", extra=[("Allow", ALLOW)], body=offer,
-                                  content_type="application/sdp"), timeout_s)
-    except asyncio.TimeoutError:
-        resp = None
+    resp, why = await _request(server, call, "INVITE", timeout_s, extra=[("Allow", ALLOW)], body=offer,
+                               content_type="application/sdp")
     if call.state == "terminated":  # the phone hung up (BYE) while we waited
         return None, "gone"
-    if resp is None or resp.status >= 300:
-        why = "no_answer" if resp is None else "gone" if resp.status in (408, 481) else "refused"
+    if resp is None or why:
         call._finish(f"resume_{why}")
         return None, why
     try:
@@ -111,16 +104,32 @@ async def hang_up(server: SipServer, snap: dict[str, Any], timeout_s: float = RE
     """End a snapshotted call's dialog from this process with a BYE: a call the bot was hanging up when its process
     died, or one lost too long ago to carry on, must not leave the phone in silence. Returns "hung_up", "gone"
     (481/408: the phone had ended it), "no_answer", "refused" or "unreadable"."""
-    try:
-        call = restore(server, snap)
-    except ValueError as exc:
-        log.warning("sip_resume_unreadable", error=str(exc))
+    call = _restored(server, snap)
+    if call is None:
         return "unreadable"
     call.state = "confirmed"
+    _resp, why = await _request(server, call, "BYE", timeout_s)
+    return why or "hung_up"
+
+
+def _restored(server: SipServer, snap: dict[str, Any]) -> SipCall | None:
     try:
-        resp = await asyncio.wait_for(server.send_in_dialog(call, "BYE"), timeout_s)
+        return restore(server, snap)
+    except ValueError as exc:
+        log.warning("sip_resume_unreadable", error=str(exc))
+        return None
+
+
+async def _request(server: SipServer, call: SipCall, method: str, timeout_s: float,
+                   **kw: Any) -> tuple[SipMessage | None, str]:
+    """Send an in-dialog request; (its final response, "") on a 2xx, else (it or None, why): "no_answer" (none in
+    time), "gone" (408/481: the phone no longer has the dialog) or "refused" (any other failure)."""
+    try:
+        resp = await asyncio.wait_for(server.send_in_dialog(call, method, **kw), timeout_s)
     except asyncio.TimeoutError:
         resp = None
     if resp is None:
-        return "no_answer"
-    return "hung_up" if resp.status < 300 else "gone" if resp.status in (408, 481) else "refused"
+        return None, "no_answer"
+    if resp.status < 300:
+        return resp, ""
+    return resp, "gone" if resp.status in (408, 481) else "refused"

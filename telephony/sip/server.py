@@ -416,15 +416,7 @@ class SipServer:
         """Send a request inside the call's dialog and wait for its final response (None on timeout)."""
         call.local_cseq += 1
         branch = new_branch()
-        req = SipMessage(method=method, uri=call.remote_target)
-        req.add("Via", self._via(call, branch))
-        req.add("Max-Forwards", "70")
-        req.add("From", call.local_uri)
-        req.add("To", call.remote_uri)
-        req.add("Call-ID", call.call_id)
-        req.add("CSeq", f"{call.local_cseq} {method}")
-        for r in call.route_set:
-            req.add("Route", r)
+        req = self._dialog_request(call, method, call.local_cseq, branch)
         req.add("Contact", self.contact(call.local_ip, call.peer.proto))
         req.add("User-Agent", self.settings.user_agent)
         for k, v in extra or []:
@@ -434,6 +426,19 @@ class SipServer:
         req.body = body
         dest = self._dest_for(call)
         return await self._client_tx(req, dest, branch)
+
+    def _dialog_request(self, call: SipCall, method: str, cseq: int, branch: str, to: str = "") -> SipMessage:
+        """A request inside the call's dialog (12.2.1.1): its Via, From/To with the tags, Call-ID, CSeq, route set."""
+        req = SipMessage(method=method, uri=call.remote_target)
+        req.add("Via", self._via(call, branch))
+        req.add("Max-Forwards", "70")
+        req.add("From", call.local_uri)
+        req.add("To", to or call.remote_uri)
+        req.add("Call-ID", call.call_id)
+        req.add("CSeq", f"{cseq} {method}")
+        for r in call.route_set:
+            req.add("Route", r)
+        return req
 
     def _dest_for(self, call: SipCall) -> Peer:
         """Loose route -> first Route; else the remote target; same connection when TCP is still up."""
@@ -478,16 +483,7 @@ class SipServer:
     def ack_2xx(self, call: SipCall, resp: SipMessage) -> None:
         """ACK a 2xx answer to our in-dialog INVITE (a transaction of its own, new branch, 13.2.2.4); kept
         32 s to answer retransmissions of that 200."""
-        ack = SipMessage(method="ACK", uri=call.remote_target)
-        ack.add("Via", self._via(call, new_branch()))
-        ack.add("Max-Forwards", "70")
-        ack.add("From", call.local_uri)
-        ack.add("To", resp.get("To") or call.remote_uri)
-        ack.add("Call-ID", call.call_id)
-        ack.add("CSeq", f"{resp.cseq[0]} ACK")
-        for r in call.route_set:
-            ack.add("Route", r)
-        data = ack.encode()
+        data = self._dialog_request(call, "ACK", resp.cseq[0], new_branch(), to=resp.get("To")).encode()
         dest = self._dest_for(call)
         now = time.monotonic()
         for k in [k for k, (_, _, t) in self._acks.items() if t < now]:
