@@ -28,7 +28,7 @@ from bot.conversation_manager import CallManager
 from bot.conversation_policy import CallPolicy, load_local_policy
 from bot.escalation_webhook import EscalationWebhook
 from bot.sip_listener import SipListener
-from bot.sip_recovery import RESUME_TIMEOUT_S, resume_lost_calls
+from bot.sip_recovery import RESUME_TIMEOUT_S, adopt_forever, resume_lost_calls
 from bot.state import STREAM_LOST_OUTCOMES, CallStore, call_key, connect
 from bot.turns import TurnParams
 from bot.turns_vad import BatchedVad
@@ -472,13 +472,23 @@ async def _start_sip(calls: CallManager, settings: Settings, store: CallStore | 
         return None
 
     async def resume_lost(server: Any) -> None:
-        # the SIP calls this worker id's previous process lost (it died): re-INVITEd from here, carried on
-        if store is not None and settings.sip_resume_window_s > 0:
+        # the SIP calls this worker id's previous process lost (it died): re-INVITEd from here, carried on; then,
+        # for as long as we take calls, those of other hosts' workers that went silent
+        if store is None or settings.sip_resume_window_s <= 0:
+            return
+        try:
             await asyncio.wait_for(resume_lost_calls(store, server, settings.sip_resume_window_s, settings.call_ttl_s),
                                    RESUME_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - Redis down or slow: those calls are lost, the rest goes on
+            metrics.ERRORS.labels("sip", "resume_failed").inc()
+            log.error("sip_resume_failed", error=repr(exc)[:200])
+        if settings.sip_takeover_after_s > 0:
+            await adopt_forever(store, server, settings.sip_resume_window_s, settings.sip_takeover_after_s,
+                                settings.call_ttl_s)
 
     # a port that cannot be bound now is retried: SIP trouble must not take Twilio calls down
-    sip = SipListener(lambda: SipServer(settings.http_host, settings.sip_port, on_call=calls.run_call),
+    sip = SipListener(lambda: SipServer(settings.http_host, settings.sip_port, on_call=calls.run_call,
+                                        instance=settings.worker_id),
                       settings.sip_retry_s, on_listening=resume_lost)
     await sip.start()
     return sip

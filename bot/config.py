@@ -61,6 +61,9 @@ class Settings:
     sip_retry_s: float = field(default_factory=lambda: _float("BOT_SIP_RETRY_S", 5.0, 0.1))  # retry a failed SIP bind
     # a restarted worker 0 re-INVITEs the SIP calls its previous process lost this recently (0: never)
     sip_resume_window_s: float = field(default_factory=lambda: _float("BOT_SIP_RESUME_WINDOW_S", 60.0, 0.0))
+    # another host's worker 0 silent in Redis this long (and not answering SIP as itself): its SIP calls are
+    # re-INVITEd from here (0: only its own restart takes them)
+    sip_takeover_after_s: float = field(default_factory=lambda: _float("BOT_SIP_TAKEOVER_AFTER_S", 15.0, 0.0))
     public_url: str = field(default_factory=lambda: _env("BOT_PUBLIC_URL", ""))  # e.g. https://abc.ngrok.app
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", ""))  # empty: embedded redis-server
     data_dir: Path = field(default_factory=lambda: Path(_env("BOT_DATA_DIR", "./var")))

@@ -455,6 +455,11 @@ class CallStore:
         infos = [as_str(i) if i is not None else None for i in await self.r.hmget(LIVE_INFO, ids)]
         return [{"call_id": cid, **(json.loads(i) if i else {})} for cid, i in zip(ids, infos)]
 
+    def settled(self, now: float | None = None) -> bool:
+        """Redis has taken our writes for at least LIVE_STALE_S: other workers' heartbeats can be judged (just
+        back from an outage, everyone's look stale until they have flushed their backlog)."""
+        return self.healthy and (now if now is not None else time.time()) - self._healthy_since >= LIVE_STALE_S
+
     # ---- background ----
     def _set_health(self, ok: bool) -> None:
         if ok == self.healthy:
@@ -541,7 +546,7 @@ class CallStore:
         """Close calls of workers that died (SIGKILL, OOM): every worker reaps, a claim makes it once."""
         if now - self._last_reap < REAP_EVERY_S or not self.healthy:
             return
-        if now - self._healthy_since < LIVE_STALE_S:
+        if not self.settled(now):
             # just back from an outage: every worker's heartbeats are stale until it has flushed its own
             # backlog; reaping now would close live calls of workers still catching up (and their buffered
             # events, older than the reaper's call_ended, would then be refused by the stream)

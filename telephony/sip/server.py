@@ -28,6 +28,7 @@ from telephony.sip.message import (
     SipMessage, SipParseError, addr_uri, find_message_end, header_params, make_response, new_branch, new_tag,
     parse_message, parse_uri, parse_via,
 )
+from telephony.sip.probe import WORKER_HEADER
 from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, parse_sdp
 
 T1, T2 = 0.5, 4.0
@@ -131,8 +132,12 @@ def local_ip_for(peer_ip: str) -> str:
 
 class SipServer:
     def __init__(self, host: str, port: int, on_call: OnCall, settings: SipSettings | None = None,
-                 udp: bool = True, tcp: bool = True, unknown_dialog_grace_s: float = UNKNOWN_DIALOG_GRACE_S) -> None:
+                 udp: bool = True, tcp: bool = True, unknown_dialog_grace_s: float = UNKNOWN_DIALOG_GRACE_S,
+                 instance: str = "") -> None:
         self.host, self.port, self.on_call = host, port, on_call
+        # our worker id, named in every answer (X-Voicebot-Worker): a peer about to take over the calls of a
+        # worker silent in Redis asks its SIP address who is there first (telephony/sip/probe.py)
+        self.instance = instance
         self.unknown_dialog_grace_s = unknown_dialog_grace_s
         self._grace_until = 0.0  # time.monotonic() until which unknown dialogs' requests wait (set at start)
         self._deferred: set[tuple[str, ...]] = set()  # transactions of those requests waiting
@@ -208,6 +213,11 @@ class SipServer:
             self._tcp = await asyncio.start_server(self._on_tcp, self.host, self.port)
             if self.port == 0:
                 self.port = self._tcp.sockets[0].getsockname()[1]
+
+    @property
+    def accepting(self) -> bool:
+        """Taking new calls (listening and not draining)."""
+        return self._accepting
 
     def refuse_new_calls(self) -> None:
         """Answer new INVITEs 503 + Retry-After from now on (a draining worker): the trunk or proxy fails
@@ -372,6 +382,8 @@ class SipServer:
                 extra: list[tuple[str, str]] | None = None, body: bytes = b"") -> SipMessage:
         resp = make_response(req, status, reason, to_tag, extra or [], body)
         resp.add("Server", self.settings.user_agent)
+        if self.instance:
+            resp.add(WORKER_HEADER, self.instance)
         vias = [(i, v) for i, (k, v) in enumerate(resp.headers) if k == "Via"]
         if vias and "rport" in header_params(vias[0][1]):  # RFC 3581: tell the client where we saw it
             i, v = vias[0]
@@ -589,6 +601,8 @@ class SipServer:
             return
         resp = make_response(req, 400, f"Bad Request ({kind})")
         resp.add("Server", self.settings.user_agent)
+        if self.instance:
+            resp.add(WORKER_HEADER, self.instance)
         self._send(resp.encode(), peer)
         SIP_MESSAGES.labels("invalid", "sent_400").inc()
 

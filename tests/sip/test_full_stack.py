@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import numpy as np
@@ -34,14 +34,17 @@ async def agent(make_server, sip_settings) -> AsyncIterator[tuple[RecordingHandl
     yield handler, srv
 
 
-async def _sip_bot(redis_url: str, tmp_path: Path, workers: int = 1, **env: str) -> BotServer:
+async def _sip_bot(redis_url: str, tmp_path: Path, workers: int = 1, fresh_db: bool = True, name: str = "bot",
+                   **env: str) -> BotServer:
     """`bot serve` with SIP on a free port (BOT_SIP_PORT in .env), the open test policy, the voice cache shared by
-    the test servers, started (a loaded box starts slowly)."""
+    the test servers, started (a loaded box starts slowly). fresh_db=False: on `redis_url`'s DB as it is (a second
+    host of the same deployment, in tmp_path / name)."""
     sip_port = free_port_both()  # SIP listens on UDP and TCP
     env = {"BOT_POLICY": str(open_policy(tmp_path / "policy.yaml")), "BOT_NO_INPUT_S": "60",
            "BOT_SIP_ENABLED": "1", "BOT_SIP_PORT": str(sip_port), **env}
-    (tmp_path / "bot").mkdir()
-    server = BotServer(isolated_redis_url(redis_url), tmp_path / "bot", env, workers=workers)
+    (tmp_path / name).mkdir()
+    server = BotServer(isolated_redis_url(redis_url) if fresh_db else redis_url, tmp_path / name, env,
+                       workers=workers, flush_db=fresh_db)
     server.env["BOT_DATA_DIR"] = str(tmp_path.parent / "shared-data")  # voice cache shared by test servers
     await asyncio.get_running_loop().run_in_executor(None, server.start, 240.0)
     return server
@@ -272,6 +275,63 @@ async def test_sip_call_of_a_killed_worker_comes_back_from_its_replacement(redis
     assert metric_value(m, "voicebot_sip_resumes_total", {"result": "resumed"}) == 1
 
 
+async def _phone_carried_on(tmp_path: Path, dialed: BotServer, carrier: BotServer, quiet_ms: int,
+                            kill: Callable[[dict[str, str]], None]) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """A real SIP phone (baresip) calls `dialed`, quiet for `quiet_ms` (the greeting, the loss, the takeover) and
+    then says "I want to pay my bill" thrice. After the greeting `kill(record)` kills the process serving it; the
+    call must come back (`call_resumed`) from `carrier`, where a turn of the caller's is answered; then the phone
+    hangs up. Checks what every takeover must show and returns (the record as it ends, seconds from the kill to
+    call_resumed, the call_resumed event)."""
+    from bot.conversation import RECONNECTED_TEXT
+
+    request, gap = synth("I want to pay my bill"), silence(6000)
+    wav = tmp_path / "caller.wav"
+    sf.write(str(wav), np.concatenate([silence(quiet_ms), request, gap, request, gap, request, silence(20000)]),
+             8000, subtype="PCM_16")
+    loop = asyncio.get_running_loop()
+    ua = Baresip(tmp_path / "ua", wav)
+    try:
+        await ua.start()
+        await ua.send(f"/dial sip:bot@127.0.0.1:{dialed.env['BOT_SIP_PORT']}")
+        await ua.wait_for(r"Call established", 15)
+        t_established = loop.time()
+        cid = await _sip_call_id(dialed, set(), 15)
+        await _wait_events(dialed.redis_url, cid, "prompt_heard", 1, 30)  # the greeting went out
+        rec = call_record(dialed.redis_url, cid)["record"]
+        assert rec.get("sip_dialog"), rec
+        kill(rec)
+        killed = loop.time()
+        resumed = (await _wait_events(dialed.redis_url, cid, "call_resumed", 1, 90))[0]
+        back_after_s = loop.time() - killed
+        assert resumed["leg"] == 2 and str(resumed["worker_pid"]) != str(rec["worker_pid"]), resumed
+        turns_before = len([e for e in call_record(dialed.redis_url, cid)["events"] if e["type"] == "turn"])
+        try:
+            await _wait_events(dialed.redis_url, cid, "turn", turns_before + 1, 60)
+        except TimeoutError as exc:
+            raise AssertionError("\n".join(ln for ln in ua.lines if "audio=" not in ln)[-4000:] + "\n"
+                                 + "\n".join(ln for ln in carrier.logs().splitlines() if "sip" in ln or "rtp" in ln
+                                             or "call" in ln)[-12000:]) from exc
+        await ua.send("/hangup")
+        got = await wait_outcome(dialed.redis_url, cid, timeout_s=30)
+        assert metric_value(carrier.metrics(), "voicebot_sip_resumes_total", {"result": "resumed"}) == 1
+    finally:
+        await ua.stop()
+    events = got["events"]
+    after = events[[e["type"] for e in events].index("call_resumed"):]
+    greeting = next(e for e in after if e["type"] == "prompt_heard")
+    assert greeting["text"] == RECONNECTED_TEXT and not greeting.get("interrupted"), greeting
+    turn = next(e for e in after if e["type"] == "turn")
+    top2 = [a[0] for a in (turn.get("alternatives") or [])[:2]]
+    assert turn.get("intent") == "pay_bill" or "pay_bill" in top2, turn  # the caller heard by the carrier
+    assert [e["outcome"] for e in events if e["type"] == "call_ended"] == ["worker_lost", "caller_hangup"], events
+    # what the phone played after the kill: >= 1 s of the bot's voice again ("Sorry, we were cut off ..."), from
+    # the carrier (the same RTP stream going on after a gap; a fresh SSRC and timestamp made baresip drop every
+    # frame as "old")
+    after_kill = ua.recording("dec")[int((killed - t_established + 1.0) * 8000):]
+    assert voiced_fraction(after_kill) * after_kill.size / 8000 > 1.0
+    return got, back_after_s, resumed
+
+
 async def test_baresip_is_carried_on_by_the_replacement_of_a_killed_worker_0(redis_url: str, tmp_path: Path) -> None:
     """A real SIP phone (baresip) on a call whose worker 0 is SIGKILLed after the greeting: the new worker 0
     re-INVITEs it from a new RTP port, baresip takes the re-INVITE, hears the bot again ("Sorry, we were cut off
@@ -279,52 +339,36 @@ async def test_baresip_is_carried_on_by_the_replacement_of_a_killed_worker_0(red
     import os
     import signal
 
-    from bot.conversation import RECONNECTED_TEXT
-
-    request = synth("I want to pay my bill")
-    gap = silence(6000)
-    wav = tmp_path / "caller.wav"  # quiet through the greeting, the kill and the restart; then the request, thrice
-    sf.write(str(wav), np.concatenate([silence(14000), request, gap, request, gap, request, silence(20000)]),
-             8000, subtype="PCM_16")
     server = await _sip_bot(redis_url, tmp_path, workers=2)
-    ua = Baresip(tmp_path / "ua", wav)
     try:
-        await ua.start()
-        await ua.send(f"/dial sip:bot@127.0.0.1:{server.env['BOT_SIP_PORT']}")
-        await ua.wait_for(r"Call established", 15)
-        t_established = asyncio.get_running_loop().time()
-        cid = await _sip_call_id(server, set(), 15)
-        await _wait_events(server.redis_url, cid, "prompt_heard", 1, 30)  # the greeting went out
-        rec = call_record(server.redis_url, cid)["record"]
-        assert rec.get("sip_dialog"), rec
-        victim = int(rec["worker_pid"])
-        os.kill(victim, signal.SIGKILL)
-        killed_at_s = asyncio.get_running_loop().time() - t_established
-        resumed = (await _wait_events(server.redis_url, cid, "call_resumed", 1, 90))[0]
-        assert resumed["leg"] == 2 and resumed["worker_pid"] != victim, resumed
-        turns_before = len([e for e in call_record(server.redis_url, cid)["events"] if e["type"] == "turn"])
-        try:
-            await _wait_events(server.redis_url, cid, "turn", turns_before + 1, 60)
-        except TimeoutError as exc:
-            raise AssertionError("\n".join(ln for ln in ua.lines if "audio=" not in ln)[-4000:] + "\n"
-                                 + "\n".join(ln for ln in server.logs().splitlines() if "sip" in ln or "rtp" in ln
-                                             or "call" in ln)[-12000:]) from exc
-        await ua.send("/hangup")
-        got = await wait_outcome(server.redis_url, cid, timeout_s=30)
-        m = server.metrics()
+        await _phone_carried_on(tmp_path, server, server, 14000,
+                                lambda rec: os.kill(int(rec["worker_pid"]), signal.SIGKILL))
     finally:
-        await ua.stop()
         server.stop()
-    events = got["events"]
-    after = events[[e["type"] for e in events].index("call_resumed"):]
-    greeting = next(e for e in after if e["type"] == "prompt_heard")
-    assert greeting["text"] == RECONNECTED_TEXT and not greeting.get("interrupted"), greeting
-    turn = next(e for e in after if e["type"] == "turn")
-    top2 = [a[0] for a in (turn.get("alternatives") or [])[:2]]
-    assert turn.get("intent") == "pay_bill" or "pay_bill" in top2, turn  # the caller heard on the new process
-    assert [e["outcome"] for e in events if e["type"] == "call_ended"] == ["worker_lost", "caller_hangup"], events
-    heard = ua.recording("dec")
-    # what the phone played after the kill: the bot's voice again, from the new process (the same RTP stream
-    # going on after a gap; a fresh SSRC and timestamp made baresip drop every frame as "old")
-    assert voiced_fraction(heard[int((killed_at_s + 1.0) * 8000):]) > 0.1
-    assert metric_value(m, "voicebot_sip_resumes_total", {"result": "resumed"}) == 1
+
+
+async def test_baresip_is_carried_on_by_another_host_when_its_host_is_lost(redis_url: str, tmp_path: Path) -> None:
+    """Two hosts (two `bot serve`, worker ids host-a and host-b) on one Redis. A real SIP phone (baresip) talks to
+    host-a, which is SIGKILLed after the greeting and never comes back. host-b sees host-a silent in Redis, finds
+    nothing answering SIP as host-a at its address, and re-INVITEs the phone from its own address: baresip moves
+    its audio and its signalling there (its BYE reaches host-b), hears the bot again, and its request is
+    understood by host-b on the same call."""
+    import os
+    import signal
+
+    fast = {"BOT_SIP_TAKEOVER_AFTER_S": "4"}  # 15 by default: three missed heartbeats
+    host_a = await _sip_bot(redis_url, tmp_path, name="a", BOT_WORKER_ID="host-a", **fast)
+    host_b = await _sip_bot(host_a.redis_url, tmp_path, fresh_db=False, name="b", BOT_WORKER_ID="host-b", **fast)
+
+    def lose_host_a(rec: dict[str, str]) -> None:
+        assert rec["worker"] == "host-a" and host_a.proc is not None, rec
+        os.kill(host_a.proc.pid, signal.SIGKILL)  # the whole host: nothing restarts it
+
+    try:
+        got, back_after_s, _ = await _phone_carried_on(tmp_path, host_a, host_b, 24000, lose_host_a)
+    finally:
+        host_b.stop()
+        host_a.stop()
+    rec = got["record"]
+    assert rec["worker"] == "host-b" and rec["reaped_by"] == "host-b-sip-adopt", rec
+    assert back_after_s < 30, back_after_s  # BOT_SIP_TAKEOVER_AFTER_S + a 5 s pass + the re-INVITE, on a loaded box

@@ -42,11 +42,11 @@ async def _die(srv: SipServer) -> None:
 
 
 async def _replaced(a: SipServer, sip_settings: Any, prompt_pcm: np.ndarray,
-                    grace_s: float = 0.0) -> tuple[SipServer, RecordingHandler]:
+                    grace_s: float = 0.0, instance: str = "") -> tuple[SipServer, RecordingHandler]:
     """A dies; B (a new process, as the restarted worker 0) binds the same SIP port."""
     await _die(a)
     handler = RecordingHandler(prompt_pcm)
-    b = SipServer("127.0.0.1", a.port, handler, sip_settings, unknown_dialog_grace_s=grace_s)
+    b = SipServer("127.0.0.1", a.port, handler, sip_settings, unknown_dialog_grace_s=grace_s, instance=instance)
     await b.start()
     return b, handler
 
@@ -63,6 +63,21 @@ async def _answered(make_server: Any, sip_settings: Any, prompt_pcm: np.ndarray)
     snap = call.resume_state()
     assert snap is not None
     return a, caller, json.loads(json.dumps(snap))  # as kept in Redis
+
+
+async def _listed_calls(callers: list[SipCaller], handler: RecordingHandler, store: Any) -> list[str]:
+    """Each caller dials in; its call is recorded in Redis by `store` and listed as resumable, as the bot does."""
+    ids: list[str] = []
+    for c in callers:
+        await c.open()
+        assert await c.invite() == 200
+        await wait_until(lambda: len(handler.calls) == len(ids) + 1, 5)
+        call: SipCall = handler.calls[-1]["bridge"]
+        store.start_call(call.call_id, "sip", "caller", "bot", "1")
+        store.keep_resumable(call.call_id, call.resume_state() or {})
+        ids.append(call.call_id)
+    await store.flush()
+    return ids
 
 
 async def test_restarted_process_reinvites_the_phone_and_the_call_goes_on(make_server, sip_settings,
@@ -159,17 +174,8 @@ async def test_a_restarted_worker_takes_over_its_predecessors_sip_calls(make_ser
     dead.pid = 4_000_000  # the process that "died"
     await dead.start()
     callers = [SipCaller("127.0.0.1", a.port) for _ in range(4)]
-    ids = []
     try:
-        for c in callers:
-            await c.open()
-            assert await c.invite() == 200
-            await wait_until(lambda: len(handler_a.calls) == len(ids) + 1, 5)
-            call: SipCall = handler_a.calls[-1]["bridge"]
-            dead.start_call(call.call_id, "sip", "caller", "bot", "1")
-            dead.keep_resumable(call.call_id, call.resume_state() or {})
-            ids.append(call.call_id)
-        await dead.flush()
+        ids = await _listed_calls(callers, handler_a, dead)
         live, ending, stale, done = ids
         await r.hset(call_key(ending), mapping={"ending": "goodbye"})
         now = float((await r.time())[0])
@@ -235,3 +241,98 @@ async def test_a_request_in_the_lost_dialog_before_the_takeover_waits_instead_of
     finally:
         raw.close()
         caller.close()
+
+
+async def test_the_probe_tells_who_answers_sip_at_an_address(make_server, sip_settings, prompt_pcm) -> None:
+    """telephony/sip/probe.py: our server names its worker id; another SIP server says nothing; a closed port
+    (ICMP unreachable) and a socket that never answers read as nobody."""
+    import socket
+
+    from telephony.sip.probe import who_answers
+
+    ours = await make_server(RecordingHandler(prompt_pcm), sip_settings, instance="host-a-w0")
+    anonymous = await make_server(RecordingHandler(prompt_pcm), sip_settings)
+    assert await who_answers("127.0.0.1", ours.port) == "host-a-w0"
+    assert await who_answers("127.0.0.1", anonymous.port) == ""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # bound, never answers
+        s.bind(("127.0.0.1", 0))
+        mute = s.getsockname()[1]
+        t0 = asyncio.get_running_loop().time()
+        assert await who_answers("127.0.0.1", mute, timeout_s=0.6) is None
+        assert asyncio.get_running_loop().time() - t0 < 2.0
+    closed = mute  # released: nothing listens there now
+    assert await who_answers("127.0.0.1", closed, timeout_s=0.6) is None
+
+
+async def test_a_peer_takes_over_the_sip_calls_of_a_silent_worker_unless_it_still_answers(
+        make_server, sip_settings, prompt_pcm, redis_url: str) -> None:
+    """bot/sip_recovery.adopt_orphaned_calls: worker old-pod stops writing to Redis with two SIP calls listed.
+    While its SIP server still answers as old-pod (cut off from Redis only), a peer leaves its calls alone. Once it
+    is gone and the address answers as someone else (its container came back as new-pod), the peer takes them: the
+    call still `active` is closed `worker_lost` and re-INVITEd as leg 2, the one the bot was hanging up gets a BYE.
+    A worker whose heartbeat is fresh is never looked at."""
+    import redis.asyncio as aioredis
+
+    from bot.sip_recovery import adopt_orphaned_calls
+    from bot.state import WORKERS, CallStore, call_key, resumable_key
+    from tests.helpers.server import isolated_redis_url
+
+    url = isolated_redis_url(redis_url)
+    r = aioredis.from_url(url, decode_responses=True)
+    await r.flushdb()
+    handler_a = RecordingHandler(prompt_pcm)
+    a = await make_server(handler_a, sip_settings, instance="old-pod")
+    old = CallStore(aioredis.from_url(url, decode_responses=True), worker="old-pod", ttl_s=3600)
+    old.pid = 4_000_001
+    await old.start()
+    callers = [SipCaller("127.0.0.1", a.port) for _ in range(2)]
+    stores: list[CallStore] = [old]
+    try:
+        ids = await _listed_calls(callers, handler_a, old)
+        await old.close()  # old-pod writes no more heartbeats
+        live, ending = ids
+        await r.hset(call_key(ending), mapping={"ending": "goodbye"})
+        now = float((await r.time())[0])
+        peer_store = CallStore(aioredis.from_url(url, decode_responses=True), worker="peer", ttl_s=3600)
+        stores.append(peer_store)
+        await peer_store.start()
+        peer = await make_server(RecordingHandler(prompt_pcm), sip_settings, instance="peer")
+
+        await r.zadd(WORKERS, {"old-pod": now - 2})
+        assert await adopt_orphaned_calls(peer_store, peer, window_s=60, after_s=15) == {}  # not silent long enough
+        await r.zadd(WORKERS, {"old-pod": now - 40})
+        assert await adopt_orphaned_calls(peer_store, peer, window_s=60, after_s=15) == {}  # still answers as itself
+        assert await r.zcard(resumable_key("old-pod")) == 2
+        assert not any(c.reinvites or c.ended.is_set() for c in callers)
+        assert (await r.hgetall(call_key(live)))["status"] == "active"
+
+        b, handler_b = await _replaced(a, sip_settings, prompt_pcm, instance="new-pod")
+        new_store = CallStore(aioredis.from_url(url, decode_responses=True), worker="new-pod", ttl_s=3600)
+        stores.append(new_store)
+        await new_store.start()
+        try:
+            got = await adopt_orphaned_calls(new_store, b, window_s=60, after_s=15)
+            assert got == {live: "resumed", ending: "hung_up"}, got
+            assert await r.zcard(resumable_key("old-pod")) == 0
+            rec = await r.hgetall(call_key(live))
+            assert rec["outcome"] == "worker_lost" and rec["reaped_by"] == "new-pod-sip-adopt", rec
+            await asyncio.wait_for(handler_b.new_call.wait(), 5)
+            assert [c["bridge"].call_id for c in handler_b.calls] == [live]
+            assert handler_b.calls[0]["bridge"].info.leg == 2
+            by_id = dict(zip(ids, callers))
+            assert by_id[live].reinvites and not by_id[live].ended.is_set()
+            await asyncio.wait_for(by_id[ending].ended.wait(), 5)
+            assert by_id[ending].hangup_by == "bot" and not by_id[ending].reinvites
+            # a second pass (or another peer) finds nothing left to take
+            assert await adopt_orphaned_calls(peer_store, peer, window_s=60, after_s=15) == {}
+            await new_store.flush()
+            takeover = [e[1] for e in await r.xrange(f"call:{ending}:events") if e[1]["type"] == "sip_takeover"]
+            assert takeover and json.loads(takeover[0]["data"])["worker"] == "old-pod", takeover
+        finally:
+            await b.stop()
+    finally:
+        for c in callers:
+            c.close()
+        for st in stores[1:]:
+            await st.close()
+        await r.aclose()
