@@ -8,6 +8,8 @@ Scenarios (each verified and reported):
   sip-redis-restart  redis-restart with SIP callers (telephony/sip/uac.py) on worker 0's SIP server.
   sip-rtp-loss   SIP callers lose a share of the RTP they send (dropped at the caller's socket) mid-call.
   sip-worker-kill  worker 0 (the SIP port) SIGKILLed while SIP callers talk: its replacement re-INVITEs them.
+  sip-host-loss  a second host (`bot serve`, its own worker id, the same Redis) SIGKILLed for good while SIP
+                 callers talk to it: the first host's worker 0 re-INVITEs them once it is silent.
 Checks: no call event lost (per call, the events the bot logged writing -- call_started, turn,
 state_degraded, transfer, call_ended -- are all in its Redis stream, none twice), callers never left in silence (every turn gets bot audio; engine failures
 get an apology + transfer), calls on the surviving worker unaffected, the killed worker's calls
@@ -41,7 +43,7 @@ from ops.logs import get_logger
 
 log = get_logger("ops.chaos")
 SCENARIOS = ("redis-restart", "redis-stall", "worker-kill", "engine-fault", "sip-redis-restart", "sip-rtp-loss",
-             "sip-worker-kill")
+             "sip-worker-kill", "sip-host-loss")
 SIP_SCENARIOS = frozenset(s for s in SCENARIOS if s.startswith("sip-"))
 RTP_LOSS = 0.15  # share of the caller's RTP packets dropped in sip-rtp-loss
 
@@ -167,8 +169,10 @@ class SipLine:
     """One simulated SIP caller (telephony/sip/uac.py, RTP on the shared media clock) placing calls back to
     back against worker 0's SIP server and speaking turns until stopped; same trace as a Twilio Line."""
 
-    def __init__(self, host: str, port: int, pcms: list[np.ndarray], idx: int, max_turns: int = 6) -> None:
+    def __init__(self, host: str, port: int, pcms: list[np.ndarray], idx: int, max_turns: int = 6,
+                 follow_moves: bool = False) -> None:
         self.host, self.port, self.pcms, self.idx, self.max_turns = host, port, pcms, idx, max_turns
+        self.follow_moves = follow_moves  # a phone that follows its call to another host (sip-host-loss)
         self.calls: list[CallTrace] = []
         self.stop = asyncio.Event()
         self.current: Any = None
@@ -180,7 +184,7 @@ class SipLine:
         from telephony.sip.uac import SipCaller, trailing_silence_s
 
         while not self.stop.is_set():
-            c = SipCaller(self.host, self.port)
+            c = SipCaller(self.host, self.port, follow_moves=self.follow_moves)
             tr = CallTrace(c.call_id, time.monotonic())
             self.calls.append(tr)
             try:
@@ -645,6 +649,68 @@ class Chaos:
               and others["events_found"] == others["events_written"])
         return Finding("sip-worker-kill", ok, checks)
 
+    async def sip_host_loss(self) -> Finding:
+        """A second host (another `bot serve` with its own worker id on the same Redis) SIGKILLed for good while SIP
+        callers talk to it. Nothing restarts it: once it has been silent in Redis for BOT_SIP_TAKEOVER_AFTER_S and
+        nothing answers SIP as it, the first host's worker 0 re-INVITEs its phones (bot/sip_recovery.py), which
+        follow the call there; the callers hear the bot again and get answers on the same call."""
+        assert self.bot is not None and self.redis is not None
+        from bot.config import Settings
+
+        host_b = BotProcess(self.work / "host-b", redis_url=self.redis.url, workers=1, sip=True,
+                            env={"BOT_NO_INPUT_S": "30", "BOT_POLICY": str(self.policy),
+                                 "BOT_WORKER_ID": "chaos-host-b"})
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, host_b.start)
+            r = self._client()
+            lines = [SipLine("127.0.0.1", host_b.sip_port, self.pcms, i, max_turns=40, follow_moves=True)
+                     for i in range(self.n_lines)]
+            tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
+            warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None
+                                                for ln in lines), 40)
+            killed = {ln.current.call_id: ln.current for ln in lines if ln.current is not None}
+            assert host_b.proc is not None
+            t_kill = time.monotonic()
+            os.kill(host_b.proc.pid, signal.SIGKILL)
+            log.warning("chaos_host_killed", worker="chaos-host-b", pid=host_b.proc.pid)
+            after_s = Settings().sip_takeover_after_s
+            back = await _wait(lambda: all(c.reinvites or c.ended.is_set() for c in killed.values()), after_s + 60)
+            await asyncio.sleep(15.0)
+            for ln in lines:
+                ln.stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 90)
+            traces = {c.call_id: c for ln in lines for c in ln.calls}
+            try:
+                await asyncio.sleep(1.0)
+                legs: dict[str, list[str]] = {}
+                reaped_by: dict[str, str] = {}
+                for c in killed:
+                    legs[c] = [str(json.loads(f.get("data") or "{}").get("outcome", ""))
+                               for _, f in await r.xrange(f"call:{c}:events") if f.get("type") == "call_ended"]
+                    reaped_by[c] = str(await r.hget(f"call:{c}", "reaped_by") or "")
+            finally:
+                await r.aclose()
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, host_b.stop)
+        back_after = {c: round(traces[c].reconnected_t[0] - t_kill, 2) for c in killed if traces[c].reconnected_t}
+        heard = {c: traces[c].heard_after_reconnect_ms for c in killed}
+        answered_after = {c: sum(1 for t, v, _ in traces[c].turns if v is not None and traces[c].reconnected_t
+                                 and t >= traces[c].reconnected_t[0]) for c in killed}
+        resumed = metric_sum(self.bot.metrics(), "voicebot_sip_resumes_total", {"result": "resumed"})
+        checks = {"warmed_up": warmed_up, "killed_host": "chaos-host-b", "takeover_after_s": after_s,
+                  "calls_on_killed": len(killed),
+                  "killed_calls_reinvited": {c: bool(traces[c].reconnected_t) for c in killed},
+                  "killed_calls_back_after_s": back_after, "killed_calls_heard_after_reinvite_ms": heard,
+                  "killed_calls_turns_answered_after_reinvite": answered_after,
+                  "killed_calls_ended_by": {c: traces[c].ended_by or traces[c].error for c in killed},
+                  "killed_calls_ends": legs, "killed_calls_reaped_by": reaped_by, "sip_resumes_resumed": resumed,
+                  "all_back_in_time": back}
+        ok = (warmed_up and bool(killed) and len(back_after) == len(killed)
+              and all(ms >= 1000 for ms in heard.values()) and all(n >= 1 for n in answered_after.values())
+              and all(e[:1] == [REAPED] and len(e) == 2 for e in legs.values())
+              and all(v.endswith("-sip-adopt") for v in reaped_by.values()) and resumed >= len(killed))
+        return Finding("sip-host-loss", ok, checks)
+
     async def engine_fault(self) -> Finding:
         assert self.redis is not None
         bot = BotProcess(self.work / "bot-fault", redis_url=self.redis.url.rsplit("/", 1)[0] + "/1", workers=1,
@@ -767,6 +833,8 @@ async def run_chaos(work: Path, scenarios: tuple[str, ...] = SCENARIOS, lines: i
                     f = await chaos.sip_rtp_loss()
                 elif s == "sip-worker-kill":
                     f = await chaos.sip_worker_kill()
+                elif s == "sip-host-loss":
+                    f = await chaos.sip_host_loss()
                 else:
                     raise ValueError(f"unknown scenario {s!r} (one of {', '.join(SCENARIOS)})")
             except Exception as exc:  # noqa: BLE001 - report the scenario as failed, run the others

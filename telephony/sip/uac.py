@@ -120,8 +120,13 @@ class SipCaller:
     """One simulated caller: SIP signaling on its own UDP port, media on the shared clock."""
 
     def __init__(self, host: str, port: int, user: str = "caller", to_user: str = "bot",
-                 auth: tuple[str, str] | None = None, codecs: tuple[str, ...] = ("PCMU", "PCMA")) -> None:
+                 auth: tuple[str, str] | None = None, codecs: tuple[str, ...] = ("PCMU", "PCMA"),
+                 follow_moves: bool = False) -> None:
         self.host, self.port = host, port
+        # follow_moves: take requests from any address and send ours to the dialog's remote target, as a phone
+        # does (a call re-INVITEd by another host moves there); otherwise one connected socket to host:port
+        self.follow_moves = follow_moves
+        self._dest = (host, port)
         self.local_ip = local_ip_for(host)
         self.user, self.to_user, self.auth, self.codecs = user, to_user, auth, codecs
         self.call_id = new_call_id(self.local_ip)
@@ -168,8 +173,9 @@ class SipCaller:
         # Connected to the server: the kernel then reports an ICMP port unreachable (nothing listening) to us
         # as a refused connection, so a wrong port fails at once instead of after 32 s of retransmissions.
         # All our signaling goes to, and comes from, that one address.
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Proto(self), local_addr=(self.local_ip, 0),
-                                                           remote_addr=(self.host, self.port))
+        self._udp, _ = await loop.create_datagram_endpoint(
+            lambda: _Proto(self), local_addr=(self.local_ip, 0),
+            remote_addr=None if self.follow_moves else (self.host, self.port))
         self.sip_port = self._udp.get_extra_info("sockname")[1]
         await self.media.open(self.local_ip, 30000, 40000)
         self._consumer = loop.create_task(self._consume())
@@ -183,8 +189,19 @@ class SipCaller:
             self._consumer.cancel()
 
     def _send(self, msg: SipMessage, addr: tuple[str, int] | None = None) -> None:
-        if self._udp is not None and not self._udp.is_closing():
+        if self._udp is None or self._udp.is_closing():
+            return
+        if self.follow_moves:
+            self._udp.sendto(msg.encode(), addr or self._dest)  # an answer goes back where its request came from
+        else:
             self._udp.sendto(msg.encode())  # connected: only the server's address is reachable
+
+    def _retarget(self, contact: str) -> None:
+        """The peer's Contact: where our next requests in the dialog go (RFC 3261 12.2.1.1)."""
+        self.remote_target = addr_uri(contact)
+        if self.follow_moves:
+            host, port, _user = parse_target(self.remote_target)
+            self._dest = (host, port)
 
     def on_transport_error(self, exc: Exception) -> None:
         if not isinstance(exc, ConnectionRefusedError):
@@ -303,7 +320,7 @@ class SipCaller:
         self.to_tag = resp.to_tag
         contact = resp.get("Contact")
         if contact:
-            self.remote_target = addr_uri(contact)
+            self._retarget(contact)
         self._ok_response = resp
         try:
             offer = parse_sdp(resp.body)
@@ -408,7 +425,7 @@ class SipCaller:
             return
         contact = msg.get("Contact")
         if contact:
-            self.remote_target = addr_uri(contact)
+            self._retarget(contact)
         self.media.apply(neg)
         self.reinvites.append(time.monotonic())
         answer = self.sdp.answer(offer, neg, idx, self.media.local_port)

@@ -92,3 +92,20 @@ def test_sip_calls_of_a_killed_worker_0_come_back(tmp_path: Path) -> None:
     assert all(ends[0] == "worker_lost" and len(ends) == 2 for ends in c["killed_calls_ends"].values()), c
     assert c["sip_resumes_resumed"] >= c["calls_on_killed"], c
     assert f["ok"], json.dumps(f, indent=1)
+
+
+def test_sip_calls_of_a_lost_host_come_back_from_another(tmp_path: Path) -> None:
+    """A second host SIGKILLed for good while SIP callers talk to it: after BOT_SIP_TAKEOVER_AFTER_S the first
+    host's worker 0 re-INVITEs every phone, which follows the call there; each caller hears the bot again and gets
+    answers on the same call, the lost leg closed by the adopting worker."""
+    (f,) = _chaos(tmp_path, "sip-host-loss")
+    c = f["checks"]
+    assert "exception" not in c, c
+    assert c["warmed_up"] and c["calls_on_killed"] >= 1, c
+    assert all(c["killed_calls_reinvited"].values()), c
+    assert all(c["takeover_after_s"] <= s for s in c["killed_calls_back_after_s"].values()), c  # not before it
+    assert all(ms >= 1000 for ms in c["killed_calls_heard_after_reinvite_ms"].values()), c
+    assert all(n >= 1 for n in c["killed_calls_turns_answered_after_reinvite"].values()), c
+    assert all(ends == ["worker_lost", "caller_hangup"] for ends in c["killed_calls_ends"].values()), c
+    assert all(v.endswith("-w0-sip-adopt") for v in c["killed_calls_reaped_by"].values()), c
+    assert f["ok"], json.dumps(f, indent=1)

@@ -113,6 +113,38 @@ async def test_restarted_process_reinvites_the_phone_and_the_call_goes_on(make_s
         caller.close()
 
 
+async def test_a_process_on_another_host_carries_the_call_on_and_the_phone_follows_it(make_server, sip_settings,
+                                                                                       prompt_pcm) -> None:
+    """The call is re-INVITEd from another address (a peer host's SIP server, bot/sip_recovery.py): the phone takes
+    the re-INVITE from there, its audio and its BYE go there (the re-INVITE's Contact is its new remote target)."""
+    handler_a = RecordingHandler(prompt_pcm)
+    a = await make_server(handler_a, sip_settings)
+    caller = SipCaller("127.0.0.1", a.port, codecs=("PCMA",), follow_moves=True)
+    await caller.open()
+    try:
+        assert await caller.invite() == 200
+        await asyncio.wait_for(handler_a.new_call.wait(), 5)
+        call_a: SipCall = handler_a.calls[0]["bridge"]
+        await wait_until(lambda: call_a.established, 5)
+        snap = json.loads(json.dumps(call_a.resume_state()))
+        await caller.wait_bot_quiet(0.3, 5)
+        await _die(a)
+        handler_b = RecordingHandler(prompt_pcm)
+        b = await make_server(handler_b, sip_settings)
+        assert b.port != a.port
+        call, result = await resume(b, snap, leg=2)
+        assert result == "resumed" and call is not None
+        assert caller.remote_target.endswith(f":{b.port}") and len(caller.reinvites) == 1
+        await caller.play(TONE, "after")
+        await caller.wait_bot_quiet(0.5, 8)
+        assert voiced_fraction(inbound_pcm(handler_b.calls[0]), 1000) > 0.1  # heard by the other host
+        assert await caller.bye() == 200  # answered by the other host: A is gone
+        await asyncio.wait_for(handler_b.call_ended.wait(), 5)
+        assert handler_b.calls[0]["ended"] == "hangup"
+    finally:
+        caller.close()
+
+
 async def test_a_phone_that_hung_up_answers_481_and_nothing_is_left(make_server, sip_settings, prompt_pcm) -> None:
     a, caller, snap = await _answered(make_server, sip_settings, prompt_pcm)
     try:
