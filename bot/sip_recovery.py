@@ -37,6 +37,8 @@ from ops.logs import get_logger
 log = get_logger("bot.sip_recovery")
 RESUME_TIMEOUT_S = 20.0  # the whole pass (reads, closes, every re-INVITE in parallel)
 ADOPT_EVERY_S = 5.0  # how often a SIP worker looks for other workers' orphaned SIP calls (one heartbeat)
+WARN_EVERY_S = 60.0  # a worker cut off from Redis but still serving its phones is logged once a minute, not per pass
+_warned: dict[str, float] = {}  # worker id -> when (Redis's clock) that was last logged
 
 
 async def resume_lost_calls(store: CallStore, server: Any, window_s: float, ttl_s: int | None = None) -> dict[str, str]:
@@ -65,8 +67,10 @@ async def adopt_orphaned_calls(store: CallStore, server: Any, window_s: float, a
         if addr is not None and await (probe or who_answers)(*addr) == worker:
             # alive and serving its phones, only cut off from Redis: a second re-INVITE would put two bots on the
             # line. Its calls stay its own
-            log.warning("sip_worker_silent_but_answering", worker=worker, silent_s=round(now - float(beat), 1),
-                        sip=f"{addr[0]}:{addr[1]}")
+            if now - _warned.get(worker, 0.0) >= WARN_EVERY_S:
+                _warned[worker] = now
+                log.warning("sip_worker_silent_but_answering", worker=worker, silent_s=round(now - float(beat), 1),
+                            sip=f"{addr[0]}:{addr[1]}")
             continue
         got = await _take_over(store, server, worker, window_s, ttl_s, f"{store.worker}-sip-adopt")
         if got:
