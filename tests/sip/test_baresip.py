@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,35 @@ async def test_digest_auth_with_baresip(make_server, sip_settings, prompt_pcm, b
     await asyncio.wait_for(handler.new_call.wait(), 5)
     await ua.send("/hangup")
     await asyncio.wait_for(handler.call_ended.wait(), 10)
+
+
+async def test_tcp_call_is_carried_on_by_another_process_over_a_new_connection(make_server, sip_settings, prompt_pcm,
+                                                                               baresip) -> None:
+    """A TCP call whose process died (its connection gone with it) is taken over by a SIP server elsewhere
+    (bot/sip_recovery.py): the re-INVITE goes over a new connection to the phone's Contact, baresip takes it,
+    hears the new process, and its BYE reaches the new process."""
+    from telephony.sip.resume import resume
+    from tests.sip.test_resume import _die
+
+    handler_a = RecordingHandler(prompt_pcm)
+    a = await make_server(handler_a, sip_settings)
+    ua = await baresip(transport="tcp")
+    await ua.send(f"/dial sip:bot@127.0.0.1:{a.port};transport=tcp")
+    await ua.wait_for(r"Call established", 10)
+    await asyncio.wait_for(handler_a.new_call.wait(), 5)
+    call_a: SipCall = handler_a.calls[0]["bridge"]
+    assert call_a.peer.proto == "TCP"
+    await wait_until(lambda: "prompt" in handler_a.calls[0]["marks"], 10)
+    snap = json.loads(json.dumps(call_a.resume_state()))
+    await _die(a)
+    handler_b = RecordingHandler(prompt_pcm)
+    b = await make_server(handler_b, sip_settings)
+    call, result = await resume(b, snap, leg=2)
+    assert result == "resumed" and call is not None and call.peer.proto == "TCP"
+    await asyncio.wait_for(handler_b.new_call.wait(), 5)
+    rec = handler_b.calls[0]
+    await wait_until(lambda: len(rec["audio"]) > 50, 10)  # the phone's audio reaches the new process
+    await wait_until(lambda: "prompt" in rec["marks"], 10)  # and the new process's prompt went out to it
+    await ua.send("/hangup")
+    await asyncio.wait_for(handler_b.call_ended.wait(), 10)
+    assert rec["ended"] == "hangup"
