@@ -39,6 +39,22 @@ ENDED_IDS_MAX = 1024  # ended calls whose last event id is kept, for events that
 STREAM_LOST_OUTCOMES = frozenset({"worker_lost", "disconnected", "error:exception"})
 RESUMABLE_MAX_AGE_S = 86400.0  # a listed call older than this is dropped from the list (a call lasts hours at most)
 ENDS_REPLAY_S = 120.0  # calls ended this recently have their end written again when the Redis server changes
+# after an outage, this worker's live calls are checked this long for a reap by other workers (bot/reaper.py):
+# while it was cut off from Redis they could not tell it from a dead one
+RECLAIM_CHECK_S = LIVE_STALE_S + 2 * HEARTBEAT_S
+
+# one key (the call's record): a call reaped as `worker_lost` while the process named in it (ARGV[2]) was only
+# cut off from Redis is live again; anything else (its real end landed, another process holds it) is left alone
+_RECLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'ended' then return false end
+if redis.call('HGET', KEYS[1], 'outcome') ~= ARGV[1] then return false end
+if redis.call('HGET', KEYS[1], 'worker_pid') ~= ARGV[2] then return false end
+local by = redis.call('HGET', KEYS[1], 'reaped_by') or ''
+redis.call('HSET', KEYS[1], 'status', 'active', 'outcome', '', 'ended_at', '', 'duration_s', '', 'reaped_at', '',
+           'reaped_by', '')
+redis.call('PERSIST', KEYS[1])
+return by
+"""
 
 # Refusals that say "Redis cannot take writes right now", not "this command is wrong": maxmemory reached
 # (OOM), AOF/RDB write failing (MISCONF: disk full), a demoted master (READONLY), loading the AOF after a
@@ -123,6 +139,7 @@ class CallStore:
         self._closing = False
         self._last_reap = 0.0
         self._healthy_since = 0.0  # time of the last recovery from an outage (0: never down)
+        self._reclaim_until = 0.0  # after an outage: until when live calls are checked for a reap (time.time())
         self._last_id: dict[str, tuple[int, int]] = {}  # live call id -> last event stream id (ms, seq)
         # the same for recently ended calls, bounded: a late event (a protocol error that raced the hang-up)
         # must neither reuse an id nor leave an entry behind for every call the worker ever had
@@ -467,6 +484,7 @@ class CallStore:
         self.healthy = ok
         if ok:
             self._healthy_since = time.time()
+            self._reclaim_until = self._healthy_since + RECLAIM_CHECK_S
         metrics.REDIS_UP.set(1 if ok else 0)
         log.warning("redis_state", healthy=ok, buffered=len(self._q))
         for fn in list(self._listeners.values()):
@@ -474,6 +492,20 @@ class CallStore:
                 fn(ok)
             except Exception:  # noqa: BLE001
                 log.exception("state_listener_failed")
+
+    async def _append_late(self, args: tuple[Any, ...], kw: dict[str, Any]) -> bool:
+        """An event refused for its id: a repeat of one that landed (a retried batch), or one buffered while this
+        worker was cut off from Redis that another wrote after (a reaper's `call_ended`). The second is appended
+        now with a new id (its `t` keeps when it happened). True when it was."""
+        key, fields, eid = args[0], args[1], kw.get("id")
+        try:
+            if not eid or await self.r.xrange(key, min=eid, max=eid, count=1):
+                return False
+            await self.r.xadd(key, fields)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return False
+        metrics.ERRORS.labels("state", "event_appended_late").inc()
+        return True
 
     async def _writer(self) -> None:
         backoff = 0.2
@@ -513,10 +545,12 @@ class CallStore:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            for (op, args, _kw), res in zip(batch, results):
+            for (op, args, kw), res in zip(batch, results):
                 if isinstance(res, Exception):
-                    # A refused command is not retried: a repeated event id means it already landed.
+                    # A refused command is not retried: a repeated event id means it already landed ...
                     repeat = op == "xadd" and "equal or smaller" in str(res)
+                    if repeat and await self._append_late(args, kw):
+                        continue  # ... unless it is not there: written after what came before it, never lost
                     kind = "duplicate_suppressed" if repeat else "command_failed"
                     metrics.ERRORS.labels("state", kind).inc()
                     if kind == "command_failed":
@@ -534,6 +568,8 @@ class CallStore:
             if self.healthy:
                 await self._sync_clock()
                 await self._check_server()
+                if time.time() < self._reclaim_until and self._active:
+                    await self._reclaim()
             now = self.redis_now()
             if self._active:
                 self._push("zadd", LIVE, {cid: now for cid in self._active})
@@ -541,6 +577,31 @@ class CallStore:
             # workers silent for a day are gone (SIGKILLed ones never remove themselves): keep the set small
             self._push("zremrangebyscore", WORKERS, "-inf", now - 86400)
             await self._reap(time.time())  # local clock: paces reaping, compared with _healthy_since
+
+    async def _reclaim(self) -> None:
+        """Calls of ours that other workers reaped while we were cut off from Redis (a partition of this host
+        longer than LIVE_STALE_S looks like a dead worker to them) are live here: their records become active
+        again (the reaper's `call_ended` stays in the story, followed by `call_reclaimed`) and go back in the live
+        index. Their real end, later, is written as usual."""
+        from bot.reaper import OUTCOME  # bot.reaper imports this module's key schema
+
+        for cid in list(self._active):
+            try:
+                by = await asyncio.wait_for(self.r.eval(_RECLAIM, 1, call_key(cid), OUTCOME, str(self.pid)), 2.0)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                log.debug("reclaim_check_failed", call_id=cid, error=repr(exc))
+                return  # the next heartbeat tries again
+            if by is None or cid not in self._active:
+                continue
+            base = self._base.get(cid)
+            if base is not None:
+                self._push("zadd", LIVE, {cid: self.redis_now()})
+                self._push("hset", LIVE_INFO, cid, base[1])
+            self._push("persist", events_key(cid))
+            self.event(cid, "call_reclaimed", reaped_by=as_str(by), worker=self.worker, worker_pid=self.pid)
+            metrics.ERRORS.labels("state", "call_reclaimed").inc()
+            log.warning("call_reclaimed", call_id=cid, reaped_by=as_str(by),
+                        hint="this worker was cut off from Redis longer than the reaper waits; the call went on")
 
     async def _reap(self, now: float) -> None:
         """Close calls of workers that died (SIGKILL, OOM): every worker reaps, a claim makes it once."""

@@ -227,3 +227,60 @@ async def test_a_call_taken_over_by_a_new_leg_is_not_reaped(redis_url: str) -> N
         assert await reap_worker(r, "host-w0", 111, reaper="host-supervisor", ttl_s=600) == ["CAgone"]
     finally:
         await _done(r)
+
+
+async def test_a_worker_cut_off_from_redis_gets_its_reaped_call_back_and_loses_no_event(redis_url: str,
+                                                                                          monkeypatch: pytest.MonkeyPatch
+                                                                                          ) -> None:
+    """A partition: worker A loses Redis while the others keep it. To them A looks dead, and a reaper closes A's
+    live call `worker_lost`. A's call went on all along: when A's link comes back, the events it buffered meanwhile
+    land after the reaper's end (none refused for their older ids), the record is active again (`call_reclaimed`)
+    and back in the live index, and the call's real end is what the record finally says."""
+    from tests.helpers.tcp_proxy import TcpProxy
+
+    monkeypatch.setattr(state, "HEARTBEAT_S", 0.5)  # the reclaim check rides on the heartbeat
+    url = isolated_redis_url(redis_url)
+    r = await _fresh(url)
+    host, port_db = url.split("//", 1)[1].split(":", 1)
+    port, db = port_db.split("/", 1)
+    proxy = await TcpProxy(host, int(port)).start()
+    a = CallStore(_client(f"redis://127.0.0.1:{proxy.port}/{db}"), worker="host-a", ttl_s=3600)
+    await a.start()
+    try:
+        a.start_call("CApart", "twilio", "+15550001111", "+15550002222", "1")
+        a.event("CApart", "turn", n=1)
+        assert await a.flush(timeout_s=5)
+        proxy.cut()
+        a.event("CApart", "turn", n=2)  # buffered: Redis is out of A's reach
+        deadline = time.monotonic() + 10
+        while a.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not a.healthy
+        await asyncio.sleep(1.2)
+        assert await reap_orphans(r, stale_s=1.0, reaper="host-b", ttl_s=3600) == ["CApart"]  # A looks dead
+        assert await r.hget(call_key("CApart"), "outcome") == OUTCOME
+        a.event("CApart", "turn", n=3)  # ... but its call goes on
+        proxy.mend()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and await r.hget(call_key("CApart"), "status") != "active":
+            await asyncio.sleep(0.2)
+        rec = await r.hgetall(call_key("CApart"))
+        assert rec["status"] == "active" and rec["outcome"] == "" and not rec.get("reaped_by"), rec
+        assert await r.ttl(call_key("CApart")) == -1  # the reaper's expiry is gone with its end
+        assert await a.flush(timeout_s=5)
+        assert await r.zscore(LIVE, "CApart") is not None and await r.hget(LIVE_INFO, "CApart")
+        a.end_call("CApart", "caller_hangup", duration_s=42.0, turns=3)
+        assert await a.flush(timeout_s=5)
+    finally:
+        await a.close()
+        await proxy.stop()
+    rec = await r.hgetall(call_key("CApart"))
+    assert rec["status"] == "ended" and rec["outcome"] == "caller_hangup", rec
+    events = [(f["type"], json.loads(f["data"])) for _id, f in await r.xrange(events_key("CApart"))]
+    assert sorted(d["n"] for t, d in events if t == "turn") == [1, 2, 3], events  # nothing lost
+    types = [t for t, _ in events]
+    assert types.index("call_ended") < types.index("call_reclaimed"), types  # the reap, then taken back
+    (reclaimed,) = [d for t, d in events if t == "call_reclaimed"]
+    assert reclaimed["reaped_by"] == "host-b" and reclaimed["worker"] == "host-a", reclaimed
+    assert [d["outcome"] for t, d in events if t == "call_ended"] == [OUTCOME, "caller_hangup"]
+    await _done(r)
