@@ -211,10 +211,11 @@ def ice_servers(raw: str | None = None) -> list[dict[str, Any]]:
 class WebRTCCallBridge(QueuedCallBridge):
     def __init__(self, caller: str = "browser", params: dict[str, Any] | None = None,
                  connect_timeout_s: float = 20.0, servers: list[dict[str, Any]] | None = None,
-                 media_timeout_s: float = 10.0) -> None:
+                 media_timeout_s: float = 10.0, call_id: str = "", leg: int = 1) -> None:
+        # call_id/leg: a browser back on a new peer connection after the worker holding its call died (leg 2+)
         self.info = CallInfo(
-            call_id=f"webrtc-{secrets.token_hex(8)}", transport="webrtc", caller=caller, called="softphone",
-            params=dict(params or {}),
+            call_id=call_id or f"webrtc-{secrets.token_hex(8)}", transport="webrtc", caller=caller,
+            called="softphone", params=dict(params or {}), leg=leg,
         )
         servers = ice_servers() if servers is None else servers
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**s) for s in servers]))

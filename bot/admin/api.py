@@ -182,6 +182,8 @@ class OfferIn(BaseModel):
     draft_id: str | None = None
     yaml: str | None = None
     version: int | None = None
+    # the call id of a softphone call whose worker died: this offer carries it on (leg 2+) instead of a new call
+    resume: str | None = Field(default=None, max_length=64)
 
 
 # ---- helpers ----
@@ -509,9 +511,11 @@ async def softphone_offer(body: OfferIn, request: Request, p: Principal = Depend
     with _store_errors():
         policy = await store.check(policy_yaml)
     try:
-        answer = await softphone.start_call(request.app, body.sdp, body.type, policy, label, p)
+        answer = await softphone.start_call(request.app, body.sdp, body.type, policy, label, p, resume=body.resume)
     except softphone.SoftphoneError as exc:
-        raise _err(exc.status, exc.kind, str(exc)) from exc
+        err = _err(exc.status, exc.kind, str(exc))
+        err.detail["kind"] = exc.kind  # the console tells call_live (try again) from call_over
+        raise err from exc
     return JSONResponse(answer)
 
 

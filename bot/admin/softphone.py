@@ -9,7 +9,14 @@ out its 20 s connect timeout and record error:connect_timeout. The console withd
 same endpoint with type "rollback" (WebRTC's word for withdrawing an offer) and the offer's SDP. Its ICE
 credentials name the call and prove the sender made the offer; the call ends as caller_hangup. The rollback
 may reach another worker than the one holding the call (or arrive before the offer does), so it is also left
-in Redis for a minute, where the holding worker looks while it waits for the call to connect."""
+in Redis for a minute, where the holding worker looks while it waits for the call to connect.
+
+A browser whose call's worker died (its peer connection fails: nothing answers its media any more) sends a new
+offer naming the call (`resume`). If that call is the same admin's softphone call, lost with its worker (or
+abandoned for lack of media: the browser's network went away) within RESUME_WINDOW_S, the new peer connection
+carries it on as leg N+1 on whichever worker takes the offer: same call id and record, the conversation
+restored from it ("Sorry, we were cut off ..."), as a Twilio call on a new stream. While the old worker still
+holds it (fresh heartbeat) the answer is 409 `call_live` and the browser tries again a moment later."""
 
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from bot.admin.auth import Principal
+from bot.reaper import close_lost_leg, redis_time
+from bot.state import LIVE, STREAM_LOST_OUTCOMES, call_key, decode_hash, finite_float
 from ops import metrics
 from ops.logs import get_logger
 from telephony.webrtc import SignallingError, WebRTCCallBridge, ice_servers, wait_first
@@ -31,6 +40,12 @@ log = get_logger("bot.admin.softphone")
 ROLLBACK_KEY = "softphone:rollback:{}"  # + offer_key(): a withdrawn offer, for the worker holding its call
 ROLLBACK_TTL_S = 60  # past any connect timeout: the call is connected or over by then
 ROLLBACK_POLL_S = 0.5  # how often a call waiting to connect looks for its rollback in Redis
+RESUME_WINDOW_S = 60.0  # a lost softphone call can be carried on this long after it was lost
+RESUME_STALE_S = 15.0  # a call whose heartbeat is older than this is taken as lost with its worker
+MAX_LEGS = 3  # as a Twilio call's streams: a call that keeps losing its worker is not carried on forever
+RESUME_KEY = "softphone:resume:{}:{}"  # call id, leg: one new peer connection per lost leg, however many offers
+# a lost leg the browser may carry on: its worker died, or it ended the call for lack of media (network gone)
+RESUMABLE_OUTCOMES = STREAM_LOST_OUTCOMES | {"abandoned"}
 _UFRAG = re.compile(r"^a=ice-ufrag:(\S+)", re.M)
 _PWD = re.compile(r"^a=ice-pwd:(\S+)", re.M)
 
@@ -74,13 +89,15 @@ def _redis(app: FastAPI) -> Any:
     return r if r is not None else getattr(getattr(app.state, "call_store", None), "r", None)
 
 
-async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: str, who: Principal) -> dict[str, Any]:
+async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: str, who: Principal,
+                     resume: str | None = None) -> dict[str, Any]:
     if sdp_type == "rollback":  # may reach a worker other than the call's (or one running no calls)
         return await rollback(app, sdp, who)
     run = _call_runner(app)
     servers = browser_config()["iceServers"]
+    leg = await _resume_leg(app, resume, who) if resume else 1
     bridge = WebRTCCallBridge(caller=f"softphone:{who.name}", params={"policy": label, "admin": who.name},
-                              servers=servers)
+                              servers=servers, call_id=resume or "", leg=leg)
     key = offer_key(sdp) if sdp_type == "offer" else None
     pending: dict[str, WebRTCCallBridge] = _pending(app)
     if key is not None:
@@ -117,8 +134,49 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
     t = asyncio.get_running_loop().create_task(_run())
     tasks.add(t)
     t.add_done_callback(tasks.discard)
-    log.info("softphone_call", call_id=bridge.info.call_id, admin=who.name, policy=label)
-    return {"sdp": answer.sdp, "type": answer.type, "call_id": bridge.info.call_id}
+    log.info("softphone_call", call_id=bridge.info.call_id, admin=who.name, policy=label,
+             **({"leg": leg} if leg > 1 else {}))
+    return {"sdp": answer.sdp, "type": answer.type, "call_id": bridge.info.call_id, "leg": leg}
+
+
+async def _resume_leg(app: FastAPI, call_id: str, who: Principal) -> int:
+    """The leg a new offer carries `call_id` on as, or a SoftphoneError saying why it cannot: not found (404),
+    not this admin's softphone call (403), still live on its worker (409 call_live: try again shortly), or over
+    (409 call_over: ended by the bot or the caller, lost too long ago, or lost too many times)."""
+    r = _redis(app)
+    store = getattr(getattr(getattr(app.state, "calls", None), "s", None), "store", None)
+    if r is None:
+        raise SoftphoneError(503, "state_unavailable", "carrying a call on needs its record in Redis")
+    key = call_key(call_id)
+    try:
+        rec = decode_hash(await asyncio.wait_for(r.hgetall(key), 2.0))
+        if not rec:
+            raise SoftphoneError(404, "unknown_call", f"no call {call_id!r} to carry on")
+        if rec.get("transport") != "webrtc" or rec.get("caller") != f"softphone:{who.name}":
+            raise SoftphoneError(403, "forbidden", "that call is not one of your softphone calls")
+        now = await redis_time(r)
+        if rec.get("status") == "active":
+            last = await r.zscore(LIVE, call_id)
+            if last is not None and now - float(last) < RESUME_STALE_S:
+                raise SoftphoneError(409, "call_live", "the call is still live on its worker: try again shortly")
+            # its worker died and nobody has closed it yet (one process per host: the heartbeat reaper waits 30 s)
+            worker = getattr(store, "worker", "softphone")
+            await asyncio.wait_for(close_lost_leg(r, call_id, f"{worker}-softphone-resume",
+                                                  getattr(store, "ttl_s", None)), 4.0)
+            rec = decode_hash(await r.hgetall(key))
+        leg = int(finite_float(rec.get("leg")) or 1)
+        lost_at = finite_float(rec.get("ended_at"))
+        if (rec.get("status") != "ended" or rec.get("outcome") not in RESUMABLE_OUTCOMES or rec.get("ending")
+                or lost_at is None or now - lost_at > RESUME_WINDOW_S or leg >= MAX_LEGS):
+            raise SoftphoneError(409, "call_over", "that call is over and cannot be carried on")
+        if not await r.set(RESUME_KEY.format(call_id, leg + 1), who.name, nx=True, ex=int(RESUME_WINDOW_S)):
+            raise SoftphoneError(409, "call_live", "that call is being carried on by another offer")
+    except SoftphoneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Redis down or slow: say so; the browser may try again
+        raise SoftphoneError(503, "state_unavailable", f"could not read the call's record: {exc!r}"[:200]) from exc
+    log.info("softphone_call_resuming", call_id=call_id, leg=leg + 1, outcome=rec.get("outcome"), admin=who.name)
+    return leg + 1
 
 
 def _pending(app: FastAPI) -> dict[str, WebRTCCallBridge]:
@@ -208,7 +266,7 @@ def _record_not_connected(app: FastAPI, bridge: WebRTCCallBridge, label: str, wh
     store = getattr(state, "store", None)
     if store is not None:
         store.start_call(info.call_id, info.transport, info.caller, info.called, label,
-                         extra={"admin": who.name})
+                         extra={"admin": who.name}, leg=info.leg)  # a new leg of a lost call: its story goes on
         store.event(info.call_id, "connect_failed", reason=reason, waited_s=waited)
         store.end_call(info.call_id, outcome, duration_s=waited, turns=0)
     metrics.CALLS_TOTAL.labels(info.transport, outcome).inc()

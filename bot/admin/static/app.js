@@ -581,11 +581,14 @@ async function spCall() {
   }
 }
 
+// how a leg ends when its worker (or the browser's network) went away: the softphone may carry the call on
+const LOST_OUTCOMES = ["worker_lost", "disconnected", "error:exception", "abandoned"];
+
 async function spEvents(id) {
   try {
     const data = await api(`/calls/${encodeURIComponent(id)}`);
     const ol = $("#sp-events");
-    ol.replaceChildren(...data.events.filter((e) => ["turn", "dtmf", "prompt_heard", "transfer", "connect_failed", "call_ended", "call_started"].includes(e.type)).map((e) => {
+    ol.replaceChildren(...data.events.filter((e) => ["turn", "dtmf", "prompt_heard", "transfer", "connect_failed", "call_ended", "call_started", "call_resumed"].includes(e.type)).map((e) => {
       const li = document.createElement("li");
       li.dataset.type = e.type;
       if (e.type === "dtmf") li.textContent = `you pressed ${e.digit}`;
@@ -594,12 +597,15 @@ async function spEvents(id) {
       else if (e.type === "turn" && e.error) li.textContent = `you: (not understood: ${e.error}) → ${e.decision?.action}`;
       else if (e.type === "turn") li.textContent = `you: “${e.transcript || ""}” → ${e.intent || "–"} (${(e.confidence * 100).toFixed(0)}%) → ${e.decision?.action}: ${e.decision?.prompt || ""}`;
       else if (e.type === "prompt_heard") li.textContent = `bot: ${e.text}`;
+      else if (e.type === "call_resumed") li.textContent = `carried on by another worker (leg ${e.leg})`;
       // a browser is not on the phone network: the transfer the policy chose is shown, not completed
       else if (e.type === "transfer") li.textContent = `transfer to ${e.target}: ${e.ok ? "done" : "not possible from a browser call (the policy's choice is what to check)"}`;
       else li.textContent = `${e.type}${e.outcome ? `: ${e.outcome}` : ""}${e.policy_version ? ` (policy ${e.policy_version})` : ""}`;
       return li;
     }));
-    if (data.record && data.record.status === "ended") { spStopPolling(); $("#sp-status").textContent = `ended: ${data.record.outcome}`; spEnded(); }
+    // a call lost with its worker reads "ended" until the console's new peer connection carries it on
+    const lost = data.record && LOST_OUTCOMES.includes(data.record.outcome) && phone && !phone.ended;
+    if (data.record && data.record.status === "ended" && !lost) { spStopPolling(); $("#sp-status").textContent = `ended: ${data.record.outcome}`; spEnded(); }
   } catch (e) { if (!(e instanceof ApiError && e.status === 404)) handleError(e, "Softphone events"); }
   // a call whose offer never got an answer has no record: its 404s must not be polled forever
   if (Date.now() > phonePollUntil) spStopPolling();

@@ -57,6 +57,14 @@ export class MicrophoneError extends Error {
 
 // keys the bot takes (telephony/webrtc.py refuses anything else)
 export const KEYPAD_KEYS = "123456789*0#";
+// a connection "disconnected" this long, or "failed", is carried on by a new one (recover()), for at most
+// RECOVER_FOR_MS (the bot carries a lost call on for 60 s; a worker's death is noticed within ~30 s)
+const RECOVER_AFTER_MS = 4000;
+// the bot sends a frame every 20 ms, silence included: none for this long and its worker may be gone (ICE
+// takes 5-10 s more to say "disconnected")
+const MEDIA_STALL_MS = 2000;
+const RECOVER_RETRY_MS = 2000;
+const RECOVER_FOR_MS = 45000;
 
 export class Softphone {
   constructor({ audioEl, onState, onKeyError, onKeypad }) {
@@ -70,10 +78,13 @@ export class Softphone {
     this.ended = false;
     this.connected = false;  // media has flowed at least once
     this.offerSdp = null;  // the offer sent to the bot: withdrawn ("rollback") on a hang-up before media flows
+    this.recovering = false;  // a new peer connection is being set up to carry the call on (recover())
+    this.resumes = 0;  // how many times it was
     this.onPageHide = () => this.end("ended", true);  // tab closed or navigated away mid-call: hang up properly
   }
 
   async call(policyRef) {
+    this.policyRef = policyRef;
     this.onState("getting microphone");
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
       // browsers only offer the microphone to https:// pages (and http://localhost)
@@ -86,9 +97,16 @@ export class Softphone {
     }
     if (this.ended) { this.cleanup(); throw new Error("hung up before the call started"); }
     const { iceServers } = await api("/softphone/config");  // the bot's STUN/TURN (none: LAN only)
-    const pc = new RTCPeerConnection({ iceServers });
-    this.pc = pc;
+    this.iceServers = iceServers;
     window.addEventListener("pagehide", this.onPageHide);
+    return this.connect(null);
+  }
+
+  // One peer connection to the bot: the call's first, or (resume = its call id) a new one carrying the call on
+  // after the worker that held it went away. The microphone stays the same.
+  async connect(resume) {
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    this.pc = pc;
     this.stream.getTracks().forEach((t) => pc.addTrack(t, this.stream));
     // The keypad: aiortc negotiates no telephone-event, so keys go as text on a data channel of this
     // call (it reaches the worker that holds the call); the bot answers each message {ok} or {error}.
@@ -106,17 +124,20 @@ export class Softphone {
     pc.onconnectionstatechange = () => {
       if (this.pc !== pc || this.ended) return;
       const s = pc.connectionState;
-      // "disconnected" is a network blip that ICE may recover from: keep the microphone and the call
-      // (the bot ends it as abandoned if its audio stops for good). Reporting it under its own name
-      // would read as the end of the call, so it is shown as reconnecting.
-      if (s === "connected") this.connected = true;
-      if (s === "disconnected") this.onState("reconnecting (network interrupted)");
-      else if (s === "failed") this.end("failed");
+      // "disconnected" is a network blip that ICE may recover from: keep the microphone and the call, shown
+      // as reconnecting. If it lasts, or the connection fails, the worker holding the call may have gone
+      // away: a new peer connection carries the call on from whichever worker takes it (recover()).
+      clearTimeout(this.blipTimer);
+      if (s === "connected") { this.connected = true; this.onState("connected"); }
+      else if (s === "disconnected") {
+        this.onState("reconnecting (network interrupted)");
+        this.blipTimer = setTimeout(() => { if (this.pc === pc && pc.connectionState === "disconnected") this.recover(); }, RECOVER_AFTER_MS);
+      } else if (s === "failed") this.connected && this.callId ? this.recover() : this.end("failed");
       else if (s === "closed") this.end("ended");
       else this.onState(s);
     };
     await pc.setLocalDescription(await pc.createOffer());
-    this.onState("gathering network candidates");
+    if (!resume) this.onState("gathering network candidates");
     await new Promise((resolve) => {
       if (pc.iceGatheringState === "complete") return resolve();
       const t = setTimeout(resolve, 3000);
@@ -125,13 +146,14 @@ export class Softphone {
       });
     });
     if (this.ended) throw new Error("hung up before the call started");
-    this.onState("connecting");
-    this.offerSdp = pc.localDescription.sdp;
+    if (!resume) this.onState("connecting");
+    const offerSdp = pc.localDescription.sdp;
+    if (!resume) this.offerSdp = offerSdp;
     let answer;
     try {
-      answer = await api("/softphone/offer", { method: "POST", json: { sdp: this.offerSdp, type: "offer", ...policyRef } });
+      answer = await api("/softphone/offer", { method: "POST", json: { sdp: offerSdp, type: "offer", ...this.policyRef, ...(resume ? { resume } : {}) } });
     } catch (e) {
-      if (e instanceof ApiError) this.offerSdp = null;  // refused: there is no call to withdraw
+      if (e instanceof ApiError && !resume) this.offerSdp = null;  // refused: there is no call to withdraw
       throw e;
     }
     this.callId = answer.call_id;
@@ -139,13 +161,79 @@ export class Softphone {
     // hang-up; the page still gets the call id to show that record
     if (this.ended) return answer.call_id;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+    this.watchMedia(pc);
     // The bot hanging up closes its DTLS session (close_notify): the DTLS transport goes "closed" while
     // the peer connection itself may stay "connected" for a while, microphone still live.
     const dtls = pc.getSenders().map((s) => s.transport).find(Boolean);
     if (dtls) dtls.addEventListener("statechange", () => {
-      if (this.pc === pc && (dtls.state === "closed" || dtls.state === "failed")) this.end(dtls.state === "failed" ? "failed" : "ended");
+      if (this.pc !== pc) return;
+      if (dtls.state === "closed") this.end("ended");
+      else if (dtls.state === "failed") this.connected ? this.recover() : this.end("failed");
     });
     return answer.call_id;
+  }
+
+  // Inbound RTP packets of a peer connection (0 before any).
+  async inboundPackets(pc) {
+    try {
+      for (const s of (await pc.getStats()).values()) if (s.type === "inbound-rtp" && s.kind === "audio") return s.packetsReceived || 0;
+    } catch { /* closed */ }
+    return 0;
+  }
+
+  // Media that stops flowing once it has flowed: the worker may be gone, carry the call on (recover()).
+  watchMedia(pc) {
+    let last = -1;
+    let since = Date.now();
+    const timer = setInterval(async () => {
+      if (this.pc !== pc || this.ended) { clearInterval(timer); return; }
+      const n = await this.inboundPackets(pc);
+      if (n !== last) { last = n; since = Date.now(); return; }
+      if (n > 0 && this.connected && !this.recovering && Date.now() - since > MEDIA_STALL_MS) {
+        clearInterval(timer);
+        this.recover();
+      }
+    }, 500);
+  }
+
+  // The worker holding the call went away (its media stopped answering): offer again naming the call, until a
+  // worker carries it on (leg 2+, "Sorry, we were cut off ...") or says it cannot. 409 call_live: the old
+  // worker still holds the call (a network blip, or its death not noticed yet): try again a moment later.
+  async recover() {
+    if (this.recovering || this.ended) return;
+    this.recovering = true;
+    this.onKeypad(false);
+    const old = this.pc;
+    this.onState("reconnecting (the bot's worker went away)");
+    const deadline = Date.now() + RECOVER_FOR_MS;
+    const heard = old ? await this.inboundPackets(old) : 0;
+    try {
+      while (!this.ended && Date.now() < deadline) {
+        if (old && old.connectionState === "connected" && await this.inboundPackets(old) > heard) {
+          this.onState("connected");  // only a stall: the worker is there, its media flows again
+          this.watchMedia(old);
+          return;
+        }
+        try {
+          await this.connect(this.callId);
+          this.resumes = (this.resumes || 0) + 1;
+          if (old) old.close();
+          return;
+        } catch (e) {
+          if (this.pc !== old) { try { this.pc.close(); } catch { /* closed */ } this.pc = old; }
+          const kind = e instanceof ApiError && e.detail && e.detail.kind;
+          if (kind === "call_over") { this.end("ended"); return; }  // the bot (or the caller) had ended it
+          if (!(kind === "call_live" || kind === "state_unavailable" || !(e instanceof ApiError))) {
+            this.end("failed");  // not ours, unknown: nothing to carry on
+            return;
+          }
+          await new Promise((r) => setTimeout(r, RECOVER_RETRY_MS));
+        }
+      }
+      if (!this.ended) this.end("failed");
+    } finally {
+      this.recovering = false;
+    }
   }
 
   // Keys typed on the keypad (one, or a run like "50#") to the bot as DTMF.
@@ -164,6 +252,7 @@ export class Softphone {
   end(state, byCaller = false) {
     if (this.ended) return;
     this.ended = true;
+    clearTimeout(this.blipTimer);
     window.removeEventListener("pagehide", this.onPageHide);
     this.onKeypad(false);
     if (byCaller && !this.connected && this.offerSdp) {
