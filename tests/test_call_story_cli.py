@@ -155,7 +155,28 @@ def test_a_sip_call_carried_on_by_a_restarted_worker_reads_as_one_story(redis_ur
 
     _write(redis_url, story)
     out = _cli(redis_url, "calls", "show", cid).stdout
-    assert "call carried on by a restarted worker (leg 2" in out and "re-INVITEd" in out, out
+    assert "call carried on by worker " in out and "(leg 2): the phone was re-INVITEd" in out, out
     assert "legs     2 (the phone was re-INVITEd after its worker died" in out, out
     out = _cli(redis_url, "calls", "show", gone).stdout
     assert "not carried on after its worker died: hung_up (the phone was sent a BYE)" in out, out
+
+
+def test_softphone_and_reclaimed_calls_read_as_what_happened(redis_url: str) -> None:
+    """A softphone call carried on by the browser's new connection, and a call its worker took back after being
+    cut off from Redis (reaped meanwhile), each told in words."""
+    web, cut = "webrtc-" + uuid.uuid4().hex[:16], "CA" + uuid.uuid4().hex
+
+    def story(s: CallStore) -> None:
+        s.start_call(web, "webrtc", "softphone:alice", "softphone", "v1")
+        s.event(web, "call_ended", outcome="worker_lost", worker="vm-w1", reaper="vm-supervisor")
+        s.start_call(web, "webrtc", "softphone:alice", "softphone", "v1", leg=2)
+        s.start_call(cut, "twilio", "+15550001111", "+15550002222", "3")
+        s.event(cut, "call_ended", outcome="worker_lost", worker="vm-w0", reaper="host-b")
+        s.event(cut, "call_reclaimed", reaped_by="host-b", worker="vm-w0", worker_pid=42)
+
+    _write(redis_url, story)
+    out = _cli(redis_url, "calls", "show", web).stdout
+    assert "call carried on by a new connection from the browser (leg 2" in out, out
+    assert "legs     2 (the browser reconnected after its worker died" in out, out
+    out = _cli(redis_url, "calls", "show", cut).stdout
+    assert "call taken back by worker vm-w0: it had only been cut off from Redis, and host-b had ended it" in out, out

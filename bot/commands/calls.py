@@ -168,13 +168,19 @@ def _describe(e: dict[str, Any]) -> list[str]:
                 f"worker {e.get('worker', '?')})"]
     if et == "call_resumed":
         if e.get("transport") == "sip":
-            return [f"call carried on by a restarted worker (leg {e.get('leg', '?')}, worker {e.get('worker', '?')}):"
-                    " the phone was re-INVITEd after the process holding the call died"]
+            return [f"call carried on by worker {e.get('worker', '?')} (leg {e.get('leg', '?')}): the phone was "
+                    "re-INVITEd after the process holding the call died (its restart, or another host)"]
+        if e.get("transport") == "webrtc":
+            return [f"call carried on by a new connection from the browser (leg {e.get('leg', '?')}, worker "
+                    f"{e.get('worker', '?')}): the worker holding it went away"]
         return [f"call back on a new stream (leg {e.get('leg', '?')}, worker {e.get('worker', '?')}): "
                 "the previous stream was lost with the caller on the line"]
     if et == "sip_takeover":
         return [f"not carried on after its worker died: {e.get('result', '?')}"
                 + (" (the phone was sent a BYE)" if e.get("result") == "hung_up" else "")]
+    if et == "call_reclaimed":
+        return [f"call taken back by worker {e.get('worker', '?')}: it had only been cut off from Redis, and "
+                f"{e.get('reaped_by') or 'a reaper'} had ended it as lost"]
     if et == "stream_lost":
         return [f"stream lost again: no new stream, {e.get('action', '?')} {e.get('target') or ''}".rstrip()]
     if et == "greeting_started":
@@ -259,8 +265,9 @@ def render_story(rec: dict[str, Any], events: list[dict[str, Any]], now: float |
            f"started  {_when(t0)}",
            f"status   {status_line}"]
     if rec.get("leg") and rec.get("leg") != "1":
-        what = ("the phone was re-INVITEd after its worker died" if rec.get("transport") == "sip"
-                else "the call came back after a lost stream")
+        what = {"sip": "the phone was re-INVITEd after its worker died",
+                "webrtc": "the browser reconnected after its worker died"}.get(str(rec.get("transport")),
+                                                                               "the call came back after a lost stream")
         out.append(f"legs     {rec['leg']} ({what}; turns are the last leg's)")
     if not rec:
         out.append("note     no call record (expired or never written): events only")
