@@ -67,6 +67,12 @@ async def _until(pred, timeout_s: float) -> bool:  # type: ignore[no-untyped-def
     return False
 
 
+def _sentinel_ready(sport: int) -> bool:
+    fields = _cli(sport, "SENTINEL", "master", "mymaster").split("\n")
+    info = dict(zip(fields[::2], fields[1::2]))
+    return info.get("flags") == "master" and info.get("num-slaves") == "1"
+
+
 @pytest.fixture()
 def sentinel(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
     """A master, a replica in sync with it and one Sentinel (quorum 1) that fails over after 1 s down."""
@@ -82,6 +88,11 @@ def sentinel(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int
         deadline = time.monotonic() + 30
         while "master_link_status:up" not in _cli(rport, "INFO", "replication"):
             assert time.monotonic() < deadline, "replica never synced"
+            time.sleep(0.1)
+        # the Sentinel has connected to the master (flags "master", not "master,disconnected") and found its
+        # replica: what the client's master discovery and the failover rely on
+        while not _sentinel_ready(sport):
+            assert time.monotonic() < deadline, "sentinel never saw the master and its replica"
             time.sleep(0.1)
         yield master, rport, sport
     finally:
@@ -276,7 +287,8 @@ async def test_cluster_keeps_call_state_while_slots_move(tmp_path: Path) -> None
         assert got is not None and [e.get("n") for e in got["events"] if e["type"] == "turn"] == list(range(6))
         assert got["record"]["outcome"] == "completed"
         # the reaper on a cluster: a call whose worker died is closed, the others are left alone
-        s._active.discard("CAcl7")
+        s._active.discard("CAcl7")  # a dead worker's call: this process knows nothing of it any more
+        s._base.pop("CAcl7", None)
         await s.r.zadd(LIVE, {"CAcl7": time.time() - 100})
         assert await reap_orphans(s.r, stale_s=30, reaper="w-cl", ttl_s=600) == ["CAcl7"]
         assert await s.r.hget(call_key("CAcl7"), "outcome") == "worker_lost"
