@@ -596,56 +596,85 @@ class Chaos:
               and restarted and others["events_found"] == others["events_written"])
         return Finding("worker-kill", ok, checks)
 
+    async def _sip_calls_through_a_kill(self, port: int, kill: Any, back_within_s: float,
+                                        follow_moves: bool = False) -> dict[str, Any]:
+        """SIP callers talk to `port`; once each is on a call `kill()` kills what serves them. Waits until every
+        killed call is re-INVITEd (or over), lets them talk 15 s more, and returns what every takeover check
+        needs: the calls the kill hit, each one's lost leg then real end, how soon it was back, how much bot audio
+        its caller heard after and how many turns were answered after."""
+        r = self._client()
+        try:
+            lines = [SipLine("127.0.0.1", port, self.pcms, i, max_turns=40, follow_moves=follow_moves)
+                     for i in range(self.n_lines)]
+            tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
+            warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None
+                                                for ln in lines), 40)
+            killed = {ln.current.call_id: ln.current for ln in lines if ln.current is not None}
+            t_kill = time.monotonic()
+            kill()
+            back = await _wait(lambda: all(c.reinvites or c.ended.is_set() for c in killed.values()), back_within_s)
+            await asyncio.sleep(15.0)
+            for ln in lines:
+                ln.stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 90)
+            traces = {c.call_id: c for ln in lines for c in ln.calls}
+            await asyncio.sleep(1.0)
+            legs: dict[str, list[str]] = {}
+            reaped_by: dict[str, str] = {}
+            for c in killed:
+                legs[c] = [str(json.loads(f.get("data") or "{}").get("outcome", ""))
+                           for _, f in await r.xrange(f"call:{c}:events") if f.get("type") == "call_ended"]
+                reaped_by[c] = str(await r.hget(f"call:{c}", "reaped_by") or "")
+            others = await verify_events(r, [c for c in traces if c not in killed],
+                                         self.bot.logs() if self.bot is not None else "")
+        finally:
+            await r.aclose()
+        back_after = {c: round(traces[c].reconnected_t[0] - t_kill, 2) for c in killed if traces[c].reconnected_t}
+        answered_after = {c: sum(1 for t, v, _ in traces[c].turns if v is not None and traces[c].reconnected_t
+                                 and t >= traces[c].reconnected_t[0]) for c in killed}
+        return {"warmed_up": warmed_up, "killed": list(killed), "traces": traces, "back": back, "legs": legs,
+                "reaped_by": reaped_by, "others": others, "back_after": back_after, "answered_after": answered_after,
+                "heard": {c: traces[c].heard_after_reconnect_ms for c in killed}}
+
+    def _takeover_ok(self, got: dict[str, Any], resumed: float) -> bool:
+        """Every killed call back, its caller hearing >= 1 s of the bot and answered at least once, its story the
+        lost leg then its real end, each resume counted."""
+        killed = got["killed"]
+        return (got["warmed_up"] and bool(killed) and len(got["back_after"]) == len(killed)
+                and all(ms >= 1000 for ms in got["heard"].values()) and all(n >= 1 for n in got["answered_after"].values())
+                and all(e[:1] == [REAPED] and len(e) == 2 for e in got["legs"].values()) and resumed >= len(killed))
+
+    def _takeover_checks(self, got: dict[str, Any], resumed: float) -> dict[str, Any]:
+        traces, killed = got["traces"], got["killed"]
+        return {"warmed_up": got["warmed_up"], "calls_on_killed": len(killed),
+                "killed_calls_reinvited": {c: bool(traces[c].reconnected_t) for c in killed},
+                "killed_calls_back_after_s": got["back_after"], "killed_calls_heard_after_reinvite_ms": got["heard"],
+                "killed_calls_turns_answered_after_reinvite": got["answered_after"],
+                "killed_calls_ended_by": {c: traces[c].ended_by or traces[c].error for c in killed},
+                "killed_calls_ends": got["legs"], "sip_resumes_resumed": resumed, "all_back_in_time": got["back"],
+                "other_calls_events": {k: got["others"][k]
+                                       for k in ("events_written", "events_found", "duplicates", "missing")}}
+
     async def sip_worker_kill(self) -> Finding:
         """SIGKILL worker 0 (the SIP port) while SIP callers talk. `bot serve` starts a new worker 0; once its SIP
         server listens it re-INVITEs every phone its predecessor lost (bot/sip_recovery.py), and the callers hear
         the bot again and get answers on the same call: one record, the lost leg's `worker_lost` then its real end."""
         assert self.bot is not None
-        r = self._client()
-        lines = [SipLine("127.0.0.1", self.bot.sip_port, self.pcms, i, max_turns=40) for i in range(self.n_lines)]
-        tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
-        warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None
-                                            for ln in lines), 40)
-        killed = {ln.current.call_id: ln.current for ln in lines if ln.current is not None}
         pids = self._worker_pids()
         w0 = next((w for w in pids if w.endswith("-w0")), "")
-        t_kill = time.monotonic()
-        if w0:
-            os.kill(pids[w0], signal.SIGKILL)
-            log.warning("chaos_worker_killed", worker=w0, pid=pids[w0])
+
+        def kill() -> None:
+            if w0:
+                os.kill(pids[w0], signal.SIGKILL)
+                log.warning("chaos_worker_killed", worker=w0, pid=pids[w0])
+
         # the new worker 0 loads the engine and its prompts, then re-INVITEs; then a few turns on the resumed calls
-        back = await _wait(lambda: all(c.reinvites or c.ended.is_set() for c in killed.values()), 120)
-        await asyncio.sleep(15.0)
-        for ln in lines:
-            ln.stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 90)
-        traces = {c.call_id: c for ln in lines for c in ln.calls}
-        try:
-            await asyncio.sleep(1.0)
-            legs: dict[str, list[str]] = {}
-            for c in killed:
-                legs[c] = [str(json.loads(f.get("data") or "{}").get("outcome", ""))
-                           for _, f in await r.xrange(f"call:{c}:events") if f.get("type") == "call_ended"]
-            others = await verify_events(r, [c for c in traces if c not in killed], self.bot.logs())
-        finally:
-            await r.aclose()
+        got = await self._sip_calls_through_a_kill(self.bot.sip_port, kill, 120)
         restarted = await _wait(lambda: w0 in self._worker_pids() and self._worker_pids()[w0] != pids.get(w0), 30)
-        back_after = {c: round(traces[c].reconnected_t[0] - t_kill, 2) for c in killed if traces[c].reconnected_t}
-        heard = {c: traces[c].heard_after_reconnect_ms for c in killed}
-        answered_after = {c: sum(1 for t, v, _ in traces[c].turns if v is not None and traces[c].reconnected_t
-                                 and t >= traces[c].reconnected_t[0]) for c in killed}
         resumed = metric_sum(self.bot.metrics(), "voicebot_sip_resumes_total", {"result": "resumed"})
-        checks = {"warmed_up": warmed_up, "killed_worker": w0, "calls_on_killed": len(killed),
-                  "killed_calls_reinvited": {c: bool(traces[c].reconnected_t) for c in killed},
-                  "killed_calls_back_after_s": back_after, "killed_calls_heard_after_reinvite_ms": heard,
-                  "killed_calls_turns_answered_after_reinvite": answered_after,
-                  "killed_calls_ended_by": {c: traces[c].ended_by or traces[c].error for c in killed},
-                  "killed_calls_ends": legs, "sip_resumes_resumed": resumed, "worker_restarted": restarted,
-                  "all_back_in_time": back,
-                  "other_calls_events": {k: others[k] for k in ("events_written", "events_found", "duplicates", "missing")}}
-        ok = (warmed_up and bool(killed) and bool(w0) and restarted and len(back_after) == len(killed)
-              and all(ms >= 1000 for ms in heard.values()) and all(n >= 1 for n in answered_after.values())
-              and all(e[:1] == [REAPED] and len(e) == 2 for e in legs.values()) and resumed >= len(killed)
+        checks = {"killed_worker": w0, "worker_restarted": restarted, **self._takeover_checks(got, resumed)}
+        others = got["others"]
+        ok = (self._takeover_ok(got, resumed) and bool(w0) and restarted
               and others["events_found"] == others["events_written"])
         return Finding("sip-worker-kill", ok, checks)
 
@@ -660,55 +689,22 @@ class Chaos:
         host_b = BotProcess(self.work / "host-b", redis_url=self.redis.url, workers=1, sip=True,
                             env={"BOT_NO_INPUT_S": "30", "BOT_POLICY": str(self.policy),
                                  "BOT_WORKER_ID": "chaos-host-b"})
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, host_b.start)
-            r = self._client()
-            lines = [SipLine("127.0.0.1", host_b.sip_port, self.pcms, i, max_turns=40, follow_moves=True)
-                     for i in range(self.n_lines)]
-            tasks = [asyncio.get_running_loop().create_task(ln.run()) for ln in lines]
-            warmed_up = await _wait(lambda: all(any(c.answered for c in ln.calls) and ln.current is not None
-                                                for ln in lines), 40)
-            killed = {ln.current.call_id: ln.current for ln in lines if ln.current is not None}
+        after_s = Settings().sip_takeover_after_s
+
+        def kill() -> None:
             assert host_b.proc is not None
-            t_kill = time.monotonic()
             os.kill(host_b.proc.pid, signal.SIGKILL)
             log.warning("chaos_host_killed", worker="chaos-host-b", pid=host_b.proc.pid)
-            after_s = Settings().sip_takeover_after_s
-            back = await _wait(lambda: all(c.reinvites or c.ended.is_set() for c in killed.values()), after_s + 60)
-            await asyncio.sleep(15.0)
-            for ln in lines:
-                ln.stop.set()
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 90)
-            traces = {c.call_id: c for ln in lines for c in ln.calls}
-            try:
-                await asyncio.sleep(1.0)
-                legs: dict[str, list[str]] = {}
-                reaped_by: dict[str, str] = {}
-                for c in killed:
-                    legs[c] = [str(json.loads(f.get("data") or "{}").get("outcome", ""))
-                               for _, f in await r.xrange(f"call:{c}:events") if f.get("type") == "call_ended"]
-                    reaped_by[c] = str(await r.hget(f"call:{c}", "reaped_by") or "")
-            finally:
-                await r.aclose()
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, host_b.start)
+            got = await self._sip_calls_through_a_kill(host_b.sip_port, kill, after_s + 60, follow_moves=True)
         finally:
             await asyncio.get_running_loop().run_in_executor(None, host_b.stop)
-        back_after = {c: round(traces[c].reconnected_t[0] - t_kill, 2) for c in killed if traces[c].reconnected_t}
-        heard = {c: traces[c].heard_after_reconnect_ms for c in killed}
-        answered_after = {c: sum(1 for t, v, _ in traces[c].turns if v is not None and traces[c].reconnected_t
-                                 and t >= traces[c].reconnected_t[0]) for c in killed}
         resumed = metric_sum(self.bot.metrics(), "voicebot_sip_resumes_total", {"result": "resumed"})
-        checks = {"warmed_up": warmed_up, "killed_host": "chaos-host-b", "takeover_after_s": after_s,
-                  "calls_on_killed": len(killed),
-                  "killed_calls_reinvited": {c: bool(traces[c].reconnected_t) for c in killed},
-                  "killed_calls_back_after_s": back_after, "killed_calls_heard_after_reinvite_ms": heard,
-                  "killed_calls_turns_answered_after_reinvite": answered_after,
-                  "killed_calls_ended_by": {c: traces[c].ended_by or traces[c].error for c in killed},
-                  "killed_calls_ends": legs, "killed_calls_reaped_by": reaped_by, "sip_resumes_resumed": resumed,
-                  "all_back_in_time": back}
-        ok = (warmed_up and bool(killed) and len(back_after) == len(killed)
-              and all(ms >= 1000 for ms in heard.values()) and all(n >= 1 for n in answered_after.values())
-              and all(e[:1] == [REAPED] and len(e) == 2 for e in legs.values())
-              and all(v.endswith("-sip-adopt") for v in reaped_by.values()) and resumed >= len(killed))
+        checks = {"killed_host": "chaos-host-b", "takeover_after_s": after_s, **self._takeover_checks(got, resumed),
+                  "killed_calls_reaped_by": got["reaped_by"]}
+        ok = self._takeover_ok(got, resumed) and all(v.endswith("-sip-adopt") for v in got["reaped_by"].values())
         return Finding("sip-host-loss", ok, checks)
 
     async def engine_fault(self) -> Finding:
