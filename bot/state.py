@@ -117,6 +117,32 @@ def finite_float(v: Any) -> float | None:
     return t if t == t else None
 
 
+def _promoted_from(replid2: object) -> str:
+    """master_replid2: the replication id a server had before it was promoted from a replica, all zeros when it
+    never was (redis-py parses those zeros as the int 0). "" for never promoted."""
+    text = str(replid2)
+    return "" if text.strip("0") == "" else text
+
+
+def cluster_primaries_changed(known: dict[str, tuple[str, str]], now: dict[str, tuple[str, str]]) -> bool:
+    """Whether a cluster's writes now go to a server that may lack some of ours: a primary restarted at an address
+    seen before (new run_id) or a replica promoted over its primary (a promotion keeps the old replication id as
+    master_replid2). The set of primaries also changes when slots move: a node drained of every slot drops out of
+    the map and one given its first slots joins it, its data migrated key by key. That is no loss, and counting it
+    would page on-call (RedisServerChanged) at every reshard. A node missing from one map and back in the next is
+    no change either. `known` and `now`: {address: (run_id, what it was promoted from)}; `known` holds every
+    primary seen."""
+    for addr, (run_id, promoted_from) in now.items():
+        seen = known.get(addr)
+        if seen == (run_id, promoted_from):
+            continue
+        if seen is not None and seen[0] != run_id:
+            return True
+        if promoted_from and (seen is None or seen[1] != promoted_from):
+            return True
+    return False
+
+
 class CallStore:
     def __init__(self, client: aioredis.Redis, worker: str, ttl_s: int, max_buffer: int = 100_000) -> None:
         self.r = client
@@ -134,6 +160,8 @@ class CallStore:
         # live call id -> (its start record, its live-index entry): rewritten when Redis comes back without them
         self._base: dict[str, tuple[dict[str, str], str]] = {}
         self._server_id: str | None = None  # Redis run_id(s) last seen: a change = restart or failover
+        # a cluster's primaries ever seen, {address: (run_id, promoted from)} (cluster_primaries_changed)
+        self._cluster_known: dict[str, tuple[str, str]] = {}
         self.healthy = True
         self._listeners: dict[str, Callable[[bool], None]] = {}
         self._closing = False
@@ -216,17 +244,23 @@ class CallStore:
         (unchanged values: harmless when nothing was lost) and note it in each call's events."""
         try:
             if hasattr(self.r, "get_nodes"):
-                sid = await self._cluster_primaries_id(timeout_s)
+                primaries = await self._cluster_primaries(timeout_s)
+                if primaries is None:
+                    return
+                changed = bool(self._cluster_known) and cluster_primaries_changed(self._cluster_known, primaries)
+                self._cluster_known.update(primaries)
+                sid = ",".join(sorted(run for run, _promoted in primaries.values()))
             else:
                 info = await asyncio.wait_for(self.r.info("server"), timeout_s)
                 sid = str(info["run_id"]) if isinstance(info, dict) and "run_id" in info else None
+                changed = sid is not None and self._server_id is not None and sid != self._server_id
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             log.debug("server_check_failed", error=repr(exc))
             return
         if sid is None:
             return
         previous, self._server_id = self._server_id, sid
-        if previous is None or previous == sid:
+        if not changed or previous is None:
             return
         # counted, not just logged: after a forced/manual failover this is the only signal (the old master took
         # writes until demoted, then dropped them; voicebot_redis_up never left 1). Alert RedisServerChanged
@@ -255,12 +289,11 @@ class CallStore:
         if replayed:
             log.info("recent_call_ends_rewritten", calls=replayed)
 
-    async def _cluster_primaries_id(self, timeout_s: float) -> str | None:
-        """The run_ids of a cluster's primaries (each may restart or fail over on its own). The client's map of
-        the cluster only changes when one of our writes is redirected, so after a failover in a shard that none
-        of the last writes touched it would still list the demoted primary (same run_id: no change seen). A
-        listed primary that answers as a replica, or one that cannot be reached, means the map is stale:
-        refresh it from the cluster and ask again."""
+    async def _cluster_primaries(self, timeout_s: float) -> dict[str, tuple[str, str]] | None:
+        """The cluster's primaries as {address: (run_id, what it was promoted from)} (cluster_primaries_changed). The client's map of the cluster only
+        changes when one of our writes is redirected, so after a failover in a shard that none of the last writes
+        touched it would still list the demoted primary. A listed primary that answers as a replica, or one that
+        cannot be reached, means the map is stale: refresh it from the cluster and ask again."""
         for attempt in range(2):
             try:
                 info = await asyncio.wait_for(
@@ -272,7 +305,8 @@ class CallStore:
                     raise
                 stale, info = True, None
             if not stale and isinstance(info, dict):
-                return ",".join(sorted(str(v.get("run_id", "")) for v in info.values()))
+                return {str(addr): (str(v.get("run_id", "")), _promoted_from(v.get("master_replid2", "")))
+                        for addr, v in info.items()}
             if attempt == 0:
                 await asyncio.wait_for(self.r.nodes_manager.initialize(), timeout_s * 2)
         return None  # still mid-failover: the next heartbeat looks again

@@ -233,23 +233,23 @@ def _cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
-def _slot_owner(port: int, slot: int) -> tuple[dict[int, str], int]:
+def _slot_owner(port: int, slot: int) -> tuple[dict[int, str], int, int]:
+    """(node ids by port, the port owning `slot`, how many slots that node owns)."""
     ids: dict[int, str] = {}
-    owner = 0
+    owner, owned = 0, 0
     for ln in _cli(port, "CLUSTER", "NODES").splitlines():
         f = ln.split()
         node_port = int(f[1].split("@")[0].rsplit(":", 1)[1])
         ids[node_port] = f[0]
-        for rng in f[8:]:
-            if rng.startswith("["):
-                continue
-            a, _, b = rng.partition("-")
-            if int(a) <= slot <= int(b or a):
-                owner = node_port
-    return ids, owner
+        ranges = [tuple(int(x) for x in (r.partition("-")[0], r.partition("-")[2] or r.partition("-")[0]))
+                  for r in f[8:] if not r.startswith("[")]
+        if any(a <= slot <= b for a, b in ranges):
+            owner, owned = node_port, sum(b - a + 1 for a, b in ranges)
+    return ids, owner, owned
 
 
-async def test_cluster_keeps_call_state_while_slots_move(tmp_path: Path) -> None:
+async def test_cluster_keeps_call_state_while_slots_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state, "HEARTBEAT_S", 0.2)  # the server check runs with each heartbeat
     ports = [_cluster_port() for _ in range(3)]
     procs = [_redis(p, tmp_path / str(p), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
              for p in ports]
@@ -270,15 +270,24 @@ async def test_cluster_keeps_call_state_while_slots_move(tmp_path: Path) -> None
             s.event(f"CAcl{i}", "turn", n=0)
         assert await s.flush(timeout_s=10) and s.healthy
         assert len(await s.live_calls()) == 12
-        # the slot holding one call's event stream moves to another node mid-call (MOVED/ASK)
+        # the slot holding one call's event stream moves to another node mid-call (MOVED/ASK), with every other
+        # slot of its node: the drained node drops out of the primaries, which is no server change (no data lost,
+        # no RedisServerChanged page, no `state_restored` in every live call)
+        changes = metrics.REDIS_SERVER_CHANGES._value.get()
         slot = int(_cli(ports[0], "CLUSTER", "KEYSLOT", events_key("CAcl5")).strip())
-        ids, owner = _slot_owner(ports[0], slot)
+        ids, owner, owned = _slot_owner(ports[0], slot)
         dst = next(p for p in ports if p != owner)
-        moved = subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{owner}", "--cluster-from", ids[owner],
-                                "--cluster-to", ids[dst], "--cluster-slots", "5461", "--cluster-yes"],
-                               capture_output=True, text=True, timeout=120)
+        moved = await asyncio.to_thread(
+            subprocess.run, ["redis-cli", "--cluster", "reshard", f"127.0.0.1:{owner}", "--cluster-from", ids[owner],
+                             "--cluster-to", ids[dst], "--cluster-slots", str(owned), "--cluster-yes"],
+            capture_output=True, text=True, timeout=120)
         assert moved.returncode == 0, moved.stdout[-2000:] + moved.stderr[-2000:]
         assert _slot_owner(ports[0], slot)[1] == dst
+
+        async def drained_node_left_the_map() -> bool:
+            return s is not None and (s._server_id or "").count(",") == 1
+
+        assert await _until(drained_node_left_the_map, 10)
         for n in range(1, 6):
             s.event("CAcl5", "turn", n=n)
         s.end_call("CAcl5", "completed", turns=5)
@@ -286,6 +295,8 @@ async def test_cluster_keeps_call_state_while_slots_move(tmp_path: Path) -> None
         got = await s.get_call("CAcl5")
         assert got is not None and [e.get("n") for e in got["events"] if e["type"] == "turn"] == list(range(6))
         assert got["record"]["outcome"] == "completed"
+        assert metrics.REDIS_SERVER_CHANGES._value.get() == changes
+        assert not any(e["type"] == "state_restored" for e in got["events"])
         # the reaper on a cluster: a call whose worker died is closed, the others are left alone
         s._active.discard("CAcl7")  # a dead worker's call: this process knows nothing of it any more
         s._base.pop("CAcl7", None)

@@ -339,3 +339,19 @@ async def test_a_dead_workers_call_is_not_pruned_unreaped_after_a_long_outage(re
     finally:
         await s.r.delete(call_key("CAold"), events_key("CAold"))
         await s.close()
+
+
+def test_cluster_primaries_changed_tells_a_failover_from_a_reshard() -> None:
+    from bot.state import _promoted_from, cluster_primaries_changed as changed
+
+    known = {"a:1": ("run-a", ""), "b:1": ("run-b", ""), "c:1": ("run-c", "")}
+    assert not changed(known, dict(known))
+    assert not changed(known, {"a:1": ("run-a", ""), "b:1": ("run-b", "")})  # c drained of its slots / not mapped
+    assert not changed(known, {**known, "d:1": ("run-d", "")})  # a fresh node given slots
+    assert changed(known, {**known, "c:1": ("run-c2", "")})  # c restarted (its data may be gone)
+    assert changed(known, {"a:1": ("run-a", ""), "b:1": ("run-b", ""), "r:1": ("run-r", "repl-c")})  # r took over c
+    # a server promoted before we first looked is no news; promoted again (a failback) it is
+    seen = {**known, "r:1": ("run-r", "repl-c")}
+    assert not changed(seen, dict(seen))
+    assert changed(seen, {**seen, "r:1": ("run-r", "repl-c2")})
+    assert _promoted_from(0) == "" and _promoted_from("0" * 40) == "" and _promoted_from("ab12") == "ab12"
