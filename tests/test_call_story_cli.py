@@ -169,6 +169,7 @@ def test_softphone_and_reclaimed_calls_read_as_what_happened(redis_url: str) -> 
     def story(s: CallStore) -> None:
         s.start_call(web, "webrtc", "softphone:alice", "softphone", "v1")
         s.event(web, "call_ended", outcome="worker_lost", worker="vm-w1", reaper="vm-supervisor")
+        s.event(web, "resume_failed", leg=2, reason="error:connect_timeout", waited_s=20.0, worker="vm-w0")
         s.start_call(web, "webrtc", "softphone:alice", "softphone", "v1", leg=2)
         s.start_call(cut, "twilio", "+15550001111", "+15550002222", "3")
         s.event(cut, "call_ended", outcome="worker_lost", worker="vm-w0", reaper="host-b")
@@ -177,6 +178,8 @@ def test_softphone_and_reclaimed_calls_read_as_what_happened(redis_url: str) -> 
     _write(redis_url, story)
     out = _cli(redis_url, "calls", "show", web).stdout
     assert "call carried on by a new connection from the browser (leg 2" in out, out
+    assert ("a new connection from the browser to carry the call on (leg 2) never connected "
+            "(error:connect_timeout, after 20.0 s)") in out, out
     assert "legs     2 (the browser reconnected after its worker died" in out, out
     out = _cli(redis_url, "calls", "show", cut).stdout
     assert "call taken back by worker vm-w0: it had only been cut off from Redis, and host-b had ended it" in out, out

@@ -118,7 +118,10 @@ async def start_call(app: FastAPI, sdp: str, sdp_type: str, policy: Any, label: 
             # watchdog); one that fails, hangs up or withdraws its offer first ends the wait at once.
             await _wait_connected(app, bridge, key)
             if not bridge.connected.is_set():
-                _record_not_connected(app, bridge, label, who, t0)
+                if bridge.info.leg > 1 and bridge.end_reason != "hangup":
+                    await _resume_not_connected(app, bridge, who, t0)
+                else:
+                    _record_not_connected(app, bridge, label, who, t0)
                 return
             await run(bridge, policy_override=(label, policy))
         except Exception as exc:  # noqa: BLE001 - one broken call never takes the worker down
@@ -250,6 +253,31 @@ async def rollback(app: FastAPI, sdp: str, who: Principal) -> dict[str, Any]:
         raise SoftphoneError(503, "state_unavailable", "could not reach Redis to end the call") from exc
     log.info("softphone_rollback_relayed", admin=who.name)
     return {"type": "rollback", "call_id": None, "status": "requested"}
+
+
+async def _resume_not_connected(app: FastAPI, bridge: WebRTCCallBridge, who: Principal, t0: float) -> None:
+    """A new peer connection meant to carry a lost call on never connected (the browser's network still failing,
+    or this worker unreachable from it). Recording it as the call's end would end a call the console is still
+    trying to carry on (its next offer got 409 call_over). The call stays as it was lost instead (outcome, leg,
+    and the time it was lost, so RESUME_WINDOW_S still counts from then), an event tells the attempt, and the leg
+    is free again for the console's next offer, here or on another worker. Not counted in voicebot_calls_total:
+    the lost leg was, and the call's real end will be."""
+    info = bridge.info
+    reason = bridge.end_reason or "error:connect_timeout"
+    waited = round(time.monotonic() - t0, 3)
+    store = getattr(getattr(getattr(app.state, "calls", None), "s", None), "store", None)
+    if store is not None:
+        store.late_event(info.call_id, "resume_failed", leg=info.leg, reason=reason, waited_s=waited,
+                         worker=getattr(store, "worker", ""))
+    r = _redis(app)
+    if r is not None:
+        try:
+            await asyncio.wait_for(r.delete(RESUME_KEY.format(info.call_id, info.leg)), 2.0)
+        except Exception as exc:  # noqa: BLE001 - Redis down: the claim expires after RESUME_WINDOW_S anyway
+            log.warning("softphone_resume_release_failed", call_id=info.call_id, leg=info.leg, error=repr(exc))
+    metrics.ERRORS.labels("softphone", "resume_not_connected").inc()
+    log.warning("softphone_resume_not_connected", call_id=info.call_id, leg=info.leg, reason=reason,
+                waited_s=waited, admin=who.name)
 
 
 def _record_not_connected(app: FastAPI, bridge: WebRTCCallBridge, label: str, who: Principal, t0: float) -> None:

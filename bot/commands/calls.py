@@ -175,6 +175,9 @@ def _describe(e: dict[str, Any]) -> list[str]:
                     f"{e.get('worker', '?')}): the worker holding it went away"]
         return [f"call back on a new stream (leg {e.get('leg', '?')}, worker {e.get('worker', '?')}): "
                 "the previous stream was lost with the caller on the line"]
+    if et == "resume_failed":
+        return [f"a new connection from the browser to carry the call on (leg {e.get('leg', '?')}) never connected "
+                f"({e.get('reason', '?')}, after {e.get('waited_s', '?')} s): the browser may try again"]
     if et == "sip_takeover":
         return [f"not carried on after its worker died: {e.get('result', '?')}"
                 + (" (the phone was sent a BYE)" if e.get("result") == "hung_up" else "")]

@@ -8,6 +8,7 @@ voicebot_calls_total entry, without a conversation having run."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -110,6 +111,70 @@ async def test_a_call_that_never_connects_leaves_a_record(bot: BotServer) -> Non
     assert [e["type"] for e in rec["events"]] == ["call_started", "connect_failed", "call_ended"], rec["events"]
     assert webrtc_metric(bot, "voicebot_calls_total", **outcome) == ended0 + 1
     assert webrtc_metric(bot, "voicebot_calls_started_total") == started0
+
+
+async def test_a_resumed_leg_that_never_connects_leaves_the_call_to_be_carried_on(bot: BotServer) -> None:
+    """The console carrying a lost call on with a new peer connection that never connects (its network still
+    failing) used to end the call there: the leg recorded error:connect_timeout, and the console's next offer was
+    refused as call_over although the call was lost seconds before. The call now stays as it was lost, the
+    attempt is an event, and the next offer carries it on as the same leg."""
+    import redis.asyncio as aioredis
+
+    from bot.state import call_key
+    from tests.admin.browser import fetch_record
+
+    call_id = "webrtc-resume-never"
+    lost_at = f"{time.time():.3f}"
+    r = aioredis.from_url(bot.redis_url, decode_responses=True)
+    try:
+        await r.hset(call_key(call_id), mapping={"call_id": call_id, "transport": "webrtc",
+                                                 "caller": "softphone:admin", "status": "ended",
+                                                 "outcome": "worker_lost", "ended_at": lost_at, "leg": "1"})
+        ended0 = webrtc_metric(bot, "voicebot_calls_total", outcome="error:connect_timeout")
+        failed0 = metric_value(bot.metrics(), "voicebot_errors_total",
+                               {"component": "softphone", "kind": "resume_not_connected"})
+
+        async def offer(peer: RTCPeerConnection) -> httpx.Response:
+            await peer.setLocalDescription(await peer.createOffer())
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await client.post(f"{bot.url}/admin/api/softphone/offer",
+                                         headers={"Authorization": f"Bearer {TOKEN}"},
+                                         json={"sdp": peer.localDescription.sdp, "type": "offer", "version": 1,
+                                               "resume": call_id})
+
+        peers = [RTCPeerConnection() for _ in range(3)]
+        for p in peers:
+            p.addTrack(Tone(1000.0))
+            p.createDataChannel("dtmf")
+        try:
+            first = await offer(peers[0])
+            assert first.status_code == 200 and first.json()["leg"] == 2, first.text
+            busy = await offer(peers[1])  # that leg is being set up: the console tries again shortly
+            assert busy.status_code == 409 and busy.json()["detail"]["kind"] == "call_live", busy.text
+            # the first peer never applies the answer: nothing connects; the bot gives up after 20 s
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                rec = await asyncio.to_thread(fetch_record, bot, call_id)
+                if rec and any(e["type"] == "resume_failed" for e in rec["events"]):
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                raise AssertionError(f"no resume_failed event: {rec}")
+            record = rec["record"]
+            assert (record["status"], record["outcome"], record["ended_at"], record.get("leg")) == \
+                ("ended", "worker_lost", lost_at, "1"), record
+            failed = next(e for e in rec["events"] if e["type"] == "resume_failed")
+            assert failed["leg"] == 2 and failed["reason"] == "error:connect_timeout", failed
+            assert webrtc_metric(bot, "voicebot_calls_total", outcome="error:connect_timeout") == ended0
+            assert metric_value(bot.metrics(), "voicebot_errors_total",
+                                {"component": "softphone", "kind": "resume_not_connected"}) == failed0 + 1
+            again = await offer(peers[2])
+            assert again.status_code == 200 and again.json()["leg"] == 2, again.text
+        finally:
+            for p in peers:
+                await p.close()
+    finally:
+        await r.aclose()
 
 
 def test_console_says_when_a_call_never_connects(bot: BotServer, silence_wav: Path) -> None:

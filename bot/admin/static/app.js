@@ -588,7 +588,7 @@ async function spEvents(id) {
   try {
     const data = await api(`/calls/${encodeURIComponent(id)}`);
     const ol = $("#sp-events");
-    ol.replaceChildren(...data.events.filter((e) => ["turn", "dtmf", "prompt_heard", "transfer", "connect_failed", "call_ended", "call_started", "call_resumed"].includes(e.type)).map((e) => {
+    ol.replaceChildren(...data.events.filter((e) => ["turn", "dtmf", "prompt_heard", "transfer", "connect_failed", "call_ended", "call_started", "call_resumed", "resume_failed"].includes(e.type)).map((e) => {
       const li = document.createElement("li");
       li.dataset.type = e.type;
       if (e.type === "dtmf") li.textContent = `you pressed ${e.digit}`;
@@ -598,6 +598,7 @@ async function spEvents(id) {
       else if (e.type === "turn") li.textContent = `you: “${e.transcript || ""}” → ${e.intent || "–"} (${(e.confidence * 100).toFixed(0)}%) → ${e.decision?.action}: ${e.decision?.prompt || ""}`;
       else if (e.type === "prompt_heard") li.textContent = `bot: ${e.text}`;
       else if (e.type === "call_resumed") li.textContent = `carried on by another worker (leg ${e.leg})`;
+      else if (e.type === "resume_failed") li.textContent = `reconnecting: the new connection (leg ${e.leg}) never connected (${e.reason}, after ${e.waited_s} s), trying again`;
       // a browser is not on the phone network: the transfer the policy chose is shown, not completed
       else if (e.type === "transfer") li.textContent = `transfer to ${e.target}: ${e.ok ? "done" : "not possible from a browser call (the policy's choice is what to check)"}`;
       else li.textContent = `${e.type}${e.outcome ? `: ${e.outcome}` : ""}${e.policy_version ? ` (policy ${e.policy_version})` : ""}`;

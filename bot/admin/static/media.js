@@ -65,6 +65,9 @@ const RECOVER_AFTER_MS = 4000;
 const MEDIA_STALL_MS = 2000;
 const RECOVER_RETRY_MS = 2000;
 const RECOVER_FOR_MS = 45000;
+// a new connection carrying the call on that is not up by then is given up for another (ICE may take 30 s to say
+// "failed"); the worker that took it frees the call's leg at its own 20 s connect timeout
+const RESUME_CONNECT_MS = 12000;
 
 export class Softphone {
   constructor({ audioEl, onState, onKeyError, onKeypad }) {
@@ -79,7 +82,7 @@ export class Softphone {
     this.connected = false;  // media has flowed at least once
     this.offerSdp = null;  // the offer sent to the bot: withdrawn ("rollback") on a hang-up before media flows
     this.recovering = false;  // a new peer connection is being set up to carry the call on (recover())
-    this.resumes = 0;  // how many times it was
+    this.resumes = 0;  // how many times it was (a new connection that came up)
     this.onPageHide = () => this.end("ended", true);  // tab closed or navigated away mid-call: hang up properly
   }
 
@@ -128,7 +131,12 @@ export class Softphone {
       // as reconnecting. If it lasts, or the connection fails, the worker holding the call may have gone
       // away: a new peer connection carries the call on from whichever worker takes it (recover()).
       clearTimeout(this.blipTimer);
-      if (s === "connected") { this.connected = true; this.onState("connected"); }
+      if (s === "connected") {
+        if (resume && !pc.wasConnected) this.resumes += 1;
+        pc.wasConnected = true;
+        this.connected = true;
+        this.onState("connected");
+      }
       else if (s === "disconnected") {
         this.onState("reconnecting (network interrupted)");
         this.blipTimer = setTimeout(() => { if (this.pc === pc && pc.connectionState === "disconnected") this.recover(); }, RECOVER_AFTER_MS);
@@ -162,6 +170,11 @@ export class Softphone {
     if (this.ended) return answer.call_id;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     this.watchMedia(pc);
+    if (resume) {
+      setTimeout(() => {
+        if (this.pc === pc && !this.ended && !pc.wasConnected) this.recover();
+      }, RESUME_CONNECT_MS);
+    }
     // The bot hanging up closes its DTLS session (close_notify): the DTLS transport goes "closed" while
     // the peer connection itself may stay "connected" for a while, microphone still live.
     const dtls = pc.getSenders().map((s) => s.transport).find(Boolean);
@@ -216,7 +229,6 @@ export class Softphone {
         }
         try {
           await this.connect(this.callId);
-          this.resumes = (this.resumes || 0) + 1;
           if (old) old.close();
           return;
         } catch (e) {
