@@ -772,11 +772,15 @@ class Conversation:
         closes, Twilio asks any worker what next (<Connect action>), and the answer must be "hang up", not "the
         stream was lost, reconnect" (bot/app.py reads `ending` from the record)."""
         self.s.store.mark_ending(self.call_id, reason)
+        recorded = False
         try:
-            await asyncio.wait_for(self.s.store.flush(0.5), 0.6)
+            recorded = await asyncio.wait_for(self.s.store.flush(0.5), 0.6)
         except Exception:  # noqa: BLE001 - Redis slow or down: hang up anyway; the record says so later
             pass
-        await self.bridge.hangup(reason)
+        if recorded:
+            await self.bridge.hangup(reason)
+        else:  # no worker can read that the bot ended it: a bridge whose end depends on that says so itself
+            await self.bridge.hangup_unshared(reason)
 
     async def _hangup_quietly(self, reason: str) -> None:
         try:

@@ -68,6 +68,9 @@ TWILIO_STREAM_ENDS = Counter("voicebot_twilio_stream_ends_total", "Twilio's repo
                              "(<Connect action>), by the answer: hangup (the bot or the caller ended the call), "
                              "call_over, reconnect (stream lost with the caller on the line: a new stream), gave_up "
                              "(lost too often: system-error route)", ["result"])
+TWILIO_REST_HANGUPS = Counter("voicebot_twilio_rest_hangups_total", "Twilio calls the bot ended with a REST update "
+                              "to <Hangup/> because its end could not be recorded in Redis, by result: ok, timeout, "
+                              "or the REST failure (unconfigured, call_gone, auth, ...)", ["result"])
 SIP_RESUMES = Counter("voicebot_sip_resumes_total", "SIP calls of a dead worker that its restarted process tried to "
                       "carry on (re-INVITE from the new process, bot/sip_recovery.py), by result: resumed, hung_up (a BYE "
                       "instead: the bot was hanging up, or the call was lost longer ago than BOT_SIP_RESUME_WINDOW_S), "

@@ -102,6 +102,11 @@ class CallBridge(abc.ABC):
     async def hangup(self, reason: str = "completed") -> None:
         """End the call from the bot's side."""
 
+    async def hangup_unshared(self, reason: str = "completed") -> None:
+        """End the call from the bot's side when that end could not be recorded where every worker reads it
+        (Redis down or slow). The same as hangup() for transports whose end does not depend on it."""
+        await self.hangup(reason)
+
     @property
     def can_transfer(self) -> bool:
         """Whether transfer() can move this call at all (Twilio without REST credentials, a browser softphone:

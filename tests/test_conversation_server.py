@@ -166,3 +166,28 @@ async def test_a_monologue_longer_than_the_longest_turn_is_answered(bot: BotServ
     turns = [e for e in got["events"] if e["type"] == "turn"]
     # the first cut (at ~4 s + the engine's 1.5 s) was decided while the caller was still talking
     assert turns and turns[0]["t"] - t0 < talk_s - 1.0, (talk_s, [e["t"] - t0 for e in turns])
+
+
+async def test_a_call_ended_during_an_outage_is_hung_up_over_rest(bot: BotServer, private_redis: PrivateRedis,
+                                                                 fake_api: FakeTwilioApi) -> None:
+    """During a Redis outage no worker can read that the bot ended a call, and closing its stream makes Twilio ask
+    any of them what next: one that cannot tell takes the closed stream for a lost one and gives the caller a new
+    stream ("Sorry, we were cut off", up to three times). A call the bot ends while its end cannot be recorded is
+    therefore hung up with a REST update to <Hangup/> first. Here: Redis stops, the policy's transfer is refused by
+    Twilio, the bot apologizes and hangs up."""
+    caller = await place_call(bot.url)
+    assert await caller.wait_bot_quiet(quiet_s=0.3, timeout_s=15)
+    before = metric_value(bot.metrics(), "voicebot_twilio_rest_hangups_total", {"result": "ok"})
+    fake_api.script = [{"status": 400}]  # the transfer: rejected, not retried
+    private_redis.stop()
+    try:
+        assert await caller.wait_ended(40)
+        await caller.close()
+    finally:
+        private_redis.start()
+    updates = [r["form"].get("Twiml", "") for r in fake_api.requests if caller.call_sid in r["path"]]
+    assert len(updates) == 2 and "<Hangup" not in updates[0] and "<Hangup" in updates[1], updates
+    assert metric_value(bot.metrics(), "voicebot_twilio_rest_hangups_total", {"result": "ok"}) == before + 1
+    got = await wait_outcome(bot.redis_url, caller.call_sid, timeout_s=20)
+    assert got["record"]["outcome"] == "transfer_failed", got["record"]
+    assert "hangup_over_rest" in bot.logs()

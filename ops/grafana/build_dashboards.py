@@ -151,11 +151,15 @@ def voicebot() -> Board:
         "sum by (transport) (rate(voicebot_late_frames_total[5m]))", "{{transport}} late"),
         _q("sum by (transport, direction) (rate(voicebot_audio_frames_total[5m]))", "{{transport}} {{direction}}", "B")],
         w=12, unit="pps")
-    b.panel("Twilio streams ended / min by answer", [_q(
-        "sum by (result) (rate(voicebot_twilio_stream_ends_total[5m])) * 60", "{{result}}")], w=12, unit="cpm",
+    b.panel("Twilio streams ended / min by answer", [
+        _q("sum by (result) (rate(voicebot_twilio_stream_ends_total[5m])) * 60", "{{result}}"),
+        _q("sum by (result) (rate(voicebot_twilio_rest_hangups_total[5m])) * 60", "REST hang-up {{result}}", "B")],
+        w=12, unit="cpm",
         desc="Twilio's <Connect action> after each stream: hangup (the call was over), reconnect (the stream was "
              "lost with the caller on the line, e.g. a worker died: a new stream on a live worker), gave_up (lost "
-             "three times: the system-error queue)")
+             "three times: the system-error queue). REST hang-up: calls the bot ended with a REST update to "
+             "<Hangup/> because Redis could not record their end (an outage): anything but ok may have given "
+             "a caller who had heard the goodbye a new stream")
     b.panel("SIP messages / s", [_q("sum by (method, result) (rate(voicebot_sip_messages_total[5m]))",
                                     "{{method}} {{result}}")], w=12, unit="reqps")
     b.panel("RTP packets / s", [_q("sum by (direction, result) (rate(voicebot_rtp_packets_total[5m]))",

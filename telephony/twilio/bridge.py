@@ -21,6 +21,7 @@ from telephony import g711
 from telephony.bridge import FRAME_SAMPLES, AudioIn, CallInfo, DtmfIn, MarkIn, QueuedCallBridge
 from telephony.twilio import protocol
 from telephony.twilio.rest import TwilioRest
+from telephony.twilio import twiml
 from telephony.twilio.twiml import DialOptions
 
 SendText = Callable[[str], Awaitable[None]]
@@ -28,6 +29,7 @@ CloseFn = Callable[[int], Awaitable[None]]
 ErrorSink = Callable[[str, str], None]
 
 _SILENCE_BYTE = 0xFF  # mu-law silence
+REST_HANGUP_S = 3.0  # the caller has heard the goodbye; past this the stream is closed anyway
 
 
 class TwilioCallBridge(QueuedCallBridge):
@@ -169,6 +171,27 @@ class TwilioCallBridge(QueuedCallBridge):
                          caller_gone=self._ended)
         metrics.ERRORS.labels("twilio", f"transfer_{res.result}").inc()
         return False
+
+    async def hangup_unshared(self, reason: str = "completed") -> None:
+        """Closing the stream makes Twilio ask what next (<Connect action>), of any worker; one that cannot read
+        this call's end from Redis takes the closed stream for a lost one and gives the caller a new stream:
+        during an outage a goodbye would come back as "Sorry, we were cut off" up to three times. A REST update
+        to <Hangup/> ends the call without asking anyone. Without REST credentials, or if Twilio does not take
+        it in time, the stream is closed as usual."""
+        if self._rest is not None and not self._ended:
+            self.end(f"bot:{reason}")  # ours, whatever the stream's `stop` says next
+            try:
+                res = await asyncio.wait_for(self._rest.update_call(self.info.call_id, twiml.hangup(),
+                                                                    self.account_sid, still_live=lambda: True),
+                                             REST_HANGUP_S)
+                result = res.result if not res.ok else "ok"
+                detail = {"status": res.status, "twilio_code": res.code, "attempts": res.attempts}
+            except asyncio.TimeoutError:
+                result, detail = "timeout", {}
+            metrics.TWILIO_REST_HANGUPS.labels(result).inc()
+            (self.log.info if result == "ok" else self.log.warning)("hangup_over_rest", reason=reason,
+                                                                   result=result, **detail)
+        await self.hangup(reason)
 
     async def hangup(self, reason: str = "completed") -> None:
         """With <Connect><Stream> and nothing after it, closing the socket ends the call."""
