@@ -63,14 +63,13 @@ async def adopt_orphaned_calls(store: CallStore, server: Any, window_s: float, a
         worker = as_str(raw)
         if worker == store.worker or now - float(beat) < after_s or not await r.zcard(resumable_key(worker)):
             continue
-        addr = await _sip_address(r, worker)
-        if addr is not None and await (probe or who_answers)(*addr) == worker:
+        if (at := await _answering_at(worker, await _sip_addresses(r, worker), probe or who_answers)) is not None:
             # alive and serving its phones, only cut off from Redis: a second re-INVITE would put two bots on the
             # line. Its calls stay its own
             if now - _warned.get(worker, 0.0) >= WARN_EVERY_S:
                 _warned[worker] = now
                 log.warning("sip_worker_silent_but_answering", worker=worker, silent_s=round(now - float(beat), 1),
-                            sip=f"{addr[0]}:{addr[1]}")
+                            sip=f"{at[0]}:{at[1]}")
             continue
         got = await _take_over(store, server, worker, window_s, ttl_s, f"{store.worker}-sip-adopt")
         if got:
@@ -96,14 +95,27 @@ async def adopt_forever(store: CallStore, server: Any, window_s: float, after_s:
             log.warning("sip_adopt_failed", error=repr(exc)[:200])
 
 
-async def _sip_address(r: Any, worker: str) -> tuple[str, int] | None:
-    """Where a worker's SIP server listened, from the dialog kept for one of its calls (None: not recorded)."""
+async def _sip_addresses(r: Any, worker: str) -> list[tuple[str, int]]:
+    """Where a worker's SIP server listens, from the dialog kept for one of its calls: the address it advertised
+    (BOT_SIP_PUBLIC_IP behind a NAT) and its host's own (a peer on the same network may not reach the public one
+    through the NAT). Empty: not recorded."""
     for raw in await r.zrange(resumable_key(worker), 0, 4):
         try:
             snap = json.loads(as_str(await r.hget(call_key(as_str(raw)), "sip_dialog") or ""))
-            return str(snap["local_ip"]), int(snap["sip_port"])
-        except (KeyError, TypeError, ValueError):
+            port = int(snap["sip_port"])
+            ips = [str(ip) for ip in (snap.get("host_ip"), snap["local_ip"]) if ip]
+        except (KeyError, TypeError, ValueError, AttributeError):
             continue
+        return [(ip, port) for ip in dict.fromkeys(ips)]
+    return []
+
+
+async def _answering_at(worker: str, addrs: list[tuple[str, int]],
+                        probe: Callable[[str, int], Awaitable[str | None]]) -> tuple[str, int] | None:
+    """The first of `addrs` where `worker`'s SIP server still answers as itself (None: at none)."""
+    for addr in addrs:
+        if await probe(*addr) == worker:
+            return addr
     return None
 
 

@@ -207,7 +207,8 @@ class SipCall(CallBridge):
         neg = self.media.neg
         return {
             "v": SNAPSHOT_VERSION, "invite": raw.decode("utf-8", errors="replace"), "local_tag": self.local_tag,
-            "local_ip": self.local_ip, "sip_port": self.server.port, "proto": self.peer.proto,
+            "local_ip": self.local_ip, "host_ip": self.server.host_ip_toward(self.peer.addr[0]),
+            "sip_port": self.server.port, "proto": self.peer.proto,
             "peer": [self.peer.addr[0], self.peer.addr[1]],
             "remote_target": self.remote_target, "local_cseq": self.local_cseq, "remote_cseq": self.remote_cseq,
             "sdp": [self.sdp_session.sess_id, self.sdp_session.version], "codec": neg.codec,

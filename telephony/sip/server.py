@@ -170,8 +170,12 @@ class SipServer:
 
     def local_ip_toward(self, peer_ip: str) -> str:
         """Our address as a peer at peer_ip sees it (SDP c=, Contact)."""
-        return self.settings.public_ip or (self.host if self.host not in ("0.0.0.0", "::", "") else
-                                           local_ip_for(peer_ip))
+        return self.settings.public_ip or self.host_ip_toward(peer_ip)
+
+    def host_ip_toward(self, peer_ip: str) -> str:
+        """This host's own address toward peer_ip, BOT_SIP_PUBLIC_IP aside: where hosts on the same network reach
+        this SIP server when its advertised address is a NAT's public one they may not be able to reach."""
+        return self.host if self.host not in ("0.0.0.0", "::", "") else local_ip_for(peer_ip)
 
     @property
     def media_host(self) -> str:

@@ -368,3 +368,58 @@ async def test_a_peer_takes_over_the_sip_calls_of_a_silent_worker_unless_it_stil
         for st in stores[1:]:
             await st.close()
         await r.aclose()
+
+
+async def test_a_worker_behind_a_nat_is_probed_at_its_host_address_too(make_server, sip_settings, prompt_pcm,
+                                                                        redis_url: str) -> None:
+    """A worker that advertises a NAT's public address (BOT_SIP_PUBLIC_IP) in its dialogs may not be reachable
+    there from its peers (no hairpin NAT). Probed only there, a worker merely cut off from Redis looked gone and its
+    phones got a second bot's re-INVITE. Its dialogs now also keep its host's own address, where the peer finds it
+    still answering as itself: its calls are left alone."""
+    import redis.asyncio as aioredis
+
+    import bot.sip_recovery as recovery
+    from bot.state import WORKERS, CallStore, call_key, resumable_key
+    from tests.helpers.server import isolated_redis_url
+    from telephony.sip.probe import who_answers
+
+    url = isolated_redis_url(redis_url)
+    r = aioredis.from_url(url, decode_responses=True)
+    await r.flushdb()
+    handler = RecordingHandler(prompt_pcm)
+    a = await make_server(handler, sip_settings, instance="nat-pod")
+    old = CallStore(aioredis.from_url(url, decode_responses=True), worker="nat-pod", ttl_s=3600)
+    old.pid = 4_000_002
+    await old.start()
+    caller = SipCaller("127.0.0.1", a.port)
+    peer_store = CallStore(aioredis.from_url(url, decode_responses=True), worker="peer", ttl_s=3600)
+    probed: list[tuple[str, int]] = []
+
+    async def probe(host: str, port: int) -> str | None:
+        probed.append((host, port))
+        return await who_answers(host, port)
+
+    try:
+        await caller.open()
+        assert await caller.invite() == 200
+        await wait_until(lambda: len(handler.calls) == 1, 5)
+        call: SipCall = handler.calls[0]["bridge"]
+        old.start_call(call.call_id, "sip", "caller", "bot", "1")
+        snap = call.resume_state() or {}
+        assert snap.get("host_ip") == "127.0.0.1", snap
+        # what the dialog holds when the worker advertises a public address its peers cannot reach (TEST-NET-1)
+        old.keep_resumable(call.call_id, {**snap, "local_ip": "192.0.2.10"})
+        await old.flush()
+        await old.close()  # nat-pod is cut off: no more heartbeats
+        await peer_store.start()
+        peer = await make_server(RecordingHandler(prompt_pcm), sip_settings, instance="peer")
+        await r.zadd(WORKERS, {"nat-pod": float((await r.time())[0]) - 40})
+        assert await recovery.adopt_orphaned_calls(peer_store, peer, window_s=60, after_s=15, probe=probe) == {}
+        assert probed == [("127.0.0.1", a.port)], probed
+        assert await r.zcard(resumable_key("nat-pod")) == 1 and not caller.reinvites
+        assert (await r.hgetall(call_key(call.call_id)))["status"] == "active"
+        assert await recovery._sip_addresses(r, "nat-pod") == [("127.0.0.1", a.port), ("192.0.2.10", a.port)]
+    finally:
+        caller.close()
+        await peer_store.close()
+        await r.aclose()
