@@ -634,6 +634,7 @@ class CallStore:
             self._push("persist", events_key(cid))
             self.event(cid, "call_reclaimed", reaped_by=as_str(by), worker=self.worker, worker_pid=self.pid)
             metrics.ERRORS.labels("state", "call_reclaimed").inc()
+            metrics.CALLS_RECLAIMED.labels(base[0].get("transport", "unknown") if base else "unknown").inc()
             log.warning("call_reclaimed", call_id=cid, reaped_by=as_str(by),
                         hint="this worker was cut off from Redis longer than the reaper waits; the call went on")
 

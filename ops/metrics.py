@@ -14,6 +14,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65
 ACTIVE_CALLS = Gauge("voicebot_active_calls", "Calls in progress on this worker", ["transport"], multiprocess_mode="liveall")
 CALLS_TOTAL = Counter("voicebot_calls_total", "Calls ended, by transport and outcome", ["transport", "outcome"])
 CALLS_STARTED = Counter("voicebot_calls_started_total", "Calls answered, by transport", ["transport"])
+# a reaper counts a call of a worker it cannot hear from as worker_lost; a worker that was only cut off from Redis
+# takes the call back (bot/state.py _reclaim) and counts its real end later: subtract these from worker_lost
+CALLS_RECLAIMED = Counter("voicebot_calls_reclaimed_total", "Calls counted worker_lost by a reaper that their worker, "
+                          "only cut off from Redis, took back (their real end is counted too)", ["transport"])
 TURN_LATENCY = Histogram(
     "voicebot_turn_latency_seconds",
     "Turn declared complete (after the end-of-turn wait) to first bot audio frame sent; the caller's "
@@ -143,11 +147,13 @@ def init_series() -> None:
     not at import: tools and tests that import this module get no extra series."""
     for transport in TRANSPORTS:
         CALLS_STARTED.labels(transport)
+        CALLS_RECLAIMED.labels(transport)
         for outcome in MAIN_OUTCOMES:
             CALLS_TOTAL.labels(transport, outcome)
     for component, kind in ALERTED_ERRORS:
         ERRORS.labels(component, kind)
     for result in ("hangup", "call_over", "reconnect", "gave_up"):
         TWILIO_STREAM_ENDS.labels(result)
+    TWILIO_REST_HANGUPS.labels("ok")
     for result in ("resumed", "hung_up", "gone", "no_answer"):
         SIP_RESUMES.labels(result)

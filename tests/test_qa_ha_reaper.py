@@ -246,6 +246,9 @@ async def test_a_worker_cut_off_from_redis_gets_its_reaped_call_back_and_loses_n
     proxy = await TcpProxy(host, int(port)).start()
     a = CallStore(_client(f"redis://127.0.0.1:{proxy.port}/{db}"), worker="host-a", ttl_s=3600)
     await a.start()
+    from ops import metrics
+
+    taken_back = metrics.CALLS_RECLAIMED.labels("twilio")._value.get()
     try:
         a.start_call("CApart", "twilio", "+15550001111", "+15550002222", "1")
         a.event("CApart", "turn", n=1)
@@ -267,6 +270,8 @@ async def test_a_worker_cut_off_from_redis_gets_its_reaped_call_back_and_loses_n
         rec = await r.hgetall(call_key("CApart"))
         assert rec["status"] == "active" and rec["outcome"] == "" and not rec.get("reaped_by"), rec
         assert await r.ttl(call_key("CApart")) == -1  # the reaper's expiry is gone with its end
+        # the reaper counted it worker_lost; that count is taken back on the metrics too
+        assert metrics.CALLS_RECLAIMED.labels("twilio")._value.get() == taken_back + 1
         assert await a.flush(timeout_s=5)
         assert await r.zscore(LIVE, "CApart") is not None and await r.hget(LIVE_INFO, "CApart")
         a.end_call("CApart", "caller_hangup", duration_s=42.0, turns=3)

@@ -71,10 +71,15 @@ def voicebot() -> Board:
             desc="Calls in progress, by transport (Twilio, SIP, WebRTC)")
     b.panel("Calls started / min", [_q("sum by (transport) (rate(voicebot_calls_started_total[5m])) * 60",
                                        "{{transport}}")], w=9, unit="cpm")
-    b.panel("Calls ended / min by outcome", [_q("sum by (transport, outcome) (rate(voicebot_calls_total[5m])) * 60",
-                                                "{{transport}} {{outcome}}")], w=9, unit="cpm")
+    b.panel("Calls ended / min by outcome", [
+        _q("sum by (transport, outcome) (rate(voicebot_calls_total[5m])) * 60", "{{transport}} {{outcome}}"),
+        _q("sum by (transport) (rate(voicebot_calls_reclaimed_total[5m])) * 60",
+           "{{transport}} worker_lost taken back", "B")], w=9, unit="cpm",
+        desc="worker_lost taken back: calls a reaper counted as worker_lost whose worker had only been cut off from "
+             "Redis and carried them on; their real end is counted too")
     b.panel("Automation rate (1h)", [_q(
-        'sum(increase(voicebot_calls_total{outcome="completed"}[1h])) / clamp_min(sum(increase(voicebot_calls_total[1h])), 1)',
+        'sum(increase(voicebot_calls_total{outcome="completed"}[1h])) / clamp_min(sum(increase(voicebot_calls_total[1h]))'
+        ' - (sum(increase(voicebot_calls_reclaimed_total[1h])) or vector(0)), 1)',
         "automated")], "stat", w=6, unit="percentunit", desc="Calls the bot completed without a human")
     b.panel("Escalation rate (1h)", [_q(
         "sum(increase(voicebot_escalations_total[1h])) / clamp_min(sum(increase(voicebot_calls_started_total[1h])), 1)",
