@@ -1,7 +1,10 @@
 """Admission control for trunks: source-IP allowlist, digest auth, INVITE rate limit, scanner filter.
 
 Digest (RFC 2617 / RFC 8760): nonces are stateless — an HMAC over a timestamp with a per-process
-secret — so no per-source state grows when someone floods us with unauthenticated INVITEs.
+secret — so no per-source state grows when someone floods us with unauthenticated INVITEs. State is kept only
+for answers with the right password: the highest nonce count seen per (nonce, cnonce), so a captured
+Authorization header cannot be replayed while its nonce lives (RFC 7616 3.4.5). A nonce is only valid at the
+process that signed it, so this per-process memory is the whole story.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import ipaddress
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 SCANNER_AGENTS = ("friendly-scanner", "sipvicious", "sipcli", "sip-scan", "sipscan", "iwar", "sundayddr",
                   "vaxsipuseragent", "pplsip", "smap", "sipbomber", "voipbuster", "sipsak-scan")
@@ -62,6 +66,7 @@ class TokenBucket:
         return ok
 
 
+_NC = re.compile(r"[0-9a-fA-F]{8}")
 _PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*("((?:[^"\\]|\\.)*)"|[^\s,]+)')
 
 
@@ -86,12 +91,17 @@ def digest_response(algorithm: str, user: str, realm: str, password: str, method
     return _h(algorithm, f"{ha1}:{nonce}:{ha2}")
 
 
+MAX_NONCE_USES = 50_000  # (nonce, cnonce) pairs remembered; only right-password answers get here
+
+
 @dataclass
 class DigestAuth:
     user: str
     password: str
     realm: str = "voicebot"
     nonce_ttl_s: float = 300.0
+    # (nonce, cnonce) -> highest nonce count accepted (0: an answer without qop, good once), oldest first
+    _used: OrderedDict[tuple[str, str], int] = field(default_factory=OrderedDict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._secret = secrets.token_bytes(16)
@@ -106,7 +116,8 @@ class DigestAuth:
                 + (", stale=true" if stale else ""))
 
     def verify(self, header: str, method: str) -> str:
-        """'ok', 'stale' (good credentials, expired nonce: re-challenge) or 'bad'/'missing'."""
+        """'ok', 'stale' (good credentials, expired nonce: re-challenge), 'replay' (good credentials, but a
+        nonce count already used: a captured header sent again; re-challenge) or 'bad'/'missing'."""
         p = parse_digest(header)
         if not p:
             return "missing"
@@ -116,6 +127,8 @@ class DigestAuth:
         algorithm = p.get("algorithm", "MD5")
         if algorithm.upper() not in ("MD5", "SHA-256"):
             return "bad"
+        if p.get("qop") and not _NC.fullmatch(p.get("nc", "")):
+            return "bad"  # qop answers carry an 8-hex-digit nonce count (RFC 2617 3.2.2)
         expected = digest_response(algorithm, self.user, self.realm, self.password, method, p.get("uri", ""),
                                    nonce, p.get("qop", ""), p.get("nc", ""), p.get("cnonce", ""))
         if not hmac.compare_digest(expected, p.get("response", "")):
@@ -128,7 +141,29 @@ class DigestAuth:
             return "stale"
         if time.time() - int(ts) > self.nonce_ttl_s:
             return "stale"
-        return "ok"
+        return "ok" if self._first_use(nonce, p) else "replay"
+
+    def _first_use(self, nonce: str, p: dict[str, str]) -> bool:
+        """Record this answer's nonce count; False when (nonce, cnonce) already had this count or a higher one.
+        Request retransmissions never get here (the transaction layer answers them from its cache)."""
+        if p.get("qop"):
+            nc, key = int(p["nc"], 16), (nonce, p.get("cnonce", ""))
+        else:
+            nc, key = 0, (nonce, "")
+        seen = self._used.get(key)
+        if seen is not None and (nc <= seen or not p.get("qop")):
+            return False
+        self._used[key] = nc
+        self._used.move_to_end(key)
+        cutoff = time.time() - self.nonce_ttl_s
+        while self._used:  # forget nonces that expired (they are refused as stale anyway), and bound the table
+            (old_nonce, _), _nc = next(iter(self._used.items()))
+            ts = old_nonce.partition(".")[0]
+            if len(self._used) > MAX_NONCE_USES or not ts.isdigit() or int(ts) < cutoff:
+                self._used.popitem(last=False)
+            else:
+                break
+        return True
 
 
 class AuthFailures:

@@ -711,8 +711,13 @@ class SipServer:
             else:
                 if verdict == "bad":
                     self._auth_failed(msg, peer)
+                elif verdict == "replay":
+                    # the right answer to an old challenge, sent again with a new branch: a captured INVITE
+                    # replayed (a client's own retransmissions are answered from the transaction cache)
+                    ERRORS.labels("sip", "digest_replay").inc()
+                    self._refused(msg, peer, 401, "digest_replay")
                 self.respond(msg, peer, 401, to_tag=new_tag(),
-                             extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict == "stale"))])
+                             extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict in ("stale", "replay")))])
                 return
         required = (x.strip() for x in msg.get("Require").split(","))
         unsupported = [o for o in required if o and o.lower() not in SUPPORTED]

@@ -176,6 +176,59 @@ async def test_digest_brute_force_blocks_only_that_source(make_server, sip_setti
     assert err("stranger_auth_failed") == base["stranger_auth_failed"] + 5
 
 
+async def _recv(host: Host, timeout: float = 3.0) -> bytes | None:
+    try:
+        return await asyncio.wait_for(asyncio.get_running_loop().sock_recv(host.sock, 65536), timeout)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def test_a_replayed_digest_answer_is_challenged_again(make_server, sip_settings, prompt_pcm) -> None:
+    """A captured INVITE's Authorization header sent again (new branch, so not a retransmission) while its nonce
+    lives used to place a call: nonce counts were not tracked. It is now challenged again (401, stale=true) and
+    counted as `digest_replay`; the same nonce with the next count (a client reusing its nonce) is accepted."""
+    settings = dataclasses.replace(sip_settings, allow="127.0.0.0/8", user="trunk", password="s3cret")
+    srv = await make_server(RecordingHandler(prompt_pcm), settings)
+    host = Host("127.0.0.3")
+    replays = err("digest_replay")
+    uri = f"sip:bot@127.0.0.1:{srv.port}"
+
+    def invite(call_id: str, authorization: str) -> bytes:
+        return host.request("INVITE", srv.port, call_id, extra=f"Authorization: {authorization}\r\n"
+                            "Content-Type: application/sdp\r\n", body=SDP)
+
+    def answer(challenge: str, nc: str, cnonce: str) -> str:
+        p = {k: v for k, v in (x.split("=", 1) for x in re.findall(r'(\w+="[^"]*"|\w+=[^,\s]+)', challenge))}
+        nonce = p["nonce"].strip('"')
+        resp = digest_response("MD5", "trunk", "voicebot", "s3cret", "INVITE", uri, nonce, "auth", nc, cnonce)
+        return (f'Digest username="trunk", realm="voicebot", nonce="{nonce}", uri="{uri}", response="{resp}", '
+                f'algorithm=MD5, qop=auth, nc={nc}, cnonce="{cnonce}"')
+
+    async def first_answer(data: bytes, call_id: str) -> bytes:
+        """The first response to this call's INVITE (the earlier calls' 180/200 arrive on the same socket)."""
+        got = await host.send_recv(data, srv.port)
+        while got is not None and f"Call-ID: {call_id}\r\n".encode() not in got:
+            got = await _recv(host)
+        assert got is not None, f"no answer to {call_id}"
+        return got
+
+    try:
+        first = await first_answer(host.request("INVITE", srv.port, "replay-0", body=SDP), "replay-0")
+        assert first.startswith(b"SIP/2.0 401"), first
+        challenge = parse_message(first).get("WWW-Authenticate")
+        captured = answer(challenge, "00000001", "c0ffee")
+        ok = await first_answer(invite("replay-1", captured), "replay-1")
+        assert ok.startswith(b"SIP/2.0 100"), ok
+        replayed = await first_answer(invite("replay-2", captured), "replay-2")
+        assert replayed.startswith(b"SIP/2.0 401"), replayed
+        assert "stale=true" in parse_message(replayed).get("WWW-Authenticate")
+        assert err("digest_replay") == replays + 1
+        following = await first_answer(invite("replay-3", answer(challenge, "00000002", "c0ffee")), "replay-3")
+        assert following.startswith(b"SIP/2.0 100"), following
+    finally:
+        host.close()
+
+
 def test_auth_failures_window_block_expiry_and_bounds() -> None:
     f = AuthFailures(limit=3, window_s=60, block_s=100, max_sources=50)
     assert not f.failed("a", now=0) and not f.failed("a", now=70)

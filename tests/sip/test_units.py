@@ -184,6 +184,28 @@ def test_digest_auth_roundtrip_md5_and_sha256() -> None:
     assert len(p["response"]) == 32 and ha1 != p["response"]
 
 
+def test_digest_nonce_counts_refuse_replays() -> None:
+    from telephony.sip.auth import digest_response
+
+    auth = DigestAuth("trunk", "pw", "voicebot")
+    nonce = parse_digest(auth.challenge())["nonce"]
+
+    def hdr(nc: str, cnonce: str, qop: bool = True) -> str:
+        resp = digest_response("MD5", "trunk", "voicebot", "pw", "INVITE", "sip:bot@h", nonce,
+                               "auth" if qop else "", nc if qop else "", cnonce if qop else "")
+        extra = f', qop=auth, nc={nc}, cnonce="{cnonce}"' if qop else ""
+        return f'Digest username="trunk", realm="voicebot", nonce="{nonce}", uri="sip:bot@h", response="{resp}"{extra}'
+
+    assert auth.verify(hdr("00000001", "a"), "INVITE") == "ok"
+    assert auth.verify(hdr("00000001", "a"), "INVITE") == "replay"  # the same answer again
+    assert auth.verify(hdr("00000002", "a"), "INVITE") == "ok"  # the client's next request on that nonce
+    assert auth.verify(hdr("00000001", "a"), "INVITE") == "replay"  # an older count
+    assert auth.verify(hdr("00000001", "b"), "INVITE") == "ok"  # another client nonce: its own counts
+    assert auth.verify(hdr("zz", "c"), "INVITE") == "bad"  # a nonce count is 8 hex digits
+    assert auth.verify(hdr("", "", qop=False), "INVITE") == "ok"  # no qop: good once
+    assert auth.verify(hdr("", "", qop=False), "INVITE") == "replay"
+
+
 def test_admission_helpers() -> None:
     allow = Allowlist("127.0.0.0/8, 10.1.0.0/16,::1/128")
     assert allow.allows("127.0.0.1") and allow.allows("10.1.2.3") and allow.allows("::1")
