@@ -59,7 +59,9 @@ SHUTDOWN_ACTIONS = ("transfer", "goodbye", "hangup")
 
 
 # How a bridge's end reason reads as a call outcome (an RTP timeout means the caller vanished).
-_END_REASON_OUTCOME = {"stream_stopped": "caller_hangup", "hangup": "caller_hangup", "rtp_timeout": "abandoned"}
+# A SIP session timer that ran out (no refresh from the phone, or ours refused) is the same: the far end is gone.
+_END_REASON_OUTCOME = {"stream_stopped": "caller_hangup", "hangup": "caller_hangup", "rtp_timeout": "abandoned",
+                       "session_expired": "abandoned"}
 # Utterances the caller is meant to answer (the decision's action names them): if the voice fails on one, the
 # call goes the policy's system-error way instead of waiting, silent, for an answer to a question never asked.
 _DIALOG_KINDS = frozenset({"greeting", "answer", "confirm", "clarify", "reprompt", "collect", "dtmf_menu"})

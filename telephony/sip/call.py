@@ -17,6 +17,7 @@ import numpy as np
 from ops.logs import get_logger
 from ops.metrics import ERRORS, TRANSFERS
 from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, until_ended
+from telephony.sip import session_timer
 from telephony.sip.media import RtpSession
 from telephony.sip.message import SipMessage, addr_uri
 
@@ -86,6 +87,9 @@ class SipCall(CallBridge):
         # told the new resume_state() when the dialog changes (a re-INVITE from the phone): the copy kept for a
         # process that takes the call over must stay current (bot/sip_recovery.py)
         self.on_dialog_change: Callable[[dict[str, Any]], None] | None = None
+        # RFC 4028 session timer agreed with the phone (None: none); its clock restarts on every refresh
+        self.session_terms: session_timer.Terms | None = None
+        self._session_clock: asyncio.Task[None] | None = None
 
     # CallBridge ----------------------------------------------------------------------------------
     def events(self) -> AsyncIterator[InboundEvent]:
@@ -213,6 +217,7 @@ class SipCall(CallBridge):
             "remote_target": self.remote_target, "local_cseq": self.local_cseq, "remote_cseq": self.remote_cseq,
             "sdp": [self.sdp_session.sess_id, self.sdp_session.version], "codec": neg.codec,
             "dtmf_pt": neg.dtmf_pt, "rtp": [*self.media.outbound_position(), round(time.time(), 3)],
+            **({"timer": [self.session_terms.interval_s, self.session_terms.refresher]} if self.session_terms else {}),
         }
 
     def dialog_changed(self) -> None:
@@ -275,11 +280,44 @@ class SipCall(CallBridge):
         ERRORS.labels("rtp", "timeout").inc()
         asyncio.get_running_loop().create_task(self.hangup("rtp_timeout"))
 
+    def session_refreshed(self, terms: session_timer.Terms | None) -> None:
+        """The session was set up or refreshed (a 2xx to an INVITE, re-INVITE or UPDATE) under `terms` (None: no
+        session timer from now on): the clock starts again."""
+        if self._session_clock is not None and self._session_clock is not asyncio.current_task():
+            self._session_clock.cancel()
+        self._session_clock = None
+        self.session_terms = terms
+        if terms is not None and self.state != "terminated":
+            self._session_clock = asyncio.get_running_loop().create_task(self._run_session_clock(terms))
+
+    async def _run_session_clock(self, terms: session_timer.Terms) -> None:
+        """The refresher's side: refresh at half the interval. The other side's: end the call when no refresh
+        came in time (the phone, or a proxy on the way, has lost the session: it would tear the call down too)."""
+        if terms.refresher == "uas":
+            await asyncio.sleep(terms.refresh_after_s())
+            if self.state == "terminated":
+                return
+            if await self.server.refresh_session(self):
+                self.log.debug("sip_session_refreshed", interval_s=terms.interval_s)
+                return
+            why = "refresh_refused"
+        else:
+            await asyncio.sleep(terms.expire_after_s())
+            why = "no_refresh"
+        if self.state == "terminated":
+            return
+        ERRORS.labels("sip", "session_expired").inc()
+        self.log.warning("sip_session_expired", interval_s=terms.interval_s, refresher=terms.refresher, why=why)
+        self._session_clock = None  # hangup -> _finish must not cancel the task running it
+        await self.hangup("session_expired")
+
     def _finish(self, reason: str) -> None:
         """Terminate locally (idempotent): stop media, end the event stream, leave the server tables."""
         if self.state == "terminated":
             return
         self.state = "terminated"
+        if self._session_clock is not None and self._session_clock is not asyncio.current_task():
+            self._session_clock.cancel()
         self.end_reason = reason
         self.server.clock.discard(self.media)
         self.media.close()

@@ -19,13 +19,14 @@ MAX_HEADER_LINE = 8 * 1024
 COMPACT = {
     "i": "Call-ID", "m": "Contact", "e": "Content-Encoding", "l": "Content-Length", "c": "Content-Type",
     "f": "From", "s": "Subject", "k": "Supported", "t": "To", "v": "Via", "r": "Refer-To", "b": "Referred-By",
-    "o": "Event", "u": "Allow-Events",
+    "o": "Event", "u": "Allow-Events", "x": "Session-Expires",
 }
 _CANON = {h.lower(): h for h in (
     "Via", "From", "To", "Call-ID", "CSeq", "Contact", "Max-Forwards", "Content-Type", "Content-Length",
     "User-Agent", "Server", "Allow", "Supported", "Record-Route", "Route", "Authorization", "WWW-Authenticate",
     "Refer-To", "Referred-By", "Event", "Subscription-State", "Allow-Events", "Retry-After", "Reason",
-    "Accept", "Expires", "Require", "Unsupported", "Warning", "Subject", "Content-Encoding",
+    "Accept", "Expires", "Require", "Unsupported", "Warning", "Subject", "Content-Encoding", "Session-Expires",
+    "Min-SE",
 )}
 _CANON["call-id"] = "Call-ID"
 _CANON["cseq"] = "CSeq"
@@ -34,7 +35,8 @@ _CANON["www-authenticate"] = "WWW-Authenticate"
 REASONS = {
     100: "Trying", 180: "Ringing", 183: "Session Progress", 200: "OK", 202: "Accepted",
     400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 415: "Unsupported Media Type", 420: "Bad Extension", 481: "Call/Transaction Does Not Exist",
+    408: "Request Timeout", 415: "Unsupported Media Type", 420: "Bad Extension",
+    422: "Session Interval Too Small", 481: "Call/Transaction Does Not Exist",
     482: "Loop Detected", 483: "Too Many Hops", 486: "Busy Here", 487: "Request Terminated",
     488: "Not Acceptable Here", 489: "Bad Event", 491: "Request Pending", 500: "Server Internal Error",
     501: "Not Implemented", 503: "Service Unavailable", 505: "Version Not Supported", 603: "Decline",

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from ops.logs import get_logger
+from telephony.sip import session_timer
 from telephony.sip.call import SNAPSHOT_VERSION, SipCall
 from telephony.sip.message import SipMessage, SipParseError, addr_uri, parse_message
 from telephony.sip.sdp import SUPPORTED, SdpError, SdpSession, negotiate_answer, parse_sdp
@@ -49,6 +50,15 @@ def restore(server: SipServer, snap: dict[str, Any]) -> SipCall:
     return call
 
 
+def _terms(snap: dict[str, Any]) -> session_timer.Terms | None:
+    """The session timer the lost process had agreed with the phone (None: none, or unreadable)."""
+    raw = snap.get("timer")
+    if (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], int) and raw[0] > 0
+            and raw[1] in ("uac", "uas")):
+        return session_timer.Terms(raw[0], raw[1])
+    return None
+
+
 async def resume(server: SipServer, snap: dict[str, Any], leg: int,
                  timeout_s: float = RESUME_INVITE_TIMEOUT_S) -> tuple[SipCall | None, str]:
     """Re-INVITE the phone of a snapshotted call from this process. Returns (the call, "resumed"), handed to the
@@ -74,7 +84,9 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
     # in the table before the offer goes: a BYE the phone sends meanwhile finds its dialog
     call.state = "confirmed"
     server.calls[(call.call_id, call.local_tag)] = call
-    resp, why = await _request(server, call, "INVITE", timeout_s, extra=[("Allow", ALLOW)], body=offer,
+    terms = _terms(snap)
+    timer = [("Session-Expires", terms.header()), ("Supported", "timer")] if terms else []
+    resp, why = await _request(server, call, "INVITE", timeout_s, extra=[("Allow", ALLOW), *timer], body=offer,
                                content_type="application/sdp")
     if call.state == "terminated":  # the phone hung up (BYE) while we waited
         return None, "gone"
@@ -94,6 +106,11 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
     server.ack_2xx(call, resp)
     call.acked.set()
     call.confirm()
+    if terms is not None:  # our re-INVITE refreshed the session: its clock starts here (the phone may amend it)
+        try:
+            call.session_refreshed(session_timer.requested(resp, default_refresher=terms.refresher) or terms)
+        except session_timer.IntervalTooSmall:
+            call.session_refreshed(terms)
     call.log.info("sip_call_resumed", leg=leg, codec=neg.codec, remote=f"{neg.remote_ip}:{neg.remote_port}",
                   local_port=call.media.local_port)
     server.media_up(call)

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 
 from ops.logs import get_logger
 from ops.metrics import ERRORS, SIP_MESSAGES
+from telephony.sip import session_timer
 from telephony.sip.auth import Allowlist, AuthFailures, DigestAuth, TokenBucket, is_scanner
 from telephony.sip.call import SipCall
 from telephony.sip.config import SipSettings
@@ -29,15 +30,17 @@ from telephony.sip.message import (
     parse_message, parse_uri, parse_via,
 )
 from telephony.sip.probe import WORKER_HEADER
+from telephony.sip.sdp import SUPPORTED as SUPPORTED_CODECS
 from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, parse_sdp
 
 T1, T2 = 0.5, 4.0
 TX_LINGER_S = 32.0
-ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY"
-SUPPORTED = {"replaces"}  # option tags a caller may Require (RFC 3891); anything else gets 420
-KNOWN_NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "MESSAGE", "PUBLISH", "UPDATE", "PRACK"}
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY, UPDATE"
+# option tags a caller may Require: replaces (RFC 3891), timer (RFC 4028 session timers); anything else gets 420
+SUPPORTED = {"replaces", "timer"}
+KNOWN_NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "MESSAGE", "PUBLISH", "PRACK"}
 
-_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "REFER", "NOTIFY"} | KNOWN_NOT_ALLOWED
+_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "REFER", "NOTIFY", "UPDATE"} | KNOWN_NOT_ALLOWED
 
 OnCall = Callable[[SipCall], Awaitable[None]]
 
@@ -660,7 +663,7 @@ class SipServer:
             self.respond(msg, peer, 200, to_tag=new_tag(), extra=self._caps())
         elif method == "INVITE" and not msg.to_tag:
             self._spawn(self._on_invite(msg, peer))
-        elif method in ("INVITE", "BYE", "INFO", "NOTIFY", "OPTIONS", "REFER"):
+        elif method in ("INVITE", "BYE", "INFO", "NOTIFY", "OPTIONS", "REFER", "UPDATE"):
             self._in_dialog(msg, peer)
         elif method in KNOWN_NOT_ALLOWED:
             self.respond(msg, peer, 405, extra=[("Allow", ALLOW)])
@@ -725,6 +728,11 @@ class SipServer:
             self._refused(msg, peer, 420, "unsupported_require")
             self.respond(msg, peer, 420, extra=[("Unsupported", ", ".join(unsupported))])
             return
+        try:
+            terms = session_timer.requested(msg)
+        except session_timer.IntervalTooSmall:
+            self._too_small(msg, peer)
+            return
         replaced: SipCall | None = None
         if msg.get("Replaces"):
             replaced, status = self._replaced_call(msg.get("Replaces"))
@@ -785,8 +793,9 @@ class SipServer:
         call.state = "confirmed"
         ok = self.respond(msg, peer, 200, to_tag=tag, body=body,
                           extra=[("Contact", self.contact(local_ip, peer.proto)), ("Allow", ALLOW),
-                                 ("Content-Type", "application/sdp")])
+                                 ("Content-Type", "application/sdp"), *self._timer_headers(msg, terms)])
         self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+        call.session_refreshed(terms)
         if replaced is not None and replaced.state != "terminated":
             # The new leg takes the old one's place (attended transfer, call pickup): end the old dialog.
             replaced.log.info("call_replaced", by_call_id=call.call_id, source=peer.addr[0])
@@ -914,6 +923,8 @@ class SipServer:
             call._finish("hangup")
         elif msg.method == "INVITE":
             self._reinvite(call, msg, peer)
+        elif msg.method == "UPDATE":
+            self._update(call, msg, peer)
         elif msg.method == "INFO":
             self._info(call, msg, peer)
         elif msg.method == "NOTIFY":
@@ -944,16 +955,47 @@ class SipServer:
             return None
         return offer, neg, idx
 
+    def _too_small(self, msg: SipMessage, peer: Peer) -> None:
+        """A Session-Expires under our minimum (RFC 4028 6): 422 with the smallest we take; the phone asks again."""
+        ERRORS.labels("sip", "session_interval_too_small").inc()
+        self._refused(msg, peer, 422, "session_interval_too_small")
+        self.respond(msg, peer, 422, to_tag=msg.to_tag or new_tag(),
+                     extra=[("Min-SE", str(session_timer.MIN_SE_S))])
+
+    @staticmethod
+    def _timer_headers(msg: SipMessage, terms: session_timer.Terms | None) -> list[tuple[str, str]]:
+        """Our 2xx's part of a session timer (RFC 4028 9): the terms, and Require: timer when the phone refreshes."""
+        if terms is None:
+            return []
+        extra = [("Session-Expires", terms.header())]
+        if terms.refresher == "uac":
+            extra.append(("Require", "timer"))
+        return extra
+
+    def _refresh_terms(self, call: SipCall, msg: SipMessage, peer: Peer) -> tuple[bool, session_timer.Terms | None]:
+        """A re-INVITE or UPDATE is also a session refresh: (False, _) when its interval is refused (422 sent)."""
+        try:
+            return True, session_timer.requested(msg, default_refresher=call.session_terms.refresher
+                                                 if call.session_terms else "uac")
+        except session_timer.IntervalTooSmall:
+            self._too_small(msg, peer)
+            return False, None
+
     def _reinvite(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
-        """Hold/resume/codec change: a new offer on the existing dialog (RFC 3264 section 8)."""
+        """Hold/resume/codec change: a new offer on the existing dialog (RFC 3264 section 8); a session refresh."""
+        ok_terms, terms = self._refresh_terms(call, msg, peer)
+        if not ok_terms:
+            return
+        timer = self._timer_headers(msg, terms)
         if not msg.body:  # offerless re-INVITE: offer again in the 200, answer in the ACK
             call.acked.clear()
             call.awaiting_answer = True
             ok = self.respond(msg, peer, 200, to_tag=call.local_tag,
                               body=call.sdp_session.offer(call.media.local_port),
                               extra=[("Contact", self.contact(call.local_ip, peer.proto)),
-                                     ("Content-Type", "application/sdp")])
+                                     ("Content-Type", "application/sdp"), *timer])
             self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+            call.session_refreshed(terms)
             return
         # A rejected offer leaves the old session in force (RFC 3264 8.1: it changes nothing).
         if (answered := self._negotiate_or_488(msg, peer)) is None:
@@ -967,10 +1009,62 @@ class SipServer:
         call.acked.clear()
         ok = self.respond(msg, peer, 200, to_tag=call.local_tag, body=answer,
                           extra=[("Contact", self.contact(call.local_ip, peer.proto)),
-                                 ("Content-Type", "application/sdp")])
+                                 ("Content-Type", "application/sdp"), *timer])
         self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
+        call.session_refreshed(terms)
         call.log.info("reinvite", direction=neg.direction, codec=neg.codec)
         call.dialog_changed()
+
+    def _update(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
+        """UPDATE (RFC 3311): a session refresh without a body (what SBCs send for session timers), or a new offer
+        answered at once in the 200 (no ACK: UPDATE is not an INVITE)."""
+        ok_terms, terms = self._refresh_terms(call, msg, peer)
+        if not ok_terms:
+            return
+        timer = self._timer_headers(msg, terms)
+        if not msg.body:
+            self.respond(msg, peer, 200, extra=[("Contact", self.contact(call.local_ip, peer.proto)), *timer])
+            call.session_refreshed(terms)
+            return
+        if (answered := self._negotiate_or_488(msg, peer)) is None:
+            return
+        offer, neg, idx = answered
+        contact = msg.get("Contact")
+        if contact:
+            call.remote_target = addr_uri(contact)
+        call.media.apply(neg)
+        answer = call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+        self.respond(msg, peer, 200, body=answer, extra=[("Contact", self.contact(call.local_ip, peer.proto)),
+                                                         ("Content-Type", "application/sdp"), *timer])
+        call.session_refreshed(terms)
+        call.log.info("update_offer", direction=neg.direction, codec=neg.codec)
+        call.dialog_changed()
+
+    async def refresh_session(self, call: SipCall) -> bool:
+        """We are the refresher (RFC 4028 10): an UPDATE without a body when the phone allows UPDATE, otherwise a
+        re-INVITE offering the session as it is. True when the phone took it (the clock then restarts)."""
+        terms = call.session_terms
+        if terms is None:
+            return True
+        extra = [("Session-Expires", terms.header()), ("Supported", "timer")]
+        allowed = {m.strip().upper() for m in call.invite.get("Allow").split(",")}
+        if "UPDATE" in allowed:
+            resp = await self.send_in_dialog(call, "UPDATE", extra=extra)
+        else:
+            offer = call.sdp_session.offer(call.media.local_port, (call.media.neg.codec,) if call.media.neg else
+                                           SUPPORTED_CODECS)
+            resp = await self.send_in_dialog(call, "INVITE", extra=[*extra, ("Allow", ALLOW)], body=offer,
+                                             content_type="application/sdp")
+            if resp is not None and 200 <= resp.status < 300:
+                self.ack_2xx(call, resp)
+        if resp is None or resp.status >= 300:
+            return False
+        try:
+            got = session_timer.requested(resp, default_refresher=terms.refresher)
+        except session_timer.IntervalTooSmall:
+            got = None
+        call.session_refreshed(got or terms)
+        return True
 
     def _info(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
         if not msg.body:

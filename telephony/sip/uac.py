@@ -149,6 +149,8 @@ class SipCaller:
         self.hangup_by = ""
         self.refer_to: str | None = None
         self.reinvites: list[float] = []  # when the bot re-INVITEd us with a new offer (monotonic)
+        self.updates: list[float] = []  # when the bot sent us an UPDATE (a session refresh)
+        self.last_response: SipMessage | None = None
         self.refuse_reinvite = 0  # answer the bot's re-INVITEs with this status instead (tests: a phone that hung up)
         self.notify_status: int | None = None
         self.transfer_call: SipCaller | None = None  # the leg to the Refer-To target, once answered
@@ -280,13 +282,14 @@ class SipCaller:
             self._tx.pop((req.branch, req.method), None)
 
     async def invite(self, timeout: float = 32.0, cancel_after_s: float | None = None,
-                     late_offer: bool = False, no_response_s: float = INVITE_NO_RESPONSE_S) -> int:
+                     late_offer: bool = False, no_response_s: float = INVITE_NO_RESPONSE_S,
+                     extra: list[tuple[str, str]] | None = None) -> int:
         """Dial; returns the final status (200 when answered). Handles one 401 challenge.
         late_offer: send no SDP; the 200 carries the bot's offer and our ACK the answer.
         Nothing listening (ICMP port unreachable) -> 503 at once; no response at all within
-        `no_response_s` -> 408; `self.error` then says why in words."""
+        `no_response_s` -> 408; `self.error` then says why in words. `extra`: more headers (Session-Expires, ...)."""
         body = b"" if late_offer else self.sdp.offer(self.media.local_port, self.codecs)
-        sdp_hdr = [] if late_offer else [("Content-Type", "application/sdp")]
+        sdp_hdr = ([] if late_offer else [("Content-Type", "application/sdp")]) + list(extra or [])
         req = self._request("INVITE", body, sdp_hdr)
         self._invite = req
         task = asyncio.get_running_loop().create_task(self._transact(req, timeout, no_response_s))
@@ -358,10 +361,11 @@ class SipCaller:
         self._end()
         return resp.status if resp else 408
 
-    async def reinvite(self, direction: str = "sendrecv", codecs: tuple[str, ...] | None = None) -> int:
-        """Hold (sendonly) / resume (sendrecv) / codec change (codecs=...)."""
+    async def reinvite(self, direction: str = "sendrecv", codecs: tuple[str, ...] | None = None,
+                       extra: list[tuple[str, str]] | None = None) -> int:
+        """Hold (sendonly) / resume (sendrecv) / codec change (codecs=...); `extra`: more headers."""
         offer = self.sdp.offer(self.media.local_port, codecs or self.codecs, direction=direction)
-        req = self._request("INVITE", offer, [("Content-Type", "application/sdp")])
+        req = self._request("INVITE", offer, [("Content-Type", "application/sdp"), *(extra or [])])
         resp = await self._transact(req, 10)
         if resp is None:
             return 408
@@ -371,6 +375,11 @@ class SipCaller:
         else:
             self._send_ack(resp, req)
         return resp.status
+
+    async def update(self, extra: list[tuple[str, str]] | None = None) -> SipMessage | None:
+        """An UPDATE without a body (a session refresh, RFC 3311/4028); its final response (None: timeout)."""
+        self.last_response = await self._transact(self._request("UPDATE", extra=extra), 10)
+        return self.last_response
 
     async def info_dtmf(self, digit: str) -> int:
         req = self._request("INFO", f"Signal={digit}\r\nDuration=160\r\n".encode(),
@@ -411,6 +420,10 @@ class SipCaller:
             self._send(make_response(msg, self.refuse_reinvite), addr)
         elif msg.method == "INVITE" and msg.body:
             self._answer_reinvite(msg, addr)
+        elif msg.method == "UPDATE":
+            self.updates.append(time.monotonic())
+            self._send(make_response(msg, 200, extra=[("Session-Expires", msg.get("Session-Expires"))]
+                                     if msg.get("Session-Expires") else []), addr)
         else:
             self._send(make_response(msg, 200), addr)
 
