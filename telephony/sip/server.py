@@ -12,6 +12,7 @@ what makes NATed trunks work.
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from telephony.sip.message import (
 )
 from telephony.sip.probe import WORKER_HEADER
 from telephony.sip.sdp import SUPPORTED as SUPPORTED_CODECS
-from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, parse_sdp
+from telephony.sip.sdp import (Negotiated, SdpError, SdpSession, SessionDesc, negotiate, negotiate_answer,
+                               parse_sdp)
 
 T1, T2 = 0.5, 4.0
 TX_LINGER_S = 32.0
@@ -1048,15 +1050,26 @@ class SipServer:
             return True
         extra = [("Session-Expires", terms.header()), ("Supported", "timer")]
         allowed = {m.strip().upper() for m in call.invite.get("Allow").split(",")}
-        if "UPDATE" in allowed:
-            resp = await self.send_in_dialog(call, "UPDATE", extra=extra)
-        else:
-            offer = call.sdp_session.offer(call.media.local_port, (call.media.neg.codec,) if call.media.neg else
-                                           SUPPORTED_CODECS)
-            resp = await self.send_in_dialog(call, "INVITE", extra=[*extra, ("Allow", ALLOW)], body=offer,
-                                             content_type="application/sdp")
-            if resp is not None and 200 <= resp.status < 300:
-                self.ack_2xx(call, resp)
+        for attempt in range(2):
+            if call.state == "terminated":
+                return True
+            if "UPDATE" in allowed:
+                resp = await self.send_in_dialog(call, "UPDATE", extra=extra)
+            else:
+                neg = call.media.neg
+                offer = call.sdp_session.offer(call.media.local_port, (neg.codec,) if neg else SUPPORTED_CODECS)
+                resp = await self.send_in_dialog(call, "INVITE", extra=[*extra, ("Allow", ALLOW)], body=offer,
+                                                 content_type="application/sdp")
+                if resp is not None and 200 <= resp.status < 300:
+                    try:
+                        call.media.apply(negotiate_answer(parse_sdp(resp.body)))
+                    except SdpError:
+                        pass  # the session as it was goes on; the refresh itself was taken
+                    self.ack_2xx(call, resp)
+            if resp is not None and resp.status == 491 and attempt == 0:
+                await asyncio.sleep(random.uniform(2.1, 4.0))  # glare with the phone's own request (RFC 3261 14.1)
+                continue
+            break
         if resp is None or resp.status >= 300:
             return False
         try:
