@@ -983,6 +983,18 @@ class SipServer:
             self._too_small(msg, peer)
             return False, None
 
+    def _take_offer(self, call: SipCall, msg: SipMessage, peer: Peer) -> tuple[Negotiated, bytes] | None:
+        """A new offer inside the dialog (re-INVITE or UPDATE): applied, and our answer; None when refused (488
+        sent: a rejected offer leaves the old session in force, RFC 3264 8.1)."""
+        if (answered := self._negotiate_or_488(msg, peer)) is None:
+            return None
+        offer, neg, idx = answered
+        contact = msg.get("Contact")
+        if contact:
+            call.remote_target = addr_uri(contact)
+        call.media.apply(neg)
+        return neg, call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+
     def _reinvite(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
         """Hold/resume/codec change: a new offer on the existing dialog (RFC 3264 section 8); a session refresh."""
         ok_terms, terms = self._refresh_terms(call, msg, peer)
@@ -999,15 +1011,9 @@ class SipServer:
             self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
             call.session_refreshed(terms)
             return
-        # A rejected offer leaves the old session in force (RFC 3264 8.1: it changes nothing).
-        if (answered := self._negotiate_or_488(msg, peer)) is None:
+        if (got := self._take_offer(call, msg, peer)) is None:
             return
-        offer, neg, idx = answered
-        contact = msg.get("Contact")
-        if contact:
-            call.remote_target = addr_uri(contact)
-        call.media.apply(neg)
-        answer = call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+        neg, answer = got
         call.acked.clear()
         ok = self.respond(msg, peer, 200, to_tag=call.local_tag, body=answer,
                           extra=[("Contact", self.contact(call.local_ip, peer.proto)),
@@ -1028,14 +1034,9 @@ class SipServer:
             self.respond(msg, peer, 200, extra=[("Contact", self.contact(call.local_ip, peer.proto)), *timer])
             call.session_refreshed(terms)
             return
-        if (answered := self._negotiate_or_488(msg, peer)) is None:
+        if (got := self._take_offer(call, msg, peer)) is None:
             return
-        offer, neg, idx = answered
-        contact = msg.get("Contact")
-        if contact:
-            call.remote_target = addr_uri(contact)
-        call.media.apply(neg)
-        answer = call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+        neg, answer = got
         self.respond(msg, peer, 200, body=answer, extra=[("Contact", self.contact(call.local_ip, peer.proto)),
                                                          ("Content-Type", "application/sdp"), *timer])
         call.session_refreshed(terms)
