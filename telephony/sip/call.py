@@ -19,7 +19,7 @@ from ops.metrics import ERRORS, TRANSFERS
 from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, until_ended
 from telephony.sip import session_timer
 from telephony.sip.media import RtpSession
-from telephony.sip.message import SipMessage, addr_uri
+from telephony.sip.message import SipMessage, addr_uri, hostport
 
 if TYPE_CHECKING:
     from telephony.sip.server import Peer, SipServer
@@ -164,7 +164,7 @@ class SipCall(CallBridge):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         self._refer = loop.create_future()
-        referred_by = f"<sip:bot@{self.local_ip}:{self.server.port}>"
+        referred_by = f"<sip:bot@{hostport(self.local_ip, self.server.port)}>"
         try:
             try:
                 resp = await asyncio.wait_for(self.server.send_in_dialog(

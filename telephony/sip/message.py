@@ -195,6 +195,12 @@ class SipUri:
         return self.params.get("transport", "udp").lower()
 
 
+def hostport(host: str, port: int | None = None) -> str:
+    """host[:port] as SIP writes it in a URI or a Via: an IPv6 address in brackets (RFC 3261 25.1)."""
+    h = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return h if port is None else f"{h}:{port}"
+
+
 def parse_uri(uri: str) -> SipUri:
     m = re.match(r"^(sips?):(?:([^@;]*)@)?(\[[0-9a-fA-F:.]+\]|[^:;?>]+)(?::(\d{1,5}))?((?:;[^?]*)?)", uri.strip())
     if not m:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from telephony.sip.message import SipMessage, SipParseError, new_branch, new_call_id, new_tag, parse_message
+from telephony.sip.message import (
+    SipMessage, SipParseError, hostport, new_branch, new_call_id, new_tag, parse_message,
+)
 
 WORKER_HEADER = "X-Voicebot-Worker"
 PROBE_TIMEOUT_S = 1.0
@@ -47,11 +49,11 @@ async def who_answers(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) 
         return None
     try:
         local_ip, local_port = transport.get_extra_info("sockname")[:2]
-        req = SipMessage(method="OPTIONS", uri=f"sip:{host}:{port}")
-        req.add("Via", f"SIP/2.0/UDP {local_ip}:{local_port};branch={new_branch()};rport")
+        req = SipMessage(method="OPTIONS", uri=f"sip:{hostport(host, port)}")
+        req.add("Via", f"SIP/2.0/UDP {hostport(local_ip, local_port)};branch={new_branch()};rport")
         req.add("Max-Forwards", "70")
-        req.add("From", f"<sip:probe@{local_ip}>;tag={new_tag()}")
-        req.add("To", f"<sip:{host}:{port}>")
+        req.add("From", f"<sip:probe@{hostport(local_ip)}>;tag={new_tag()}")
+        req.add("To", f"<sip:{hostport(host, port)}>")
         req.add("Call-ID", call_id)
         req.add("CSeq", "1 OPTIONS")
         req.add("Accept", "application/sdp")

@@ -27,8 +27,8 @@ from telephony.sip.config import SipSettings
 from telephony.sip.clock import MediaClock
 from telephony.sip.dtmf import DtmfError, parse_info_body
 from telephony.sip.message import (
-    SipMessage, SipParseError, addr_uri, find_message_end, header_params, make_response, new_branch, new_tag,
-    parse_message, parse_uri, parse_via,
+    SipMessage, SipParseError, addr_uri, find_message_end, header_params, hostport, make_response, new_branch,
+    new_tag, parse_message, parse_uri, parse_via,
 )
 from telephony.sip.probe import WORKER_HEADER
 from telephony.sip.sdp import SUPPORTED as SUPPORTED_CODECS
@@ -426,11 +426,11 @@ class SipServer:
         return Peer("TCP", (params.get("received") or peer.addr[0], port or 5060))
 
     def _via(self, call: SipCall, branch: str) -> str:
-        return f"SIP/2.0/{call.peer.proto} {call.local_ip}:{self.port};branch={branch};rport"
+        return f"SIP/2.0/{call.peer.proto} {hostport(call.local_ip, self.port)};branch={branch};rport"
 
     def contact(self, local_ip: str, proto: str) -> str:
         tp = ";transport=tcp" if proto == "TCP" else ""
-        return f"<sip:bot@{local_ip}:{self.port}{tp}>"
+        return f"<sip:bot@{hostport(local_ip, self.port)}{tp}>"
 
     async def send_in_dialog(self, call: SipCall, method: str, extra: list[tuple[str, str]] | None = None,
                              body: bytes = b"", content_type: str = "") -> SipMessage | None:

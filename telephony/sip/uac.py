@@ -26,7 +26,8 @@ from telephony.sip.clock import MediaClock
 from telephony.sip.dtmf import build_event
 from telephony.sip.media import RtpSession
 from telephony.sip.message import (
-    SipMessage, SipParseError, addr_uri, make_response, new_branch, new_call_id, new_tag, parse_message,
+    SipMessage, SipParseError, addr_uri, hostport, make_response, new_branch, new_call_id, new_tag,
+    parse_message,
 )
 from telephony.sip.rtp import build_rtp
 from telephony.sip.sdp import SdpError, SdpSession, negotiate, negotiate_answer, parse_sdp
@@ -133,7 +134,7 @@ class SipCaller:
         self.from_tag = new_tag()
         self.to_tag = ""
         self.cseq = random.randint(1, 1000)
-        self.remote_target = f"sip:{to_user}@{host}:{port}"
+        self.remote_target = f"sip:{to_user}@{hostport(host, port)}"
         self.remote_addr = (host, port)
         self.sdp = SdpSession(self.local_ip)
         self.events: asyncio.Queue[Any] = asyncio.Queue()
@@ -190,6 +191,9 @@ class SipCaller:
         if self._consumer:
             self._consumer.cancel()
 
+    def _contact(self) -> str:
+        return f"<sip:{self.user}@{hostport(self.local_ip, self.sip_port)}>"
+
     def _send(self, msg: SipMessage, addr: tuple[str, int] | None = None) -> None:
         if self._udp is None or self._udp.is_closing():
             return
@@ -237,14 +241,14 @@ class SipCaller:
         if cseq is None:
             self.cseq += 1
         req = SipMessage(method=method, uri=self.remote_target)
-        req.add("Via", f"SIP/2.0/UDP {self.local_ip}:{self.sip_port};branch={branch or new_branch()};rport")
+        req.add("Via", f"SIP/2.0/UDP {hostport(self.local_ip, self.sip_port)};branch={branch or new_branch()};rport")
         req.add("Max-Forwards", "70")
-        req.add("From", f"<sip:{self.user}@{self.local_ip}>;tag={self.from_tag}")
-        to = f"<sip:{self.to_user}@{self.host}:{self.port}>" + (f";tag={self.to_tag}" if self.to_tag else "")
+        req.add("From", f"<sip:{self.user}@{hostport(self.local_ip)}>;tag={self.from_tag}")
+        to = f"<sip:{self.to_user}@{hostport(self.host, self.port)}>" + (f";tag={self.to_tag}" if self.to_tag else "")
         req.add("To", to)
         req.add("Call-ID", self.call_id)
         req.add("CSeq", f"{cseq if cseq is not None else self.cseq} {method}")
-        req.add("Contact", f"<sip:{self.user}@{self.local_ip}:{self.sip_port}>")
+        req.add("Contact", self._contact())
         req.add("User-Agent", "voicebot-uac/0.1")
         for k, v in extra or []:
             req.add(k, v)
@@ -442,7 +446,7 @@ class SipCaller:
         self.media.apply(neg)
         self.reinvites.append(time.monotonic())
         answer = self.sdp.answer(offer, neg, idx, self.media.local_port)
-        self._send(make_response(msg, 200, extra=[("Contact", f"<sip:{self.user}@{self.local_ip}:{self.sip_port}>"),
+        self._send(make_response(msg, 200, extra=[("Contact", self._contact()),
                                                    ("Content-Type", "application/sdp")], body=answer), addr)
 
     async def _notify_refer(self) -> None:

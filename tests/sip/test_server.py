@@ -634,3 +634,30 @@ async def test_a_draining_worker_refuses_new_invites_while_its_calls_go_on(make_
     finally:
         live.close()
         late.close()
+
+
+async def test_a_call_over_ipv6(sip_settings, prompt_pcm) -> None:
+    """A SIP server bound to an IPv6 address: its Via, Contact and Referred-By put the address in brackets (it wrote
+    `::1:5060`, which no phone can parse), the SDP says IN IP6, audio flows both ways and the BYE finds the dialog."""
+    from telephony.sip.server import SipServer
+
+    handler = RecordingHandler(prompt_pcm)
+    srv = SipServer("::1", 0, handler, dataclasses.replace(sip_settings, allow="::1/128"))
+    await srv.start()
+    tone = (6000 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.int16)
+    caller = SipCaller("::1", srv.port)
+    await caller.open()
+    try:
+        assert await caller.invite() == 200, caller.error
+        ok = caller._ok_response
+        assert ok is not None and f"<sip:bot@[::1]:{srv.port}>" in ok.get("Contact"), ok.encode()
+        assert b"c=IN IP6 ::1" in ok.body, ok.body
+        await caller.play(tone, "t")
+        await caller.wait_bot_quiet(0.5, 5)
+        assert await caller.bye() == 200
+        await asyncio.wait_for(handler.call_ended.wait(), 5)
+    finally:
+        caller.close()
+        await srv.stop()
+    assert voiced_fraction(inbound_pcm(handler.calls[0]), 1000) > 0.1
+    assert voiced_fraction(caller.recorded()) > 0.05
