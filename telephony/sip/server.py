@@ -719,8 +719,10 @@ class SipServer:
                 elif verdict == "replay":
                     # the right answer to an old challenge, sent again with a new branch: a captured INVITE
                     # replayed (a client's own retransmissions are answered from the transaction cache)
-                    ERRORS.labels("sip", "digest_replay").inc()
-                    self._refused(msg, peer, 401, "digest_replay")
+                    # from a source that never had a call: no caller is hurt, no page (as stranger_auth_failed)
+                    kind = "stranger_digest_replay" if self.is_stranger(peer.addr[0]) else "digest_replay"
+                    ERRORS.labels("sip", kind).inc()
+                    self._refused(msg, peer, 401, kind)
                 self.respond(msg, peer, 401, to_tag=new_tag(),
                              extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict in ("stale", "replay")))])
                 return
