@@ -128,6 +128,7 @@ _NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "BOT_SIP_JITTER_FRAMES": (int, 0, None), "BOT_SIP_INVITE_RATE": (float, 0, None),
     "BOT_SIP_INVITE_BURST": (float, 0, None), "BOT_SIP_MAX_CALLS": (int, 0, None),
     "BOT_SIP_TRANSFER_TIMEOUT_S": (float, 0, None), "BOT_SIP_RING_S": (float, 0, None),
+    "BOT_SIP_REGISTER_EXPIRES_S": (int, 30, None),
     "BOT_ADMIN_MAX_UPLOAD_BYTES": (int, 1, None), "BOT_ADMIN_MAX_BAD_TOKENS_PER_MIN": (int, 0, None),
     "BOT_AUDIT_MAXLEN": (int, 100, None),
 }
@@ -193,4 +194,14 @@ def validate_environment() -> Settings:
         raise ConfigError("TWILIO_API_KEY and TWILIO_API_SECRET go together: set both or neither")
     if (why := _writable_dir(settings.data_dir)) is not None:
         raise ConfigError(f"BOT_DATA_DIR={str(settings.data_dir)!r}: {why}")
+    registrar = os.environ.get("BOT_SIP_REGISTRAR", "").strip()
+    if registrar:
+        from telephony.sip.register import Registrar
+
+        try:
+            Registrar.parse(registrar)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not os.environ.get("BOT_SIP_REGISTER_USER", "").strip():
+            raise ConfigError("BOT_SIP_REGISTRAR is set but BOT_SIP_REGISTER_USER is not: the account to register")
     return settings

@@ -107,7 +107,7 @@ def test_a_bad_engine_threads_value_does_not_break_every_command(tmp_path: Path)
 
 def test_validate_environment_accepts_defaults_and_documented_forms(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from bot.config import _CHOICES, _FLAGS, _NUMBERS, validate_environment
+    from bot.config import _CHOICES, _FLAGS, _NUMBERS, ConfigError, validate_environment
 
     for name in [*_NUMBERS, *_CHOICES, *_FLAGS, "BOT_POLICY", "BOT_ADMIN_TOKENS_FILE", "BOT_ENGINE_MODEL_DIR"]:
         monkeypatch.delenv(name, raising=False)
@@ -117,6 +117,14 @@ def test_validate_environment_accepts_defaults_and_documented_forms(tmp_path: Pa
                         ("BOT_NO_INPUT_S", "1.5"), ("BOT_VAD_GATE_DBFS", "-45"), ("BOT_ENGINE_BACKEND", "Triton"),
                         ("BOT_NO_INPUT_S", ""), ("BOT_POLICY", str(ROOT / "policies" / "default.yaml"))):
         monkeypatch.setenv(name, value)
+        validate_environment()
+    monkeypatch.setenv("BOT_SIP_REGISTRAR", "sip:pbx.example.com:5080;transport=tcp")
+    with pytest.raises(ConfigError, match="BOT_SIP_REGISTER_USER"):
+        validate_environment()  # a registrar without the account to register
+    monkeypatch.setenv("BOT_SIP_REGISTER_USER", "bot")
+    validate_environment()
+    monkeypatch.setenv("BOT_SIP_REGISTRAR", "sip:pbx.example.com;transport=tls")
+    with pytest.raises(ConfigError, match="only udp and tcp"):
         validate_environment()
 
 

@@ -182,6 +182,11 @@ def voicebot() -> Board:
     b.panel("SIP listening", [_q("max by (instance) (voicebot_sip_listening)", "{{instance}}")], "stat", w=4,
             desc="0: worker 0 cannot bind the SIP port and retries (alert SipNotListening), or SIP is off "
             "(BOT_SIP_ENABLED=0); Twilio unaffected. Only worker 0 serves SIP, so the instance shows the max")
+    b.panel("SIP registered", [
+        _q("max by (instance) (voicebot_sip_registered)", "{{instance}}"),
+        _q("sum by (result) (increase(voicebot_sip_registrations_total[1h]))", "REGISTER {{result}} (1h)", "B")],
+        "stat", w=4, desc="with BOT_SIP_REGISTRAR: 1 while worker 0 holds a registration at the provider; 0: the "
+        "provider's calls go nowhere (alert SipNotRegistered). Empty without a registrar")
     b.panel("Engine backend", [_q('sum by (requested, serving) (voicebot_engine_backend)', "{{requested}} → {{serving}}")],
             "stat", w=4, desc="workers per requested → serving backend; a GPU backend → onnx is a fallback (alert EngineGpuFallback)")
     b.panel("Engine model / graph", [_q("sum by (model, graph) (voicebot_engine_model)", "{{model}} {{graph}}")],

@@ -55,4 +55,10 @@ class SipSettings:
     tcp_message_timeout_s: float = field(default_factory=lambda: float(_env("BOT_SIP_TCP_MESSAGE_TIMEOUT_S", "10")))
     tcp_idle_s: float = field(default_factory=lambda: float(_env("BOT_SIP_TCP_IDLE_S", "180")))
     scanner_reply: str = field(default_factory=lambda: _env("BOT_SIP_SCANNER_REPLY", "drop"))  # drop | 403
+    # registration with a provider that sends calls to a registered address (telephony/sip/register.py)
+    registrar: str = field(default_factory=lambda: _env("BOT_SIP_REGISTRAR", ""))  # host[:port] | sip: URI
+    register_user: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_USER", ""))
+    register_password: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_PASSWORD", ""))
+    register_domain: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_DOMAIN", ""))  # default: registrar host
+    register_expires_s: int = field(default_factory=lambda: int(_env("BOT_SIP_REGISTER_EXPIRES_S", "300")))
     user_agent: str = "voicebot-sip/0.1"

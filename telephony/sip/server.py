@@ -150,6 +150,7 @@ class SipServer:
         self.udp_enabled, self.tcp_enabled = udp, tcp
         self.clock = MediaClock()
         self.allow = Allowlist(self.settings.allow)
+        self.registration: Any = None  # telephony.sip.register.Registration when BOT_SIP_REGISTRAR is set
         self.auth = (DigestAuth(self.settings.user, self.settings.password, self.settings.realm)
                      if self.settings.password else None)
         self.bucket = TokenBucket(self.settings.invite_rate, self.settings.invite_burst)
@@ -207,6 +208,14 @@ class SipServer:
         self._accepting = True
         self._grace_until = time.monotonic() + self.unknown_dialog_grace_s
         self._janitor = loop.create_task(self._expire_loop())
+        if self.settings.registrar and self.settings.register_user:
+            from telephony.sip.register import Registrar, Registration
+
+            self.registration = Registration(self, Registrar.parse(self.settings.registrar,
+                                                                   self.settings.register_domain),
+                                             self.settings.register_user, self.settings.register_password,
+                                             self.settings.register_expires_s)
+            self.registration.start()
         log.info("sip_listening", host=self.host, port=self.port, udp=self.udp_enabled, tcp=self.tcp_enabled,
                  auth=bool(self.auth), allow=self.settings.allow)
 
@@ -238,6 +247,8 @@ class SipServer:
     async def stop(self, grace_s: float = 0.0) -> None:
         """Refuse new calls (503), let calls finish for up to `grace_s`, then BYE the rest."""
         self._accepting = False
+        if self.registration is not None:  # the provider stops sending calls here
+            await self.registration.stop()
         deadline = time.monotonic() + grace_s
         while self.calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
