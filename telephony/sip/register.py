@@ -122,12 +122,15 @@ class Registration:
                       "auth_failed" if status in (401, 403, 407) else "refused")
             metrics.SIP_REGISTRATIONS.labels(result).inc()
             if result == "ok":
+                granted = granted if granted > 0 else self.expires_s  # a 200 granting nothing: ask again as planned
                 if not self.registered or failures:
                     log.info("sip_registered", registrar=self._where(), aor=self.aor, expires_s=granted)
                 failures, self.registered, self.granted_s = 0, True, granted
                 metrics.SIP_REGISTERED.set(1)
                 await asyncio.sleep(max(1.0, min(granted * REFRESH_SHARE, granted - 10)))
                 continue
+            if result == "no_answer":
+                self._addr = None  # the provider may have moved: its name is looked up again
             # the binding we had may still run a while, but nothing refreshes it: calls will stop coming
             was = self.registered
             self.registered = False
