@@ -99,12 +99,20 @@ def test_a_softphone_call_is_carried_on_when_its_worker_dies(redis_url: str, tmp
             shot(page, "13-softphone-carried-on")
             turns_before = len(_events(bot, call_id, "turn", 0, 1))
             _events(bot, call_id, "turn", turns_before + 1, 60)  # the caller is heard by the new worker
-            stats = page.evaluate("""async () => {
-                const r = await window.voicebotSoftphone.pc.getStats();
-                for (const s of r.values()) if (s.type === 'inbound-rtp' && s.kind === 'audio')
-                    return {packets: s.packetsReceived, energy: s.totalAudioEnergy || 0};
-                return null; }""")
-            assert stats and stats["packets"] > 50 and stats["energy"] > 0, stats  # ... and heard on the new connection
+            # ... and heard on the new connection: bot audio with energy (polled: its first seconds may be the
+            # silence before "Sorry, we were cut off", and a loaded box delays the prompt)
+            stats = None
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                stats = page.evaluate("""async () => {
+                    const r = await window.voicebotSoftphone.pc.getStats();
+                    for (const s of r.values()) if (s.type === 'inbound-rtp' && s.kind === 'audio')
+                        return {packets: s.packetsReceived, energy: s.totalAudioEnergy || 0};
+                    return null; }""")
+                if stats and stats["packets"] > 50 and stats["energy"] > 0:
+                    break
+                page.wait_for_timeout(500)
+            assert stats and stats["packets"] > 50 and stats["energy"] > 0, stats
             assert page.evaluate("window.voicebotSoftphone.resumes") == 1
             page.click("#sp-hangup")
             expect(page.locator("#sp-call")).to_be_enabled()
