@@ -151,7 +151,6 @@ class SipCaller:
         self.refer_to: str | None = None
         self.reinvites: list[float] = []  # when the bot re-INVITEd us with a new offer (monotonic)
         self.updates: list[float] = []  # when the bot sent us an UPDATE (a session refresh)
-        self.last_response: SipMessage | None = None
         self.refuse_reinvite = 0  # answer the bot's re-INVITEs with this status instead (tests: a phone that hung up)
         self.notify_status: int | None = None
         self.transfer_call: SipCaller | None = None  # the leg to the Refer-To target, once answered
@@ -382,8 +381,7 @@ class SipCaller:
 
     async def update(self, extra: list[tuple[str, str]] | None = None) -> SipMessage | None:
         """An UPDATE without a body (a session refresh, RFC 3311/4028); its final response (None: timeout)."""
-        self.last_response = await self._transact(self._request("UPDATE", extra=extra), 10)
-        return self.last_response
+        return await self._transact(self._request("UPDATE", extra=extra), 10)
 
     async def info_dtmf(self, digit: str) -> int:
         req = self._request("INFO", f"Signal={digit}\r\nDuration=160\r\n".encode(),
