@@ -140,6 +140,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "BOT_VOICE": ("piper", "espeak"),
     "BOT_ENGINE_FAULT": ("none", "understand", "end_of_turn", "speak", "all"),
     "BOT_SIP_SCANNER_REPLY": ("drop", "403"),
+    "BOT_SIP_SRTP": ("off", "optional", "required"),  # telephony.sip.srtp.MODES
     "BOT_SHUTDOWN_ACTION": ("transfer", "goodbye", "hangup"),  # bot.conversation.SHUTDOWN_ACTIONS
 }
 _FLAGS = ("BOT_SIP_ENABLED", "BOT_VOICE_DISK_CACHE", "BOT_ENGINE_ADAPTIVE_BATCH")

@@ -8,6 +8,7 @@ outbound requests it starts (BYE, REFER).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
@@ -20,6 +21,8 @@ from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, I
 from telephony.sip import session_timer
 from telephony.sip.media import RtpSession
 from telephony.sip.message import SipMessage, addr_uri, hostport
+from telephony.sip.sdp import SUPPORTED, Negotiated, SessionDesc
+from telephony.sip.srtp import OFFER_SUITE, Crypto
 
 if TYPE_CHECKING:
     from telephony.sip.server import Peer, SipServer
@@ -205,7 +208,8 @@ class SipCall(CallBridge):
         (telephony/sip/resume.py). None when the call cannot be carried on (not set up, an oversized INVITE)."""
         if self.state != "confirmed" or self.sdp_session is None or self.media.neg is None:
             return None
-        raw = self.invite.encode()
+        # the headers make the dialog; its SDP is not needed and may hold the phone's SRTP key, which stays here
+        raw = dataclasses.replace(self.invite, body=b"").encode()
         if len(raw) > MAX_SNAPSHOT_INVITE_BYTES:
             return None
         neg = self.media.neg
@@ -217,8 +221,30 @@ class SipCall(CallBridge):
             "remote_target": self.remote_target, "local_cseq": self.local_cseq, "remote_cseq": self.remote_cseq,
             "sdp": [self.sdp_session.sess_id, self.sdp_session.version], "codec": neg.codec,
             "dtmf_pt": neg.dtmf_pt, "rtp": [*self.media.outbound_position(), round(time.time(), 3)],
+            **self._srtp_snapshot(),
             **({"timer": [self.session_terms.interval_s, self.session_terms.refresher]} if self.session_terms else {}),
         }
+
+    def _srtp_snapshot(self) -> dict[str, Any]:
+        """An SRTP call's streams (telephony/sip/srtp.py Handover): the process carrying the call on goes on with them
+        (not every phone takes a new key in a re-INVITE). Our key is written down; the phone's key is not."""
+        h = self.media.srtp_handover()
+        return {"srtp": h.to_json()} if h is not None else {}
+
+    # SDP -----------------------------------------------------------------------------------------------
+    def sdp_answer(self, offer: SessionDesc, neg: Negotiated, idx: int) -> bytes:
+        """Our answer to an offer already applied to the media (with our SRTP key when the stream is SRTP)."""
+        key = self.media.local_key(neg.crypto.suite) if neg.crypto is not None else None
+        return self.sdp_session.answer(offer, neg, idx, self.media.local_port, key)
+
+    def sdp_offer(self, codecs: tuple[str, ...] = SUPPORTED, dtmf_pt: int = 101, srtp_suite: str | None = None) -> bytes:
+        """Our offer (late offer, offerless re-INVITE, session refresh, takeover): SRTP when the call already is
+        (same suite, same key: the contexts go on), when `srtp_suite` says so, or when BOT_SIP_SRTP=required."""
+        suite = srtp_suite or (self.media.srtp.suite if self.media.srtp is not None else None)
+        if suite is None and self.server.settings.srtp == "required":
+            suite = OFFER_SUITE
+        crypto = Crypto(1, suite, self.media.local_key(suite)) if suite else None
+        return self.sdp_session.offer(self.media.local_port, codecs, dtmf_pt=dtmf_pt, crypto=crypto)
 
     def dialog_changed(self) -> None:
         """The dialog changed (a re-INVITE from the phone): the kept copy is brought up to date."""

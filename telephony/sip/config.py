@@ -34,6 +34,9 @@ class SipSettings:
     rtp_port_max: int = field(default_factory=lambda: int(_env("BOT_RTP_PORT_MAX", "30000")))
     rtp_timeout_s: float = field(default_factory=lambda: float(_env("BOT_RTP_TIMEOUT_S", "30")))
     jitter_target_frames: int = field(default_factory=lambda: int(_env("BOT_SIP_JITTER_FRAMES", "3")))
+    # SRTP keyed in the SDP (SDES, RFC 4568): off (RTP/SAVP offers get 488) | optional (either) | required (plain
+    # RTP offers get 488; the bot's own offers are SRTP)
+    srtp: str = field(default_factory=lambda: _env("BOT_SIP_SRTP", "optional").strip().lower())
     allow: str = field(default_factory=lambda: _env("BOT_SIP_ALLOW", _default_allow()))
     user: str = field(default_factory=lambda: _env("BOT_SIP_USER", ""))
     password: str = field(default_factory=lambda: _env("BOT_SIP_PASSWORD", ""))

@@ -8,6 +8,7 @@ RTCP reports) happens in `tick()`, called by the shared MediaClock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 import time
@@ -24,6 +25,7 @@ from telephony.sip.dtmf import DtmfError, EventDetector
 from telephony.sip.jitter import Concealer, JitterBuffer, Slot
 from telephony.sip.rtp import RtpError, build_rtp, build_sender_report, parse_rtcp, parse_rtp, seq_delta
 from telephony.sip.sdp import Negotiated
+from telephony.sip.srtp import Handover, SrtpContext, SrtpError, key_id, new_key
 
 RTCP_INTERVAL_S = 5.0
 PROBATION = 5  # in-sequence packets from a new address before symmetric RTP follows it
@@ -89,6 +91,10 @@ class RtpSession:
         self._timed_out = False
         self.timeout_armed = True  # the SIP call disarms it until its INVITE is ACKed (Timer H owns that)
         self._cand: tuple[tuple[str, int], int, int] | None = None
+        self._keys: dict[str, bytes] = {}  # our SRTP master key per suite: the one our SDP gave, kept all call
+        self.srtp: SrtpContext | None = None
+        self._wraps_since_snapshot: int | None = None  # set by continue_stream()
+        self._srtp_resume: Handover | None = None  # the lost process's SRTP streams, for the first negotiation
         # Metric children resolved once: labels() per packet is measurable at 100 calls.
         self._m_in = AUDIO_FRAMES.labels(transport_label, "in")
         self._m_out = AUDIO_FRAMES.labels(transport_label, "out")
@@ -130,6 +136,7 @@ class RtpSession:
         (about one call in two), so the caller heard nothing more."""
         frames = max(0, int(elapsed_s * 50)) + 50
         self.ssrc = ssrc & 0xFFFFFFFF
+        self._wraps_since_snapshot = ((seq & 0xFFFF) + frames) >> 16
         self._seq = (seq + frames) & 0xFFFF
         self._ts = (ts + frames * FRAME_SAMPLES) & 0xFFFFFFFF
         self._first = True
@@ -147,8 +154,60 @@ class RtpSession:
         if not self.latched or self.remote is None or moved:
             self.remote = None if hold_addr else (neg.remote_ip, neg.remote_port)
             self.latched = False
+        self._apply_crypto(neg)
         self.neg = neg
         self.last_rx = time.monotonic()  # a fresh negotiation restarts the RTP timeout
+
+    def local_key(self, suite: str) -> bytes:
+        """Our SRTP master key for `suite`, the same for every offer and answer of this call from this process."""
+        if suite not in self._keys:
+            self._keys[suite] = new_key(suite)
+        return self._keys[suite]
+
+    def continue_srtp(self, handover: Handover) -> None:
+        """After continue_stream(): go on with the SRTP streams of the process that died. We encrypt under its key
+        from its rollover counter (phones need not re-key: baresip 1.0 ignores a new key in a re-INVITE and could not
+        decrypt a word from the new process), and take the phone's stream from where it had come, if the phone's
+        answer keeps its key. Applied when that answer is."""
+        self._keys[handover.suite] = handover.key
+        if self._wraps_since_snapshot is not None:  # else a new stream (new SSRC): the phone counts it from 0
+            handover = dataclasses.replace(handover, sent_roc=handover.sent_roc + self._wraps_since_snapshot)
+        else:
+            handover = dataclasses.replace(handover, sent_roc=0)
+        self._srtp_resume = handover
+
+    def srtp_handover(self) -> Handover | None:
+        return Handover.of(self.srtp) if self.srtp is not None else None
+
+    def _apply_crypto(self, neg: Negotiated) -> None:
+        """SRTP per the negotiation: a context is kept while its key stays (libsrtp's rollover counter and replay
+        window live in it: a re-INVITE that changes nothing must not reset them); a new key gets a new one."""
+        c = neg.crypto
+        if c is None:
+            if self.srtp is not None:
+                self.log.info("srtp_off")
+            self.srtp = None
+            return
+        tx = self.local_key(c.suite)
+        if self.srtp is None:
+            self.srtp = SrtpContext(c.suite, tx, c.key)
+            h = self._srtp_resume
+            if h is not None and h.suite == c.suite:
+                if tx == h.key:
+                    self.srtp.send_on_from(self.ssrc, h.sent_roc, self._seq)
+                if key_id(c.key) == h.peer_key_id and h.peer_ssrc is not None and h.peer_seq is not None:
+                    self.srtp.receive_on_from(h.peer_ssrc, h.peer_roc, h.peer_seq)
+        elif self.srtp.rekey(c.suite, tx, c.key):
+            self.log.info("srtp_rekeyed", suite=c.suite)
+        self._srtp_resume = None
+
+    def send_packet(self, pkt: bytes) -> None:
+        """One RTP packet to the remote, encrypted when the call is SRTP."""
+        if self._rtp is None or self.remote is None:
+            return
+        if self.srtp is not None:
+            pkt = self.srtp.protect(pkt)
+        self._rtp.sendto(pkt, self.remote)
 
     def close(self) -> None:
         for t in (self._rtp, self._rtcp):
@@ -208,13 +267,22 @@ class RtpSession:
         self._seq = (self._seq + 1) & 0xFFFF
         self._ts = (self._ts + FRAME_SAMPLES) & 0xFFFFFFFF
         if self._rtp is not None:
-            self._rtp.sendto(pkt, self.remote)
+            self.send_packet(pkt)
             self._m_tx.inc()
             self.stats["tx"] += 1
             self.stats["tx_octets"] += len(payload)
 
     # Inbound ---------------------------------------------------------------------------------------
     def _on_rtp(self, data: bytes, addr: tuple) -> None:
+        if self.srtp is not None:
+            if len(data) > 1 and 200 <= data[1] <= 204:  # RFC 5761 demux: SRTCP on the RTP port (rtcp-mux)
+                self._on_rtcp(data, addr)
+                return
+            try:
+                data = self.srtp.unprotect(data)
+            except SrtpError as exc:  # forged, replayed, or keyed otherwise than the SDP said
+                self._bad(exc.kind)
+                return
         if self.rx_tap is not None:
             self.rx_tap(data, time.monotonic())
         try:
@@ -277,9 +345,11 @@ class RtpSession:
 
     def _on_rtcp(self, data: bytes, addr: tuple) -> None:
         try:
+            if self.srtp is not None:
+                data = self.srtp.unprotect_rtcp(data)
             parse_rtcp(data)
             self.stats["rtcp_rx"] += 1
-        except RtpError as exc:
+        except (RtpError, SrtpError) as exc:
             ERRORS.labels("rtp", exc.kind).inc()
 
     def _next_in_frame(self) -> np.ndarray:
@@ -318,4 +388,6 @@ class RtpSession:
         if now - self._last_rtcp > RTCP_INTERVAL_S and self._rtcp is not None and self.remote is not None:
             self._last_rtcp = now
             sr = build_sender_report(self.ssrc, self._ts, self.stats["tx"], self.stats["tx_octets"])
+            if self.srtp is not None:
+                sr = self.srtp.protect_rtcp(sr)
             self._rtcp.sendto(sr, (self.remote[0], self.remote[1] + 1))

@@ -21,6 +21,7 @@ from telephony.sip.call import SNAPSHOT_VERSION, SipCall
 from telephony.sip.message import SipMessage, SipParseError, addr_uri, parse_message
 from telephony.sip.sdp import SUPPORTED, SdpError, SdpSession, negotiate_answer, parse_sdp
 from telephony.sip.server import ALLOW, Peer, SipServer
+from telephony.sip.srtp import OFFER_SUITE, SUITES, Handover
 
 log = get_logger("telephony.sip.resume")
 RESUME_INVITE_TIMEOUT_S = 8.0  # a phone answers an in-dialog re-INVITE at once; no ringing is involved
@@ -59,6 +60,22 @@ def _terms(snap: dict[str, Any]) -> session_timer.Terms | None:
     return None
 
 
+def _srtp(call: SipCall, snap: dict[str, Any]) -> str | None:
+    """An SRTP call goes on encrypted with the lost process's streams; the suite we offer (None: a plain call).
+    An unreadable SRTP entry is offered SRTP under a new key (phones that re-key follow)."""
+    raw = snap.get("srtp")
+    if raw is None:
+        return None
+    try:
+        handover = Handover.from_json(raw)
+    except ValueError as exc:
+        log.warning("sip_resume_srtp_unreadable", call_id=call.call_id, error=str(exc))
+        suite = raw.get("suite") if isinstance(raw, dict) else None
+        return suite if suite in SUITES else OFFER_SUITE
+    call.media.continue_srtp(handover)
+    return handover.suite
+
+
 async def resume(server: SipServer, snap: dict[str, Any], leg: int,
                  timeout_s: float = RESUME_INVITE_TIMEOUT_S) -> tuple[SipCall | None, str]:
     """Re-INVITE the phone of a snapshotted call from this process. Returns (the call, "resumed"), handed to the
@@ -79,8 +96,8 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
     codec = str(snap.get("codec") or "PCMU")
     codecs = (codec,) + tuple(c for c in SUPPORTED if c != codec) if codec in SUPPORTED else SUPPORTED
     dtmf_pt = snap.get("dtmf_pt")
-    offer = call.sdp_session.offer(call.media.local_port, codecs,
-                                   dtmf_pt=int(dtmf_pt) if isinstance(dtmf_pt, int) else 101)
+    suite = _srtp(call, snap)
+    offer = call.sdp_offer(codecs, dtmf_pt=int(dtmf_pt) if isinstance(dtmf_pt, int) else 101, srtp_suite=suite)
     # in the table before the offer goes: a BYE the phone sends meanwhile finds its dialog
     call.state = "confirmed"
     server.calls[(call.call_id, call.local_tag)] = call

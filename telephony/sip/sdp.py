@@ -1,8 +1,9 @@
-"""SDP offer/answer (RFC 4566 / RFC 3264) for one audio stream: PCMU, PCMA and telephone-event.
+"""SDP offer/answer (RFC 4566 / RFC 3264) for one audio stream: PCMU, PCMA and telephone-event, over RTP or SRTP.
 
 Only what a G.711 voice bot needs: pick the first codec in the offerer's order that we support,
 answer the mirror direction (sendonly -> recvonly for hold), reject every other m= line with port 0,
-and raise SdpError (-> 488 Not Acceptable Here) when nothing is acceptable.
+and raise SdpError (-> 488 Not Acceptable Here) when nothing is acceptable. SRTP streams (RTP/SAVP) are keyed by
+SDES `a=crypto` lines (telephony/sip/srtp.py); whether they are taken, or required, is the `srtp` mode.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import time
 from dataclasses import dataclass, field
+
+from telephony.sip.srtp import SECURE_PROTOS, SUITES, Crypto, SrtpError, parse_crypto
 
 STATIC_CODECS = {0: "PCMU", 8: "PCMA"}
 SUPPORTED = ("PCMU", "PCMA")
@@ -34,6 +37,7 @@ class MediaDesc:
     direction: str | None = None
     connection: str | None = None
     ptime: int | None = None
+    crypto: list[str] = field(default_factory=list)  # raw `a=crypto:` values, parsed when the stream is chosen
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Negotiated:
     dtmf_pt: int | None
     direction: str  # OUR direction: sendrecv | sendonly | recvonly | inactive
     ptime: int
+    crypto: Crypto | None = None  # SRTP: the peer's chosen `a=crypto` line (its key keys what it sends us)
+    proto: str = "RTP/AVP"  # the chosen m-line's transport, mirrored in our answer
 
 
 def parse_sdp(body: bytes) -> SessionDesc:
@@ -111,6 +117,8 @@ def parse_sdp(body: bytes) -> SessionDesc:
                     (cur.rtpmap if name == "rtpmap" else cur.fmtp)[int(pt_s)] = desc.strip()
             elif cur is not None and name == "ptime" and rest.strip().isdigit():
                 cur.ptime = int(rest.strip())
+            elif cur is not None and name == "crypto":
+                cur.crypto.append(rest.strip())
     if not saw_v:
         raise SdpError("missing_version")
     return sess
@@ -125,13 +133,42 @@ def _codec_name(m: MediaDesc, pt: int) -> str:
     return ""
 
 
-def negotiate(offer: SessionDesc, prefer: tuple[str, ...] = SUPPORTED) -> tuple[Negotiated, int]:
-    """Choose codec/direction for the first usable audio stream; returns (result, its m-line index)."""
+def _choose_crypto(m: MediaDesc) -> Crypto:
+    """The offered `a=crypto` line we key with: our preferred suite among the usable ones (RFC 4568 7.1.1: the
+    answerer picks one). SdpError when none is usable."""
+    usable: list[Crypto] = []
+    malformed = False
+    for value in m.crypto:
+        try:
+            c = parse_crypto(value)
+        except SrtpError:
+            malformed = True
+            continue
+        if c is not None:
+            usable.append(c)
+    if not usable:
+        raise SdpError("srtp_crypto_malformed" if malformed else "srtp_no_usable_crypto")
+    order = list(SUITES)
+    return min(usable, key=lambda c: order.index(c.suite))
+
+
+def negotiate(offer: SessionDesc, prefer: tuple[str, ...] = SUPPORTED,
+              srtp: str = "optional") -> tuple[Negotiated, int]:
+    """Choose codec/direction for the first usable audio stream; returns (result, its m-line index).
+    srtp: "off" (RTP/SAVP streams are skipped), "optional" (either), "required" (plain RTP streams are skipped)."""
+    why = "no_common_codec"
     for idx, m in enumerate(offer.media):
         if m.media != "audio" or m.port == 0:
             continue
-        if m.proto not in ("RTP/AVP", "RTP/AVPF"):
-            continue  # SRTP / DTLS not supported: try other streams, else 488
+        secure = m.proto in SECURE_PROTOS
+        if not secure and m.proto not in ("RTP/AVP", "RTP/AVPF"):
+            continue  # DTLS-SRTP (UDP/TLS/RTP/SAVP) and others: try other streams, else 488
+        if secure and srtp == "off":
+            why = "srtp_off"
+            continue
+        if not secure and srtp == "required":
+            why = "srtp_required"
+            continue
         codec_pt: tuple[str, int] | None = None
         dtmf_pt: int | None = None
         for pt in m.fmts:
@@ -143,6 +180,13 @@ def negotiate(offer: SessionDesc, prefer: tuple[str, ...] = SUPPORTED) -> tuple[
                 dtmf_pt = pt
         if codec_pt is None:
             continue
+        crypto: Crypto | None = None
+        if secure:
+            try:
+                crypto = _choose_crypto(m)
+            except SdpError as exc:
+                why = exc.kind
+                continue
         addr = m.connection or offer.connection
         if not addr:
             raise SdpError("missing_connection")
@@ -156,8 +200,9 @@ def negotiate(offer: SessionDesc, prefer: tuple[str, ...] = SUPPORTED) -> tuple[
         if addr in ("0.0.0.0", "::"):
             remote_dir = "sendonly" if remote_dir == "sendrecv" else remote_dir  # RFC 2543 hold
         ptime = m.ptime if m.ptime in (10, 20, 30, 40, 60) else 20
-        return Negotiated(addr, m.port, codec_pt[0], codec_pt[1], dtmf_pt, _MIRROR[remote_dir], ptime), idx
-    raise SdpError("no_common_codec")
+        return Negotiated(addr, m.port, codec_pt[0], codec_pt[1], dtmf_pt, _MIRROR[remote_dir], ptime,
+                          crypto, m.proto), idx
+    raise SdpError(why)
 
 
 class SdpSession:
@@ -173,7 +218,11 @@ class SdpSession:
         return ["v=0", f"o=voicebot {self.sess_id} {self.version} IN {ipv} {self.ip}", "s=voicebot",
                 f"c=IN {ipv} {self.ip}", "t=0 0"]
 
-    def answer(self, offer: SessionDesc, neg: Negotiated, chosen_idx: int, rtp_port: int) -> bytes:
+    def answer(self, offer: SessionDesc, neg: Negotiated, chosen_idx: int, rtp_port: int,
+               local_key: bytes | None = None) -> bytes:
+        """local_key: our SRTP master key for the chosen suite (needed when the chosen stream is SRTP)."""
+        if neg.crypto is not None and local_key is None:
+            raise ValueError("an SRTP answer needs our key")
         self.version += 1
         lines = self._head()
         for idx, m in enumerate(offer.media):
@@ -181,21 +230,27 @@ class SdpSession:
                 lines.append(f"m={m.media} 0 {m.proto} {' '.join(map(str, m.fmts)) or '0'}")
                 continue
             fmts = [neg.pt] + ([neg.dtmf_pt] if neg.dtmf_pt is not None else [])
-            lines.append(f"m=audio {rtp_port} RTP/AVP {' '.join(map(str, fmts))}")
+            lines.append(f"m=audio {rtp_port} {neg.proto} {' '.join(map(str, fmts))}")
             lines.append(f"a=rtpmap:{neg.pt} {neg.codec}/8000")
             if neg.dtmf_pt is not None:
                 lines += [f"a=rtpmap:{neg.dtmf_pt} telephone-event/8000", f"a=fmtp:{neg.dtmf_pt} 0-16"]
             lines += ["a=ptime:20", f"a={neg.direction}"]
+            if neg.crypto is not None and local_key is not None:  # the offer's tag and suite, our key
+                lines.append(Crypto(neg.crypto.tag, neg.crypto.suite, local_key).attribute())
         return ("\r\n".join(lines) + "\r\n").encode()
 
     def offer(self, rtp_port: int, codecs: tuple[str, ...] = SUPPORTED, dtmf_pt: int = 101,
-              direction: str = "sendrecv") -> bytes:
+              direction: str = "sendrecv", crypto: Crypto | None = None) -> bytes:
+        """crypto: offer SRTP (RTP/SAVP) keyed by this line (suite and our key)."""
         self.version += 1
         pts = [{"PCMU": 0, "PCMA": 8}[c] for c in codecs]
-        lines = self._head() + [f"m=audio {rtp_port} RTP/AVP {' '.join(map(str, pts + [dtmf_pt]))}"]
+        proto = "RTP/SAVP" if crypto is not None else "RTP/AVP"
+        lines = self._head() + [f"m=audio {rtp_port} {proto} {' '.join(map(str, pts + [dtmf_pt]))}"]
         lines += [f"a=rtpmap:{pt} {STATIC_CODECS[pt]}/8000" for pt in pts]
         lines += [f"a=rtpmap:{dtmf_pt} telephone-event/8000", f"a=fmtp:{dtmf_pt} 0-16", "a=ptime:20",
                   f"a={direction}"]
+        if crypto is not None:
+            lines.append(crypto.attribute())
         return ("\r\n".join(lines) + "\r\n").encode()
 
 

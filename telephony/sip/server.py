@@ -799,9 +799,9 @@ class SipServer:
         call.sdp_session = SdpSession(local_ip)
         if neg is not None and offer is not None:
             call.media.apply(neg)
-            body = call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+            body = call.sdp_answer(offer, neg, idx)
         else:
-            body = call.sdp_session.offer(call.media.local_port)
+            body = call.sdp_offer()
             call.awaiting_answer = True
         self.calls[(call.call_id, tag)] = call
         self.note_known_source(peer.addr[0])
@@ -887,7 +887,7 @@ class SipServer:
         if call.awaiting_answer:  # late offer: the ACK carries the answer
             call.awaiting_answer = False
             try:
-                neg, _ = negotiate(parse_sdp(msg.body))
+                neg, _ = negotiate(parse_sdp(msg.body), srtp=self._srtp_mode(call))
             except SdpError as exc:
                 ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
                 self._spawn(call.hangup("error:bad_answer"))  # 13.3.1.4: unacceptable answer -> BYE
@@ -958,11 +958,19 @@ class SipServer:
             ERRORS.labels("sip", "handler_exception").inc()
             log.error("sip_handler_exception", error=repr(exc), method=msg.method)
 
-    def _negotiate_or_488(self, msg: SipMessage, peer: Peer) -> tuple[SessionDesc, Negotiated, int] | None:
+    def _srtp_mode(self, call: SipCall | None) -> str:
+        """What an offer or answer may be: BOT_SIP_SRTP, except that a call carried over SRTP stays on it (a plain
+        re-offer in an encrypted call would be a downgrade anyone on the signalling path could ask for)."""
+        if call is not None and call.media.srtp is not None:
+            return "required"
+        return self.settings.srtp
+
+    def _negotiate_or_488(self, msg: SipMessage, peer: Peer,
+                          call: SipCall | None = None) -> tuple[SessionDesc, Negotiated, int] | None:
         """Parse and negotiate the SDP offer in msg; on failure answer 488 with the reason and return None."""
         try:
             offer = parse_sdp(msg.body)
-            neg, idx = negotiate(offer)
+            neg, idx = negotiate(offer, srtp=self._srtp_mode(call))
         except SdpError as exc:
             ERRORS.labels("sip", f"sdp_{exc.kind}").inc()
             self._refused(msg, peer, 488, f"sdp_{exc.kind}")
@@ -999,14 +1007,14 @@ class SipServer:
     def _take_offer(self, call: SipCall, msg: SipMessage, peer: Peer) -> tuple[Negotiated, bytes] | None:
         """A new offer inside the dialog (re-INVITE or UPDATE): applied, and our answer; None when refused (488
         sent: a rejected offer leaves the old session in force, RFC 3264 8.1)."""
-        if (answered := self._negotiate_or_488(msg, peer)) is None:
+        if (answered := self._negotiate_or_488(msg, peer, call)) is None:
             return None
         offer, neg, idx = answered
         contact = msg.get("Contact")
         if contact:
             call.remote_target = addr_uri(contact)
         call.media.apply(neg)
-        return neg, call.sdp_session.answer(offer, neg, idx, call.media.local_port)
+        return neg, call.sdp_answer(offer, neg, idx)
 
     def _reinvite(self, call: SipCall, msg: SipMessage, peer: Peer) -> None:
         """Hold/resume/codec change: a new offer on the existing dialog (RFC 3264 section 8); a session refresh."""
@@ -1018,7 +1026,7 @@ class SipServer:
             call.acked.clear()
             call.awaiting_answer = True
             ok = self.respond(msg, peer, 200, to_tag=call.local_tag,
-                              body=call.sdp_session.offer(call.media.local_port),
+                              body=call.sdp_offer(),
                               extra=[("Contact", self.contact(call.local_ip, peer.proto)),
                                      ("Content-Type", "application/sdp"), *timer])
             self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
@@ -1071,7 +1079,7 @@ class SipServer:
                 resp = await self.send_in_dialog(call, "UPDATE", extra=extra)
             else:
                 neg = call.media.neg
-                offer = call.sdp_session.offer(call.media.local_port, (neg.codec,) if neg else SUPPORTED_CODECS)
+                offer = call.sdp_offer((neg.codec,) if neg else SUPPORTED_CODECS)
                 resp = await self.send_in_dialog(call, "INVITE", extra=[*extra, ("Allow", ALLOW)], body=offer,
                                                  content_type="application/sdp")
                 if resp is not None and 200 <= resp.status < 300:

@@ -30,7 +30,8 @@ from telephony.sip.message import (
     parse_message,
 )
 from telephony.sip.rtp import build_rtp
-from telephony.sip.sdp import SdpError, SdpSession, negotiate, negotiate_answer, parse_sdp
+from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, negotiate_answer, parse_sdp
+from telephony.sip.srtp import Crypto
 from telephony.sip.server import T1, T2, local_ip_for
 
 log = get_logger("telephony.sip.uac")
@@ -122,7 +123,7 @@ class SipCaller:
 
     def __init__(self, host: str, port: int, user: str = "caller", to_user: str = "bot",
                  auth: tuple[str, str] | None = None, codecs: tuple[str, ...] = ("PCMU", "PCMA"),
-                 follow_moves: bool = False) -> None:
+                 follow_moves: bool = False, srtp: str | None = None) -> None:
         self.host, self.port = host, port
         # follow_moves: take requests from any address and send ours to the dialog's remote target, as a phone
         # does (a call re-INVITEd by another host moves there); otherwise one connected socket to host:port
@@ -130,6 +131,7 @@ class SipCaller:
         self._dest = (host, port)
         self.local_ip = local_ip_for(host)
         self.user, self.to_user, self.auth, self.codecs = user, to_user, auth, codecs
+        self.srtp = srtp  # an SRTP suite: our offers are RTP/SAVP keyed with it (SDES)
         self.call_id = new_call_id(self.local_ip)
         self.from_tag = new_tag()
         self.to_tag = ""
@@ -291,7 +293,7 @@ class SipCaller:
         late_offer: send no SDP; the 200 carries the bot's offer and our ACK the answer.
         Nothing listening (ICMP port unreachable) -> 503 at once; no response at all within
         `no_response_s` -> 408; `self.error` then says why in words. `extra`: more headers (Session-Expires, ...)."""
-        body = b"" if late_offer else self.sdp.offer(self.media.local_port, self.codecs)
+        body = b"" if late_offer else self.sdp.offer(self.media.local_port, self.codecs, crypto=self._crypto())
         sdp_hdr = ([] if late_offer else [("Content-Type", "application/sdp")]) + list(extra or [])
         req = self._request("INVITE", body, sdp_hdr)
         self._invite = req
@@ -338,11 +340,18 @@ class SipCaller:
             return 488
         self.media.apply(neg)
         if late_offer:
-            self._ack_body = self.sdp.answer(offer, neg, idx, self.media.local_port)
+            self._ack_body = self._answer(offer, neg, idx)
         self._send_ack(resp)
         self.clock.add(self.media)
         self.answered.set()
         return resp.status
+
+    def _crypto(self) -> Crypto | None:
+        return Crypto(1, self.srtp, self.media.local_key(self.srtp)) if self.srtp else None
+
+    def _answer(self, offer: SessionDesc, neg: Negotiated, idx: int) -> bytes:
+        key = self.media.local_key(neg.crypto.suite) if neg.crypto is not None else None
+        return self.sdp.answer(offer, neg, idx, self.media.local_port, key)
 
     def _send_ack(self, resp: SipMessage, invite: SipMessage | None = None) -> None:
         if resp.status >= 300 and invite is not None:
@@ -367,7 +376,8 @@ class SipCaller:
     async def reinvite(self, direction: str = "sendrecv", codecs: tuple[str, ...] | None = None,
                        extra: list[tuple[str, str]] | None = None) -> int:
         """Hold (sendonly) / resume (sendrecv) / codec change (codecs=...); `extra`: more headers."""
-        offer = self.sdp.offer(self.media.local_port, codecs or self.codecs, direction=direction)
+        offer = self.sdp.offer(self.media.local_port, codecs or self.codecs, direction=direction,
+                               crypto=self._crypto())
         req = self._request("INVITE", offer, [("Content-Type", "application/sdp"), *(extra or [])])
         resp = await self._transact(req, 10)
         if resp is None:
@@ -402,7 +412,7 @@ class SipCaller:
                 dur = min(i + 1, steps) * FRAME_SAMPLES
                 pkt = build_rtp(m.neg.dtmf_pt, m._seq, ts, m.ssrc, build_event(d, end, dur), marker=i == 0)
                 m._seq = (m._seq + 1) & 0xFFFF
-                m._rtp.sendto(pkt, m.remote)
+                m.send_packet(pkt)
                 await asyncio.sleep(0.02)
             m._ts = (m._ts + steps * FRAME_SAMPLES) & 0xFFFFFFFF
             await asyncio.sleep(0.06)
@@ -443,7 +453,7 @@ class SipCaller:
             self._retarget(contact)
         self.media.apply(neg)
         self.reinvites.append(time.monotonic())
-        answer = self.sdp.answer(offer, neg, idx, self.media.local_port)
+        answer = self._answer(offer, neg, idx)
         self._send(make_response(msg, 200, extra=[("Contact", self._contact()),
                                                    ("Content-Type", "application/sdp")], body=answer), addr)
 

@@ -17,7 +17,7 @@ MODULES = Path("/usr/lib/baresip/modules")
 
 class Baresip:
     def __init__(self, workdir: Path, wav: Path, sip_port: int = 0, transport: str = "udp",
-                 auto_answer: bool = False, user: str = "caller", password: str = "") -> None:
+                 auto_answer: bool = False, user: str = "caller", password: str = "", mediaenc: str = "") -> None:
         self.dir = workdir
         self.rec = workdir / "rec"
         self.rec.mkdir(parents=True, exist_ok=True)
@@ -26,6 +26,7 @@ class Baresip:
         self.transport = transport
         self.auto_answer = auto_answer
         self.user, self.password = user, password
+        self.mediaenc = mediaenc  # "srtp" (offer SRTP, take RTP) | "srtp-mand" (SRTP only): SDES, RFC 4568
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -51,6 +52,7 @@ module g711.so
 module aufile.so
 module aubridge.so
 module sndfile.so
+{"module srtp.so" if self.mediaenc else ""}
 module_tmp account.so
 module_app menu.so
 snd_path {self.rec}
@@ -58,6 +60,8 @@ snd_path {self.rec}
         extra = ";answermode=auto" if self.auto_answer else ""
         if self.password:
             extra += f";auth_pass={self.password}"
+        if self.mediaenc:
+            extra += f";mediaenc={self.mediaenc}"
         (self.dir / "accounts").write_text(
             f"<sip:{self.user}@127.0.0.1;transport={self.transport}>;regint=0{extra}\n")
 

@@ -17,6 +17,7 @@ from telephony.sip.message import (
 )
 from telephony.sip.rtp import RtpError, build_rtp, build_sender_report, parse_rtcp, parse_rtp, seq_delta
 from telephony.sip.sdp import SdpError, SdpSession, negotiate, parse_sdp
+from telephony.sip.srtp import Crypto, SrtpContext, SrtpError, new_key, parse_crypto
 
 INVITE = (b"INVITE sip:bot@10.0.0.1:5060 SIP/2.0\r\n"
           b"Via: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK776;rport\r\n"
@@ -99,7 +100,12 @@ def test_sdp_negotiation_prefers_offer_order_and_mirrors_direction() -> None:
 
 @pytest.mark.parametrize("body,kind", [
     (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/AVP 18\r\n", "no_common_codec"),
-    (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/SAVP 0\r\n", "no_common_codec"),
+    (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/SAVP 0\r\n", "srtp_no_usable_crypto"),
+    (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/SAVP 0\r\na=crypto:1 F8_128_HMAC_SHA1_80 inline:"
+     + b"A" * 40 + b"\r\n", "srtp_no_usable_crypto"),
+    (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/SAVP 0\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:short\r\n",
+     "srtp_crypto_malformed"),
+    (b"v=0\r\nc=IN IP4 1.2.3.4\r\nm=audio 4000 RTP/SAVP 0\r\na=crypto:x\r\n", "srtp_crypto_malformed"),
     (b"v=0\r\nm=audio 4000 RTP/AVP 0\r\n", "missing_connection"),
     # an FQDN would be resolved by a blocking sendto() per RTP packet, on the loop all calls share
     (b"v=0\r\nc=IN IP4 media.example.com\r\nm=audio 4000 RTP/AVP 0\r\n", "connection_not_ip"),
@@ -111,6 +117,84 @@ def test_sdp_refusals(body: bytes, kind: str) -> None:
     with pytest.raises(SdpError) as exc:
         negotiate(parse_sdp(body))
     assert exc.value.kind == kind
+
+
+KEY80 = bytes(range(30))
+SRTP_OFFER = (b"v=0\r\no=- 1 1 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\n"
+              b"m=audio 4000 RTP/SAVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n"
+              b"a=crypto:1 AES_CM_128_HMAC_SHA1_32 inline:" + Crypto(1, "AES_CM_128_HMAC_SHA1_32", KEY80).attribute()
+              .split("inline:")[1].encode() + b"|2^31\r\n"
+              b"a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:" + Crypto(2, "AES_CM_128_HMAC_SHA1_80", KEY80).attribute()
+              .split("inline:")[1].encode() + b"|2^20|1:4\r\n"  # an MKI: not usable
+              b"a=crypto:3 AES_CM_128_HMAC_SHA1_80 inline:" + Crypto(3, "AES_CM_128_HMAC_SHA1_80", KEY80).attribute()
+              .split("inline:")[1].encode() + b"\r\n")
+
+
+def test_sdes_offer_answered_with_our_key_for_the_preferred_usable_suite() -> None:
+    offer = parse_sdp(SRTP_OFFER)
+    neg, idx = negotiate(offer)
+    assert neg.crypto == Crypto(3, "AES_CM_128_HMAC_SHA1_80", KEY80) and neg.proto == "RTP/SAVP"
+    ours = new_key("AES_CM_128_HMAC_SHA1_80")
+    answer = SdpSession("10.0.0.1").answer(offer, neg, idx, 20000, ours).decode()
+    assert "m=audio 20000 RTP/SAVP 0 101" in answer
+    back, _ = negotiate(parse_sdp(answer.encode()))  # the offerer reads our line: tag 3, our key
+    assert back.crypto == Crypto(3, "AES_CM_128_HMAC_SHA1_80", ours)
+    with pytest.raises(ValueError):
+        SdpSession("10.0.0.1").answer(offer, neg, idx, 20000)  # an SRTP answer without our key
+    # the modes: off skips SRTP streams, required skips plain ones
+    with pytest.raises(SdpError) as exc:
+        negotiate(offer, srtp="off")
+    assert exc.value.kind == "srtp_off"
+    with pytest.raises(SdpError) as exc:
+        negotiate(parse_sdp(OFFER), srtp="required")
+    assert exc.value.kind == "srtp_required"
+    # best-effort SRTP (an SRTP and a plain stream): required takes the SRTP one, off the plain one
+    both = parse_sdp(SRTP_OFFER + b"m=audio 4002 RTP/AVP 0\r\n")
+    assert negotiate(both, srtp="required")[1] == 0 and negotiate(both, srtp="off")[1] == 1
+
+
+@pytest.mark.parametrize("value,result", [
+    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40, Crypto(1, "AES_CM_128_HMAC_SHA1_80", bytes(30))),
+    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40 + "|2^31", Crypto(1, "AES_CM_128_HMAC_SHA1_80", bytes(30))),
+    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40 + " KDR=1", None),  # a session parameter we do not implement
+    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40 + ";inline:" + "A" * 40, None),  # several keys
+    ("1 AES_256_CM_HMAC_SHA1_80 inline:" + "A" * 60, None),  # a suite we do not offer
+    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40 + "|forever", SrtpError("crypto_malformed")),
+    ("1 AES_CM_128_HMAC_SHA1_80 uri:http://x", SrtpError("crypto_malformed")),
+    ("1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 38 + "!!", SrtpError("crypto_bad_key")),
+    ("1 AEAD_AES_128_GCM inline:" + "A" * 40, SrtpError("crypto_bad_key")),  # 30 bytes, GCM-128 keys are 28
+    ("-1 AES_CM_128_HMAC_SHA1_80 inline:" + "A" * 40, SrtpError("crypto_malformed")),
+])
+def test_parse_crypto(value: str, result: Crypto | SrtpError | None) -> None:
+    if isinstance(result, SrtpError):
+        with pytest.raises(SrtpError) as exc:
+            parse_crypto(value)
+        assert exc.value.kind == result.kind
+    else:
+        assert parse_crypto(value) == result
+
+
+@pytest.mark.parametrize("suite", ["AES_CM_128_HMAC_SHA1_80", "AES_CM_128_HMAC_SHA1_32", "AEAD_AES_128_GCM",
+                                   "AEAD_AES_256_GCM"])
+def test_srtp_round_trip_and_forgeries(suite: str) -> None:
+    a_key, b_key = new_key(suite), new_key(suite)
+    alice, bob = SrtpContext(suite, a_key, b_key), SrtpContext(suite, b_key, a_key)
+    rtp = build_rtp(0, 1000, 160, 0x1234, bytes(range(160)))
+    sealed = alice.protect(rtp)
+    assert sealed != rtp and sealed[:12] == rtp[:12]  # the header stays readable, the payload does not
+    assert bob.unprotect(sealed) == rtp
+    with pytest.raises(SrtpError) as exc:
+        bob.unprotect(sealed)  # a replay
+    assert exc.value.kind == "srtp_auth_failed"
+    forged = bytearray(alice.protect(build_rtp(0, 1001, 320, 0x1234, bytes(160))))
+    forged[20] ^= 1
+    with pytest.raises(SrtpError):
+        bob.unprotect(bytes(forged))
+    sr = build_sender_report(0x1234, 320, 2, 320)
+    assert bob.unprotect_rtcp(alice.protect_rtcp(sr)) == sr
+    with pytest.raises(SrtpError) as exc:
+        bob.unprotect_rtcp(sr)  # plain RTCP in an SRTP call
+    assert exc.value.kind == "srtcp_auth_failed"
 
 
 def test_rtp_roundtrip_and_rejects() -> None:
