@@ -234,8 +234,9 @@ async def test_a_phone_whose_certificate_is_not_trusted_is_not_reinvited(tls_ser
     assert err("tls_verify") == before + 1
 
 
-class _Registrar:
-    """A registrar over TLS for the test: answers every REGISTER 200 with the binding, and keeps what it got."""
+class _TlsPeer:
+    """A SIP peer over TLS for the tests (a registrar, a proxy): answers every request 200 (a REGISTER with its
+    binding), and keeps what it got."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.ctx = ctx
@@ -254,16 +255,15 @@ class _Registrar:
                 msg = parse_message(bytes(buf[:found[1]]), stream=True)
                 del buf[:found[1]]
                 self.got.append(msg)
-                expires = msg.get("Expires") or "300"
-                resp = make_response(msg, 200, "", "reg", [("Contact", f"{msg.get('Contact')};expires={expires}")])
-                writer.write(resp.encode())
+                binding = [("Contact", f"{msg.get('Contact')};expires={msg.get('Expires') or '300'}")]
+                writer.write(make_response(msg, 200, "", "peer", binding if msg.method == "REGISTER" else []).encode())
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
 
 
-async def _register(settings: SipSettings, registrar: _Registrar) -> tuple[SipServer, int]:
+async def _register(settings: SipSettings, registrar: _TlsPeer) -> tuple[SipServer, int]:
     port = await registrar.start()
     srv = SipServer("127.0.0.1", 0, _no_calls, tls=True,
                     settings=dataclasses.replace(settings, registrar=f"sips:localhost:{port}", register_user="bot"))
@@ -274,7 +274,7 @@ async def _register(settings: SipSettings, registrar: _Registrar) -> tuple[SipSe
 async def test_register_over_tls_names_our_tls_listener(tls_settings, pki: Pki) -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(pki.cert), str(pki.key))
-    registrar = _Registrar(ctx)
+    registrar = _TlsPeer(ctx)
     srv, _ = await _register(tls_settings, registrar)
     try:
         await wait_until(lambda: srv.registration.registered, 15)
@@ -292,7 +292,7 @@ async def test_a_registrar_with_an_untrusted_certificate_is_not_registered_with(
     other = make_pki(tmp_path / "other")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(other.cert), str(other.key))
-    registrar = _Registrar(ctx)
+    registrar = _TlsPeer(ctx)
     before = err("tls_verify")
     srv, _ = await _register(tls_settings, registrar)
     try:
@@ -347,3 +347,34 @@ def test_tls_settings_are_checked_at_start(env: pytest.MonkeyPatch, pki: Pki, tm
     env.setenv("BOT_SIP_TLS_PORT", "0")
     with pytest.raises(ConfigError, match="TLS registrar but BOT_SIP_TLS_PORT is 0"):
         validate_environment()
+
+
+async def test_a_record_route_over_tls_is_followed(make_server, tls_settings, prompt_pcm, pki: Pki) -> None:
+    """A proxy that asks for TLS in its Record-Route (;transport=tls) gets the dialog's requests over TLS, though
+    the INVITE came over UDP: our BYE goes to it on a verified TLS connection, with our TLS Via."""
+    from tests.sip.test_server import RawUdp
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.cert), str(pki.key))
+    proxy_tls = _TlsPeer(ctx)
+    tls_port = await proxy_tls.start()
+    handler = RecordingHandler(prompt_pcm)
+    srv = await make_server(handler, tls_settings, tls=True)
+    proxy = RawUdp()
+    rr = f"<sip:localhost:{tls_port};transport=tls;lr>"
+    sdp = b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+    try:
+        invite = proxy.request("INVITE", srv.port, f"Content-Type: application/sdp\r\nRecord-Route: {rr}\r\n"
+                               "Contact: <sip:alice@192.0.2.55:5070>\r\n", sdp, call_id="rr-tls")
+        ok = await proxy.exchange(invite, srv.port)
+        assert ok is not None and ok.status == 200
+        await asyncio.wait_for(handler.new_call.wait(), 10)
+        call: SipCall = handler.calls[0]["bridge"]
+        await call.hangup("completed")
+        await wait_until(lambda: any(m.method == "BYE" for m in proxy_tls.got), 15)
+        bye = next(m for m in proxy_tls.got if m.method == "BYE")
+        assert bye.uri == "sip:alice@192.0.2.55:5070" and bye.get("Route") == rr
+        assert bye.top_via.startswith(f"SIP/2.0/TLS 127.0.0.1:{srv.tls_port};")
+    finally:
+        proxy.close()
+        await proxy_tls.stop()
