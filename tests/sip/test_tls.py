@@ -163,15 +163,37 @@ async def test_junk_on_the_tls_port_is_counted_and_the_next_call_is_served(tls_s
     assert err("tls_handshake") == before + 4
 
 
-async def test_a_strangers_failed_handshake_does_not_page(tls_server, tls_settings) -> None:
+async def test_a_strangers_failed_handshakes_do_not_page_and_are_logged_once_a_second(tls_server,
+                                                                                     tls_settings) -> None:
     """Behind an allowlist open to the internet, a source that never had a call is a stranger (a scanner)."""
+    from structlog.testing import capture_logs
+
     srv = await tls_server(_no_calls, dataclasses.replace(tls_settings, allow="0.0.0.0/0"))
     before, known = err("stranger_tls_handshake"), err("tls_handshake")
-    _, w = await asyncio.open_connection("127.0.0.1", srv.tls_port)
-    w.write(b"GET / HTTP/1.0\r\n\r\n")
-    await wait_until(lambda: err("stranger_tls_handshake") == before + 1, 15)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writers = []
+    with capture_logs() as logs:
+        for _ in range(5):
+            _, w = await asyncio.open_connection("127.0.0.1", srv.tls_port)
+            w.write(b"GET / HTTP/1.0\r\n\r\n")
+            writers.append(w)
+        await wait_until(lambda: err("stranger_tls_handshake") == before + 5, 15)
+    for w in writers:
+        w.close()
+    lines = [e for e in logs if e["event"] == "sip_tls_handshake_failed"]
+    assert 1 <= len(lines) <= 1 + int(loop.time() - started)  # a flood is not a log flood
+    assert lines[0]["counted_as"] == "stranger_tls_handshake" and lines[0]["source"] == "127.0.0.1"
+    assert lines[0]["reason"] == "HTTP_REQUEST"  # says what came instead of a client hello
     assert err("tls_handshake") == known
-    w.close()
+
+
+async def test_verification_off_is_warned_at_start(tls_server, tls_settings) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        await tls_server(_no_calls, dataclasses.replace(tls_settings, tls_verify=False))
+    assert [e for e in logs if e["event"] == "sip_tls_verify_off"]
 
 
 async def _die(srv: SipServer) -> None:
