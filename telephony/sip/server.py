@@ -565,7 +565,8 @@ class SipServer:
 
     async def send_in_dialog(self, call: SipCall, method: str, extra: list[tuple[str, str]] | None = None,
                              body: bytes = b"", content_type: str = "") -> SipMessage | None:
-        """Send a request inside the call's dialog and wait for its final response (None on timeout)."""
+        """Send a request inside the call's dialog and wait for its final response (None on timeout, or at once when
+        no connection to the peer can be opened)."""
         call.local_cseq += 1
         branch = new_branch()
         dest = self._dest_for(call)
