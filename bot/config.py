@@ -128,7 +128,7 @@ _NUMBERS: dict[str, tuple[type, float | None, float | None]] = {
     "BOT_SIP_JITTER_FRAMES": (int, 0, None), "BOT_SIP_INVITE_RATE": (float, 0, None),
     "BOT_SIP_INVITE_BURST": (float, 0, None), "BOT_SIP_MAX_CALLS": (int, 0, None),
     "BOT_SIP_TRANSFER_TIMEOUT_S": (float, 0, None), "BOT_SIP_RING_S": (float, 0, None),
-    "BOT_SIP_REGISTER_EXPIRES_S": (int, 30, None),
+    "BOT_SIP_REGISTER_EXPIRES_S": (int, 30, None), "BOT_SIP_TLS_PORT": (int, 0, 65535),
     "BOT_ADMIN_MAX_UPLOAD_BYTES": (int, 1, None), "BOT_ADMIN_MAX_BAD_TOKENS_PER_MIN": (int, 0, None),
     "BOT_AUDIT_MAXLEN": (int, 100, None),
 }
@@ -143,7 +143,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "BOT_SIP_SRTP": ("off", "optional", "required"),  # telephony.sip.srtp.MODES
     "BOT_SHUTDOWN_ACTION": ("transfer", "goodbye", "hangup"),  # bot.conversation.SHUTDOWN_ACTIONS
 }
-_FLAGS = ("BOT_SIP_ENABLED", "BOT_VOICE_DISK_CACHE", "BOT_ENGINE_ADAPTIVE_BATCH")
+_FLAGS = ("BOT_SIP_ENABLED", "BOT_VOICE_DISK_CACHE", "BOT_ENGINE_ADAPTIVE_BATCH", "BOT_SIP_TLS_VERIFY")
 _FLAG_WORDS = ("1", "0", "true", "false", "yes", "no", "on", "off")
 
 
@@ -200,9 +200,32 @@ def validate_environment() -> Settings:
         from telephony.sip.register import Registrar
 
         try:
-            Registrar.parse(registrar)
+            proto = Registrar.parse(registrar).proto
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not os.environ.get("BOT_SIP_REGISTER_USER", "").strip():
             raise ConfigError("BOT_SIP_REGISTRAR is set but BOT_SIP_REGISTER_USER is not: the account to register")
+        if proto == "TLS" and not _int("BOT_SIP_TLS_PORT", 0):
+            raise ConfigError("BOT_SIP_REGISTRAR is a TLS registrar but BOT_SIP_TLS_PORT is 0: the provider's calls "
+                              "come to the TLS listener we register")
+    _check_sip_tls(settings.sip_port)
     return settings
+
+
+def _check_sip_tls(sip_port: int) -> None:
+    """The TLS listener's certificate and key load and match; the CA bundle is readable (telephony/sip/tls.py)."""
+    from telephony.sip.tls import TlsConfigError, client_context, server_context
+
+    port = _int("BOT_SIP_TLS_PORT", 0)
+    cert, key = os.environ.get("BOT_SIP_TLS_CERT", ""), os.environ.get("BOT_SIP_TLS_KEY", "")
+    if port and port == sip_port:
+        raise ConfigError(f"BOT_SIP_TLS_PORT={port}: the same as BOT_SIP_PORT (TCP listens there); 5061 is usual")
+    if port and not (cert and key):
+        raise ConfigError(f"BOT_SIP_TLS_PORT={port}: needs BOT_SIP_TLS_CERT and BOT_SIP_TLS_KEY (the PEM certificate "
+                          "chain and private key the TLS listener presents)")
+    try:
+        if port or cert or key:  # without a listener they are still our client certificate (mutual TLS)
+            server_context(cert, key)
+        client_context(os.environ.get("BOT_SIP_TLS_CA", ""))
+    except TlsConfigError as exc:
+        raise ConfigError(str(exc)) from None

@@ -74,6 +74,7 @@ def test_setup_off_debian_lists_the_packages_to_install(tmp_path: Path) -> None:
     ("BOT_SIP_ENABLED", "maybe", "expected 1 or 0"),  # used to mean "on"
     ("BOT_RTP_PORT_MAX", "100", "BOT_RTP_PORT_MIN=20000 is above BOT_RTP_PORT_MAX=100"),
     ("BOT_POLICY", "/no/such/policy.yaml", "not a readable file"),  # used to start with the default policy
+    ("BOT_SIP_TLS_PORT", "5061", "needs BOT_SIP_TLS_CERT and BOT_SIP_TLS_KEY"),  # TLS without a certificate
 ])
 def test_serve_refuses_a_bad_setting_before_starting(tmp_path: Path, name: str, value: str, says: str) -> None:
     data = tmp_path / "data"
@@ -123,8 +124,8 @@ def test_validate_environment_accepts_defaults_and_documented_forms(tmp_path: Pa
         validate_environment()  # a registrar without the account to register
     monkeypatch.setenv("BOT_SIP_REGISTER_USER", "bot")
     validate_environment()
-    monkeypatch.setenv("BOT_SIP_REGISTRAR", "sip:pbx.example.com;transport=tls")
-    with pytest.raises(ConfigError, match="only udp and tcp"):
+    monkeypatch.setenv("BOT_SIP_REGISTRAR", "sip:pbx.example.com;transport=ws")
+    with pytest.raises(ConfigError, match="only udp, tcp and tls"):
         validate_environment()
 
 

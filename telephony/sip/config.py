@@ -20,6 +20,10 @@ def parse_queue_uris(spec: str) -> dict[str, str]:
     return out
 
 
+def _flag(name: str, default: str) -> bool:
+    return _env(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
 def _default_allow() -> str:
     # With digest credentials configured, auth protects the port: admit any source by default.
     if os.environ.get("BOT_SIP_PASSWORD"):
@@ -64,4 +68,11 @@ class SipSettings:
     register_password: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_PASSWORD", ""))
     register_domain: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_DOMAIN", ""))  # default: registrar host
     register_expires_s: int = field(default_factory=lambda: int(_env("BOT_SIP_REGISTER_EXPIRES_S", "300")))
+    # SIP over TLS (telephony/sip/tls.py): a listener on tls_port (0: none), the certificate it presents, and how
+    # connections we open verify their peer (CA bundle: empty = the system store)
+    tls_port: int = field(default_factory=lambda: int(_env("BOT_SIP_TLS_PORT", "0")))
+    tls_cert: str = field(default_factory=lambda: _env("BOT_SIP_TLS_CERT", ""))
+    tls_key: str = field(default_factory=lambda: _env("BOT_SIP_TLS_KEY", ""))
+    tls_ca: str = field(default_factory=lambda: _env("BOT_SIP_TLS_CA", ""))
+    tls_verify: bool = field(default_factory=lambda: _flag("BOT_SIP_TLS_VERIFY", "1"))
     user_agent: str = "voicebot-sip/0.1"

@@ -216,6 +216,18 @@ def parse_uri(uri: str) -> SipUri:
     return SipUri(m.group(1).lower(), m.group(2) or "", m.group(3).strip("[]"), port, params)
 
 
+DEFAULT_PORT = {"UDP": 5060, "TCP": 5060, "TLS": 5061}  # a URI or Via without a port (RFC 3261 19.1.2)
+
+
+def uri_transport(uri: SipUri, default: str) -> str:
+    """The transport a URI asks for (RFC 3261 19.1.2, RFC 5630): sips: and ;transport=tls -> TLS; `default` when it
+    names none (or one we do not speak)."""
+    if uri.scheme == "sips":
+        return "TLS"
+    asked = uri.params.get("transport", "").upper()
+    return asked if asked in DEFAULT_PORT else default
+
+
 def parse_cseq(value: str) -> tuple[int, str]:
     parts = value.split()
     if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10 or not _TOKEN.match(parts[1]):

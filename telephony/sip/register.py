@@ -5,7 +5,9 @@ registrar refuses or does not answer, and removes the binding (Expires: 0) when 
 registrar's address is added to the server's allowlist: the provider's calls come from there.
 
 One REGISTER dialog per server: the same Call-ID and From tag for every refresh, the CSeq growing (10.2.4).
-The registrar is an address (host[:port], or a sip: URI with `;transport=tcp`); DNS SRV/NAPTR are not looked up.
+The registrar is an address (host[:port], or a sip:/sips: URI with `;transport=tcp|tls`); DNS SRV/NAPTR are not
+looked up. Over TLS the registrar's certificate is verified for its host name (BOT_SIP_TLS_CA / _VERIFY) and our
+Contact names our TLS listener (BOT_SIP_TLS_PORT), where the provider's calls then come.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ops import metrics
 from ops.logs import get_logger
 from telephony.sip.auth import authorization_header
 from telephony.sip.message import (
-    SipMessage, SipParseError, header_params, hostport, new_branch, new_call_id, new_tag, parse_uri,
+    DEFAULT_PORT, SipMessage, SipParseError, header_params, hostport, new_branch, new_call_id, new_tag, parse_uri,
+    uri_transport,
 )
 
 if TYPE_CHECKING:
@@ -38,21 +41,23 @@ UNREGISTER_TIMEOUT_S = 2.0
 class Registrar:
     host: str
     port: int
-    proto: str  # "UDP" | "TCP"
+    proto: str  # "UDP" | "TCP" | "TLS"
     domain: str  # the address-of-record's host: sip:user@domain
 
     @staticmethod
     def parse(spec: str, domain: str = "") -> "Registrar":
-        """'pbx.example.com', '10.0.0.5:5080' or 'sip:pbx.example.com:5060;transport=tcp'; ValueError otherwise."""
+        """'pbx.example.com', '10.0.0.5:5080', 'sip:pbx.example.com:5060;transport=tcp', 'sip:pbx;transport=tls' or
+        'sips:pbx.example.com' (TLS); ValueError otherwise."""
         text = spec.strip()
         try:
-            uri = parse_uri(text if text.startswith("sip:") else f"sip:{text}")
+            uri = parse_uri(text if text.lower().startswith(("sip:", "sips:")) else f"sip:{text}")
         except SipParseError as exc:
-            raise ValueError(f"BOT_SIP_REGISTRAR {spec!r} is not host[:port] or a sip: URI") from exc
-        proto = uri.params.get("transport", "udp").upper()
-        if proto not in ("UDP", "TCP"):
-            raise ValueError(f"BOT_SIP_REGISTRAR transport {proto.lower()!r}: only udp and tcp")
-        return Registrar(uri.host, uri.port or 5060, proto, domain or uri.host)
+            raise ValueError(f"BOT_SIP_REGISTRAR {spec!r} is not host[:port] or a sip:/sips: URI") from exc
+        asked = uri.params.get("transport", "udp")
+        proto = uri_transport(uri, asked.upper())
+        if proto not in DEFAULT_PORT:
+            raise ValueError(f"BOT_SIP_REGISTRAR transport {asked.lower()!r}: only udp, tcp and tls")
+        return Registrar(uri.host, uri.port or DEFAULT_PORT[proto], proto, domain or uri.host)
 
 
 class Registration:
@@ -152,14 +157,14 @@ class Registration:
         host, port = self._addr or (self.registrar.host, self.registrar.port)
         local_ip = self.server.local_ip_toward(host)
         req = SipMessage(method="REGISTER", uri=f"sip:{hostport(self.registrar.domain)}")
-        req.add("Via", f"SIP/2.0/{self.registrar.proto} {hostport(local_ip, self.server.port)};branch={branch};rport")
+        req.add("Via", self.server.via(local_ip, self.registrar.proto, branch))
         req.add("Max-Forwards", "70")
         req.add("From", f"<{self.aor}>;tag={self.tag}")
         req.add("To", f"<{self.aor}>")
         req.add("Call-ID", self.call_id)
         req.add("CSeq", f"{self.cseq} REGISTER")
-        tp = ";transport=tcp" if self.registrar.proto == "TCP" else ""
-        req.add("Contact", f"<sip:{self.user}@{hostport(local_ip, self.server.port)}{tp}>")
+        tp = {"TCP": ";transport=tcp", "TLS": ";transport=tls"}.get(self.registrar.proto, "")
+        req.add("Contact", f"<sip:{self.user}@{hostport(local_ip, self.server.port_for(self.registrar.proto))}{tp}>")
         req.add("Expires", str(expires))
         req.add("Allow", ALLOW)
         req.add("User-Agent", self.server.settings.user_agent)
@@ -171,7 +176,8 @@ class Registration:
         """One REGISTER (answering one digest challenge): (final status, seconds granted); (0, 0) without answer."""
         from telephony.sip.server import Peer
 
-        dest = Peer(self.registrar.proto, await self._resolve())
+        # over TLS the certificate is checked for the registrar's name, not the address it resolved to
+        dest = Peer(self.registrar.proto, await self._resolve(), name=self.registrar.host)
         auth: tuple[str, str] | None = None
         for _ in range(3):
             req, branch = self._request(expires, auth)
@@ -187,7 +193,7 @@ class Registration:
                 self.expires_s = expires = int(resp.get("Min-Expires"))  # the registrar's floor (10.2.8)
                 auth = None
                 continue
-            mine = hostport(self.server.local_ip_toward(dest.addr[0]), self.server.port)
+            mine = hostport(self.server.local_ip_toward(dest.addr[0]), self.server.port_for(dest.proto))
             return resp.status, _granted(resp, expires, mine) if resp.status < 300 else 0
         return resp.status, 0
 

@@ -1,4 +1,4 @@
-"""The SIP UAS: UDP + TCP transports, transactions, admission control, and call setup/teardown.
+"""The SIP UAS: UDP, TCP and TLS transports, transactions, admission control, and call setup/teardown.
 
 Transactions are kept as small as RFC 3261 allows for a UAS that never forwards:
 - server side: the last response per (branch, method) is cached for 32 s and re-sent when the
@@ -6,7 +6,8 @@ Transactions are kept as small as RFC 3261 allows for a UAS that never forwards:
   the ACK arrives (13.3.1.4), and the call is torn down if none comes within 64*T1;
 - client side (BYE, REFER): retransmitted over UDP T1..T2 until a final response or 64*T1.
 Responses go back to the packet's source address (RFC 3581 symmetric response routing), which is
-what makes NATed trunks work.
+what makes NATed trunks work. TLS (telephony/sip/tls.py) is TCP's stream code under a TLS layer: the same framing,
+limits and timeouts, on its own port (BOT_SIP_TLS_PORT).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -21,14 +23,15 @@ from typing import Any, Awaitable, Callable
 from ops.logs import get_logger
 from ops.metrics import ERRORS, SIP_MESSAGES
 from telephony.sip import session_timer
+from telephony.sip import tls as sip_tls
 from telephony.sip.auth import Allowlist, AuthFailures, DigestAuth, TokenBucket, is_scanner
 from telephony.sip.call import SipCall
 from telephony.sip.config import SipSettings
 from telephony.sip.clock import MediaClock
 from telephony.sip.dtmf import DtmfError, parse_info_body
 from telephony.sip.message import (
-    SipMessage, SipParseError, addr_uri, find_message_end, header_params, hostport, make_response, new_branch,
-    new_tag, parse_message, parse_uri, parse_via,
+    DEFAULT_PORT, SipMessage, SipParseError, addr_uri, find_message_end, header_params, hostport, make_response,
+    new_branch, new_tag, parse_message, parse_uri, parse_via, uri_transport,
 )
 from telephony.sip.probe import WORKER_HEADER
 from telephony.sip.sdp import SUPPORTED as SUPPORTED_CODECS
@@ -60,6 +63,7 @@ OPTIONS_RATE, OPTIONS_BURST = 10.0, 50.0
 TCP_MAX_CONNS = 512
 TCP_MAX_WRITE_BUFFER = 512 * 1024  # unsent bytes to one peer that does not read its answers: then it is dropped
 TCP_MAX_CONNS_PER_SOURCE = 32
+STREAM = ("TCP", "TLS")  # connection-oriented transports: one framing and one set of limits (_read_stream)
 # After the server starts listening, a request inside a dialog it does not know waits this long before its 481:
 # the dialog may be a dead predecessor's call that this process is about to take over (telephony/sip/resume.py)
 UNKNOWN_DIALOG_GRACE_S = 3.0
@@ -82,9 +86,10 @@ log = get_logger("telephony.sip.server")
 
 @dataclass
 class Peer:
-    proto: str  # UDP | TCP
+    proto: str  # UDP | TCP | TLS
     addr: tuple[str, int]
     conn: "_TcpConn | None" = None
+    name: str = ""  # TLS: the host name to verify (and send as SNI) when addr holds an address resolved from it
 
 
 @dataclass
@@ -105,6 +110,7 @@ class _ClientTx:
 class _TcpConn:
     writer: asyncio.StreamWriter
     addr: tuple[str, int]
+    proto: str = "TCP"  # TCP | TLS
     closed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -138,7 +144,7 @@ def local_ip_for(peer_ip: str) -> str:
 class SipServer:
     def __init__(self, host: str, port: int, on_call: OnCall, settings: SipSettings | None = None,
                  udp: bool = True, tcp: bool = True, unknown_dialog_grace_s: float = UNKNOWN_DIALOG_GRACE_S,
-                 instance: str = "") -> None:
+                 instance: str = "", tls: bool | None = None) -> None:
         self.host, self.port, self.on_call = host, port, on_call
         # our worker id, named in every answer (X-Voicebot-Worker): a peer about to take over the calls of a
         # worker silent in Redis asks its SIP address who is there first (telephony/sip/probe.py)
@@ -148,6 +154,12 @@ class SipServer:
         self._deferred: set[tuple[str, ...]] = set()  # transactions of those requests waiting
         self.settings = settings or SipSettings()
         self.udp_enabled, self.tcp_enabled = udp, tcp
+        # TLS listener: on settings.tls_port when it is set (tls=None); tls=True with tls_port 0 takes any free port
+        self.tls_enabled = self.settings.tls_port > 0 if tls is None else tls
+        self.tls_port = self.settings.tls_port
+        self._tls_server_ctx = (sip_tls.server_context(self.settings.tls_cert, self.settings.tls_key)
+                                if self.tls_enabled else None)
+        self._tls_client_ctx: ssl.SSLContext | None = None  # built on first use (telephony/sip/tls.py)
         self.clock = MediaClock()
         self.allow = Allowlist(self.settings.allow)
         self.registration: Any = None  # telephony.sip.register.Registration when BOT_SIP_REGISTRAR is set
@@ -161,6 +173,7 @@ class SipServer:
         self._cli_tx: dict[str, _ClientTx] = {}
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.base_events.Server | None = None
+        self._tls: asyncio.base_events.Server | None = None
         self._tcp_conns: dict[tuple[str, int], _TcpConn] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._accepting = False
@@ -205,6 +218,11 @@ class SipServer:
                     raise
         else:
             raise OSError("no port free for both UDP and TCP")
+        try:
+            await self._bind_tls()
+        except OSError:
+            self._close_listeners()
+            raise
         self._accepting = True
         self._grace_until = time.monotonic() + self.unknown_dialog_grace_s
         self._janitor = loop.create_task(self._expire_loop())
@@ -217,7 +235,11 @@ class SipServer:
                                              self.settings.register_expires_s)
             self.registration.start()
         log.info("sip_listening", host=self.host, port=self.port, udp=self.udp_enabled, tcp=self.tcp_enabled,
-                 auth=bool(self.auth), allow=self.settings.allow)
+                 tls_port=self.tls_port if self.tls_enabled else None, auth=bool(self.auth), allow=self.settings.allow)
+        uses_tls = self.tls_enabled or (self.registration is not None and self.registration.registrar.proto == "TLS")
+        if uses_tls and not self.settings.tls_verify:
+            log.warning("sip_tls_verify_off", hint="BOT_SIP_TLS_VERIFY=0: TLS peers we connect to are not "
+                                                   "authenticated (anyone on the path can pose as them); lab use only")
 
     async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.udp_enabled:
@@ -231,6 +253,19 @@ class SipServer:
             self._tcp = await asyncio.start_server(self._on_tcp, self.host, self.port)
             if self.port == 0:
                 self.port = self._tcp.sockets[0].getsockname()[1]
+
+    async def _bind_tls(self) -> None:
+        """The TLS listener: plain TCP accepts, the handshake is ours (_on_tls), so that its failures are counted."""
+        if self.tls_enabled:
+            self._tls = await asyncio.start_server(self._on_tls_accept, self.host, self.tls_port)
+            if self.tls_port == 0:
+                self.tls_port = self._tls.sockets[0].getsockname()[1]
+
+    def _close_listeners(self) -> None:
+        for server in (self._udp, self._tcp, self._tls):
+            if server is not None:
+                server.close()
+        self._udp = self._tcp = self._tls = None
 
     @property
     def accepting(self) -> bool:
@@ -266,11 +301,14 @@ class SipServer:
         await self.clock.stop()
         if self._udp:
             self._udp.close()
-        if self._tcp:
-            self._tcp.close()
-            for conn in list(self._tcp_conns.values()):
-                conn.writer.close()
-            await self._tcp.wait_closed()
+        for server in (self._tcp, self._tls):
+            if server is not None:
+                server.close()
+        for conn in list(self._tcp_conns.values()):
+            conn.writer.close()
+        for server in (self._tcp, self._tls):
+            if server is not None:
+                await server.wait_closed()
         log.info("sip_stopped")
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -294,6 +332,33 @@ class SipServer:
 
     # TCP --------------------------------------------------------------------------------------------
     async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if (conn := self._admit(writer, "TCP")) is not None:
+            await self._read_stream(reader, conn)
+
+    def _on_tls_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Called inside connection_made: reading stops before a byte is read, or the client hello would land in
+        # the plain stream's buffer instead of the TLS layer start_tls puts in between (it resumes reading).
+        writer.transport.pause_reading()
+        self._spawn(self._on_tls(reader, writer))
+
+    async def _on_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A TLS connection: admitted under TCP's caps before its handshake (a handshake flood is capped too); the
+        handshake must finish within BOT_SIP_TCP_MESSAGE_TIMEOUT_S, as a started message must."""
+        if (conn := self._admit(writer, "TLS")) is None:
+            return
+        timeout = self.settings.tcp_message_timeout_s
+        try:
+            # our own deadline too: the handshake timeout alone does not cover every stall of start_tls
+            await asyncio.wait_for(writer.start_tls(self._tls_server_ctx, ssl_handshake_timeout=timeout),
+                                   timeout + 1.0)
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self._tls_handshake_failed(conn, exc)
+            self._drop(conn)
+            return
+        await self._read_stream(reader, conn)
+
+    def _admit(self, writer: asyncio.StreamWriter, proto: str) -> _TcpConn | None:
+        """A new connection within the caps (TCP and TLS together), or None (closed)."""
         addr = writer.get_extra_info("peername")[:2]
         ip = addr[0]
         per_source = sum(1 for a in self._tcp_conns if a[0] == ip)
@@ -302,12 +367,27 @@ class SipServer:
             kind = "stranger_tcp_refused" if self.is_stranger(ip) else "tcp_refused"
             ERRORS.labels("sip", kind).inc()
             if self._log_due(f"tcp_refused:{kind}"):
-                log.warning("sip_tcp_refused", source=ip, from_source=per_source, total=len(self._tcp_conns))
+                log.warning("sip_tcp_refused", source=ip, proto=proto, from_source=per_source,
+                            total=len(self._tcp_conns))
             writer.close()
-            return
-        conn = _TcpConn(writer, (addr[0], addr[1]))
+            return None
+        conn = _TcpConn(writer, (addr[0], addr[1]), proto)
         self._tcp_conns[conn.addr] = conn
-        await self._read_stream(reader, conn)
+        return conn
+
+    def _tls_handshake_failed(self, conn: _TcpConn, exc: BaseException) -> None:
+        """Plain text or garbage on the TLS port, a protocol we do not speak, a peer that never finishes: counted,
+        logged once a second at most; a stranger's (internet scanners) does not page."""
+        kind = "stranger_tls_handshake" if self.is_stranger(conn.addr[0]) else "tls_handshake"
+        ERRORS.labels("sip", kind).inc()
+        if self._log_due("tls_handshake"):
+            log.warning("sip_tls_handshake_failed", source=conn.addr[0], counted_as=kind, reason=sip_tls.reason(exc))
+
+    def _drop(self, conn: _TcpConn) -> None:
+        conn.closed = True
+        if self._tcp_conns.get(conn.addr) is conn:
+            del self._tcp_conns[conn.addr]
+        conn.writer.close()
 
     def _conn_has_call(self, conn: _TcpConn) -> bool:
         return any(c.peer.conn is conn for c in list(self.calls.values()) + list(self._pending.values()))
@@ -325,7 +405,7 @@ class SipServer:
                     wait = last_msg + self.settings.tcp_idle_s - now
                 if wait <= 0:
                     if buf:
-                        self._bad("tcp_message_timeout", Peer("TCP", conn.addr, conn), bytes(buf[:16384]))
+                        self._bad("tcp_message_timeout", Peer(conn.proto, conn.addr, conn), bytes(buf[:16384]))
                         return
                     if not self._conn_has_call(conn):
                         log.debug("sip_tcp_idle_closed", source=conn.addr[0])
@@ -346,7 +426,7 @@ class SipServer:
                     try:
                         found = find_message_end(buf)
                     except SipParseError as exc:
-                        self._bad(exc.kind, Peer("TCP", conn.addr, conn), None)
+                        self._bad(exc.kind, Peer(conn.proto, conn.addr, conn), None)
                         return  # framing is lost: the only safe thing is to drop the connection
                     if found is None:
                         break
@@ -354,27 +434,40 @@ class SipServer:
                     data = bytes(buf[:total])
                     del buf[:total]
                     started = last_msg = loop.time()
-                    self.on_data(data, Peer("TCP", conn.addr, conn), stream=True)
-        except (ConnectionError, asyncio.IncompleteReadError):
+                    self.on_data(data, Peer(conn.proto, conn.addr, conn), stream=True)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
-            conn.closed = True
-            self._tcp_conns.pop(conn.addr, None)
-            conn.writer.close()
+            self._drop(conn)
 
-    async def _tcp_connect(self, addr: tuple[str, int]) -> _TcpConn:
+    def client_tls(self) -> ssl.SSLContext:
+        """The context of TLS connections we open (verification per BOT_SIP_TLS_VERIFY / BOT_SIP_TLS_CA)."""
+        if self._tls_client_ctx is None:
+            s = self.settings
+            self._tls_client_ctx = sip_tls.client_context(s.tls_ca, s.tls_verify, s.tls_cert, s.tls_key)
+        return self._tls_client_ctx
+
+    async def _stream_connect(self, peer: Peer) -> _TcpConn:
+        addr = peer.addr
         conn = self._tcp_conns.get(addr)
-        if conn and not conn.closed:
+        if conn and not conn.closed and conn.proto == peer.proto:
             return conn
-        reader, writer = await asyncio.open_connection(addr[0], addr[1])
-        conn = _TcpConn(writer, addr)
+        if peer.proto == "TLS":
+            timeout = self.settings.tcp_message_timeout_s
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(addr[0], addr[1], ssl=self.client_tls(), server_hostname=peer.name or addr[0],
+                                        ssl_handshake_timeout=timeout), timeout + 1.0)
+        else:
+            reader, writer = await asyncio.open_connection(addr[0], addr[1])
+        conn = _TcpConn(writer, addr, peer.proto)
         self._tcp_conns[addr] = conn
         self._spawn(self._read_stream(reader, conn))
         return conn
 
     # Sending ----------------------------------------------------------------------------------------
-    def _send(self, data: bytes, peer: Peer) -> None:
-        if peer.proto == "TCP":
+    def _send(self, data: bytes, peer: Peer, unreachable: Callable[[], None] | None = None) -> None:
+        """Send on the peer's connection, or a new one; `unreachable` is told when that cannot be opened."""
+        if peer.proto in STREAM:
             if peer.conn is not None and not peer.conn.closed:
                 transport = peer.conn.writer.transport
                 if transport.get_write_buffer_size() + len(data) > TCP_MAX_WRITE_BUFFER:
@@ -388,15 +481,31 @@ class SipServer:
                     return
                 peer.conn.send(data)
             else:
-                self._spawn(self._send_tcp_new(data, peer.addr))
+                self._spawn(self._send_stream_new(data, peer, unreachable))
         elif self._udp is not None:
             self._udp.sendto(data, peer.addr)
 
-    async def _send_tcp_new(self, data: bytes, addr: tuple[str, int]) -> None:
+    async def _send_stream_new(self, data: bytes, peer: Peer, unreachable: Callable[[], None] | None) -> None:
+        """A new connection for a request (or a response whose connection is gone). One that cannot be made is
+        counted, and the request fails at once as one to a peer that does not answer (RFC 3261 8.1.3.1)."""
         try:
-            (await self._tcp_connect(addr)).send(data)
-        except OSError:
-            ERRORS.labels("sip", "tcp_connect").inc()
+            (await self._stream_connect(peer)).send(data)
+            return
+        except ssl.SSLCertVerificationError as exc:
+            ERRORS.labels("sip", "tls_verify").inc()
+            if self._log_due("tls_verify"):
+                log.warning("sip_tls_verify_failed", dest=f"{peer.addr[0]}:{peer.addr[1]}", name=peer.name or None,
+                            reason=sip_tls.reason(exc),
+                            hint="the peer's certificate is not trusted for that name: check BOT_SIP_TLS_CA "
+                                 "(BOT_SIP_TLS_VERIFY=0 for lab peers only)")
+        except (OSError, asyncio.TimeoutError) as exc:
+            kind = "tls_connect" if peer.proto == "TLS" else "tcp_connect"
+            ERRORS.labels("sip", kind).inc()
+            if peer.proto == "TLS" and self._log_due("tls_connect"):
+                log.warning("sip_tls_connect_failed", dest=f"{peer.addr[0]}:{peer.addr[1]}",
+                            reason=sip_tls.reason(exc))
+        if unreachable is not None:
+            unreachable()
 
     def respond(self, req: SipMessage, peer: Peer, status: int, to_tag: str = "", reason: str = "",
                 extra: list[tuple[str, str]] | None = None, body: bytes = b"") -> SipMessage:
@@ -421,7 +530,7 @@ class SipServer:
                     self._srv_tx_bytes -= len(self._srv_tx.pop(next(iter(self._srv_tx))).data)
                 self._srv_tx[key] = _TxEntry(data, peer, time.monotonic() + TX_LINGER_S)
                 self._srv_tx_bytes += len(data)
-        if peer.proto == "TCP" and (peer.conn is None or peer.conn.closed):
+        if peer.proto in STREAM and (peer.conn is None or peer.conn.closed):
             peer = self._via_peer(req, peer)
         self._send(data, peer)
         SIP_MESSAGES.labels(_m(req.method), f"sent_{status}").inc()
@@ -434,35 +543,49 @@ class SipServer:
             _, _host, port, params = parse_via(req.top_via)
         except SipParseError:
             return peer
-        return Peer("TCP", (params.get("received") or peer.addr[0], port or 5060))
+        return Peer(peer.proto, (params.get("received") or peer.addr[0], port or DEFAULT_PORT[peer.proto]))
 
-    def _via(self, call: SipCall, branch: str) -> str:
-        return f"SIP/2.0/{call.peer.proto} {hostport(call.local_ip, self.port)};branch={branch};rport"
+    def port_for(self, proto: str) -> int:
+        """Our port for a transport: TLS has its own (BOT_SIP_TLS_PORT), UDP and TCP share BOT_SIP_PORT."""
+        return self.tls_port if proto == "TLS" else self.port
 
-    def contact(self, local_ip: str, proto: str) -> str:
-        tp = ";transport=tcp" if proto == "TCP" else ""
-        return f"<sip:bot@{hostport(local_ip, self.port)}{tp}>"
+    def via(self, local_ip: str, proto: str, branch: str) -> str:
+        return f"SIP/2.0/{proto} {hostport(local_ip, self.port_for(proto))};branch={branch};rport"
+
+    def contact(self, local_ip: str, proto: str, request_uri: str = "") -> str:
+        """Our Contact for a transport; a sips: one when the dialog's request URI was sips: (RFC 5630 4.1)."""
+        where = hostport(local_ip, self.port_for(proto))
+        if proto == "TLS" and request_uri[:5].lower() == "sips:":
+            return f"<sips:bot@{where}>"
+        tp = {"TCP": ";transport=tcp", "TLS": ";transport=tls"}.get(proto, "")
+        return f"<sip:bot@{where}{tp}>"
+
+    def _call_contact(self, call: SipCall, proto: str) -> str:
+        return self.contact(call.local_ip, proto, call.invite.uri)
 
     async def send_in_dialog(self, call: SipCall, method: str, extra: list[tuple[str, str]] | None = None,
                              body: bytes = b"", content_type: str = "") -> SipMessage | None:
-        """Send a request inside the call's dialog and wait for its final response (None on timeout)."""
+        """Send a request inside the call's dialog and wait for its final response (None on timeout, or at once when
+        no connection to the peer can be opened)."""
         call.local_cseq += 1
         branch = new_branch()
-        req = self._dialog_request(call, method, call.local_cseq, branch)
-        req.add("Contact", self.contact(call.local_ip, call.peer.proto))
+        dest = self._dest_for(call)
+        req = self._dialog_request(call, method, call.local_cseq, branch, dest.proto)
+        req.add("Contact", self._call_contact(call, dest.proto))
         req.add("User-Agent", self.settings.user_agent)
         for k, v in extra or []:
             req.add(k, v)
         if content_type:
             req.add("Content-Type", content_type)
         req.body = body
-        dest = self._dest_for(call)
         return await self._client_tx(req, dest, branch)
 
-    def _dialog_request(self, call: SipCall, method: str, cseq: int, branch: str, to: str = "") -> SipMessage:
-        """A request inside the call's dialog (12.2.1.1): its Via, From/To with the tags, Call-ID, CSeq, route set."""
+    def _dialog_request(self, call: SipCall, method: str, cseq: int, branch: str, proto: str,
+                        to: str = "") -> SipMessage:
+        """A request inside the call's dialog (12.2.1.1): its Via (for the transport it goes on), From/To with the
+        tags, Call-ID, CSeq, route set."""
         req = SipMessage(method=method, uri=call.remote_target)
-        req.add("Via", self._via(call, branch))
+        req.add("Via", self.via(call.local_ip, proto, branch))
         req.add("Max-Forwards", "70")
         req.add("From", call.local_uri)
         req.add("To", to or call.remote_uri)
@@ -473,16 +596,17 @@ class SipServer:
         return req
 
     def _dest_for(self, call: SipCall) -> Peer:
-        """Loose route -> first Route; else the remote target; same connection when TCP is still up."""
-        if call.peer.proto == "TCP" and call.peer.conn is not None and not call.peer.conn.closed:
+        """The call's connection while it is up (TCP, TLS); else loose route -> first Route, or the remote target,
+        over the transport that URI asks for (sips: or ;transport=tls -> TLS), the call's own otherwise."""
+        if call.peer.proto in STREAM and call.peer.conn is not None and not call.peer.conn.closed:
             return call.peer
         uri_s = addr_uri(call.route_set[0]) if call.route_set else call.remote_target
         try:
             uri = parse_uri(uri_s)
-            host, port = uri.host, uri.port or 5060
         except SipParseError:
-            host, port = call.peer.addr
-        return Peer(call.peer.proto, (host, port))
+            return Peer(call.peer.proto, call.peer.addr)
+        proto = uri_transport(uri, call.peer.proto)
+        return Peer(proto, (uri.host, uri.port or DEFAULT_PORT[proto]))
 
     async def _client_tx(self, req: SipMessage, dest: Peer, branch: str) -> SipMessage | None:
         loop = asyncio.get_running_loop()
@@ -490,7 +614,12 @@ class SipServer:
         self._cli_tx[branch] = tx
         data = req.encode()
         SIP_MESSAGES.labels(req.method, "sent_request").inc()
-        self._send(data, dest)
+
+        def unreachable() -> None:
+            if not tx.future.done():
+                tx.future.set_exception(ConnectionError("no connection to the peer"))
+
+        self._send(data, dest, unreachable)
         deadline = time.monotonic() + 64 * T1
         interval = T1
         try:
@@ -504,6 +633,8 @@ class SipServer:
                     if req.method == "INVITE" and resp.status >= 300:
                         self._ack_non_2xx(req, resp, dest)
                     return resp
+                except ConnectionError:  # counted where the connection failed
+                    return None
                 except asyncio.TimeoutError:
                     # an INVITE is not retransmitted once the far end said it is working on it (17.1.1.2)
                     if dest.proto == "UDP" and not (req.method == "INVITE" and tx.provisional):
@@ -515,8 +646,9 @@ class SipServer:
     def ack_2xx(self, call: SipCall, resp: SipMessage) -> None:
         """ACK a 2xx answer to our in-dialog INVITE (a transaction of its own, new branch, 13.2.2.4); kept
         32 s to answer retransmissions of that 200."""
-        data = self._dialog_request(call, "ACK", resp.cseq[0], new_branch(), to=resp.get("To")).encode()
         dest = self._dest_for(call)
+        ack = self._dialog_request(call, "ACK", resp.cseq[0], new_branch(), dest.proto, to=resp.get("To"))
+        data = ack.encode()
         now = time.monotonic()
         for k in [k for k, (_, _, t) in self._acks.items() if t < now]:
             del self._acks[k]
@@ -790,7 +922,8 @@ class SipServer:
             self.respond(msg, peer, 503, to_tag=tag, extra=[("Retry-After", "5")])
             return
         if call.state != "terminated":
-            self.respond(msg, peer, 180, to_tag=tag, extra=[("Contact", self.contact(local_ip, peer.proto))])
+            self.respond(msg, peer, 180, to_tag=tag,
+                         extra=[("Contact", self.contact(local_ip, peer.proto, msg.uri))])
             if self.settings.ring_s > 0:
                 await asyncio.sleep(self.settings.ring_s)
         if self._pending.pop(msg.branch, None) is None or call.state == "terminated":
@@ -807,7 +940,7 @@ class SipServer:
         self.note_known_source(peer.addr[0])
         call.state = "confirmed"
         ok = self.respond(msg, peer, 200, to_tag=tag, body=body,
-                          extra=[("Contact", self.contact(local_ip, peer.proto)), ("Allow", ALLOW),
+                          extra=[("Contact", self.contact(local_ip, peer.proto, msg.uri)), ("Allow", ALLOW),
                                  ("Content-Type", "application/sdp"), *self._timer_headers(msg, terms)])
         self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
         call.session_refreshed(terms)
@@ -859,7 +992,7 @@ class SipServer:
         if not call.established:
             # The caller never confirmed our 200 OK: a failed call setup, not a caller who went quiet.
             call.log.warning("call_setup_failed", reason="no_ack", waited_s=64 * T1, proto=peer.proto,
-                             source=f"{peer.addr[0]}:{peer.addr[1]}", contact=self.contact(call.local_ip, peer.proto),
+                             source=f"{peer.addr[0]}:{peer.addr[1]}", contact=self._call_contact(call, peer.proto),
                              rtp_rx=call.media.stats["rx"],
                              hint="the caller's ACK never reached us: check that our Contact address "
                                   "(BOT_SIP_PUBLIC_IP) is reachable from the trunk and no firewall/NAT drops it")
@@ -1027,7 +1160,7 @@ class SipServer:
             call.awaiting_answer = True
             ok = self.respond(msg, peer, 200, to_tag=call.local_tag,
                               body=call.sdp_offer(),
-                              extra=[("Contact", self.contact(call.local_ip, peer.proto)),
+                              extra=[("Contact", self._call_contact(call, peer.proto)),
                                      ("Content-Type", "application/sdp"), *timer])
             self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
             call.session_refreshed(terms)
@@ -1037,7 +1170,7 @@ class SipServer:
         neg, answer = got
         call.acked.clear()
         ok = self.respond(msg, peer, 200, to_tag=call.local_tag, body=answer,
-                          extra=[("Contact", self.contact(call.local_ip, peer.proto)),
+                          extra=[("Contact", self._call_contact(call, peer.proto)),
                                  ("Content-Type", "application/sdp"), *timer])
         self._spawn(self._retransmit_2xx(call, ok.encode(), peer, msg.branch))
         call.session_refreshed(terms)
@@ -1052,13 +1185,13 @@ class SipServer:
             return
         timer = self._timer_headers(msg, terms)
         if not msg.body:
-            self.respond(msg, peer, 200, extra=[("Contact", self.contact(call.local_ip, peer.proto)), *timer])
+            self.respond(msg, peer, 200, extra=[("Contact", self._call_contact(call, peer.proto)), *timer])
             call.session_refreshed(terms)
             return
         if (got := self._take_offer(call, msg, peer)) is None:
             return
         neg, answer = got
-        self.respond(msg, peer, 200, body=answer, extra=[("Contact", self.contact(call.local_ip, peer.proto)),
+        self.respond(msg, peer, 200, body=answer, extra=[("Contact", self._call_contact(call, peer.proto)),
                                                          ("Content-Type", "application/sdp"), *timer])
         call.session_refreshed(terms)
         call.log.info("update_offer", direction=neg.direction, codec=neg.codec)

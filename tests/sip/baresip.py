@@ -1,5 +1,9 @@
 """A real baresip process as a SIP peer for tests: headless (aufile source, aubridge sink, sndfile dump),
-driven through its stdio menu interface (`/dial`, `/hangup`, `/hold`, `/resume`, `/sndcode`)."""
+driven through its stdio menu interface (`/dial`, `/hangup`, `/hold`, `/resume`, `/sndcode`).
+
+transport="tls": baresip's SIP account speaks TLS (`;transport=tls`); `certificate` (cert + key in one PEM) is what
+its own TLS listener presents (sip_listen's port + 1, where a server re-connects to send it requests) and `cafile`
+the CA it loads. baresip 1.0 accepts any server certificate (libre's verify handler trusts the peer)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ MODULES = Path("/usr/lib/baresip/modules")
 
 class Baresip:
     def __init__(self, workdir: Path, wav: Path, sip_port: int = 0, transport: str = "udp",
-                 auto_answer: bool = False, user: str = "caller", password: str = "", mediaenc: str = "") -> None:
+                 auto_answer: bool = False, user: str = "caller", password: str = "",
+                 certificate: Path | None = None, cafile: Path | None = None, mediaenc: str = "") -> None:
         self.dir = workdir
         self.rec = workdir / "rec"
         self.rec.mkdir(parents=True, exist_ok=True)
@@ -26,6 +31,7 @@ class Baresip:
         self.transport = transport
         self.auto_answer = auto_answer
         self.user, self.password = user, password
+        self.certificate, self.cafile = certificate, cafile
         self.mediaenc = mediaenc  # "srtp" (offer SRTP, take RTP) | "srtp-mand" (SRTP only): SDES, RFC 4568
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
@@ -56,7 +62,8 @@ module sndfile.so
 module_tmp account.so
 module_app menu.so
 snd_path {self.rec}
-""")
+""" + (f"sip_certificate {self.certificate}\n" if self.certificate else "")
+            + (f"sip_cafile {self.cafile}\n" if self.cafile else ""))
         extra = ";answermode=auto" if self.auto_answer else ""
         if self.password:
             extra += f";auth_pass={self.password}"

@@ -95,10 +95,10 @@ async def make_server() -> AsyncIterator[Callable[..., Any]]:
     servers: list[SipServer] = []
 
     async def _make(on_call: Any, settings: SipSettings, unknown_dialog_grace_s: float = 0.0,
-                    instance: str = "") -> SipServer:
+                    instance: str = "", tls: bool | None = None) -> SipServer:
         # no grace by default: these tests send requests for unknown dialogs right after start and want the 481
         srv = SipServer("127.0.0.1", 0, on_call, settings, unknown_dialog_grace_s=unknown_dialog_grace_s,
-                        instance=instance)
+                        instance=instance, tls=tls)
         await srv.start()
         servers.append(srv)
         return srv

@@ -100,8 +100,10 @@ def test_registrar_spec() -> None:
     assert Registrar.parse("pbx.example.com") == Registrar("pbx.example.com", 5060, "UDP", "pbx.example.com")
     assert Registrar.parse("sip:10.0.0.5:5080;transport=tcp", "example.com") == \
         Registrar("10.0.0.5", 5080, "TCP", "example.com")
-    with pytest.raises(ValueError):
-        Registrar.parse("sip:pbx;transport=tls")
+    assert Registrar.parse("sip:pbx;transport=tls") == Registrar("pbx", 5061, "TLS", "pbx")
+    assert Registrar.parse("sips:pbx.example.com:5062") == Registrar("pbx.example.com", 5062, "TLS", "pbx.example.com")
+    with pytest.raises(ValueError, match="only udp, tcp and tls"):
+        Registrar.parse("sip:pbx;transport=sctp")
 
 
 async def test_the_bot_registers_and_the_provider_s_calls_reach_it(make_server, sip_settings, prompt_pcm,
