@@ -331,6 +331,7 @@ def _wav(path: Path, subtype: str = "PCM_16") -> Path:
     ("missing", "no such file"),
     ("directory", "no such file"),
     ("url_without_scheme", "expected http(s)://"),
+    ("srtp_without_sip", "--srtp needs --sip"),
 ])
 def test_call_refuses_bad_input_before_dialing(tmp_path: Path, case: str, says: str) -> None:
     """Nothing listens on the URLs used here: a refusal must come from the checks, not from a failed call."""
@@ -346,6 +347,7 @@ def test_call_refuses_bad_input_before_dialing(tmp_path: Path, case: str, says: 
         "missing": ["--url", "http://127.0.0.1:9", str(tmp_path / "nope.wav")],
         "directory": ["--url", "http://127.0.0.1:9", str(tmp_path)],
         "url_without_scheme": ["--url", "127.0.0.1:8080", good],
+        "srtp_without_sip": ["--url", "http://127.0.0.1:9", "--srtp", good],
     }[case]
     r = _bot("call", *args, timeout=60)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--sip", default=None, metavar="HOST[:PORT]|sip:USER@HOST[:PORT]",
                    help="call over SIP/RTP instead (port default 5060; digest auth from BOT_SIP_USER/PASSWORD); "
                         "WAVs must then be 16-bit PCM")
+    p.add_argument("--srtp", action="store_true",
+                   help="with --sip: offer SRTP (AES_CM_128_HMAC_SHA1_80, keys in the SDP) instead of RTP; the summary "
+                        "says whether the bot took it")
     p.set_defaults(func=run)
 
 
@@ -49,6 +52,8 @@ def _check_inputs(args: argparse.Namespace) -> str | None:
             host, port = "", -1
         if not host or not 0 < port < 65536:
             return f"--sip {args.sip!r}: expected HOST[:PORT] or sip:USER@HOST[:PORT]"
+    elif getattr(args, "srtp", False):
+        return "--srtp needs --sip (a call over the Twilio protocol has no RTP of its own)"
     elif args.url and not args.url.lower().startswith(("http://", "https://")):
         return f"--url {args.url!r}: expected http(s)://HOST[:PORT] (the bot's webhook base)"
     if args.reply_timeout <= 0:

@@ -235,7 +235,12 @@ class SipServer:
                                              self.settings.register_expires_s)
             self.registration.start()
         log.info("sip_listening", host=self.host, port=self.port, udp=self.udp_enabled, tcp=self.tcp_enabled,
-                 tls_port=self.tls_port if self.tls_enabled else None, auth=bool(self.auth), allow=self.settings.allow)
+                 tls_port=self.tls_port if self.tls_enabled else None, srtp=self.settings.srtp, auth=bool(self.auth),
+                 allow=self.settings.allow)
+        if self.settings.srtp == "required" and not self.tls_enabled:
+            # SDES keys travel in the SDP: without TLS anyone who sees the signalling can decrypt the audio
+            log.warning("sip_srtp_keys_in_clear", hint="BOT_SIP_SRTP=required without BOT_SIP_TLS_PORT: the SRTP "
+                                                       "keys travel in clear SDP; set up SIP over TLS")
         uses_tls = self.tls_enabled or (self.registration is not None and self.registration.registrar.proto == "TLS")
         if uses_tls and not self.settings.tls_verify:
             log.warning("sip_tls_verify_off", hint="BOT_SIP_TLS_VERIFY=0: TLS peers we connect to are not "
@@ -970,6 +975,7 @@ class SipServer:
         assert neg is not None
         self.clock.add(call.media)
         call.log.info("call_answered", codec=neg.codec, dtmf_pt=neg.dtmf_pt, proto=call.peer.proto,
+                      srtp=neg.crypto.suite if neg.crypto is not None else None,
                       remote=f"{neg.remote_ip}:{neg.remote_port}")
         if call.handler_task is None:
             call.handler_task = self._spawn(self._run_handler(call))

@@ -31,7 +31,7 @@ from telephony.sip.message import (
 )
 from telephony.sip.rtp import build_rtp
 from telephony.sip.sdp import Negotiated, SdpError, SdpSession, SessionDesc, negotiate, negotiate_answer, parse_sdp
-from telephony.sip.srtp import Crypto
+from telephony.sip.srtp import OFFER_SUITE, Crypto
 from telephony.sip.server import T1, T2, local_ip_for
 
 log = get_logger("telephony.sip.uac")
@@ -551,10 +551,12 @@ class SipCaller:
 async def run_sip_call(host: str, port: int, wavs: list[str | Path] | list[np.ndarray], record_path: str | Path | None,
                        *, greeting_wait_s: float = 8.0, quiet_s: float = 1.2, turn_wait_s: float = 15.0,
                        dtmf: str = "", hangup: bool = True, auth: tuple[str, str] | None = None,
-                       codecs: tuple[str, ...] = ("PCMU", "PCMA"), to_user: str = "bot") -> dict[str, Any]:
+                       codecs: tuple[str, ...] = ("PCMU", "PCMA"), to_user: str = "bot",
+                       srtp: str | None = None) -> dict[str, Any]:
     """Place one SIP call: wait for the greeting, play each WAV turn in real time (waiting for the bot to
-    answer between turns), optionally send DTMF, hang up, and save what the bot said to `record_path`."""
-    caller = SipCaller(host, port, auth=auth, codecs=codecs, to_user=to_user)
+    answer between turns), optionally send DTMF, hang up, and save what the bot said to `record_path`.
+    srtp: offer SRTP with this suite (SDES) instead of RTP."""
+    caller = SipCaller(host, port, auth=auth, codecs=codecs, to_user=to_user, srtp=srtp)
     await caller.open()
     turns: list[TurnTiming] = []
     t_start = time.monotonic()
@@ -603,6 +605,8 @@ async def run_sip_call(host: str, port: int, wavs: list[str | Path] | list[np.nd
         "turn_latency_s": [None if t.first_voice_after_end is None else round(t.first_voice_after_end - t.end, 3)
                            for t in turns],
         "rx_packets": caller.stats.rx_packets, "rx_lost": caller.stats.rx_seq_gaps, "tx_packets": caller.media.stats["tx"],
+        "srtp": caller.media.srtp.suite if caller.media.srtp is not None else None,
+        "rx_srtp_failed": caller.media.stats["rx_bad"] if caller.media.srtp is not None else None,
         "bot_speech_s": round(len(caller.stats.voiced_rx) * 0.02, 2), "refer_to": caller.refer_to,
         "transfer_status": caller.transfer_status,
         "recorded_s": round(rec.size / 8000, 2), "record_path": str(record_path) if record_path else None,
@@ -644,7 +648,7 @@ def cli_main(args: Any) -> int:
     try:
         summary = asyncio.run(run_sip_call(host, port, list(args.wavs), getattr(args, "record", None),
                                            turn_wait_s=float(getattr(args, "reply_timeout", 12.0)), auth=auth,
-                                           to_user=user))
+                                           to_user=user, srtp=OFFER_SUITE if getattr(args, "srtp", False) else None))
     except (OSError, ValueError) as exc:
         print(f"error: SIP call failed: {exc!r}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import numpy as np
+import pytest
 
 from telephony.bridge import CallBridge
 from telephony.sip.message import SipMessage, make_response, new_branch, parse_message
@@ -424,8 +425,9 @@ async def test_200_ok_retransmitted_until_ack(make_server, sip_settings, prompt_
         raw.close()
 
 
-async def test_bot_call_sip_cli(make_server, sip_settings, prompt_pcm, tmp_path) -> None:
-    """`bot call --sip HOST:PORT WAV --record OUT` prints a JSON summary and records the bot."""
+@pytest.mark.parametrize("srtp", [False, True])
+async def test_bot_call_sip_cli(make_server, sip_settings, prompt_pcm, tmp_path, srtp: bool) -> None:
+    """`bot call --sip HOST:PORT WAV --record OUT [--srtp]` prints a JSON summary and records the bot."""
     import json
     import sys
 
@@ -437,11 +439,14 @@ async def test_bot_call_sip_cli(make_server, sip_settings, prompt_pcm, tmp_path)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot.cli", "call", "--sip", f"sip:bot@127.0.0.1:{srv.port}",
         "/usr/share/asterisk/sounds/en/hello-world.wav", "--record", str(out), "--reply-timeout", "2",
+        *(["--srtp"] if srtp else []),
         cwd=str(ROOT), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     summary = json.loads(stdout)
     assert summary["answered"] and summary["bot_speech_s"] > 0.5 and out.stat().st_size > 1000
+    assert summary["srtp"] == ("AES_CM_128_HMAC_SHA1_80" if srtp else None)
+    assert (handler.calls[0]["bridge"].media.srtp is not None) == srtp
     await asyncio.wait_for(handler.call_ended.wait(), 5)
     assert voiced_fraction(inbound_pcm(handler.calls[0])) > 0.1  # the WAV turn reached the bot
 

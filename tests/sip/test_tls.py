@@ -90,12 +90,15 @@ def _our_200(srv: SipServer) -> SipMessage:
 
 
 @needs_baresip
+@pytest.mark.parametrize("mediaenc", ["", "srtp-mand"])
 async def test_a_call_over_tls_is_answered_heard_both_ways_and_ended_by_the_caller(
-        tls_server, tls_settings, prompt_pcm, phone) -> None:
+        tls_server, tls_settings, prompt_pcm, phone, mediaenc: str) -> None:
+    """Also the secure set-up a trunk asks for: TLS signalling carrying the SRTP keys (SDES), audio in SRTP."""
     handler = RecordingHandler(prompt_pcm)
     srv = await tls_server(handler, tls_settings)
-    ua = await phone()
+    ua = await phone(mediaenc=mediaenc)
     call = await _dial(ua, srv, handler)
+    assert (call.media.srtp is not None) == bool(mediaenc)
     contact = _our_200(srv).get("Contact")
     assert contact.endswith(f":{srv.tls_port};transport=tls>"), contact  # in-dialog requests come back over TLS
     rec = handler.calls[0]
@@ -106,6 +109,7 @@ async def test_a_call_over_tls_is_answered_heard_both_ways_and_ended_by_the_call
     await asyncio.wait_for(handler.call_ended.wait(), 15)
     assert rec["ended"] == "hangup"
     assert voiced_fraction(inbound_pcm(rec)) > 0.15  # caller -> bot
+    assert call.media.stats["rx_bad"] == 0
     await ua.stop()
     assert voiced_fraction(ua.recording("dec")) > 0.1, "baresip did not hear the bot's prompt"  # bot -> caller
 
