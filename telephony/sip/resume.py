@@ -86,7 +86,8 @@ async def resume(server: SipServer, snap: dict[str, Any], leg: int,
         return None, "unreadable"
     call.info.leg = leg
     try:
-        await call.media.open(server.media_host, server.settings.rtp_port_min, server.settings.rtp_port_max)
+        await call.media.open(server.media_host(call.peer.addr[0]), server.settings.rtp_port_min,
+                              server.settings.rtp_port_max)
     except OSError:
         return None, "no_rtp_port"
     rtp = snap.get("rtp")

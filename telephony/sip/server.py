@@ -124,10 +124,18 @@ class _Udp(asyncio.DatagramProtocol):
         self.server = server
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.server.on_data(data, Peer("UDP", (addr[0], addr[1])))
+        self.server.on_data(data, Peer("UDP", (unmapped(addr[0]), addr[1])))
 
     def error_received(self, exc: Exception) -> None:
         ERRORS.labels("sip", "udp_error").inc()
+
+
+def unmapped(ip: str) -> str:
+    """An IPv4 peer as a server bound to `::` sees it (`::ffff:192.0.2.1`) is an IPv4 peer: our SDP and Contact toward
+    it must say IN IP4 and its address, which an IPv4-only phone can parse, and its media goes over IPv4."""
+    if ip.startswith("::ffff:") and "." in ip:
+        return ip[7:]
+    return ip
 
 
 def local_ip_for(peer_ip: str) -> str:
@@ -172,6 +180,7 @@ class SipServer:
         self._srv_tx: dict[tuple[str, ...], _TxEntry] = {}
         self._cli_tx: dict[str, _ClientTx] = {}
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_v6 = False  # the UDP socket is IPv6 (bound to `::`: dual-stack, IPv4 peers at mapped addresses)
         self._tcp: asyncio.base_events.Server | None = None
         self._tls: asyncio.base_events.Server | None = None
         self._tcp_conns: dict[tuple[str, int], _TcpConn] = {}
@@ -196,10 +205,19 @@ class SipServer:
         this SIP server when its advertised address is a NAT's public one they may not be able to reach."""
         return self.host if self.host not in ("0.0.0.0", "::", "") else local_ip_for(peer_ip)
 
-    @property
-    def media_host(self) -> str:
-        """The address RTP sockets bind to."""
-        return self.host if self.host not in ("", "::") else "0.0.0.0"
+    def _udp_dest(self, addr: tuple[str, int]) -> tuple[str, int]:
+        """A dual-stack UDP socket (bound to `::`) reaches an IPv4 peer at its IPv4-mapped address."""
+        if self._udp_v6 and ":" not in addr[0]:
+            return (f"::ffff:{addr[0]}", addr[1])
+        return addr
+
+    def media_host(self, peer_ip: str) -> str:
+        """The address a call's RTP sockets bind to: the SIP host's, or, for a server on every address, the wildcard
+        of the peer's family (our SDP's `c=` is our address toward the peer, so its media must be of that family: a
+        server bound to `::` bound RTP on IPv4 only, and an IPv6 phone's audio found no socket)."""
+        if self.host not in ("", "::", "0.0.0.0"):
+            return self.host
+        return "::" if ":" in peer_ip else "0.0.0.0"
 
     # Lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -254,6 +272,7 @@ class SipServer:
             sock = self._udp.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                self._udp_v6 = sock.family == socket.AF_INET6
         if self.tcp_enabled:
             self._tcp = await asyncio.start_server(self._on_tcp, self.host, self.port)
             if self.port == 0:
@@ -364,7 +383,8 @@ class SipServer:
 
     def _admit(self, writer: asyncio.StreamWriter, proto: str) -> _TcpConn | None:
         """A new connection within the caps (TCP and TLS together), or None (closed)."""
-        addr = writer.get_extra_info("peername")[:2]
+        peername = writer.get_extra_info("peername")
+        addr = (unmapped(peername[0]), peername[1])
         ip = addr[0]
         per_source = sum(1 for a in self._tcp_conns if a[0] == ip)
         if len(self._tcp_conns) >= TCP_MAX_CONNS or per_source >= TCP_MAX_CONNS_PER_SOURCE:
@@ -488,7 +508,7 @@ class SipServer:
             else:
                 self._spawn(self._send_stream_new(data, peer, unreachable))
         elif self._udp is not None:
-            self._udp.sendto(data, peer.addr)
+            self._udp.sendto(data, self._udp_dest(peer.addr))
 
     async def _send_stream_new(self, data: bytes, peer: Peer, unreachable: Callable[[], None] | None) -> None:
         """A new connection for a request (or a response whose connection is gone). One that cannot be made is
@@ -919,7 +939,8 @@ class SipServer:
         self.respond(msg, peer, 100)
         self._pending[msg.branch] = call
         try:
-            await call.media.open(self.media_host, self.settings.rtp_port_min, self.settings.rtp_port_max)
+            await call.media.open(self.media_host(peer.addr[0]), self.settings.rtp_port_min,
+                                  self.settings.rtp_port_max)
         except OSError:
             ERRORS.labels("sip", "no_rtp_port").inc()
             self._refused(msg, peer, 503, "no_rtp_port")

@@ -666,3 +666,35 @@ async def test_a_call_over_ipv6(sip_settings, prompt_pcm) -> None:
         await srv.stop()
     assert voiced_fraction(inbound_pcm(handler.calls[0]), 1000) > 0.1
     assert voiced_fraction(caller.recorded()) > 0.05
+
+
+async def test_a_server_on_every_address_takes_ipv4_and_ipv6_calls(sip_settings, prompt_pcm) -> None:
+    """Bound to `::` (dual-stack): an IPv6 phone's audio has an IPv6 RTP socket to reach (RTP was bound on IPv4 only,
+    and the bot never heard it), and an IPv4 phone is answered as IPv4, `c=IN IP4` with its own address (it was
+    `IN IP6 ::ffff:127.0.0.1`, which an IPv4-only phone cannot use), both ways over the one SIP socket."""
+    from telephony.sip.server import SipServer
+
+    handler = RecordingHandler(np.tile(prompt_pcm, 2))
+    srv = SipServer("::", 0, handler, dataclasses.replace(sip_settings, allow="127.0.0.0/8,::1/128"))
+    await srv.start()
+    tone = (6000 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.int16)
+    try:
+        for i, (host, sdp_c, family) in enumerate([("::1", b"c=IN IP6 ::1", socket.AF_INET6),
+                                                   ("127.0.0.1", b"c=IN IP4 127.0.0.1", socket.AF_INET)]):
+            caller = SipCaller(host, srv.port)
+            await caller.open()
+            try:
+                assert await caller.invite() == 200, caller.error
+                assert caller._ok_response is not None and sdp_c in caller._ok_response.body
+                await wait_until(lambda: len(handler.calls) == i + 1, 5)
+                call = handler.calls[i]["bridge"]
+                assert call.peer.addr[0] == host and call.media._rtp.get_extra_info("socket").family == family
+                await caller.play(tone, "t")
+                await caller.wait_bot_quiet(0.5, 8)
+                assert await caller.bye() == 200
+            finally:
+                caller.close()
+            assert voiced_fraction(inbound_pcm(handler.calls[i]), 1000) > 0.1, host  # the bot heard the caller
+            assert voiced_fraction(caller.recorded()) > 0.05, host  # and the caller heard the bot
+    finally:
+        await srv.stop()
