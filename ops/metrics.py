@@ -84,6 +84,9 @@ SIP_RESUMES = Counter("voicebot_sip_resumes_total", "SIP calls of a dead worker 
                       "instead: the bot was hanging up, or the call was lost longer ago than BOT_SIP_RESUME_WINDOW_S), "
                       "gone (the phone had hung up: 481/408), no_answer, refused, ended, expired, unreadable, "
                       "bad_answer, no_rtp_port, error", ["result"])
+SIP_CALLS_ANSWERED = Counter("voicebot_sip_calls_answered_total", "SIP calls answered (first leg), by the transport "
+                             "their signalling came over (udp, tcp, tls) and their audio (rtp, srtp): how much of the "
+                             "traffic is encrypted", ["signalling", "media"])
 ERRORS = Counter("voicebot_errors_total", "Errors by component and kind", ["component", "kind"])
 BARGE_INS = Counter("voicebot_barge_ins_total", "Caller speech that interrupted the bot", ["transport"])
 AUDIO_FRAMES = Counter("voicebot_audio_frames_total", "20 ms audio frames", ["transport", "direction"])

@@ -169,6 +169,11 @@ def voicebot() -> Board:
                                     "{{method}} {{result}}")], w=12, unit="reqps")
     b.panel("RTP packets / s", [_q("sum by (direction, result) (rate(voicebot_rtp_packets_total[5m]))",
                                    "{{direction}} {{result}}")], w=12, unit="pps")
+    b.panel("SIP calls answered by transport and media (1h)", [_q(
+        "sum by (signalling, media) (increase(voicebot_sip_calls_answered_total[1h]))", "{{signalling}} / {{media}}")],
+        "stat", w=12, desc="How the SIP calls came: signalling over udp, tcp or tls, audio as rtp or srtp (SDES, "
+        "BOT_SIP_SRTP). Calls with tls / srtp are encrypted end to end of the trunk leg; udp or tcp with srtp still "
+        "carries the SRTP keys in clear SDP (docs/sip.md, SRTP)")
     b.panel("SIP calls carried on after a worker died", [_q(
         "sum by (result) (increase(voicebot_sip_resumes_total[15m]))", "{{result}}")], w=12,
         desc="The restarted worker 0 re-INVITEs the phones of the SIP calls its previous process lost: resumed (the "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ops.logs import get_logger
-from ops.metrics import ERRORS, SIP_MESSAGES
+from ops.metrics import ERRORS, SIP_CALLS_ANSWERED, SIP_MESSAGES
 from telephony.sip import session_timer
 from telephony.sip import tls as sip_tls
 from telephony.sip.auth import Allowlist, AuthFailures, DigestAuth, TokenBucket, is_scanner
@@ -995,6 +995,8 @@ class SipServer:
         neg = call.media.neg
         assert neg is not None
         self.clock.add(call.media)
+        if call.info.leg <= 1:  # a call carried on by another process was counted when it was answered
+            SIP_CALLS_ANSWERED.labels(call.peer.proto.lower(), "srtp" if neg.crypto is not None else "rtp").inc()
         call.log.info("call_answered", codec=neg.codec, dtmf_pt=neg.dtmf_pt, proto=call.peer.proto,
                       srtp=neg.crypto.suite if neg.crypto is not None else None,
                       remote=f"{neg.remote_ip}:{neg.remote_port}")

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from ops.metrics import ERRORS
+from ops.metrics import ERRORS, SIP_CALLS_ANSWERED
 from telephony.sip.call import SipCall
 from telephony.sip.media import RtpSession
 from telephony.sip.resume import resume
@@ -41,11 +41,17 @@ async def _call(make_server, settings, prompt_pcm, srtp: str | None = SUITE, **k
     return srv, handler, caller
 
 
+def _answered(media: str) -> float:
+    return SIP_CALLS_ANSWERED.labels("udp", media)._value.get()
+
+
 async def test_an_srtp_call_carries_audio_both_ways_encrypted(make_server, sip_settings, prompt_pcm) -> None:
     srv, handler, caller = await _call(make_server, sip_settings, prompt_pcm)
+    srtp_calls, rtp_calls = _answered("srtp"), _answered("rtp")
     try:
         assert await caller.invite() == 200
         await asyncio.wait_for(handler.new_call.wait(), 5)
+        assert (_answered("srtp"), _answered("rtp")) == (srtp_calls + 1, rtp_calls)  # the dashboard's share
         call: SipCall = handler.calls[0]["bridge"]
         assert call.media.srtp is not None and call.media.srtp.suite == SUITE
         assert caller.media.srtp is not None
@@ -172,7 +178,7 @@ async def test_an_srtp_call_carried_on_by_another_process_goes_on_under_the_same
         phone_rx_context = caller.media.srtp._rx
         await caller.wait_bot_quiet(0.3, 8)
         heard = len(caller.recording)
-        failed_before = _errors("srtp_auth_failed")
+        failed_before, answered_before = _errors("srtp_auth_failed"), _answered("srtp")
         b, handler_b = await _replaced(srv, sip_settings, prompt_pcm)
         try:
             resumed, result = await resume(b, snap, leg=2)
@@ -185,6 +191,7 @@ async def test_an_srtp_call_carried_on_by_another_process_goes_on_under_the_same
             assert voiced_fraction(np.concatenate(caller.recording[heard:])) > 0.05  # decrypted by the old context
             # (the phone's first packets may reach the new port before its answer does: "no_session", not SRTP)
             assert _errors("srtp_auth_failed") == failed_before and caller.media.stats["rx_bad"] == 0
+            assert _answered("srtp") == answered_before  # the same call, not another one answered
             assert await caller.bye() == 200
         finally:
             await b.stop()
