@@ -41,6 +41,18 @@ async def baresip(tmp_path: Path, caller_wav: Path) -> Any:
         await b.stop()
 
 
+async def _keys_hold_resume(ua: Baresip, rec: dict[str, Any]) -> None:
+    """baresip presses 4 2 # (RFC 4733), holds the bot and resumes it: each seen by the call."""
+    call: SipCall = rec["bridge"]
+    await ua.send("/sndcode 42#")
+    await wait_until(lambda: len(rec["dtmf"]) >= 3, 10)
+    assert rec["dtmf"][:3] == ["4", "2", "#"]
+    await ua.send("/hold")
+    await wait_until(lambda: call.media.neg is not None and call.media.neg.direction == "recvonly", 10)
+    await ua.send("/resume")
+    await wait_until(lambda: call.media.neg is not None and call.media.neg.direction == "sendrecv", 10)
+
+
 async def test_media_both_ways_dtmf_hold_resume_caller_bye(make_server, sip_settings, prompt_pcm, baresip) -> None:
     handler = RecordingHandler(prompt_pcm)
     srv = await make_server(handler, sip_settings)
@@ -53,14 +65,7 @@ async def test_media_both_ways_dtmf_hold_resume_caller_bye(make_server, sip_sett
     assert call.info.transport == "sip"
     await wait_until(lambda: "prompt" in rec["marks"], 10)  # MarkIn: the prompt was paced out
 
-    await ua.send("/sndcode 42#")
-    await wait_until(lambda: len(rec["dtmf"]) >= 3, 10)
-    assert rec["dtmf"][:3] == ["4", "2", "#"]
-
-    await ua.send("/hold")
-    await wait_until(lambda: call.media.neg is not None and call.media.neg.direction == "recvonly", 10)
-    await ua.send("/resume")
-    await wait_until(lambda: call.media.neg is not None and call.media.neg.direction == "sendrecv", 10)
+    await _keys_hold_resume(ua, rec)
     await asyncio.sleep(0.5)
 
     await ua.send("/hangup")
@@ -209,13 +214,7 @@ async def test_srtp_call_with_baresip_and_its_takeover_rekeyed(make_server, sip_
     call: SipCall = rec["bridge"]
     assert call.media.srtp is not None and call.media.neg is not None and call.media.neg.proto == "RTP/SAVP"
     await wait_until(lambda: "prompt" in rec["marks"], 10)
-    await ua.send("/sndcode 42#")
-    await wait_until(lambda: len(rec["dtmf"]) >= 3, 10)
-    assert rec["dtmf"][:3] == ["4", "2", "#"]
-    await ua.send("/hold")
-    await wait_until(lambda: call.media.neg is not None and call.media.neg.direction == "recvonly", 10)
-    await ua.send("/resume")
-    await wait_until(lambda: call.media.neg is not None and call.media.neg.direction == "sendrecv", 10)
+    await _keys_hold_resume(ua, rec)
     rx = call.media.stats["rx"]
     await wait_until(lambda: call.media.stats["rx"] > rx + 25, 10)  # still decrypting after the re-INVITEs
     assert voiced_fraction(inbound_pcm(rec)) > 0.15 and call.media.stats["rx_bad"] == 0
