@@ -209,6 +209,12 @@ def validate_environment() -> Settings:
             raise ConfigError("BOT_SIP_REGISTRAR is a TLS registrar but BOT_SIP_TLS_PORT is 0: the provider's calls "
                               "come to the TLS listener we register")
     _check_sip_tls(settings.sip_port)
+    from telephony.sip.locate import parse_servers
+
+    try:
+        parse_servers(os.environ.get("BOT_SIP_DNS_SERVERS", ""))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return settings
 
 

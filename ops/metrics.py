@@ -78,7 +78,7 @@ TWILIO_REST_HANGUPS = Counter("voicebot_twilio_rest_hangups_total", "Twilio call
 SIP_REGISTERED = Gauge("voicebot_sip_registered", "1 while this worker's SIP server holds a registration at the "
                        "provider's registrar (BOT_SIP_REGISTRAR), 0 while it cannot register", multiprocess_mode="liveall")
 SIP_REGISTRATIONS = Counter("voicebot_sip_registrations_total", "REGISTER attempts with the provider's registrar, by "
-                            "result: ok, auth_failed, refused, no_answer", ["result"])
+                            "result: ok, auth_failed, refused, no_answer, unresolved (its name led to no server: DNS)", ["result"])
 SIP_RESUMES = Counter("voicebot_sip_resumes_total", "SIP calls of a dead worker that its restarted process tried to "
                       "carry on (re-INVITE from the new process, bot/sip_recovery.py), by result: resumed, hung_up (a BYE "
                       "instead: the bot was hanging up, or the call was lost longer ago than BOT_SIP_RESUME_WINDOW_S), "

@@ -75,6 +75,8 @@ def test_setup_off_debian_lists_the_packages_to_install(tmp_path: Path) -> None:
     ("BOT_RTP_PORT_MAX", "100", "BOT_RTP_PORT_MIN=20000 is above BOT_RTP_PORT_MAX=100"),
     ("BOT_POLICY", "/no/such/policy.yaml", "not a readable file"),  # used to start with the default policy
     ("BOT_SIP_TLS_PORT", "5061", "needs BOT_SIP_TLS_CERT and BOT_SIP_TLS_KEY"),  # TLS without a certificate
+    ("BOT_SIP_DNS_SERVERS", "dns.example", "is not IP[:PORT]"),  # a name cannot locate names
+    ("BOT_SIP_SRTP", "yes", "expected one of off, optional, required"),
 ])
 def test_serve_refuses_a_bad_setting_before_starting(tmp_path: Path, name: str, value: str, says: str) -> None:
     data = tmp_path / "data"

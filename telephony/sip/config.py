@@ -68,6 +68,8 @@ class SipSettings:
     register_password: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_PASSWORD", ""))
     register_domain: str = field(default_factory=lambda: _env("BOT_SIP_REGISTER_DOMAIN", ""))  # default: registrar host
     register_expires_s: int = field(default_factory=lambda: int(_env("BOT_SIP_REGISTER_EXPIRES_S", "300")))
+    # DNS servers for locating SIP servers by name (RFC 3263 NAPTR/SRV/A): "ip[:port],..."; empty: the system's
+    dns_servers: str = field(default_factory=lambda: _env("BOT_SIP_DNS_SERVERS", ""))
     # SIP over TLS (telephony/sip/tls.py): a listener on tls_port (0: none), the certificate it presents, and how
     # connections we open verify their peer (CA bundle: empty = the system store)
     tls_port: int = field(default_factory=lambda: int(_env("BOT_SIP_TLS_PORT", "0")))

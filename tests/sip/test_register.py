@@ -22,6 +22,7 @@ from telephony.sip.register import Registrar
 from telephony.sip.uac import SipCaller
 
 from .conftest import RecordingHandler, wait_until
+from .dns_server import DnsServer
 
 pytestmark = pytest.mark.skipif(shutil.which("kamailio") is None, reason="needs kamailio")
 
@@ -32,6 +33,7 @@ fork=yes
 children=2
 auto_aliases=no
 listen=udp:127.0.0.1:{port}
+listen=tcp:127.0.0.1:{port}
 dns=no
 rev_dns=no
 use_dns_cache=off
@@ -97,10 +99,11 @@ def _count(result: str) -> float:
 
 
 def test_registrar_spec() -> None:
-    assert Registrar.parse("pbx.example.com") == Registrar("pbx.example.com", 5060, "UDP", "pbx.example.com")
+    assert Registrar.parse("pbx.example.com") == Registrar("pbx.example.com", 5060, "UDP", "pbx.example.com",
+                                                           port_given=False, proto_given=False)
     assert Registrar.parse("sip:10.0.0.5:5080;transport=tcp", "example.com") == \
         Registrar("10.0.0.5", 5080, "TCP", "example.com")
-    assert Registrar.parse("sip:pbx;transport=tls") == Registrar("pbx", 5061, "TLS", "pbx")
+    assert Registrar.parse("sip:pbx;transport=tls") == Registrar("pbx", 5061, "TLS", "pbx", port_given=False)
     assert Registrar.parse("sips:pbx.example.com:5062") == Registrar("pbx.example.com", 5062, "TLS", "pbx.example.com")
     with pytest.raises(ValueError, match="only udp, tcp and tls"):
         Registrar.parse("sip:pbx;transport=sctp")
@@ -156,3 +159,54 @@ async def test_a_wrong_password_leaves_the_bot_unregistered_and_retrying(make_se
         assert await caller.invite() == 404  # the provider has nowhere to send the call
     finally:
         caller.close()
+
+
+async def test_a_registrar_found_through_srv_records_with_failover(make_server, sip_settings, prompt_pcm,
+                                                                   provider: int) -> None:
+    """BOT_SIP_REGISTRAR names the provider's domain; its DNS (a real DNS server, BOT_SIP_DNS_SERVERS) lists two
+    registrars by SRV priority. The first refuses connections: the bot moves on to the second at once, registers
+    there, and a caller dialing the provider reaches the bot over the transport the records chose (TCP)."""
+    dead = free_port_both()  # nothing listens: a TCP connect is refused
+    dns = await DnsServer({
+        ("_sip._tcp.provider.test", "SRV"): [f"10 0 {dead} sip1.provider.test.", f"20 0 {provider} sip2.provider.test."],
+        ("sip1.provider.test", "A"): ["127.0.0.1"], ("sip2.provider.test", "A"): ["127.0.0.1"],
+    }).start()
+    settings = dataclasses.replace(sip_settings, registrar="sip:provider.test;transport=tcp", register_user="bot",
+                                   register_password="s3cret", register_expires_s=60, dns_servers=dns.spec)
+    handler = RecordingHandler(prompt_pcm)
+    ok0, no_answer0 = _count("ok"), _count("no_answer")
+    try:
+        srv: Any = await make_server(handler, settings)
+        await wait_until(lambda: srv.registration.registered, 15)
+        assert srv.registration.target.port == provider and srv.registration.target.proto == "TCP"
+        assert _count("no_answer") == no_answer0 + 1 and _count("ok") == ok0 + 1  # the first, then the second
+        assert ("_sip._tcp.provider.test", "SRV") in dns.asked
+        caller = SipCaller("127.0.0.1", provider)
+        await caller.open()
+        try:
+            assert await caller.invite() == 200, caller.error
+            await asyncio.wait_for(handler.new_call.wait(), 5)
+            assert handler.calls[0]["bridge"].peer.proto == "TCP"  # relayed to the Contact we registered
+            assert await caller.bye() == 200
+        finally:
+            caller.close()
+    finally:
+        dns.close()
+
+
+async def test_a_registrar_name_that_does_not_resolve_is_counted_and_looked_up_again(
+        make_server, sip_settings, prompt_pcm, monkeypatch: pytest.MonkeyPatch) -> None:
+    import telephony.sip.register as register
+
+    monkeypatch.setattr(register, "RETRY_S", (0.3,))
+    dns = await DnsServer({("other.test", "A"): ["127.0.0.1"]}).start()
+    settings = dataclasses.replace(sip_settings, registrar="sip:missing.test", register_user="bot",
+                                   dns_servers=dns.spec)
+    before = _count("unresolved")
+    try:
+        srv: Any = await make_server(RecordingHandler(prompt_pcm), settings)
+        await wait_until(lambda: _count("unresolved") >= before + 2, 10)  # tried again, never fatal
+        assert not srv.registration.registered and srv.accepting
+        assert [q for q in dns.asked if q[0] == "missing.test"]
+    finally:
+        dns.close()
