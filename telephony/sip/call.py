@@ -82,6 +82,9 @@ class SipCall(CallBridge):
         self.dtmf_duplicates = 0
         self._info_unmatched: deque[tuple[str, float]] = deque(maxlen=8)  # INFO digits no RTP event matched yet
         self.awaiting_answer = False  # we offered (late offer / offerless re-INVITE); the ACK answers
+        # RFC 3262: the (RSeq, INVITE CSeq) of the reliable 180 we sent, and its PRACK's arrival
+        self.reliable_provisional: tuple[int, int] | None = None
+        self.prack_received = asyncio.Event()
         # The ACK of the initial INVITE has arrived. Until then the caller may never have received our 200
         # (Timer H ends the call as error:no_ack after 32 s): their silence is not "no input" and the
         # missing RTP is not an RTP timeout, or a failed setup would be recorded as a caller who went quiet.

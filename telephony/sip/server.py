@@ -40,12 +40,13 @@ from telephony.sip.sdp import (Negotiated, SdpError, SdpSession, SessionDesc, ne
 
 T1, T2 = 0.5, 4.0
 TX_LINGER_S = 32.0
-ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY, UPDATE"
-# option tags a caller may Require: replaces (RFC 3891), timer (RFC 4028 session timers); anything else gets 420
-SUPPORTED = {"replaces", "timer"}
-KNOWN_NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "MESSAGE", "PUBLISH", "PRACK"}
+ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY, UPDATE, PRACK"
+# option tags a caller may Require: replaces (RFC 3891), timer (RFC 4028 session timers), 100rel (RFC 3262 reliable
+# provisional responses); anything else gets 420
+SUPPORTED = {"replaces", "timer", "100rel"}
+KNOWN_NOT_ALLOWED = {"REGISTER", "SUBSCRIBE", "MESSAGE", "PUBLISH"}
 
-_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "REFER", "NOTIFY", "UPDATE"} | KNOWN_NOT_ALLOWED
+_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "INFO", "REFER", "NOTIFY", "UPDATE", "PRACK"} | KNOWN_NOT_ALLOWED
 
 OnCall = Callable[[SipCall], Awaitable[None]]
 
@@ -833,6 +834,8 @@ class SipServer:
             self.respond(msg, peer, 200, to_tag=new_tag(), extra=self._caps())
         elif method == "INVITE" and not msg.to_tag:
             self._spawn(self._on_invite(msg, peer))
+        elif method == "PRACK":
+            self._on_prack(msg, peer)
         elif method in ("INVITE", "BYE", "INFO", "NOTIFY", "OPTIONS", "REFER", "UPDATE"):
             self._in_dialog(msg, peer)
         elif method in KNOWN_NOT_ALLOWED:
@@ -894,7 +897,7 @@ class SipServer:
                 self.respond(msg, peer, 401, to_tag=new_tag(),
                              extra=[("WWW-Authenticate", self.auth.challenge(stale=verdict in ("stale", "replay")))])
                 return
-        required = (x.strip() for x in msg.get("Require").split(","))
+        required = [x.strip() for x in msg.get("Require").split(",")]
         unsupported = [o for o in required if o and o.lower() not in SUPPORTED]
         if unsupported:
             self._refused(msg, peer, 420, "unsupported_require")
@@ -948,8 +951,11 @@ class SipServer:
             self.respond(msg, peer, 503, to_tag=tag, extra=[("Retry-After", "5")])
             return
         if call.state != "terminated":
-            self.respond(msg, peer, 180, to_tag=tag,
-                         extra=[("Contact", self.contact(local_ip, peer.proto, msg.uri))])
+            ringing = [("Contact", self.contact(local_ip, peer.proto, msg.uri))]
+            if any(o.lower() == "100rel" for o in required):
+                self._spawn(self._ring_reliably(call, msg, peer, ringing))
+            else:
+                self.respond(msg, peer, 180, to_tag=tag, extra=ringing)
             if self.settings.ring_s > 0:
                 await asyncio.sleep(self.settings.ring_s)
         if self._pending.pop(msg.branch, None) is None or call.state == "terminated":
@@ -1002,6 +1008,46 @@ class SipServer:
                       remote=f"{neg.remote_ip}:{neg.remote_port}")
         if call.handler_task is None:
             call.handler_task = self._spawn(self._run_handler(call))
+
+    async def _ring_reliably(self, call: SipCall, msg: SipMessage, peer: Peer, extra: list[tuple[str, str]]) -> None:
+        """A caller that Requires 100rel (RFC 3262; IMS and some carriers' SBCs) gets its 180 as a reliable
+        provisional response: RSeq numbered, sent again at T1, 2T1, 4T1... until its PRACK comes, the call is
+        answered or ends, or 64*T1 pass. The 180 carries no SDP, so the 200 need not wait for the PRACK (3)."""
+        rseq = random.randint(1, 2**31 - 1)
+        call.reliable_provisional = (rseq, msg.cseq[0])
+        data = self.respond(msg, peer, 180, to_tag=call.local_tag,
+                            extra=[*extra, ("Require", "100rel"), ("RSeq", str(rseq))]).encode()
+        interval, waited = T1, 0.0
+        while waited < 64 * T1:
+            try:
+                await asyncio.wait_for(call.prack_received.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                waited += interval
+                if call.state != "early":  # answered (the 200 supersedes it) or cancelled
+                    return
+                self._send(data, peer)
+                SIP_MESSAGES.labels("INVITE", "retransmit_180").inc()
+                interval *= 2
+        call.log.warning("prack_missing", waited_s=64 * T1, rseq=rseq)
+
+    def _on_prack(self, msg: SipMessage, peer: Peer) -> None:
+        """The PRACK of our reliable 180 (RFC 3262 7.2): 200, retransmissions stop; one matching no reliable
+        provisional response we sent gets 481."""
+        key = (msg.call_id, msg.to_tag)
+        call = self.calls.get(key) or next((c for c in self._pending.values()
+                                            if (c.call_id, c.local_tag) == key), None)
+        rack = msg.get("RAck").split()
+        pending = call.reliable_provisional if call is not None else None
+        if (pending is None or len(rack) != 3 or rack[2].upper() != "INVITE"
+                or (rack[0], rack[1]) != (str(pending[0]), str(pending[1]))):
+            SIP_MESSAGES.labels("PRACK", "no_match").inc()
+            self.respond(msg, peer, 481)
+            return
+        assert call is not None
+        call.remote_cseq = max(call.remote_cseq, msg.cseq[0])
+        call.prack_received.set()
+        self.respond(msg, peer, 200)
 
     async def _retransmit_2xx(self, call: SipCall, data: bytes, peer: Peer, branch: str) -> None:
         interval, waited = T1, 0.0

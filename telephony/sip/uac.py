@@ -146,6 +146,9 @@ class SipCaller:
         # client transactions by (branch, method): a CANCEL shares its INVITE's branch (RFC 3261 9.1)
         self._tx: dict[tuple[str, str], asyncio.Future[SipMessage]] = {}
         self._provisional: dict[str, list[int]] = {}
+        self.prack = True  # PRACK reliable provisional responses (RFC 3262); False: a caller that never does
+        self.reliable_rseqs: list[int] = []  # RSeq of every reliable provisional response received (retransmits too)
+        self.prack_status: int | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self.sip_port = 0
         self.ended = asyncio.Event()
@@ -231,10 +234,25 @@ class SipCaller:
         fut = self._tx.get((msg.branch, msg.cseq[1]))
         if msg.status < 200:
             self._provisional.setdefault(msg.branch, []).append(msg.status)
+            rseq = msg.get("RSeq").strip()
+            if "100rel" in msg.get("Require").lower() and rseq.isdigit():
+                self.reliable_rseqs.append(int(rseq))
+                if self.prack and self.reliable_rseqs.count(int(rseq)) == 1:
+                    asyncio.get_running_loop().create_task(self._prack(msg, int(rseq)))
         elif fut is not None and not fut.done():
             fut.set_result(msg)
         elif msg.cseq[1] == "INVITE" and msg.status < 300 and self._ok_response is not None:
             self._send_ack(msg)  # our ACK was lost: the server retransmits its 200
+
+    async def send_prack(self, rseq: int, invite_cseq: int, to_tag: str) -> int:
+        """PRACK (RFC 3262 7.1) for the reliable provisional response `rseq` to our INVITE; its final status."""
+        self.to_tag = self.to_tag or to_tag  # the early dialog the provisional response made
+        resp = await self._transact(self._request("PRACK", extra=[("RAck", f"{rseq} {invite_cseq} INVITE")]), 10)
+        self.prack_status = resp.status if resp is not None else 408
+        return self.prack_status
+
+    async def _prack(self, provisional: SipMessage, rseq: int) -> None:
+        await self.send_prack(rseq, provisional.cseq[0], provisional.to_tag)
 
     # Requests ----------------------------------------------------------------------------------------
     def _request(self, method: str, body: bytes = b"", extra: list[tuple[str, str]] | None = None,

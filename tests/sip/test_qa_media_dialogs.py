@@ -172,9 +172,9 @@ async def test_invite_with_replaces_takes_over_the_call(make_server, sip_setting
         assert handler.calls[1]["bridge"].state == "confirmed"
         assert handler.calls[1]["bridge"].info.resumes == first.call_id  # the conversation carries on there
         # 420 is still the answer to extensions we do not have
-        other = raw.request("INVITE", srv.port, extra + "Require: 100rel\r\n", sdp, call_id="qa-repl-2")
+        other = raw.request("INVITE", srv.port, extra + "Require: precondition\r\n", sdp, call_id="qa-repl-2")
         resp = await raw.exchange(other, srv.port)
-        assert resp.status == 420 and resp.get("Unsupported") == "100rel"
+        assert resp.status == 420 and resp.get("Unsupported") == "precondition"
     finally:
         first.close()
         raw.close()

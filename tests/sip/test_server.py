@@ -190,7 +190,7 @@ async def test_refused_invites_are_logged_with_the_reason(make_server, sip_setti
             resp = await raw.exchange(raw.request("INVITE", srv.port, "Content-Type: text/plain\r\n", b"hi",
                                                   call_id="text-call"), srv.port)
             assert resp is not None and resp.status == 415
-            resp = await raw.exchange(raw.request("INVITE", srv.port, "Require: 100rel\r\n", call_id="rel-call"),
+            resp = await raw.exchange(raw.request("INVITE", srv.port, "Require: precondition\r\n", call_id="rel-call"),
                                       srv.port)
             assert resp is not None and resp.status == 420
     finally:
