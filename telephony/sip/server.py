@@ -275,16 +275,33 @@ class SipServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
                 self._udp_v6 = sock.family == socket.AF_INET6
         if self.tcp_enabled:
-            self._tcp = await asyncio.start_server(self._on_tcp, self.host, self.port)
+            self._tcp = await self._stream_server(self._on_tcp, self.port)
             if self.port == 0:
                 self.port = self._tcp.sockets[0].getsockname()[1]
 
     async def _bind_tls(self) -> None:
         """The TLS listener: plain TCP accepts, the handshake is ours (_on_tls), so that its failures are counted."""
         if self.tls_enabled:
-            self._tls = await asyncio.start_server(self._on_tls_accept, self.host, self.tls_port)
+            self._tls = await self._stream_server(self._on_tls_accept, self.tls_port)
             if self.tls_port == 0:
                 self.tls_port = self._tls.sockets[0].getsockname()[1]
+
+    async def _stream_server(self, cb: Any, port: int) -> asyncio.base_events.Server:
+        """A TCP listener on our host. On `::` one dual-stack socket (asyncio makes IPv6 listeners IPv6-only, so
+        IPv4 phones were refused over TCP and TLS while UDP took them); IPv4 peers show as ::ffff: and are
+        unmapped where they are admitted."""
+        if self.host != "::":
+            return await asyncio.start_server(cb, self.host, port)
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+            sock.setblocking(False)
+            return await asyncio.start_server(cb, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def _close_listeners(self) -> None:
         for server in (self._udp, self._tcp, self._tls):

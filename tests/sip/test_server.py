@@ -698,3 +698,27 @@ async def test_a_server_on_every_address_takes_ipv4_and_ipv6_calls(sip_settings,
             assert voiced_fraction(caller.recorded()) > 0.05, host  # and the caller heard the bot
     finally:
         await srv.stop()
+
+
+async def test_a_server_on_every_address_takes_tcp_from_both_families(sip_settings, prompt_pcm) -> None:
+    """asyncio makes a listener on `::` IPv6-only: IPv4 phones were refused over TCP (and TLS) while UDP took them."""
+    from telephony.sip.server import SipServer
+
+    srv = SipServer("::", 0, RecordingHandler(prompt_pcm), dataclasses.replace(sip_settings, allow="127.0.0.0/8,::1/128"))
+    await srv.start()
+    raw = RawUdp()
+    try:
+        for host in ("127.0.0.1", "::1"):
+            reader, writer = await asyncio.open_connection(host, srv.port)
+            try:
+                req = raw.request("OPTIONS", srv.port, call_id=f"tcp-{host}").replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP")
+                writer.write(req)
+                await writer.drain()
+                resp = parse_message(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5))
+                assert (resp.status, resp.call_id) == (200, f"tcp-{host}")
+                assert any(a[0] == host for a in srv._tcp_conns), srv._tcp_conns  # admitted as itself, unmapped
+            finally:
+                writer.close()
+    finally:
+        raw.close()
+        await srv.stop()
