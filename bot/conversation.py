@@ -225,7 +225,12 @@ class Conversation:
             # a resumed call's duration is the caller's, from its first leg; this leg's own is kept beside it
             whole = {"duration_s": round(max(leg_s, time.time() - self._first_started_at), 3),
                      "leg_duration_s": leg_s} if self._first_started_at is not None else {"duration_s": leg_s}
-            s.store.end_call(self.call_id, outcome, turns=self._turn_n, **whole)
+            try:
+                audio = self.bridge.media_quality()
+            except Exception as exc:  # noqa: BLE001 - a measurement must never cost the call its end record
+                self.log.warning("media_quality_failed", error=repr(exc)[:200])
+                audio = None
+            s.store.end_call(self.call_id, outcome, turns=self._turn_n, **whole, **({"audio": audio} if audio else {}))
             metrics.ACTIVE_CALLS.labels(self.transport).dec()
             metrics.CALLS_TOTAL.labels(self.transport, outcome).inc()
             self.log.info("call_ended", outcome=outcome, turns=self._turn_n,

@@ -84,6 +84,13 @@ SIP_RESUMES = Counter("voicebot_sip_resumes_total", "SIP calls of a dead worker 
                       "instead: the bot was hanging up, or the call was lost longer ago than BOT_SIP_RESUME_WINDOW_S), "
                       "gone (the phone had hung up: 481/408), no_answer, refused, ended, expired, unreadable, "
                       "bad_answer, no_rtp_port, error", ["result"])
+AUDIO_LOSS = Histogram("voicebot_call_audio_loss_ratio", "Share of a SIP call's RTP packets lost, per call at its "
+                       "end: direction in (the caller's audio, as we received it), out (the bot's audio, as the "
+                       "phone's RTCP reported it)", ["direction"],
+                       buckets=(0.0005, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5))
+AUDIO_JITTER = Histogram("voicebot_call_audio_jitter_seconds", "RTP interarrival jitter of a SIP call (RFC 3550), per "
+                         "call at its end, by direction as for voicebot_call_audio_loss_ratio", ["direction"],
+                         buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2, 0.5))
 SIP_CALLS_ANSWERED = Counter("voicebot_sip_calls_answered_total", "SIP calls answered (first leg), by the transport "
                              "their signalling came over (udp, tcp, tls) and their audio (rtp, srtp): how much of the "
                              "traffic is encrypted", ["signalling", "media"])

@@ -107,6 +107,11 @@ class CallBridge(abc.ABC):
         (Redis down or slow). The same as hangup() for transports whose end does not depend on it."""
         await self.hangup(reason)
 
+    def media_quality(self) -> dict[str, float | int] | None:
+        """The call's audio quality as the transport measured it (SIP: RTP loss and jitter both ways, from RTCP),
+        for the call's story; None where the transport measures none (Twilio Media Streams carry no such stats)."""
+        return None
+
     @property
     def can_transfer(self) -> bool:
         """Whether transfer() can move this call at all (Twilio without REST credentials, a browser softphone:

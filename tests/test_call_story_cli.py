@@ -183,3 +183,19 @@ def test_softphone_and_reclaimed_calls_read_as_what_happened(redis_url: str) -> 
     assert "legs     2 (the browser reconnected after its worker died" in out, out
     out = _cli(redis_url, "calls", "show", cut).stdout
     assert "call taken back by worker vm-w0: it had only been cut off from Redis, and host-b had ended it" in out, out
+
+
+def test_a_sip_call_s_audio_quality_is_in_its_story(redis_url: str) -> None:
+    """When a caller says the bot was choppy (or deaf), the story says which way the audio suffered."""
+    cid = "sip-" + uuid.uuid4().hex
+
+    def story(s: CallStore) -> None:
+        s.start_call(cid, "sip", "caller", "bot", "3")
+        s.end_call(cid, "caller_hangup", duration_s=42.0, turns=2,
+                   audio={"rx_packets": 1900, "rx_lost": 190, "rx_loss_pct": 9.1, "rx_jitter_ms": 34.0,
+                          "peer_loss_pct": 0.2, "peer_jitter_ms": 3.0, "rtt_ms": 88.0})
+
+    _write(redis_url, story)
+    out = _cli(redis_url, "calls", "show", cid).stdout
+    assert ("audio from the caller: 9.1 % lost, jitter 34 ms; to the caller (its RTCP): 0.2 % lost, jitter 3 ms; "
+            "round trip 88 ms") in out, out

@@ -228,10 +228,24 @@ def _describe(e: dict[str, Any]) -> list[str]:
     if et == "call_ended":
         dur = _float(e.get("duration_s"))
         return [f"call ended: {e.get('outcome', '?')}" + (f" after {dur:.1f} s" if dur is not None else "")
-                + (f", {_turns(e['turns'])}" if "turns" in e else "")]
+                + (f", {_turns(e['turns'])}" if "turns" in e else "")] + _audio(e.get("audio"))
     if et is None:
         return [f"(event without a type) {_generic(e)}"]
     return [f"{et}: {_generic(e)}" if len(e) > 3 else str(et)]
+
+
+def _audio(q: Any) -> list[str]:
+    """A SIP call's RTP quality (telephony/sip/quality.py) in words: which way the audio suffered, if it did."""
+    if not isinstance(q, dict) or "rx_loss_pct" not in q:
+        return []
+    line = (f"  audio from the caller: {_float(q.get('rx_loss_pct')) or 0:.1f} % lost, "
+            f"jitter {_float(q.get('rx_jitter_ms')) or 0:.0f} ms")
+    if "peer_loss_pct" in q:
+        line += (f"; to the caller (its RTCP): {_float(q.get('peer_loss_pct')) or 0:.1f} % lost, "
+                 f"jitter {_float(q.get('peer_jitter_ms')) or 0:.0f} ms")
+    if "rtt_ms" in q:
+        line += f"; round trip {_float(q.get('rtt_ms')) or 0:.0f} ms"
+    return [line]
 
 
 def _turns(n: Any) -> str:

@@ -174,6 +174,17 @@ def voicebot() -> Board:
         "stat", w=12, desc="How the SIP calls came: signalling over udp, tcp or tls, audio as rtp or srtp (SDES, "
         "BOT_SIP_SRTP). Calls with tls / srtp are encrypted end to end of the trunk leg; udp or tcp with srtp still "
         "carries the SRTP keys in clear SDP (docs/sip.md, SRTP)")
+    b.panel("SIP call audio lost (p95 of calls, 1h)", [_q(
+        "histogram_quantile(0.95, sum by (le, direction) (rate(voicebot_call_audio_loss_ratio_bucket[1h])))",
+        "{{direction}}")], w=6, unit="percentunit",
+        desc="Share of RTP packets lost per SIP call, the worst 5 % of calls: in = the caller's audio as the bot "
+             "received it; out = the bot's audio as the phone's RTCP reported it. Over ~3 % callers hear (or are "
+             "heard) choppy; a call's own figures are in `bot calls show` and its call_ended log")
+    b.panel("SIP call audio jitter (p95 of calls, 1h)", [_q(
+        "histogram_quantile(0.95, sum by (le, direction) (rate(voicebot_call_audio_jitter_seconds_bucket[1h])))",
+        "{{direction}}")], w=6, unit="s",
+        desc="RTP interarrival jitter (RFC 3550) per SIP call, the worst 5 %: above the jitter buffer's depth "
+             "(BOT_SIP_JITTER_FRAMES x 20 ms) packets arrive too late to be played")
     b.panel("SIP calls carried on after a worker died", [_q(
         "sum by (result) (increase(voicebot_sip_resumes_total[15m]))", "{{result}}")], w=12,
         desc="The restarted worker 0 re-INVITEs the phones of the SIP calls its previous process lost: resumed (the "

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import numpy as np
 
 from ops.logs import get_logger
-from ops.metrics import ERRORS, TRANSFERS
+from ops.metrics import AUDIO_JITTER, AUDIO_LOSS, ERRORS, TRANSFERS
 from telephony.bridge import AudioIn, CallBridge, CallEnded, CallInfo, DtmfIn, InboundEvent, until_ended
 from telephony.sip import session_timer
 from telephony.sip.media import RtpSession
@@ -41,6 +41,7 @@ MAX_QUEUED_EVENTS = 1500  # 30 s of 20 ms frames
 # this window is one key press. Once a call has sent RFC 4733 events, they are the source of truth and
 # INFO digits are dropped as duplicates (counted: voicebot_errors_total{component="sip",kind="dtmf_duplicate"}).
 DTMF_DUPLICATE_WINDOW_S = 1.0
+MIN_QUALITY_PACKETS = 250  # 5 s of caller audio before a call's loss and jitter go into the fleet's histograms
 SNAPSHOT_VERSION = 1  # resume_state()'s layout (telephony/sip/resume.py reads it)
 MAX_SNAPSHOT_INVITE_BYTES = 16 * 1024  # a larger INVITE is not kept: that call is simply not resumable
 
@@ -355,8 +356,19 @@ class SipCall(CallBridge):
         if self._refer is not None and not self._refer.done():
             self._refer.set_result(487)
         self.server.forget(self)
+        quality = self.media.quality()
         self.log.info("call_ended", reason=reason, duration_s=round(time.monotonic() - self.started_at, 2),
-                      rx=self.media.stats["rx"], tx=self.media.stats["tx"], rx_bad=self.media.stats["rx_bad"])
+                      rx=self.media.stats["rx"], tx=self.media.stats["tx"], rx_bad=self.media.stats["rx_bad"],
+                      **(quality or {}))
+        if quality is not None and self.media.reception.expected >= MIN_QUALITY_PACKETS:
+            AUDIO_LOSS.labels("in").observe(quality["rx_loss_pct"] / 100)
+            AUDIO_JITTER.labels("in").observe(quality["rx_jitter_ms"] / 1000)
+            if "peer_loss_pct" in quality:
+                AUDIO_LOSS.labels("out").observe(quality["peer_loss_pct"] / 100)
+                AUDIO_JITTER.labels("out").observe(quality["peer_jitter_ms"] / 1000)
+
+    def media_quality(self) -> dict[str, float | int] | None:
+        return self.media.quality()
 
 
 def _user(value: str) -> str:

@@ -23,6 +23,7 @@ from telephony.bridge import FRAME_SAMPLES, AudioIn, DtmfIn, InboundEvent, MarkI
 from telephony.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from telephony.sip.dtmf import DtmfError, EventDetector
 from telephony.sip.jitter import Concealer, JitterBuffer, Slot
+from telephony.sip.quality import ReportBlock, Reception, ntp_now, parse_reports, round_trip_s
 from telephony.sip.rtp import RtpError, build_rtp, build_sender_report, parse_rtcp, parse_rtp, seq_delta
 from telephony.sip.sdp import Negotiated
 from telephony.sip.srtp import Handover, SrtpContext, SrtpError, key_id, new_key
@@ -91,6 +92,10 @@ class RtpSession:
         self._timed_out = False
         self.timeout_armed = True  # the SIP call disarms it until its INVITE is ACKed (Timer H owns that)
         self._cand: tuple[tuple[str, int], int, int] | None = None
+        self.reception = Reception()  # loss and jitter of what we receive (RFC 3550), reported in our RTCP
+        self.peer_report: ReportBlock | None = None  # the phone's RTCP about what we send: its loss and jitter
+        self.peer_rtt_s: float | None = None
+        self._tx_at_peer_report = 0
         self._keys: dict[str, bytes] = {}  # our SRTP master key per suite: the one our SDP gave, kept all call
         self.srtp: SrtpContext | None = None
         self._wraps_since_snapshot: int | None = None  # set by continue_stream()
@@ -320,6 +325,7 @@ class RtpSession:
             self._bad("unknown_payload_type")
             return
         self._remote_ssrc = pkt.ssrc
+        self.reception.packet(pkt.ssrc, pkt.seq, pkt.ts, time.monotonic(), audio=audio_pt is not None)
         # Symmetric RTP (RFC 4961): answer where valid media comes from, which traverses NAT.
         self.remote = (addr[0], addr[1])
         self.latched = True
@@ -348,9 +354,34 @@ class RtpSession:
             if self.srtp is not None:
                 data = self.srtp.unprotect_rtcp(data)
             parse_rtcp(data)
+            blocks, sr = parse_reports(data)
             self.stats["rtcp_rx"] += 1
         except (RtpError, SrtpError) as exc:
             ERRORS.labels("rtp", exc.kind).inc()
+            return
+        if sr is not None and sr[0] == self.reception.ssrc:
+            self.reception.sender_report(sr[1], sr[2])
+        for block in blocks:
+            if block.ssrc == self.ssrc:  # the phone on what we send
+                self.peer_report, self._tx_at_peer_report = block, self.stats["tx"]
+                self.peer_rtt_s = round_trip_s(block, *ntp_now()) or self.peer_rtt_s
+
+    def quality(self) -> dict[str, float | int] | None:
+        """The call's audio as RTP measured it: from the caller (loss, jitter) and, when the phone sends RTCP
+        report blocks, to the caller (its loss and jitter) and the round trip. None before any audio."""
+        r = self.reception
+        if r.expected == 0 and self.peer_report is None:
+            return None
+        out: dict[str, float | int] = {
+            "rx_packets": r.received, "rx_lost": r.lost, "rx_loss_pct": round(100 * r.lost / max(1, r.expected), 2),
+            "rx_jitter_ms": round(r.jitter_s * 1000, 1)}
+        p = self.peer_report
+        if p is not None:
+            out["peer_loss_pct"] = round(100 * max(0, p.cumulative_lost) / max(1, self._tx_at_peer_report), 2)
+            out["peer_jitter_ms"] = round(p.jitter_ts / 8, 1)
+        if self.peer_rtt_s is not None:
+            out["rtt_ms"] = round(self.peer_rtt_s * 1000, 1)
+        return out
 
     def _next_in_frame(self) -> np.ndarray:
         """Exactly 160 samples of caller audio per tick, whatever the caller's ptime."""
@@ -387,7 +418,8 @@ class RtpSession:
             self.on_timeout()
         if now - self._last_rtcp > RTCP_INTERVAL_S and self._rtcp is not None and self.remote is not None:
             self._last_rtcp = now
-            sr = build_sender_report(self.ssrc, self._ts, self.stats["tx"], self.stats["tx_octets"])
+            sr = build_sender_report(self.ssrc, self._ts, self.stats["tx"], self.stats["tx_octets"],
+                                     self.reception.block())
             if self.srtp is not None:
                 sr = self.srtp.protect_rtcp(sr)
             self._rtcp.sendto(sr, (self.remote[0], self.remote[1] + 1))

@@ -67,12 +67,14 @@ def seq_delta(a: int, b: int) -> int:
     return d - 0x10000 if d >= 0x8000 else d
 
 
-def build_sender_report(ssrc: int, rtp_ts: int, packets: int, octets: int) -> bytes:
+def build_sender_report(ssrc: int, rtp_ts: int, packets: int, octets: int, block: bytes | None = None) -> bytes:
+    """A Sender Report, with one report block (telephony/sip/quality.py) about the source we receive, if given."""
     now = time.time() + NTP_EPOCH_OFFSET
     ntp_hi = int(now)
     ntp_lo = int((now - ntp_hi) * (1 << 32)) & 0xFFFFFFFF
-    return struct.pack("!BBHIIIIII", 0x80, 200, 6, ssrc, ntp_hi, ntp_lo, rtp_ts & 0xFFFFFFFF,
-                       packets & 0xFFFFFFFF, octets & 0xFFFFFFFF)
+    blocks = block or b""
+    return struct.pack("!BBHIIIIII", 0x80 | (1 if blocks else 0), 200, 6 + len(blocks) // 4, ssrc, ntp_hi & 0xFFFFFFFF,
+                       ntp_lo, rtp_ts & 0xFFFFFFFF, packets & 0xFFFFFFFF, octets & 0xFFFFFFFF) + blocks
 
 
 def parse_rtcp(data: bytes) -> list[int]:

@@ -95,6 +95,9 @@ async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path
         server.stop()
     rec1 = got1["record"]
     assert rec1["transport"] == "sip", rec1
+    ended = [e for e in got1["events"] if e["type"] == "call_ended"]
+    audio = ended[-1].get("audio") if ended else None  # the RTP quality the SIP bridge measured, in the story
+    assert isinstance(audio, dict) and audio["rx_packets"] > 50 and audio["rx_loss_pct"] < 5, ended
     turn = turns[0]
     print(f"sip full stack: turn intent={turn.get('intent')} conf={turn.get('confidence')} "
           f"transcript={turn.get('transcript')!r} error={turn.get('error')}")
