@@ -39,7 +39,7 @@ NOT_SETTINGS = {
     "BOT_WORKER_INDEX": "set by `bot serve --workers N` for its workers (0 serves SIP)",
 }
 # only the compose file reads these (host-side interpolation)
-COMPOSE_ONLY = {"BOT_HTTP_PUBLISH", "BOT_SIP_PUBLISH", "GRAFANA_ADMIN_PASSWORD"}
+COMPOSE_ONLY = {"BOT_HTTP_PUBLISH", "BOT_SIP_PUBLISH", "BOT_SIP_TLS_PUBLISH", "GRAFANA_ADMIN_PASSWORD"}
 
 _NAME = r"([A-Z][A-Z0-9_]*[A-Z0-9])"
 # os.environ.get("X", d), os.environ["X"], os.getenv("X"), and the settings helpers _env/_int/_float/_f/_flag
@@ -220,7 +220,8 @@ def test_compose_carries_sip_and_engine_settings() -> None:
     doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     bot = doc["services"]["bot"]
     env = bot["environment"]
-    for name in ("BOT_SIP_ALLOW", "BOT_SIP_USER", "BOT_SIP_PASSWORD", "BOT_SIP_PUBLIC_IP"):
+    for name in ("BOT_SIP_ALLOW", "BOT_SIP_USER", "BOT_SIP_PASSWORD", "BOT_SIP_PUBLIC_IP", "BOT_SIP_TLS_PORT",
+                 "BOT_SIP_TLS_CERT", "BOT_SIP_TLS_KEY", "BOT_SIP_SRTP", "BOT_SIP_REGISTRAR"):
         assert name in env and env[name] is None, f"{name}: pass through from the host, unset by default"
     lo = re.fullmatch(r"\$\{BOT_RTP_PORT_MIN:-(\d+)\}", env["BOT_RTP_PORT_MIN"])
     hi = re.fullmatch(r"\$\{BOT_RTP_PORT_MAX:-(\d+)\}", env["BOT_RTP_PORT_MAX"])
