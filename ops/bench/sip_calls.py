@@ -1,6 +1,6 @@
 """Benchmark: N concurrent real-time SIP calls against a SipServer.
 
-    .venv/bin/python ops/bench/sip_calls.py --calls 10 50 100 --hold 20 [--target HOST:PORT]
+    .venv/bin/python ops/bench/sip_calls.py --calls 10 50 100 --hold 20 [--target HOST:PORT] [--srtp]
 
 Without --target it starts a SipServer with an ECHO handler in a child process (so the server's CPU
 is measured apart from the simulated callers): every caller plays a 200 ms tone burst every 2 s and
@@ -83,11 +83,11 @@ def _packet_stats(caller: Any) -> dict:
 
 
 async def _one_call(host: str, port: int, hold_s: float, results: list[dict], start_delay: float,
-                    turn: np.ndarray | None) -> None:
+                    turn: np.ndarray | None, srtp: str | None = None) -> None:
     from telephony.sip.uac import SipCaller, trailing_silence_s
 
     await asyncio.sleep(start_delay)
-    caller = SipCaller(host, port)
+    caller = SipCaller(host, port, srtp=srtp)
     await caller.open()
     try:
         if await caller.invite() != 200:
@@ -129,18 +129,19 @@ async def _one_call(host: str, port: int, hold_s: float, results: list[dict], st
 
 
 async def _run_level(n: int, hold_s: float, target: tuple[str, int], server_pid: int | None,
-                     turn: np.ndarray | None = None) -> dict:
+                     turn: np.ndarray | None = None, srtp: str | None = None) -> dict:
     results: list[dict] = []
     ramp = min(5.0, n * 0.05)
     cpu0 = _cpu_s(server_pid) if server_pid else 0.0
     me0 = _cpu_s(os.getpid())
     t0 = time.monotonic()
-    await asyncio.gather(*[_one_call(target[0], target[1], hold_s, results, ramp * i / n, turn) for i in range(n)])
+    await asyncio.gather(*[_one_call(target[0], target[1], hold_s, results, ramp * i / n, turn, srtp)
+                           for i in range(n)])
     wall = time.monotonic() - t0
     ok = [r for r in results if not r.get("failed")]
     lat = [x for r in ok for x in r["latency_ms"]]
     out = {
-        "calls": n, "answered": len(ok), "hold_s": hold_s,
+        "calls": n, "answered": len(ok), "hold_s": hold_s, "srtp": srtp,
         ("turn_latency_ms" if turn is not None else "echo_latency_ms"): {"p50": _pct(lat, 50), "p95": _pct(lat, 95)},
         "rtp_jitter_ms": {"p50": _pct([r["jitter_ms"] for r in ok], 50), "p95": _pct([r["jitter_ms"] for r in ok], 95)},
         "late_packets": sum(r["late"] for r in ok), "lost_packets": sum(r["lost"] for r in ok),
@@ -161,6 +162,7 @@ def main() -> int:
     ap.add_argument("--target", default="", help="HOST:PORT of a running SIP server (default: start an echo server)")
     ap.add_argument("--server-pid", type=int, default=None, help="with --target: PID whose CPU to measure")
     ap.add_argument("--wav", default="", help="with --target: one caller turn; reports end of speech -> first bot audio")
+    ap.add_argument("--srtp", action="store_true", help="callers offer SRTP (AES_CM_128_HMAC_SHA1_80): its CPU cost")
     ap.add_argument("--serve-echo", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("BOT_LOG_LEVEL", "WARNING")
@@ -185,7 +187,8 @@ def main() -> int:
             if args.wav:
                 from telephony.sip.uac import read_wav_8k
                 turn = read_wav_8k(args.wav)
-            row = asyncio.run(_run_level(n, args.hold, target, child.pid if child else args.server_pid, turn))
+            row = asyncio.run(_run_level(n, args.hold, target, child.pid if child else args.server_pid, turn,
+                                         "AES_CM_128_HMAC_SHA1_80" if args.srtp else None))
             if args.target and turn is None:  # a real bot talks on its own schedule: not an echo
                 row["echo_latency_ms"] = {"p50": None, "p95": None}
             rows.append(row)
