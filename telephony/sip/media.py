@@ -99,6 +99,7 @@ class RtpSession:
         self._keys: dict[str, bytes] = {}  # our SRTP master key per suite: the one our SDP gave, kept all call
         self.srtp: SrtpContext | None = None
         self._wraps_since_snapshot: int | None = None  # set by continue_stream()
+        self._elapsed_since_snapshot = 0.0
         self._srtp_resume: Handover | None = None  # the lost process's SRTP streams, for the first negotiation
         # Metric children resolved once: labels() per packet is measurable at 100 calls.
         self._m_in = AUDIO_FRAMES.labels(transport_label, "in")
@@ -142,6 +143,7 @@ class RtpSession:
         frames = max(0, int(elapsed_s * 50)) + 50
         self.ssrc = ssrc & 0xFFFFFFFF
         self._wraps_since_snapshot = ((seq & 0xFFFF) + frames) >> 16
+        self._elapsed_since_snapshot = elapsed_s
         self._seq = (seq + frames) & 0xFFFF
         self._ts = (ts + frames * FRAME_SAMPLES) & 0xFFFFFFFF
         self._first = True
@@ -175,10 +177,13 @@ class RtpSession:
         decrypt a word from the new process), and take the phone's stream from where it had come, if the phone's
         answer keeps its key. Applied when that answer is."""
         self._keys[handover.suite] = handover.key
+        # the lost process went on sending RTCP after the snapshot, one report per RTCP_INTERVAL_S: skip past those
+        rtcp = handover.sent_rtcp + int(self._elapsed_since_snapshot / RTCP_INTERVAL_S) + 2
         if self._wraps_since_snapshot is not None:  # else a new stream (new SSRC): the phone counts it from 0
-            handover = dataclasses.replace(handover, sent_roc=handover.sent_roc + self._wraps_since_snapshot)
+            handover = dataclasses.replace(handover, sent_roc=handover.sent_roc + self._wraps_since_snapshot,
+                                           sent_rtcp=rtcp)
         else:
-            handover = dataclasses.replace(handover, sent_roc=0)
+            handover = dataclasses.replace(handover, sent_roc=0, sent_rtcp=rtcp)
         self._srtp_resume = handover
 
     def srtp_handover(self) -> Handover | None:
@@ -200,6 +205,7 @@ class RtpSession:
             if h is not None and h.suite == c.suite:
                 if tx == h.key:
                     self.srtp.send_on_from(self.ssrc, h.sent_roc, self._seq)
+                    self.srtp.send_rtcp_on_from(self.ssrc, h.sent_rtcp)
                 if key_id(c.key) == h.peer_key_id and h.peer_ssrc is not None and h.peer_seq is not None:
                     self.srtp.receive_on_from(h.peer_ssrc, h.peer_roc, h.peer_seq)
         elif self.srtp.rekey(c.suite, tx, c.key):

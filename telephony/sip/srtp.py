@@ -130,6 +130,7 @@ class SrtpContext:
         self._rx = self._session(suite, rx_key, pylibsrtp.Policy.SSRC_ANY_INBOUND)
         # what went each way under the current keys: another process carrying the call on goes on from there
         self.sent, self.received = StreamPosition(), StreamPosition()
+        self.sent_rtcp = 0  # SRTCP packets protected under tx_key: the next one's index (explicit in each packet)
 
     @staticmethod
     def _session(suite: str, key: bytes, direction: int) -> pylibsrtp.Session:
@@ -142,7 +143,7 @@ class SrtpContext:
         changed = False
         if tx_key != self.tx_key:
             self.tx_key, self._tx, changed = tx_key, self._session(suite, tx_key, pylibsrtp.Policy.SSRC_ANY_OUTBOUND), True
-            self.sent = StreamPosition()
+            self.sent, self.sent_rtcp = StreamPosition(), 0
         if rx_key != self.rx_key:
             self.rx_key, self._rx, changed = rx_key, self._session(suite, rx_key, pylibsrtp.Policy.SSRC_ANY_INBOUND), True
             self.received = StreamPosition()
@@ -174,7 +175,16 @@ class SrtpContext:
         _walk((roc << 16) + (seq & 0xFFFF), ssrc, through)
 
     def protect_rtcp(self, rtcp: bytes) -> bytes:
+        self.sent_rtcp += 1
         return self._tx.protect_rtcp(rtcp)
+
+    def send_rtcp_on_from(self, ssrc: int, index: int) -> None:
+        """SRTCP numbers its packets itself (a 31-bit index in each): a fresh context under the same key would
+        start again at 0, under indexes the other process used (the same keystream twice) and that the phone's
+        replay window refuses. Walked past them with empty Receiver Reports protected and thrown away."""
+        empty_rr = struct.pack("!BBHI", 0x80, 201, 1, ssrc & 0xFFFFFFFF)
+        for _ in range(max(0, min(index, 1 << 20) - self.sent_rtcp)):
+            self.protect_rtcp(empty_rr)
 
     def unprotect(self, srtp: bytes) -> bytes:
         """The RTP packet inside; SrtpError("srtp_auth_failed") for a forged, replayed or wrongly keyed one."""
@@ -210,18 +220,19 @@ class Handover:
     peer_ssrc: int | None
     peer_roc: int
     peer_seq: int | None
+    sent_rtcp: int = 0  # the SRTCP index of our next RTCP packet
 
     @classmethod
     def of(cls, ctx: SrtpContext) -> Handover:
         r = ctx.received
         # the counter of the NEXT packet we send (its sequence number is the one the RTP snapshot keeps)
         sent_roc = ctx.sent.roc + (1 if ctx.sent.seq == 0xFFFF else 0)
-        return cls(ctx.suite, ctx.tx_key, sent_roc, key_id(ctx.rx_key), r.ssrc, r.roc, r.seq)
+        return cls(ctx.suite, ctx.tx_key, sent_roc, key_id(ctx.rx_key), r.ssrc, r.roc, r.seq, ctx.sent_rtcp)
 
     def to_json(self) -> dict[str, object]:
         return {"suite": self.suite, "key": base64.b64encode(self.key).decode(), "sent_roc": self.sent_roc,
                 "peer_key_id": self.peer_key_id, "peer_ssrc": self.peer_ssrc, "peer_roc": self.peer_roc,
-                "peer_seq": self.peer_seq}
+                "peer_seq": self.peer_seq, "sent_rtcp": self.sent_rtcp}
 
     @classmethod
     def from_json(cls, raw: object) -> Handover:
@@ -233,9 +244,10 @@ class Handover:
             key = base64.b64decode(str(raw.get("key")), validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("srtp handover: bad key") from None
-        ints = [raw.get(k) for k in ("sent_roc", "peer_roc")]
+        ints = [raw.get(k, 0 if k == "sent_rtcp" else None) for k in ("sent_roc", "peer_roc", "sent_rtcp")]
         opt = [raw.get(k) for k in ("peer_ssrc", "peer_seq")]
         if (len(key) != SUITES[suite][1] or not all(isinstance(v, int) and v >= 0 for v in ints)
                 or not all(v is None or (isinstance(v, int) and v >= 0) for v in opt)):
             raise ValueError("srtp handover: bad counters")
-        return cls(suite, key, int(ints[0]), str(raw.get("peer_key_id", "")), opt[0], int(ints[1]), opt[1])
+        return cls(suite, key, int(ints[0]), str(raw.get("peer_key_id", "")), opt[0], int(ints[1]), opt[1],
+                   int(ints[2]))

@@ -16,6 +16,7 @@ import pytest
 
 from ops.metrics import ERRORS, SIP_CALLS_ANSWERED
 from telephony.sip.call import SipCall
+import telephony.sip.media as media
 from telephony.sip.media import RtpSession
 from telephony.sip.resume import resume
 from telephony.sip.sdp import SdpSession
@@ -155,10 +156,11 @@ async def _wrap(sender: RtpSession, receiver: RtpSession) -> None:
 
 @pytest.mark.parametrize("srtp,wrapped", [(SUITE, ""), (SUITE, "bot"), (SUITE, "phone"), ("AEAD_AES_128_GCM", "bot")])
 async def test_an_srtp_call_carried_on_by_another_process_goes_on_under_the_same_key(
-        make_server, sip_settings, prompt_pcm, srtp: str, wrapped: str) -> None:
-    """The process that carries the call on encrypts under the lost process's key, from its rollover counter: the
-    phone's context goes on as after packet loss (no re-keying needed). The phone's key is never written down: it
-    comes again in the phone's answer."""
+        make_server, sip_settings, prompt_pcm, srtp: str, wrapped: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process that carries the call on encrypts under the lost process's key, from its rollover counter and
+    past the SRTCP indexes it used: the phone's contexts go on as after packet loss (no re-keying needed). The
+    phone's key is never written down: it comes again in the phone's answer."""
+    monkeypatch.setattr(media, "RTCP_INTERVAL_S", 0.3)
     srv, handler, caller = await _call(make_server, sip_settings, prompt_pcm, srtp=srtp)
     try:
         assert await caller.invite() == 200
@@ -169,8 +171,9 @@ async def test_an_srtp_call_carried_on_by_another_process_goes_on_under_the_same
             await _wrap(call.media, caller.media)
         elif wrapped == "phone":
             await _wrap(caller.media, call.media)
+        await wait_until(lambda: caller.media.stats["rtcp_rx"] >= 3, 5)  # SRTCP indexes 0..2 used by this process
         snap = json.loads(json.dumps(call.resume_state()))
-        assert snap["srtp"]["suite"] == srtp
+        assert snap["srtp"]["suite"] == srtp and snap["srtp"]["sent_rtcp"] >= 3
         assert (snap["srtp"]["sent_roc"] > 0) == (wrapped == "bot") and (snap["srtp"]["peer_roc"] > 0) == (wrapped == "phone")
         phone_key = base64.b64encode(caller.media.srtp.tx_key).decode()
         assert phone_key not in json.dumps(snap) and "crypto" not in json.dumps(snap)  # the phone's key: not kept
@@ -179,15 +182,20 @@ async def test_an_srtp_call_carried_on_by_another_process_goes_on_under_the_same
         await caller.wait_bot_quiet(0.3, 8)
         heard = len(caller.recording)
         failed_before, answered_before = _errors("srtp_auth_failed"), _answered("srtp")
+        rtcp_failed_before = _errors("srtcp_auth_failed")
         b, handler_b = await _replaced(srv, sip_settings, prompt_pcm)
         try:
             resumed, result = await resume(b, snap, leg=2)
             assert result == "resumed" and resumed is not None
             assert resumed.media.srtp is not None and resumed.media.srtp.tx_key == bot_key
             assert caller.media.srtp._rx is phone_rx_context  # the phone did not re-key: the same context goes on
+            rtcp_before = caller.media.stats["rtcp_rx"]
             await caller.play(TONE, "after")
             await caller.wait_bot_quiet(0.5, 8)
             assert voiced_fraction(inbound_pcm(handler_b.calls[0]), 1000) > 0.1
+            # the new process's SRTCP is taken by the phone's context too (its indexes moved past the old ones)
+            assert caller.media.stats["rtcp_rx"] >= rtcp_before + 3
+            assert _errors("srtcp_auth_failed") == rtcp_failed_before
             assert voiced_fraction(np.concatenate(caller.recording[heard:])) > 0.05  # decrypted by the old context
             # (the phone's first packets may reach the new port before its answer does: "no_session", not SRTP)
             assert _errors("srtp_auth_failed") == failed_before and caller.media.stats["rx_bad"] == 0
