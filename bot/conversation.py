@@ -176,7 +176,9 @@ class Conversation:
         metrics.ACTIVE_CALLS.labels(self.transport).inc()
         leg = int(getattr(self.info, "leg", 1) or 1)
         replaces = str(getattr(self.info, "resumes", "") or "")
-        extra = {k: v for k, v in self.info.params.items() if k in ("stream_sid", "account_sid")}
+        # Twilio's stream and account; SIP's signalling transport and media (rtp/srtp): was this call encrypted
+        extra = {k: v for k, v in self.info.params.items()
+                 if k in ("stream_sid", "account_sid", "signalling", "media")}
         if replaces:
             extra["replaces"] = replaces
         s.store.start_call(self.call_id, self.transport, self.info.caller, self.info.called,

@@ -190,12 +190,13 @@ def test_a_sip_call_s_audio_quality_is_in_its_story(redis_url: str) -> None:
     cid = "sip-" + uuid.uuid4().hex
 
     def story(s: CallStore) -> None:
-        s.start_call(cid, "sip", "caller", "bot", "3")
+        s.start_call(cid, "sip", "caller", "bot", "3", extra={"signalling": "tls", "media": "srtp"})
         s.end_call(cid, "caller_hangup", duration_s=42.0, turns=2,
                    audio={"rx_packets": 1900, "rx_lost": 190, "rx_loss_pct": 9.1, "rx_jitter_ms": 34.0,
                           "peer_loss_pct": 0.2, "peer_jitter_ms": 3.0, "rtt_ms": 88.0})
 
     _write(redis_url, story)
     out = _cli(redis_url, "calls", "show", cid).stdout
+    assert "via      sip (tls, srtp) on story-test" in out, out  # was the call encrypted: both legs of it
     assert ("audio from the caller: 9.1 % lost, jitter 34 ms; to the caller (its RTCP): 0.2 % lost, jitter 3 ms; "
             "round trip 88 ms") in out, out

@@ -248,6 +248,12 @@ def _audio(q: Any) -> list[str]:
     return [line]
 
 
+def _sip_security(rec: dict[str, Any]) -> str:
+    """ " (tls, srtp)": how a SIP call's signalling and audio travelled (encrypted or not), when recorded."""
+    parts = [str(rec[k]) for k in ("signalling", "media") if rec.get(k)]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _turns(n: Any) -> str:
     return f"{n} turn" if str(n) == "1" else f"{n} turns"
 
@@ -277,7 +283,7 @@ def render_story(rec: dict[str, Any], events: list[dict[str, Any]], now: float |
         status_line = f"{status} {rec.get('outcome', '')}".strip()
     out = [f"call     {rec.get('call_id') or call_id}",
            f"caller   {rec.get('caller') or '?'} -> {rec.get('called') or '?'}",  # called: our own line
-           f"via      {rec.get('transport') or '?'} on {rec.get('worker') or '?'}, "
+           f"via      {rec.get('transport') or '?'}{_sip_security(rec)} on {rec.get('worker') or '?'}, "
            f"policy {rec.get('policy_version') or '?'}",
            f"started  {_when(t0)}",
            f"status   {status_line}"]

@@ -1018,6 +1018,8 @@ class SipServer:
         neg = call.media.neg
         assert neg is not None
         self.clock.add(call.media)
+        call.info.params["signalling"] = call.peer.proto.lower()  # for the call's record (`bot calls show`)
+        call.info.params["media"] = "srtp" if neg.crypto is not None else "rtp"
         if call.info.leg <= 1:  # a call carried on by another process was counted when it was answered
             SIP_CALLS_ANSWERED.labels(call.peer.proto.lower(), "srtp" if neg.crypto is not None else "rtp").inc()
         call.log.info("call_answered", codec=neg.codec, dtmf_pt=neg.dtmf_pt, proto=call.peer.proto,

@@ -95,6 +95,7 @@ async def test_baresip_calls_bot_serve_intent_and_refer(redis_url: str, tmp_path
         server.stop()
     rec1 = got1["record"]
     assert rec1["transport"] == "sip", rec1
+    assert (rec1.get("signalling"), rec1.get("media")) == ("udp", "rtp"), rec1  # how it travelled, in its record
     ended = [e for e in got1["events"] if e["type"] == "call_ended"]
     audio = ended[-1].get("audio") if ended else None  # the RTP quality the SIP bridge measured, in the story
     assert isinstance(audio, dict) and audio["rx_packets"] > 50 and audio["rx_loss_pct"] < 5, ended
