@@ -1036,19 +1036,10 @@ class SipServer:
         call.reliable_provisional = (rseq, msg.cseq[0])
         data = self.respond(msg, peer, 180, to_tag=call.local_tag,
                             extra=[*extra, ("Require", "100rel"), ("RSeq", str(rseq))]).encode()
-        interval, waited = T1, 0.0
-        while waited < 64 * T1:
-            try:
-                await asyncio.wait_for(call.prack_received.wait(), interval)
-                return
-            except asyncio.TimeoutError:
-                waited += interval
-                if call.state != "early":  # answered (the 200 supersedes it) or cancelled
-                    return
-                self._send(data, peer)
-                SIP_MESSAGES.labels("INVITE", "retransmit_180").inc()
-                interval *= 2
-        call.log.warning("prack_missing", waited_s=64 * T1, rseq=rseq)
+        # answered (the 200 supersedes it) or cancelled: no more copies; the interval doubles without a cap (3)
+        if await self._resend_until(call.prack_received, data, peer, lambda: call.state != "early",
+                                    SIP_MESSAGES.labels("INVITE", "retransmit_180"), cap_s=None) == "timeout":
+            call.log.warning("prack_missing", waited_s=64 * T1, rseq=rseq)
 
     def _on_prack(self, msg: SipMessage, peer: Peer) -> None:
         """The PRACK of our reliable 180 (RFC 3262 7.2): 200, retransmissions stop; one matching no reliable
@@ -1068,20 +1059,29 @@ class SipServer:
         call.prack_received.set()
         self.respond(msg, peer, 200)
 
-    async def _retransmit_2xx(self, call: SipCall, data: bytes, peer: Peer, branch: str) -> None:
+    async def _resend_until(self, done: asyncio.Event, data: bytes, peer: Peer, over: Callable[[], bool],
+                            counter: Any, cap_s: float | None = T2, udp_only: bool = False) -> str:
+        """Send `data` again at T1, 2T1, 4T1... (capped at cap_s) until `done` is set ("done"), `over()` says the
+        exchange no longer matters ("over"), or 64*T1 pass ("timeout")."""
         interval, waited = T1, 0.0
         while waited < 64 * T1:
             try:
-                await asyncio.wait_for(call.acked.wait(), interval)
-                return
+                await asyncio.wait_for(done.wait(), interval)
+                return "done"
             except asyncio.TimeoutError:
                 waited += interval
-                if call.state == "terminated":
-                    return
-                if peer.proto == "UDP":
+                if over():
+                    return "over"
+                if not udp_only or peer.proto == "UDP":
                     self._send(data, peer)
-                    SIP_MESSAGES.labels("INVITE", "retransmit_200").inc()
-                interval = min(interval * 2, T2)
+                    counter.inc()
+                interval = interval * 2 if cap_s is None else min(interval * 2, cap_s)
+        return "timeout"
+
+    async def _retransmit_2xx(self, call: SipCall, data: bytes, peer: Peer, branch: str) -> None:
+        if await self._resend_until(call.acked, data, peer, lambda: call.state == "terminated",
+                                    SIP_MESSAGES.labels("INVITE", "retransmit_200"), udp_only=True) != "timeout":
+            return
         ERRORS.labels("sip", "no_ack").inc()
         if not call.established:
             # The caller never confirmed our 200 OK: a failed call setup, not a caller who went quiet.
