@@ -589,8 +589,18 @@ class SipServer:
         return Peer(peer.proto, (params.get("received") or peer.addr[0], port or DEFAULT_PORT[peer.proto]))
 
     def port_for(self, proto: str) -> int:
-        """Our port for a transport: TLS has its own (BOT_SIP_TLS_PORT), UDP and TCP share BOT_SIP_PORT."""
-        return self.tls_port if proto == "TLS" else self.port
+        """Our port for a transport: TLS has its own (BOT_SIP_TLS_PORT), UDP and TCP share BOT_SIP_PORT. A dialog
+        routed over TLS (a proxy's `;transport=tls` Record-Route) on a server without a TLS listener names TLS's
+        default port (it wrote port 0, which no peer can use): responses still come back on the connection we
+        opened, but nothing can connect to us over TLS; warned once a second."""
+        if proto != "TLS":
+            return self.port
+        if self.tls_enabled and self.tls_port:
+            return self.tls_port
+        if self._log_due("tls_without_listener"):
+            log.warning("sip_tls_without_listener", hint="a route or target asks for TLS and BOT_SIP_TLS_PORT is 0: "
+                                                         "set up a TLS listener (docs/sip.md, TLS)")
+        return DEFAULT_PORT["TLS"]
 
     def via(self, local_ip: str, proto: str, branch: str) -> str:
         return f"SIP/2.0/{proto} {hostport(local_ip, self.port_for(proto))};branch={branch};rport"

@@ -375,9 +375,12 @@ def test_tls_settings_are_checked_at_start(env: pytest.MonkeyPatch, pki: Pki, tm
         validate_environment()
 
 
-async def test_a_record_route_over_tls_is_followed(make_server, tls_settings, prompt_pcm, pki: Pki) -> None:
+@pytest.mark.parametrize("listener", [True, False])
+async def test_a_record_route_over_tls_is_followed(make_server, tls_settings, prompt_pcm, pki: Pki,
+                                                   listener: bool) -> None:
     """A proxy that asks for TLS in its Record-Route (;transport=tls) gets the dialog's requests over TLS, though
-    the INVITE came over UDP: our BYE goes to it on a verified TLS connection, with our TLS Via."""
+    the INVITE came over UDP: our BYE goes to it on a verified TLS connection, with our TLS Via (naming our TLS
+    listener, or TLS's default port without one: it named port 0)."""
     from tests.sip.test_server import RawUdp
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -385,7 +388,7 @@ async def test_a_record_route_over_tls_is_followed(make_server, tls_settings, pr
     proxy_tls = _TlsPeer(ctx)
     tls_port = await proxy_tls.start()
     handler = RecordingHandler(prompt_pcm)
-    srv = await make_server(handler, tls_settings, tls=True)
+    srv = await make_server(handler, tls_settings, tls=listener)
     proxy = RawUdp()
     rr = f"<sip:localhost:{tls_port};transport=tls;lr>"
     sdp = b"v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
@@ -400,7 +403,7 @@ async def test_a_record_route_over_tls_is_followed(make_server, tls_settings, pr
         await wait_until(lambda: any(m.method == "BYE" for m in proxy_tls.got), 15)
         bye = next(m for m in proxy_tls.got if m.method == "BYE")
         assert bye.uri == "sip:alice@192.0.2.55:5070" and bye.get("Route") == rr
-        assert bye.top_via.startswith(f"SIP/2.0/TLS 127.0.0.1:{srv.tls_port};")
+        assert bye.top_via.startswith(f"SIP/2.0/TLS 127.0.0.1:{srv.tls_port if listener else 5061};"), bye.top_via
     finally:
         proxy.close()
         await proxy_tls.stop()
