@@ -362,7 +362,7 @@ class RtpSession:
             parse_rtcp(data)
             blocks, sr = parse_reports(data)
             self.stats["rtcp_rx"] += 1
-        except (RtpError, SrtpError) as exc:
+        except RtpError as exc:  # SrtpError included
             ERRORS.labels("rtp", exc.kind).inc()
             return
         if sr is not None and sr[0] == self.reception.ssrc:

@@ -9,7 +9,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from telephony.sip.rtp import NTP_EPOCH_OFFSET, RtpError, seq_delta
+from telephony.sip.rtp import NTP_EPOCH_OFFSET, RtpError, StreamPosition, seq_delta
 
 CLOCK_HZ = 8000  # G.711 and telephone-event
 REPORT_BLOCK = struct.Struct("!IB3sIIII")  # SSRC, fraction lost, cumulative lost (24-bit), ext seq, jitter, LSR, DLSR
@@ -43,9 +43,10 @@ class Reception:
         self._start(None, 0)
 
     def _start(self, ssrc: int | None, seq: int) -> None:
-        self.ssrc: int | None = ssrc
-        self._base = self._max = seq
-        self._cycles = 0
+        self._pos = StreamPosition()  # the extended highest sequence number (A.1)
+        if ssrc is not None:
+            self._pos.step(ssrc, seq)
+        self._base = seq
         self.received = 0
         self._jitter = 0.0  # timestamp units, 1/16 gain
         self._transit: float | None = None
@@ -53,15 +54,17 @@ class Reception:
         self._sr_mid32 = 0  # the middle of the NTP time in the source's last Sender Report
         self._sr_at = 0.0  # when it came (monotonic)
 
+    @property
+    def ssrc(self) -> int | None:
+        return self._pos.ssrc
+
     def packet(self, ssrc: int, seq: int, ts: int, arrival: float, audio: bool) -> None:
         if ssrc != self.ssrc:  # a new source (a re-INVITE to another media server): its own counts
             self._start(ssrc, seq)
-        elif (d := seq_delta(seq, self._max)) > 0:
-            if seq < self._max:
-                self._cycles += 1 << 16
-            self._max = seq
-        elif d < -3000:  # a restarted sequence (RFC 3550 A.1's resync, simplified): count anew
+        elif seq_delta(seq, self._pos.seq or 0) < -3000:  # a restarted sequence (A.1's resync, simplified)
             self._start(ssrc, seq)
+        else:
+            self._pos.step(ssrc, seq)
         self.received += 1
         if audio:  # telephone-events reuse a timestamp for a whole key press: they say nothing about jitter
             transit = arrival * CLOCK_HZ - ts
@@ -76,7 +79,7 @@ class Reception:
 
     @property
     def expected(self) -> int:
-        return self._cycles + self._max - self._base + 1 if self.ssrc is not None else 0
+        return self._pos.index() - self._base + 1 if self.ssrc is not None else 0
 
     @property
     def lost(self) -> int:
@@ -98,7 +101,7 @@ class Reception:
         cumulative = max(-(1 << 23), min((1 << 23) - 1, expected - received)) & 0xFFFFFF
         dlsr = int((time.monotonic() - self._sr_at) * 65536) if self._sr_mid32 else 0
         return REPORT_BLOCK.pack(self.ssrc, fraction, cumulative.to_bytes(3, "big"),
-                                 (self._cycles + self._max) & 0xFFFFFFFF, int(self._jitter) & 0xFFFFFFFF,
+                                 self._pos.index() & 0xFFFFFFFF, int(self._jitter) & 0xFFFFFFFF,
                                  self._sr_mid32, dlsr & 0xFFFFFFFF)
 
 

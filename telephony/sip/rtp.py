@@ -67,6 +67,30 @@ def seq_delta(a: int, b: int) -> int:
     return d - 0x10000 if d >= 0x8000 else d
 
 
+@dataclass
+class StreamPosition:
+    """Where a stream stands: its SSRC, rollover counter (wraps of the 16-bit sequence number) and highest sequence
+    number, i.e. the extended sequence number of RFC 3550 A.1 and the packet index of RFC 3711 3.3.1 (libsrtp
+    counts the same, so SRTP's ends agree on it); a late packet from before does not move it back."""
+
+    ssrc: int | None = None
+    roc: int = 0
+    seq: int | None = None
+
+    def step(self, ssrc: int, seq: int) -> None:
+        if ssrc != self.ssrc:  # a new stream under this key: libsrtp starts it at rollover counter 0
+            self.ssrc, self.roc, self.seq = ssrc, 0, seq
+            return
+        assert self.seq is not None
+        if (seq - self.seq) & 0xFFFF < 0x8000:  # forward (a late packet from before does not move it back)
+            if seq < self.seq:
+                self.roc += 1  # across 65535 -> 0
+            self.seq = seq
+
+    def index(self) -> int:
+        return (self.roc << 16) + (self.seq or 0)
+
+
 def build_sender_report(ssrc: int, rtp_ts: int, packets: int, octets: int, block: bytes | None = None) -> bytes:
     """A Sender Report, with one report block (telephony/sip/quality.py) about the source we receive, if given."""
     now = time.time() + NTP_EPOCH_OFFSET

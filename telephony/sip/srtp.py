@@ -17,6 +17,8 @@ from typing import Callable
 
 import pylibsrtp
 
+from telephony.sip.rtp import RtpError, StreamPosition
+
 # Suite name -> (libsrtp profile, master key + salt length in bytes). In our order of preference: the 80-bit tag
 # first (every SDES phone and SBC has it), GCM where offered (RFC 7714), the 32-bit tag last.
 SUITES: dict[str, tuple[int, int]] = {
@@ -30,10 +32,8 @@ SECURE_PROTOS = ("RTP/SAVP", "RTP/SAVPF")
 MODES = ("off", "optional", "required")
 
 
-class SrtpError(ValueError):
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
+class SrtpError(RtpError):
+    """A crypto line or an SRTP/SRTCP packet we cannot take (kind names which): an RTP error like the others."""
 
 
 @dataclass(frozen=True)
@@ -80,29 +80,6 @@ def parse_crypto(value: str) -> Crypto | None:
 
 def new_key(suite: str) -> bytes:
     return os.urandom(SUITES[suite][1])
-
-
-@dataclass
-class StreamPosition:
-    """Where one direction's stream stands under its key: its SSRC, rollover counter and last sequence number.
-    libsrtp counts the same (the rollover counter is part of every packet's index, so both ends must agree on it)."""
-
-    ssrc: int | None = None
-    roc: int = 0
-    seq: int | None = None
-
-    def step(self, ssrc: int, seq: int) -> None:
-        if ssrc != self.ssrc:  # a new stream under this key: libsrtp starts it at rollover counter 0
-            self.ssrc, self.roc, self.seq = ssrc, 0, seq
-            return
-        assert self.seq is not None
-        if (seq - self.seq) & 0xFFFF < 0x8000:  # forward (a late packet from before does not move it back)
-            if seq < self.seq:
-                self.roc += 1  # across 65535 -> 0
-            self.seq = seq
-
-    def index(self) -> int:
-        return (self.roc << 16) + (self.seq or 0)
 
 
 def _dummy(index: int, ssrc: int) -> bytes:
