@@ -71,6 +71,12 @@ class RecordingHandler:
         rec["action"] = await self.after_prompt(bridge)
 
 
+async def hang_up_after_prompt(bridge: CallBridge) -> str:
+    """A RecordingHandler `after_prompt`: the bot ends the call once its prompt is out."""
+    await bridge.hangup("completed")
+    return "hung_up"
+
+
 def inbound_pcm(rec: dict[str, Any]) -> np.ndarray:
     return np.concatenate(rec["audio"]) if rec["audio"] else np.zeros(0, dtype=np.int16)
 

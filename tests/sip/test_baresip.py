@@ -21,7 +21,7 @@ from telephony.bridge import CallBridge
 from telephony.sip.call import SipCall
 
 from .baresip import BARESIP, Baresip, voiced_fraction
-from .conftest import RecordingHandler, inbound_pcm, wait_until
+from .conftest import RecordingHandler, hang_up_after_prompt, inbound_pcm, wait_until
 
 pytestmark = pytest.mark.skipif(BARESIP is None, reason="baresip not installed")
 
@@ -81,11 +81,7 @@ async def test_media_both_ways_dtmf_hold_resume_caller_bye(make_server, sip_sett
 
 
 async def test_bot_hangs_up_after_prompt(make_server, sip_settings, prompt_pcm, baresip) -> None:
-    async def hang(bridge: CallBridge) -> str:
-        await bridge.hangup("completed")
-        return "hung_up"
-
-    handler = RecordingHandler(prompt_pcm, after_prompt=hang)
+    handler = RecordingHandler(prompt_pcm, after_prompt=hang_up_after_prompt)
     srv = await make_server(handler, sip_settings)
     ua = await baresip()
     await ua.send(f"/dial sip:bot@127.0.0.1:{srv.port}")

@@ -27,7 +27,7 @@ from telephony.sip.server import SipServer
 
 from .baresip import BARESIP, Baresip, voiced_fraction
 from .certs import Pki, make_pki
-from .conftest import RecordingHandler, inbound_pcm, wait_until
+from .conftest import RecordingHandler, hang_up_after_prompt, inbound_pcm, wait_until
 
 needs_baresip = pytest.mark.skipif(BARESIP is None, reason="baresip not installed")
 
@@ -116,11 +116,7 @@ async def test_a_call_over_tls_is_answered_heard_both_ways_and_ended_by_the_call
 
 @needs_baresip
 async def test_the_bot_hangs_up_over_the_calls_tls_connection(tls_server, tls_settings, prompt_pcm, phone) -> None:
-    async def hang(bridge: CallBridge) -> str:
-        await bridge.hangup("completed")
-        return "hung_up"
-
-    handler = RecordingHandler(prompt_pcm, after_prompt=hang)
+    handler = RecordingHandler(prompt_pcm, after_prompt=hang_up_after_prompt)
     srv = await tls_server(handler, tls_settings)
     ua = await phone()
     bye_ok = SIP_MESSAGES.labels("BYE", "response_2xx")._value.get()
